@@ -1,0 +1,14 @@
+# The README's two commands: `make serve` and `make test`.
+.PHONY: serve test lint crds bench
+
+serve:  ## install (first time) and serve the tiny model disaggregated on this machine
+	@venv=$$(bash hack/setup-venv.sh) && exec "$$venv/bin/kvrelay" serve --model tiny
+
+test:   ## install what tests need, lint, run every test tier
+	bash hack/test.sh
+
+lint:
+	@venv=$$(bash hack/setup-venv.sh) && "$$venv/bin/ruff" check . && "$$venv/bin/ruff" format --check .
+
+crds:   ## re-render crds/ from operator/kvrelay_operator/api.py
+	@venv=$$(bash hack/setup-venv.sh) && "$$venv/bin/kvrelay-render-crds"
