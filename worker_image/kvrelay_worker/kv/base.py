@@ -1,0 +1,361 @@
+"""KVTransport: the holder publishes leased blocks as a signed handle; the reader fetches them.
+
+Threads: the engine may call `publish` from its own thread; `fetch` is a coroutine for the asyncio
+server and runs the blocking data path in a private thread pool; a holder service thread expires
+leases (and, for NIXL, progresses UCX and reads done-notifications); the control endpoint serves
+claims on one thread per connection. `on_release` runs on one of the transport's threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from .control import ControlServer, error_frame, recv_frame, send_frame
+from .handle import (
+    Backend,
+    KVHandle,
+    KVHolderRank,
+    KVLayout,
+    KVLayoutMismatch,
+    KVTransferError,
+    check_compatible,
+)
+from .leases import Lease, LeaseTable, ReleaseCallback
+from .metrics import KVMetrics
+from .runs import Run, plan_runs, readers_per_holder_rank, source_rank
+
+log = logging.getLogger(__name__)
+
+# A claim holds the blocks for the reader's remaining deadline, never longer than this.
+MAX_CLAIM_HOLD_S = 120.0
+CLAIM_MARGIN_S = 2.0
+
+
+class KVTransport(ABC):
+    """One TP rank's KV relay endpoint; both holder (prefill) and reader (decode) sides."""
+
+    backend: Backend
+
+    def __init__(
+        self,
+        kv_cache: torch.Tensor,
+        layout: KVLayout,
+        tp_rank: int = 0,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        advertise_host: str | None = None,
+        secret: bytes | None = None,
+        lease_s: float = 30.0,
+        metrics: KVMetrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        expected = (
+            layout.num_layers,
+            2,
+            kv_cache.shape[2],
+            layout.num_kv_heads_local,
+            layout.block_size,
+            layout.head_dim,
+        )
+        if tuple(kv_cache.shape) != expected or not kv_cache.is_contiguous():
+            raise KVLayoutMismatch(
+                f"kv_cache shape {tuple(kv_cache.shape)} != contract layout {expected} (contiguous)"
+            )
+        if str(kv_cache.dtype).removeprefix("torch.") != layout.dtype:
+            raise KVLayoutMismatch(f"kv_cache dtype {kv_cache.dtype} != layout dtype {layout.dtype}")
+        if not 0 <= tp_rank < layout.tp_size:
+            raise ValueError(f"tp_rank {tp_rank} outside tp_size {layout.tp_size}")
+        self.kv_cache = kv_cache
+        self.layout = layout
+        self.tp_rank = tp_rank
+        self.num_blocks = int(kv_cache.shape[2])
+        self.block_nbytes = layout.block_bytes_local()
+        # TP ranks of one holder must share the secret (a merged handle is verified on each rank).
+        self._secret = secret or _env_secret() or secrets.token_bytes(32)
+        self.lease_s = lease_s
+        self.metrics = metrics or KVMetrics(layout.model_id, "unknown")
+        self._clock = clock
+        self._host, self._port = host, port
+        self._advertise_host = advertise_host or host
+        self.agent_name = f"kvrelay-{self.backend}-r{tp_rank}-{uuid.uuid4().hex[:12]}"
+        self.leases = LeaseTable(on_change=self.metrics.set_held)
+        self._server: ControlServer | None = None
+        self._stop = threading.Event()
+        self._service: threading.Thread | None = None
+        self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="kv-fetch")
+        self._started = False
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Register memory, open the control endpoint and start the holder service thread."""
+        if self._started:
+            return
+        self._start_backend()
+        self._server = ControlServer(self._host, self._port, self._serve_connection, self.agent_name)
+        self._server.start()
+        self._service = threading.Thread(
+            target=self._service_loop, name=f"{self.agent_name}-svc", daemon=True
+        )
+        self._service.start()
+        self._started = True
+
+    def close(self) -> None:
+        """Stop threads, release every held lease, deregister memory."""
+        if not self._started:
+            return
+        self._stop.set()
+        if self._server is not None:
+            self._server.close()
+        if self._service is not None:
+            self._service.join(timeout=5)
+        self.leases.release_all()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._close_backend()
+        self._started = False
+
+    def __enter__(self) -> KVTransport:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def endpoint(self) -> str:
+        if self._server is None:
+            raise RuntimeError("transport not started")
+        return f"{self._advertise_host}:{self._server.port}"
+
+    # ---------------------------------------------------------------- holder side
+    def publish(
+        self,
+        request_id: str,
+        block_ids: list[int],
+        num_tokens: int,
+        on_release: ReleaseCallback,
+        handle_id: str | None = None,
+    ) -> KVHandle:
+        """Hold `block_ids` under a lease and return a signed handle for this rank.
+
+        With holder TP > 1 every rank publishes with the same `handle_id` and rank 0 merges the
+        parts (`merge_rank_handles`). `on_release(block_ids)` is called exactly once.
+        """
+        if self._server is None:
+            raise RuntimeError("transport not started")
+        needed = -(-num_tokens // self.layout.block_size)
+        if len(block_ids) != needed:
+            raise ValueError(
+                f"{num_tokens} tokens need {needed} blocks of {self.layout.block_size}, got {len(block_ids)}"
+            )
+        expires = self._clock() + self.lease_s
+        me = KVHolderRank(
+            rank=self.tp_rank,
+            agent_name=self.agent_name,
+            endpoint=self.endpoint,
+            block_ids=list(block_ids),
+            num_blocks_total=self.num_blocks,
+            **self._rank_memory_fields(),
+        )
+        handle = KVHandle(
+            handle_id=handle_id or uuid.uuid4().hex,
+            request_id=request_id,
+            backend=self.backend,
+            holder=me,
+            layout=self.layout,
+            ranks=[me],
+            num_tokens=num_tokens,
+            lease_expires_at=expires,
+        ).signed(self._secret)
+        self.leases.add(
+            Lease(handle, list(block_ids), len(block_ids) * self.block_nbytes, expires, on_release)
+        )
+        return handle
+
+    def _validate_claim(self, req: dict[str, Any]) -> tuple[Lease, list[Run]]:
+        """Refuse forged, foreign, incompatible, unknown or expired handles; hold the blocks."""
+        try:
+            handle = KVHandle.model_validate(req["handle"])
+            reader_rank = int(req["reader_rank"])
+            reader_tp = int(req["reader_tp_size"])
+            reader_num_blocks = int(req["reader_num_blocks"])
+            dst_block_ids = [int(b) for b in req["dst_block_ids"]]
+            deadline_s = float(req["deadline_s"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise KVTransferError("bad_request", f"malformed claim: {exc}") from exc
+        if not handle.verify(self._secret):
+            raise KVTransferError(
+                "bad_signature", f"handle {handle.handle_id} signature does not verify (forged or edited)"
+            )
+        if handle.layout != self.layout:
+            raise KVLayoutMismatch(f"handle layout {handle.layout} (handle) != {self.layout} (holder)")
+        reader_layout = handle.layout.model_copy(update={"tp_size": reader_tp})
+        check_compatible(self.layout, reader_layout)
+        if source_rank(self.layout, reader_layout, reader_rank)[0] != self.tp_rank:
+            raise KVTransferError(
+                "bad_request", f"reader rank {reader_rank} does not read from holder rank {self.tp_rank}"
+            )
+        now = self._clock()
+        hold = now + min(max(deadline_s, 0.0), MAX_CLAIM_HOLD_S) + CLAIM_MARGIN_S
+        lease = self.leases.claim(
+            handle.handle_id, reader_rank, readers_per_holder_rank(self.layout, reader_tp), now, hold
+        )
+        runs = plan_runs(
+            self.layout,
+            self.num_blocks,
+            lease.block_ids,
+            reader_layout,
+            reader_num_blocks,
+            reader_rank,
+            dst_block_ids,
+        )
+        return lease, runs
+
+    def _serve_connection(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                req = recv_frame(sock)
+            except ConnectionError:
+                return
+            op = req.get("op")
+            try:
+                if op == "claim":
+                    lease, runs = self._validate_claim(req)
+                    self._serve_claim(sock, req, lease, runs)
+                else:
+                    self._serve_other(sock, req)
+            except KVTransferError as err:
+                send_frame(sock, error_frame(err))
+
+    def _service_loop(self) -> None:
+        while not self._stop.is_set():
+            self.leases.expire(self._clock())
+            self._progress()
+
+    # ---------------------------------------------------------------- reader side
+    async def fetch(self, handle: KVHandle, dst_block_ids: list[int], timeout_s: float) -> None:
+        """Copy the handle's blocks (this rank's head slice) into `dst_block_ids`, or raise KVTransferError.
+
+        Never takes longer than `timeout_s` (plus one poll interval); on any failure or cancel the
+        destination blocks are no longer written when this returns.
+        """
+        started = time.monotonic()
+        deadline = started + timeout_s
+        cancel = threading.Event()
+        try:
+            if self._clock() >= handle.lease_expires_at:
+                raise KVTransferError(
+                    "expired", f"handle {handle.handle_id} lease expired at {handle.lease_expires_at:.3f}"
+                )
+            if handle.backend != self.backend:
+                raise KVTransferError(
+                    "bad_handle", f"backend {handle.backend} (holder) != {self.backend} (reader)"
+                )
+            src_rank, _ = source_rank(handle.layout, self.layout, self.tp_rank)
+            holder = handle.rank(src_rank)
+            runs = plan_runs(
+                handle.layout,
+                holder.num_blocks_total,
+                holder.block_ids,
+                self.layout,
+                self.num_blocks,
+                self.tp_rank,
+                list(dst_block_ids),
+            )
+            loop = asyncio.get_running_loop()
+            fut = loop.run_in_executor(
+                self._pool, self._fetch_blocking, handle, holder, runs, list(dst_block_ids), deadline, cancel
+            )
+            try:
+                nbytes = await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                cancel.set()  # the worker thread stops writing into our blocks before we return
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(fut), timeout=5)
+                raise
+        except KVTransferError as err:
+            self.metrics.failure(err.reason)
+            raise
+        self.metrics.transfer_seconds.observe(time.monotonic() - started)
+        self.metrics.transfer_bytes.inc(nbytes)
+
+    def claim_request(self, handle: KVHandle, dst_block_ids: list[int], deadline: float) -> dict[str, Any]:
+        return {
+            "op": "claim",
+            "handle": handle.model_dump(mode="json"),
+            "reader_rank": self.tp_rank,
+            "reader_tp_size": self.layout.tp_size,
+            "reader_num_blocks": self.num_blocks,
+            "dst_block_ids": dst_block_ids,
+            "deadline_s": max(deadline - time.monotonic(), 0.0),
+        }
+
+    # ---------------------------------------------------------------- backend hooks
+    @abstractmethod
+    def _start_backend(self) -> None: ...
+
+    @abstractmethod
+    def _close_backend(self) -> None: ...
+
+    def _rank_memory_fields(self) -> dict[str, Any]:
+        return {}
+
+    @abstractmethod
+    def _serve_claim(self, sock: socket.socket, req: dict[str, Any], lease: Lease, runs: list[Run]) -> None:
+        """Holder: answer a validated claim (and, for tcp, stream the runs)."""
+
+    def _serve_other(self, sock: socket.socket, req: dict[str, Any]) -> None:
+        raise KVTransferError("bad_request", f"unknown op {req.get('op')!r}")
+
+    @abstractmethod
+    def _progress(self) -> None:
+        """Holder service tick: wait a little, progressing the backend (must return within ~50 ms)."""
+
+    @abstractmethod
+    def _fetch_blocking(
+        self,
+        handle: KVHandle,
+        holder: KVHolderRank,
+        runs: list[Run],
+        dst_block_ids: list[int],
+        deadline: float,
+        cancel: threading.Event,
+    ) -> int:
+        """Reader: move `runs` into the local kv_cache before `deadline` (monotonic); return bytes moved."""
+
+
+def _env_secret() -> bytes | None:
+    value = os.environ.get("KVRELAY_KV_SECRET")
+    return value.encode() if value else None
+
+
+def connect(endpoint: str, deadline: float) -> socket.socket:
+    """Connect to a holder's control endpoint within the deadline (monotonic)."""
+    from .control import split_endpoint
+
+    host, port = split_endpoint(endpoint)
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise KVTransferError("timeout", f"deadline passed before connecting to {endpoint}")
+    try:
+        sock = socket.create_connection((host, port), timeout=remaining)
+    except TimeoutError as exc:
+        raise KVTransferError("timeout", f"connecting to holder {endpoint} timed out") from exc
+    except OSError as exc:
+        raise KVTransferError("holder_unreachable", f"cannot connect to holder {endpoint}: {exc}") from exc
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
