@@ -1,0 +1,229 @@
+"""NIXL backend: the reader READs the holder's runs straight into its own registered blocks.
+
+Flow per fetch: claim over the holder's control endpoint (verifies signature, lease, layout; the
+reply carries the NIXL agent metadata the first time this reader meets that holder), then one
+NIXL READ of all runs with a done-notification; the holder's service thread polls notifications
+(which also progresses UCX: emulated TCP READs and connection wire-up need the target to progress)
+and releases the lease when every reader rank is done. The kv_cache is registered once at start.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import socket
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from .base import KVTransport, connect
+from .control import recv_frame, send_frame
+from .handle import KVHandle, KVHolderRank, KVTransferError
+from .leases import Lease
+from .runs import Run
+
+log = logging.getLogger(__name__)
+
+_NOTIF_PREFIX = b"kvrelay-done:"
+_IDLE_POLL_S = 0.01  # holder idle: poll notifications at 100 Hz
+_ACTIVE_POLL_S = 0.0002  # a claim is in flight: progress UCX often (emulated READ over tcp needs it)
+_ACTIVE_WINDOW_S = 0.5  # keep polling fast this long after the last claim or notification
+_XFER_POLL_S = 0.00005
+
+
+def _import_nixl() -> Any:
+    try:
+        import nixl_cu12 as nixl_mod
+    except ImportError:  # the `nixl` meta package exposes the same API
+        from nixl import _api as nixl_mod  # type: ignore[no-redef]
+    return nixl_mod
+
+
+class NixlTransport(KVTransport):
+    """KV relay over NIXL (UCX: RDMA/GPUDirect in a cluster; cma/shm or tcp on one host)."""
+
+    backend = "nixl"
+
+    def __init__(self, *args: Any, backend_params: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._backend_params = dict(backend_params or {})
+        self._peers: set[str] = set()  # remote agents whose metadata is loaded
+        self._peer_lock = threading.Lock()
+        self._active_until = 0.0
+
+    # ---------------------------------------------------------------- lifecycle
+    def _start_backend(self) -> None:
+        nixl = _import_nixl()
+        config = nixl.nixl_agent_config(
+            enable_prog_thread=False,  # a busy-polling thread costs more than it gives on few cores
+            backends=[],
+            sync_mode=nixl.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT,  # engine, server, service threads
+        )
+        self._agent = nixl.nixl_agent(self.agent_name, config)
+        self._agent.create_backend("UCX", self._backend_params)
+        self._reg = self._agent.register_memory(self.kv_cache)
+        self._metadata = self._agent.get_agent_metadata()
+        cuda = self.kv_cache.device.type == "cuda"
+        self._mem_type = "VRAM" if cuda else "DRAM"
+        self._device_id = (self.kv_cache.device.index or 0) if cuda else 0
+        self._base = self.kv_cache.data_ptr()
+
+    def _close_backend(self) -> None:
+        with self._peer_lock:
+            for peer in list(self._peers):
+                self._forget_peer_locked(peer)
+        try:
+            self._agent.deregister_memory(self._reg)
+        except Exception:  # teardown is best effort; the process may be exiting anyway
+            log.debug("deregister_memory failed", exc_info=True)
+
+    def _rank_memory_fields(self) -> dict[str, Any]:
+        return {"base_addr": self._base, "mem_type": self._mem_type, "device_id": self._device_id}
+
+    # ---------------------------------------------------------------- holder
+    def _serve_claim(self, sock: socket.socket, req: dict[str, Any], lease: Lease, runs: list[Run]) -> None:
+        self._active_until = time.monotonic() + max(float(req["deadline_s"]), _ACTIVE_WINDOW_S)
+        reply: dict[str, Any] = {"ok": True, "nbytes": sum(r.length for r in runs)}
+        if req.get("want_metadata"):
+            reply["metadata_b64"] = base64.b64encode(self._metadata).decode()
+        send_frame(sock, reply)
+
+    def _progress(self) -> None:
+        notifs = self._agent.get_new_notifs()
+        now = time.monotonic()
+        for messages in notifs.values():
+            for msg in messages:
+                if msg.startswith(_NOTIF_PREFIX):
+                    handle_id, _, rank = msg[len(_NOTIF_PREFIX) :].decode().partition(":")
+                    self.leases.reader_done(handle_id, int(rank))
+        if notifs:
+            self._active_until = max(self._active_until, now + _ACTIVE_WINDOW_S)
+        if now < self._active_until:
+            time.sleep(_ACTIVE_POLL_S)
+        else:
+            nxt = self.leases.next_expiry()
+            wait = _IDLE_POLL_S if nxt is None else min(max(nxt - self._clock(), 0.0005), _IDLE_POLL_S)
+            self._stop.wait(wait)
+
+    # ---------------------------------------------------------------- reader
+    def _fetch_blocking(
+        self,
+        handle: KVHandle,
+        holder: KVHolderRank,
+        runs: list[Run],
+        dst_block_ids: list[int],
+        deadline: float,
+        cancel: threading.Event,
+    ) -> int:
+        peer = holder.agent_name
+        with self._peer_lock:
+            known = peer in self._peers
+        req = self.claim_request(handle, dst_block_ids, deadline)
+        req["want_metadata"] = not known
+        reply = self._claim(holder.endpoint, req, deadline)
+        if not known:
+            self._add_peer(peer, base64.b64decode(reply["metadata_b64"]))
+        total = sum(r.length for r in runs)
+        if int(reply["nbytes"]) != total:
+            raise KVTransferError("layout_mismatch", f"{reply['nbytes']} bytes (holder) != {total} (reader)")
+        try:
+            self._read(handle, holder, runs, deadline, cancel)
+        except KVTransferError:
+            # A failed peer's endpoint is unusable; reload its metadata on the next fetch.
+            with self._peer_lock:
+                self._forget_peer_locked(peer)
+            raise
+        return total
+
+    def _claim(self, endpoint: str, req: dict[str, Any], deadline: float) -> dict[str, Any]:
+        sock = connect(endpoint, deadline)
+        try:
+            send_frame(sock, req)
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            reply = recv_frame(sock)
+        except TimeoutError as exc:
+            raise KVTransferError("timeout", f"holder {endpoint} did not answer the claim in time") from exc
+        except (ConnectionError, OSError) as exc:
+            raise KVTransferError(
+                "holder_unreachable", f"holder {endpoint} dropped the claim: {exc}"
+            ) from exc
+        finally:
+            sock.close()
+        if not reply.get("ok"):
+            raise KVTransferError(reply.get("reason", "refused"), reply.get("message", ""))
+        return reply
+
+    def _add_peer(self, peer: str, metadata: bytes) -> None:
+        with self._peer_lock:
+            if peer in self._peers:
+                return
+            loaded = self._agent.add_remote_agent(metadata)
+            name = loaded.decode() if isinstance(loaded, bytes) else loaded
+            if name != peer:
+                raise KVTransferError(
+                    "bad_handle", f"holder metadata is for agent {name}, handle says {peer}"
+                )
+            self._peers.add(peer)
+
+    def _forget_peer_locked(self, peer: str) -> None:
+        if peer in self._peers:
+            self._peers.discard(peer)
+            try:
+                self._agent.remove_remote_agent(peer)
+            except Exception:
+                log.debug("remove_remote_agent(%s) failed", peer, exc_info=True)
+
+    def _read(
+        self,
+        handle: KVHandle,
+        holder: KVHolderRank,
+        runs: list[Run],
+        deadline: float,
+        cancel: threading.Event,
+    ) -> None:
+        arr = np.asarray(runs, dtype=np.uint64).reshape(-1, 3)  # columns: src, dst, length
+        remote = np.empty_like(arr)
+        remote[:, 0] = arr[:, 0] + np.uint64(holder.base_addr)
+        remote[:, 1] = arr[:, 2]
+        remote[:, 2] = holder.device_id
+        local = np.empty_like(arr)
+        local[:, 0] = arr[:, 1] + np.uint64(self._base)
+        local[:, 1] = arr[:, 2]
+        local[:, 2] = self._device_id
+        notif = _NOTIF_PREFIX + f"{handle.handle_id}:{self.tp_rank}".encode()
+        agent = self._agent
+        try:
+            xfer = agent.initialize_xfer(
+                "READ",
+                agent.get_xfer_descs(local, self._mem_type),
+                agent.get_xfer_descs(remote, holder.mem_type),
+                holder.agent_name,
+                notif,
+            )
+        except Exception as exc:  # nixlBind raises its own error types
+            raise KVTransferError(
+                "transfer_error", f"cannot set up READ from {holder.agent_name}: {exc}"
+            ) from exc
+        try:
+            state = agent.transfer(xfer)
+            while state == "PROC":
+                if cancel.is_set():
+                    raise KVTransferError("cancelled", "fetch cancelled")
+                if time.monotonic() >= deadline:
+                    raise KVTransferError(
+                        "timeout", f"READ from holder {holder.endpoint} passed the deadline"
+                    )
+                time.sleep(_XFER_POLL_S)
+                state = agent.check_xfer_state(xfer)
+            if state != "DONE":
+                raise KVTransferError(
+                    "transfer_error", f"READ from holder {holder.endpoint} failed ({state})"
+                )
+        finally:
+            try:
+                # Releasing an active transfer cancels it, so our blocks are no longer written.
+                agent.release_xfer_handle(xfer)
+            except Exception:
+                log.warning("could not cancel/release NIXL transfer for %s", handle.handle_id, exc_info=True)
