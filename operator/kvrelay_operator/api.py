@@ -1,0 +1,424 @@
+"""Pydantic models of the DisaggregatedModel custom resource: the one hand-written source of its shape.
+
+crd.py renders the CRD's OpenAPI schema from these models; resources.py renders children from them.
+Field names are camelCase on the wire (aliases) and snake_case in Python.
+
+Per-role autoscaling bounds are `spec.prefill.minReplicas/maxReplicas` and
+`spec.decode.minReplicas/maxReplicas` (reused, not repeated under `spec.autoscaling`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "kvrelay.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "DisaggregatedModel"
+PLURAL = "disaggregatedmodels"
+SINGULAR = "disaggregatedmodel"
+SHORT_NAMES = ["dm", "dmodel"]
+
+WorkerRole = Literal["prefill", "decode"]
+Role = Literal["prefill", "decode", "router"]
+WORKER_ROLES: tuple[WorkerRole, ...] = ("prefill", "decode")
+ROLES: tuple[Role, ...] = ("prefill", "decode", "router")
+
+# A Kubernetes quantity: users write both `cpu: 4` and `memory: 16Gi`.
+Quantity = Annotated[int | str, Field(json_schema_extra={"x-kubernetes-int-or-string": True})]
+
+
+class CRModel(BaseModel):
+    """Base: camelCase aliases, unknown fields refused, population by either name."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", validate_default=True
+    )
+
+
+# ---------------------------------------------------------------- spec: model
+
+
+class ModelSpec(CRModel):
+    """Which checkpoint to serve and how."""
+
+    source: str = Field(
+        min_length=1,
+        max_length=512,
+        description="Checkpoint: a Hugging Face repo id (org/name), pvc://<claim>/<path>, "
+        "or an absolute path inside the worker image.",
+    )
+    revision: str | None = Field(
+        default=None, max_length=128, description="Hugging Face revision (branch, tag or commit)."
+    )
+    served_name: str | None = Field(
+        default=None,
+        max_length=253,
+        description="Model name clients pass in OpenAI requests; defaults to the resource's name.",
+    )
+    max_model_len: int = Field(
+        default=4096, ge=16, le=1048576, description="Longest prompt plus completion, in tokens."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="Weights and KV cache dtype; auto takes the checkpoint's."
+    )
+
+
+# ---------------------------------------------------------------- spec: pod plumbing
+
+
+class ResourceRequirements(CRModel):
+    """Container resources; GPUs are added from tensorParallel and must not be set here."""
+
+    requests: dict[str, Quantity] = Field(default_factory=dict, description="Resource requests.")
+    limits: dict[str, Quantity] = Field(default_factory=dict, description="Resource limits.")
+
+
+class Toleration(CRModel):
+    """A pod toleration, as in core/v1."""
+
+    key: str | None = Field(default=None, description="Taint key; empty with Exists matches all.")
+    operator: Literal["Exists", "Equal"] = Field(default="Equal", description="Exists or Equal.")
+    value: str | None = Field(default=None, description="Taint value for Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect; empty matches all."
+    )
+    toleration_seconds: int | None = Field(default=None, description="How long NoExecute is tolerated.")
+
+
+class EnvVar(CRModel):
+    """A literal environment variable."""
+
+    name: str = Field(min_length=1, max_length=253, description="Variable name.")
+    value: str = Field(default="", description="Variable value.")
+
+
+class WorkerRoleSpec(CRModel):
+    """A pool of GPU workers of one role."""
+
+    replicas: int = Field(default=1, ge=0, le=512, description="Replicas when autoscaling is off.")
+    min_replicas: int = Field(default=1, ge=0, le=512, description="Lower bound for the autoscaler.")
+    max_replicas: int = Field(default=8, ge=1, le=512, description="Upper bound for the autoscaler.")
+    tensor_parallel: int = Field(
+        default=1, ge=1, le=16, description="GPUs per replica (tensor parallel degree)."
+    )
+    resources: ResourceRequirements = Field(
+        default_factory=ResourceRequirements, description="CPU/memory; GPUs come from tensorParallel."
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node pool placement: node labels this role's pods need."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, description="Tolerations for this role's node pool taints."
+    )
+    affinity: dict[str, Any] | None = Field(
+        default=None,
+        description="core/v1 Affinity; when it has no podAntiAffinity the operator adds a "
+        "preferred spread of replicas across nodes.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    shm_size: str = Field(
+        default="8Gi", pattern=r"^[0-9]+(Ki|Mi|Gi|Ti)?$", description="Size of the memory-backed /dev/shm."
+    )
+    env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables.")
+    extra_args: list[str] = Field(default_factory=list, description="Extra kvrelay-worker arguments.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> WorkerRoleSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"minReplicas ({self.min_replicas}) must be <= maxReplicas ({self.max_replicas})"
+            )
+        if not self.min_replicas <= self.replicas <= self.max_replicas:
+            raise ValueError(
+                f"replicas ({self.replicas}) must lie within [minReplicas, maxReplicas] "
+                f"= [{self.min_replicas}, {self.max_replicas}]"
+            )
+        return self
+
+
+class PrefillSpec(WorkerRoleSpec):
+    """Prefill workers: compute-bound, small batches."""
+
+    max_tokens_per_batch: int = Field(
+        default=8192, ge=16, le=1048576, description="Most prompt tokens in one prefill batch."
+    )
+
+
+class DecodeSpec(WorkerRoleSpec):
+    """Decode workers: memory-bound, large continuous batches."""
+
+    max_running_sequences: int = Field(
+        default=256, ge=1, le=65536, description="Most sequences decoding at once per replica."
+    )
+
+
+class SecretKeyRef(CRModel):
+    """A key in a Secret of the resource's namespace."""
+
+    name: str = Field(min_length=1, max_length=253, description="Secret name.")
+    key: str = Field(default="api-key", min_length=1, description="Key in the Secret.")
+
+
+class RouterSpec(CRModel):
+    """The OpenAI-compatible front end."""
+
+    replicas: int = Field(default=1, ge=0, le=128, description="Router replicas.")
+    service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field(
+        default="ClusterIP", description="Type of the router's Service."
+    )
+    port: int = Field(default=8000, ge=1, le=65535, description="Service port of the OpenAI API.")
+    api_key_secret: SecretKeyRef | None = Field(
+        default=None, description="When set, clients must send this Secret's value as a bearer token."
+    )
+    resources: ResourceRequirements = Field(
+        default_factory=ResourceRequirements, description="Router CPU/memory."
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Router node placement.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Router tolerations.")
+    env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables.")
+    extra_args: list[str] = Field(default_factory=list, description="Extra router arguments.")
+
+
+# ---------------------------------------------------------------- spec: KV transfer
+
+
+class RDMASpec(CRModel):
+    """RDMA device plugin resource the workers request when transport is rdma."""
+
+    resource_name: str = Field(
+        default="rdma/ib", min_length=1, description="Extended resource name of the RDMA device plugin."
+    )
+    count: int = Field(default=1, ge=1, le=16, description="RDMA devices per worker pod.")
+    net_devices: str | None = Field(
+        default=None, description="UCX_NET_DEVICES value, e.g. mlx5_0:1; unset lets UCX choose."
+    )
+
+
+class KVTransferSpec(CRModel):
+    """How prefill workers hand their KV cache to decode workers."""
+
+    backend: Literal["nixl", "tcp"] = Field(default="nixl", description="nixl (UCX) or plain tcp.")
+    transport: Literal["auto", "rdma", "tcp"] = Field(
+        default="auto", description="UCX transport hint: auto lets UCX choose; rdma requests RDMA devices."
+    )
+    rdma: RDMASpec = Field(default_factory=RDMASpec, description="RDMA devices (used when transport=rdma).")
+    port: int = Field(default=5600, ge=1024, le=65535, description="Worker KV control port.")
+    lease_seconds: int = Field(
+        default=30, ge=1, le=3600, description="How long a prefill worker holds KV blocks for a reader."
+    )
+    timeout_seconds: int = Field(default=10, ge=1, le=600, description="Per-transfer timeout.")
+    failure_policy: Literal["recompute", "fail"] = Field(
+        default="recompute", description="On a failed transfer: recompute the prompt on decode, or fail."
+    )
+
+    @model_validator(mode="after")
+    def _rdma_needs_nixl(self) -> KVTransferSpec:
+        if self.transport == "rdma" and self.backend != "nixl":
+            raise ValueError("transport rdma needs backend nixl")
+        return self
+
+
+# ---------------------------------------------------------------- spec: autoscaling
+
+
+class SLOSpec(CRModel):
+    """Latency targets at a quantile."""
+
+    ttft_seconds: float = Field(default=1.0, gt=0, le=600, description="Time-to-first-token target.")
+    itl_seconds: float = Field(default=0.05, gt=0, le=60, description="Inter-token latency target.")
+    quantile: float = Field(default=0.9, ge=0.5, le=0.999, description="Quantile the targets apply to.")
+
+
+class RatioSpec(CRModel):
+    """Bounds of the prefill:decode replica ratio."""
+
+    min: float = Field(default=0.1, gt=0, le=100, description="Lowest prefill:decode ratio.")
+    max: float = Field(default=10.0, gt=0, le=100, description="Highest prefill:decode ratio.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RatioSpec:
+        if self.min > self.max:
+            raise ValueError(f"ratio.min ({self.min}) must be <= ratio.max ({self.max})")
+        return self
+
+
+class ProfileSpec(CRModel):
+    """Optional measured per-replica throughput to seed the autoscaler."""
+
+    prefill_tokens_per_second: float | None = Field(
+        default=None, gt=0, description="Prompt tokens/s one prefill replica sustains."
+    )
+    decode_tokens_per_second: float | None = Field(
+        default=None, gt=0, description="Generated tokens/s one decode replica sustains."
+    )
+
+
+class AutoscalingSpec(CRModel):
+    """SLO autoscaling of the prefill and decode pools (bounds: spec.<role>.min/maxReplicas)."""
+
+    mode: Literal["auto", "advisory", "off"] = Field(
+        default="off", description="auto scales; advisory only records decisions in status; off does nothing."
+    )
+    slo: SLOSpec = Field(default_factory=SLOSpec, description="Latency targets.")
+    ratio: RatioSpec = Field(default_factory=RatioSpec, description="prefill:decode ratio bounds.")
+    gpu_budget: int | None = Field(
+        default=None, ge=1, le=100000, description="Most GPUs prefill and decode may use together."
+    )
+    interval_seconds: int = Field(default=30, ge=5, le=3600, description="Seconds between decisions.")
+    scale_up_cooldown_seconds: int = Field(default=60, ge=0, le=86400, description="Wait after a scale up.")
+    scale_down_cooldown_seconds: int = Field(
+        default=300, ge=0, le=86400, description="Wait after any scale before scaling down."
+    )
+    prometheus_url: str | None = Field(
+        default=None, description="Prometheus base URL; defaults to the operator's --prometheus-url."
+    )
+    profile: ProfileSpec = Field(default_factory=ProfileSpec, description="Per-replica throughput seeds.")
+
+
+class MonitoringSpec(CRModel):
+    """Prometheus scraping of the workers and router."""
+
+    pod_monitor: Literal["auto", "enabled", "disabled"] = Field(
+        default="auto", description="auto renders a PodMonitor when the Prometheus Operator CRDs exist."
+    )
+    interval: str = Field(default="15s", pattern=r"^[0-9]+(ms|s|m)$", description="Scrape interval.")
+
+
+class DisaggregatedModelSpec(CRModel):
+    """Spec of a DisaggregatedModel: one model served by prefill and decode pools and a router."""
+
+    model: ModelSpec = Field(description="The checkpoint to serve.")
+    image: str | None = Field(
+        default=None, max_length=512, description="Worker image; defaults to the operator's --worker-image."
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        default="IfNotPresent", description="Pull policy of the worker image."
+    )
+    prefill: PrefillSpec = Field(default_factory=PrefillSpec, description="Prefill worker pool.")
+    decode: DecodeSpec = Field(default_factory=DecodeSpec, description="Decode worker pool.")
+    router: RouterSpec = Field(default_factory=RouterSpec, description="OpenAI-compatible router.")
+    kv_transfer: KVTransferSpec = Field(default_factory=KVTransferSpec, description="KV cache relay.")
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, description="SLO autoscaler.")
+    monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec, description="Metrics scraping.")
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> DisaggregatedModelSpec:
+        if self.kv_transfer.backend == "nixl" and self.decode.tensor_parallel < self.prefill.tensor_parallel:
+            raise ValueError(
+                f"decode.tensorParallel ({self.decode.tensor_parallel}) must be >= "
+                f"prefill.tensorParallel ({self.prefill.tensor_parallel}) with kvTransfer.backend nixl"
+            )
+        budget = self.autoscaling.gpu_budget
+        if budget is not None and budget < min_gpus(self):
+            raise ValueError(
+                f"autoscaling.gpuBudget ({budget}) must cover the minimum replicas' GPUs ({min_gpus(self)})"
+            )
+        return self
+
+
+def min_gpus(spec: DisaggregatedModelSpec) -> int:
+    """GPUs the prefill and decode pools use at their minimum replica counts."""
+    return (
+        spec.prefill.min_replicas * spec.prefill.tensor_parallel
+        + spec.decode.min_replicas * spec.decode.tensor_parallel
+    )
+
+
+# ---------------------------------------------------------------- cross-field rules as CEL
+# Each tuple: (schema path of the object the rule sits on, rule, message, fieldPath).
+# The pydantic validators above enforce the same rules in Python.
+
+_ROLE_RULES = [
+    ("self.minReplicas <= self.maxReplicas", "minReplicas must be <= maxReplicas", ".minReplicas"),
+    (
+        "self.replicas >= self.minReplicas && self.replicas <= self.maxReplicas",
+        "replicas must lie within [minReplicas, maxReplicas]",
+        ".replicas",
+    ),
+]
+CEL_RULES: list[tuple[str, str, str, str | None]] = [
+    *[("prefill", r, m, f) for r, m, f in _ROLE_RULES],
+    *[("decode", r, m, f) for r, m, f in _ROLE_RULES],
+    (
+        "kvTransfer",
+        "self.transport != 'rdma' || self.backend == 'nixl'",
+        "transport rdma needs backend nixl",
+        ".transport",
+    ),
+    ("autoscaling.ratio", "self.min <= self.max", "ratio.min must be <= ratio.max", ".min"),
+    (
+        "",
+        "self.kvTransfer.backend != 'nixl' || self.decode.tensorParallel >= self.prefill.tensorParallel",
+        "decode.tensorParallel must be >= prefill.tensorParallel with kvTransfer.backend nixl",
+        ".decode.tensorParallel",
+    ),
+    (
+        "",
+        "!has(self.autoscaling.gpuBudget) || self.autoscaling.gpuBudget >= "
+        "self.prefill.minReplicas * self.prefill.tensorParallel "
+        "+ self.decode.minReplicas * self.decode.tensorParallel",
+        "autoscaling.gpuBudget must cover prefill and decode minReplicas x tensorParallel GPUs",
+        ".autoscaling.gpuBudget",
+    ),
+]
+
+
+# ---------------------------------------------------------------- status
+
+
+class StatusModel(CRModel):
+    """Base of status models: unknown fields are ignored when reading, since others may write status."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class Condition(StatusModel):
+    """A standard Kubernetes condition."""
+
+    type: str = Field(description="Ready, Progressing, Degraded, ScalingLimited or DriftCorrected.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(default="", description="CamelCase reason.")
+    message: str = Field(default="", description="Human-readable detail.")
+    last_transition_time: str | None = Field(default=None, description="RFC 3339 time of the last change.")
+    observed_generation: int | None = Field(default=None, description="Generation the condition is about.")
+
+
+class RoleStatus(StatusModel):
+    """Replica counts of one role."""
+
+    replicas: int = Field(default=0, description="Pods of the role's Deployment.")
+    ready_replicas: int = Field(default=0, description="Ready pods.")
+    desired_replicas: int | None = Field(
+        default=None,
+        description="Target replicas. Mode auto: written by the autoscaler, applied by the reconciler "
+        "(clamped to min/max). Otherwise: the replicas the reconciler applied.",
+    )
+
+
+class AutoscalerStatus(StatusModel):
+    """The autoscaler's last decision."""
+
+    last_decision_time: str | None = Field(default=None, description="RFC 3339 time of the decision.")
+    prefill_replicas: int | None = Field(default=None, description="Prefill replicas it decided.")
+    decode_replicas: int | None = Field(default=None, description="Decode replicas it decided.")
+    reason: str = Field(default="", description="Why, in words.")
+    inputs: dict[str, float] = Field(default_factory=dict, description="Metric values the decision used.")
+
+
+class DisaggregatedModelStatus(StatusModel):
+    """Observed state, written by the operator."""
+
+    observed_generation: int | None = Field(default=None, description="Last spec generation reconciled.")
+    phase: Literal["Pending", "Progressing", "Ready", "Degraded"] | None = Field(
+        default=None, description="Summary of the conditions."
+    )
+    conditions: list[Condition] = Field(default_factory=list, description="Current conditions.")
+    prefill: RoleStatus | None = Field(default=None, description="Prefill pool replicas.")
+    decode: RoleStatus | None = Field(default=None, description="Decode pool replicas.")
+    router: RoleStatus | None = Field(default=None, description="Router replicas.")
+    router_endpoint: str | None = Field(default=None, description="In-cluster URL of the OpenAI API.")
+    autoscaler: AutoscalerStatus | None = Field(default=None, description="Last autoscaler decision.")
