@@ -1,0 +1,190 @@
+"""The engine: scheduler + model runner + paged KV cache, driven one ``step(now)`` at a time.
+
+Synchronous and single-threaded; the server runs it on its own thread (``threaded.py``).
+APIs the server and the KV relay use:
+- ``add_request(..., prefill_only=True)``: prefill role; the first token comes back with the block
+  ids holding the prompt's KV, kept allocated until ``release``.
+- ``add_remote_request``: decode role; the engine allocates blocks and reports them as a
+  ``KVTarget`` so the relay can read the prompt's KV into them, then ``remote_kv_done(ok)``.
+  ``ok=False`` (or an empty handle) recomputes the prompt locally.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, Field
+
+from kvrelay_worker.engine.paged_attention import allocate_kv_cache
+from kvrelay_worker.engine.request import Request, RequestStatus
+from kvrelay_worker.engine.runner import ModelRunner
+from kvrelay_worker.engine.sampling_params import SamplingParams
+from kvrelay_worker.engine.scheduler import (
+    KVTarget,
+    RequestOutput,
+    Scheduler,
+    SchedulerConfig,
+)
+from kvrelay_worker.model.llama import LlamaForCausalLM
+from kvrelay_worker.model.loader import load_model
+
+
+class EngineConfig(BaseModel):
+    """Engine sizing; the worker's command-line flags map onto these fields."""
+
+    num_blocks: int = Field(512, ge=2, description="KV blocks in the cache, block 0 included (reserved)")
+    block_size: int = Field(16, ge=1, description="tokens per KV block")
+    max_num_seqs: int = Field(64, ge=1, description="running sequences at most (decode batch)")
+    max_batch_tokens: int = Field(2048, ge=1, description="tokens computed per step at most")
+    max_model_len: int | None = Field(None, ge=2, description="default: the model's max_position_embeddings")
+    device: str = "cpu"
+    dtype: str | None = Field(None, description="float32 | bfloat16 | float16; default by device")
+
+
+@dataclass
+class StepResult:
+    outputs: list[RequestOutput] = field(default_factory=list)
+    kv_targets: list[KVTarget] = field(default_factory=list)
+    num_tokens: int = 0
+
+
+class Engine:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        config: EngineConfig,
+        eos_token_ids: list[int] | None = None,
+        detokenize=None,
+    ) -> None:
+        self.model = model
+        self.config = config
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.max_model_len = min(config.max_model_len or model.max_model_len, model.max_model_len)
+        self.kv_cache = allocate_kv_cache(
+            model.config, config.num_blocks, config.block_size, self.dtype, self.device
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                num_blocks=config.num_blocks,
+                block_size=config.block_size,
+                max_num_seqs=config.max_num_seqs,
+                max_batch_tokens=config.max_batch_tokens,
+                max_model_len=self.max_model_len,
+            ),
+            eos_token_ids if eos_token_ids is not None else model.config.eos_token_id,
+            detokenize,
+        )
+        self.runner = ModelRunner(model, self.kv_cache, config.block_size)
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, config: EngineConfig) -> Engine:
+        """Load a checkpoint directory; EOS ids from config + generation_config; detokenizer if present."""
+        dtype = getattr(torch, config.dtype) if config.dtype else None
+        model = load_model(model_dir, config.device, dtype, config.max_model_len)
+        eos = set(model.config.eos_token_id)
+        gen_cfg = Path(model_dir) / "generation_config.json"
+        if gen_cfg.is_file():
+            raw = json.loads(gen_cfg.read_text()).get("eos_token_id")
+            eos.update([raw] if isinstance(raw, int) else (raw or []))
+        detokenize = None
+        tok_file = Path(model_dir) / "tokenizer.json"
+        if tok_file.is_file():
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(str(tok_file))
+
+            def detokenize(ids: list[int]) -> str:
+                return tok.decode(ids[-32:])  # stop strings only need the recent tail
+
+        return cls(model, config, sorted(eos), detokenize)
+
+    # ---- request API ---------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        now: float,
+        prefill_only: bool = False,
+    ) -> None:
+        """Queue a request; raises RequestRefused if it can never fit."""
+        self._check_vocab(prompt_token_ids)
+        request = Request(request_id, list(prompt_token_ids), params, now, prefill_only=prefill_only)
+        self.scheduler.add_request(request)
+
+    def add_remote_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        first_token: int,
+        params: SamplingParams,
+        now: float,
+    ) -> None:
+        """Queue a decode request whose prompt KV comes from elsewhere (see ``StepResult.kv_targets``)."""
+        self._check_vocab([*prompt_token_ids, first_token])
+        request = Request(request_id, list(prompt_token_ids), params, now, output_token_ids=[first_token])
+        self.scheduler.add_remote_request(request)
+
+    def add_recompute_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        first_token: int,
+        params: SamplingParams,
+        now: float,
+    ) -> None:
+        """Decode request without remote KV: recompute prompt + first token locally."""
+        self._check_vocab([*prompt_token_ids, first_token])
+        request = Request(request_id, list(prompt_token_ids), params, now, output_token_ids=[first_token])
+        self.scheduler.add_request(request)
+
+    def remote_kv_done(self, request_id: str, ok: bool) -> None:
+        self.scheduler.remote_kv_done(request_id, ok)
+
+    def release(self, request_id: str) -> bool:
+        """Free the KV blocks a prefill-only request holds for its reader."""
+        return self.scheduler.release(request_id)
+
+    def abort(self, request_id: str) -> bool:
+        return self.scheduler.abort(request_id)
+
+    def _check_vocab(self, token_ids: list[int]) -> None:
+        from kvrelay_worker.engine.scheduler import RequestRefused
+
+        vocab = self.model.config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestRefused(f"token ids {bad[:5]} outside the vocabulary [0, {vocab})")
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def step(self, now: float) -> StepResult:
+        """Schedule, run the model, apply results: one iteration of continuous batching."""
+        out = self.scheduler.schedule(now)
+        sampled = self.runner.execute(out)
+        outputs = self.scheduler.update(out, sampled)
+        return StepResult(outputs, out.kv_targets, out.num_tokens)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def status(self, request_id: str) -> RequestStatus | None:
+        request = self.scheduler.requests.get(request_id)
+        return request.status if request else None
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+    ) -> list[list[int]]:
+        """Convenience for tests and benchmarks: run prompts to completion, return output tokens."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"gen-{i}" for i in range(len(prompts))]
+        results: dict[str, list[int]] = {i: [] for i in ids}
+        for rid, prompt, p in zip(ids, prompts, plist, strict=True):
+            self.add_request(rid, prompt, p, now=0.0)
+        while self.has_work():
+            for o in self.step(now=0.0).outputs:
+                results[o.request_id].extend(o.new_token_ids)
+        return [results[i] for i in ids]

@@ -1,0 +1,63 @@
+"""The request lifecycle: one ordered status enum and the mutable per-request record."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from kvrelay_worker.engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    """Ordered: every status from FINISHED_STOPPED on is finished (see ``is_finished``)."""
+
+    WAITING = 0
+    WAITING_FOR_REMOTE_KV = 1  # decode role: blocks allocated, KV relay is reading into them
+    RUNNING = 2
+    PREEMPTED = 3  # blocks taken back; recomputes from scratch when re-admitted
+    SENDING_KV = 4  # prefill role: first token out, prompt KV held until the reader releases it
+    FINISHED_STOPPED = 5
+    FINISHED_LENGTH = 6
+    FINISHED_ABORTED = 7
+
+    def is_finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+    @property
+    def finish_reason(self) -> str | None:
+        return {
+            RequestStatus.FINISHED_STOPPED: "stop",
+            RequestStatus.FINISHED_LENGTH: "length",
+            RequestStatus.FINISHED_ABORTED: "abort",
+        }.get(self)
+
+
+@dataclass
+class Request:
+    """One sequence in the engine. Tokens are prompt + output; KV exists for ``num_computed_tokens``."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    prefill_only: bool = False
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    first_scheduled_time: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens in [start, end) of prompt + output."""
+        n = len(self.prompt_token_ids)
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        return (self.prompt_token_ids + self.output_token_ids)[start:end]

@@ -1,0 +1,332 @@
+"""Torch-free continuous-batching scheduler over a paged KV cache.
+
+A step is one sentence: keep every running request going (one decode token, or the next chunk of
+its prompt), then admit waiting requests while the token budget, the sequence limit and the free
+blocks allow, chunking the last prompt to fit. The model runner gets a ``SchedulerOutput`` and
+hands sampled tokens back to ``update``. Prefill, decode and local recompute are the same rule:
+compute ``num_tokens - num_computed_tokens`` tokens and sample once all of them have KV.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kvrelay_worker.engine.block_pool import BlockPool
+from kvrelay_worker.engine.request import Request, RequestStatus
+from kvrelay_worker.engine.sampling_params import SamplingParams
+
+
+class RequestRefused(ValueError):
+    """The request can never be served by this engine (too long for the cache or the model)."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    num_blocks: int
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_batch_tokens: int = 2048
+    max_model_len: int = 2048
+
+
+@dataclass
+class ScheduledSeq:
+    """One request's share of a step: compute ``token_ids`` at positions ``start_pos...``."""
+
+    request_id: str
+    token_ids: list[int]
+    start_pos: int
+    block_ids: list[int]
+    sample: bool
+    params: SamplingParams
+    num_output_tokens: int
+
+
+@dataclass
+class KVTarget:
+    """Blocks allocated for a remote-KV request; the KV relay reads the prompt's KV into them."""
+
+    request_id: str
+    block_ids: list[int]
+    num_tokens: int
+
+
+@dataclass
+class SchedulerOutput:
+    seqs: list[ScheduledSeq] = field(default_factory=list)
+    kv_targets: list[KVTarget] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.seqs)
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None
+    # prefill-only requests: the blocks that hold the prompt's KV (kept until ``release``)
+    kv_block_ids: list[int] | None = None
+    num_prompt_tokens: int = 0
+
+
+def check_stop(
+    request: Request,
+    token: int,
+    eos_token_ids: frozenset[int],
+    max_model_len: int,
+    detokenize: Callable[[list[int]], str] | None = None,
+) -> RequestStatus | None:
+    """Finished status after ``token`` was appended to ``request``, or None to continue."""
+    p = request.params
+    if token in p.stop_token_ids or (not p.ignore_eos and token in eos_token_ids):
+        return RequestStatus.FINISHED_STOPPED
+    if p.stop and detokenize is not None:
+        text = detokenize(request.output_token_ids)
+        if any(s in text for s in p.stop):
+            return RequestStatus.FINISHED_STOPPED
+    if len(request.output_token_ids) >= p.max_tokens or request.num_tokens >= max_model_len:
+        return RequestStatus.FINISHED_LENGTH
+    return None
+
+
+def blocks_needed(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)
+
+
+class Scheduler:
+    """Owns requests, their block tables and the block pool; never touches tensors."""
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        eos_token_ids: list[int] | None = None,
+        detokenize: Callable[[list[int]], str] | None = None,
+    ) -> None:
+        self.config = config
+        self.pool = BlockPool(config.num_blocks)
+        self.eos_token_ids = frozenset(eos_token_ids or [])
+        self.detokenize = detokenize
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.pending_remote: deque[Request] = deque()  # remote-KV requests still without blocks
+        self.fetching: dict[str, Request] = {}  # WAITING_FOR_REMOTE_KV
+
+    # ---- admission -------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        """Queue a request; refuse it if it could never fit the cache or the model length."""
+        self._validate(request)
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def add_remote_request(self, request: Request) -> None:
+        """Queue a request whose prompt KV arrives from a prefill worker; ``request`` already holds the
+        first token in ``output_token_ids``."""
+        self._validate(request)
+        self.requests[request.request_id] = request
+        request.status = RequestStatus.WAITING_FOR_REMOTE_KV
+        self.pending_remote.append(request)
+
+    def remote_kv_done(self, request_id: str, ok: bool) -> None:
+        """The KV relay finished reading (``ok``) or failed; on failure the request recomputes."""
+        request = self.fetching.pop(request_id, None)
+        if request is None:
+            return
+        request.num_computed_tokens = request.num_prompt_tokens if ok else 0
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    def _validate(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise RequestRefused(f"request id {request.request_id!r} is already in use")
+        if not request.prompt_token_ids:
+            raise RequestRefused("empty prompt: input_ids needs at least one token")
+        n = request.num_tokens + 1
+        if n > self.config.max_model_len:
+            raise RequestRefused(
+                f"prompt of {request.num_tokens} tokens leaves no room to generate within "
+                f"max_model_len {self.config.max_model_len}"
+            )
+        if blocks_needed(n, self.config.block_size) > self.pool.num_usable_blocks:
+            raise RequestRefused(
+                f"prompt of {request.num_tokens} tokens needs more KV blocks than the cache has "
+                f"({self.pool.num_usable_blocks} of {self.config.block_size} tokens)"
+            )
+
+    # ---- the step ---------------------------------------------------------------------------
+    def schedule(self, now: float) -> SchedulerOutput:
+        out = SchedulerOutput()
+        self._allocate_remote(out)
+        budget = self.config.max_batch_tokens
+        for request in list(self.running):
+            if budget <= 0 or request not in self.running:
+                continue
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self._grow(request, num_new):
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is request:
+                    break
+            if request.status != RequestStatus.RUNNING:
+                continue
+            budget -= num_new
+            out.seqs.append(self._seq(request, num_new))
+
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._grow(request, num_new):
+                break  # wait for blocks to free up; FIFO keeps long prompts from starving
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = now
+            self.running.append(request)
+            budget -= num_new
+            out.seqs.append(self._seq(request, num_new))
+        return out
+
+    def _allocate_remote(self, out: SchedulerOutput) -> None:
+        while self.pending_remote and len(self.fetching) < self.config.max_num_seqs:
+            request = self.pending_remote[0]
+            ids = self.pool.allocate(blocks_needed(request.num_prompt_tokens, self.config.block_size))
+            if ids is None:
+                return
+            self.pending_remote.popleft()
+            request.block_ids = ids
+            self.fetching[request.request_id] = request
+            out.kv_targets.append(KVTarget(request.request_id, list(ids), request.num_prompt_tokens))
+
+    def _grow(self, request: Request, num_new: int) -> bool:
+        """Make the block table cover ``num_computed + num_new`` tokens; False if blocks ran out."""
+        need = blocks_needed(request.num_computed_tokens + num_new, self.config.block_size)
+        extra = need - len(request.block_ids)
+        if extra <= 0:
+            return True
+        ids = self.pool.allocate(extra)
+        if ids is None:
+            return False
+        request.block_ids.extend(ids)
+        return True
+
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        """Take the blocks back; the request recomputes prompt + output when re-admitted."""
+        self.running.remove(request)
+        self._free_blocks(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        self.waiting.appendleft(request)
+        out.preempted.append(request.request_id)
+
+    def _seq(self, request: Request, num_new: int) -> ScheduledSeq:
+        start = request.num_computed_tokens
+        return ScheduledSeq(
+            request_id=request.request_id,
+            token_ids=request.token_ids(start, start + num_new),
+            start_pos=start,
+            block_ids=list(request.block_ids),
+            sample=start + num_new == request.num_tokens,
+            params=request.params,
+            num_output_tokens=len(request.output_token_ids),
+        )
+
+    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[RequestOutput]:
+        """Apply a step's results: advance computed counts, append sampled tokens, retire finished."""
+        results: list[RequestOutput] = []
+        for seq in out.seqs:
+            request = self.requests.get(seq.request_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            request.num_computed_tokens += len(seq.token_ids)
+            if not seq.sample:
+                continue
+            token = sampled[seq.request_id]
+            request.output_token_ids.append(token)
+            status = check_stop(
+                request, token, self.eos_token_ids, self.config.max_model_len, self.detokenize
+            )
+            if status is not None:
+                self._finish(request, status)
+                results.append(
+                    RequestOutput(
+                        request.request_id,
+                        [token],
+                        True,
+                        status.finish_reason,
+                        None,
+                        request.num_prompt_tokens,
+                    )
+                )
+            elif request.prefill_only:
+                # Prompt KV is complete: keep the blocks for the reader, leave the batch.
+                self.running.remove(request)
+                request.status = RequestStatus.SENDING_KV
+                results.append(
+                    RequestOutput(
+                        request.request_id,
+                        [token],
+                        False,
+                        None,
+                        list(request.block_ids),
+                        request.num_prompt_tokens,
+                    )
+                )
+            else:
+                results.append(RequestOutput(request.request_id, [token], False))
+        return results
+
+    # ---- release / abort --------------------------------------------------------------------
+    def release(self, request_id: str) -> bool:
+        """Free a SENDING_KV request's blocks once the reader has them (or its lease expired)."""
+        request = self.requests.get(request_id)
+        if request is None or request.status != RequestStatus.SENDING_KV:
+            return False
+        self._finish(request, RequestStatus.FINISHED_STOPPED)
+        return True
+
+    def abort(self, request_id: str) -> bool:
+        request = self.requests.get(request_id)
+        if request is None:
+            return False
+        if request in self.running:
+            self.running.remove(request)
+        if request in self.waiting:
+            self.waiting.remove(request)
+        if request in self.pending_remote:
+            self.pending_remote.remove(request)
+        self.fetching.pop(request_id, None)
+        self._finish(request, RequestStatus.FINISHED_ABORTED)
+        return True
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        if request in self.running:
+            self.running.remove(request)
+        request.status = status
+        self._free_blocks(request)
+        self.requests.pop(request.request_id, None)
+
+    def _free_blocks(self, request: Request) -> None:
+        if request.block_ids:
+            self.pool.free(request.block_ids)
+            request.block_ids = []
+
+    # ---- introspection ------------------------------------------------------------------------
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting or self.pending_remote)
+
+    @property
+    def num_queued_prefill_tokens(self) -> int:
+        return sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
+
+    @property
+    def num_held(self) -> int:
+        """Requests holding blocks for a remote reader (prefill role)."""
+        return sum(1 for r in self.requests.values() if r.status == RequestStatus.SENDING_KV)
