@@ -1,0 +1,300 @@
+"""The router app over real HTTP (uvicorn, official openai client) against in-process KServe v2 stand-ins."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from pydantic import SecretStr
+
+from kvrelay_worker.router.app import create_app
+from kvrelay_worker.router.config import RouterConfig
+from kvrelay_worker.router.discovery import StaticDiscovery
+from kvrelay_worker.tokenizer import Tokenizer
+
+from .conftest import FakeWorker, run_fake_worker, toy_generate
+
+MODEL = "toy"
+MAX_LEN = 128
+
+
+@dataclass
+class Stack:
+    url: str
+    prefill: list[FakeWorker]
+    decode: list[FakeWorker]
+    tokenizer: Tokenizer
+    client: openai.AsyncOpenAI
+    http: httpx.AsyncClient
+
+    def expected(self, prompt_ids: list[int], max_tokens: int) -> str:
+        return self.tokenizer.decode(toy_generate(prompt_ids, max_tokens, self.tokenizer.vocab_size))
+
+
+@contextlib.asynccontextmanager
+async def run_stack(
+    tokenizer_dir: Path, tokenizer: Tokenizer, api_key: str | None = None
+) -> AsyncIterator[Stack]:
+    vocab = tokenizer.vocab_size
+    async with contextlib.AsyncExitStack() as stack:
+        workers = [await stack.enter_async_context(run_fake_worker(vocab)) for _ in range(4)]
+        config = RouterConfig(
+            model_dir=tokenizer_dir,
+            served_model_name=MODEL,
+            max_model_len=MAX_LEN,
+            prefill=[w[0] for w in workers[:2]],
+            decode=[w[0] for w in workers[2:]],
+            api_key=SecretStr(api_key) if api_key else None,
+            health_interval_s=0.2,
+        )
+        app = create_app(config, StaticDiscovery(config.prefill, config.decode), tokenizer)
+        server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+        )
+        task = asyncio.create_task(server.serve())
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert time.monotonic() < deadline, "router did not start in 10 s"
+            assert not task.done(), "router exited during start-up"
+            await asyncio.sleep(0.02)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        http = httpx.AsyncClient(base_url=url, timeout=10)
+        client = openai.AsyncOpenAI(
+            base_url=url + "/v1", api_key=api_key or "none", max_retries=0, timeout=10
+        )
+        try:
+            yield Stack(
+                url, [w[1] for w in workers[:2]], [w[1] for w in workers[2:]], tokenizer, client, http
+            )
+        finally:
+            await client.close()
+            await http.aclose()
+            server.should_exit = True
+            await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture
+async def stack(tokenizer_dir: Path, tokenizer: Tokenizer) -> AsyncIterator[Stack]:
+    async with run_stack(tokenizer_dir, tokenizer) as s:
+        yield s
+
+
+async def test_completion_non_streaming_matches_model(stack: Stack) -> None:
+    prompt = "the quick brown fox"
+    reply = await stack.client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+    ids = stack.tokenizer.encode(prompt)
+    assert reply.choices[0].text == stack.expected(ids, 12)
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage is not None
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(ids), 12)
+    assert stack.prefill[0].sampling_seen[0]["temperature"] == 0
+    assert stack.prefill[0].sampling_seen[0]["stop_token_ids"] == [1]
+
+
+async def test_completion_streaming_with_usage(stack: Stack) -> None:
+    prompt = "héllo wörld"
+    events = await stack.client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=20,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    texts, finish, usage = [], None, None
+    async for chunk in events:
+        if chunk.choices:
+            texts.append(chunk.choices[0].text)
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage is not None:
+            usage = chunk.usage
+    assert "".join(texts) == stack.expected(stack.tokenizer.encode(prompt), 20)
+    assert finish == "length"
+    assert usage is not None and usage.completion_tokens == 20
+
+
+async def test_token_id_prompt_and_max_tokens_one(stack: Stack) -> None:
+    reply = await stack.client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=1, temperature=0)
+    assert reply.choices[0].text == stack.expected([5, 6, 7], 1)
+    assert sum(w.decode_calls for w in stack.decode) == 0  # finished at the first token: no decode call
+
+
+async def test_chat_streaming_and_not(stack: Stack) -> None:
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    ids = stack.tokenizer.encode_chat(messages)
+    want = stack.expected(ids, 10)
+    reply = await stack.client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=10, temperature=0
+    )
+    assert reply.choices[0].message.content == want
+    assert reply.choices[0].message.role == "assistant"
+    chunks = [
+        c
+        async for c in await stack.client.chat.completions.create(
+            model=MODEL, messages=messages, max_completion_tokens=10, temperature=0, stream=True
+        )
+    ]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+async def test_stop_string_cuts_output(stack: Stack) -> None:
+    prompt = "numbers 0 1 2"
+    full = stack.expected(stack.tokenizer.encode(prompt), 30)
+    stop = full[8:11]
+    assert stop and full.find(stop) >= 0
+    for stream in (False, True):
+        if stream:
+            chunks = await stack.client.completions.create(
+                model=MODEL, prompt=prompt, max_tokens=30, temperature=0, stop=[stop], stream=True
+            )
+            parts = [c async for c in chunks]
+            text = "".join(c.choices[0].text for c in parts)
+            finish = parts[-1].choices[0].finish_reason
+        else:
+            reply = await stack.client.completions.create(
+                model=MODEL, prompt=prompt, max_tokens=30, temperature=0, stop=stop
+            )
+            text, finish = reply.choices[0].text, reply.choices[0].finish_reason
+        assert text == full[: full.find(stop)]
+        assert finish == "stop"
+
+
+BAD_REQUESTS = [
+    ("/v1/completions", b"{not json", 400, "invalid_json"),
+    ("/v1/completions", b"[1, 2]", 400, None),
+    ("/v1/completions", {"prompt": "hi"}, 400, None),  # no model
+    ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404, "model_not_found"),
+    (
+        "/v1/completions",
+        {"model": MODEL, "prompt": "hi", "max_tokens": MAX_LEN},
+        400,
+        "context_length_exceeded",
+    ),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": 3}, 400, None),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 0}, 400, None),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 2}, 400, "unsupported_value"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, None),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, None),
+    ("/v1/completions", {"model": MODEL, "prompt": [1, 99999]}, 400, None),
+    ("/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, 400, "unsupported_value"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "echo": True}, 400, "unsupported_value"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, None),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, None),
+    (
+        "/v1/chat/completions",
+        {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "seed": "a"},
+        400,
+        None,
+    ),
+    ("/v1/nope", {}, 404, "not_found"),
+]
+
+
+async def test_bad_requests_get_openai_errors_and_server_keeps_serving(stack: Stack) -> None:
+    for path, body, status, code in BAD_REQUESTS:
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        resp = await stack.http.post(path, content=content, headers={"content-type": "application/json"})
+        assert resp.status_code == status, (path, body, resp.text)
+        error = resp.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"], error
+        if code is not None:
+            assert error["code"] == code, (body, error)
+    resp = await stack.http.get("/v1/completions")
+    assert resp.status_code == 405 and "error" in resp.json()
+    reply = await stack.client.completions.create(model=MODEL, prompt="still here", max_tokens=3)
+    assert reply.choices[0].finish_reason == "length"
+    metrics = (await stack.http.get("/metrics")).text
+    assert f'kvrelay_requests_total{{model="{MODEL}",status="client_error"}} 16.0' in metrics
+
+
+async def test_prefill_failure_is_retried_on_the_other_worker(stack: Stack) -> None:
+    stack.prefill[0].fail_prefill = True
+    stack.prefill[1].fail_prefill = False
+    for _ in range(2):
+        reply = await stack.client.completions.create(model=MODEL, prompt="the lazy dog", max_tokens=4)
+        assert len(reply.choices[0].text) > 0
+    assert stack.prefill[1].prefill_calls == 2
+    stack.prefill[1].fail_prefill = True
+    with pytest.raises(openai.APIStatusError) as info:
+        await stack.client.completions.create(model=MODEL, prompt="the lazy dog", max_tokens=4)
+    assert info.value.status_code in (500, 503)
+
+
+async def test_decode_death_mid_stream_gives_error_event_then_survivor_serves(stack: Stack) -> None:
+    for worker in stack.decode:
+        worker.die_after = 3
+        worker.token_delay_s = 0.01
+    started = time.monotonic()
+    events = await stack.client.completions.create(
+        model=MODEL, prompt="the quick", max_tokens=50, stream=True
+    )
+    received = []
+    with pytest.raises(openai.APIError, match="decode"):
+        async for chunk in events:
+            received.append(chunk)
+    assert time.monotonic() - started < 5
+    assert len(received) >= 1  # the first token arrived before the failure
+    died = [w for w in stack.decode if w.decode_calls == 1]
+    assert len(died) == 1
+    died[0].decode_calls = 0
+    survivor = next(w for w in stack.decode if w is not died[0])
+    survivor.die_after = None
+    for _ in range(3):
+        reply = await stack.client.completions.create(model=MODEL, prompt="the quick", max_tokens=6)
+        assert reply.choices[0].finish_reason == "length"
+    assert survivor.decode_calls == 3 and died[0].decode_calls == 0
+
+
+async def test_client_disconnect_cancels_decode(stack: Stack) -> None:
+    for worker in stack.decode:
+        worker.token_delay_s = 0.05
+    body = {"model": MODEL, "prompt": "the quick", "max_tokens": 100, "stream": True}
+    async with stack.http.stream("POST", "/v1/completions", json=body) as resp:
+        assert resp.status_code == 200
+        lines = resp.aiter_lines()
+        got = 0
+        async for line in lines:
+            got += line.startswith("data:")
+            if got >= 3:
+                break
+    deadline = time.monotonic() + 5
+    while sum(w.cancelled for w in stack.decode) == 0:
+        assert time.monotonic() < deadline, "decode call was not cancelled after the client left"
+        await asyncio.sleep(0.05)
+    assert sum(w.decode_calls for w in stack.decode) == 1
+
+
+async def test_models_health_metrics(stack: Stack) -> None:
+    models = await stack.client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    health = await stack.http.get("/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    await stack.client.completions.create(model=MODEL, prompt="hi", max_tokens=5)
+    metrics = (await stack.http.get("/metrics")).text
+    assert f'kvrelay_time_to_first_token_seconds_count{{model="{MODEL}"}} 1.0' in metrics
+    assert f'kvrelay_inter_token_latency_seconds_count{{model="{MODEL}"}} 4.0' in metrics
+    assert f'kvrelay_generation_tokens_total{{model="{MODEL}"}} 5.0' in metrics
+    assert f'kvrelay_requests_total{{model="{MODEL}",status="success"}} 1.0' in metrics
+
+
+async def test_api_key(tokenizer_dir: Path, tokenizer: Tokenizer) -> None:
+    async with run_stack(tokenizer_dir, tokenizer, api_key="s3cret") as stack:
+        reply = await stack.client.completions.create(model=MODEL, prompt="hi", max_tokens=2)
+        assert reply.choices[0].text
+        resp = await stack.http.post("/v1/completions", json={"model": MODEL, "prompt": "hi"})
+        assert resp.status_code == 401 and resp.json()["error"]["code"] == "invalid_api_key"
+        wrong = await stack.http.get("/v1/models", headers={"authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        assert (await stack.http.get("/health")).status_code == 200

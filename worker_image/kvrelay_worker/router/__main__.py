@@ -1,0 +1,3 @@
+from kvrelay_worker.router.main import main
+
+main()

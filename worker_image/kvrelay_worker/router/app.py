@@ -1,0 +1,346 @@
+"""The OpenAI-compatible HTTP app: request parsing, SSE framing, errors, auth, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+import jinja2
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kvrelay_worker.router.config import RouterConfig
+from kvrelay_worker.router.discovery import Discovery
+from kvrelay_worker.router.errors import OpenAIError, bad_request
+from kvrelay_worker.router.generate import Event, Finished, TextDelta, generate
+from kvrelay_worker.router.metrics import RouterMetrics
+from kvrelay_worker.router.pool import WorkerPool
+from kvrelay_worker.router.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    check_model,
+    check_token_ids,
+    completion_prompt,
+    parse_body,
+    reject_unsupported,
+    resolve_max_tokens,
+    sampling_params,
+)
+from kvrelay_worker.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+DISCONNECT_POLL_S = 0.2
+
+
+class ClientGone(Exception):
+    """The HTTP client went away before the answer was ready."""
+
+
+async def _until_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
+    """Await `awaitable`, cancelling it (and so the worker calls under it) if the client disconnects."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientGone()
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+class RouterState:
+    """Everything a request handler needs; built once per app."""
+
+    def __init__(self, config: RouterConfig, tokenizer: Tokenizer, pool: WorkerPool) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.pool = pool
+        self.metrics = RouterMetrics(config.served_model_name)
+        self.created = int(time.time())
+
+
+def _chunk(kind: str, request_id: str, model: str, created: int, **choice: Any) -> dict[str, Any]:
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    return {
+        "id": request_id,
+        "object": obj,
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "logprobs": None, **choice}],
+    }
+
+
+def _usage(done: Finished) -> dict[str, int]:
+    return {
+        "prompt_tokens": done.num_prompt_tokens,
+        "completion_tokens": done.num_completion_tokens,
+        "total_tokens": done.num_prompt_tokens + done.num_completion_tokens,
+    }
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _stream_body(
+    state: RouterState,
+    kind: str,
+    request_id: str,
+    first: Event,
+    events: AsyncIterator[Event],
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
+    """SSE frames for one request; a failure mid-stream becomes an `{"error": ...}` event, never a hang."""
+    model, created = state.config.served_model_name, int(time.time())
+    usage_null = {"usage": None} if include_usage else {}
+    status = "cancelled"
+    try:
+        if kind == "chat":
+            role = _chunk(
+                kind,
+                request_id,
+                model,
+                created,
+                delta={"role": "assistant", "content": ""},
+                finish_reason=None,
+            )
+            yield _sse({**role, **usage_null})
+        event: Event | None = first
+        while event is not None:
+            if isinstance(event, TextDelta):
+                if event.text:
+                    piece = {"delta": {"content": event.text}} if kind == "chat" else {"text": event.text}
+                    yield _sse(
+                        {
+                            **_chunk(kind, request_id, model, created, **piece, finish_reason=None),
+                            **usage_null,
+                        }
+                    )
+            else:
+                last = {"delta": {}} if kind == "chat" else {"text": ""}
+                yield _sse(
+                    {
+                        **_chunk(kind, request_id, model, created, **last, finish_reason=event.finish_reason),
+                        **usage_null,
+                    }
+                )
+                if include_usage:
+                    yield _sse(
+                        {
+                            "id": request_id,
+                            "object": _chunk(kind, "", "", 0)["object"],
+                            "created": created,
+                            "model": model,
+                            "choices": [],
+                            "usage": _usage(event),
+                        }
+                    )
+                yield b"data: [DONE]\n\n"
+                status = "success"
+                return
+            event = await anext(events, None)
+        raise OpenAIError(500, "generation ended without a finish", "server_error")
+    except OpenAIError as exc:
+        status = "server_error"
+        log.warning("request %s failed mid-stream: %s", request_id, exc.message)
+        yield _sse(exc.body())
+    finally:
+        state.metrics.request_done(status)
+        await events.aclose()
+
+
+async def _collect(events: AsyncIterator[Event]) -> tuple[str, Finished]:
+    parts: list[str] = []
+    async for event in events:
+        if isinstance(event, TextDelta):
+            parts.append(event.text)
+        else:
+            return "".join(parts), event
+    raise OpenAIError(500, "generation ended without a finish", "server_error")
+
+
+async def _serve(
+    state: RouterState,
+    request: Request,
+    req: CompletionRequest | ChatCompletionRequest,
+    kind: str,
+    prompt_ids: list[int],
+    max_tokens: int,
+    arrival: float,
+) -> Response:
+    prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
+    request_id = prefix + uuid.uuid4().hex
+    stop_ids = [] if req.ignore_eos else state.tokenizer.eos_token_ids
+    sampling = sampling_params(req, max_tokens, stop_ids)
+    state.metrics.prompt_tokens.inc(len(prompt_ids))
+    events = generate(
+        state.pool,
+        state.tokenizer,
+        state.metrics,
+        request_id,
+        prompt_ids,
+        sampling,
+        req.stop_strings(),
+        arrival,
+    )
+    if req.stream:
+        # Wait for the first token before answering 200, so a prefill failure is still a proper HTTP error.
+        try:
+            first = await _until_disconnect(request, anext(events))
+        except BaseException:
+            await events.aclose()
+            raise
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        body = _stream_body(state, kind, request_id, first, events, include_usage)
+        return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    try:
+        text, done = await _until_disconnect(request, _collect(events))
+    finally:
+        await events.aclose()
+    state.metrics.request_done("success")
+    choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": done.finish_reason}
+    if kind == "chat":
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    obj = "chat.completion" if kind == "chat" else "text_completion"
+    return JSONResponse(
+        {
+            "id": request_id,
+            "object": obj,
+            "created": int(time.time()),
+            "model": state.config.served_model_name,
+            "choices": [choice],
+            "usage": _usage(done),
+        }
+    )
+
+
+def _check_api_key(config: RouterConfig, request: Request) -> None:
+    if config.api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    given = header[7:] if header.lower().startswith("bearer ") else ""
+    if not hmac.compare_digest(given.encode(), config.api_key.get_secret_value().encode()):
+        raise OpenAIError(
+            401, "Incorrect or missing API key.", "invalid_request_error", None, "invalid_api_key"
+        )
+
+
+def create_app(
+    config: RouterConfig,
+    discovery: Discovery,
+    tokenizer: Tokenizer | None = None,
+    pool: WorkerPool | None = None,
+) -> FastAPI:
+    """Build the router app; discovery feeds the pool's worker addresses while the app runs."""
+    pool = pool or WorkerPool(config.health_interval_s)
+    state = RouterState(config, tokenizer or Tokenizer.from_dir(config.model_dir), pool)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await discovery.start(pool)
+        pool.start()
+        try:
+            yield
+        finally:
+            await discovery.stop()
+            await pool.close()
+
+    app = FastAPI(title="kvrelay router", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.router = state
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
+        if request.url.path.startswith("/v1/") and exc.status != 401:
+            state.metrics.request_done("client_error" if exc.status < 500 else "server_error")
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        body = OpenAIError(exc.status_code, str(exc.detail), "invalid_request_error", None, code).body()
+        return JSONResponse(body, status_code=exc.status_code)
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(_: Request, __: ClientGone) -> Response:
+        state.metrics.request_done("cancelled")
+        return Response(status_code=499)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ready = pool.ready()
+        workers = {role: {a: w.healthy for a, w in p.workers.items()} for role, p in pool.roles.items()}
+        return JSONResponse(
+            {"status": "ok" if ready else "unavailable", "workers": workers},
+            status_code=200 if ready else 503,
+        )
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        _check_api_key(config, request)
+        card = {
+            "id": config.served_model_name,
+            "object": "model",
+            "created": state.created,
+            "owned_by": "kvrelay",
+            "max_model_len": config.max_model_len,
+        }
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        arrival = time.monotonic()
+        _check_api_key(config, request)
+        req = parse_body(await request.body(), CompletionRequest)
+        check_model(req.model, config.served_model_name)
+        reject_unsupported(req)
+        prompt = completion_prompt(req)
+        if isinstance(prompt, str):
+            ids = state.tokenizer.encode(prompt)
+        else:
+            check_token_ids(prompt, state.tokenizer.vocab_size)
+            ids = prompt
+        max_tokens = resolve_max_tokens(
+            req.max_tokens, len(ids), config.max_model_len, DEFAULT_COMPLETION_MAX_TOKENS
+        )
+        return await _serve(state, request, req, "completion", ids, max_tokens, arrival)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        arrival = time.monotonic()
+        _check_api_key(config, request)
+        req = parse_body(await request.body(), ChatCompletionRequest)
+        check_model(req.model, config.served_model_name)
+        reject_unsupported(req)
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:
+            ids = state.tokenizer.encode_chat(messages)
+        except jinja2.TemplateError as exc:
+            raise bad_request(f"chat template rejected the messages: {exc}", param="messages") from None
+        max_tokens = resolve_max_tokens(
+            req.max_completion_tokens or req.max_tokens, len(ids), config.max_model_len, None
+        )
+        return await _serve(state, request, req, "chat", ids, max_tokens, arrival)
+
+    return app

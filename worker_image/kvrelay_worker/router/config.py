@@ -1,0 +1,39 @@
+"""Router configuration (pydantic): what to serve and where the workers are."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr
+
+FALLBACK_MAX_MODEL_LEN = 2048
+
+
+def model_max_len(model_dir: Path) -> int:
+    """The checkpoint's context length from `config.json` (`max_position_embeddings`)."""
+    path = Path(model_dir) / "config.json"
+    if path.exists():
+        value = json.loads(path.read_text()).get("max_position_embeddings")
+        if isinstance(value, int) and value > 0:
+            return value
+    return FALLBACK_MAX_MODEL_LEN
+
+
+class RouterConfig(BaseModel):
+    model_dir: Path = Field(
+        description="checkpoint directory; the router reads only tokenizer and config files"
+    )
+    served_model_name: str = Field(min_length=1, description="the `model` clients must send")
+    max_model_len: int = Field(gt=0, description="prompt + completion limit in tokens")
+    discovery: Literal["static", "kubernetes"] = "static"
+    prefill: list[str] = Field(default_factory=list, description="static prefill worker gRPC host:port")
+    decode: list[str] = Field(default_factory=list, description="static decode worker gRPC host:port")
+    namespace: str | None = Field(default=None, description="kubernetes discovery: namespace (default: own)")
+    instance: str | None = Field(default=None, description="kubernetes discovery: DisaggregatedModel name")
+    grpc_port_name: str = Field(default="grpc", description="EndpointSlice port name of the workers' gRPC")
+    api_key: SecretStr | None = Field(
+        default=None, description="when set, clients must send it as a Bearer token"
+    )
+    health_interval_s: float = Field(default=1.0, gt=0)

@@ -1,0 +1,153 @@
+"""Client side of the workers' KServe v2 contract (docs/wire-contracts.md section 3), via tritonclient aio."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcaio
+from tritonclient.utils import InferenceServerException
+
+PREFILL_MODEL = "kvrelay_prefill"
+DECODE_MODEL = "kvrelay_decode"
+
+
+class WorkerFailed(Exception):
+    """A worker call failed; `worker_down` says the worker itself looks gone (not a bad request)."""
+
+    def __init__(self, message: str, worker_down: bool) -> None:
+        super().__init__(message)
+        self.worker_down = worker_down
+
+
+_DOWN_CODES = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED"}
+
+
+def _from_triton(exc: InferenceServerException, what: str) -> WorkerFailed:
+    status = str(exc.status() or "")
+    return WorkerFailed(f"{what}: {exc.message()}", worker_down=status in _DOWN_CODES)
+
+
+def _from_grpc(exc: grpc.aio.AioRpcError, what: str) -> WorkerFailed:
+    down = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    return WorkerFailed(f"{what}: {exc.code().name} {exc.details()}", worker_down=down)
+
+
+def _int64(name: str, values: list[int]) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput(name, [len(values)], "INT64")
+    tensor.set_data_from_numpy(np.asarray(values, dtype=np.int64))
+    return tensor
+
+
+def _bytes(name: str, value: bytes) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput(name, [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([value], dtype=np.object_))
+    return tensor
+
+
+def _scalar_bytes(result: Any, name: str) -> bytes:
+    array = result.as_numpy(name)
+    if array is None or array.size == 0:
+        return b""
+    value = array.reshape(-1)[0]
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    token_id: int
+    kv_handle: bytes  # JSON KVHandle; empty when finished at the first token
+    finish_reason: str  # "" while unfinished
+
+
+@dataclass(frozen=True)
+class DecodeToken:
+    token_id: int | None  # None on an empty final response
+    finish_reason: str | None  # set on the final response
+
+
+class WorkerClient:
+    """One gRPC channel to one worker, shared by all requests routed to it."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._client = grpcaio.InferenceServerClient(address)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def is_ready(self, timeout_s: float = 2.0) -> bool:
+        try:
+            return bool(await self._client.is_server_ready(client_timeout=timeout_s))
+        except (InferenceServerException, grpc.aio.AioRpcError, OSError):
+            return False
+
+    async def prefill(self, request_id: str, input_ids: list[int], sampling: dict[str, Any]) -> PrefillResult:
+        inputs = [_int64("input_ids", input_ids), _bytes("sampling", json.dumps(sampling).encode())]
+        try:
+            result = await self._client.infer(PREFILL_MODEL, inputs, request_id=request_id)
+        except InferenceServerException as exc:
+            raise _from_triton(exc, f"prefill on {self.address}") from None
+        except grpc.aio.AioRpcError as exc:
+            raise _from_grpc(exc, f"prefill on {self.address}") from None
+        token = result.as_numpy("token_id")
+        if token is None or token.size != 1:
+            raise WorkerFailed(f"prefill on {self.address}: reply has no token_id", worker_down=False)
+        return PrefillResult(
+            token_id=int(token.reshape(-1)[0]),
+            kv_handle=_scalar_bytes(result, "kv_handle"),
+            finish_reason=_scalar_bytes(result, "finish_reason").decode(),
+        )
+
+    async def decode(
+        self,
+        request_id: str,
+        input_ids: list[int],
+        first_token: int,
+        kv_handle: bytes,
+        sampling: dict[str, Any],
+    ) -> AsyncIterator[DecodeToken]:
+        """Stream the tokens after `first_token`; closing the iterator cancels the call on the worker."""
+        done = asyncio.Event()
+        request = {
+            "model_name": DECODE_MODEL,
+            "request_id": request_id,
+            "inputs": [
+                _int64("input_ids", input_ids),
+                _int64("first_token", [first_token]),
+                _bytes("kv_handle", kv_handle),
+                _bytes("sampling", json.dumps(sampling).encode()),
+            ],
+        }
+
+        async def requests() -> AsyncIterator[dict[str, Any]]:
+            yield request
+            # Keep our half of the stream open until the answer is complete: a half-close could be
+            # read by a worker as "client gone".
+            await done.wait()
+
+        responses = self._client.stream_infer(requests())
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    raise WorkerFailed(f"decode on {self.address}: {error.message()}", worker_down=False)
+                params = result.get_response().parameters
+                final = "triton_final_response" in params and params["triton_final_response"].bool_param
+                token = result.as_numpy("token_id")
+                token_id = int(token.reshape(-1)[0]) if token is not None and token.size else None
+                finish = params["finish_reason"].string_param if "finish_reason" in params else None
+                yield DecodeToken(token_id, (finish or "stop") if final else None)
+                if final:
+                    return
+            raise WorkerFailed(f"decode on {self.address}: stream ended without a final response", True)
+        except grpc.aio.AioRpcError as exc:
+            raise _from_grpc(exc, f"decode on {self.address}") from None
+        finally:
+            done.set()
+            responses.cancel()

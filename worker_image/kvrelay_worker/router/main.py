@@ -1,0 +1,101 @@
+"""`kvrelay-worker --role router` and `python -m kvrelay_worker.router`: flags -> config -> uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from kvrelay_worker.router.config import RouterConfig, model_max_len
+from kvrelay_worker.router.discovery import Discovery, EndpointSliceDiscovery, StaticDiscovery
+
+log = logging.getLogger("kvrelay.router")
+API_KEY_ENV = "KVRELAY_API_KEY"
+API_KEY_FILE_ENV = "KVRELAY_API_KEY_FILE"
+
+
+def _addresses(values: Sequence[str]) -> list[str]:
+    """Flags may repeat and/or hold comma-separated lists."""
+    return [a.strip() for v in values for a in v.split(",") if a.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kvrelay-router", description="OpenAI-compatible router for kvrelay workers"
+    )
+    p.add_argument("--model", required=True, help="checkpoint directory (tokenizer + config files)")
+    p.add_argument("--served-model-name", help="model name clients send (default: directory name)")
+    p.add_argument("--max-model-len", type=int, help="context length (default: config.json)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", "--http-port", dest="port", type=int, default=8000)
+    p.add_argument(
+        "--prefill", action="append", default=[], help="prefill worker host:port (repeat or comma list)"
+    )
+    p.add_argument(
+        "--decode", action="append", default=[], help="decode worker host:port (repeat or comma list)"
+    )
+    p.add_argument("--discovery", choices=["static", "kubernetes"], default="static")
+    p.add_argument("--namespace", help="kubernetes discovery namespace (default: the pod's own)")
+    p.add_argument("--instance", help="kubernetes discovery: DisaggregatedModel name")
+    p.add_argument("--grpc-port-name", default="grpc")
+    p.add_argument(
+        "--api-key-file",
+        default=os.environ.get(API_KEY_FILE_ENV),
+        help=f"file holding the API key (e.g. a mounted Secret); or set {API_KEY_ENV}",
+    )
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> RouterConfig:
+    model_dir = Path(args.model)
+    key = os.environ.get(API_KEY_ENV) or None
+    if args.api_key_file:
+        key = Path(args.api_key_file).read_text().strip() or None
+    return RouterConfig(
+        model_dir=model_dir,
+        served_model_name=args.served_model_name or model_dir.resolve().name,
+        max_model_len=args.max_model_len or model_max_len(model_dir),
+        discovery=args.discovery,
+        prefill=_addresses(args.prefill),
+        decode=_addresses(args.decode),
+        namespace=args.namespace,
+        instance=args.instance,
+        grpc_port_name=args.grpc_port_name,
+        api_key=SecretStr(key) if key else None,
+    )
+
+
+def make_discovery(config: RouterConfig) -> Discovery:
+    if config.discovery == "kubernetes":
+        if not config.instance:
+            raise SystemExit("--discovery kubernetes needs --instance <DisaggregatedModel name>")
+        return EndpointSliceDiscovery(config.instance, config.namespace, config.grpc_port_name)
+    if not config.prefill or not config.decode:
+        raise SystemExit("static discovery needs at least one --prefill and one --decode address")
+    return StaticDiscovery(config.prefill, config.decode)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the router until SIGINT/SIGTERM. Unknown flags (shared worker flags) are ignored with a warning."""
+    import uvicorn
+
+    from kvrelay_worker.router.app import create_app
+
+    args, unknown = build_parser().parse_known_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if unknown:
+        log.warning("ignoring flags the router does not use: %s", " ".join(unknown))
+    config = config_from_args(args)
+    app = create_app(config, make_discovery(config))
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""The router's live view of its workers: clients, health, and the load it has put on each."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from kvrelay_worker.router.kserve import WorkerClient
+from kvrelay_worker.router.routing import WorkerLoad, choose_decode, choose_prefill
+
+log = logging.getLogger(__name__)
+
+Role = Literal["prefill", "decode"]
+
+
+@dataclass
+class WorkerState:
+    client: WorkerClient
+    order: int
+    healthy: bool = False  # unknown until the first readiness check
+    queued_prefill_tokens: int = 0
+    running_sequences: int = 0
+
+    def load(self) -> WorkerLoad:
+        return WorkerLoad(
+            self.client.address, self.healthy, self.queued_prefill_tokens, self.running_sequences, self.order
+        )
+
+
+@dataclass
+class RolePool:
+    role: Role
+    workers: dict[str, WorkerState] = field(default_factory=dict)
+    turns: Iterator[int] = field(default_factory=itertools.count)
+
+    def loads(self) -> list[WorkerLoad]:
+        return [w.load() for w in self.workers.values()]
+
+    def choose(self, exclude: Sequence[str] = ()) -> WorkerState | None:
+        pick = choose_prefill if self.role == "prefill" else choose_decode
+        address = pick(self.loads(), exclude, next(self.turns))
+        return self.workers[address] if address is not None else None
+
+
+class WorkerPool:
+    """Prefill and decode workers; addresses come from discovery, health from periodic readiness checks."""
+
+    def __init__(self, health_interval_s: float = 1.0) -> None:
+        self.roles: dict[Role, RolePool] = {"prefill": RolePool("prefill"), "decode": RolePool("decode")}
+        self._health_interval_s = health_interval_s
+        self._order = itertools.count()
+        self._health_task: asyncio.Task[None] | None = None
+
+    async def set_addresses(self, role: Role, addresses: Sequence[str]) -> None:
+        """Apply a discovery update: add new workers (checked at once), drop and close vanished ones."""
+        pool = self.roles[role]
+        for address in list(pool.workers):
+            if address not in addresses:
+                await pool.workers.pop(address).client.close()
+                log.info("%s worker %s removed", role, address)
+        new = [a for a in addresses if a not in pool.workers]
+        for address in new:
+            pool.workers[address] = WorkerState(WorkerClient(address), next(self._order))
+            log.info("%s worker %s added", role, address)
+        await asyncio.gather(*(self._check(pool.workers[a]) for a in new))
+
+    async def _check(self, worker: WorkerState) -> None:
+        ready = await worker.client.is_ready()
+        if ready != worker.healthy:
+            log.warning("worker %s is now %s", worker.client.address, "ready" if ready else "NOT ready")
+        worker.healthy = ready
+
+    def mark_down(self, worker: WorkerState) -> None:
+        """A call failed as if the worker were gone: stop routing to it until a readiness check passes."""
+        if worker.healthy:
+            log.warning("worker %s marked down after a failed call", worker.client.address)
+        worker.healthy = False
+
+    async def check_all(self) -> None:
+        workers = [w for pool in self.roles.values() for w in pool.workers.values()]
+        await asyncio.gather(*(self._check(w) for w in workers))
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._health_interval_s)
+            await self.check_all()
+
+    def start(self) -> None:
+        self._health_task = asyncio.get_running_loop().create_task(self._health_loop())
+
+    async def close(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+        for pool in self.roles.values():
+            for worker in pool.workers.values():
+                await worker.client.close()
+            pool.workers.clear()
+
+    def ready(self) -> bool:
+        return all(any(w.healthy for w in pool.workers.values()) for pool in self.roles.values())
