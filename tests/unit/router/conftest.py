@@ -19,13 +19,12 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from kvrelay_worker.router.pool import WorkerPool
+from kvrelay_worker.tokenizer import Tokenizer
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
-
-from kvrelay_worker.router.pool import WorkerPool
-from kvrelay_worker.tokenizer import Tokenizer
 
 SPECIALS = ["<s>", "</s>"]
 CORPUS = [

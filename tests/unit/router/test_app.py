@@ -14,12 +14,11 @@ import httpx
 import openai
 import pytest
 import uvicorn
-from pydantic import SecretStr
-
 from kvrelay_worker.router.app import create_app
 from kvrelay_worker.router.config import RouterConfig
 from kvrelay_worker.router.discovery import StaticDiscovery
 from kvrelay_worker.tokenizer import Tokenizer
+from pydantic import SecretStr
 
 from .conftest import FakeWorker, run_fake_worker, toy_generate
 
