@@ -1,0 +1,221 @@
+"""The Helm chart: lint, render, validate every manifest, RBAC shape, hardening, CRDs and dashboards."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from chart_helpers import CHART, EXAMPLES, MONITORING_API, ROOT, Render, by_kind, helm_template
+from kvrelay_operator.api import DisaggregatedModelSpec
+
+VALUE_SETS = [None, *EXAMPLES]
+VALUE_IDS = ["default", *[p.stem for p in EXAMPLES]]
+K8S_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
+# Kinds kubernetes-validate has no schema for, and how this file checks them instead.
+CUSTOM_KINDS = {"DisaggregatedModel", "PodMonitor", "ServiceMonitor", "PrometheusRule"}
+
+
+def values_args(values: Path | None, *extra: str) -> tuple[str, ...]:
+    """helm arguments for a values file (None: chart defaults) plus extras."""
+    return (*(("-f", str(values)) if values else ()), *extra)
+
+
+def crd_schema() -> dict:
+    """openAPIV3Schema of the DisaggregatedModel CRD shipped in the chart (draft-4 style JSON Schema)."""
+    (crd_file,) = (CHART / "crds").glob("*disaggregatedmodels*.yaml")
+    crd = yaml.safe_load(crd_file.read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["served"] and v["storage"]]
+    return version["schema"]["openAPIV3Schema"]
+
+
+@pytest.mark.parametrize("values", VALUE_SETS, ids=VALUE_IDS)
+def test_helm_lint_strict(helm: Path, values: Path | None) -> None:
+    cmd = [str(helm), "lint", "--strict", str(CHART), *values_args(values)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 chart(s) failed" in done.stdout
+
+
+@pytest.mark.parametrize("k8s_version", K8S_VERSIONS)
+@pytest.mark.parametrize("values", VALUE_SETS, ids=VALUE_IDS)
+def test_every_manifest_validates_strictly(render: Render, values: Path | None, k8s_version: str) -> None:
+    manifests = render(
+        *values_args(values, "--api-versions", MONITORING_API, "--set", "alerts.configMap.enabled=true")
+    )
+    checked = 0
+    for manifest in manifests:
+        name = f"{manifest['kind']}/{manifest['metadata']['name']}"
+        if manifest["kind"] in CUSTOM_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(manifest, k8s_version, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            pytest.fail(f"{name} invalid for Kubernetes {k8s_version}: {err.message} at {list(err.path)}")
+        checked += 1
+    kinds = {m["kind"] for m in manifests}
+    assert {"Deployment", "ServiceAccount", "ClusterRole", "Role", "ConfigMap", "Service"} <= kinds
+    assert kinds - CUSTOM_KINDS, "nothing was validated"
+    assert checked >= 10
+
+
+@pytest.mark.parametrize("values", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_models_match_crd_and_api(render: Render, values: Path) -> None:
+    models = by_kind(render(*values_args(values)), "DisaggregatedModel")
+    assert models, f"{values.name} defines no model"
+    schema = crd_schema()
+    for model in models:
+        jsonschema.Draft4Validator(schema).validate(model)
+        DisaggregatedModelSpec.model_validate(model["spec"])
+        assert model["metadata"]["namespace"] == "kvrelay-system"
+
+
+def test_crd_schema_check_can_fail() -> None:
+    bad = {"apiVersion": "kvrelay.dev/v1alpha1", "kind": "DisaggregatedModel", "metadata": {"name": "x"}}
+    bad["spec"] = {"model": {"source": "org/m"}, "decode": {"tensorParallel": "eight"}}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft4Validator(crd_schema()).validate(bad)
+
+
+def test_rdma_example_places_pools_on_their_gpus(render: Render) -> None:
+    (values,) = [p for p in EXAMPLES if "rdma" in p.stem]
+    (model,) = by_kind(render(*values_args(values)), "DisaggregatedModel")
+    spec = model["spec"]
+    assert "H100" in spec["prefill"]["nodeSelector"]["nvidia.com/gpu.product"]
+    assert "A100" in spec["decode"]["nodeSelector"]["nvidia.com/gpu.product"]
+    assert spec["kvTransfer"]["transport"] == "rdma" and spec["kvTransfer"]["backend"] == "nixl"
+
+
+def test_monitoring_objects_only_when_the_api_exists(render: Render) -> None:
+    without = {m["kind"] for m in render()}
+    assert not without & {"PodMonitor", "ServiceMonitor", "PrometheusRule"}
+    with_api = render("--api-versions", MONITORING_API)
+    assert len(by_kind(with_api, "PodMonitor")) == 1
+    assert len(by_kind(with_api, "PrometheusRule")) == 1
+    assert not by_kind(with_api, "ServiceMonitor"), "ServiceMonitor is opt-in"
+    both = render("--api-versions", MONITORING_API, "--set", "monitoring.serviceMonitor.enabled=true")
+    (monitor,) = by_kind(both, "ServiceMonitor")
+    (service,) = by_kind(both, "Service")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+
+
+def test_operator_deployment_is_hardened_and_redundant(render: Render) -> None:
+    (deploy,) = by_kind(render(), "Deployment")
+    assert deploy["spec"]["replicas"] == 2
+    pod = deploy["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    (sa,) = by_kind(render(), "ServiceAccount")
+    assert pod["serviceAccountName"] == sa["metadata"]["name"]
+    assert (
+        deploy["spec"]["selector"]["matchLabels"].items()
+        <= deploy["spec"]["template"]["metadata"]["labels"].items()
+    )
+    (pdb,) = by_kind(render(), "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+    single = render("--set", "operator.replicaCount=1")
+    assert not by_kind(single, "PodDisruptionBudget"), "a PDB with one replica would block node drains"
+
+
+def _grants(rules: list[dict]) -> set[tuple[str, str, str]]:
+    return {
+        (g, r, v)
+        for rule in rules
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+        for v in rule["verbs"]
+    }
+
+
+def test_rbac_is_least_privilege(render: Render) -> None:
+    manifests = render()
+    (cluster_role,) = by_kind(manifests, "ClusterRole")
+    grants = _grants(cluster_role["rules"])
+    write = {"create", "patch", "update", "delete"}
+    for group, resource in [("apps", "deployments"), ("", "services"), ("", "configmaps")]:
+        assert {(group, resource, v) for v in write} <= grants
+    assert ("policy", "poddisruptionbudgets", "patch") in grants
+    assert ("monitoring.coreos.com", "podmonitors", "patch") in grants
+    assert ("kvrelay.dev", "disaggregatedmodels/status", "patch") in grants
+    assert ("discovery.k8s.io", "endpointslices", "watch") in grants
+    assert ("apiextensions.k8s.io", "customresourcedefinitions", "list") in grants
+    assert ("", "events", "create") in grants
+    # Never: wildcards, secrets, pods/exec, RBAC escalation, deleting the CR itself or CRDs.
+    assert not {g for g in grants if "*" in g}
+    forbidden_resources = {
+        "secrets",
+        "pods/exec",
+        "roles",
+        "clusterroles",
+        "rolebindings",
+        "clusterrolebindings",
+    }
+    assert not {g for g in grants if g[1] in forbidden_resources}
+    assert ("kvrelay.dev", "disaggregatedmodels", "delete") not in grants
+    assert ("apiextensions.k8s.io", "customresourcedefinitions", "create") not in grants
+    assert not {g for g in grants if g[2] in {"escalate", "bind", "impersonate"}}
+    (role,) = by_kind(manifests, "Role")
+    assert role["metadata"]["namespace"] == "kvrelay-system"
+    assert {g[:2] for g in _grants(role["rules"])} == {("coordination.k8s.io", "leases")}
+    sa_name = by_kind(manifests, "ServiceAccount")[0]["metadata"]["name"]
+    for binding in by_kind(manifests, "ClusterRoleBinding") + by_kind(manifests, "RoleBinding"):
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": sa_name, "namespace": "kvrelay-system"}
+        ]
+
+
+def test_dashboards_ship_as_sidecar_configmaps(render: Render) -> None:
+    maps = [
+        m for m in by_kind(render(), "ConfigMap") if m["metadata"]["labels"].get("grafana_dashboard") == "1"
+    ]
+    committed = {p.name: json.loads(p.read_text()) for p in (CHART / "dashboards").glob("*.json")}
+    assert len(committed) == 4
+    shipped = {name: json.loads(text) for m in maps for name, text in m["data"].items()}
+    assert shipped == committed
+    elsewhere = render("--set", "dashboards.namespace=monitoring", "--set", "dashboards.enabled=true")
+    namespaces = {
+        m["metadata"]["namespace"]
+        for m in by_kind(elsewhere, "ConfigMap")
+        if "grafana_dashboard" in m["metadata"]["labels"]
+    }
+    assert namespaces == {"monitoring"}
+    assert not [m for m in by_kind(render("--set", "dashboards.enabled=false"), "ConfigMap")]
+
+
+def test_chart_crds_are_the_generated_ones() -> None:
+    generated = {p.name: p.read_text() for p in (ROOT / "crds").glob("*.yaml")}
+    shipped = {p.name: p.read_text() for p in (CHART / "crds").glob("*.yaml")}
+    assert generated, "crds/ is empty: run kvrelay-render-crds"
+    assert shipped == generated, "charts/kvrelay/crds is stale: run charts/kvrelay/sync-crds.sh"
+
+
+@pytest.mark.parametrize(
+    ("setting", "complaint"),
+    [
+        ("operator.replicaCount=0", "replicaCount"),
+        ("alerts.slo.quantile=1.5", "quantile"),
+        ("alerts.bogus=1", "bogus"),
+        ("monitoring.podMonitor.interval=soon", "interval"),
+    ],
+)
+def test_values_schema_refuses_bad_values(helm: Path, setting: str, complaint: str) -> None:
+    with pytest.raises(AssertionError, match=complaint):
+        helm_template(helm, "--set", setting)
+
+
+def test_notes_say_what_to_do_next(helm: Path) -> None:
+    cmd = [str(helm), "install", "t", str(CHART), "--dry-run=client", "--namespace", "kvrelay-system"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    notes = done.stdout.split("NOTES:", 1)[1]
+    assert "kind: DisaggregatedModel" in notes
+    assert "monitoring.coreos.com/v1) was not found" in notes
