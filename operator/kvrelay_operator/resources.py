@@ -1,0 +1,517 @@
+"""Pure rendering: a DisaggregatedModel spec (+ status) -> the manifests of its children.
+
+No API calls here; handlers.py applies the result with server-side apply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from kvrelay_operator import api
+
+APP_NAME = "kvrelay"
+FIELD_MANAGER = "kvrelay-operator"
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_ROLE = f"{api.GROUP}/role"
+CONFIG_HASH_ANNOTATION = f"{api.GROUP}/config-hash"
+
+GRPC_PORT = 8001
+METRICS_PORT = 9090
+MODEL_ROOT = "/models"
+API_KEY_DIR = "/var/run/secrets/kvrelay"
+GPU_RESOURCE = "nvidia.com/gpu"
+RUN_AS_USER = 1000
+# Model loads can take many minutes (download + weights to GPU): allow up to 30 min before liveness.
+STARTUP_PERIOD_S, STARTUP_FAILURES = 10, 180
+UCX_TLS_BY_TRANSPORT = {"rdma": "rc,ud,sm,self,cuda_copy,cuda_ipc,gdr_copy", "tcp": "tcp,sm,self,cuda_copy"}
+
+
+class RenderContext(BaseModel):
+    """What rendering needs besides the spec: identity of the parent and operator settings."""
+
+    name: str = Field(description="DisaggregatedModel name.")
+    namespace: str = Field(description="Its namespace.")
+    uid: str = Field(description="Its uid, for ownerReferences.")
+    default_image: str = Field(description="Worker image when spec.image is unset.")
+    pod_monitor_available: bool = Field(default=False, description="Prometheus Operator CRDs exist.")
+
+
+def child_name(name: str, role: str) -> str:
+    """Name of a role's Deployment/Service/PDB."""
+    return f"{name}-{role}"
+
+
+def labels(name: str, role: str | None = None) -> dict[str, str]:
+    """Labels every child carries (DESIGN.md); role ones also carry kvrelay.dev/role."""
+    out = {LABEL_NAME: APP_NAME, LABEL_INSTANCE: name, "app.kubernetes.io/managed-by": FIELD_MANAGER}
+    if role is not None:
+        out[LABEL_ROLE] = role
+        out["app.kubernetes.io/component"] = role
+    return out
+
+
+def selector_labels(name: str, role: str) -> dict[str, str]:
+    """The immutable subset used in Deployment selectors."""
+    return {LABEL_NAME: APP_NAME, LABEL_INSTANCE: name, LABEL_ROLE: role}
+
+
+def target_replicas(
+    spec: api.DisaggregatedModelSpec, status: api.DisaggregatedModelStatus, role: api.Role
+) -> int:
+    """Replicas the reconciler applies: in mode auto the autoscaler's status.<role>.desiredReplicas
+    (clamped to min/max) when set, else spec.<role>.replicas."""
+    if role == "router":
+        return spec.router.replicas
+    role_spec: api.WorkerRoleSpec = getattr(spec, role)
+    role_status: api.RoleStatus | None = getattr(status, role)
+    if (
+        spec.autoscaling.mode == "auto"
+        and role_status is not None
+        and role_status.desired_replicas is not None
+    ):
+        return max(role_spec.min_replicas, min(role_spec.max_replicas, role_status.desired_replicas))
+    return role_spec.replicas
+
+
+def _owner(ctx: RenderContext) -> dict[str, Any]:
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "name": ctx.name,
+        "uid": ctx.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _meta(ctx: RenderContext, name: str, role: str | None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": ctx.namespace,
+        "labels": labels(ctx.name, role),
+        "ownerReferences": [_owner(ctx)],
+    }
+
+
+def served_name(spec: api.DisaggregatedModelSpec, ctx: RenderContext) -> str:
+    """Model name in OpenAI requests."""
+    return spec.model.served_name or ctx.name
+
+
+def model_config(spec: api.DisaggregatedModelSpec, ctx: RenderContext) -> dict[str, Any]:
+    """The model config the ConfigMap carries (and whose hash rolls the pods on change)."""
+    return {
+        "servedName": served_name(spec, ctx),
+        "model": spec.model.model_dump(by_alias=True, exclude_none=True),
+        "prefill": {"tensorParallel": spec.prefill.tensor_parallel,
+                    "maxTokensPerBatch": spec.prefill.max_tokens_per_batch},
+        "decode": {"tensorParallel": spec.decode.tensor_parallel,
+                   "maxRunningSequences": spec.decode.max_running_sequences},
+        "kvTransfer": spec.kv_transfer.model_dump(by_alias=True, exclude_none=True),
+    }  # fmt: skip
+
+
+def _model_volume(spec: api.DisaggregatedModelSpec) -> tuple[dict[str, Any], str, dict[str, Any] | None]:
+    """(volume, --model path, download init container or None) for the model source."""
+    source = spec.model.source
+    if source.startswith("pvc://"):
+        claim, _, path = source.removeprefix("pvc://").partition("/")
+        volume = {"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        return volume, f"{MODEL_ROOT}/{path}".rstrip("/"), None
+    volume = {"name": "model", "emptyDir": {}}
+    if source.startswith("/"):
+        # A path baked into the image: the volume is unused but keeps the pod shape uniform.
+        return volume, source, None
+    # A Hugging Face repo id: download once per pod before the worker starts.
+    download = ["hf", "download", source, "--local-dir", f"{MODEL_ROOT}/hf"]
+    if spec.model.revision:
+        download += ["--revision", spec.model.revision]
+    init = {"name": "download-model", "command": download}
+    return volume, f"{MODEL_ROOT}/hf", init
+
+
+def worker_args(
+    spec: api.DisaggregatedModelSpec, ctx: RenderContext, role: api.WorkerRole, model_path: str
+) -> list[str]:
+    """kvrelay-worker flags for a worker role (docs/wire-contracts.md section 5)."""
+    kv = spec.kv_transfer
+    role_spec: api.WorkerRoleSpec = getattr(spec, role)
+    args = [
+        "--role", role, "--model", model_path,
+        "--grpc-port", str(GRPC_PORT), "--metrics-port", str(METRICS_PORT),
+        "--kv-backend", kv.backend, "--kv-port", str(kv.port), "--kv-failure-policy", kv.failure_policy,
+        "--served-model-name", served_name(spec, ctx), "--max-model-len", str(spec.model.max_model_len),
+        "--dtype", spec.model.dtype, "--tensor-parallel", str(role_spec.tensor_parallel),
+        "--kv-transport", kv.transport, "--kv-lease-seconds", str(kv.lease_seconds),
+        "--kv-timeout-seconds", str(kv.timeout_seconds),
+    ]  # fmt: skip
+    if role == "prefill":
+        args += ["--max-tokens-per-batch", str(spec.prefill.max_tokens_per_batch)]
+    else:
+        args += ["--max-running-seqs", str(spec.decode.max_running_sequences)]
+    return args + list(role_spec.extra_args)
+
+
+def router_args(spec: api.DisaggregatedModelSpec, ctx: RenderContext, model_path: str) -> list[str]:
+    """Router flags: discovery of the workers through their headless Services' EndpointSlices."""
+    args = [
+        "--role", "router", "--model", model_path, "--served-model-name", served_name(spec, ctx),
+        "--max-model-len", str(spec.model.max_model_len), "--port", str(spec.router.port),
+        "--metrics-port", str(METRICS_PORT), "--discovery", "kubernetes", "--namespace", ctx.namespace,
+        "--instance", ctx.name, "--grpc-port-name", "grpc",
+    ]  # fmt: skip
+    if spec.router.api_key_secret is not None:
+        args += ["--api-key-file", f"{API_KEY_DIR}/{spec.router.api_key_secret.key}"]
+    return args + list(spec.router.extra_args)
+
+
+def _env(extra: list[api.EnvVar], role: str) -> list[dict[str, Any]]:
+    def field_ref(path: str) -> dict[str, Any]:
+        return {"fieldRef": {"fieldPath": path}}
+
+    env: list[dict[str, Any]] = [
+        {"name": "POD_NAME", "valueFrom": field_ref("metadata.name")},
+        {"name": "POD_NAMESPACE", "valueFrom": field_ref("metadata.namespace")},
+        {"name": "POD_IP", "valueFrom": field_ref("status.podIP")},
+        {"name": "KVRELAY_ROLE", "value": role},
+        {"name": "HF_HOME", "value": f"{MODEL_ROOT}/.hf-cache"},
+    ]
+    return env + [{"name": e.name, "value": e.value} for e in extra]
+
+
+def _kv_env(kv: api.KVTransferSpec) -> list[dict[str, Any]]:
+    env = []
+    if kv.backend == "nixl" and kv.transport in UCX_TLS_BY_TRANSPORT:
+        env.append({"name": "UCX_TLS", "value": UCX_TLS_BY_TRANSPORT[kv.transport]})
+    if kv.backend == "nixl" and kv.transport == "rdma" and kv.rdma.net_devices:
+        env.append({"name": "UCX_NET_DEVICES", "value": kv.rdma.net_devices})
+    return env
+
+
+def _security(rdma: bool) -> dict[str, Any]:
+    # IPC_LOCK lets UCX pin (mlock) registered memory beyond RLIMIT_MEMLOCK, which a pod spec
+    # cannot raise; it is the only capability we keep.
+    capabilities: dict[str, Any] = {"drop": ["ALL"]}
+    if rdma:
+        capabilities["add"] = ["IPC_LOCK"]
+    return {"allowPrivilegeEscalation": False, "capabilities": capabilities, "readOnlyRootFilesystem": False}
+
+
+def _pod_security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "runAsGroup": RUN_AS_USER,
+        "fsGroup": RUN_AS_USER,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _affinity(ctx: RenderContext, role: str, user: dict[str, Any] | None) -> dict[str, Any]:
+    """User affinity, plus a preferred spread of the role's replicas over nodes unless user set one."""
+    affinity = dict(user or {})
+    if "podAntiAffinity" not in affinity:
+        affinity["podAntiAffinity"] = {
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "weight": 100,
+                    "podAffinityTerm": {
+                        "labelSelector": {"matchLabels": selector_labels(ctx.name, role)},
+                        "topologyKey": "kubernetes.io/hostname",
+                    },
+                }
+            ]
+        }
+    return affinity
+
+
+def _topology_spread(ctx: RenderContext, role: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "maxSkew": 1,
+            "topologyKey": "topology.kubernetes.io/zone",
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": selector_labels(ctx.name, role)},
+        }
+    ]
+
+
+def _resources(user: api.ResourceRequirements, extra: dict[str, int]) -> dict[str, Any]:
+    requests = {**user.requests, **{k: str(v) for k, v in extra.items()}}
+    limits = {**user.limits, **{k: str(v) for k, v in extra.items()}}
+    return {
+        k: {n: str(q) for n, q in v.items()} for k, v in (("requests", requests), ("limits", limits)) if v
+    }
+
+
+def _probes(port_name: str, http_path_ready: str, http_path_live: str) -> dict[str, Any]:
+    def http(path: str) -> dict[str, Any]:
+        return {"httpGet": {"path": path, "port": port_name}}
+
+    def probe(path: str, period: int, failures: int, timeout: int) -> dict[str, Any]:
+        return {
+            **http(path),
+            "periodSeconds": period,
+            "failureThreshold": failures,
+            "timeoutSeconds": timeout,
+        }
+
+    return {
+        "startupProbe": probe(http_path_live, STARTUP_PERIOD_S, STARTUP_FAILURES, 5),
+        "readinessProbe": probe(http_path_ready, 5, 3, 5),
+        "livenessProbe": probe(http_path_live, 15, 4, 10),
+    }
+
+
+def _deployment(
+    ctx: RenderContext, role: str, replicas: int, pod_spec: dict[str, Any], config_hash: str, gpu: bool
+) -> dict[str, Any]:
+    # GPU roles replace pods one at a time without surge: GPUs are scarce and a surge pod would
+    # often be unschedulable. The router is cheap and surges.
+    strategy = {"maxSurge": 0, "maxUnavailable": 1} if gpu else {"maxSurge": 1, "maxUnavailable": 0}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(ctx, child_name(ctx.name, role), role),
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": selector_labels(ctx.name, role)},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": strategy},
+            "template": {
+                "metadata": {
+                    "labels": labels(ctx.name, role),
+                    "annotations": {CONFIG_HASH_ANNOTATION: config_hash},
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def _worker_deployment(
+    spec: api.DisaggregatedModelSpec,
+    status: api.DisaggregatedModelStatus,
+    ctx: RenderContext,
+    role: api.WorkerRole,
+    config_hash: str,
+) -> dict[str, Any]:
+    role_spec: api.WorkerRoleSpec = getattr(spec, role)
+    kv = spec.kv_transfer
+    rdma = kv.backend == "nixl" and kv.transport == "rdma"
+    volume, model_path, init = _model_volume(spec)
+    image = spec.image or ctx.default_image
+    extra_resources = {GPU_RESOURCE: role_spec.tensor_parallel}
+    if rdma:
+        extra_resources[kv.rdma.resource_name] = kv.rdma.count
+    mounts = [{"name": "model", "mountPath": MODEL_ROOT}, {"name": "dshm", "mountPath": "/dev/shm"}]
+    container = {
+        "name": role,
+        "image": image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": ["kvrelay-worker"],
+        "args": worker_args(spec, ctx, role, model_path),
+        "env": _env(role_spec.env, role) + _kv_env(kv),
+        "ports": [
+            {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+            {"name": "kv", "containerPort": kv.port, "protocol": "TCP"},
+        ],
+        "resources": _resources(role_spec.resources, extra_resources),
+        "volumeMounts": mounts,
+        "securityContext": _security(rdma),
+        **_probes("metrics", "/ready", "/health"),
+    }
+    pod: dict[str, Any] = {
+        "containers": [container],
+        "securityContext": _pod_security(),
+        "affinity": _affinity(ctx, role, role_spec.affinity),
+        "topologySpreadConstraints": _topology_spread(ctx, role),
+        # Draining a sequence or a held KV lease takes a while; give in-flight work time to finish.
+        "terminationGracePeriodSeconds": 60,
+        "volumes": [
+            volume,
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": role_spec.shm_size}},
+        ],
+    }
+    if init is not None:
+        pod["initContainers"] = [
+            {**init, "image": image, "imagePullPolicy": spec.image_pull_policy, "env": _env([], role),
+             "volumeMounts": mounts[:1], "securityContext": _security(False)}
+        ]  # fmt: skip
+    if role_spec.node_selector:
+        pod["nodeSelector"] = dict(role_spec.node_selector)
+    if role_spec.tolerations:
+        pod["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in role_spec.tolerations]
+    return _deployment(ctx, role, target_replicas(spec, status, role), pod, config_hash, gpu=True)
+
+
+def _router_deployment(
+    spec: api.DisaggregatedModelSpec, ctx: RenderContext, config_hash: str
+) -> dict[str, Any]:
+    router = spec.router
+    volume, model_path, init = _model_volume(spec)
+    image = spec.image or ctx.default_image
+    mounts = [{"name": "model", "mountPath": MODEL_ROOT}]
+    volumes = [volume]
+    if router.api_key_secret is not None:
+        mounts.append({"name": "api-key", "mountPath": API_KEY_DIR, "readOnly": True})
+        volumes.append({"name": "api-key", "secret": {"secretName": router.api_key_secret.name}})
+    container = {
+        "name": "router",
+        "image": image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": ["kvrelay-worker"],
+        "args": router_args(spec, ctx, model_path),
+        "env": _env(router.env, "router"),
+        "ports": [
+            {"name": "http", "containerPort": router.port, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+        ],
+        "resources": _resources(router.resources, {}),
+        "volumeMounts": mounts,
+        "securityContext": _security(False),
+        **_probes("http", "/health", "/health"),
+    }
+    pod: dict[str, Any] = {
+        "serviceAccountName": child_name(ctx.name, "router"),
+        "containers": [container],
+        "securityContext": _pod_security(),
+        "affinity": _affinity(ctx, "router", None),
+        "volumes": volumes,
+    }
+    if init is not None:
+        pod["initContainers"] = [
+            {**init, "image": image, "imagePullPolicy": spec.image_pull_policy, "env": _env([], "router"),
+             "volumeMounts": mounts[:1], "securityContext": _security(False)}
+        ]  # fmt: skip
+    if router.node_selector:
+        pod["nodeSelector"] = dict(router.node_selector)
+    if router.tolerations:
+        pod["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in router.tolerations]
+    return _deployment(ctx, "router", router.replicas, pod, config_hash, gpu=False)
+
+
+def _worker_service(ctx: RenderContext, role: str, kv_port: int) -> dict[str, Any]:
+    # Headless: the router discovers individual workers through EndpointSlices, not a VIP.
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(ctx, child_name(ctx.name, role), role),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": False,
+            "selector": selector_labels(ctx.name, role),
+            "ports": [
+                {"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "protocol": "TCP"},
+                {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"},
+                {"name": "kv", "port": kv_port, "targetPort": "kv", "protocol": "TCP"},
+            ],
+        },
+    }
+
+
+def _router_service(spec: api.DisaggregatedModelSpec, ctx: RenderContext) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(ctx, child_name(ctx.name, "router"), "router"),
+        "spec": {
+            "type": spec.router.service_type,
+            "selector": selector_labels(ctx.name, "router"),
+            "ports": [{"name": "http", "port": spec.router.port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def _pdb(ctx: RenderContext, role: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _meta(ctx, child_name(ctx.name, role), role),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector_labels(ctx.name, role)}},
+    }
+
+
+def _router_rbac(ctx: RenderContext) -> list[dict[str, Any]]:
+    """ServiceAccount + Role + RoleBinding so the router can watch the workers' EndpointSlices."""
+    name = child_name(ctx.name, "router")
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(ctx, name, "router")},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": _meta(ctx, name, "router"),
+            "rules": [
+                {
+                    "apiGroups": ["discovery.k8s.io"],
+                    "resources": ["endpointslices"],
+                    "verbs": ["list", "watch"],
+                }
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": _meta(ctx, name, "router"),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ctx.namespace}],
+        },
+    ]
+
+
+def _pod_monitor(spec: api.DisaggregatedModelSpec, ctx: RenderContext) -> dict[str, Any]:
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": _meta(ctx, ctx.name, None),
+        "spec": {
+            "selector": {"matchLabels": {LABEL_NAME: APP_NAME, LABEL_INSTANCE: ctx.name}},
+            "podMetricsEndpoints": [
+                {"port": "metrics", "path": "/metrics", "interval": spec.monitoring.interval}
+            ],
+        },
+    }
+
+
+def wants_pod_monitor(spec: api.DisaggregatedModelSpec, available: bool) -> bool:
+    """auto follows the presence of the Prometheus Operator CRDs; enabled/disabled force it."""
+    mode = spec.monitoring.pod_monitor
+    return mode == "enabled" or (mode == "auto" and available)
+
+
+def router_endpoint(spec: api.DisaggregatedModelSpec, ctx: RenderContext) -> str:
+    """In-cluster base URL of the OpenAI API."""
+    return f"http://{child_name(ctx.name, 'router')}.{ctx.namespace}.svc:{spec.router.port}/v1"
+
+
+def render_children(
+    spec: api.DisaggregatedModelSpec, status: api.DisaggregatedModelStatus, ctx: RenderContext
+) -> list[dict[str, Any]]:
+    """Every child manifest of one DisaggregatedModel, in apply order."""
+    config = model_config(spec, ctx)
+    config_json = json.dumps(config, sort_keys=True)
+    config_hash = hashlib.sha256(config_json.encode()).hexdigest()[:16]
+    children: list[dict[str, Any]] = [
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": _meta(ctx, f"{ctx.name}-model", None),
+            "data": {"model.json": config_json},
+        }
+    ]
+    for role in api.WORKER_ROLES:
+        children.append(_worker_service(ctx, role, spec.kv_transfer.port))
+        children.append(_worker_deployment(spec, status, ctx, role, config_hash))
+        children.append(_pdb(ctx, role))
+    children += _router_rbac(ctx)
+    children.append(_router_service(spec, ctx))
+    children.append(_router_deployment(spec, ctx, config_hash))
+    children.append(_pdb(ctx, "router"))
+    if wants_pod_monitor(spec, ctx.pod_monitor_available):
+        children.append(_pod_monitor(spec, ctx))
+    return children

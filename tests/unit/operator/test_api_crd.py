@@ -1,0 +1,130 @@
+"""api.py validation and crd.py rendering: defaults, cross-field rules, structural schema, freshness."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kvrelay_operator import api, crd
+from pydantic import ValidationError
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def spec(**over: Any) -> api.DisaggregatedModelSpec:
+    return api.DisaggregatedModelSpec.model_validate({"model": {"source": "org/model"}, **over})
+
+
+def test_defaults_fill_every_section() -> None:
+    s = spec()
+    assert (s.prefill.replicas, s.decode.replicas, s.router.replicas) == (1, 1, 1)
+    assert s.kv_transfer.backend == "nixl" and s.kv_transfer.failure_policy == "recompute"
+    assert s.autoscaling.mode == "off" and s.autoscaling.slo.quantile == 0.9
+    assert s.model.max_model_len == 4096 and s.monitoring.pod_monitor == "auto"
+
+
+@pytest.mark.parametrize(
+    ("over", "needle"),
+    [
+        ({"prefill": {"minReplicas": 3, "maxReplicas": 2, "replicas": 2}}, "minReplicas (3) must be <="),
+        ({"decode": {"replicas": 9, "maxReplicas": 8}}, "replicas (9) must lie within"),
+        ({"prefill": {"tensorParallel": 4}, "decode": {"tensorParallel": 2}}, "decode.tensorParallel (2)"),
+        ({"autoscaling": {"ratio": {"min": 3, "max": 1}}}, "ratio.min (3.0) must be <="),
+        ({"autoscaling": {"gpuBudget": 1}}, "gpuBudget (1) must cover the minimum replicas' GPUs (2)"),
+        ({"kvTransfer": {"backend": "tcp", "transport": "rdma"}}, "transport rdma needs backend nixl"),
+        ({"kvTransfer": {"backend": "ucx"}}, "backend"),
+        ({"prefill": {"replicaz": 1}}, "replicaz"),
+    ],
+)
+def test_invalid_specs_name_the_problem(over: dict[str, Any], needle: str) -> None:
+    with pytest.raises(ValidationError, match="(?s)" + needle.replace("(", r"\(").replace(")", r"\)")):
+        spec(**over)
+
+
+def test_tcp_backend_allows_smaller_decode_tp() -> None:
+    s = spec(prefill={"tensorParallel": 4}, decode={"tensorParallel": 1}, kvTransfer={"backend": "tcp"})
+    assert s.decode.tensor_parallel == 1
+
+
+def test_model_is_required() -> None:
+    with pytest.raises(ValidationError, match="model"):
+        api.DisaggregatedModelSpec.model_validate({})
+
+
+def _walk(node: Any, path: str = "") -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    if isinstance(node, dict):
+        out.append((path, node))
+        for key, value in node.items():
+            out += _walk(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            out += _walk(value, f"{path}[{i}]")
+    return out
+
+
+def test_schema_is_structural() -> None:
+    schema = crd.render_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for path, node in _walk(schema):
+        assert not {"$ref", "anyOf", "oneOf", "allOf", "title", "$defs"} & set(node), path
+        if "properties" in node and not path.endswith(".properties"):
+            assert node.get("type") == "object", path
+    spec_props = schema["properties"]["spec"]["properties"]
+    assert spec_props["prefill"]["properties"]["tensorParallel"]["minimum"] == 1
+    assert spec_props["kvTransfer"]["properties"]["backend"]["enum"] == ["nixl", "tcp"]
+    assert spec_props["prefill"]["properties"]["resources"]["properties"]["limits"][
+        "additionalProperties"
+    ] == {"x-kubernetes-int-or-string": True}
+    # Optional nested models are not defaulted into existence; required ones have no default.
+    assert "default" not in spec_props["router"]["properties"]["apiKeySecret"]
+    assert "default" not in spec_props["model"]
+    assert spec_props["prefill"]["default"]["replicas"] == 1
+
+
+def test_every_field_has_a_description() -> None:
+    schema = crd.render_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    for path, node in _walk(schema):
+        if path.split(".")[-2:-1] == ["properties"]:  # a named property, not a map's value schema
+            assert node.get("description"), f"{path} lacks a description"
+
+
+def test_cel_rules_land_on_their_objects() -> None:
+    props = crd.render_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    rules = {r["rule"] for r in props["x-kubernetes-validations"]}
+    assert any("decode.tensorParallel >= self.prefill.tensorParallel" in r for r in rules)
+    assert len(props["properties"]["prefill"]["x-kubernetes-validations"]) == 2
+    assert props["properties"]["autoscaling"]["properties"]["ratio"]["x-kubernetes-validations"][0][
+        "rule"
+    ] == ("self.min <= self.max")
+
+
+def test_printer_columns_and_status_subresource() -> None:
+    version = crd.render_crd()["spec"]["versions"][0]
+    assert version["subresources"] == {"status": {}}
+    names = [c["name"] for c in version["additionalPrinterColumns"]]
+    assert names == ["Prefill-Ready", "Prefill-Desired", "Decode-Ready", "Decode-Desired", "Phase", "Age"]
+
+
+def test_crds_dir_is_fresh() -> None:
+    """Fails when api.py changed without `kvrelay-render-crds`."""
+    path = REPO / "crds" / crd.CRD_FILENAME
+    assert path.read_text() == crd.render_yaml(), "crds/ is stale: run kvrelay-render-crds"
+    assert crd.main(["--check", "--out-dir", str(REPO / "crds")]) == 0
+
+
+def test_check_mode_detects_staleness(tmp_path: Path) -> None:
+    assert crd.main(["--check", "--out-dir", str(tmp_path)]) == 1
+    assert crd.main(["--out-dir", str(tmp_path)]) == 0
+    assert crd.main(["--check", "--out-dir", str(tmp_path)]) == 0
+
+
+@pytest.mark.parametrize("example", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_examples_validate(example: Path) -> None:
+    docs = [d for d in yaml.safe_load_all(example.read_text()) if d]
+    models = [d for d in docs if d.get("kind") == api.KIND]
+    assert models, f"{example} holds no {api.KIND}"
+    for doc in models:
+        assert doc["apiVersion"] == api.API_VERSION
+        api.DisaggregatedModelSpec.model_validate(doc["spec"])

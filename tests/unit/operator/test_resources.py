@@ -1,0 +1,205 @@
+"""resources.py: spec -> child manifests, checked field by field (pure, no cluster)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from kvrelay_operator import api, resources
+from kvrelay_operator.resources import RenderContext
+
+CTX = RenderContext(name="m", namespace="ns", uid="uid-1", default_image="reg/kvrelay:1")
+NO_STATUS = api.DisaggregatedModelStatus()
+
+
+def spec(**over: Any) -> api.DisaggregatedModelSpec:
+    return api.DisaggregatedModelSpec.model_validate({"model": {"source": "org/model"}, **over})
+
+
+def render(s: api.DisaggregatedModelSpec, status: api.DisaggregatedModelStatus = NO_STATUS, **ctx: Any):
+    return resources.render_children(s, status, CTX.model_copy(update=ctx))
+
+
+def by_kind_name(children: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(c["kind"], c["metadata"]["name"]): c for c in children}
+
+
+def container(children: list[dict[str, Any]], role: str) -> dict[str, Any]:
+    return by_kind_name(children)[("Deployment", f"m-{role}")]["spec"]["template"]["spec"]["containers"][0]
+
+
+def pod(children: list[dict[str, Any]], role: str) -> dict[str, Any]:
+    return by_kind_name(children)[("Deployment", f"m-{role}")]["spec"]["template"]["spec"]
+
+
+def test_children_set_owners_and_labels() -> None:
+    children = render(spec())
+    assert sorted(by_kind_name(children)) == sorted(
+        [("ConfigMap", "m-model")]
+        + [(k, f"m-{r}") for r in ("prefill", "decode", "router") for k in ("Deployment", "Service")]
+        + [("PodDisruptionBudget", f"m-{r}") for r in ("prefill", "decode", "router")]
+        + [("ServiceAccount", "m-router"), ("Role", "m-router"), ("RoleBinding", "m-router")]
+    )
+    for child in children:
+        meta = child["metadata"]
+        assert meta["namespace"] == "ns"
+        assert meta["ownerReferences"] == [
+            {"apiVersion": "kvrelay.dev/v1alpha1", "kind": "DisaggregatedModel", "name": "m", "uid": "uid-1",
+             "controller": True, "blockOwnerDeletion": True}
+        ]  # fmt: skip
+        assert meta["labels"]["app.kubernetes.io/name"] == "kvrelay"
+        assert meta["labels"]["app.kubernetes.io/instance"] == "m"
+    deployment = by_kind_name(children)[("Deployment", "m-decode")]
+    assert deployment["metadata"]["labels"]["kvrelay.dev/role"] == "decode"
+    assert deployment["spec"]["template"]["metadata"]["labels"]["kvrelay.dev/role"] == "decode"
+    assert deployment["spec"]["selector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "kvrelay", "app.kubernetes.io/instance": "m", "kvrelay.dev/role": "decode"
+    }  # fmt: skip
+
+
+def test_gpus_follow_tensor_parallel_and_placement() -> None:
+    s = spec(
+        prefill={"tensorParallel": 2, "nodeSelector": {"pool": "h100"},
+                 "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                 "resources": {"requests": {"cpu": 4, "memory": "16Gi"}}},
+        decode={"tensorParallel": 4, "nodeSelector": {"pool": "l40s"}},
+    )  # fmt: skip
+    children = render(s)
+    prefill = container(children, "prefill")
+    assert prefill["resources"]["limits"] == {"nvidia.com/gpu": "2"}
+    assert prefill["resources"]["requests"] == {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "2"}
+    assert container(children, "decode")["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert pod(children, "prefill")["nodeSelector"] == {"pool": "h100"}
+    assert pod(children, "prefill")["tolerations"] == [
+        {"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    assert pod(children, "decode")["nodeSelector"] == {"pool": "l40s"}
+    assert "nvidia.com/gpu" not in container(children, "router").get("resources", {}).get("limits", {})
+
+
+def test_worker_command_follows_the_contract() -> None:
+    s = spec(
+        kvTransfer={"backend": "tcp", "port": 6000, "failurePolicy": "fail"}, model={"source": "/models/x"}
+    )
+    c = container(render(s), "decode")
+    assert c["command"] == ["kvrelay-worker"]
+    args = c["args"]
+    pairs = dict(zip(args[::2], args[1::2], strict=False))
+    assert pairs["--role"] == "decode" and pairs["--model"] == "/models/x"
+    assert pairs["--grpc-port"] == "8001" and pairs["--metrics-port"] == "9090"
+    assert (
+        pairs["--kv-backend"] == "tcp"
+        and pairs["--kv-port"] == "6000"
+        and pairs["--kv-failure-policy"] == "fail"
+    )
+    assert pairs["--served-model-name"] == "m" and pairs["--max-running-seqs"] == "256"
+    assert (
+        "--role" in container(render(s), "prefill")["args"]
+        and "--max-tokens-per-batch" in container(render(s), "prefill")["args"]
+    )
+
+
+def test_rdma_adds_devices_ipc_lock_and_ucx_env() -> None:
+    s = spec(kvTransfer={"transport": "rdma", "rdma": {"resourceName": "rdma/hca", "count": 2,
+                                                       "netDevices": "mlx5_0:1"}})  # fmt: skip
+    c = container(render(s), "prefill")
+    assert c["resources"]["limits"]["rdma/hca"] == "2"
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["UCX_TLS"].startswith("rc,") and env["UCX_NET_DEVICES"] == "mlx5_0:1"
+    plain = container(render(spec()), "prefill")
+    assert "add" not in plain["securityContext"]["capabilities"]
+    assert "UCX_TLS" not in {e["name"] for e in plain["env"]}
+    assert "rdma/ib" not in plain["resources"]["limits"]
+
+
+def test_pod_hardening_shm_probes_and_spread() -> None:
+    children = render(spec(prefill={"shmSize": "16Gi"}))
+    p = pod(children, "prefill")
+    assert p["securityContext"]["runAsNonRoot"] is True and p["securityContext"]["runAsUser"] == 1000
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}} in p["volumes"]
+    c = p["containers"][0]
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 1800  # slow model loads
+    assert c["readinessProbe"]["httpGet"]["port"] == "metrics"
+    anti = p["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
+    assert anti["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert p["topologySpreadConstraints"][0]["topologyKey"] == "topology.kubernetes.io/zone"
+
+
+def test_user_affinity_is_kept() -> None:
+    node_affinity = {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}}
+    p = pod(render(spec(decode={"affinity": {"nodeAffinity": node_affinity}})), "decode")
+    assert p["affinity"]["nodeAffinity"] == node_affinity and "podAntiAffinity" in p["affinity"]
+
+
+def test_model_sources() -> None:
+    pvc = render(spec(model={"source": "pvc://weights/llama/8b"}))
+    assert {"name": "model", "persistentVolumeClaim": {"claimName": "weights", "readOnly": True}} in pod(
+        pvc, "prefill"
+    )["volumes"]
+    assert container(pvc, "prefill")["args"][3] == "/models/llama/8b"
+    assert "initContainers" not in pod(pvc, "prefill")
+    hf = pod(render(spec(model={"source": "org/model", "revision": "abc"})), "decode")
+    assert hf["initContainers"][0]["command"] == ["hf", "download", "org/model", "--local-dir", "/models/hf",
+                                                  "--revision", "abc"]  # fmt: skip
+
+
+def test_router_deployment_service_and_rbac() -> None:
+    s = spec(router={"replicas": 3, "serviceType": "LoadBalancer", "port": 8080,
+                     "apiKeySecret": {"name": "keys"}})  # fmt: skip
+    children = by_kind_name(render(s))
+    assert children[("Deployment", "m-router")]["spec"]["replicas"] == 3
+    svc = children[("Service", "m-router")]["spec"]
+    assert svc["type"] == "LoadBalancer" and svc["ports"][0]["port"] == 8080
+    c = children[("Deployment", "m-router")]["spec"]["template"]["spec"]["containers"][0]
+    pairs = dict(zip(c["args"][::2], c["args"][1::2], strict=False))
+    assert (
+        pairs["--discovery"] == "kubernetes" and pairs["--instance"] == "m" and pairs["--namespace"] == "ns"
+    )
+    assert pairs["--api-key-file"] == "/var/run/secrets/kvrelay/api-key"
+    assert children[("Role", "m-router")]["rules"][0]["resources"] == ["endpointslices"]
+    for role in ("prefill", "decode"):
+        headless = children[("Service", f"m-{role}")]["spec"]
+        assert headless["clusterIP"] == "None" and headless["ports"][0]["name"] == "grpc"
+
+
+def test_pod_monitor_only_when_wanted() -> None:
+    assert ("PodMonitor", "m") not in by_kind_name(render(spec()))
+    assert ("PodMonitor", "m") in by_kind_name(render(spec(), pod_monitor_available=True))
+    assert ("PodMonitor", "m") in by_kind_name(render(spec(monitoring={"podMonitor": "enabled"})))
+    forced_off = spec(monitoring={"podMonitor": "disabled"})
+    assert ("PodMonitor", "m") not in by_kind_name(render(forced_off, pod_monitor_available=True))
+
+
+def test_image_default_and_override() -> None:
+    assert container(render(spec()), "decode")["image"] == "reg/kvrelay:1"
+    assert container(render(spec(image="mine:2")), "decode")["image"] == "mine:2"
+
+
+def test_config_change_rolls_pods_but_replicas_do_not() -> None:
+    def config_hash(s: api.DisaggregatedModelSpec) -> str:
+        d = by_kind_name(render(s))[("Deployment", "m-decode")]
+        return d["spec"]["template"]["metadata"]["annotations"]["kvrelay.dev/config-hash"]
+
+    base = config_hash(spec())
+    assert config_hash(spec(model={"source": "org/model", "maxModelLen": 8192})) != base
+    assert config_hash(spec(decode={"replicas": 3})) == base
+
+
+@pytest.mark.parametrize(
+    ("mode", "desired", "expected"),
+    [("off", 5, 2), ("advisory", 5, 2), ("auto", 5, 5), ("auto", 50, 8), ("auto", 0, 1), ("auto", None, 2)],
+)
+def test_target_replicas(mode: str, desired: int | None, expected: int) -> None:
+    s = spec(decode={"replicas": 2, "minReplicas": 1, "maxReplicas": 8}, autoscaling={"mode": mode})
+    status = api.DisaggregatedModelStatus(decode=api.RoleStatus(desired_replicas=desired))
+    assert resources.target_replicas(s, status, "decode") == expected
+    d = by_kind_name(render(s, status))[("Deployment", "m-decode")]
+    assert d["spec"]["replicas"] == expected
+
+
+def test_render_is_deterministic() -> None:
+    assert render(spec()) == render(spec())
