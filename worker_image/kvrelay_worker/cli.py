@@ -1,0 +1,301 @@
+"""`kvrelay serve`: router + N prefill + M decode workers as local processes, no cluster needed.
+
+The serve process itself runs the router (torch-free); the workers are `kvrelay-worker` child
+processes in their own session, so a terminal Ctrl-C reaches only us and we stop them in order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CACHE_DIR = Path(os.environ.get("KVRELAY_CACHE", Path.home() / ".cache" / "kvrelay"))
+TINY_MODEL_NAME = "tiny"
+STOP_GRACE_S = 10.0
+
+
+def _log(message: str) -> None:
+    print(f"kvrelay: {message}", flush=True)
+
+
+def ensure_tiny_model(cache_dir: Path = CACHE_DIR) -> Path:
+    """Build the tiny checkpoint once under `<cache>/models/tiny` (atomic: never a half-written dir)."""
+    target = cache_dir / "models" / TINY_MODEL_NAME
+    if (target / "config.json").exists() and (target / "tokenizer.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _log(f"building the tiny model under {target} (first use only)")
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+    try:
+        # A child process keeps torch out of this (router) process.
+        code = "import sys; from kvrelay_worker.model.tiny import main; main(sys.argv[1:])"
+        subprocess.run([sys.executable, "-c", code, str(staging)], check=True, stdout=subprocess.DEVNULL)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "config.json").exists():  # lost a race to a concurrent first use: fine
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Distinct free TCP ports: all sockets stay bound until every port is chosen."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _die_with_parent() -> None:
+    """Child pre-exec: get SIGTERM when the serve process dies, even by SIGKILL (Linux prctl)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class WorkerProcess:
+    name: str
+    role: str
+    grpc_address: str
+    metrics_port: int
+    log_path: Path
+    proc: subprocess.Popen[bytes]
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def worker_command(
+    role: str, model: Path, grpc_port: int, metrics_port: int, kv_port: int, extra: Sequence[str]
+) -> list[str]:
+    """The contract's worker command line (docs/wire-contracts.md section 5)."""
+    code = "import sys; from kvrelay_worker.entrypoint import main; sys.exit(main(sys.argv[1:]))"
+    return [
+        sys.executable, "-c", code,
+        "--role", role, "--model", str(model),
+        "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port), "--kv-port", str(kv_port),
+        *extra,
+    ]  # fmt: skip
+
+
+def start_workers(args: argparse.Namespace, model: Path, log_dir: Path) -> list[WorkerProcess]:
+    roles = ["prefill"] * args.prefill + ["decode"] * args.decode
+    ports = free_ports(3 * len(roles))
+    env = dict(os.environ)
+    # Each torch worker would otherwise spawn one thread per core and fight its neighbours.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(roles))))
+    extra = ["--kv-backend", args.kv_backend] if args.kv_backend else []
+    workers: list[WorkerProcess] = []
+    counts = {"prefill": 0, "decode": 0}
+    for i, role in enumerate(roles):
+        name = f"{role}-{counts[role]}"
+        counts[role] += 1
+        grpc_port, metrics_port, kv_port = ports[3 * i : 3 * i + 3]
+        log_path = log_dir / f"{name}.log"
+        command = worker_command(role, model, grpc_port, metrics_port, kv_port, [*extra, *args.worker_arg])
+        with log_path.open("wb") as log_file:
+            proc = subprocess.Popen(
+                command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True, preexec_fn=_die_with_parent,
+            )  # fmt: skip
+        worker = WorkerProcess(name, role, f"127.0.0.1:{grpc_port}", metrics_port, log_path, proc)
+        workers.append(worker)
+        _log(
+            f"worker {name} pid={proc.pid} grpc={worker.grpc_address} metrics=:{metrics_port} log={log_path}"
+        )
+    return workers
+
+
+def wait_ready(workers: Sequence[WorkerProcess], timeout_s: float) -> None:
+    """Poll ServerReady on every worker; fail fast (with its log) if one exits."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    clients = {w.name: grpcclient.InferenceServerClient(w.grpc_address) for w in workers}
+    pending = {w.name: w for w in workers}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while pending:
+            for name, worker in list(pending.items()):
+                if worker.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"worker {name} exited with code {worker.proc.returncode} during start-up; "
+                        f"last lines of {worker.log_path}:\n{worker.log_tail()}"
+                    )
+                with contextlib.suppress(InferenceServerException, OSError):
+                    if clients[name].is_server_ready(client_timeout=1.0):
+                        del pending[name]
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"workers not ready after {timeout_s:.0f} s: {', '.join(pending)}")
+            if pending:
+                time.sleep(0.25)
+    finally:
+        for client in clients.values():
+            client.close()
+
+
+def stop_workers(workers: Sequence[WorkerProcess]) -> None:
+    """SIGTERM all, wait, then SIGKILL the stragglers."""
+    for w in workers:
+        if w.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                w.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    for w in workers:
+        try:
+            w.proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _log(f"worker {w.name} ignored SIGTERM; killing it")
+            w.proc.kill()
+            w.proc.wait()
+
+
+async def _run_router(
+    args: argparse.Namespace, model: Path, served_name: str, workers: Sequence[WorkerProcess]
+) -> None:
+    import uvicorn
+
+    from kvrelay_worker.router.main import build_parser, config_from_args, make_discovery
+
+    router_argv = ["--model", str(model), "--served-model-name", served_name, "--host", args.host]
+    router_argv += [f"--prefill={w.grpc_address}" for w in workers if w.role == "prefill"]
+    router_argv += [f"--decode={w.grpc_address}" for w in workers if w.role == "decode"]
+    if args.api_key_file:
+        router_argv += ["--api-key-file", args.api_key_file]
+    if args.max_model_len:
+        router_argv += ["--max-model-len", str(args.max_model_len)]
+    config = config_from_args(build_parser().parse_args(router_argv))
+
+    from kvrelay_worker.router.app import create_app
+
+    app = create_app(config, make_discovery(config))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    )
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            await task
+            raise RuntimeError(f"the router could not start on {args.host}:{args.port}")
+        await asyncio.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    _log(f"serving model '{served_name}' at http://{host}:{port}/v1  (Ctrl-C to stop)")
+    watch = asyncio.create_task(_watch_workers(workers))
+    try:
+        await task
+    finally:
+        watch.cancel()
+
+
+async def _watch_workers(workers: Sequence[WorkerProcess]) -> None:
+    """Say so when a worker dies; the router stops routing to it by itself."""
+    reported: set[str] = set()
+    while True:
+        for w in workers:
+            if w.name not in reported and w.proc.poll() is not None:
+                reported.add(w.name)
+                _log(f"worker {w.name} exited with code {w.proc.returncode}; log: {w.log_path}")
+        await asyncio.sleep(1.0)
+
+
+def _raise_on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def serve(args: argparse.Namespace) -> int:
+    if args.prefill < 1 or args.decode < 1:
+        _log("--prefill and --decode must each be at least 1")
+        return 2
+    # Before uvicorn takes over the signals, SIGTERM should unwind like Ctrl-C (and stop the workers).
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    if args.model == TINY_MODEL_NAME:
+        model, served_name = ensure_tiny_model(), args.served_model_name or TINY_MODEL_NAME
+    else:
+        model = Path(args.model).expanduser().resolve()
+        if not (model / "config.json").exists() or not (model / "tokenizer.json").exists():
+            _log(f"{model} is not a checkpoint directory (needs config.json and tokenizer.json)")
+            return 2
+        served_name = args.served_model_name or model.name
+    log_dir = Path(args.log_dir or CACHE_DIR / "logs" / time.strftime("serve-%Y%m%d-%H%M%S"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    workers: list[WorkerProcess] = []
+    try:
+        workers = start_workers(args, model, log_dir)
+        wait_ready(workers, args.ready_timeout)
+        _log(f"{args.prefill} prefill + {args.decode} decode worker(s) ready")
+        asyncio.run(_run_router(args, model, served_name, workers))
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+        _log(f"error: {exc}")
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the cleanup
+        if workers:
+            _log("stopping workers")
+            stop_workers(workers)
+        _log("stopped")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvrelay", description="kvrelay: disaggregated prefill/decode serving"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve a model disaggregated on this machine (router + workers)")
+    s.add_argument(
+        "--model", default=TINY_MODEL_NAME, help="checkpoint directory, or 'tiny' (built on first use)"
+    )
+    s.add_argument(
+        "--served-model-name", help="model name for clients (default: 'tiny' or the directory name)"
+    )
+    s.add_argument("--prefill", type=int, default=1, help="prefill worker processes")
+    s.add_argument("--decode", type=int, default=1, help="decode worker processes")
+    s.add_argument("--host", default="127.0.0.1", help="router listen address")
+    s.add_argument("--port", type=int, default=8000, help="router port (0: any free port)")
+    s.add_argument("--max-model-len", type=int, help="context length (default: the checkpoint's)")
+    s.add_argument(
+        "--kv-backend", choices=["nixl", "tcp"], help="KV transfer backend (default: the worker's)"
+    )
+    s.add_argument("--api-key-file", help="require this API key (file content) from clients")
+    s.add_argument("--log-dir", help="worker logs (default: ~/.cache/kvrelay/logs/serve-<time>)")
+    s.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for workers")
+    s.add_argument("--worker-arg", action="append", default=[], help="extra flag passed to every worker")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        sys.exit(serve(args))
+
+
+if __name__ == "__main__":
+    main()
