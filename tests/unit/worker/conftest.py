@@ -1,0 +1,58 @@
+"""Fixtures for the worker unit tests: one tiny checkpoint per session, leak checks per engine."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from kvrelay_worker.engine import Engine, EngineConfig
+from kvrelay_worker.model import LlamaForCausalLM, load_model
+from kvrelay_worker.model.tiny import make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir: Path) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return load_model(tiny_dir)
+
+
+@pytest.fixture
+def make_engine(tiny_model: LlamaForCausalLM) -> Iterator:
+    """Build engines on the shared model; after the test every block must be back in the pool."""
+    engines: list[Engine] = []
+
+    def make(**kwargs) -> Engine:
+        engine = Engine(tiny_model, EngineConfig(**kwargs))
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        pool = engine.scheduler.pool
+        assert pool.num_used_blocks == 0, f"leaked {pool.num_used_blocks} blocks"
+        assert all(c == 0 for c in pool.ref_counts)
+        assert not engine.scheduler.requests
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model: LlamaForCausalLM):
+    """``reference(prompt, n)``: greedy tokens of the tiny model by full recompute."""
+    return lambda prompt, n: reference_greedy(tiny_model, prompt, n)
+
+
+def reference_greedy(model: LlamaForCausalLM, prompt: list[int], n: int) -> list[int]:
+    """Greedy tokens from a plain full-recompute forward (no cache) at every step."""
+    ids = torch.tensor([prompt])
+    out: list[int] = []
+    for _ in range(n):
+        token = int(model.full_forward_logits(ids)[0, -1].argmax())
+        out.append(token)
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return out

@@ -1,0 +1,127 @@
+"""Engine API used by the server and the KV relay: prefill-only, remote KV, recompute, refusal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kvrelay_worker.engine import RequestRefused, RequestStatus, SamplingParams
+
+PROMPT = [11, 22, 33, 44, 55, 66, 77, 88, 99, 101, 202]
+
+
+def test_prefill_only_holds_blocks_until_release(make_engine, reference) -> None:
+    engine = make_engine(num_blocks=32, block_size=4)
+    engine.add_request("p", PROMPT, SamplingParams(max_tokens=8), now=0.0, prefill_only=True)
+    (out,) = engine.step(now=0.0).outputs
+    assert out.new_token_ids == reference(PROMPT, 1)
+    assert not out.finished and out.kv_block_ids == [1, 2, 3]  # ceil(11 / 4) blocks, first ids
+    assert engine.status("p") == RequestStatus.SENDING_KV
+    assert not engine.has_work() and engine.scheduler.pool.num_used_blocks == 3
+    assert engine.release("p") and engine.scheduler.pool.num_used_blocks == 0
+    assert not engine.release("p")
+
+
+def test_prefill_only_finishing_at_first_token_frees_at_once(make_engine) -> None:
+    engine = make_engine(num_blocks=32, block_size=4)
+    engine.add_request("p", PROMPT, SamplingParams(max_tokens=1), now=0.0, prefill_only=True)
+    (out,) = engine.step(now=0.0).outputs
+    assert out.finished and out.finish_reason == "length" and out.kv_block_ids is None
+
+
+def test_remote_kv_handoff_between_engines_matches_reference(make_engine, reference) -> None:
+    """Copy the prefill engine's blocks into the decode engine's target blocks (what the relay does)."""
+    ref = reference(PROMPT, 10)
+    prefill = make_engine(num_blocks=32, block_size=4)
+    decode = make_engine(num_blocks=32, block_size=4)
+    prefill.add_request("r", PROMPT, SamplingParams(max_tokens=10), now=0.0, prefill_only=True)
+    (first,) = prefill.step(now=0.0).outputs
+    decode.add_request("other", [5, 6, 7], SamplingParams(max_tokens=3), now=0.0)  # shift block ids
+    decode.step(now=0.0)
+    decode.add_remote_request("r", PROMPT, first.new_token_ids[0], SamplingParams(max_tokens=10), now=0.0)
+    step = decode.step(now=1.0)
+    (target,) = step.kv_targets
+    assert target.num_tokens == len(PROMPT) and len(target.block_ids) == 3
+    assert decode.status("r") == RequestStatus.WAITING_FOR_REMOTE_KV
+    src = torch.tensor(first.kv_block_ids)
+    dst = torch.tensor(target.block_ids)
+    decode.kv_cache[:, :, dst] = prefill.kv_cache[:, :, src]
+    prefill.release("r")
+    decode.remote_kv_done("r", ok=True)
+    tokens = list(first.new_token_ids)
+    while decode.has_work():
+        tokens += [t for o in decode.step(now=2.0).outputs if o.request_id == "r" for t in o.new_token_ids]
+    assert tokens == ref
+
+
+@pytest.mark.parametrize("use_remote", [True, False])
+def test_recompute_paths_match_reference(make_engine, reference, use_remote: bool) -> None:
+    ref = reference(PROMPT, 9)
+    decode = make_engine(num_blocks=32, block_size=4)
+    params = SamplingParams(max_tokens=9)
+    if use_remote:  # the fetch failed: recompute into the blocks already allocated
+        decode.add_remote_request("r", PROMPT, ref[0], params, now=0.0)
+        assert decode.step(now=0.0).kv_targets
+        decode.remote_kv_done("r", ok=False)
+    else:  # empty handle: recompute from the start
+        decode.add_recompute_request("r", PROMPT, ref[0], params, now=0.0)
+    tokens = [ref[0]]
+    while decode.has_work():
+        tokens += [t for o in decode.step(now=1.0).outputs for t in o.new_token_ids]
+    assert tokens == ref
+
+
+def test_refusals_are_clear(make_engine) -> None:
+    engine = make_engine(num_blocks=5, block_size=4, max_model_len=64)
+    with pytest.raises(RequestRefused, match="more KV blocks"):
+        engine.add_request("big", list(range(5, 30)), SamplingParams(), now=0.0)
+    with pytest.raises(RequestRefused, match="max_model_len"):
+        make_engine(num_blocks=64, block_size=4, max_model_len=16).add_request(
+            "long", list(range(5, 25)), SamplingParams(), now=0.0
+        )
+    with pytest.raises(RequestRefused, match="vocabulary"):
+        engine.add_request("bad", [1, 10**6], SamplingParams(), now=0.0)
+    with pytest.raises(RequestRefused, match="empty prompt"):
+        engine.add_request("empty", [], SamplingParams(), now=0.0)
+    engine.add_request("ok", [5, 6], SamplingParams(max_tokens=2), now=0.0)
+    with pytest.raises(RequestRefused, match="already in use"):
+        engine.add_request("ok", [5, 6], SamplingParams(), now=0.0)
+    engine.abort("ok")
+
+
+def test_out_of_blocks_waits_then_runs(make_engine) -> None:
+    """Two requests that cannot both fit: the second waits in the queue, then completes."""
+    engine = make_engine(num_blocks=7, block_size=4, max_num_seqs=4)  # 6 usable blocks
+    engine.add_request("a", list(range(5, 21)), SamplingParams(max_tokens=4), now=0.0)  # 4 blocks + growth
+    engine.add_request("b", list(range(5, 17)), SamplingParams(max_tokens=4), now=0.0)  # 3 blocks
+    done = {o.request_id: o.new_token_ids for o in engine.step(now=0.0).outputs}
+    assert engine.status("b") == RequestStatus.WAITING
+    assert engine.scheduler.num_queued_prefill_tokens == 12
+    while engine.has_work():
+        for o in engine.step(now=1.0).outputs:
+            done.setdefault(o.request_id, []).extend(o.new_token_ids)
+    assert len(done["a"]) == 4 and len(done["b"]) == 4
+
+
+def test_stop_tokens_and_abort(make_engine, reference) -> None:
+    ref = reference(PROMPT, 6)
+    engine = make_engine(num_blocks=32, block_size=4)
+    out = engine.generate([PROMPT], SamplingParams(max_tokens=20, stop_token_ids=[ref[3]]))[0]
+    assert out == ref[: ref.index(ref[3]) + 1]
+    out = engine.generate([PROMPT], SamplingParams(max_tokens=20, ignore_eos=True))[0]
+    assert len(out) == 20
+    engine.add_request("x", PROMPT, SamplingParams(max_tokens=50), now=0.0)
+    engine.step(now=0.0)
+    assert engine.abort("x") and not engine.has_work()
+
+
+def test_stop_strings_use_the_detokenizer(tiny_dir) -> None:
+    from kvrelay_worker.engine import Engine, EngineConfig
+
+    engine = Engine.from_dir(tiny_dir, EngineConfig(num_blocks=32, block_size=4))
+    free = engine.generate([PROMPT], SamplingParams(max_tokens=12))[0]
+    text = engine.scheduler.detokenize(free)
+    needle = text[len(text) // 2 : len(text) // 2 + 2]
+    assert needle.strip(), text
+    stopped = engine.generate([PROMPT], SamplingParams(max_tokens=12, stop=[needle]))[0]
+    assert len(stopped) < len(free) and needle in engine.scheduler.detokenize(stopped)
+    assert engine.scheduler.pool.num_used_blocks == 0
