@@ -65,24 +65,26 @@ groups:
           {{- end }}
   - name: kvrelay-kv-relay
     rules:
-      # Failed transfers per completed transfer; also fires when every transfer fails.
+      # Share of transfers that failed. A model whose transfers all fail may never have counted a
+      # completed one, so a missing completed-series counts as zero.
       - alert: KvrelayKVTransferFailures
         expr: |-
+          sum by (model) (rate(kvrelay_kv_transfer_failures_total[10m]))
+          /
           (
             sum by (model) (rate(kvrelay_kv_transfer_failures_total[10m]))
-            / sum by (model) (rate(kvrelay_kv_transfer_seconds_count[10m]))
-          ) > {{ $a.kvTransferFailureRatio }}
-          or
-          (
-            sum by (model) (rate(kvrelay_kv_transfer_failures_total[10m])) > 0
-            unless on (model) sum by (model) (rate(kvrelay_kv_transfer_seconds_count[10m])) > 0
+            + (
+              sum by (model) (rate(kvrelay_kv_transfer_seconds_count[10m]))
+              or 0 * sum by (model) (rate(kvrelay_kv_transfer_failures_total[10m]))
+            )
           )
+          > {{ $a.kvTransferFailureRatio }}
         for: 10m
         labels:
           severity: warning
         annotations:
           summary: {{ printf "KV transfers of %s are failing" `{{ $labels.model }}` | quote }}
-          description: {{ printf "Failed/completed KV transfer ratio is %s (threshold %v). Requests fall back to recompute or fail, depending on kvTransfer.failurePolicy. See the KV relay dashboard for reasons." `{{ $value | humanize }}` $a.kvTransferFailureRatio | quote }}
+          description: {{ printf "%s of KV transfers failed over 10m (threshold %v%%). Requests fall back to recompute or fail, depending on kvTransfer.failurePolicy. See the KV relay dashboard for reasons." `{{ $value | humanizePercentage }}` (mulf $a.kvTransferFailureRatio 100) | quote }}
           {{- with $runbook }}
           runbook_url: {{ printf "%s#kvrelaykvtransferfailures" . | quote }}
           {{- end }}
