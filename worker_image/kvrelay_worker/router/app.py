@@ -286,7 +286,17 @@ def create_app(
     @app.get("/health")
     async def health() -> JSONResponse:
         ready = pool.ready()
-        workers = {role: {a: w.healthy for a, w in p.workers.items()} for role, p in pool.roles.items()}
+        workers = {
+            role: {
+                a: {
+                    "healthy": w.healthy,
+                    "running": w.running_sequences,
+                    "queued_tokens": w.queued_prefill_tokens,
+                }
+                for a, w in p.workers.items()
+            }
+            for role, p in pool.roles.items()
+        }
         return JSONResponse(
             {"status": "ok" if ready else "unavailable", "workers": workers},
             status_code=200 if ready else 503,

@@ -1,0 +1,48 @@
+"""A decode worker killed mid-stream: the client gets an error event promptly; the survivor takes new work."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from serve_helpers import run_serve
+
+pytestmark = pytest.mark.e2e
+
+
+def test_decode_worker_killed_mid_stream(tmp_path: Path) -> None:
+    with run_serve(["--model", "tiny", "--prefill", "1", "--decode", "2"], tmp_path) as serve:
+        client = openai.OpenAI(base_url=serve.base_url, api_key="none", max_retries=0, timeout=60)
+        health_url = serve.base_url.removesuffix("/v1") + "/health"
+        stream = client.completions.create(
+            model=serve.model, prompt="Rivers run to the sea", max_tokens=2000, temperature=0, stream=True
+        )
+        chunks = iter(stream)
+        received = [next(chunks) for _ in range(5)]
+        decode = httpx.get(health_url, timeout=10).json()["workers"]["decode"]
+        busy = [address for address, w in decode.items() if w["running"] == 1]
+        assert len(busy) == 1, decode
+        victim = serve.pid_of_address(busy[0])
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        with pytest.raises(openai.APIError, match="decode"):
+            for chunk in chunks:
+                received.append(chunk)
+        assert time.monotonic() - killed_at < 5.0, "the error event took too long"
+        assert len(received) < 2000
+
+        # New requests go to the surviving decode worker and succeed.
+        for i in range(4):
+            reply = client.completions.create(
+                model=serve.model, prompt=f"again {i}", max_tokens=8, temperature=0
+            )
+            assert reply.choices[0].finish_reason == "length" and reply.choices[0].text
+        decode = httpx.get(health_url, timeout=10).json()["workers"]["decode"]
+        assert decode[busy[0]]["healthy"] is False
+        assert [w["healthy"] for a, w in decode.items() if a != busy[0]] == [True]
+    assert serve.leftovers == []
