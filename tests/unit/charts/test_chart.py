@@ -11,7 +11,8 @@ import kubernetes_validate
 import pytest
 import yaml
 from chart_helpers import CHART, EXAMPLES, MONITORING_API, ROOT, Render, by_kind, helm_template
-from kvrelay_operator.api import DisaggregatedModelSpec
+from kvrelay_operator import resources
+from kvrelay_operator.api import DisaggregatedModelSpec, DisaggregatedModelStatus
 
 VALUE_SETS = [None, *EXAMPLES]
 VALUE_IDS = ["default", *[p.stem for p in EXAMPLES]]
@@ -136,33 +137,68 @@ def _grants(rules: list[dict]) -> set[tuple[str, str, str]]:
     }
 
 
+# apiVersion group and resource of each kind the operator writes (children of a DisaggregatedModel).
+KIND_TO_RESOURCE = {
+    "ConfigMap": ("", "configmaps"),
+    "Service": ("", "services"),
+    "ServiceAccount": ("", "serviceaccounts"),
+    "Deployment": ("apps", "deployments"),
+    "PodDisruptionBudget": ("policy", "poddisruptionbudgets"),
+    "Role": ("rbac.authorization.k8s.io", "roles"),
+    "RoleBinding": ("rbac.authorization.k8s.io", "rolebindings"),
+    "PodMonitor": ("monitoring.coreos.com", "podmonitors"),
+}
+# Server-side apply is a patch; kopf watches children and deletes what a spec no longer needs.
+CHILD_VERBS = {"get", "list", "watch", "create", "patch", "delete"}
+
+
+def operator_child_kinds() -> set[str]:
+    """Kinds resources.render_children writes for the repo's example models (PodMonitor forced on)."""
+    kinds: set[str] = set()
+    for path in sorted((ROOT / "examples").glob("*.yaml")):
+        cr = yaml.safe_load(path.read_text())
+        spec = DisaggregatedModelSpec.model_validate(cr["spec"])
+        ctx = resources.RenderContext(
+            name="m", namespace="ns", uid="u", default_image="img", pod_monitor_available=True
+        )
+        kinds |= {c["kind"] for c in resources.render_children(spec, DisaggregatedModelStatus(), ctx)}
+    return kinds
+
+
+def test_rbac_covers_every_child_the_operator_writes(render: Render) -> None:
+    (cluster_role,) = by_kind(render(), "ClusterRole")
+    grants = _grants(cluster_role["rules"])
+    kinds = operator_child_kinds()
+    assert {"Deployment", "Service", "ConfigMap", "PodMonitor"} <= kinds
+    for kind in sorted(kinds):
+        assert kind in KIND_TO_RESOURCE, f"operator now writes {kind}: add it to the chart's ClusterRole"
+        group, resource = KIND_TO_RESOURCE[kind]
+        missing = {v for v in CHILD_VERBS if (group, resource, v) not in grants}
+        assert not missing, f"ClusterRole lacks {sorted(missing)} on {group or 'core'}/{resource}"
+    # Grants for children no longer written would be excess privilege.
+    written = {KIND_TO_RESOURCE[k] for k in kinds}
+    child_grants = {(g, r) for g, r, v in grants if v == "create"} - {
+        ("", "events"),
+        ("events.k8s.io", "events"),
+    }
+    assert child_grants == written
+
+
 def test_rbac_is_least_privilege(render: Render) -> None:
     manifests = render()
     (cluster_role,) = by_kind(manifests, "ClusterRole")
     grants = _grants(cluster_role["rules"])
-    write = {"create", "patch", "update", "delete"}
-    for group, resource in [("apps", "deployments"), ("", "services"), ("", "configmaps")]:
-        assert {(group, resource, v) for v in write} <= grants
-    assert ("policy", "poddisruptionbudgets", "patch") in grants
-    assert ("monitoring.coreos.com", "podmonitors", "patch") in grants
     assert ("kvrelay.dev", "disaggregatedmodels/status", "patch") in grants
     assert ("discovery.k8s.io", "endpointslices", "watch") in grants
     assert ("apiextensions.k8s.io", "customresourcedefinitions", "list") in grants
     assert ("", "events", "create") in grants
-    # Never: wildcards, secrets, pods/exec, RBAC escalation, deleting the CR itself or CRDs.
+    # Never: wildcards, secrets, pods, cluster-wide RBAC, escalation, deleting the CR itself or CRDs.
     assert not {g for g in grants if "*" in g}
-    forbidden_resources = {
-        "secrets",
-        "pods/exec",
-        "roles",
-        "clusterroles",
-        "rolebindings",
-        "clusterrolebindings",
-    }
-    assert not {g for g in grants if g[1] in forbidden_resources}
+    forbidden = {"secrets", "pods", "pods/exec", "clusterroles", "clusterrolebindings", "nodes"}
+    assert not {g for g in grants if g[1] in forbidden}
     assert ("kvrelay.dev", "disaggregatedmodels", "delete") not in grants
     assert ("apiextensions.k8s.io", "customresourcedefinitions", "create") not in grants
-    assert not {g for g in grants if g[2] in {"escalate", "bind", "impersonate"}}
+    assert not {g for g in grants if g[2] in {"escalate", "bind", "impersonate", "deletecollection"}}
     (role,) = by_kind(manifests, "Role")
     assert role["metadata"]["namespace"] == "kvrelay-system"
     assert {g[:2] for g in _grants(role["rules"])} == {("coordination.k8s.io", "leases")}
