@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -41,7 +42,7 @@ class PeerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("UCX_")}
         env.update(UCX_ENVS[flavour])
         env["PYTHONUNBUFFERED"] = "1"
-        self.stderr = tempfile.TemporaryFile()
+        self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, str(PEER)],
             stdin=subprocess.PIPE,
@@ -98,10 +99,15 @@ class PeerProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
 
+    def request_exit(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self._send({"op": "exit"})
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             try:
-                self._send({"op": "exit"})
+                self.request_exit()
                 self.proc.wait(timeout=5)
             except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
@@ -122,6 +128,8 @@ def spawn() -> Iterator[Any]:
         return peer
 
     yield _spawn
-    for peer in peers:
+    for peer in peers:  # ask all first so they shut down in parallel
         peer.kill(signal.SIGCONT)
+        peer.request_exit()
+    for peer in peers:
         peer.stop()

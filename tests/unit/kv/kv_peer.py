@@ -14,7 +14,6 @@ import time
 from typing import Any
 
 import torch
-
 from kvrelay_worker.kv import KVHandle, KVLayout, KVTransferError, create_transport
 
 
@@ -42,10 +41,19 @@ class Peer:
         self.rank = cfg["tp_rank"]
         num_blocks = cfg["num_blocks"]
         if cfg.get("seed") is not None:
-            self.cache = rank_slice(global_pattern(self.layout, num_blocks, cfg["seed"]), self.layout, self.rank)
+            self.cache = rank_slice(
+                global_pattern(self.layout, num_blocks, cfg["seed"]), self.layout, self.rank
+            )
         else:
             local = self.layout.num_kv_heads_local
-            shape = (self.layout.num_layers, 2, num_blocks, local, self.layout.block_size, self.layout.head_dim)
+            shape = (
+                self.layout.num_layers,
+                2,
+                num_blocks,
+                local,
+                self.layout.block_size,
+                self.layout.head_dim,
+            )
             self.cache = torch.zeros(shape, dtype=getattr(torch, self.layout.dtype))
         self.released: list[list[int]] = []
         kwargs: dict[str, Any] = {"secret": cfg["secret"].encode(), "lease_s": cfg.get("lease_s", 30.0)}
@@ -60,7 +68,11 @@ class Peer:
             return {"endpoint": self.transport.endpoint}
         if op == "publish":
             handle = self.transport.publish(
-                cmd["request_id"], cmd["block_ids"], cmd["num_tokens"], self.released.append, cmd.get("handle_id")
+                cmd["request_id"],
+                cmd["block_ids"],
+                cmd["num_tokens"],
+                self.released.append,
+                cmd.get("handle_id"),
             )
             return {"handle": handle.model_dump(mode="json")}
         if op == "fetch":
@@ -69,7 +81,12 @@ class Peer:
             try:
                 asyncio.run(self.transport.fetch(handle, cmd["dst_block_ids"], cmd["timeout_s"]))
             except KVTransferError as err:
-                return {"ok": False, "reason": err.reason, "message": str(err), "seconds": time.monotonic() - started}
+                return {
+                    "ok": False,
+                    "reason": err.reason,
+                    "message": str(err),
+                    "seconds": time.monotonic() - started,
+                }
             return {
                 "ok": True,
                 "seconds": time.monotonic() - started,

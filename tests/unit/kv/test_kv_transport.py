@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 from conftest import LAYOUT, SECRET
 from kv_peer import blocks_digest, global_pattern, rank_slice
-
 from kvrelay_worker.kv import KVHandle, KVLayout, merge_rank_handles
 
 NUM_BLOCKS = 64
@@ -47,7 +46,9 @@ def test_twenty_random_block_sets_are_byte_exact(spawn: Any, flavour: str) -> No
     rng = random.Random(f"sets-{flavour}")
     sets = random_sets(rng, 20)
     for i, (num_tokens, src_ids, dst_ids) in enumerate(sets):
-        handle = holder.call(op="publish", request_id=f"r{i}", block_ids=src_ids, num_tokens=num_tokens)["handle"]
+        handle = holder.call(op="publish", request_id=f"r{i}", block_ids=src_ids, num_tokens=num_tokens)[
+            "handle"
+        ]
         reply = reader.call(op="fetch", handle=handle, dst_block_ids=dst_ids, timeout_s=20)
         assert reply["ok"], reply
         assert reply["digest"] == expected_digest(7, 1, 0, src_ids), f"set {i} differs after relay"
@@ -67,9 +68,13 @@ def test_tensor_parallel_readers_get_their_head_slices(
     for i, (num_tokens, src_ids, dst_ids) in enumerate(random_sets(rng, 4)):
         parts = [
             KVHandle.model_validate(
-                h.call(op="publish", request_id=f"r{i}", block_ids=src_ids, num_tokens=num_tokens, handle_id=f"h{i}")[
-                    "handle"
-                ]
+                h.call(
+                    op="publish",
+                    request_id=f"r{i}",
+                    block_ids=src_ids,
+                    num_tokens=num_tokens,
+                    handle_id=f"h{i}",
+                )["handle"]
             )
             for h in holders
         ]
