@@ -232,20 +232,21 @@ def serve(args: argparse.Namespace) -> int:
     if args.prefill < 1 or args.decode < 1:
         _log("--prefill and --decode must each be at least 1")
         return 2
-    # Before uvicorn takes over the signals, SIGTERM should unwind like Ctrl-C (and stop the workers).
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    if args.model == TINY_MODEL_NAME:
-        model, served_name = ensure_tiny_model(), args.served_model_name or TINY_MODEL_NAME
-    else:
+    if args.model != TINY_MODEL_NAME:
         model = Path(args.model).expanduser().resolve()
         if not (model / "config.json").exists() or not (model / "tokenizer.json").exists():
             _log(f"{model} is not a checkpoint directory (needs config.json and tokenizer.json)")
             return 2
-        served_name = args.served_model_name or model.name
-    log_dir = Path(args.log_dir or CACHE_DIR / "logs" / time.strftime("serve-%Y%m%d-%H%M%S"))
-    log_dir.mkdir(parents=True, exist_ok=True)
+    # Before uvicorn takes over the signals, SIGTERM should unwind like Ctrl-C (and stop the workers).
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     workers: list[WorkerProcess] = []
     try:
+        if args.model == TINY_MODEL_NAME:
+            model, served_name = ensure_tiny_model(), args.served_model_name or TINY_MODEL_NAME
+        else:
+            served_name = args.served_model_name or model.name
+        log_dir = Path(args.log_dir or CACHE_DIR / "logs" / time.strftime("serve-%Y%m%d-%H%M%S"))
+        log_dir.mkdir(parents=True, exist_ok=True)
         workers = start_workers(args, model, log_dir)
         wait_ready(workers, args.ready_timeout)
         _log(f"{args.prefill} prefill + {args.decode} decode worker(s) ready")
@@ -261,6 +262,7 @@ def serve(args: argparse.Namespace) -> int:
         if workers:
             _log("stopping workers")
             stop_workers(workers)
+        signal.signal(signal.SIGTERM, previous)
         _log("stopped")
 
 
