@@ -130,9 +130,9 @@ def merge_rank_handles(parts: list[KVHandle], secret: bytes) -> KVHandle:
     if not parts:
         raise ValueError("no handles to merge")
     first = parts[0]
-    ids = {(p.request_id, p.layout, p.num_tokens, p.backend) for p in parts}
+    ids = {(p.handle_id, p.request_id, p.layout, p.num_tokens, p.backend) for p in parts}
     if len(ids) != 1:
-        raise ValueError("handles to merge disagree on request, layout, tokens or backend")
+        raise ValueError("handles to merge disagree on handle id, request, layout, tokens or backend")
     ranks = sorted((r for p in parts for r in p.ranks), key=lambda r: r.rank)
     if [r.rank for r in ranks] != list(range(first.layout.tp_size)):
         raise ValueError(f"need exactly ranks 0..{first.layout.tp_size - 1}, got {[r.rank for r in ranks]}")
