@@ -1,0 +1,260 @@
+"""`helm install` of the chart onto a real kube-apiserver, then the chart's ServiceAccount RBAC is proven.
+
+The operator's writes are replayed as that ServiceAccount (a real token from the TokenRequest API):
+every child ``resources.render_children`` renders for the example model is server-side applied with
+the operator's field manager, and the model's status is patched. A verb the operator must not have
+is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from kvrelay_envtest import ControlPlane, control_plane, find_assets, find_kubectl
+from kvrelay_operator import resources
+from kvrelay_operator.api import DisaggregatedModelSpec, DisaggregatedModelStatus
+
+pytestmark = pytest.mark.controlplane
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "kvrelay"
+RELEASE, RELEASE_NS, MODEL_NS = "kvrelay", "kvrelay-system", "models"
+SA = "kvrelay-operator"
+SA_USER = f"system:serviceaccount:{RELEASE_NS}:{SA}"
+FIELD_MANAGER = "kvrelay-operator"
+
+# The Prometheus Operator's kinds, reduced to what the API server needs to store them: installing
+# them makes the chart's capability-gated PodMonitor and PrometheusRule render and apply for real.
+MONITORING_CRDS = [("PodMonitor", "podmonitors"), ("PrometheusRule", "prometheusrules")]
+
+
+def _skip_or_fail(why: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{why} (CI=true: nothing this machine can run may skip)")
+    pytest.skip(why)
+
+
+@dataclass
+class Cluster:
+    """A control plane with the chart installed, and tools bound to it."""
+
+    plane: ControlPlane
+    kubectl: Path
+    helm: Path
+    sa_kubeconfig: Path
+
+    def admin(
+        self, *args: str, stdin: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """kubectl as the cluster admin."""
+        return _run([str(self.kubectl), f"--kubeconfig={self.plane.kubeconfig}", *args], stdin, check)
+
+    def as_operator(
+        self, *args: str, stdin: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """kubectl authenticated with the chart ServiceAccount's own token."""
+        return _run([str(self.kubectl), f"--kubeconfig={self.sa_kubeconfig}", *args], stdin, check)
+
+
+def _run(cmd: list[str], stdin: str | None, check: bool) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=120)
+    if check and done.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd[:4])}... failed ({done.returncode}):\n{done.stderr}{done.stdout}"
+        )
+    return done
+
+
+def _monitoring_crd(kind: str, plural: str) -> dict:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.monitoring.coreos.com"},
+        "spec": {
+            "group": "monitoring.coreos.com",
+            "scope": "Namespaced",
+            "names": {"kind": kind, "plural": plural, "singular": kind.lower(), "listKind": f"{kind}List"},
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+                    },
+                }
+            ],
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    assets, why = find_assets()
+    if assets is None:
+        _skip_or_fail(f"no kube-apiserver: {why}")
+    kubectl, why = find_kubectl()
+    if kubectl is None:
+        _skip_or_fail(f"no kubectl: {why}")
+    helm = kubectl.parent / "helm"
+    if not helm.is_file():
+        _skip_or_fail(f"no helm next to {kubectl}")
+    with control_plane(assets) as plane:
+        cluster = Cluster(plane, kubectl, helm, tmp_path_factory.mktemp("sa") / "kubeconfig")
+        crds = "\n---\n".join(yaml.safe_dump(_monitoring_crd(k, p)) for k, p in MONITORING_CRDS)
+        cluster.admin("apply", "-f", "-", stdin=crds)
+        for _, plural in MONITORING_CRDS:
+            cluster.admin(
+                "wait", "--for=condition=Established", f"crd/{plural}.monitoring.coreos.com", "--timeout=60s"
+            )
+        _helm_install(cluster)
+        token = cluster.admin("create", "token", SA, "-n", RELEASE_NS, "--duration=1h").stdout.strip()
+        cluster.sa_kubeconfig.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [
+                        {"name": "c", "cluster": {"server": plane.server, "insecure-skip-tls-verify": True}}
+                    ],
+                    "users": [{"name": "sa", "user": {"token": token}}],
+                    "contexts": [{"name": "c", "context": {"cluster": "c", "user": "sa"}}],
+                    "current-context": "c",
+                }
+            )
+        )
+        cluster.admin("create", "namespace", MODEL_NS)
+        yield cluster
+
+
+def _helm_install(cluster: Cluster) -> None:
+    example = CHART / "examples" / "single-node-pool.yaml"
+    cmd = [str(cluster.helm), "install", RELEASE, str(CHART), f"--kubeconfig={cluster.plane.kubeconfig}"]
+    cmd += ["--namespace", RELEASE_NS, "--create-namespace", "-f", str(example), "--timeout=120s"]
+    # No kubelet runs here, so pods never start: install without --wait.
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "DisaggregatedModels created by this release" in done.stdout
+
+
+def test_helm_install_creates_everything(cluster: Cluster) -> None:
+    crd = json.loads(cluster.admin("get", "crd", "disaggregatedmodels.kvrelay.dev", "-o", "json").stdout)
+    assert any(c["type"] == "Established" and c["status"] == "True" for c in crd["status"]["conditions"])
+    deploy = json.loads(cluster.admin("get", "deployment", "-n", RELEASE_NS, SA, "-o", "json").stdout)
+    assert deploy["spec"]["replicas"] == 2
+    assert deploy["spec"]["template"]["spec"]["serviceAccountName"] == SA
+    # The monitoring API exists on this server, so the capability-gated objects were installed.
+    cluster.admin("get", "podmonitor", "-n", RELEASE_NS, SA)
+    rule = json.loads(cluster.admin("get", "prometheusrule", "-n", RELEASE_NS, RELEASE, "-o", "json").stdout)
+    assert {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]} >= {"KvrelayOperatorDown"}
+    dashboards = cluster.admin(
+        "get", "configmap", "-n", RELEASE_NS, "-l", "grafana_dashboard=1", "-o", "name"
+    )
+    assert len(dashboards.stdout.split()) == 4
+    # The example values' model was admitted by the CRD's schema and CEL rules.
+    model = json.loads(
+        cluster.admin("get", "disaggregatedmodel", "-n", RELEASE_NS, "llama-8b", "-o", "json").stdout
+    )
+    DisaggregatedModelSpec.model_validate(model["spec"])
+
+
+def test_helm_upgrade_with_changed_values_is_accepted(cluster: Cluster) -> None:
+    cmd = [str(cluster.helm), "upgrade", RELEASE, str(CHART), f"--kubeconfig={cluster.plane.kubeconfig}"]
+    cmd += ["--namespace", RELEASE_NS, "--reuse-values", "--set", "alerts.slo.ttftSeconds=3"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    rule = json.loads(cluster.admin("get", "prometheusrule", "-n", RELEASE_NS, RELEASE, "-o", "json").stdout)
+    assert "> 3\n" in rule["spec"]["groups"][0]["rules"][0]["expr"]
+
+
+# (verb, resource, namespace) the operator needs, and what it must be refused.
+ALLOWED = [
+    ("watch", "disaggregatedmodels.kvrelay.dev", None),
+    ("patch", "disaggregatedmodels.kvrelay.dev/status", MODEL_NS),
+    ("patch", "deployments.apps", MODEL_NS),
+    ("delete", "services", MODEL_NS),
+    ("create", "poddisruptionbudgets.policy", MODEL_NS),
+    ("patch", "podmonitors.monitoring.coreos.com", MODEL_NS),
+    ("create", "events", MODEL_NS),
+    ("list", "customresourcedefinitions.apiextensions.k8s.io", None),
+    ("watch", "endpointslices.discovery.k8s.io", MODEL_NS),
+    ("update", "leases.coordination.k8s.io", RELEASE_NS),
+]
+REFUSED = [
+    ("get", "secrets", MODEL_NS),
+    ("delete", "disaggregatedmodels.kvrelay.dev", MODEL_NS),
+    ("create", "clusterroles.rbac.authorization.k8s.io", None),
+    ("create", "pods", MODEL_NS),
+    ("update", "leases.coordination.k8s.io", MODEL_NS),
+    ("delete", "customresourcedefinitions.apiextensions.k8s.io", None),
+]
+
+
+def _can_i(cluster: Cluster, verb: str, resource: str, namespace: str | None) -> bool:
+    scope = ["-n", namespace] if namespace else ["--all-namespaces"]
+    done = cluster.as_operator("auth", "can-i", verb, resource, *scope, check=False)
+    assert done.stdout.strip() in {"yes", "no"}, done.stderr
+    return done.stdout.strip() == "yes"
+
+
+@pytest.mark.parametrize(("verb", "resource", "namespace"), ALLOWED)
+def test_service_account_may(cluster: Cluster, verb: str, resource: str, namespace: str | None) -> None:
+    assert _can_i(cluster, verb, resource, namespace), f"{SA_USER} cannot {verb} {resource} in {namespace}"
+
+
+@pytest.mark.parametrize(("verb", "resource", "namespace"), REFUSED)
+def test_service_account_may_not(cluster: Cluster, verb: str, resource: str, namespace: str | None) -> None:
+    assert not _can_i(cluster, verb, resource, namespace), f"{SA_USER} should not {verb} {resource}"
+
+
+def test_operator_writes_succeed_as_the_service_account(cluster: Cluster) -> None:
+    """Replays the operator's reconcile writes with the ServiceAccount's token: RBAC is enough."""
+    cr = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
+    cr["metadata"] = {"name": "tiny", "namespace": MODEL_NS}
+    cluster.admin("apply", "-f", "-", stdin=json.dumps(cr))  # a user creates the model
+    live = json.loads(
+        cluster.as_operator("get", "disaggregatedmodel", "-n", MODEL_NS, "tiny", "-o", "json").stdout
+    )
+    spec = DisaggregatedModelSpec.model_validate(live["spec"])
+    ctx = resources.RenderContext(
+        name="tiny", namespace=MODEL_NS, uid=live["metadata"]["uid"], default_image="kvrelay/kvrelay:test",
+        pod_monitor_available=True,
+    )  # fmt: skip
+    children = resources.render_children(spec, DisaggregatedModelStatus(), ctx)
+    kinds = {c["kind"] for c in children}
+    assert {"Deployment", "Service", "Role", "RoleBinding", "ServiceAccount", "PodMonitor"} <= kinds
+    manifest = "\n---\n".join(json.dumps(c) for c in children)
+    # Server-side apply, as the operator does; the Role works only because the SA holds its grants.
+    cluster.as_operator(
+        "apply", "--server-side", f"--field-manager={FIELD_MANAGER}", "-f", "-", stdin=manifest
+    )
+    # A second apply of the same spec is a no-op write, and a finalizer patch on the CR works.
+    cluster.as_operator(
+        "apply", "--server-side", f"--field-manager={FIELD_MANAGER}", "-f", "-", stdin=manifest
+    )
+    patch = json.dumps({"metadata": {"finalizers": ["kopf.zalando.org/KopfFinalizerMarker"]}})
+    cluster.as_operator("patch", "disaggregatedmodel", "-n", MODEL_NS, "tiny", "--type=merge", "-p", patch)
+    status = {"status": {"observedGeneration": live["metadata"]["generation"], "phase": "Progressing"}}
+    cluster.as_operator(
+        "patch", "disaggregatedmodel", "-n", MODEL_NS, "tiny", "--subresource=status", "--type=merge",
+        "-p", json.dumps(status),
+    )  # fmt: skip
+    after = json.loads(
+        cluster.admin("get", "disaggregatedmodel", "-n", MODEL_NS, "tiny", "-o", "json").stdout
+    )
+    assert after["status"]["phase"] == "Progressing"
+    owned = json.loads(cluster.admin("get", "deployments", "-n", MODEL_NS, "-o", "json").stdout)["items"]
+    assert {d["metadata"]["ownerReferences"][0]["uid"] for d in owned} == {live["metadata"]["uid"]}
+    # The same ServiceAccount is refused what it should never do.
+    refused = cluster.as_operator("get", "secrets", "-n", MODEL_NS, check=False)
+    assert refused.returncode != 0 and "forbidden" in refused.stderr.lower()
+    # Clean up the finalizer so the namespace can go away with the control plane.
+    cluster.as_operator("patch", "disaggregatedmodel", "-n", MODEL_NS, "tiny", "--type=json",
+                        "-p", '[{"op": "remove", "path": "/metadata/finalizers"}]')  # fmt: skip
