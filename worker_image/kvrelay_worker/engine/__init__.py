@@ -1,6 +1,6 @@
 """Inference engine: paged KV cache, torch-free scheduler, model runner, sampling."""
 
-from kvrelay_worker.engine.core import Engine, EngineConfig, StepResult
+from kvrelay_worker.engine.core import Engine, EngineConfig, EngineStats, StepResult
 from kvrelay_worker.engine.request import Request, RequestStatus
 from kvrelay_worker.engine.sampling_params import SamplingParams
 from kvrelay_worker.engine.scheduler import KVTarget, RequestOutput, RequestRefused
@@ -8,6 +8,7 @@ from kvrelay_worker.engine.scheduler import KVTarget, RequestOutput, RequestRefu
 __all__ = [
     "Engine",
     "EngineConfig",
+    "EngineStats",
     "KVTarget",
     "Request",
     "RequestOutput",

@@ -44,6 +44,17 @@ class EngineConfig(BaseModel):
     dtype: str | None = Field(None, description="float32 | bfloat16 | float16; default by device")
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """Gauges the worker exports after every step."""
+
+    num_running: int
+    num_waiting: int
+    num_queued_prefill_tokens: int
+    kv_cache_usage: float
+    num_held: int
+
+
 @dataclass
 class StepResult:
     outputs: list[RequestOutput] = field(default_factory=list)
@@ -170,6 +181,16 @@ class Engine:
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(
+            num_running=len(s.running),
+            num_waiting=len(s.waiting) + len(s.pending_remote) + len(s.fetching),
+            num_queued_prefill_tokens=s.num_queued_prefill_tokens,
+            kv_cache_usage=s.pool.usage,
+            num_held=s.num_held,
+        )
 
     def status(self, request_id: str) -> RequestStatus | None:
         request = self.scheduler.requests.get(request_id)

@@ -75,6 +75,8 @@ class RequestOutput:
     # prefill-only requests: the blocks that hold the prompt's KV (kept until ``release``)
     kv_block_ids: list[int] | None = None
     num_prompt_tokens: int = 0
+    arrival_time: float = 0.0
+    first_scheduled_time: float | None = None
 
 
 def check_stop(
@@ -281,6 +283,8 @@ class Scheduler:
                 )
             else:
                 results.append(RequestOutput(request.request_id, [token], False))
+            results[-1].arrival_time = request.arrival_time
+            results[-1].first_scheduled_time = request.first_scheduled_time
         return results
 
     # ---- release / abort --------------------------------------------------------------------

@@ -1,0 +1,81 @@
+"""Worker Prometheus series (wire contract section 4); the KV relay's own series live in ``kv.metrics``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+_LABELS = ("model", "role")
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+@dataclass(frozen=True)
+class _Families:
+    queue_seconds: Histogram
+    prefill_seconds: Histogram
+    prompt_tokens: Counter
+    generation_tokens: Counter
+    running: Gauge
+    waiting: Gauge
+    queued_prefill_tokens: Gauge
+    kv_cache_usage: Gauge
+
+
+def _make(registry: CollectorRegistry) -> _Families:
+    def hist(name: str, doc: str) -> Histogram:
+        return Histogram(name, doc, _LABELS, buckets=_LATENCY_BUCKETS, registry=registry)
+
+    def gauge(name: str, doc: str) -> Gauge:
+        return Gauge(name, doc, _LABELS, registry=registry)
+
+    return _Families(
+        queue_seconds=hist("kvrelay_request_queue_seconds", "Time from arrival to first scheduled step."),
+        prefill_seconds=hist("kvrelay_prefill_seconds", "Time from first scheduled step to the first token."),
+        prompt_tokens=Counter("kvrelay_prompt_tokens", "Prompt tokens accepted.", _LABELS, registry=registry),
+        generation_tokens=Counter(
+            "kvrelay_generation_tokens", "Tokens generated.", _LABELS, registry=registry
+        ),
+        running=gauge("kvrelay_requests_running", "Requests in the running batch."),
+        waiting=gauge("kvrelay_requests_waiting", "Requests queued (including those waiting for remote KV)."),
+        queued_prefill_tokens=gauge(
+            "kvrelay_queued_prefill_tokens", "Prompt tokens queued, not yet computed."
+        ),
+        kv_cache_usage=gauge("kvrelay_kv_cache_usage_ratio", "Fraction of KV cache blocks in use, 0..1."),
+    )
+
+
+_default: _Families | None = None
+
+
+def _families(registry: CollectorRegistry | None) -> _Families:
+    global _default
+    if registry is not None and registry is not REGISTRY:
+        return _make(registry)
+    if _default is None:
+        _default = _make(REGISTRY)
+    return _default
+
+
+class WorkerMetrics:
+    """The worker's series bound to one (model, role)."""
+
+    def __init__(self, model: str, role: str, registry: CollectorRegistry | None = None) -> None:
+        f = _families(registry)
+        labels = (model, role)
+        self.queue_seconds = f.queue_seconds.labels(*labels)
+        self.prefill_seconds = f.prefill_seconds.labels(*labels)
+        self.prompt_tokens = f.prompt_tokens.labels(*labels)
+        self.generation_tokens = f.generation_tokens.labels(*labels)
+        self.running = f.running.labels(*labels)
+        self.waiting = f.waiting.labels(*labels)
+        self.queued_prefill_tokens = f.queued_prefill_tokens.labels(*labels)
+        self.kv_cache_usage = f.kv_cache_usage.labels(*labels)
+
+    def set_stats(
+        self, running: int, waiting: int, queued_prefill_tokens: int, kv_cache_usage: float
+    ) -> None:
+        self.running.set(running)
+        self.waiting.set(waiting)
+        self.queued_prefill_tokens.set(queued_prefill_tokens)
+        self.kv_cache_usage.set(kv_cache_usage)

@@ -1,0 +1,112 @@
+"""Assemble and run one worker process: engine thread, KV transport, gRPC server, /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from pathlib import Path
+from typing import Literal
+
+import grpc
+from prometheus_client import start_http_server
+from pydantic import BaseModel, Field
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from kvrelay_worker.engine import Engine, EngineConfig
+from kvrelay_worker.metrics import WorkerMetrics
+from kvrelay_worker.server.engine_loop import EngineLoop
+from kvrelay_worker.server.servicer import WorkerServicer
+
+log = logging.getLogger(__name__)
+
+
+class WorkerOptions(BaseModel):
+    """Everything a worker process needs; built from the command line (contract section 5)."""
+
+    role: Literal["prefill", "decode", "colocated"]
+    model: Path
+    served_model_name: str | None = Field(None, description="default: the model directory's name")
+    host: str = "127.0.0.1"
+    grpc_port: int = 8001
+    metrics_port: int = Field(8002, description="0 disables /metrics")
+    kv_backend: Literal["nixl", "tcp", "none"] = "nixl"
+    kv_host: str = "127.0.0.1"
+    kv_advertise_host: str | None = None
+    kv_port: int = 0
+    kv_failure_policy: Literal["recompute", "fail"] = "recompute"
+    kv_lease_s: float = 30.0
+    kv_fetch_timeout_s: float = 30.0
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model.resolve().name
+
+
+def make_transport(opts: WorkerOptions, engine: Engine):
+    """The KV relay endpoint over the engine's cache, or None with ``--kv-backend none``."""
+    if opts.kv_backend == "none":
+        return None
+    from kvrelay_worker.kv import KVLayout, KVMetrics, create_transport
+
+    cfg = engine.model.config
+    layout = KVLayout(
+        model_id=opts.model_name,
+        num_layers=cfg.num_hidden_layers,
+        block_size=engine.config.block_size,
+        num_kv_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim,
+        dtype=str(engine.dtype).removeprefix("torch."),
+        tp_size=1,
+    )
+    return create_transport(
+        opts.kv_backend,
+        engine.kv_cache,
+        layout,
+        host=opts.kv_host,
+        port=opts.kv_port,
+        advertise_host=opts.kv_advertise_host,
+        lease_s=opts.kv_lease_s,
+        metrics=KVMetrics(opts.model_name, opts.role),
+    )
+
+
+async def serve(opts: WorkerOptions, engine: Engine | None = None, stop: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM/SIGINT (or ``stop`` is set); prints ``READY grpc=<port>`` once serving."""
+    engine = engine or Engine.from_dir(opts.model, opts.engine)
+    loop = asyncio.get_running_loop()
+    metrics = WorkerMetrics(opts.model_name, opts.role)
+    engine_loop = EngineLoop(engine, loop, metrics)
+    transport = make_transport(opts, engine)
+    http = None
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    try:
+        if transport is not None:
+            transport.start()
+        servicer = WorkerServicer(
+            opts.role, engine_loop, transport, metrics, opts.kv_failure_policy, opts.kv_fetch_timeout_s
+        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+        port = server.add_insecure_port(f"{opts.host}:{opts.grpc_port}")
+        if opts.metrics_port:
+            http = start_http_server(opts.metrics_port, addr=opts.host)
+        engine_loop.start()
+        await server.start()
+        servicer.ready = True
+        kv = f" kv={transport.endpoint}" if transport is not None else ""
+        print(f"READY role={opts.role} grpc={opts.host}:{port} metrics={opts.metrics_port}{kv}", flush=True)
+        stop = stop or asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread (tests)
+                loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        servicer.ready = False
+        await server.stop(grace=2)
+    finally:
+        engine_loop.stop()
+        if transport is not None:
+            transport.close()
+        if http is not None:
+            http[0].shutdown()
