@@ -1,0 +1,355 @@
+"""kopf handlers for DisaggregatedModel: thin glue between watch events, resources.py and kube.py.
+
+What triggers what:
+- create/update/resume of a DisaggregatedModel -> `reconcile`: render every child, server-side
+  apply those whose content hash (annotation `kvrelay.dev/applied-hash`) differs from the live
+  one, then patch status. An unchanged spec therefore sends no writes, also after a restart.
+- any event of a child Deployment -> `on_deployment_event`: a replica count changed by hand is
+  put back (Warning Event `ReplicasRestored` + condition `DriftCorrected`); a deleted child is
+  re-applied; the Deployments' status is mirrored into the parent's status.
+- any event of a DisaggregatedModel, status changes included -> `on_model_event`: when a worker
+  Deployment's replicas differ from `resources.target_replicas(spec, status)` it is re-applied.
+  This is the autoscaler hook: in mode auto the autoscaler's kopf timer only patches
+  `status.<role>.desiredReplicas` and `status.autoscaler`; the resulting watch event makes this
+  handler apply the new replicas (clamped to min/max). The autoscaler never writes Deployments.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import kopf
+from pydantic import BaseModel, Field, ValidationError
+
+from kvrelay_operator import api, resources
+from kvrelay_operator.kube import CHILD_KINDS, PROMETHEUS_OPERATOR_GROUP_VERSION, KubeClient
+from kvrelay_operator.status import DeploymentState, compute_status, set_condition, status_patch
+
+log = logging.getLogger(__name__)
+HASH_ANNOTATION = f"{api.GROUP}/applied-hash"
+DEFAULT_WORKER_IMAGE = "ghcr.io/kvrelay/kvrelay-worker:0.1.0"
+CHILD_LABELS = {resources.LABEL_NAME: resources.APP_NAME, resources.LABEL_ROLE: kopf.PRESENT}
+
+
+class OperatorConfig(BaseModel):
+    """Operator-wide settings (from the environment, set by main.py flags)."""
+
+    default_image: str = Field(
+        default=DEFAULT_WORKER_IMAGE, description="Worker image if spec.image is unset."
+    )
+    prometheus_url: str | None = Field(default=None, description="Default Prometheus for the autoscaler.")
+    monitoring_check_seconds: float = Field(
+        default=300.0, description="How often to re-detect PodMonitor CRDs."
+    )
+
+    @classmethod
+    def from_env(cls) -> OperatorConfig:
+        """Reads KVRELAY_WORKER_IMAGE and KVRELAY_PROMETHEUS_URL."""
+        return cls(
+            default_image=os.environ.get("KVRELAY_WORKER_IMAGE", DEFAULT_WORKER_IMAGE),
+            prometheus_url=os.environ.get("KVRELAY_PROMETHEUS_URL") or None,
+        )
+
+
+class OperatorState:
+    """Shared by all handlers through kopf's memo (per-object memos are shallow copies)."""
+
+    def __init__(self, kube: KubeClient, config: OperatorConfig) -> None:
+        self.kube = kube
+        self.config = config
+        self.applied: dict[tuple[str, str], dict[str, str]] = {}  # (ns, name) -> child key -> hash
+        self._monitoring: tuple[float, bool] | None = None
+
+    def pod_monitor_available(self) -> bool:
+        """Whether the Prometheus Operator's API is served (cached for a few minutes)."""
+        now = time.monotonic()
+        if self._monitoring is None or now - self._monitoring[0] > self.config.monitoring_check_seconds:
+            self._monitoring = (now, self.kube.group_version_served(PROMETHEUS_OPERATOR_GROUP_VERSION))
+        return self._monitoring[1]
+
+
+def _state(memo: kopf.Memo) -> OperatorState:
+    return memo["kvrelay"]
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _child_key(manifest: dict[str, Any]) -> str:
+    return f"{manifest['kind']}/{manifest['metadata']['name']}"
+
+
+def _with_hash(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest annotated with a hash of its own content."""
+    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:20]
+    meta = {**manifest["metadata"], "annotations": {**manifest["metadata"].get("annotations", {}),
+                                                     HASH_ANNOTATION: digest}}  # fmt: skip
+    return {**manifest, "metadata": meta}
+
+
+def _parse(
+    spec: dict[str, Any], status: dict[str, Any]
+) -> tuple[api.DisaggregatedModelSpec, api.DisaggregatedModelStatus]:
+    try:
+        parsed = api.DisaggregatedModelSpec.model_validate(dict(spec))
+    except ValidationError as exc:
+        # The API server validates too, so this means a spec no operator version can serve.
+        raise kopf.PermanentError(f"invalid spec: {exc}") from exc
+    return parsed, api.DisaggregatedModelStatus.model_validate(dict(status or {}))
+
+
+def _ctx(
+    state: OperatorState, name: str, namespace: str, uid: str, monitoring: bool
+) -> resources.RenderContext:
+    return resources.RenderContext(
+        name=name, namespace=namespace, uid=uid, default_image=state.config.default_image,
+        pod_monitor_available=monitoring,
+    )  # fmt: skip
+
+
+def _live_hashes(state: OperatorState, namespace: str, name: str, kinds: Iterable[str]) -> dict[str, str]:
+    """Applied hashes of the live children (one labelled LIST per kind); Deployments include replicas."""
+    selector = f"{resources.LABEL_NAME}={resources.APP_NAME},{resources.LABEL_INSTANCE}={name}"
+    live: dict[str, str] = {}
+    for kind in kinds:
+        for item in state.kube.list(CHILD_KINDS[kind], kind, namespace, selector):
+            meta = item.get("metadata") or {}
+            digest = (meta.get("annotations") or {}).get(HASH_ANNOTATION, "")
+            if kind == "Deployment":
+                # Replicas scaled by hand while the operator was away must not look up to date.
+                digest += f"/{(item.get('spec') or {}).get('replicas')}"
+            live[f"{kind}/{meta.get('name')}"] = digest
+    return live
+
+
+def _fingerprint(manifest: dict[str, Any]) -> str:
+    digest = manifest["metadata"]["annotations"][HASH_ANNOTATION]
+    if manifest["kind"] == "Deployment":
+        digest += f"/{manifest['spec']['replicas']}"
+    return digest
+
+
+def apply_children(
+    state: OperatorState,
+    spec: api.DisaggregatedModelSpec,
+    status: api.DisaggregatedModelStatus,
+    ctx: resources.RenderContext,
+    fresh: bool = False,
+) -> list[str]:
+    """Applies the children whose content changed; returns their `Kind/name` keys.
+
+    `fresh` (a just-created parent) skips looking up live children: there are none of its uid.
+    """
+    children = [_with_hash(c) for c in resources.render_children(spec, status, ctx)]
+    key = (ctx.namespace, ctx.name)
+    known = {} if fresh else state.applied.get(key)
+    if known is None:
+        known = _live_hashes(state, ctx.namespace, ctx.name, sorted({c["kind"] for c in children}))
+    changed = []
+    for child in children:
+        child_key = _child_key(child)
+        if known.get(child_key) != _fingerprint(child):
+            state.kube.apply(child)
+            changed.append(child_key)
+        known[child_key] = _fingerprint(child)
+    state.applied[key] = known
+    return changed
+
+
+def _deployment_states(
+    deployments_index: kopf.Index, namespace: str, name: str
+) -> dict[str, DeploymentState]:
+    store = deployments_index.get((namespace, name), [])
+    return {role: DeploymentState.model_validate(state) for role, state in store}
+
+
+@kopf.index("apps", "v1", "deployments", labels=CHILD_LABELS)
+def deployments_by_model(namespace: str, meta: kopf.Meta, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    """(namespace, model name) -> (role, DeploymentState) of its child Deployments."""
+    state = DeploymentState.from_body(dict(body))
+    return {(namespace, meta["labels"][resources.LABEL_INSTANCE]): (meta["labels"][resources.LABEL_ROLE],
+                                                                     state.model_dump())}  # fmt: skip
+
+
+@kopf.index(api.GROUP, api.VERSION, api.PLURAL)
+def models_by_name(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    """(namespace, name) -> the DisaggregatedModel's body (for handlers of its children)."""
+    return {(namespace, name): dict(body)}
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In-cluster service account, else KUBECONFIG as it is now (not at import time)."""
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """Annotations-only bookkeeping (status stays ours), Warning+ log events, one API client."""
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=api.GROUP, key="last-handled-configuration"
+    )
+    settings.posting.level = logging.WARNING
+    if "kvrelay" not in memo:
+        memo["kvrelay"] = OperatorState(KubeClient.from_environment(), OperatorConfig.from_env())
+
+
+@kopf.on.create(api.GROUP, api.VERSION, api.PLURAL)
+@kopf.on.update(api.GROUP, api.VERSION, api.PLURAL)
+@kopf.on.resume(api.GROUP, api.VERSION, api.PLURAL)
+def reconcile(
+    spec: kopf.Spec,
+    status: kopf.Status,
+    name: str,
+    namespace: str,
+    uid: str,
+    body: kopf.Body,
+    meta: kopf.Meta,
+    memo: kopf.Memo,
+    patch: kopf.Patch,
+    reason: str,
+    deployments_by_model: kopf.Index,
+    **_: Any,
+) -> None:
+    """Render -> apply changed children -> patch status."""
+    state = _state(memo)
+    parsed_spec, parsed_status = _parse(dict(spec), dict(status))
+    ctx = _ctx(state, name, namespace, uid, state.pod_monitor_available())
+    changed = apply_children(state, parsed_spec, parsed_status, ctx, fresh=reason == "create")
+    if changed:
+        verb = "Created" if reason == "create" else "Updated"
+        kopf.event(
+            body, type="Normal", reason=verb, message=f"applied {len(changed)} children: {', '.join(changed)}"
+        )
+    generation = meta.get("generation") or 0
+    new = compute_status(
+        parsed_spec, parsed_status, _deployment_states(deployments_by_model, namespace, name), generation,
+        resources.router_endpoint(parsed_spec, ctx), _now(), observed_generation=generation,
+    )  # fmt: skip
+    patch.setdefault("status", {}).update(status_patch(parsed_status, new))
+
+
+def _parent_for(
+    models_by_name: kopf.Index, namespace: str, instance: str, owner_uid: str | None
+) -> dict[str, Any] | None:
+    parent = next(iter(models_by_name.get((namespace, instance), [])), None)
+    if (
+        parent is None
+        or parent["metadata"].get("uid") != owner_uid
+        or parent["metadata"].get("deletionTimestamp")
+    ):
+        return None
+    return parent
+
+
+def _owner_uid(meta: kopf.Meta) -> str | None:
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("kind") == api.KIND and ref.get("controller"):
+            return ref.get("uid")
+    return None
+
+
+def _apply_deployment(state: OperatorState, parent: dict[str, Any], role: str) -> dict[str, Any]:
+    """Re-renders and applies one role's Deployment of a parent."""
+    meta = parent["metadata"]
+    spec, status = _parse(parent.get("spec") or {}, parent.get("status") or {})
+    ctx = _ctx(state, meta["name"], meta["namespace"], meta["uid"], False)
+    wanted = next(
+        c for c in resources.render_children(spec, status, ctx)
+        if c["kind"] == "Deployment" and c["metadata"]["labels"][resources.LABEL_ROLE] == role
+    )  # fmt: skip
+    manifest = _with_hash(wanted)
+    state.kube.apply(manifest)
+    state.applied.setdefault((meta["namespace"], meta["name"]), {})[_child_key(manifest)] = _fingerprint(
+        manifest
+    )
+    return manifest
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=CHILD_LABELS)
+def on_deployment_event(
+    event: kopf.RawEvent,
+    namespace: str,
+    meta: kopf.Meta,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    models_by_name: kopf.Index,
+    deployments_by_model: kopf.Index,
+    **_: Any,
+) -> None:
+    """Restores hand-edited replicas, re-creates deleted Deployments, mirrors status into the parent."""
+    state = _state(memo)
+    instance, role = meta["labels"][resources.LABEL_INSTANCE], meta["labels"][resources.LABEL_ROLE]
+    parent = _parent_for(models_by_name, namespace, instance, _owner_uid(meta))
+    if parent is None:
+        return
+    spec, status = _parse(parent.get("spec") or {}, parent.get("status") or {})
+    conditions = list(status.conditions)
+    if event.get("type") == "DELETED":
+        _apply_deployment(state, parent, role)
+        kopf.event(
+            parent, type="Warning", reason="ChildRecreated", message=f"Deployment {meta['name']} re-created"
+        )
+        return
+    target = resources.target_replicas(spec, status, role)  # type: ignore[arg-type]
+    live = (body.get("spec") or {}).get("replicas")
+    if live != target:
+        _apply_deployment(state, parent, role)
+        message = f"Deployment {meta['name']} was scaled to {live} outside the operator; restored to {target}"
+        kopf.event(parent, type="Warning", reason="ReplicasRestored", message=message)
+        conditions = set_condition(
+            conditions,
+            "DriftCorrected",
+            "True",
+            "ReplicasRestored",
+            message,
+            _now(),
+            status.observed_generation,
+        )
+    states = _deployment_states(deployments_by_model, namespace, instance)
+    ctx = _ctx(state, instance, namespace, parent["metadata"]["uid"], False)
+    base = status.model_copy(update={"conditions": conditions})
+    new = compute_status(spec, base, states, parent["metadata"].get("generation") or 0,
+                         resources.router_endpoint(spec, ctx), _now())  # fmt: skip
+    diff = status_patch(status, new)
+    if diff:
+        state.kube.patch_status(namespace, instance, diff)
+
+
+@kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
+def on_model_event(
+    event: kopf.RawEvent,
+    namespace: str,
+    name: str,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    deployments_by_model: kopf.Index,
+    **_: Any,
+) -> None:
+    """Applies replica targets that changed through status (the autoscaler's desiredReplicas)."""
+    if event.get("type") not in ("MODIFIED", None) or body.get("metadata", {}).get("deletionTimestamp"):
+        return
+    spec_dict = body.get("spec") or {}
+    if (spec_dict.get("autoscaling") or {}).get("mode") != "auto":
+        return  # replicas then come from spec only, which the update handler applies
+    state = _state(memo)
+    spec, status = _parse(spec_dict, body.get("status") or {})
+    states = _deployment_states(deployments_by_model, namespace, name)
+    for role in api.WORKER_ROLES:
+        current = states.get(role)
+        target = resources.target_replicas(spec, status, role)
+        if current is not None and current.spec_replicas != target:
+            _apply_deployment(state, dict(body), role)
+            kopf.event(
+                body, type="Normal", reason="Scaled",
+                message=f"{role} scaled {current.spec_replicas} -> {target} (autoscaler desiredReplicas)",
+            )  # fmt: skip

@@ -1,0 +1,123 @@
+"""The operator's only Kubernetes API client: server-side apply, label-selected lists, status patches.
+
+Thin on purpose (raw paths over the official client's ApiClient) so one code path serves every
+child kind, including CRD kinds such as PodMonitor; it counts requests for the benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections import Counter
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from kvrelay_operator import api
+from kvrelay_operator.resources import FIELD_MANAGER
+
+# kind -> plural, for the kinds the operator writes or reads (all namespaced).
+PLURALS = {
+    "ConfigMap": "configmaps",
+    "Service": "services",
+    "ServiceAccount": "serviceaccounts",
+    "Deployment": "deployments",
+    "PodDisruptionBudget": "poddisruptionbudgets",
+    "Role": "roles",
+    "RoleBinding": "rolebindings",
+    "PodMonitor": "podmonitors",
+    api.KIND: api.PLURAL,
+}
+CHILD_KINDS: dict[str, str] = {
+    "ConfigMap": "v1",
+    "Service": "v1",
+    "ServiceAccount": "v1",
+    "Deployment": "apps/v1",
+    "PodDisruptionBudget": "policy/v1",
+    "Role": "rbac.authorization.k8s.io/v1",
+    "RoleBinding": "rbac.authorization.k8s.io/v1",
+    "PodMonitor": "monitoring.coreos.com/v1",
+}
+PROMETHEUS_OPERATOR_GROUP_VERSION = "monitoring.coreos.com/v1"
+
+
+def collection_path(api_version: str, kind: str, namespace: str) -> str:
+    """URL path of a namespaced collection."""
+    prefix = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+    return f"{prefix}/namespaces/{namespace}/{PLURALS[kind]}"
+
+
+class KubeClient:
+    """Synchronous, thread-safe API access (kopf runs sync handlers in a thread pool)."""
+
+    def __init__(self, api_client: client.ApiClient) -> None:
+        self._api = api_client
+        self._lock = threading.Lock()
+        self.requests: Counter[str] = Counter()  # verb -> count, for benchmarks
+
+    @classmethod
+    def from_environment(cls) -> KubeClient:
+        """In-cluster config when running in a pod, else KUBECONFIG / ~/.kube/config."""
+        configuration = client.Configuration()
+        try:
+            config.load_incluster_config(client_configuration=configuration)
+        except config.ConfigException:
+            # KUBECONFIG is read now, not when the kubernetes package was imported.
+            config.load_kube_config(
+                config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration
+            )
+        return cls(client.ApiClient(configuration))
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, str] | None = None,
+        body: Any = None,
+        content_type: str = "",
+    ) -> dict[str, Any]:
+        with self._lock:
+            self.requests[method] += 1
+        headers = {"Accept": "application/json"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        method, url, headers, body, _ = self._api.param_serialize(
+            method=method, resource_path=path, query_params=list((query or {}).items()) or None,
+            header_params=headers, body=body, auth_settings=["BearerToken"],
+        )  # fmt: skip
+        response = self._api.call_api(method, url, header_params=headers, body=body, _request_timeout=30)
+        response.read()
+        if not 200 <= response.status < 300:
+            raise ApiException(status=response.status, reason=response.reason, body=response.data)
+        return json.loads(response.data) if response.data else {}
+
+    def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply as field manager kvrelay-operator; force takes fields back from hand edits."""
+        meta = manifest["metadata"]
+        path = (
+            f"{collection_path(manifest['apiVersion'], manifest['kind'], meta['namespace'])}/{meta['name']}"
+        )
+        query = {"fieldManager": FIELD_MANAGER, "force": "true"}
+        return self._call("PATCH", path, query, body=manifest, content_type="application/apply-patch+yaml")
+
+    def list(self, api_version: str, kind: str, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        """Objects of a kind in a namespace matching a label selector."""
+        path = collection_path(api_version, kind, namespace)
+        return self._call("GET", path, {"labelSelector": label_selector}).get("items") or []
+
+    def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        """JSON merge patch on a DisaggregatedModel's status subresource."""
+        path = f"{collection_path(api.API_VERSION, api.KIND, namespace)}/{name}/status"
+        return self._call("PATCH", path, body={"status": patch}, content_type="application/merge-patch+json")
+
+    def group_version_served(self, group_version: str) -> bool:
+        """Whether the API server serves a group/version (e.g. monitoring.coreos.com/v1)."""
+        try:
+            self._call("GET", f"/apis/{group_version}")
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True

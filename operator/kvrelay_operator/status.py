@@ -1,0 +1,180 @@
+"""Pure status computation: child Deployment states -> the parent's status patch.
+
+Time is passed in (`now`); nothing here reads the clock or talks to the API.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from kvrelay_operator import api
+from kvrelay_operator.resources import target_replicas
+
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
+class DeploymentState(BaseModel):
+    """The parts of a child Deployment that status depends on."""
+
+    spec_replicas: int = Field(default=0, description="spec.replicas")
+    replicas: int = Field(default=0, description="status.replicas")
+    ready_replicas: int = Field(default=0, description="status.readyReplicas")
+    updated_replicas: int = Field(default=0, description="status.updatedReplicas")
+    generation: int = Field(default=0, description="metadata.generation")
+    observed_generation: int = Field(default=0, description="status.observedGeneration")
+    conditions: list[dict[str, Any]] = Field(default_factory=list, description="status.conditions")
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> DeploymentState:
+        """Reads a Deployment as the API returns it."""
+        spec, status, meta = body.get("spec") or {}, body.get("status") or {}, body.get("metadata") or {}
+        return cls(
+            spec_replicas=spec.get("replicas") or 0,
+            replicas=status.get("replicas") or 0,
+            ready_replicas=status.get("readyReplicas") or 0,
+            updated_replicas=status.get("updatedReplicas") or 0,
+            generation=meta.get("generation") or 0,
+            observed_generation=status.get("observedGeneration") or 0,
+            conditions=list(status.get("conditions") or []),
+        )
+
+
+def set_condition(
+    conditions: list[api.Condition],
+    type_: str,
+    status: ConditionStatus,
+    reason: str,
+    message: str,
+    now: str,
+    generation: int | None,
+) -> list[api.Condition]:
+    """Conditions with one replaced; lastTransitionTime only moves when the status flips."""
+    previous = next((c for c in conditions if c.type == type_), None)
+    since = previous.last_transition_time if previous is not None and previous.status == status else now
+    new = api.Condition(
+        type=type_, status=status, reason=reason, message=message,
+        last_transition_time=since, observed_generation=generation,
+    )  # fmt: skip
+    return [c for c in conditions if c.type != type_] + [new]
+
+
+def _failing(state: DeploymentState) -> str | None:
+    """Why a Deployment is failing, from its own conditions, or None."""
+    for cond in state.conditions:
+        if cond.get("type") == "ReplicaFailure" and cond.get("status") == "True":
+            return cond.get("message") or "ReplicaFailure"
+        if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
+            return cond.get("message") or "ProgressDeadlineExceeded"
+    return None
+
+
+def compute_status(
+    spec: api.DisaggregatedModelSpec,
+    status: api.DisaggregatedModelStatus,
+    deployments: dict[str, DeploymentState],
+    generation: int,
+    router_endpoint: str,
+    now: str,
+    observed_generation: int | None = None,
+) -> api.DisaggregatedModelStatus:
+    """The status the operator wants, from the spec, current status and child Deployment states.
+
+    `observed_generation` is set by the reconcile path only; the mirror path keeps the current one.
+    """
+    new = status.model_copy(deep=True)
+    if observed_generation is not None:
+        new.observed_generation = observed_generation
+    new.router_endpoint = router_endpoint
+    waiting, rolling, failing = [], [], []
+    for role in api.ROLES:
+        target = target_replicas(spec, status, role)
+        state = deployments.get(role)
+        current: api.RoleStatus | None = getattr(status, role)
+        role_status = api.RoleStatus(
+            replicas=state.replicas if state else 0,
+            ready_replicas=state.ready_replicas if state else 0,
+            desired_replicas=target,
+        )
+        if (
+            spec.autoscaling.mode == "auto"
+            and role != "router"
+            and current
+            and current.desired_replicas is not None
+        ):
+            # The autoscaler owns desiredReplicas in mode auto; keep its value untouched.
+            role_status.desired_replicas = current.desired_replicas
+        setattr(new, role, role_status)
+        if state is None:
+            waiting.append(f"{role} Deployment missing")
+            continue
+        if state.ready_replicas < target:
+            waiting.append(f"{role} {state.ready_replicas}/{target} ready")
+        if state.observed_generation < state.generation or state.updated_replicas < target:
+            rolling.append(role)
+        reason = _failing(state)
+        if reason is not None:
+            failing.append(f"{role}: {reason}")
+
+    conds = list(status.conditions)
+    gen = observed_generation if observed_generation is not None else status.observed_generation
+    if waiting:
+        conds = set_condition(conds, "Ready", "False", "WaitingForReplicas", "; ".join(waiting), now, gen)
+    else:
+        conds = set_condition(conds, "Ready", "True", "AllReplicasReady", "all roles ready", now, gen)
+    if rolling or waiting:
+        message = f"rolling out {', '.join(rolling)}" if rolling else "; ".join(waiting)
+        conds = set_condition(conds, "Progressing", "True", "RollingOut", message, now, gen)
+    else:
+        conds = set_condition(conds, "Progressing", "False", "Settled", "children match the spec", now, gen)
+    if failing:
+        conds = set_condition(conds, "Degraded", "True", "ChildFailing", "; ".join(failing), now, gen)
+    else:
+        conds = set_condition(conds, "Degraded", "False", "AsExpected", "", now, gen)
+    conds = _scaling_limited(spec, status, conds, now, gen)
+    new.conditions = sorted(conds, key=lambda c: c.type)
+    new.phase = (
+        "Degraded" if failing else "Ready" if not waiting else "Progressing" if deployments else "Pending"
+    )
+    return new
+
+
+def _scaling_limited(
+    spec: api.DisaggregatedModelSpec,
+    status: api.DisaggregatedModelStatus,
+    conds: list[api.Condition],
+    now: str,
+    gen: int | None,
+) -> list[api.Condition]:
+    """ScalingLimited=True when the autoscaler asked for replicas outside a role's min/max."""
+    if spec.autoscaling.mode != "auto":
+        return [c for c in conds if c.type != "ScalingLimited"]
+    clamped = []
+    for role in api.WORKER_ROLES:
+        role_status: api.RoleStatus | None = getattr(status, role)
+        wanted = role_status.desired_replicas if role_status else None
+        if wanted is not None and wanted != target_replicas(spec, status, role):
+            clamped.append(f"{role} wants {wanted}, clamped to {target_replicas(spec, status, role)}")
+    if clamped:
+        return set_condition(conds, "ScalingLimited", "True", "ClampedToBounds", "; ".join(clamped), now, gen)
+    return set_condition(conds, "ScalingLimited", "False", "WithinBounds", "", now, gen)
+
+
+def status_patch(old: api.DisaggregatedModelStatus, new: api.DisaggregatedModelStatus) -> dict[str, Any]:
+    """A JSON merge patch for `status` holding only what changed.
+
+    Object fields send only their changed keys (merge patch merges objects), so an unchanged
+    desiredReplicas is never re-sent and cannot clobber a newer value the autoscaler wrote.
+    """
+    before = old.model_dump(by_alias=True, exclude_none=True, mode="json")
+    after = new.model_dump(by_alias=True, exclude_none=True, mode="json")
+    patch: dict[str, Any] = {}
+    for key, value in after.items():
+        previous = before.get(key)
+        if previous == value:
+            continue
+        if isinstance(value, dict) and isinstance(previous, dict) and key != "autoscaler":
+            value = {k: v for k, v in value.items() if previous.get(k) != v}
+        patch[key] = value
+    return patch
