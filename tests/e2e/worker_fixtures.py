@@ -1,0 +1,148 @@
+"""Spawn real ``kvrelay-worker`` processes for end-to-end tests (importable by any e2e test).
+
+Every spawn picks free ports, waits for the worker's ``READY`` line with a bounded timeout, and
+is stopped (SIGTERM, then SIGKILL) when its context exits, so no process outlives a test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+READY_RE = re.compile(r"READY role=(\S+) grpc=(\S+) metrics=(\d+)(?: kv=(\S+))?")
+
+
+def free_port() -> int:
+    """A port the OS just handed out (bind port 0); small race, fine on a test host."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class WorkerProcess:
+    role: str
+    proc: subprocess.Popen
+    grpc_address: str = ""
+    metrics_port: int = 0
+    kv_endpoint: str | None = None
+    output: list[str] = field(default_factory=list)
+
+    def log(self, lines: int = 40) -> str:
+        return "\n".join(self.output[-lines:])
+
+    def stop(self, timeout_s: float = 10.0) -> int:
+        """SIGTERM, wait, then SIGKILL; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        return self.proc.returncode
+
+
+def worker_command(role: str, model_dir: Path, *args: str) -> list[str]:
+    """The installed console script if present (what the image runs), else the module."""
+    script = Path(sys.executable).with_name("kvrelay-worker")
+    head = [str(script)] if script.exists() else [sys.executable, "-m", "kvrelay_worker.entrypoint"]
+    return [*head, "--role", role, "--model", str(model_dir), *args]
+
+
+@contextlib.contextmanager
+def run_worker(
+    role: str,
+    model_dir: Path,
+    *extra: str,
+    kv_backend: str = "tcp",
+    ready_timeout_s: float = 90.0,
+    threads: int = 1,
+) -> Iterator[WorkerProcess]:
+    """Start one worker on free ports and yield it once it is serving; always stops it."""
+    args = [
+        "--grpc-port", str(free_port()), "--metrics-port", str(free_port()),
+        "--kv-backend", kv_backend, "--threads", str(threads), *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        worker_command(role, model_dir, *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    worker = WorkerProcess(role, proc)
+    ready = threading.Event()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            worker.output.append(line.rstrip())
+            m = READY_RE.search(line)
+            if m:
+                worker.grpc_address, worker.metrics_port, worker.kv_endpoint = m[2], int(m[3]), m[4]
+                ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    try:
+        deadline = time.monotonic() + ready_timeout_s
+        while not ready.wait(0.2):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{role} worker did not become ready:\n{worker.log()}")
+        yield worker
+    finally:
+        worker.stop()
+
+
+# ---- request builders for the official tritonclient ----------------------------------------------
+
+
+def sampling_bytes(**params: object) -> bytes:
+    return json.dumps(params).encode()
+
+
+def prefill_inputs(grpcclient, input_ids: list[int], **sampling: object) -> list:
+    a = grpcclient.InferInput("input_ids", [len(input_ids)], "INT64")
+    a.set_data_from_numpy(np.asarray(input_ids, dtype=np.int64))
+    s = grpcclient.InferInput("sampling", [1], "BYTES")
+    s.set_data_from_numpy(np.array([sampling_bytes(**sampling)], dtype=np.object_))
+    return [a, s]
+
+
+def decode_inputs(
+    grpcclient, input_ids: list[int], first_token: int, kv_handle: bytes, **sampling: object
+) -> list:
+    a = grpcclient.InferInput("input_ids", [len(input_ids)], "INT64")
+    a.set_data_from_numpy(np.asarray(input_ids, dtype=np.int64))
+    f = grpcclient.InferInput("first_token", [1], "INT64")
+    f.set_data_from_numpy(np.asarray([first_token], dtype=np.int64))
+    h = grpcclient.InferInput("kv_handle", [1], "BYTES")
+    h.set_data_from_numpy(np.array([kv_handle], dtype=np.object_))
+    s = grpcclient.InferInput("sampling", [1], "BYTES")
+    s.set_data_from_numpy(np.array([sampling_bytes(**sampling)], dtype=np.object_))
+    return [a, f, h, s]
+
+
+def metric_value(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample in a Prometheus text exposition, or None if absent."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return None
