@@ -105,6 +105,7 @@ class FakeWorker:
     decode_calls: int = 0
     cancelled: int = 0
     sampling_seen: list[dict[str, Any]] = field(default_factory=list)
+    handles_seen: list[bytes] = field(default_factory=list)
 
 
 class _Servicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -144,6 +145,7 @@ class _Servicer(pb_grpc.GRPCInferenceServiceServicer):
         request = await anext(aiter(request_iterator))
         values = _inputs(request)
         sampling = json.loads(values["sampling"])
+        self.state.handles_seen.append(values["kv_handle"])
         token = values["first_token"][0]
         try:
             for i in range(sampling["max_tokens"] - 1):

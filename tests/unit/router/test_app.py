@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import httpx
 import openai
 import pytest
@@ -34,6 +35,7 @@ class Stack:
     tokenizer: Tokenizer
     client: openai.AsyncOpenAI
     http: httpx.AsyncClient
+    decode_servers: list[grpc.aio.Server]
 
     def expected(self, prompt_ids: list[int], max_tokens: int) -> str:
         return self.tokenizer.decode(toy_generate(prompt_ids, max_tokens, self.tokenizer.vocab_size))
@@ -72,9 +74,8 @@ async def run_stack(
             base_url=url + "/v1", api_key=api_key or "none", max_retries=0, timeout=10
         )
         try:
-            yield Stack(
-                url, [w[1] for w in workers[:2]], [w[1] for w in workers[2:]], tokenizer, client, http
-            )
+            prefill, decode = [w[1] for w in workers[:2]], [w[1] for w in workers[2:]]
+            yield Stack(url, prefill, decode, tokenizer, client, http, [w[2] for w in workers[2:]])
         finally:
             await client.close()
             await http.aclose()
@@ -245,15 +246,25 @@ async def test_decode_death_mid_stream_gives_error_event_then_survivor_serves(st
             received.append(chunk)
     assert time.monotonic() - started < 5
     assert len(received) >= 1  # the first token arrived before the failure
-    died = [w for w in stack.decode if w.decode_calls == 1]
+    died = [i for i, w in enumerate(stack.decode) if w.decode_calls == 1]
     assert len(died) == 1
-    died[0].decode_calls = 0
-    survivor = next(w for w in stack.decode if w is not died[0])
+    await stack.decode_servers[died[0]].stop(grace=None)  # the process is gone for good
+    dead, survivor = stack.decode[died[0]], stack.decode[1 - died[0]]
+    dead.decode_calls = 0
     survivor.die_after = None
     for _ in range(3):
         reply = await stack.client.completions.create(model=MODEL, prompt="the quick", max_tokens=6)
         assert reply.choices[0].finish_reason == "length"
-    assert survivor.decode_calls == 3 and died[0].decode_calls == 0
+    assert survivor.decode_calls == 3 and dead.decode_calls == 0
+
+
+async def test_decode_worker_gone_before_first_token_is_retried_with_recompute(stack: Stack) -> None:
+    stack.decode[0].die_after = 0  # the first decode worker in rotation fails before relaying anything
+    prompt = "the quick brown"
+    reply = await stack.client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
+    assert reply.choices[0].text == stack.expected(stack.tokenizer.encode(prompt), 8)
+    assert stack.decode[0].decode_calls == 1 and stack.decode[0].handles_seen[0] != b""
+    assert stack.decode[1].handles_seen == [b""]  # the retry recomputes the prompt instead of re-reading KV
 
 
 async def test_client_disconnect_cancels_decode(stack: Stack) -> None:

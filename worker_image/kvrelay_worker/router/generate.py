@@ -19,6 +19,7 @@ from kvrelay_worker.router.pool import WorkerPool, WorkerState
 from kvrelay_worker.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
 PREFILL_ATTEMPTS = 2  # the first try plus one retry on another worker
+DECODE_ATTEMPTS = 2  # only when the first decode worker failed before relaying any token
 
 
 @dataclass(frozen=True)
@@ -101,23 +102,35 @@ async def generate(
         yield finished(first.finish_reason or "stop")
         return
 
-    worker = pool.roles["decode"].choose()
-    if worker is None:
-        raise server_error("no ready decode worker", code="no_decode_worker", status=503)
-    async for text, reason in _relay_decode(
-        pool, worker, request_id, prompt_ids, first, sampling, push, metrics
-    ):
-        if text:
-            yield TextDelta(text)
-        if matcher.stopped:
-            yield finished("stop")
-            return  # closing the decode iterator cancels the call on the worker
-        if reason is not None:
-            tail = matcher.feed(detok.flush()) + matcher.flush()
-            if tail:
-                yield TextDelta(tail)
-            yield finished(reason)
-            return
+    # A decode worker that is gone before relaying anything is retried once elsewhere, with an empty
+    # handle (recompute the prompt there): the first reader may have half-claimed the KV blocks.
+    kv_handle, tried = first.kv_handle, []
+    while True:
+        worker = pool.roles["decode"].choose(exclude=tried)
+        if worker is None:
+            raise server_error("no ready decode worker", code="no_decode_worker", status=503)
+        tried.append(worker.client.address)
+        relayed = 0
+        try:
+            async for text, reason in _relay_decode(
+                pool, worker, request_id, prompt_ids, first.token_id, kv_handle, sampling, push, metrics
+            ):
+                relayed += 1
+                if text:
+                    yield TextDelta(text)
+                if matcher.stopped:
+                    yield finished("stop")
+                    return  # closing the decode iterator cancels the call on the worker
+                if reason is not None:
+                    tail = matcher.feed(detok.flush()) + matcher.flush()
+                    if tail:
+                        yield TextDelta(tail)
+                    yield finished(reason)
+                    return
+        except WorkerFailed as exc:
+            if relayed or not exc.worker_down or len(tried) >= DECODE_ATTEMPTS:
+                raise server_error(str(exc), code="decode_failed") from None
+            kv_handle = b""
 
 
 async def _relay_decode(
@@ -125,14 +138,15 @@ async def _relay_decode(
     worker: WorkerState,
     request_id: str,
     prompt_ids: list[int],
-    first: PrefillResult,
+    first_token: int,
+    kv_handle: bytes,
     sampling: dict[str, Any],
     push: Callable[[int, str | None], str],
     metrics: RouterMetrics,
 ) -> AsyncIterator[tuple[str, str | None]]:
-    """Yield (text of the token, finish reason or None) per decoded token."""
+    """Yield (text of the token, finish reason or None) per decoded token; raises `WorkerFailed`."""
     worker.running_sequences += 1
-    stream = worker.client.decode(request_id, prompt_ids, first.token_id, first.kv_handle, sampling)
+    stream = worker.client.decode(request_id, prompt_ids, first_token, kv_handle, sampling)
     last = time.monotonic()
     try:
         async for token in stream:
@@ -150,7 +164,7 @@ async def _relay_decode(
     except WorkerFailed as exc:
         if exc.worker_down:
             pool.mark_down(worker)
-        raise server_error(str(exc), code="decode_failed") from None
+        raise
     finally:
         worker.running_sequences -= 1
         await stream.aclose()
