@@ -151,7 +151,7 @@ def test_bad_requests_get_4xx_and_serving_continues(client: openai.OpenAI, serve
             assert resp.status_code == status, (path, body, resp.text)
             error = resp.json()["error"]
             assert error["message"] and error["type"] == "invalid_request_error", error
-        assert http.get("/health").status_code == 200
+        assert http.get(serve.base_url.removesuffix("/v1") + "/health").status_code == 200
     # The official client maps these to its exception types, too.
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="x")
