@@ -1,8 +1,9 @@
 """Plain TCP backend: the holder streams the reader's runs straight from its kv_cache memory.
 
-Zero-copy on CPU: `sendall` takes memoryviews of the holder's tensor and the reader `recv_into`s
-memoryviews of its own blocks. The bulk path uses blocking sockets in threads (the asyncio API
-wraps it) because on loopback the per-call event-loop overhead would cost ~30% of throughput.
+Zero-copy on CPU: the holder gather-writes (`sendmsg`) memoryviews of its tensor's runs and the
+reader scatter-reads (`recvmsg_into`) straight into memoryviews of its own blocks. The bulk path
+uses blocking sockets in threads (the asyncio API wraps it): on loopback, per-call event-loop
+overhead would cost a large share of the throughput.
 CUDA tensors are staged through host memory one run at a time.
 """
 
@@ -22,6 +23,7 @@ from .leases import Lease
 from .runs import Run
 
 _POLL_S = 0.25  # socket timeout slice: how often a blocked reader checks its deadline/cancel flag
+_IOV_BATCH = 512  # buffers per sendmsg/recvmsg_into call (Linux IOV_MAX is 1024)
 
 
 def byte_view(tensor: torch.Tensor) -> torch.Tensor:
@@ -52,18 +54,16 @@ class TcpTransport(KVTransport):
     def _serve_claim(self, sock: socket.socket, req: dict[str, Any], lease: Lease, runs: list[Run]) -> None:
         nbytes = sum(r.length for r in runs)
         send_frame(sock, {"ok": True, "nbytes": nbytes})
-        for run in runs:
-            sock.sendall(self._src_view(run))
+        if self._host_view is not None:
+            send_views(sock, [self._host_view[r.src : r.src + r.length] for r in runs])
+        else:
+            for run in runs:  # device memory: stage one run at a time through host memory
+                sock.sendall(memoryview(self._bytes[run.src : run.src + run.length].cpu().numpy()))
         sock.settimeout(max(float(req["deadline_s"]), 0.0) + 1.0)
         done = recv_frame(sock)
         sock.settimeout(None)
         if done.get("op") == "done":
             self.leases.reader_done(lease.handle.handle_id, int(req["reader_rank"]))
-
-    def _src_view(self, run: Run) -> memoryview:
-        if self._host_view is not None:
-            return self._host_view[run.src : run.src + run.length]
-        return memoryview(self._bytes[run.src : run.src + run.length].cpu().numpy())
 
     # ---------------------------------------------------------------- reader
     def _fetch_blocking(
@@ -96,39 +96,51 @@ class TcpTransport(KVTransport):
                 raise KVTransferError(
                     "layout_mismatch", f"{reply['nbytes']} bytes (holder) != {total} (reader)"
                 )
-            for run in runs:
-                self._recv_run(sock, run, deadline, cancel, holder.endpoint)
+            if self._host_view is not None:
+                views = [self._host_view[r.dst : r.dst + r.length] for r in runs]
+                recv_views(sock, views, deadline, cancel, holder.endpoint)
+            else:
+                for run in runs:
+                    staging = torch.empty(run.length, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+                    recv_views(sock, [memoryview(staging.numpy())], deadline, cancel, holder.endpoint)
+                    self._bytes[run.dst : run.dst + run.length].copy_(staging)
             send_frame(sock, {"op": "done"})
             return total
         finally:
             sock.close()
 
-    def _recv_run(
-        self, sock: socket.socket, run: Run, deadline: float, cancel: threading.Event, peer: str
-    ) -> None:
-        staging = None
-        if self._host_view is not None:
-            view = self._host_view[run.dst : run.dst + run.length]
-        else:
-            staging = torch.empty(run.length, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
-            view = memoryview(staging.numpy())
-        sock.settimeout(_POLL_S)
-        while view:
-            if cancel.is_set() or time.monotonic() >= deadline:
-                reason = "cancelled" if cancel.is_set() else "timeout"
-                raise KVTransferError(reason, f"reading from holder {peer} stopped: {reason}")
-            try:
-                got = sock.recv_into(view)
-            except TimeoutError:
-                continue  # re-check the deadline and the cancel flag
-            except OSError as exc:
-                raise KVTransferError(
-                    "holder_unreachable", f"holder {peer} connection failed: {exc}"
-                ) from exc
-            if got == 0:
-                raise KVTransferError(
-                    "holder_unreachable", f"holder {peer} closed the connection mid-transfer"
-                )
-            view = view[got:]
-        if staging is not None:
-            self._bytes[run.dst : run.dst + run.length].copy_(staging, non_blocking=False)
+
+def _advance(views: list[memoryview], n: int) -> None:
+    """Drop the first `n` bytes from a list of views, in place."""
+    while n and n >= len(views[0]):
+        n -= len(views.pop(0))
+    if n:
+        views[0] = views[0][n:]
+
+
+def send_views(sock: socket.socket, views: list[memoryview]) -> None:
+    """sendall for many buffers: gather-writes (sendmsg) of up to _IOV_BATCH views per syscall."""
+    views = [v for v in views if len(v)]
+    while views:
+        _advance(views, sock.sendmsg(views[:_IOV_BATCH]))
+
+
+def recv_views(
+    sock: socket.socket, views: list[memoryview], deadline: float, cancel: threading.Event, peer: str
+) -> None:
+    """Scatter-read exactly the views' bytes (recvmsg_into), checking the deadline and cancel flag."""
+    views = [v for v in views if len(v)]
+    sock.settimeout(_POLL_S)
+    while views:
+        if cancel.is_set() or time.monotonic() >= deadline:
+            reason = "cancelled" if cancel.is_set() else "timeout"
+            raise KVTransferError(reason, f"reading from holder {peer} stopped: {reason}")
+        try:
+            got = sock.recvmsg_into(views[:_IOV_BATCH])[0]
+        except TimeoutError:
+            continue  # re-check the deadline and the cancel flag
+        except OSError as exc:
+            raise KVTransferError("holder_unreachable", f"holder {peer} connection failed: {exc}") from exc
+        if got == 0:
+            raise KVTransferError("holder_unreachable", f"holder {peer} closed the connection mid-transfer")
+        _advance(views, got)

@@ -1,0 +1,249 @@
+"""KV relay throughput between two processes vs baselines measured in the same run; prints one JSON line.
+
+Payload: an 8B Llama's KV layout (32 layers, 8 KV heads, head_dim 128, bf16 = 128 KiB/token) at
+2,048 tokens (256 MiB) and 128 tokens (16 MiB), block size 16. "relay" is the whole path: the
+holder publishes a signed handle (lease), the reader parses it, claims it and reads the blocks
+into its own cache, and the done-notice releases the lease. Baselines: numpy memcpy in one
+process (for NIXL over cma), and a plain socket sendall/recv_into on loopback (for the tcp
+backend and NIXL over UCX tcp), both run in the reader process interleaved with the relay.
+
+    python bench/kv_transfer.py [--iters 5] [--flavours nixl-cma,nixl-tcp,tcp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from kvrelay_worker.kv import KVHandle, KVLayout, create_transport
+
+LAYOUT = KVLayout(
+    model_id="llama-8b-layout", num_layers=32, block_size=16, num_kv_heads=8, head_dim=128, dtype="bfloat16"
+)
+TOKENS = (2048, 128)
+NUM_BLOCKS = 2048 // 16 + 1  # + the null block
+FLAVOUR_ENV = {
+    "nixl-cma": {"UCX_NET_DEVICES": "lo"},
+    "nixl-tcp": {"UCX_TLS": "tcp", "UCX_NET_DEVICES": "lo"},
+    "tcp": {},
+}
+SECRET = b"bench-secret"
+
+
+# ------------------------------------------------------------------------------- peer process
+class Peer:
+    """Holder or reader endpoint; also serves/fetches the raw-socket baseline from the same memory."""
+
+    def __init__(self, backend: str, seed: int | None) -> None:
+        shape = (LAYOUT.num_layers, 2, NUM_BLOCKS, LAYOUT.num_kv_heads, LAYOUT.block_size, LAYOUT.head_dim)
+        if seed is None:
+            self.cache = torch.ones(shape, dtype=torch.bfloat16)  # touched, so no first-use page faults
+        else:
+            gen = torch.Generator().manual_seed(seed)
+            self.cache = torch.randint(-(2**15), 2**15 - 1, shape, dtype=torch.int16, generator=gen).view(
+                torch.bfloat16
+            )
+        self.bytes = memoryview(self.cache.view(-1).view(torch.uint8).numpy())
+        self.transport = create_transport(backend, self.cache, LAYOUT, secret=SECRET, lease_s=60)
+        self.transport.start()
+        self.released: list[list[int]] = []
+        self.raw_port = 0
+        self.memcpy_src: np.ndarray | None = None
+        self.loop = asyncio.new_event_loop()  # one long-lived loop, as in the worker's server
+
+    def handle(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        op = cmd["op"]
+        if op == "publish":
+            t0 = time.perf_counter()
+            handle = self.transport.publish(
+                cmd["request_id"], cmd["block_ids"], cmd["num_tokens"], self.released.append
+            )
+            data = handle.to_json().decode()
+            return {"handle": data, "publish_s": time.perf_counter() - t0}
+        if op == "fetch":
+            t0 = time.perf_counter()
+            handle = KVHandle.from_json(cmd["handle"])
+            self.loop.run_until_complete(self.transport.fetch(handle, cmd["dst_block_ids"], timeout_s=60))
+            return {"fetch_s": time.perf_counter() - t0}
+        if op == "digest":
+            data = self.cache[:, :, cmd["block_ids"]].contiguous().view(torch.uint8).numpy().tobytes()
+            held = self.transport.leases.held()
+            return {
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "held_blocks": held[0],
+                "released": len(self.released),
+            }
+        if op == "raw_serve":
+            srv = socket.create_server(("127.0.0.1", 0))
+            self.raw_port = srv.getsockname()[1]
+            threading.Thread(target=self._raw_serve, args=(srv,), daemon=True).start()
+            return {"port": self.raw_port}
+        if op == "memcpy":
+            if self.memcpy_src is None:
+                self.memcpy_src = np.random.default_rng(0).integers(0, 255, len(self.bytes), dtype=np.uint8)
+            dst = np.frombuffer(self.bytes, dtype=np.uint8)[: cmd["nbytes"]]
+            t0 = time.perf_counter()
+            np.copyto(dst, self.memcpy_src[: cmd["nbytes"]])
+            return {"s": time.perf_counter() - t0}
+        if op == "raw_fetch":
+            return {"fetch_s": self._raw_fetch(cmd["port"], cmd["nbytes"])}
+        raise ValueError(op)
+
+    def _raw_serve(self, srv: socket.socket) -> None:
+        while True:
+            conn, _ = srv.accept()
+            with conn:
+                nbytes = int.from_bytes(conn.recv(8), "big")
+                conn.sendall(self.bytes[:nbytes])
+                conn.recv(1)
+
+    def _raw_fetch(self, port: int, nbytes: int) -> float:
+        t0 = time.perf_counter()
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(nbytes.to_bytes(8, "big"))
+            view = self.bytes[:nbytes]
+            while view:
+                view = view[sock.recv_into(view) :]
+            elapsed = time.perf_counter() - t0
+            sock.sendall(b"k")
+        return elapsed
+
+
+def peer_main() -> None:
+    cfg = json.loads(sys.stdin.readline())
+    peer = Peer(cfg["backend"], cfg.get("seed"))
+    print("BENCH " + json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "exit":
+            break
+        print("BENCH " + json.dumps(peer.handle(cmd)), flush=True)
+    peer.transport.close()
+
+
+# ------------------------------------------------------------------------------- orchestrator
+class Proc:
+    def __init__(self, flavour: str, seed: int | None) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("UCX_")}
+        env.update(FLAVOUR_ENV[flavour])
+        self.p = subprocess.Popen(
+            [sys.executable, __file__, "--peer"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            text=True,
+        )
+        backend = "tcp" if flavour == "tcp" else "nixl"
+        self._send({"backend": backend, "seed": seed})
+
+    def _send(self, obj: dict[str, Any]) -> None:
+        assert self.p.stdin is not None
+        self.p.stdin.write(json.dumps(obj) + "\n")
+        self.p.stdin.flush()
+
+    def recv(self) -> dict[str, Any]:
+        assert self.p.stdout is not None
+        for line in self.p.stdout:
+            if line.startswith("BENCH "):
+                return json.loads(line[6:])
+        raise RuntimeError(f"peer exited with {self.p.wait()}")
+
+    def call(self, **cmd: Any) -> dict[str, Any]:
+        self._send(cmd)
+        return self.recv()
+
+    def close(self) -> None:
+        try:
+            self._send({"op": "exit"})
+            self.p.wait(timeout=10)
+        except Exception:
+            self.p.kill()
+            self.p.wait()
+
+
+def bench_flavour(flavour: str, iters: int) -> dict[str, Any]:
+    holder, reader = Proc(flavour, seed=3), Proc(flavour, seed=None)
+    try:
+        holder.recv(), reader.recv()
+        out: dict[str, Any] = {}
+        raw_port = holder.call(op="raw_serve")["port"]
+        for tokens in TOKENS:
+            n = tokens // LAYOUT.block_size
+            nbytes = n * LAYOUT.block_bytes_local()
+            src_ids, dst_ids = list(range(1, n + 1)), list(range(1, n + 1))
+            relay, raw, copy = [], [], []
+            # Interleave relay and baseline so both see the same load on a shared machine; the
+            # first iteration is cold (UCX wire-up, page faults) and dropped.
+            for i in range(iters + 1):
+                pub = holder.call(
+                    op="publish", request_id=f"r{tokens}-{i}", block_ids=src_ids, num_tokens=tokens
+                )
+                got = reader.call(op="fetch", handle=pub["handle"], dst_block_ids=dst_ids)
+                relay.append(pub["publish_s"] + got["fetch_s"])
+                if i == iters:  # check the bytes before the baselines reuse the reader's memory
+                    want = holder.call(op="digest", block_ids=src_ids)
+                    have = reader.call(op="digest", block_ids=dst_ids)
+                raw.append(reader.call(op="raw_fetch", port=raw_port, nbytes=nbytes)["fetch_s"])
+                copy.append(reader.call(op="memcpy", nbytes=nbytes)["s"])
+            want, have = (
+                holder.call(op="digest", block_ids=src_ids),
+                reader.call(op="digest", block_ids=dst_ids),
+            )
+            relay_s, raw_s, copy_s = (statistics.median(x[1:]) for x in (relay, raw, copy))
+            time.sleep(0.05)
+            out[str(tokens)] = {
+                "bytes": nbytes,
+                "relay_s": round(relay_s, 5),
+                "relay_gbps": round(nbytes / relay_s / 1e9, 3),
+                "socket_s": round(raw_s, 5),
+                "socket_gbps": round(nbytes / raw_s / 1e9, 3),
+                "memcpy_s": round(copy_s, 5),
+                "memcpy_gbps": round(nbytes / copy_s / 1e9, 3),
+                "verified": want["sha256"] == have["sha256"],
+                "released": holder.call(op="digest", block_ids=[1])["held_blocks"] == 0,
+            }
+        return out
+    finally:
+        holder.close()
+        reader.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--iters", type=int, default=7)
+    parser.add_argument("--flavours", default="nixl-cma,nixl-tcp,tcp")
+    parser.add_argument("--peer", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.peer:
+        peer_main()
+        return
+    result: dict[str, Any] = {
+        "bench": "kv_transfer",
+        "iters": args.iters,
+        "layout": "llama-8b bf16 128KiB/token",
+    }
+    for flavour in args.flavours.split(","):
+        result[flavour] = bench_flavour(flavour, args.iters)
+        for tokens in TOKENS:
+            entry = result[flavour][str(tokens)]
+            if flavour == "nixl-cma":
+                entry["ratio_vs_memcpy"] = round(entry["memcpy_s"] / entry["relay_s"], 3)
+            entry["ratio_vs_socket"] = round(entry["socket_s"] / entry["relay_s"], 3)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
