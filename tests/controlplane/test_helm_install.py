@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,14 +187,16 @@ ALLOWED = [
     ("create", "events", MODEL_NS),
     ("list", "customresourcedefinitions.apiextensions.k8s.io", None),
     ("watch", "endpointslices.discovery.k8s.io", MODEL_NS),
-    ("update", "leases.coordination.k8s.io", RELEASE_NS),
+    ("update", f"leases.coordination.k8s.io/{SA}", RELEASE_NS),
+    ("create", "leases.coordination.k8s.io", RELEASE_NS),
 ]
 REFUSED = [
     ("get", "secrets", MODEL_NS),
     ("delete", "disaggregatedmodels.kvrelay.dev", MODEL_NS),
     ("create", "clusterroles.rbac.authorization.k8s.io", None),
     ("create", "pods", MODEL_NS),
-    ("update", "leases.coordination.k8s.io", MODEL_NS),
+    ("update", f"leases.coordination.k8s.io/{SA}", MODEL_NS),
+    ("update", "leases.coordination.k8s.io/someone-else", RELEASE_NS),
     ("delete", "customresourcedefinitions.apiextensions.k8s.io", None),
 ]
 
@@ -258,3 +262,48 @@ def test_operator_writes_succeed_as_the_service_account(cluster: Cluster) -> Non
     # Clean up the finalizer so the namespace can go away with the control plane.
     cluster.as_operator("patch", "disaggregatedmodel", "-n", MODEL_NS, "tiny", "--type=json",
                         "-p", '[{"op": "remove", "path": "/metadata/finalizers"}]')  # fmt: skip
+
+
+def test_real_operator_reconciles_as_the_service_account(cluster: Cluster, tmp_path: Path) -> None:
+    """kvrelay-operator itself (Lease election + kopf), authenticated as the chart's ServiceAccount."""
+    name = "tiny-op"
+    cr = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
+    cr["metadata"] = {"name": name, "namespace": MODEL_NS}
+    cluster.admin("apply", "-f", "-", stdin=json.dumps(cr))
+    log_path = tmp_path / "operator.log"
+    command = [
+        sys.executable, "-c", "import sys; from kvrelay_operator.main import main; sys.exit(main())",
+        "--all-namespaces", "--liveness=", "--leader-elect", f"--lease-namespace={RELEASE_NS}",
+        f"--lease-name={SA}", "--worker-image=kvrelay/kvrelay:test",
+    ]  # fmt: skip
+    env = {**os.environ, "KUBECONFIG": str(cluster.sa_kubeconfig)}
+    env.pop("KUBERNETES_SERVICE_HOST", None)  # never mistake this for an in-cluster pod
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        want = {f"{name}-{role}" for role in ("prefill", "decode", "router")}
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, f"operator exited {proc.returncode}:\n{log_path.read_text()[-3000:]}"
+            items = json.loads(cluster.admin("get", "deployments", "-n", MODEL_NS, "-o", "json").stdout)[
+                "items"
+            ]
+            live = json.loads(
+                cluster.admin("get", "disaggregatedmodel", "-n", MODEL_NS, name, "-o", "json").stdout
+            )
+            observed = live.get("status", {}).get("observedGeneration")
+            if want <= {d["metadata"]["name"] for d in items} and observed == live["metadata"]["generation"]:
+                break
+            assert time.monotonic() < deadline, f"no reconcile in 90s:\n{log_path.read_text()[-3000:]}"
+            time.sleep(0.5)
+        lease = json.loads(cluster.admin("get", "lease", "-n", RELEASE_NS, SA, "-o", "json").stdout)
+        assert lease["spec"]["holderIdentity"], lease
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    text = log_path.read_text()
+    assert "forbidden" not in text.lower() and " 403" not in text, text[-3000:]

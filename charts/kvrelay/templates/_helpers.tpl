@@ -53,8 +53,3 @@ app.kubernetes.io/component: operator
 {{- define "kvrelay.hasMonitoringAPI" -}}
 {{- if .Capabilities.APIVersions.Has "monitoring.coreos.com/v1" }}true{{ end }}
 {{- end }}
-
-{{/* The kopf peering object both operator replicas join; the one with the higher priority is active. */}}
-{{- define "kvrelay.peeringName" -}}
-{{- include "kvrelay.fullname" . }}
-{{- end }}

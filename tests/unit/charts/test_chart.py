@@ -255,3 +255,21 @@ def test_notes_say_what_to_do_next(helm: Path) -> None:
     notes = done.stdout.split("NOTES:", 1)[1]
     assert "kind: DisaggregatedModel" in notes
     assert "monitoring.coreos.com/v1) was not found" in notes
+
+
+@pytest.mark.parametrize("values", VALUE_SETS, ids=VALUE_IDS)
+def test_operator_args_parse_with_the_operators_own_parser(render: Render, values: Path | None) -> None:
+    from kvrelay_operator.main import build_parser
+
+    (deploy,) = by_kind(render(*values_args(values)), "Deployment")
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["kvrelay-operator"]
+    args = build_parser().parse_args(container["args"])
+    assert args.leader_elect and args.lease_namespace == "kvrelay-system"
+    (role,) = by_kind(render(*values_args(values)), "Role")
+    named = [r for r in role["rules"] if r.get("resourceNames")]
+    assert named[0]["resourceNames"] == [args.lease_name], "the Role must cover the Lease the operator uses"
+    assert args.all_namespaces or args.namespace
+    scoped = render("--set", "operator.watchNamespaces={a,b}")
+    (scoped_container,) = by_kind(scoped, "Deployment")[0]["spec"]["template"]["spec"]["containers"]
+    assert build_parser().parse_args(scoped_container["args"]).namespace == ["a", "b"]
