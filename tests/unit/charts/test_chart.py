@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -115,6 +116,8 @@ def test_operator_deployment_is_hardened_and_redundant(render: Render) -> None:
     assert sc["readOnlyRootFilesystem"] is True
     assert sc["allowPrivilegeEscalation"] is False
     assert sc["capabilities"]["drop"] == ["ALL"]
+    dockerfile_user = re.search(r"^USER (\d+)", (ROOT / "worker_image" / "Dockerfile").read_text(), re.M)
+    assert dockerfile_user and pod["securityContext"]["runAsUser"] == int(dockerfile_user.group(1))
     (sa,) = by_kind(render(), "ServiceAccount")
     assert pod["serviceAccountName"] == sa["metadata"]["name"]
     assert (
