@@ -70,6 +70,8 @@ class DashboardSpec:
     description: str
     rows: tuple[tuple[str, tuple[PanelSpec, ...]], ...]
     tags: tuple[str, ...] = field(default=("kvrelay",))
+    # Event markers drawn on every time series panel (name, PromQL whose non-empty steps are events).
+    annotations: tuple[tuple[str, str], ...] = ()
 
     def panels(self) -> list[PanelSpec]:
         """All panels of the dashboard, in order."""
@@ -89,6 +91,13 @@ def latency_vs_slo(metric: str, slo_var: str, selector: str = MODEL) -> tuple[Qu
         Query(quantile("0.99", metric, selector), "p99"),
         Query(f"vector(${slo_var})", "SLO target"),
     )
+
+
+# A marker whenever the autoscaler changed a role's desired replicas.
+SCALING_ANNOTATION = (
+    "Scaling",
+    f"sum by (model, role) (changes(kvrelay_autoscaler_desired_replicas{{{MODEL}}}[2m])) > 0",
+)
 
 
 def overview() -> DashboardSpec:
@@ -200,6 +209,7 @@ def pools() -> DashboardSpec:
         "kvrelay / Pools",
         "Prefill and decode pools: size, ratio, backlog and KV-cache pressure.",
         (("Size", size), ("Load", load)),
+        annotations=(SCALING_ANNOTATION,),
     )
 
 
@@ -314,6 +324,7 @@ def autoscaler() -> DashboardSpec:
         "kvrelay / Autoscaler",
         "Why the autoscaler did what it did: decisions, reasons and the SLO against what was observed.",
         (("Decisions", decisions), ("Inputs", inputs)),
+        annotations=(SCALING_ANNOTATION,),
     )
 
 
@@ -400,6 +411,15 @@ def build_dashboard(spec: DashboardSpec) -> dict[str, object]:
     )
     for variable in _variables():
         builder = builder.with_variable(variable)
+    for name, expr in spec.annotations:
+        builder = builder.annotation(
+            gdash.AnnotationQuery()
+            .name(name)
+            .datasource(_datasource())
+            .enable(True)
+            .icon_color("orange")
+            .expr(expr)
+        )
     panel_id = 1
     for row_title, panels in spec.rows:
         builder = builder.with_row(gdash.Row(row_title).id(panel_id))

@@ -38,12 +38,19 @@ NUM_REQUESTS, CONCURRENCY, MAX_TOKENS, LOAD_SECONDS = 24, 4, 12, 10.0
 
 
 def _cases() -> list[tuple[str, str, str]]:
-    return [
+    """(dashboard, panel or annotation, PromQL) of every query the dashboards run."""
+    panels = [
         (spec.uid, panel.title, query.expr)
         for spec in dashboards.dashboard_specs()
         for panel in spec.panels()
         for query in panel.queries
     ]
+    annotations = [
+        (spec.uid, f"annotation {name}", expr)
+        for spec in dashboards.dashboard_specs()
+        for name, expr in spec.annotations
+    ]
+    return panels + annotations
 
 
 def _free_port() -> int:

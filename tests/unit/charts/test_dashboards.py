@@ -64,6 +64,9 @@ def test_queries_use_only_contract_metrics(spec: dashboards.DashboardSpec) -> No
                 base = next((name[: -len(s)] for s in HISTOGRAM_SUFFIXES if name.endswith(s)), name)
                 assert name in allowed or base in allowed, f"{panel.title!r} uses {name}, not in the contract"
             assert 'model=~"$model"' in query.expr or query.expr.startswith("vector("), query.expr
+    for name, expr in spec.annotations:
+        names = re.findall(r"\bkvrelay_[a-z_]+", expr)
+        assert names and set(names) <= allowed, f"annotation {name!r} uses {names}"
 
 
 def test_expand_variables_leaves_no_grafana_variable() -> None:
