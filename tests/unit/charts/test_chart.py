@@ -47,7 +47,14 @@ def test_helm_lint_strict(helm: Path, values: Path | None) -> None:
 @pytest.mark.parametrize("values", VALUE_SETS, ids=VALUE_IDS)
 def test_every_manifest_validates_strictly(render: Render, values: Path | None, k8s_version: str) -> None:
     manifests = render(
-        *values_args(values, "--api-versions", MONITORING_API, "--set", "alerts.configMap.enabled=true")
+        *values_args(
+            values,
+            "--include-crds",
+            "--api-versions",
+            MONITORING_API,
+            "--set",
+            "alerts.configMap.enabled=true",
+        )
     )
     checked = 0
     for manifest in manifests:
@@ -61,6 +68,7 @@ def test_every_manifest_validates_strictly(render: Render, values: Path | None, 
         checked += 1
     kinds = {m["kind"] for m in manifests}
     assert {"Deployment", "ServiceAccount", "ClusterRole", "Role", "ConfigMap", "Service"} <= kinds
+    assert "CustomResourceDefinition" in kinds
     assert kinds - CUSTOM_KINDS, "nothing was validated"
     assert checked >= 10
 
