@@ -181,7 +181,7 @@ ALLOWED = [
     ("watch", "disaggregatedmodels.kvrelay.dev", None),
     ("patch", "disaggregatedmodels.kvrelay.dev/status", MODEL_NS),
     ("patch", "deployments.apps", MODEL_NS),
-    ("delete", "services", MODEL_NS),
+    ("patch", "services", MODEL_NS),
     ("create", "poddisruptionbudgets.policy", MODEL_NS),
     ("patch", "podmonitors.monitoring.coreos.com", MODEL_NS),
     ("create", "events", MODEL_NS),
@@ -198,6 +198,7 @@ REFUSED = [
     ("update", f"leases.coordination.k8s.io/{SA}", MODEL_NS),
     ("update", "leases.coordination.k8s.io/someone-else", RELEASE_NS),
     ("delete", "customresourcedefinitions.apiextensions.k8s.io", None),
+    ("delete", "deployments.apps", MODEL_NS),
 ]
 
 
@@ -298,6 +299,11 @@ def test_real_operator_reconciles_as_the_service_account(cluster: Cluster, tmp_p
             time.sleep(0.5)
         lease = json.loads(cluster.admin("get", "lease", "-n", RELEASE_NS, SA, "-o", "json").stdout)
         assert lease["spec"]["holderIdentity"], lease
+        # kopf posts the reconcile's Event with the same token (events: create).
+        selector = f"--field-selector=involvedObject.name={name}"
+        while "Created" not in cluster.admin("get", "events", "-n", MODEL_NS, selector, "-o", "json").stdout:
+            assert time.monotonic() < deadline + 30, f"no Created event:\n{log_path.read_text()[-3000:]}"
+            time.sleep(0.5)
     finally:
         proc.terminate()
         try:

@@ -159,8 +159,8 @@ KIND_TO_RESOURCE = {
     "RoleBinding": ("rbac.authorization.k8s.io", "rolebindings"),
     "PodMonitor": ("monitoring.coreos.com", "podmonitors"),
 }
-# Server-side apply is a patch; kopf watches children and deletes what a spec no longer needs.
-CHILD_VERBS = {"get", "list", "watch", "create", "patch", "delete"}
+# Server-side apply is a patch (plus create for a new object); kopf lists and watches children.
+CHILD_VERBS = {"get", "list", "watch", "create", "patch"}
 
 
 def operator_child_kinds() -> set[str]:
@@ -209,7 +209,9 @@ def test_rbac_is_least_privilege(render: Render) -> None:
     assert not {g for g in grants if g[1] in forbidden}
     assert ("kvrelay.dev", "disaggregatedmodels", "delete") not in grants
     assert ("apiextensions.k8s.io", "customresourcedefinitions", "create") not in grants
-    assert not {g for g in grants if g[2] in {"escalate", "bind", "impersonate", "deletecollection"}}
+    assert not {
+        g for g in grants if g[2] in {"escalate", "bind", "impersonate", "delete", "deletecollection"}
+    }
     (role,) = by_kind(manifests, "Role")
     assert role["metadata"]["namespace"] == "kvrelay-system"
     assert {g[:2] for g in _grants(role["rules"])} == {("coordination.k8s.io", "leases")}
