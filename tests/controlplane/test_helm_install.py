@@ -45,7 +45,7 @@ def _skip_or_fail(why: str) -> None:
 
 @dataclass
 class Cluster:
-    """A control plane with the chart installed, and tools bound to it."""
+    """A control plane of its own (the operator runs cluster-wide here) with the chart installed."""
 
     plane: ControlPlane
     kubectl: Path
@@ -98,7 +98,7 @@ def _monitoring_crd(kind: str, plural: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def helm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     assets, why = find_assets()
     if assets is None:
         _skip_or_fail(f"no kube-apiserver: {why}")
@@ -136,9 +136,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield cluster
 
 
-def _helm_install(cluster: Cluster) -> None:
+def _helm_install(helm_cluster: Cluster) -> None:
     example = CHART / "examples" / "single-node-pool.yaml"
-    cmd = [str(cluster.helm), "install", RELEASE, str(CHART), f"--kubeconfig={cluster.plane.kubeconfig}"]
+    cmd = [
+        str(helm_cluster.helm),
+        "install",
+        RELEASE,
+        str(CHART),
+        f"--kubeconfig={helm_cluster.plane.kubeconfig}",
+    ]
     cmd += ["--namespace", RELEASE_NS, "--create-namespace", "-f", str(example), "--timeout=120s"]
     # No kubelet runs here, so pods never start: install without --wait.
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
@@ -146,33 +152,43 @@ def _helm_install(cluster: Cluster) -> None:
     assert "DisaggregatedModels created by this release" in done.stdout
 
 
-def test_helm_install_creates_everything(cluster: Cluster) -> None:
-    crd = json.loads(cluster.admin("get", "crd", "disaggregatedmodels.kvrelay.dev", "-o", "json").stdout)
+def test_helm_install_creates_everything(helm_cluster: Cluster) -> None:
+    crd = json.loads(helm_cluster.admin("get", "crd", "disaggregatedmodels.kvrelay.dev", "-o", "json").stdout)
     assert any(c["type"] == "Established" and c["status"] == "True" for c in crd["status"]["conditions"])
-    deploy = json.loads(cluster.admin("get", "deployment", "-n", RELEASE_NS, SA, "-o", "json").stdout)
+    deploy = json.loads(helm_cluster.admin("get", "deployment", "-n", RELEASE_NS, SA, "-o", "json").stdout)
     assert deploy["spec"]["replicas"] == 2
     assert deploy["spec"]["template"]["spec"]["serviceAccountName"] == SA
     # The monitoring API exists on this server, so the capability-gated objects were installed.
-    cluster.admin("get", "podmonitor", "-n", RELEASE_NS, SA)
-    rule = json.loads(cluster.admin("get", "prometheusrule", "-n", RELEASE_NS, RELEASE, "-o", "json").stdout)
+    helm_cluster.admin("get", "podmonitor", "-n", RELEASE_NS, SA)
+    rule = json.loads(
+        helm_cluster.admin("get", "prometheusrule", "-n", RELEASE_NS, RELEASE, "-o", "json").stdout
+    )
     assert {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]} >= {"KvrelayOperatorDown"}
-    dashboards = cluster.admin(
+    dashboards = helm_cluster.admin(
         "get", "configmap", "-n", RELEASE_NS, "-l", "grafana_dashboard=1", "-o", "name"
     )
     assert len(dashboards.stdout.split()) == 4
     # The example values' model was admitted by the CRD's schema and CEL rules.
     model = json.loads(
-        cluster.admin("get", "disaggregatedmodel", "-n", RELEASE_NS, "llama-8b", "-o", "json").stdout
+        helm_cluster.admin("get", "disaggregatedmodel", "-n", RELEASE_NS, "llama-8b", "-o", "json").stdout
     )
     DisaggregatedModelSpec.model_validate(model["spec"])
 
 
-def test_helm_upgrade_with_changed_values_is_accepted(cluster: Cluster) -> None:
-    cmd = [str(cluster.helm), "upgrade", RELEASE, str(CHART), f"--kubeconfig={cluster.plane.kubeconfig}"]
+def test_helm_upgrade_with_changed_values_is_accepted(helm_cluster: Cluster) -> None:
+    cmd = [
+        str(helm_cluster.helm),
+        "upgrade",
+        RELEASE,
+        str(CHART),
+        f"--kubeconfig={helm_cluster.plane.kubeconfig}",
+    ]
     cmd += ["--namespace", RELEASE_NS, "--reuse-values", "--set", "alerts.slo.ttftSeconds=3"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
-    rule = json.loads(cluster.admin("get", "prometheusrule", "-n", RELEASE_NS, RELEASE, "-o", "json").stdout)
+    rule = json.loads(
+        helm_cluster.admin("get", "prometheusrule", "-n", RELEASE_NS, RELEASE, "-o", "json").stdout
+    )
     assert "> 3\n" in rule["spec"]["groups"][0]["rules"][0]["expr"]
 
 
@@ -202,30 +218,34 @@ REFUSED = [
 ]
 
 
-def _can_i(cluster: Cluster, verb: str, resource: str, namespace: str | None) -> bool:
+def _can_i(helm_cluster: Cluster, verb: str, resource: str, namespace: str | None) -> bool:
     scope = ["-n", namespace] if namespace else ["--all-namespaces"]
-    done = cluster.as_operator("auth", "can-i", verb, resource, *scope, check=False)
+    done = helm_cluster.as_operator("auth", "can-i", verb, resource, *scope, check=False)
     assert done.stdout.strip() in {"yes", "no"}, done.stderr
     return done.stdout.strip() == "yes"
 
 
 @pytest.mark.parametrize(("verb", "resource", "namespace"), ALLOWED)
-def test_service_account_may(cluster: Cluster, verb: str, resource: str, namespace: str | None) -> None:
-    assert _can_i(cluster, verb, resource, namespace), f"{SA_USER} cannot {verb} {resource} in {namespace}"
+def test_service_account_may(helm_cluster: Cluster, verb: str, resource: str, namespace: str | None) -> None:
+    assert _can_i(helm_cluster, verb, resource, namespace), (
+        f"{SA_USER} cannot {verb} {resource} in {namespace}"
+    )
 
 
 @pytest.mark.parametrize(("verb", "resource", "namespace"), REFUSED)
-def test_service_account_may_not(cluster: Cluster, verb: str, resource: str, namespace: str | None) -> None:
-    assert not _can_i(cluster, verb, resource, namespace), f"{SA_USER} should not {verb} {resource}"
+def test_service_account_may_not(
+    helm_cluster: Cluster, verb: str, resource: str, namespace: str | None
+) -> None:
+    assert not _can_i(helm_cluster, verb, resource, namespace), f"{SA_USER} should not {verb} {resource}"
 
 
-def test_operator_writes_succeed_as_the_service_account(cluster: Cluster) -> None:
+def test_operator_writes_succeed_as_the_service_account(helm_cluster: Cluster) -> None:
     """Replays the operator's reconcile writes with the ServiceAccount's token: RBAC is enough."""
     cr = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
     cr["metadata"] = {"name": "tiny", "namespace": MODEL_NS}
-    cluster.admin("apply", "-f", "-", stdin=json.dumps(cr))  # a user creates the model
+    helm_cluster.admin("apply", "-f", "-", stdin=json.dumps(cr))  # a user creates the model
     live = json.loads(
-        cluster.as_operator("get", "disaggregatedmodel", "-n", MODEL_NS, "tiny", "-o", "json").stdout
+        helm_cluster.as_operator("get", "disaggregatedmodel", "-n", MODEL_NS, "tiny", "-o", "json").stdout
     )
     spec = DisaggregatedModelSpec.model_validate(live["spec"])
     ctx = resources.RenderContext(
@@ -237,47 +257,49 @@ def test_operator_writes_succeed_as_the_service_account(cluster: Cluster) -> Non
     assert {"Deployment", "Service", "Role", "RoleBinding", "ServiceAccount", "PodMonitor"} <= kinds
     manifest = "\n---\n".join(json.dumps(c) for c in children)
     # Server-side apply, as the operator does; the Role works only because the SA holds its grants.
-    cluster.as_operator(
+    helm_cluster.as_operator(
         "apply", "--server-side", f"--field-manager={FIELD_MANAGER}", "-f", "-", stdin=manifest
     )
     # A second apply of the same spec is a no-op write, and a finalizer patch on the CR works.
-    cluster.as_operator(
+    helm_cluster.as_operator(
         "apply", "--server-side", f"--field-manager={FIELD_MANAGER}", "-f", "-", stdin=manifest
     )
     patch = json.dumps({"metadata": {"finalizers": ["kopf.zalando.org/KopfFinalizerMarker"]}})
-    cluster.as_operator("patch", "disaggregatedmodel", "-n", MODEL_NS, "tiny", "--type=merge", "-p", patch)
+    helm_cluster.as_operator(
+        "patch", "disaggregatedmodel", "-n", MODEL_NS, "tiny", "--type=merge", "-p", patch
+    )
     status = {"status": {"observedGeneration": live["metadata"]["generation"], "phase": "Progressing"}}
-    cluster.as_operator(
+    helm_cluster.as_operator(
         "patch", "disaggregatedmodel", "-n", MODEL_NS, "tiny", "--subresource=status", "--type=merge",
         "-p", json.dumps(status),
     )  # fmt: skip
     after = json.loads(
-        cluster.admin("get", "disaggregatedmodel", "-n", MODEL_NS, "tiny", "-o", "json").stdout
+        helm_cluster.admin("get", "disaggregatedmodel", "-n", MODEL_NS, "tiny", "-o", "json").stdout
     )
     assert after["status"]["phase"] == "Progressing"
-    owned = json.loads(cluster.admin("get", "deployments", "-n", MODEL_NS, "-o", "json").stdout)["items"]
+    owned = json.loads(helm_cluster.admin("get", "deployments", "-n", MODEL_NS, "-o", "json").stdout)["items"]
     assert {d["metadata"]["ownerReferences"][0]["uid"] for d in owned} == {live["metadata"]["uid"]}
     # The same ServiceAccount is refused what it should never do.
-    refused = cluster.as_operator("get", "secrets", "-n", MODEL_NS, check=False)
+    refused = helm_cluster.as_operator("get", "secrets", "-n", MODEL_NS, check=False)
     assert refused.returncode != 0 and "forbidden" in refused.stderr.lower()
     # Clean up the finalizer so the namespace can go away with the control plane.
-    cluster.as_operator("patch", "disaggregatedmodel", "-n", MODEL_NS, "tiny", "--type=json",
+    helm_cluster.as_operator("patch", "disaggregatedmodel", "-n", MODEL_NS, "tiny", "--type=json",
                         "-p", '[{"op": "remove", "path": "/metadata/finalizers"}]')  # fmt: skip
 
 
-def test_real_operator_reconciles_as_the_service_account(cluster: Cluster, tmp_path: Path) -> None:
+def test_real_operator_reconciles_as_the_service_account(helm_cluster: Cluster, tmp_path: Path) -> None:
     """kvrelay-operator itself (Lease election + kopf), authenticated as the chart's ServiceAccount."""
     name = "tiny-op"
     cr = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
     cr["metadata"] = {"name": name, "namespace": MODEL_NS}
-    cluster.admin("apply", "-f", "-", stdin=json.dumps(cr))
+    helm_cluster.admin("apply", "-f", "-", stdin=json.dumps(cr))
     log_path = tmp_path / "operator.log"
     command = [
         sys.executable, "-c", "import sys; from kvrelay_operator.main import main; sys.exit(main())",
         "--all-namespaces", "--liveness=", "--leader-elect", f"--lease-namespace={RELEASE_NS}",
         f"--lease-name={SA}", "--worker-image=kvrelay/kvrelay:test",
     ]  # fmt: skip
-    env = {**os.environ, "KUBECONFIG": str(cluster.sa_kubeconfig)}
+    env = {**os.environ, "KUBECONFIG": str(helm_cluster.sa_kubeconfig)}
     env.pop("KUBERNETES_SERVICE_HOST", None)  # never mistake this for an in-cluster pod
     with log_path.open("wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -286,22 +308,25 @@ def test_real_operator_reconciles_as_the_service_account(cluster: Cluster, tmp_p
         deadline = time.monotonic() + 90
         while True:
             assert proc.poll() is None, f"operator exited {proc.returncode}:\n{log_path.read_text()[-3000:]}"
-            items = json.loads(cluster.admin("get", "deployments", "-n", MODEL_NS, "-o", "json").stdout)[
+            items = json.loads(helm_cluster.admin("get", "deployments", "-n", MODEL_NS, "-o", "json").stdout)[
                 "items"
             ]
             live = json.loads(
-                cluster.admin("get", "disaggregatedmodel", "-n", MODEL_NS, name, "-o", "json").stdout
+                helm_cluster.admin("get", "disaggregatedmodel", "-n", MODEL_NS, name, "-o", "json").stdout
             )
             observed = live.get("status", {}).get("observedGeneration")
             if want <= {d["metadata"]["name"] for d in items} and observed == live["metadata"]["generation"]:
                 break
             assert time.monotonic() < deadline, f"no reconcile in 90s:\n{log_path.read_text()[-3000:]}"
             time.sleep(0.5)
-        lease = json.loads(cluster.admin("get", "lease", "-n", RELEASE_NS, SA, "-o", "json").stdout)
+        lease = json.loads(helm_cluster.admin("get", "lease", "-n", RELEASE_NS, SA, "-o", "json").stdout)
         assert lease["spec"]["holderIdentity"], lease
         # kopf posts the reconcile's Event with the same token (events: create).
         selector = f"--field-selector=involvedObject.name={name}"
-        while "Created" not in cluster.admin("get", "events", "-n", MODEL_NS, selector, "-o", "json").stdout:
+        while (
+            "Created"
+            not in helm_cluster.admin("get", "events", "-n", MODEL_NS, selector, "-o", "json").stdout
+        ):
             assert time.monotonic() < deadline + 30, f"no Created event:\n{log_path.read_text()[-3000:]}"
             time.sleep(0.5)
     finally:
