@@ -1,0 +1,327 @@
+"""Discrete-event model (simpy) of a disaggregated deployment: a prefill pool and a decode pool.
+
+Request path: arrival -> shared prefill queue -> a ready prefill replica batches prompts up to
+`max_prefill_batch_tokens` -> KV relay (its time counts in TTFT, conservatively) -> shared decode
+queue -> a decode replica admits it when batch and KV memory allow -> finishes after
+`output_tokens - 1` decode steps. Replicas cost GPUs from allocation (cold start included) until
+released; a removed replica drains its work first. A controller runs every interval on the same
+virtual clock and sets the replica counts.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import simpy
+from kvrelay_operator.autoscaler.types import MetricsSample, RoleReplicas, Snapshot
+
+from sim.model import ReplicaModel
+
+# Decode replicas advance this many steps per event (finishes fall exactly on chunk ends).
+_DECODE_CHUNK_STEPS = 4
+
+
+@dataclass(slots=True)
+class SimRequest:
+    """One request and the times the simulation gives it."""
+
+    arrival: float
+    prompt_tokens: int
+    output_tokens: int
+    first_token_at: float | None = None
+    finished_at: float | None = None
+
+    def ttft(self) -> float | None:
+        """Time to first token (queue + prefill + KV relay)."""
+        return None if self.first_token_at is None else self.first_token_at - self.arrival
+
+    def itl(self) -> float | None:
+        """Mean inter-token latency after the first token (decode admission wait included)."""
+        if self.finished_at is None or self.first_token_at is None:
+            return None
+        if self.output_tokens <= 1:
+            return 0.0
+        return (self.finished_at - self.first_token_at) / (self.output_tokens - 1)
+
+
+@dataclass(slots=True)
+class Replica:
+    """One replica's life: GPUs held from `allocated_at` to `released_at`."""
+
+    role: str
+    allocated_at: float
+    ready_at: float
+    gpus: int
+    draining: bool = False
+    released_at: float | None = None
+    # decode only
+    heap: list[tuple[int, int, SimRequest]] = field(default_factory=list)
+    steps: int = 0
+    kv_used: int = 0
+    context_base: int = 0
+    start_step_sum: int = 0
+
+
+class Cluster:
+    """Both pools, their queues and the counters a Prometheus scrape would see."""
+
+    def __init__(self, env: simpy.Environment, model: ReplicaModel, prefill: int, decode: int) -> None:
+        self.env = env
+        self.model = model
+        self.prefill_queue: deque[SimRequest] = deque()
+        self.decode_queue: deque[SimRequest] = deque()
+        self.replicas: dict[str, list[Replica]] = {"prefill": [], "decode": []}
+        self.wakeup = {"prefill": env.event(), "decode": env.event()}
+        self.queued_prefill_tokens = 0
+        self.counters = {
+            "requests": 0.0,
+            "prompt_tokens": 0.0,
+            "generation_tokens": 0.0,
+            "prefill_busy_seconds": 0.0,
+            "kv_transfer_seconds": 0.0,
+            "kv_transfers": 0.0,
+        }
+        self.ttft_log: list[tuple[float, float]] = []
+        self.itl_log: list[tuple[float, float]] = []
+        self.requests: list[SimRequest] = []
+        self.done: list[SimRequest] = []
+        self._seq = itertools.count()
+        for role, num in (("prefill", prefill), ("decode", decode)):
+            for _ in range(num):
+                self._start(role, cold=False)
+
+    # -- scaling ---------------------------------------------------------------------------
+    def active(self, role: str) -> list[Replica]:
+        """Replicas counted as `current`: not draining, not released."""
+        return [r for r in self.replicas[role] if not r.draining and r.released_at is None]
+
+    def role_replicas(self, role: str) -> RoleReplicas:
+        """Current and ready counts as the kube API would report them."""
+        active = self.active(role)
+        ready = sum(1 for r in active if r.ready_at <= self.env.now)
+        return RoleReplicas(current=len(active), ready=ready)
+
+    def scale_to(self, role: str, num: int) -> None:
+        """Add replicas (cold start) or drain the least useful ones (loading first)."""
+        active = self.active(role)
+        for _ in range(num - len(active)):
+            self._start(role, cold=True)
+        if num < len(active):
+            now = self.env.now
+            # Cancel the ones still loading first (newest first), then the least loaded.
+            victims = sorted(active, key=lambda r: (r.ready_at <= now, len(r.heap), -r.ready_at))
+            for replica in victims[: len(active) - num]:
+                replica.draining = True
+                if replica.ready_at > now:
+                    replica.released_at = now
+            self._wake(role)
+
+    def _start(self, role: str, cold: bool) -> None:
+        now = self.env.now
+        delay = self.model.cold_start_seconds if cold else 0.0
+        replica = Replica(role, now, now + delay, self.model.tensor_parallel)
+        self.replicas[role].append(replica)
+        body = self._prefill_loop if role == "prefill" else self._decode_loop
+        self.env.process(self._boot(replica, delay, body))
+
+    def _boot(self, replica: Replica, delay: float, body: Callable[[Replica], object]):
+        if delay:
+            yield self.env.timeout(delay)
+        if replica.released_at is None:
+            yield from body(replica)  # type: ignore[misc]
+
+    def _wake(self, role: str) -> None:
+        event = self.wakeup[role]
+        if not event.triggered:
+            event.succeed()
+        self.wakeup[role] = self.env.event()
+
+    # -- load --------------------------------------------------------------------------------
+    def arrivals(self, requests: list[tuple[float, int, int]]):
+        """simpy process: open-loop arrivals on the trace's timestamps."""
+        for at, prompt, output in requests:
+            if at > self.env.now:
+                yield self.env.timeout(at - self.env.now)
+            request = SimRequest(at, prompt, output)
+            self.requests.append(request)
+            self.counters["requests"] += 1
+            self.prefill_queue.append(request)
+            self.queued_prefill_tokens += prompt
+            self._wake("prefill")
+
+    def _prefill_loop(self, replica: Replica):
+        model = self.model
+        while not replica.draining:
+            if not self.prefill_queue:
+                yield self.wakeup["prefill"]
+                continue
+            batch = [self.prefill_queue.popleft()]
+            tokens = batch[0].prompt_tokens
+            while (
+                self.prefill_queue
+                and tokens + self.prefill_queue[0].prompt_tokens <= model.max_prefill_batch_tokens
+            ):
+                batch.append(self.prefill_queue.popleft())
+                tokens += batch[-1].prompt_tokens
+            self.queued_prefill_tokens -= tokens
+            seconds = model.prefill_batch_overhead_seconds + sum(
+                model.prefill_seconds(r.prompt_tokens) for r in batch
+            )
+            yield self.env.timeout(seconds)
+            now = self.env.now
+            self.counters["prefill_busy_seconds"] += seconds
+            self.counters["prompt_tokens"] += tokens
+            for request in batch:
+                transfer = model.kv_transfer_seconds(request.prompt_tokens)
+                self.counters["kv_transfer_seconds"] += transfer
+                self.counters["kv_transfers"] += 1
+                request.first_token_at = now + transfer
+                self.ttft_log.append((now, request.first_token_at - request.arrival))
+                if request.output_tokens <= 1:
+                    request.finished_at = request.first_token_at
+                    self.done.append(request)
+                else:
+                    self.decode_queue.append(request)
+            self._wake("decode")
+        replica.released_at = self.env.now
+
+    def _decode_loop(self, replica: Replica):
+        model = self.model
+        capacity = model.kv_capacity_tokens
+        while True:
+            now = self.env.now
+            while (
+                not replica.draining
+                and self.decode_queue
+                and len(replica.heap) < model.max_decode_batch
+                and self.decode_queue[0].first_token_at <= now  # type: ignore[operator]
+                and replica.kv_used + self.decode_queue[0].prompt_tokens + self.decode_queue[0].output_tokens
+                <= capacity
+            ):
+                request = self.decode_queue.popleft()
+                # Finish step = start step + tokens still to make; O(1) context bookkeeping.
+                heapq.heappush(
+                    replica.heap, (replica.steps + request.output_tokens - 1, next(self._seq), request)
+                )
+                replica.kv_used += request.prompt_tokens + request.output_tokens
+                replica.context_base += request.prompt_tokens + 1
+                replica.start_step_sum += replica.steps
+            if not replica.heap:
+                if replica.draining:
+                    break
+                if self.decode_queue and self.decode_queue[0].first_token_at > now:  # type: ignore[operator]
+                    yield self.env.timeout(self.decode_queue[0].first_token_at - now)  # type: ignore[operator]
+                else:
+                    yield self.wakeup["decode"]
+                continue
+            batch = len(replica.heap)
+            chunk = min(_DECODE_CHUNK_STEPS, replica.heap[0][0] - replica.steps)
+            context = replica.context_base + batch * replica.steps - replica.start_step_sum
+            yield self.env.timeout(chunk * model.decode_step_seconds(batch, context))
+            replica.steps += chunk
+            self.counters["generation_tokens"] += chunk * batch
+            now = self.env.now
+            while replica.heap and replica.heap[0][0] <= replica.steps:
+                _, _, request = heapq.heappop(replica.heap)
+                request.finished_at = now
+                self.done.append(request)
+                replica.kv_used -= request.prompt_tokens + request.output_tokens
+                replica.context_base -= request.prompt_tokens + 1
+                replica.start_step_sum -= replica.steps - (request.output_tokens - 1)
+                self.itl_log.append((now, request.itl() or 0.0))
+        replica.released_at = self.env.now
+
+    # -- observation --------------------------------------------------------------------------
+    def kv_usage(self) -> float | None:
+        """Mean KV-cache use of ready decode replicas."""
+        now = self.env.now
+        ready = [r for r in self.active("decode") if r.ready_at <= now]
+        if not ready:
+            return None
+        return sum(r.kv_used for r in ready) / (len(ready) * self.model.kv_capacity_tokens)
+
+    def gpu_seconds(self, until: float) -> float:
+        """GPU-seconds held by every replica, allocation to release (or `until`)."""
+        total = 0.0
+        for replicas in self.replicas.values():
+            for r in replicas:
+                end = min(r.released_at if r.released_at is not None else until, until)
+                total += max(end - r.allocated_at, 0.0) * r.gpus
+        return total
+
+
+@dataclass(frozen=True)
+class FrontendStats:
+    """Per-window request statistics a frontend like Dynamo's exports (used by the SLA planner)."""
+
+    num_requests: int
+    mean_input_tokens: float | None
+    mean_output_tokens: float | None
+
+
+class Scraper:
+    """Turns the cluster's counters into the `MetricsSample` the Prometheus reader would build."""
+
+    def __init__(self, cluster: Cluster, quantile: float) -> None:
+        self.cluster = cluster
+        self.quantile = quantile
+        self._last = dict(cluster.counters)
+        self._last_at = cluster.env.now
+        self._ttft_index = 0
+        self._itl_index = 0
+        self._request_index = 0
+        self._done_index = 0
+        self.frontend = FrontendStats(0, None, None)
+
+    def snapshot(self) -> Snapshot:
+        """Rates and quantiles since the previous call, gauges now."""
+        cluster = self.cluster
+        now = cluster.env.now
+        window = max(now - self._last_at, 1e-9)
+        rate = {k: (v - self._last[k]) / window for k, v in cluster.counters.items()}
+        ttfts = [v for _, v in cluster.ttft_log[self._ttft_index :]]
+        itls = [v for _, v in cluster.itl_log[self._itl_index :]]
+        self._ttft_index = len(cluster.ttft_log)
+        self._itl_index = len(cluster.itl_log)
+        arrived = cluster.requests[self._request_index :]
+        self._request_index = len(cluster.requests)
+        done = cluster.done[self._done_index :]
+        self._done_index = len(cluster.done)
+        self.frontend = FrontendStats(
+            num_requests=len(arrived),
+            mean_input_tokens=sum(r.prompt_tokens for r in arrived) / len(arrived) if arrived else None,
+            mean_output_tokens=sum(r.output_tokens for r in done) / len(done) if done else None,
+        )
+        self._last = dict(cluster.counters)
+        self._last_at = now
+        transfers = rate["kv_transfers"]
+        metrics = MetricsSample(
+            observed_at=now,
+            window_seconds=window,
+            ttft_seconds=_quantile(ttfts, self.quantile),
+            itl_seconds=_quantile(itls, self.quantile),
+            request_rate=rate["requests"],
+            prompt_tokens_per_second=rate["prompt_tokens"],
+            generation_tokens_per_second=rate["generation_tokens"],
+            queued_prefill_tokens=float(cluster.queued_prefill_tokens),
+            prefill_requests_waiting=float(len(cluster.prefill_queue)),
+            decode_requests_waiting=float(len(cluster.decode_queue)),
+            decode_requests_running=float(sum(len(r.heap) for r in cluster.active("decode"))),
+            kv_cache_usage_ratio=cluster.kv_usage(),
+            kv_transfer_seconds=rate["kv_transfer_seconds"] / transfers if transfers > 0 else None,
+            prefill_busy_seconds_per_second=rate["prefill_busy_seconds"],
+        )
+        return Snapshot(
+            metrics=metrics, prefill=cluster.role_replicas("prefill"), decode=cluster.role_replicas("decode")
+        )
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    if len(values) < 5:
+        return None
+    ordered = sorted(values)
+    return ordered[min(int(q * len(ordered)), len(ordered) - 1)]

@@ -1,0 +1,171 @@
+"""Run one trace against one controller on the simulated cluster and score it."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import simpy
+from kvrelay_operator.autoscaler.policy import decode_replicas_needed, prefill_replicas_needed
+from kvrelay_operator.autoscaler.types import PolicyConfig, RoleLimits
+
+from sim.cluster import Cluster, Scraper, SimRequest
+from sim.controllers import Controller
+from sim.model import ReplicaModel
+from sim.traces import Trace
+
+_TAIL_SECONDS = 120.0
+_VIOLATION_BIN_SECONDS = 10.0
+# A profile is measured at one generic point, not tuned to a trace (learning must fix the rest).
+_PROFILE_PROMPT_TOKENS = 2048
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A trace plus the SLOs and model it is judged against."""
+
+    trace: Trace
+    model: ReplicaModel
+    ttft_slo_seconds: float
+    itl_slo_seconds: float
+    quantile: float = 0.99
+    interval_seconds: float = 30.0
+    min_replicas: int = 1
+    max_replicas: int = 64
+
+    def policy_config(self) -> PolicyConfig:
+        """kvrelay's config as a user would write it from a profile at one generic point."""
+        model = self.model
+        limits = RoleLimits(
+            min_replicas=self.min_replicas,
+            max_replicas=self.max_replicas,
+            gpus_per_replica=model.tensor_parallel,
+        )
+        context = _PROFILE_PROMPT_TOKENS
+        return PolicyConfig(
+            ttft_slo_seconds=self.ttft_slo_seconds,
+            itl_slo_seconds=self.itl_slo_seconds,
+            quantile=self.quantile,
+            prefill=limits,
+            decode=limits,
+            interval_seconds=self.interval_seconds,
+            replica_startup_seconds=model.cold_start_seconds,
+            prefill_tokens_per_second=model.prefill_tokens_per_second(_PROFILE_PROMPT_TOKENS),
+            decode_tokens_per_second=max(
+                model.decode_tokens_per_second_at_itl(self.itl_slo_seconds, context), 1.0
+            ),
+            decode_base_itl_fraction=min(model.decode_step_seconds(1, context) / self.itl_slo_seconds, 0.95),
+            expected_kv_transfer_seconds=model.kv_transfer_seconds(_PROFILE_PROMPT_TOKENS),
+        )
+
+
+def static_sizes(scenario: Scenario, which: str) -> tuple[int, int]:
+    """Replicas a static deployment needs for the trace's 1-minute peak or its mean load."""
+    reqs = scenario.trace.requests
+    model = scenario.model
+    duration = max(scenario.trace.duration_seconds, 60.0)
+    num_bins = math.ceil(duration / 60.0)
+    prompt = [0.0] * num_bins
+    gen = [0.0] * num_bins
+    for at, p, o in reqs:
+        prompt[min(int(at // 60), num_bins - 1)] += p / 60.0
+        gen[min(int(at // 60), num_bins - 1)] += o / 60.0
+    if which == "peak":
+        demand_p, demand_d = max(prompt), max(gen)
+    else:
+        demand_p, demand_d = sum(prompt) / num_bins, sum(gen) / num_bins
+    mean_prompt = sum(p for _, p, _ in reqs) / len(reqs)
+    cap_p = sum(p for _, p, _ in reqs) / sum(model.prefill_seconds(p) for _, p, _ in reqs)
+    mean_context = round(mean_prompt + sum(o for _, _, o in reqs) / len(reqs) / 2)
+    cap_d = model.decode_tokens_per_second_at_itl(scenario.itl_slo_seconds, mean_context)
+    cap_d = cap_d or model.max_decode_batch / model.decode_step_seconds(model.max_decode_batch, mean_context)
+    config = scenario.policy_config()
+    kv = model.kv_transfer_seconds(round(mean_prompt))
+    num_p = prefill_replicas_needed(
+        demand_p, cap_p, mean_prompt, kv, config, config.prefill_target_utilization
+    )
+    num_d = decode_replicas_needed(demand_d, cap_d, config.decode_target_utilization)
+    return max(num_p, 1), max(num_d, 1)
+
+
+def run(scenario: Scenario, controller: Controller, initial: tuple[int, int]) -> dict[str, object]:
+    """Replay open-loop; return the figures of one JSON line."""
+    env = simpy.Environment()
+    cluster = Cluster(env, scenario.model, *initial)
+    scraper = Scraper(cluster, scenario.quantile)
+    end = scenario.trace.duration_seconds + _TAIL_SECONDS
+    events: dict[str, list[tuple[float, int]]] = {"prefill": [], "decode": []}
+
+    def control():
+        while True:
+            yield env.timeout(scenario.interval_seconds)
+            snapshot = scraper.snapshot()
+            wanted = controller.decide(snapshot, env.now, scraper.frontend)
+            for role, num in zip(("prefill", "decode"), wanted, strict=True):
+                have = len(cluster.active(role))
+                if num != have:
+                    events[role].append((env.now, 1 if num > have else -1))
+                    cluster.scale_to(role, num)
+
+    env.process(cluster.arrivals(scenario.trace.requests))
+    env.process(control())
+    env.run(until=end)
+    return _score(scenario, controller.name, cluster, events, end)
+
+
+def _meets(req: SimRequest, scenario: Scenario) -> bool:
+    ttft, itl = req.ttft(), req.itl()
+    return (
+        ttft is not None
+        and itl is not None
+        and ttft <= scenario.ttft_slo_seconds
+        and itl <= scenario.itl_slo_seconds
+    )
+
+
+def _score(
+    scenario: Scenario, name: str, cluster: Cluster, events: dict[str, list[tuple[float, int]]], end: float
+) -> dict[str, object]:
+    reqs = cluster.requests
+    ok = [_meets(r, scenario) for r in reqs]
+    ttft_ok = sum(1 for r in reqs if (t := r.ttft()) is not None and t <= scenario.ttft_slo_seconds)
+    itl_ok = sum(1 for r in reqs if (t := r.itl()) is not None and t <= scenario.itl_slo_seconds)
+    hours = scenario.trace.duration_seconds / 3600.0
+    out: dict[str, object] = {
+        "bench": "autoscaler_replay",
+        "trace": scenario.trace.name,
+        "policy": name,
+        "requests": len(reqs),
+        "slo_attainment": round(sum(ok) / max(len(reqs), 1), 5),
+        "ttft_attainment": round(ttft_ok / max(len(reqs), 1), 5),
+        "itl_attainment": round(itl_ok / max(len(reqs), 1), 5),
+        "gpu_hours": round(cluster.gpu_seconds(end) / 3600.0, 3),
+    }
+    for role in ("prefill", "decode"):
+        signs = [s for _, s in events[role]]
+        reversals = sum(1 for a, b in itertools.pairwise(signs) if a != b)
+        out[f"{role}_scale_events_per_hour"] = round(len(signs) / hours, 2)
+        out[f"{role}_reversals_per_hour"] = round(reversals / hours, 2)
+    out["violation_seconds_after_steps"] = _violation_after_steps(scenario, reqs, ok)
+    return out
+
+
+def _violation_after_steps(scenario: Scenario, reqs: list[SimRequest], ok: list[bool]) -> list[float]:
+    """Per load step: seconds of 10 s arrival bins, until the next step, under 99% attainment."""
+    steps = scenario.trace.step_times
+    if not steps:
+        return []
+    bins: dict[int, list[bool]] = {}
+    for req, good in zip(reqs, ok, strict=True):
+        bins.setdefault(int(req.arrival // _VIOLATION_BIN_SECONDS), []).append(good)
+    bounds = [*steps, scenario.trace.duration_seconds]
+    out = []
+    for start, stop in itertools.pairwise(bounds):
+        bad = 0
+        for index in range(int(start // _VIOLATION_BIN_SECONDS), int(stop // _VIOLATION_BIN_SECONDS) + 1):
+            results = bins.get(index)
+            if results and sum(results) / len(results) < 0.99:
+                bad += 1
+        out.append(bad * _VIOLATION_BIN_SECONDS)
+    return out

@@ -1,0 +1,157 @@
+"""Request traces: the public files in ../shared/traces and synthetic bursts built on them.
+
+A trace is a list of `(arrival_seconds, prompt_tokens, output_tokens)` sorted by arrival.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+Request = tuple[float, int, int]
+
+
+@dataclass(frozen=True)
+class Trace:
+    """A named request list plus the times where its offered load changes on purpose."""
+
+    name: str
+    requests: list[Request]
+    step_times: list[float] = field(default_factory=list)
+
+    @property
+    def duration_seconds(self) -> float:
+        """Arrival time of the last request."""
+        return self.requests[-1][0] if self.requests else 0.0
+
+
+def traces_dir(repo_root: Path) -> Path:
+    """`KVRELAY_TRACES_DIR`, else `../shared/traces` next to the repository."""
+    env = os.environ.get("KVRELAY_TRACES_DIR")
+    return Path(env) if env else (repo_root / ".." / "shared" / "traces").resolve()
+
+
+def load_azure_conv(path: Path, copies: int = 1, seed: int = 0, limit_seconds: float | None = None) -> Trace:
+    """Azure LLM inference trace 2023 (conversation); `copies` superposes jittered copies."""
+    rows: list[Request] = []
+    start: datetime | None = None
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            stamp = datetime.fromisoformat(row["TIMESTAMP"][:26])
+            start = start or stamp
+            at = (stamp - start).total_seconds()
+            if limit_seconds is not None and at > limit_seconds:
+                break
+            rows.append((at, int(row["ContextTokens"]), max(int(row["GeneratedTokens"]), 1)))
+    return Trace(f"azure_conv_x{copies}", _superpose(rows, copies, seed))
+
+
+def load_mooncake(path: Path, copies: int = 1, seed: int = 0, limit_seconds: float | None = None) -> Trace:
+    """Mooncake FAST'25 synthetic trace (timestamps in ms)."""
+    rows: list[Request] = []
+    with path.open() as f:
+        for line in f:
+            obj = json.loads(line)
+            at = obj["timestamp"] / 1000.0
+            if limit_seconds is not None and at > limit_seconds:
+                break
+            rows.append((at, int(obj["input_length"]), max(int(obj["output_length"]), 1)))
+    return Trace(f"mooncake_x{copies}", _superpose(rows, copies, seed))
+
+
+def _superpose(rows: list[Request], copies: int, seed: int) -> list[Request]:
+    """Scale the rate by `copies` keeping the timeline: each copy shifted by up to +-0.5 s."""
+    if copies <= 1:
+        return sorted(rows)
+    rng = np.random.default_rng(seed)
+    out = list(rows)
+    for _ in range(copies - 1):
+        shifts = rng.uniform(-0.5, 0.5, size=len(rows))
+        out.extend((max(at + float(s), 0.0), p, o) for (at, p, o), s in zip(rows, shifts, strict=True))
+    out.sort()
+    return out
+
+
+def synthetic(
+    name: str,
+    rate_at: list[tuple[float, float]],
+    duration_seconds: float,
+    lengths: list[tuple[int, int]],
+    seed: int = 0,
+    sine_period_seconds: float | None = None,
+) -> Trace:
+    """Poisson arrivals with a piecewise-constant rate (or a sine around it); lengths resampled.
+
+    `rate_at` is [(start_seconds, requests_per_second), ...]; a sine multiplies the rate by
+    1 + 0.6 sin(2 pi t / period).
+    """
+    rng = np.random.default_rng(seed)
+    peak = max(r for _, r in rate_at) * (1.6 if sine_period_seconds else 1.0)
+    # Thinning: draw at the peak rate, keep each arrival with probability rate(t) / peak.
+    num = rng.poisson(peak * duration_seconds)
+    times = np.sort(rng.uniform(0, duration_seconds, size=num))
+    keep = rng.uniform(0, 1, size=num) * peak < np.array(
+        [_rate(t, rate_at, sine_period_seconds) for t in times]
+    )
+    times = times[keep]
+    picks = rng.integers(0, len(lengths), size=len(times))
+    requests = [(float(t), lengths[i][0], lengths[i][1]) for t, i in zip(times, picks, strict=True)]
+    steps = [] if sine_period_seconds else [t for t, _ in rate_at[1:]]
+    return Trace(name, requests, steps)
+
+
+def _rate(t: float, rate_at: list[tuple[float, float]], sine_period: float | None) -> float:
+    rate = 0.0
+    for start, value in rate_at:
+        if t >= start:
+            rate = value
+    if sine_period:
+        rate *= 1 + 0.6 * math.sin(2 * math.pi * t / sine_period)
+    return rate
+
+
+def synthetic_suite(
+    lengths: list[tuple[int, int]], base_rate: float, quick: bool, seed: int = 0
+) -> list[Trace]:
+    """Staircase up/down (+25% steps), one x3 step up/down, sine, idle-then-spike.
+
+    `quick` keeps only the staircase. A single x3 step (and a spike out of idle) cannot be met at
+    99% by any purely reactive policy while a new replica takes a minute to load; they are kept
+    to show how each policy degrades, not as a bar.
+    """
+    minute = 60.0
+    levels = [1.25**k for k in (0, 1, 2, 3, 4, 5, 4, 3, 2, 1, 0)]
+    staircase = synthetic(
+        "staircase_up_down",
+        [(4 * minute * i, base_rate * level) for i, level in enumerate(levels)],
+        4 * minute * len(levels),
+        lengths,
+        seed,
+    )
+    if quick:
+        return [staircase]
+    step = synthetic(
+        "step_up_down_x3",
+        [(0, base_rate), (10 * minute, 3 * base_rate), (20 * minute, base_rate)],
+        30 * minute,
+        lengths,
+        seed + 1,
+    )
+    sine = synthetic(
+        "sine", [(0, 2 * base_rate)], 60 * minute, lengths, seed + 2, sine_period_seconds=20 * minute
+    )
+    spike = synthetic(
+        "idle_then_spike",
+        [(0, 0.05 * base_rate), (15 * minute, 3 * base_rate), (30 * minute, 0.05 * base_rate)],
+        45 * minute,
+        lengths,
+        seed + 3,
+    )
+    return [staircase, step, sine, spike]
