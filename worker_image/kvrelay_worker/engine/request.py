@@ -32,7 +32,7 @@ class RequestStatus(enum.IntEnum):
         }.get(self)
 
 
-@dataclass
+@dataclass(eq=False)  # identity equality: list membership must not compare token lists
 class Request:
     """One sequence in the engine. Tokens are prompt + output; KV exists for ``num_computed_tokens``."""
 
@@ -60,4 +60,6 @@ class Request:
         n = len(self.prompt_token_ids)
         if end <= n:
             return self.prompt_token_ids[start:end]
-        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+        if start >= n:  # decode: only output tokens, no copy of the prompt
+            return self.output_token_ids[start - n : end - n]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from kvrelay_worker.engine.paged_attention import PagedAttention, build_paged_batch
@@ -33,10 +34,11 @@ class ModelRunner:
             [s.start_pos for s in seqs],
             [s.block_ids for s in seqs],
             self.block_size,
+            self.kv_cache.shape[3],
             self.device,
         )
-        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        ids = torch.from_numpy(np.array(input_ids, dtype=np.int64)).to(self.device)
+        pos = torch.from_numpy(np.array(positions, dtype=np.int64)).to(self.device)
         hidden = self.model(ids, pos, PagedAttention(self.kv_cache, batch))
         rows, sampled = [], []
         end = 0

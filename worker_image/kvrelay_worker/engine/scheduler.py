@@ -169,7 +169,7 @@ class Scheduler:
         self._allocate_remote(out)
         budget = self.config.max_batch_tokens
         for request in list(self.running):
-            if budget <= 0 or request not in self.running:
+            if budget <= 0 or request.status != RequestStatus.RUNNING:
                 continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             while not self._grow(request, num_new):
