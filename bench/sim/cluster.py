@@ -79,6 +79,7 @@ class Cluster:
         self.queued_prefill_tokens = 0
         self.counters = {
             "requests": 0.0,
+            "finished": 0.0,
             "prompt_tokens": 0.0,
             "generation_tokens": 0.0,
             "prefill_busy_seconds": 0.0,
@@ -149,6 +150,8 @@ class Cluster:
             request = SimRequest(at, prompt, output)
             self.requests.append(request)
             self.counters["requests"] += 1
+            # Like the real prefill worker: prompt tokens count when a request is admitted.
+            self.counters["prompt_tokens"] += prompt
             self.prefill_queue.append(request)
             self.queued_prefill_tokens += prompt
             self._wake("prefill")
@@ -174,7 +177,6 @@ class Cluster:
             yield self.env.timeout(seconds)
             now = self.env.now
             self.counters["prefill_busy_seconds"] += seconds
-            self.counters["prompt_tokens"] += tokens
             for request in batch:
                 transfer = model.kv_transfer_seconds(request.prompt_tokens)
                 self.counters["kv_transfer_seconds"] += transfer
@@ -184,6 +186,7 @@ class Cluster:
                 if request.output_tokens <= 1:
                     request.finished_at = request.first_token_at
                     self.done.append(request)
+                    self.counters["finished"] += 1
                 else:
                     self.decode_queue.append(request)
             self._wake("decode")
@@ -229,6 +232,7 @@ class Cluster:
                 _, _, request = heapq.heappop(replica.heap)
                 request.finished_at = now
                 self.done.append(request)
+                self.counters["finished"] += 1
                 replica.kv_used -= request.prompt_tokens + request.output_tokens
                 replica.context_base -= request.prompt_tokens + 1
                 replica.start_step_sum -= replica.steps - (request.output_tokens - 1)
@@ -304,7 +308,8 @@ class Scraper:
             window_seconds=window,
             ttft_seconds=_quantile(ttfts, self.quantile),
             itl_seconds=_quantile(itls, self.quantile),
-            request_rate=rate["requests"],
+            # The router's kvrelay_requests_total counts finished requests.
+            request_rate=rate["finished"],
             prompt_tokens_per_second=rate["prompt_tokens"],
             generation_tokens_per_second=rate["generation_tokens"],
             queued_prefill_tokens=float(cluster.queued_prefill_tokens),

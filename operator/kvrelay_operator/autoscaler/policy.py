@@ -32,6 +32,9 @@ _MIN_INFORMATIVE_DECODE = 0.1
 # One odd window must not move the learned capacity arbitrarily far from the profile.
 _CAPACITY_CLAMP = 4.0
 _DEFAULT_PROMPT_TOKENS = 1024.0
+_MAX_TREND_GAIN = 0.5
+# Queued prompt tokens that mean "busy the whole window" rather than a request in flight.
+_SATURATED_QUEUE_TOKENS = 4096.0
 
 
 def decide(
@@ -41,10 +44,14 @@ def decide(
     metrics = snapshot.metrics
     problem = _metrics_problem(metrics, config, now)
     if problem is not None or metrics is None:
-        return _hold(snapshot, config, now, problem or "no metrics"), state
+        # A gap breaks the evidence for scale-down: the window starts again after it.
+        return _hold(snapshot, config, now, problem or "no metrics"), state.model_copy(
+            update={"metrics_since": None}
+        )
+    metrics_since = now if state.metrics_since is None else state.metrics_since
 
-    capacity = _learn_capacity(metrics, snapshot, state, config)
     demand = _demand(metrics, state, config, now)
+    capacity = _learn_capacity(metrics, snapshot, state, config, demand)
     sample = DemandSample(
         at=now, prefill_tokens_per_second=demand.steady_p, decode_tokens_per_second=demand.steady_d
     )
@@ -53,12 +60,13 @@ def decide(
     peak_d = max(s.decode_tokens_per_second for s in history)
     lead = config.replica_startup_seconds + config.interval_seconds
     trend = _trend(history, now - config.trend_window_seconds)
-    forecast_p = demand.steady_p + max(trend[0], 0.0) * lead
-    forecast_d = demand.steady_d + max(trend[1], 0.0) * lead
-    # A backlog is drained by extra replicas only when none are loading: the loading ones
-    # will drain it, and asking again each interval is how decisions pile up.
-    demand_p = forecast_p + (demand.drain_p if snapshot.prefill.pending == 0 else 0.0)
-    demand_d = forecast_d + (demand.drain_d if snapshot.decode.pending == 0 else 0.0)
+    # Extrapolate rising demand over a replica start; at most +50%, a step is not a ramp.
+    forecast_p = demand.steady_p + min(max(trend[0], 0.0) * lead, _MAX_TREND_GAIN * demand.steady_p)
+    forecast_d = demand.steady_d + min(max(trend[1], 0.0) * lead, _MAX_TREND_GAIN * demand.steady_d)
+    # Replicas already loading were sized with the trend and to drain the backlog; asking for
+    # both again every interval while they load is how decisions pile up.
+    demand_p = forecast_p + demand.drain_p if snapshot.prefill.pending == 0 else demand.steady_p
+    demand_d = forecast_d + demand.drain_d if snapshot.decode.pending == 0 else demand.steady_d
 
     mean_prompt = _mean_prompt_tokens(metrics)
     kv_seconds = (
@@ -99,8 +107,17 @@ def decide(
     desired: dict[Role, int] = {}
     reasons: dict[Role, str] = {}
     for role in ROLES:
+        # No scale-down before a whole window of unbroken evidence exists.
+        proven = now - metrics_since >= config.scale_down_window_seconds
         desired[role], reasons[role] = _stabilize(
-            role, snapshot, state.role(role), config, now, need_up[role], need_down[role], violated[role]
+            role,
+            snapshot,
+            state.role(role),
+            config,
+            now,
+            need_up[role],
+            need_down[role] if proven else snapshot.role(role).current,
+            violated[role],
         )
     desired, reasons, limited = apply_bounds(desired, reasons, need_up, config)
 
@@ -155,6 +172,7 @@ def decide(
         last_waiting_requests=demand.waiting_requests,
         mean_output_tokens=demand.mean_output_tokens,
         last_metrics_at=now,
+        metrics_since=metrics_since,
     )
     return decision, new_state
 
@@ -348,11 +366,12 @@ def _hold(snapshot: Snapshot, config: PolicyConfig, now: float, problem: str) ->
 
 
 def _learn_capacity(
-    metrics: MetricsSample, snapshot: Snapshot, state: PolicyState, config: PolicyConfig
+    metrics: MetricsSample, snapshot: Snapshot, state: PolicyState, config: PolicyConfig, demand: _Demand
 ) -> dict[Role, float]:
     """Per-replica capacity: the profile seed, corrected online by what the pools actually do.
 
-    Prefill: prompt tokens/s per replica divided by the share of time the replica was busy.
+    Prefill: when a backlog persisted through the window the pool ran flat out, so what it served
+    per replica is its capacity; otherwise served tokens/s per replica over its busy share.
     Decode: with step time a + c*batch, ITL = a / (1 - c*x) at x tokens/s, so the capacity at the
     ITL SLO S is x * (1 - a/S) / (1 - a/L) for an observed ITL L (observed/expected correction).
     """
@@ -367,10 +386,13 @@ def _learn_capacity(
     observed: dict[Role, float | None] = {"prefill": None, "decode": None}
     ready_p = snapshot.prefill.ready
     busy = metrics.prefill_busy_seconds_per_second
-    if ready_p > 0 and busy is not None and metrics.prompt_tokens_per_second:
-        busy_share = min(busy / ready_p, 1.0)
-        if busy_share >= _MIN_INFORMATIVE_LOAD:
-            observed["prefill"] = metrics.prompt_tokens_per_second / ready_p / busy_share
+    if ready_p > 0 and demand.served_p > 0 and snapshot.prefill.pending == 0:
+        if demand.saturated_p:
+            observed["prefill"] = demand.served_p / ready_p
+        elif busy is not None and _MIN_INFORMATIVE_LOAD <= busy / ready_p <= 1.0:
+            # prefill_seconds is per request: batched prefill over-counts busy time, which only
+            # makes this estimate low (safe); a saturated window corrects it upwards.
+            observed["prefill"] = demand.served_p / ready_p / (busy / ready_p)
 
     ready_d = snapshot.decode.ready
     itl = metrics.itl_seconds
@@ -396,6 +418,8 @@ def _learn_capacity(
 @dataclass(frozen=True)
 class _Demand:
     steady_p: float
+    served_p: float
+    saturated_p: bool
     steady_d: float
     drain_p: float
     drain_d: float
@@ -405,19 +429,24 @@ class _Demand:
 
 
 def _demand(metrics: MetricsSample, state: PolicyState, config: PolicyConfig, now: float) -> _Demand:
-    """Demand in tokens/s: what was served plus backlog growth; and what draining the backlog adds.
+    """Demand in tokens/s, what serving it would take to drain backlogs, and what was served.
 
-    Served throughput alone hides overload (a saturated pool serves exactly its capacity); the
-    backlog grows by the excess. Requests still queued for prefill are decode demand soon, so
-    they count for decode too (else decode is caught by the wave when prefill catches up).
+    Prefill workers count prompt tokens when they admit a request, so their rate is the offered
+    load even when the pool is saturated; what was computed is that minus the queue's growth.
+    Decode counts tokens as made, so a saturated decode pool hides demand: waiting requests
+    (prefill's too: they reach decode next) and their growth add their expected output.
     """
-    served_p = metrics.prompt_tokens_per_second or 0.0
+    offered_p = metrics.prompt_tokens_per_second or 0.0
     served_d = metrics.generation_tokens_per_second or 0.0
     dt = None if state.last_metrics_at is None else now - state.last_metrics_at
     queued = metrics.queued_prefill_tokens or 0.0
-    growth_p = 0.0
-    if dt and dt > 0 and state.last_queued_prefill_tokens is not None:
-        growth_p = max((queued - state.last_queued_prefill_tokens) / dt, 0.0)
+    growth_q = 0.0
+    last_q = state.last_queued_prefill_tokens
+    if dt and dt > 0 and last_q is not None:
+        growth_q = (queued - last_q) / dt
+    served_p = max(offered_p - growth_q, 0.0)
+    # A backlog at both ends of the window: the pool never idled in between.
+    saturated_p = last_q is not None and min(queued, last_q) > _SATURATED_QUEUE_TOKENS
 
     mean_output = state.mean_output_tokens
     if metrics.request_rate and served_d > 0:
@@ -430,14 +459,17 @@ def _demand(metrics: MetricsSample, state: PolicyState, config: PolicyConfig, no
         growth_w = max((waiting - state.last_waiting_requests) / dt, 0.0)
     per_request = mean_output or 0.0
     inputs = {
-        "prompt_tokens_per_second": served_p,
+        "prompt_tokens_per_second": offered_p,
+        "prefill_served_tokens_per_second": served_p,
         "generation_tokens_per_second": served_d,
         "queued_prefill_tokens": queued,
         "waiting_requests": waiting,
         "mean_output_tokens": per_request,
     }
     return _Demand(
-        steady_p=served_p + growth_p,
+        steady_p=offered_p,
+        served_p=served_p,
+        saturated_p=saturated_p,
         steady_d=served_d + growth_w * per_request,
         drain_p=queued / config.replica_startup_seconds,
         drain_d=waiting * per_request / config.replica_startup_seconds,

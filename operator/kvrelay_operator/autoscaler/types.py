@@ -176,6 +176,9 @@ class PolicyState(_Frozen):
     last_waiting_requests: float | None = None
     mean_output_tokens: float | None = Field(None, description="EWMA of generated tokens per request.")
     last_metrics_at: float | None = None
+    metrics_since: float | None = Field(
+        None, description="Start of the current unbroken run of usable metrics (scale-down needs a window)."
+    )
 
     def role(self, role: Role) -> RoleState:
         """The remembered state of `role`."""

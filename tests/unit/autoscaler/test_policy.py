@@ -1,0 +1,339 @@
+"""The pure policy on scripted metric sequences (virtual clock, no I/O)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import pytest
+from kvrelay_operator.autoscaler.policy import decide, prefill_replicas_needed
+from kvrelay_operator.autoscaler.types import (
+    Decision,
+    MetricsSample,
+    PolicyConfig,
+    PolicyState,
+    RoleLimits,
+    RoleReplicas,
+    Snapshot,
+)
+
+INTERVAL = 30.0
+# Seeds: a prefill replica does 10k prompt tokens/s, a decode replica 2k tokens/s at the ITL SLO.
+PREFILL_CAP = 10_000.0
+DECODE_CAP = 2_000.0
+PROMPT = 1_000.0  # tokens per request
+OUTPUT = 200.0
+
+
+def make_config(**overrides: object) -> PolicyConfig:
+    base: dict[str, object] = {
+        "ttft_slo_seconds": 1.0,
+        "itl_slo_seconds": 0.05,
+        "prefill": RoleLimits(min_replicas=1, max_replicas=40),
+        "decode": RoleLimits(min_replicas=1, max_replicas=40),
+        "interval_seconds": INTERVAL,
+        "prefill_tokens_per_second": PREFILL_CAP,
+        "decode_tokens_per_second": DECODE_CAP,
+        "learn_capacity": False,
+    }
+    base.update(overrides)
+    return PolicyConfig(**base)  # type: ignore[arg-type]
+
+
+def metrics_for(now: float, request_rate: float, **overrides: object) -> MetricsSample:
+    """Metrics of a pool serving `request_rate` requests/s without backlog."""
+    values: dict[str, object] = {
+        "observed_at": now,
+        "window_seconds": INTERVAL,
+        "ttft_seconds": 0.3,
+        "itl_seconds": 0.03,
+        "request_rate": request_rate,
+        "prompt_tokens_per_second": request_rate * PROMPT,
+        "generation_tokens_per_second": request_rate * OUTPUT,
+        "queued_prefill_tokens": 0.0,
+        "prefill_requests_waiting": 0.0,
+        "decode_requests_waiting": 0.0,
+    }
+    values.update(overrides)
+    return MetricsSample(**values)  # type: ignore[arg-type]
+
+
+@dataclass
+class FakePools:
+    """Applies decisions like the reconciler; new replicas become ready after `load_steps` ticks."""
+
+    prefill: int
+    decode: int
+    load_steps: int = 0
+    config: PolicyConfig = field(default_factory=make_config)
+    state: PolicyState = field(default_factory=PolicyState)
+    now: float = 0.0
+    decisions: list[Decision] = field(default_factory=list)
+    _ready_at: dict[str, list[float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._ready_at = {"prefill": [0.0] * self.prefill, "decode": [0.0] * self.decode}
+
+    def replicas(self, role: str) -> RoleReplicas:
+        times = self._ready_at[role]
+        return RoleReplicas(current=len(times), ready=sum(1 for t in times if t <= self.now))
+
+    def tick(self, request_rate: float | None, **overrides: object) -> Decision:
+        self.now += INTERVAL
+        metrics = None if request_rate is None else metrics_for(self.now, request_rate, **overrides)
+        snapshot = Snapshot(metrics=metrics, prefill=self.replicas("prefill"), decode=self.replicas("decode"))
+        decision, self.state = decide(snapshot, self.state, self.config, self.now)
+        for role in ("prefill", "decode"):
+            times = self._ready_at[role]
+            want = decision.role(role).replicas  # type: ignore[arg-type]
+            while len(times) < want:
+                times.append(self.now + self.load_steps * INTERVAL)
+            # Scale-down removes the newest (still loading) replicas first, like the simulator.
+            del times[want:]
+        self.decisions.append(decision)
+        return decision
+
+
+def reversals(decisions: list[Decision], role: str) -> int:
+    moves = [d.role(role).direction for d in decisions if d.role(role).direction != "none"]  # type: ignore[arg-type]
+    return sum(1 for a, b in itertools.pairwise(moves) if a != b)
+
+
+def test_burst_scales_up_in_one_decision_to_what_the_load_needs() -> None:
+    pools = FakePools(prefill=2, decode=2)
+    for _ in range(4):
+        pools.tick(10.0)  # 10k prompt tok/s, 2k gen tok/s
+    assert pools.replicas("prefill").current == 2
+    decision = pools.tick(60.0)  # 6x burst: 60k prompt tok/s, 12k gen tok/s
+    assert decision.prefill.direction == "up" and decision.decode.direction == "up"
+    # One decision covers the whole burst, not +1 per interval.
+    assert decision.prefill.replicas >= math.ceil(60_000 / PREFILL_CAP / 0.95)
+    assert decision.decode.replicas >= math.ceil(12_000 / DECODE_CAP / 0.9)
+    assert "load needs" in decision.prefill.reason
+    assert decision.inputs["prompt_tokens_per_second"] == pytest.approx(60_000)
+    # Rising demand is extrapolated over a replica start, but a step is not mistaken for a ramp.
+    assert 60_000 <= decision.inputs["prefill_forecast_tokens_per_second"] <= 90_000
+
+
+def test_saturated_prefill_teaches_capacity_and_its_backlog_adds_demand() -> None:
+    # The profile claims 20k tok/s per replica; the pool really computes 10k.
+    config = make_config(learn_capacity=True, prefill_tokens_per_second=20_000.0)
+    state = PolicyState()
+    decision = None
+    queued = 100_000.0
+    for step in range(1, 12):
+        now = step * INTERVAL
+        # 30k tok/s admitted, 2 replicas compute 20k: the queue grows by 10k tok/s.
+        queued += 10_000 * INTERVAL
+        metrics = metrics_for(now, 30.0, queued_prefill_tokens=queued)
+        snapshot = Snapshot(
+            metrics=metrics, prefill=RoleReplicas(current=2, ready=2), decode=RoleReplicas(current=9, ready=9)
+        )
+        decision, state = decide(snapshot, state, config, now)
+    assert decision is not None
+    assert decision.inputs["prefill_served_tokens_per_second"] == pytest.approx(20_000)
+    assert decision.inputs["prefill_capacity_tokens_per_second"] == pytest.approx(10_000, rel=0.05)
+    # Offered 30k at 10k per replica plus draining the backlog over a replica start.
+    drain = queued / config.replica_startup_seconds
+    assert decision.inputs["prefill_demand_tokens_per_second"] >= 30_000 + drain
+    assert decision.prefill.replicas >= math.ceil((30_000 + drain) / 10_000)
+
+
+def test_slow_ramp_only_scales_up_and_tracks_the_need() -> None:
+    pools = FakePools(prefill=1, decode=1)
+    for step in range(60):
+        rate = 5.0 + step  # +1 req/s every 30 s
+        decision = pools.tick(rate)
+        assert decision.prefill.replicas >= math.ceil(rate * PROMPT / PREFILL_CAP)
+        assert decision.decode.replicas >= math.ceil(rate * OUTPUT / DECODE_CAP)
+    assert all(d.prefill.direction != "down" and d.decode.direction != "down" for d in pools.decisions)
+    assert pools.replicas("prefill").current > 5
+
+
+def test_idle_scales_down_stepwise_to_min_never_zero() -> None:
+    pools = FakePools(prefill=2, decode=2)
+    pools.tick(60.0)
+    high_p = pools.replicas("prefill").current
+    assert high_p >= 6
+    downs_at: list[float] = []
+    for _ in range(80):
+        decision = pools.tick(0.0)
+        if decision.prefill.direction == "down":
+            downs_at.append(pools.now)
+            # Step cap: never more than a third of the pool at once.
+            assert decision.prefill.previous - decision.prefill.replicas <= max(
+                1, decision.prefill.previous // 3
+            )
+    assert pools.replicas("prefill").current == 1 and pools.replicas("decode").current == 1
+    # Nothing goes down within the scale-down cooldown after the scale-up.
+    assert downs_at[0] - INTERVAL >= pools.config.scale_down_cooldown_seconds
+    assert all(b - a >= pools.config.scale_down_step_seconds for a, b in itertools.pairwise(downs_at))
+
+
+def test_scale_down_only_when_n_minus_1_holds_the_window_peak() -> None:
+    pools = FakePools(prefill=4, decode=4)
+    # 30k tok/s: 4 replicas at 75%; 3 would sit at 100% and miss TTFT by queueing.
+    for _ in range(20):
+        decision = pools.tick(30.0)
+        assert decision.prefill.replicas == 4, decision.prefill.reason
+    # One quiet interval inside the window proves nothing about N-1.
+    decision = pools.tick(5.0)
+    assert decision.prefill.replicas == 4
+    assert decision.inputs["prefill_window_peak_tokens_per_second"] == pytest.approx(30_000)
+
+
+def test_no_scale_down_before_a_full_window_of_metrics() -> None:
+    pools = FakePools(prefill=6, decode=6)
+    windows = int(pools.config.scale_down_window_seconds // INTERVAL)
+    for _ in range(windows - 1):
+        decision = pools.tick(1.0)
+        assert decision.prefill.direction == "none" and decision.decode.direction == "none"
+    for _ in range(3):
+        pools.tick(1.0)
+    assert pools.replicas("prefill").current < 6
+
+
+@pytest.mark.parametrize(
+    ("observed_at_offset", "overrides", "why"),
+    [
+        (-600.0, {}, "stale"),
+        (0.0, {"generation_tokens_per_second": None}, "missing metrics"),
+    ],
+)
+def test_stale_or_missing_metrics_hold(
+    observed_at_offset: float, overrides: dict[str, object], why: str
+) -> None:
+    config = make_config(prefill=RoleLimits(min_replicas=0, max_replicas=10))
+    now = 1_000.0
+    metrics = metrics_for(now + observed_at_offset, 0.0, **overrides)
+    snapshot = Snapshot(
+        metrics=metrics, prefill=RoleReplicas(current=5, ready=5), decode=RoleReplicas(current=3, ready=3)
+    )
+    state = PolicyState()
+    decision, new_state = decide(snapshot, state, config, now)
+    assert decision.hold
+    assert (decision.prefill.replicas, decision.decode.replicas) == (5, 3)
+    assert why in decision.reason
+    assert new_state.metrics_since is None
+    assert new_state.model_copy(update={"metrics_since": state.metrics_since}) == state
+
+
+def test_no_metrics_at_all_hold_and_do_not_scale_to_zero() -> None:
+    pools = FakePools(
+        prefill=3, decode=2, config=make_config(prefill=RoleLimits(min_replicas=0, max_replicas=9))
+    )
+    for _ in range(20):
+        decision = pools.tick(None)
+        assert decision.hold and decision.reason == "hold: no metrics"
+    assert (pools.replicas("prefill").current, pools.replicas("decode").current) == (3, 2)
+
+
+def test_budget_exhausted_splits_gpus_by_need() -> None:
+    config = make_config(
+        prefill=RoleLimits(min_replicas=1, max_replicas=40, gpus_per_replica=2),
+        decode=RoleLimits(min_replicas=1, max_replicas=40, gpus_per_replica=1),
+        gpu_budget=12,
+    )
+    pools = FakePools(prefill=1, decode=1, config=config)
+    decision = pools.tick(60.0)  # unbounded need: 7 prefill (14 GPUs) + 7 decode (7 GPUs)
+    gpus = decision.prefill.replicas * 2 + decision.decode.replicas
+    assert gpus <= 12
+    assert decision.limited
+    assert "GPU budget 12" in decision.reason
+    # Both roles get a comparable share of what they need, not first-come-first-served.
+    share_p = decision.prefill.replicas / decision.prefill.needed
+    share_d = decision.decode.replicas / decision.decode.needed
+    assert abs(share_p - share_d) < 0.3
+    assert decision.prefill.replicas >= 2 and decision.decode.replicas >= 2
+
+
+def test_replicas_still_loading_count_as_coming_capacity() -> None:
+    pools = FakePools(prefill=2, decode=2, load_steps=4)  # 2 minutes to become ready
+    pools.tick(10.0)
+    first = pools.tick(60.0, queued_prefill_tokens=200_000.0)
+    assert first.prefill.direction == "up"
+    target = first.prefill.replicas
+    for _ in range(3):  # same load while the new replicas load: nothing piles up
+        decision = pools.tick(60.0, ttft_seconds=5.0, queued_prefill_tokens=200_000.0)
+        assert decision.prefill.replicas == target, decision.prefill.reason
+        assert pools.replicas("prefill").pending > 0
+    # The load vanishes while they still load: no scale-down either.
+    assert pools.replicas("prefill").pending > 0
+    decision = pools.tick(1.0)
+    assert decision.prefill.replicas == target
+
+
+def test_flapping_load_does_not_oscillate() -> None:
+    pools = FakePools(prefill=2, decode=2)
+    for step in range(120):  # one hour, load alternates high/low every interval
+        pools.tick(40.0 if step % 2 == 0 else 10.0)
+    assert reversals(pools.decisions, "prefill") <= 1
+    assert reversals(pools.decisions, "decode") <= 1
+    # Sized for the high phase the whole time.
+    assert pools.replicas("prefill").current >= math.ceil(40_000 / PREFILL_CAP)
+
+
+def test_ratio_bounds_raise_the_short_side() -> None:
+    config = make_config(ratio_max=2.0, ratio_min=0.5)
+    pools = FakePools(prefill=1, decode=1, config=config)
+    # Prompt-heavy: prefill needs ~9, decode 1.
+    decision = pools.tick(80.0, generation_tokens_per_second=100.0)
+    assert decision.prefill.replicas / decision.decode.replicas <= 2.0
+    assert decision.decode.replicas >= math.ceil(decision.prefill.replicas / 2.0)
+    assert "ratio max 2.0" in decision.decode.reason
+
+
+def test_slo_violation_without_modelled_need_adds_one_replica() -> None:
+    pools = FakePools(prefill=2, decode=2)
+    pools.tick(5.0)
+    decision = pools.tick(5.0, itl_seconds=0.2)  # model says 1 decode replica is enough
+    assert decision.decode.direction == "up" and decision.decode.replicas == 3
+    assert "ITL above SLO" in decision.decode.reason
+
+
+def test_prefill_sizing_accounts_for_queueing_and_kv_transfer() -> None:
+    config = make_config()
+    relaxed = prefill_replicas_needed(80_000, PREFILL_CAP, PROMPT, 0.0, config.model_copy(), 0.95)
+    tight = prefill_replicas_needed(
+        80_000, PREFILL_CAP, PROMPT, 0.0, config.model_copy(update={"ttft_slo_seconds": 0.15}), 0.95
+    )
+    with_transfer = prefill_replicas_needed(
+        80_000, PREFILL_CAP, PROMPT, 0.04, config.model_copy(update={"ttft_slo_seconds": 0.15}), 0.95
+    )
+    assert relaxed == math.ceil(80_000 / (PREFILL_CAP * 0.95))
+    assert tight > relaxed  # a small TTFT budget leaves little room to queue
+    assert with_transfer > tight  # KV transfer eats into the same budget
+
+
+def test_capacity_is_learned_from_observed_throughput() -> None:
+    config = make_config(learn_capacity=True)
+    pools = FakePools(prefill=4, decode=4, config=config)
+    # Prefill is really 5k tok/s per replica, half the profile: 20k tok/s keep 4 replica-seconds busy.
+    for _ in range(15):
+        decision = pools.tick(20.0, prefill_busy_seconds_per_second=20_000 / 5_000)
+    assert decision.inputs["prefill_capacity_tokens_per_second"] == pytest.approx(5_000, rel=0.05)
+    assert decision.prefill.replicas >= 5
+
+
+def test_decisions_round_trip_as_json_with_reason_and_inputs() -> None:
+    pools = FakePools(prefill=2, decode=2)
+    decision = pools.tick(30.0)
+    again = Decision.model_validate_json(decision.model_dump_json())
+    assert again == decision
+    assert decision.reason.startswith("prefill: ")
+    for key in ("prefill_demand_tokens_per_second", "decode_capacity_tokens_per_second", "ttft_seconds"):
+        assert key in decision.inputs
+    state = PolicyState.model_validate_json(pools.state.model_dump_json())
+    assert state == pools.state
+
+
+def test_config_validation_explains_the_fix() -> None:
+    with pytest.raises(ValueError, match=r"ratio_min 3\.0 > ratio_max 1\.0"):
+        make_config(ratio_min=3.0, ratio_max=1.0)
+    with pytest.raises(ValueError, match="gpu_budget 2 < 4"):
+        make_config(
+            gpu_budget=2,
+            prefill=RoleLimits(min_replicas=1, max_replicas=4, gpus_per_replica=2),
+            decode=RoleLimits(min_replicas=1, max_replicas=4, gpus_per_replica=2),
+        )
