@@ -270,27 +270,30 @@ class FrontendStats:
 class Scraper:
     """Turns the cluster's counters into the `MetricsSample` the Prometheus reader would build."""
 
-    def __init__(self, cluster: Cluster, quantile: float) -> None:
+    def __init__(self, cluster: Cluster, quantile: float, window_seconds: float = 60.0) -> None:
         self.cluster = cluster
         self.quantile = quantile
-        self._last = dict(cluster.counters)
-        self._last_at = cluster.env.now
-        self._ttft_index = 0
-        self._itl_index = 0
+        # Like rate(x[60s]) and histogram_quantile over 60 s: a sliding window, not the interval.
+        self.window_seconds = window_seconds
+        self._history: deque[tuple[float, dict[str, float], int, int]] = deque(
+            [(cluster.env.now, dict(cluster.counters), 0, 0)]
+        )
         self._request_index = 0
         self._done_index = 0
         self.frontend = FrontendStats(0, None, None)
 
     def snapshot(self) -> Snapshot:
-        """Rates and quantiles since the previous call, gauges now."""
+        """Rates and quantiles over the sliding window, gauges now; frontend stats since last call."""
         cluster = self.cluster
         now = cluster.env.now
-        window = max(now - self._last_at, 1e-9)
-        rate = {k: (v - self._last[k]) / window for k, v in cluster.counters.items()}
-        ttfts = [v for _, v in cluster.ttft_log[self._ttft_index :]]
-        itls = [v for _, v in cluster.itl_log[self._itl_index :]]
-        self._ttft_index = len(cluster.ttft_log)
-        self._itl_index = len(cluster.itl_log)
+        while len(self._history) > 1 and self._history[1][0] <= now - self.window_seconds:
+            self._history.popleft()
+        since, counters, ttft_index, itl_index = self._history[0]
+        window = max(now - since, 1e-9)
+        rate = {k: (v - counters[k]) / window for k, v in cluster.counters.items()}
+        ttfts = [v for _, v in cluster.ttft_log[ttft_index:]]
+        itls = [v for _, v in cluster.itl_log[itl_index:]]
+        self._history.append((now, dict(cluster.counters), len(cluster.ttft_log), len(cluster.itl_log)))
         arrived = cluster.requests[self._request_index :]
         self._request_index = len(cluster.requests)
         done = cluster.done[self._done_index :]
@@ -300,8 +303,6 @@ class Scraper:
             mean_input_tokens=sum(r.prompt_tokens for r in arrived) / len(arrived) if arrived else None,
             mean_output_tokens=sum(r.output_tokens for r in done) / len(done) if done else None,
         )
-        self._last = dict(cluster.counters)
-        self._last_at = now
         transfers = rate["kv_transfers"]
         metrics = MetricsSample(
             observed_at=now,

@@ -67,13 +67,18 @@ def load_mooncake(path: Path, copies: int = 1, seed: int = 0, limit_seconds: flo
 
 
 def _superpose(rows: list[Request], copies: int, seed: int) -> list[Request]:
-    """Scale the rate by `copies` keeping the timeline: each copy shifted by up to +-0.5 s."""
+    """Scale the rate by `copies` keeping the minute-scale shape (the slow ramp).
+
+    Each extra copy moves every request by an independent U(-30 s, 30 s) shift: copies of one
+    user's burst must not land on the same second (that would multiply burstiness by `copies`),
+    while the load over minutes stays the trace's.
+    """
     if copies <= 1:
         return sorted(rows)
     rng = np.random.default_rng(seed)
     out = list(rows)
     for _ in range(copies - 1):
-        shifts = rng.uniform(-0.5, 0.5, size=len(rows))
+        shifts = rng.uniform(-30.0, 30.0, size=len(rows))
         out.extend((max(at + float(s), 0.0), p, o) for (at, p, o), s in zip(rows, shifts, strict=True))
     out.sort()
     return out

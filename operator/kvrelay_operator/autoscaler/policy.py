@@ -99,9 +99,18 @@ def decide(
             _kv_cache_replicas(metrics, snapshot, config, target=config.kv_cache_target * 0.9),
         ),
     }
+    # An SLO miss counts only while its cause is still there (a backlog, or a full decode pool):
+    # a quantile over the window still shows a burst that has already drained.
+    decode_pressed = bool(metrics.decode_requests_waiting) or (
+        metrics.kv_cache_usage_ratio is not None and metrics.kv_cache_usage_ratio > config.kv_cache_target
+    )
     violated: dict[Role, bool] = {
-        "prefill": metrics.ttft_seconds is not None and metrics.ttft_seconds > config.ttft_slo_seconds,
-        "decode": metrics.itl_seconds is not None and metrics.itl_seconds > config.itl_slo_seconds,
+        "prefill": metrics.ttft_seconds is not None
+        and metrics.ttft_seconds > config.ttft_slo_seconds
+        and (metrics.queued_prefill_tokens or 0.0) > 0,
+        "decode": metrics.itl_seconds is not None
+        and metrics.itl_seconds > config.itl_slo_seconds
+        and decode_pressed,
     }
 
     desired: dict[Role, int] = {}
@@ -175,6 +184,27 @@ def decide(
         metrics_since=metrics_since,
     )
     return decision, new_state
+
+
+def reason_code(reason: str) -> str:
+    """A low-cardinality label for a role's reason text (the `reason` of decisions_total)."""
+    if "GPU budget" in reason:
+        return "gpu_budget"
+    if "ratio m" in reason:
+        return "ratio_bound"
+    if "clamped to" in reason:
+        return "replica_bounds"
+    if reason.startswith("hold: ") and "metrics" in reason:
+        return "no_metrics"
+    if "above SLO" in reason:
+        return "slo_violation"
+    if reason.startswith("hold: ") and "loading" in reason:
+        return "replicas_loading"
+    if reason.startswith("hold: "):
+        return "cooldown"
+    if reason.startswith(("up: ", "down: ")):
+        return "load"
+    return "steady"
 
 
 def prefill_replicas_needed(

@@ -84,7 +84,7 @@ class PolicyConfig(_Frozen):
 
     ttft_slo_seconds: float = Field(gt=0)
     itl_slo_seconds: float = Field(gt=0)
-    quantile: float = Field(0.99, gt=0.5, lt=1.0)
+    quantile: float = Field(0.99, ge=0.5, lt=1.0)
     prefill: RoleLimits = RoleLimits()
     decode: RoleLimits = RoleLimits()
     ratio_min: float | None = Field(None, gt=0, description="Lowest prefill:decode replica ratio.")
@@ -142,7 +142,7 @@ class PolicyConfig(_Frozen):
         if self.ratio_min is not None and self.ratio_max is not None and self.ratio_min > self.ratio_max:
             raise ValueError(f"ratio_min {self.ratio_min} > ratio_max {self.ratio_max}: swap or widen them")
         if self.gpu_budget is not None:
-            floor = sum(max(self.limits(r).min_replicas, 1) * self.limits(r).gpus_per_replica for r in ROLES)
+            floor = sum(self.limits(r).min_replicas * self.limits(r).gpus_per_replica for r in ROLES)
             if floor > self.gpu_budget:
                 raise ValueError(f"gpu_budget {self.gpu_budget} < {floor} GPUs the role minimums need")
         return self

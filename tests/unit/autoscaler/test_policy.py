@@ -287,7 +287,8 @@ def test_ratio_bounds_raise_the_short_side() -> None:
 def test_slo_violation_without_modelled_need_adds_one_replica() -> None:
     pools = FakePools(prefill=2, decode=2)
     pools.tick(5.0)
-    decision = pools.tick(5.0, itl_seconds=0.2)  # model says 1 decode replica is enough
+    # The model says 1 decode replica is enough, but ITL misses and requests wait for decode.
+    decision = pools.tick(5.0, itl_seconds=0.2, decode_requests_waiting=3.0)
     assert decision.decode.direction == "up" and decision.decode.replicas == 3
     assert "ITL above SLO" in decision.decode.reason
 

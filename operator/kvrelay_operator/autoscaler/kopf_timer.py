@@ -1,0 +1,252 @@
+"""The autoscaler's I/O shell: a kopf timer around the pure `policy.decide`.
+
+Every `autoscaling.intervalSeconds`, per DisaggregatedModel whose mode is auto or advisory: read
+Prometheus (in a thread), take replica counts from status, decide, then publish: always
+`status.autoscaler`, the `kvrelay_autoscaler_*` metrics and an Event when something changes; in
+mode auto also `status.<role>.desiredReplicas`, which the reconciler applies
+(`handlers.on_model_event`): the operator stays the only writer of child replicas.
+The policy's state lives in the per-object memo. After a restart capacities re-learn from the
+profile, and no scale-down happens before a fresh window of metrics (the policy enforces that).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import kopf
+from prometheus_client import Counter, Gauge
+from pydantic import ValidationError
+
+from kvrelay_operator import api, resources
+from kvrelay_operator.autoscaler.decision_log import DecisionLog
+from kvrelay_operator.autoscaler.policy import decide, reason_code
+from kvrelay_operator.autoscaler.prometheus import PrometheusReader, QuerySpec
+from kvrelay_operator.autoscaler.types import (
+    ROLES,
+    Decision,
+    MetricsSample,
+    PolicyConfig,
+    PolicyState,
+    RoleLimits,
+    RoleReplicas,
+    Snapshot,
+)
+
+log = logging.getLogger(__name__)
+
+# The timer ticks this often; each object decides only when its own interval has passed
+# (intervalSeconds may differ per object, kopf timers have one interval per handler).
+TICK_SECONDS = 5.0
+_MEMO_KEY = "autoscaler"
+
+DESIRED_REPLICAS = Gauge(
+    "kvrelay_autoscaler_desired_replicas", "Replicas the autoscaler decided per role.", ["model", "role"]
+)
+DECISIONS = Counter(
+    "kvrelay_autoscaler_decisions",
+    "Autoscaler decisions per role, by direction and reason code.",
+    ["model", "role", "direction", "reason"],
+)
+DECISION_LOG = DecisionLog(
+    Path(os.environ["KVRELAY_DECISION_LOG"]) if os.environ.get("KVRELAY_DECISION_LOG") else None
+)
+
+
+def served_model(spec: api.DisaggregatedModelSpec, name: str) -> str:
+    """The `model` label the workers and router put on their series."""
+    return spec.model.served_name or name
+
+
+def policy_config(spec: api.DisaggregatedModelSpec) -> PolicyConfig:
+    """PolicyConfig from `spec.autoscaling` plus per-role bounds and tensorParallel."""
+    auto = spec.autoscaling
+    defaults = PolicyConfig.model_fields
+    return PolicyConfig(
+        ttft_slo_seconds=auto.slo.ttft_seconds,
+        itl_slo_seconds=auto.slo.itl_seconds,
+        quantile=auto.slo.quantile,
+        prefill=RoleLimits(
+            min_replicas=spec.prefill.min_replicas,
+            max_replicas=spec.prefill.max_replicas,
+            gpus_per_replica=spec.prefill.tensor_parallel,
+        ),
+        decode=RoleLimits(
+            min_replicas=spec.decode.min_replicas,
+            max_replicas=spec.decode.max_replicas,
+            gpus_per_replica=spec.decode.tensor_parallel,
+        ),
+        ratio_min=auto.ratio.min,
+        ratio_max=auto.ratio.max,
+        gpu_budget=auto.gpu_budget,
+        interval_seconds=float(auto.interval_seconds),
+        scale_up_cooldown_seconds=float(auto.scale_up_cooldown_seconds),
+        scale_down_cooldown_seconds=float(auto.scale_down_cooldown_seconds),
+        # Scale-down evidence spans six decisions (180 s at the default 30 s interval).
+        scale_down_window_seconds=6.0 * auto.interval_seconds,
+        scale_down_step_seconds=2.0 * auto.interval_seconds,
+        prefill_tokens_per_second=auto.profile.prefill_tokens_per_second
+        or defaults["prefill_tokens_per_second"].default,
+        decode_tokens_per_second=auto.profile.decode_tokens_per_second
+        or defaults["decode_tokens_per_second"].default,
+    )
+
+
+def query_spec(spec: api.DisaggregatedModelSpec, name: str) -> QuerySpec:
+    """Window: at least one decision interval and four scrapes (rate() needs two samples)."""
+    scrape = _seconds(spec.monitoring.interval)
+    window = max(float(spec.autoscaling.interval_seconds), 4.0 * scrape, 10.0)
+    return QuerySpec(
+        model=served_model(spec, name),
+        window_seconds=math.ceil(window),
+        quantile=spec.autoscaling.slo.quantile,
+    )
+
+
+def role_replicas(
+    spec: api.DisaggregatedModelSpec, status: api.DisaggregatedModelStatus, role: str
+) -> RoleReplicas:
+    """Current = what the reconciler applies now; ready = ready pods it reported."""
+    role_status: api.RoleStatus | None = getattr(status, role)
+    current = resources.target_replicas(spec, status, role)  # type: ignore[arg-type]
+    ready = role_status.ready_replicas if role_status is not None else 0
+    return RoleReplicas(current=current, ready=min(ready, current))
+
+
+def status_patch(decision: Decision, mode: str, when: str, note: str = "") -> dict[str, Any]:
+    """The status merge patch: the decision always, desiredReplicas only in mode auto."""
+    reason = decision.reason + (f" ({note})" if note else "")
+    patch: dict[str, Any] = {
+        "autoscaler": {
+            "lastDecisionTime": when,
+            "prefillReplicas": decision.prefill.replicas,
+            "decodeReplicas": decision.decode.replicas,
+            "reason": reason[:1024],
+            "inputs": {k: round(v, 6) for k, v in decision.inputs.items() if math.isfinite(v)},
+        }
+    }
+    if mode == "auto" and not decision.hold:
+        for role in ROLES:
+            patch[role] = {"desiredReplicas": decision.role(role).replicas}
+    return patch
+
+
+def event_message(decision: Decision, mode: str) -> str:
+    """One line for the Event: the change and why."""
+    moves = ", ".join(
+        f"{role} {decision.role(role).previous}->{decision.role(role).replicas}" for role in ROLES
+    )
+    prefix = "advised" if mode == "advisory" else "decided"
+    return f"{prefix} {moves}: {decision.reason}"[:1024]
+
+
+@dataclass
+class _Runtime:
+    """Per-object memory between ticks."""
+
+    state: PolicyState = field(default_factory=PolicyState)
+    last_decision_at: float = -math.inf
+    reader: PrometheusReader | None = None
+    reader_key: tuple[str, QuerySpec] | None = None
+    last_hold: bool | None = None
+
+
+def _prometheus_url(spec: api.DisaggregatedModelSpec, memo: kopf.Memo) -> str | None:
+    if spec.autoscaling.prometheus_url:
+        return spec.autoscaling.prometheus_url
+    state = memo.get("kvrelay")
+    configured = getattr(getattr(state, "config", None), "prometheus_url", None)
+    return configured or os.environ.get("KVRELAY_PROMETHEUS_URL") or None
+
+
+async def _read_metrics(
+    runtime: _Runtime, url: str | None, qspec: QuerySpec
+) -> tuple[MetricsSample | None, str]:
+    """The sample, or None and why (no URL, Prometheus unreachable, no series)."""
+    if url is None:
+        return None, "no Prometheus URL: set spec.autoscaling.prometheusUrl or --prometheus-url"
+    key = (url, qspec)
+    if runtime.reader is None or runtime.reader_key != key:
+        runtime.reader, runtime.reader_key = PrometheusReader(url, qspec), key
+    try:
+        sample = await asyncio.to_thread(runtime.reader.read)
+    except Exception as exc:  # network, HTTP and PromQL errors all mean "hold"
+        return None, f"Prometheus query failed: {type(exc).__name__}: {exc}"[:300]
+    return sample, "" if sample is not None else f"no worker series for model {qspec.model!r}"
+
+
+@kopf.timer(
+    api.GROUP,
+    api.VERSION,
+    api.PLURAL,
+    interval=TICK_SECONDS,
+    when=lambda spec, **_: (spec.get("autoscaling") or {}).get("mode", "off") in ("auto", "advisory"),
+)
+async def autoscale(
+    spec: kopf.Spec,
+    status: kopf.Status,
+    name: str,
+    namespace: str,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    patch: kopf.Patch,
+    **_: Any,
+) -> None:
+    """One autoscaling step for one DisaggregatedModel (skipped until its interval has passed)."""
+    try:
+        parsed = api.DisaggregatedModelSpec.model_validate(dict(spec))
+        parsed_status = api.DisaggregatedModelStatus.model_validate(dict(status or {}))
+    except ValidationError as exc:
+        log.warning("%s/%s: autoscaler skips an invalid spec/status: %s", namespace, name, exc)
+        return
+    runtime: _Runtime = memo.setdefault(_MEMO_KEY, _Runtime())
+    now = time.time()
+    if now - runtime.last_decision_at < parsed.autoscaling.interval_seconds - 0.5:
+        return
+    runtime.last_decision_at = now
+
+    mode = parsed.autoscaling.mode
+    metrics, note = await _read_metrics(runtime, _prometheus_url(parsed, memo), query_spec(parsed, name))
+    snapshot = Snapshot(
+        metrics=metrics,
+        prefill=role_replicas(parsed, parsed_status, "prefill"),
+        decode=role_replicas(parsed, parsed_status, "decode"),
+    )
+    decision, runtime.state = decide(snapshot, runtime.state, policy_config(parsed), now)
+    DECISION_LOG.record(f"{namespace}/{name}", snapshot, decision)
+
+    when = datetime.datetime.fromtimestamp(now, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    for key, value in status_patch(decision, mode, when, note).items():
+        patch.status[key] = value
+    model = served_model(parsed, name)
+    for role in ROLES:
+        role_decision = decision.role(role)
+        DESIRED_REPLICAS.labels(model, role).set(role_decision.replicas)
+        DECISIONS.labels(model, role, role_decision.direction, reason_code(role_decision.reason)).inc()
+
+    changed = any(decision.role(role).direction != "none" for role in ROLES)
+    if changed or decision.hold != runtime.last_hold:
+        kopf.event(
+            body,
+            type="Warning" if decision.hold else "Normal",
+            reason="AutoscalerHold" if decision.hold else "AutoscalerDecision",
+            message=event_message(decision, mode) + (f" ({note})" if note else ""),
+        )
+    runtime.last_hold = decision.hold
+
+
+def _seconds(duration: str) -> float:
+    """'15s', '500ms', '1m' -> seconds."""
+    match = re.fullmatch(r"([0-9]+)(ms|s|m)", duration)
+    if match is None:
+        return 15.0
+    value, unit = int(match.group(1)), match.group(2)
+    return value / 1000.0 if unit == "ms" else value * (60.0 if unit == "m" else 1.0)

@@ -1,0 +1,109 @@
+"""Reads the contract's metric names (docs/wire-contracts.md section 4) from Prometheus into a
+`MetricsSample`. Missing series become None and stale data is reported, so the policy holds.
+
+Query building and result parsing are pure; only `PrometheusReader.read` does I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kvrelay_operator.autoscaler.types import MetricsSample
+
+# Worker gauges every worker refreshes on every scrape: their newest sample time is the age of
+# what Prometheus knows about the pools.
+_FRESHNESS_SERIES = "kvrelay_requests_running|kvrelay_requests_waiting|kvrelay_kv_cache_usage_ratio"
+
+
+class QuerySpec(BaseModel):
+    """Which model to read and over what window."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str = Field(description="Value of the `model` label (the served model name).")
+    window_seconds: int = Field(60, ge=10, description="Range for rate() and histogram quantiles.")
+    quantile: float = Field(0.99, gt=0, lt=1)
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def build_queries(spec: QuerySpec) -> dict[str, str]:
+    """PromQL per `MetricsSample` field (plus `observed_at`), all aggregated to one value."""
+    m = f'model="{_label(spec.model)}"'
+    w = f"{spec.window_seconds}s"
+    q = spec.quantile
+
+    def quantile(name: str) -> str:
+        return f"histogram_quantile({q}, sum by (le) (rate({name}_bucket{{{m}}}[{w}])))"
+
+    def rate(name: str, role: str | None = None) -> str:
+        role_matcher = f',role="{role}"' if role else ""
+        return f"sum(rate({name}{{{m}{role_matcher}}}[{w}]))"
+
+    def gauge(name: str, role: str, agg: str = "sum") -> str:
+        return f'{agg}({name}{{{m},role="{role}"}})'
+
+    return {
+        "observed_at": f'max(timestamp({{__name__=~"{_FRESHNESS_SERIES}",{m}}}))',
+        "ttft_seconds": quantile("kvrelay_time_to_first_token_seconds"),
+        "itl_seconds": quantile("kvrelay_inter_token_latency_seconds"),
+        "request_rate": rate("kvrelay_requests_total"),
+        "prompt_tokens_per_second": rate("kvrelay_prompt_tokens_total", "prefill"),
+        "generation_tokens_per_second": rate("kvrelay_generation_tokens_total", "decode"),
+        "queued_prefill_tokens": gauge("kvrelay_queued_prefill_tokens", "prefill"),
+        "prefill_requests_waiting": gauge("kvrelay_requests_waiting", "prefill"),
+        "decode_requests_waiting": gauge("kvrelay_requests_waiting", "decode"),
+        "decode_requests_running": gauge("kvrelay_requests_running", "decode"),
+        "kv_cache_usage_ratio": gauge("kvrelay_kv_cache_usage_ratio", "decode", "avg"),
+        "kv_transfer_seconds": (
+            f"sum(rate(kvrelay_kv_transfer_seconds_sum{{{m}}}[{w}]))"
+            f" / sum(rate(kvrelay_kv_transfer_seconds_count{{{m}}}[{w}]))"
+        ),
+        "prefill_busy_seconds_per_second": rate("kvrelay_prefill_seconds_sum", "prefill"),
+    }
+
+
+def parse_scalar(result: Any) -> float | None:
+    """One value from an instant-vector answer; None when empty, NaN or infinite."""
+    if not isinstance(result, list) or not result:
+        return None
+    try:
+        value = float(result[0]["value"][1])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def to_sample(values: Mapping[str, float | None], window_seconds: float) -> MetricsSample | None:
+    """Build the sample, or None when no worker series exists at all."""
+    observed_at = values.get("observed_at")
+    if observed_at is None:
+        return None
+    fields = {k: (max(v, 0.0) if v is not None else None) for k, v in values.items() if k != "observed_at"}
+    return MetricsSample(observed_at=observed_at, window_seconds=window_seconds, **fields)
+
+
+class PrometheusReader:
+    """Synchronous reader (prometheus-api-client); call it from a thread in async code."""
+
+    def __init__(self, url: str, spec: QuerySpec, timeout_seconds: float = 5.0) -> None:
+        from prometheus_api_client import PrometheusConnect  # the operator extra; pure code stays free of it
+
+        self.spec = spec
+        self.queries = build_queries(spec)
+        self._client = PrometheusConnect(url=url, disable_ssl=True)
+        self._timeout = timeout_seconds
+
+    def read(self) -> MetricsSample | None:
+        """Run every query; an unreachable Prometheus raises, an absent series reads as None."""
+        values = {
+            name: parse_scalar(self._client.custom_query(query, params={"timeout": f"{self._timeout}s"}))
+            for name, query in self.queries.items()
+        }
+        return to_sample(values, float(self.spec.window_seconds))
