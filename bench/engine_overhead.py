@@ -51,12 +51,20 @@ class BareDecode:
     @torch.inference_mode()
     def __init__(self, model, batch: int, prompts: list[list[int]], steps: int) -> None:
         cfg, n = model.config, len(prompts[0])
-        self.model = model
+        param = next(model.parameters())
+        self.model, self.device = model, param.device
         self.attn = DenseKVCacheAttention(
-            cfg.num_hidden_layers, batch, cfg.num_key_value_heads, cfg.head_dim, n + steps + 16, torch.float32
+            cfg.num_hidden_layers,
+            batch,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            n + steps + 16,
+            param.dtype,
+            param.device,
         )
         self.attn.begin(n)
-        hidden = model(torch.tensor(prompts).reshape(-1), torch.arange(n).repeat(batch), self.attn)
+        ids = torch.tensor(prompts, device=self.device).reshape(-1)
+        hidden = model(ids, torch.arange(n, device=self.device).repeat(batch), self.attn)
         self.attn.end()
         self.tokens = model.compute_logits(hidden.view(batch, n, -1)[:, -1]).argmax(-1)
         self.batch = batch
@@ -64,7 +72,7 @@ class BareDecode:
     @torch.inference_mode()
     def step(self) -> None:
         self.attn.begin(1)
-        pos = torch.full((self.batch,), self.attn.length, dtype=torch.long)
+        pos = torch.full((self.batch,), self.attn.length, dtype=torch.long, device=self.device)
         hidden = self.model(self.tokens, pos, self.attn)
         self.attn.end()
         self.tokens = self.model.compute_logits(hidden).argmax(-1)
@@ -102,10 +110,13 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model_dir = args.model or make_tiny_model(tempfile.mkdtemp(prefix="kvrelay-bench-"))
-    model = load_model(model_dir, device=args.device)
+    model = load_model(
+        model_dir, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None
+    )
     results = {}
     for batch in args.batches:
         e, b = measure(model, batch, args.prompt_len, args.steps, args.block_size)
@@ -115,7 +126,8 @@ def main() -> None:
             {
                 "bench": "engine_overhead",
                 "model": str(model_dir),
-                "device": args.device,
+                "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+                "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                 "threads": args.threads,
                 "prompt_len": args.prompt_len,
                 "batches": results,

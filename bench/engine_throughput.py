@@ -53,9 +53,11 @@ def engine_prefill_s(model, prompts: list[list[int]], block_size: int = 16) -> f
 
 @torch.inference_mode()
 def bare_prefill_s(model, prompts: list[list[int]]) -> float:
+    dev = next(model.parameters()).device
     t0 = time.perf_counter()
     for p in prompts:
-        hidden = model(torch.tensor(p), torch.arange(len(p)), DenseCausalAttention(1, len(p)))
+        ids, pos = torch.tensor(p, device=dev), torch.arange(len(p), device=dev)
+        hidden = model(ids, pos, DenseCausalAttention(1, len(p)))
         model.compute_logits(hidden[-1:]).argmax(-1).tolist()
     return time.perf_counter() - t0
 
@@ -80,7 +82,8 @@ def decode_tok_s(model, batch: int, steps: int) -> tuple[float, float]:
 
 def run_size(size: str, device: str, dtype: torch.dtype | None) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"kvrelay-{size}-") as tmp:
-        model_dir = make_tiny_model(tmp, size=size)
+        saved = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+        model_dir = make_tiny_model(tmp, size=size, dtype=saved)
         model = load_model(model_dir, device=device, dtype=dtype)
     params = sum(p.numel() for p in model.parameters())
     work = WORK[size]

@@ -1,7 +1,12 @@
-"""Fixtures for the worker unit tests: one tiny checkpoint per session, leak checks per engine."""
+"""Fixtures for the worker unit tests: one tiny checkpoint per session, leak checks per engine.
+
+``KVRELAY_TEST_DEVICE=cuda`` and ``KVRELAY_TEST_DTYPE=bfloat16`` run the engine tests on a GPU
+(``bench/gpu_check.sh``); the default is CPU fp32.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,10 +22,14 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
+DEVICE = os.environ.get("KVRELAY_TEST_DEVICE", "cpu")
+DTYPE = os.environ.get("KVRELAY_TEST_DTYPE")
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tiny_dir: Path) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    return load_model(tiny_dir)
+    return load_model(tiny_dir, device=DEVICE, dtype=getattr(torch, DTYPE) if DTYPE else None)
 
 
 @pytest.fixture
@@ -49,10 +58,11 @@ def reference(tiny_model: LlamaForCausalLM):
 
 def reference_greedy(model: LlamaForCausalLM, prompt: list[int], n: int) -> list[int]:
     """Greedy tokens from a plain full-recompute forward (no cache) at every step."""
-    ids = torch.tensor([prompt])
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt], device=device)
     out: list[int] = []
     for _ in range(n):
         token = int(model.full_forward_logits(ids)[0, -1].argmax())
         out.append(token)
-        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+        ids = torch.cat([ids, torch.tensor([[token]], device=device)], dim=1)
     return out

@@ -145,7 +145,11 @@ def make_tiny_model(
     raw = make_config(size, tok.get_vocab_size(), special_ids, tie_word_embeddings, dtype)
     config = parse_config(raw)
     torch_dtype = getattr(torch, dtype)
-    model = LlamaForCausalLM(config, max_model_len=64)  # rope table size is irrelevant for saving
+    with torch.device("meta"):  # skip torch's default init: init_weights writes every parameter
+        model = LlamaForCausalLM(config, max_model_len=64)
+    model.to_empty(device="cpu")
+    if tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
     init_weights(model, list(special_ids.values()), seed)
     model.to(torch_dtype)
     save_checkpoint(model, out, max_shard_bytes=max_shard_bytes)
