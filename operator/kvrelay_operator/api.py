@@ -394,8 +394,8 @@ class RoleStatus(StatusModel):
     ready_replicas: int = Field(default=0, description="Ready pods.")
     desired_replicas: int | None = Field(
         default=None,
-        description="Target replicas. Mode auto: written by the autoscaler, applied by the reconciler "
-        "(clamped to min/max). Otherwise: the replicas the reconciler applied.",
+        description="Target replicas. Mode auto: written only by the autoscaler (unset until its first "
+        "decision), applied by the reconciler clamped to min/max. Otherwise: the replicas applied.",
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections import Counter
+from collections import Counter, deque
 from typing import Any
 
 from kubernetes import client, config
@@ -56,6 +56,7 @@ class KubeClient:
         self._api = api_client
         self._lock = threading.Lock()
         self.requests: Counter[str] = Counter()  # verb -> count, for benchmarks
+        self.recent: deque[tuple[str, str]] = deque(maxlen=200)  # (verb, path), for debugging
 
     @classmethod
     def from_environment(cls) -> KubeClient:
@@ -80,6 +81,7 @@ class KubeClient:
     ) -> dict[str, Any]:
         with self._lock:
             self.requests[method] += 1
+            self.recent.append((method, path))
         headers = {"Accept": "application/json"}
         if content_type:
             headers["Content-Type"] = content_type

@@ -97,14 +97,10 @@ def compute_status(
             ready_replicas=state.ready_replicas if state else 0,
             desired_replicas=target,
         )
-        if (
-            spec.autoscaling.mode == "auto"
-            and role != "router"
-            and current
-            and current.desired_replicas is not None
-        ):
-            # The autoscaler owns desiredReplicas in mode auto; keep its value untouched.
-            role_status.desired_replicas = current.desired_replicas
+        if spec.autoscaling.mode == "auto" and role != "router":
+            # In mode auto only the autoscaler writes desiredReplicas (unset until its first
+            # decision): a value derived here from a possibly stale parent could clobber a newer one.
+            role_status.desired_replicas = current.desired_replicas if current is not None else None
         setattr(new, role, role_status)
         if state is None:
             waiting.append(f"{role} Deployment missing")

@@ -7,6 +7,7 @@ Auth is a static token for a `system:masters` user; RBAC is on. Everything lives
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -16,12 +17,14 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ADMIN_TOKEN = "kvrelay-test-admin-token"
+T = TypeVar("T")
 
 
 @dataclass
@@ -79,6 +82,21 @@ def find_kubectl() -> tuple[Path | None, str]:
     return Path(out.stdout.strip().splitlines()[-1]) / "kubectl", ""
 
 
+def wait_for(condition: Callable[[], T], timeout: float = 20.0, interval: float = 0.1, what: str = "") -> T:
+    """Polls until condition() is truthy (returning it) or raises TimeoutError naming what."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+            if value:
+                return value
+        except Exception as exc:  # conditions may race object creation; retry until the deadline
+            last_exc = exc
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what or condition}; last error: {last_exc}")
+
+
 def free_port() -> int:
     """A port the OS says is free now."""
     with socket.socket() as sock:
@@ -87,7 +105,7 @@ def free_port() -> int:
 
 
 def _insecure_tls() -> ssl.SSLContext:
-    # The apiserver's self-signed serving cert: tests only ever talk to 127.0.0.1.
+    # Only for raw probes of 127.0.0.1 (health, /metrics); clients use the kubeconfig's CA.
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
@@ -114,13 +132,13 @@ def _wait_http(url: str, deadline_s: float, proc: subprocess.Popen[bytes], token
     raise TimeoutError(f"{url} not healthy after {deadline_s}s: {last}")
 
 
-def _write_kubeconfig(path: Path, server: str, token: str) -> None:
+def _write_kubeconfig(path: Path, server: str, token: str, ca: Path) -> None:
     path.write_text(
         f"""apiVersion: v1
 kind: Config
 clusters:
 - name: envtest
-  cluster: {{server: "{server}", insecure-skip-tls-verify: true}}
+  cluster: {{server: "{server}", certificate-authority: "{ca}"}}
 users:
 - name: admin
   user: {{token: "{token}"}}
@@ -193,9 +211,23 @@ def control_plane(assets: Path, start_timeout_s: float = 90.0) -> Iterator[Contr
         server = f"https://127.0.0.1:{api_port}"
         _wait_http(f"{server}/readyz", start_timeout_s, processes[1], token=ADMIN_TOKEN)
         kubeconfig = workdir / "kubeconfig"
-        _write_kubeconfig(kubeconfig, server, ADMIN_TOKEN)
+        # The apiserver wrote a self-signed serving cert for 127.0.0.1 into --cert-dir; trust exactly it.
+        _write_kubeconfig(kubeconfig, server, ADMIN_TOKEN, certs / "apiserver.crt")
         yield ControlPlane(server, ADMIN_TOKEN, kubeconfig, workdir, processes)
     finally:
         for proc in reversed(processes):
             _stop(proc)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def get_json(kubectl: Callable[..., subprocess.CompletedProcess[str]], *args: str) -> dict[str, Any]:
+    """`kubectl get ... -o json`, parsed."""
+    result = kubectl("get", *args, "-o", "json")
+    if result.returncode != 0:
+        raise RuntimeError(f"kubectl get {' '.join(args)}: {result.stderr}")
+    return json.loads(result.stdout)
+
+
+def example(name: str) -> str:
+    """Text of a file in examples/."""
+    return (REPO_ROOT / "examples" / name).read_text()

@@ -1,0 +1,234 @@
+"""Tests 2, 4, 5 and the autoscaler hook: the operator, in process, against a real kube-apiserver.
+
+No kubelet or controllers run, so Deployment readiness is simulated by writing Deployment status
+through its status subresource, as the deployment controller would.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+import yaml
+from kvrelay_envtest import example, get_json, wait_for
+from kvrelay_operator import handlers
+
+pytestmark = pytest.mark.controlplane
+
+LABELS = "app.kubernetes.io/name=kvrelay"
+CHILD_KINDS = "configmaps,services,deployments,poddisruptionbudgets,serviceaccounts,roles,rolebindings"
+OWNER = {"apiVersion": "kvrelay.dev/v1alpha1", "kind": "DisaggregatedModel", "controller": True,
+         "blockOwnerDeletion": True}  # fmt: skip
+
+
+def children(kubectl, namespace: str, instance: str) -> dict[str, dict[str, Any]]:
+    """Kind/name -> object for every child of a model."""
+    items = get_json(
+        kubectl, CHILD_KINDS, "-n", namespace, "-l", f"{LABELS},app.kubernetes.io/instance={instance}"
+    )
+    return {f"{i['kind']}/{i['metadata']['name']}": i for i in items["items"]}
+
+
+def deployment(kubectl, namespace: str, name: str) -> dict[str, Any]:
+    return get_json(kubectl, "deployment", name, "-n", namespace)
+
+
+def model(kubectl, namespace: str, name: str) -> dict[str, Any]:
+    return get_json(kubectl, "dm", name, "-n", namespace)
+
+
+def set_ready(kubectl, namespace: str, name: str, ready: int) -> None:
+    """Plays the deployment controller: all replicas updated, `ready` of them ready."""
+    d = deployment(kubectl, namespace, name)
+    replicas = d["spec"]["replicas"]
+    status = {"observedGeneration": d["metadata"]["generation"], "replicas": replicas,
+              "updatedReplicas": replicas, "readyReplicas": ready, "availableReplicas": ready}  # fmt: skip
+    kubectl("patch", "deployment", name, "-n", namespace, "--subresource=status", "--type=merge",
+            "-p", json.dumps({"status": status}), check=True)  # fmt: skip
+
+
+EXPECTED_CHILDREN = {
+    "ConfigMap/llama-3-8b-model", "ServiceAccount/llama-3-8b-router", "Role/llama-3-8b-router",
+    "RoleBinding/llama-3-8b-router",
+    *(f"{kind}/llama-3-8b-{role}" for kind in ("Deployment", "Service", "PodDisruptionBudget")
+      for role in ("prefill", "decode", "router")),
+}  # fmt: skip
+
+
+def test_valid_cr_yields_children_and_status(kubectl, namespace, operator) -> None:
+    kubectl("apply", "-n", namespace, "-f", "-", stdin=example("llama-3-8b.yaml"), check=True)
+    found = wait_for(
+        lambda: (c := children(kubectl, namespace, "llama-3-8b")) and set(c) == EXPECTED_CHILDREN and c,
+        timeout=30, what="all 13 children",
+    )  # fmt: skip
+    parent = model(kubectl, namespace, "llama-3-8b")
+    for key, child in found.items():
+        assert child["metadata"]["ownerReferences"] == [{**OWNER, "name": "llama-3-8b",
+                                                         "uid": parent["metadata"]["uid"]}], key  # fmt: skip
+        assert child["metadata"]["labels"]["app.kubernetes.io/instance"] == "llama-3-8b", key
+    for role, pool, gpus, replicas in (
+        ("prefill", "prefill-h100", "2", 2),
+        ("decode", "decode-l40s", "2", 4),
+    ):
+        d = found[f"Deployment/llama-3-8b-{role}"]
+        pod = d["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        assert d["metadata"]["labels"]["kvrelay.dev/role"] == role
+        assert d["spec"]["replicas"] == replicas
+        assert pod["nodeSelector"] == {"kvrelay.dev/node-pool": pool}
+        assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == gpus
+        assert container["resources"]["limits"]["rdma/ib"] == "1"  # transport: rdma
+        assert container["securityContext"]["capabilities"]["add"] == ["IPC_LOCK"]
+        assert container["image"] == handlers.DEFAULT_WORKER_IMAGE
+        assert container["args"][:2] == ["--role", role]
+    assert found["Service/llama-3-8b-prefill"]["spec"]["clusterIP"] == "None"
+    assert "nvidia.com/gpu" not in json.dumps(found["Deployment/llama-3-8b-router"]["spec"])
+
+    for role, ready in (("prefill", 2), ("decode", 4), ("router", 2)):
+        set_ready(kubectl, namespace, f"llama-3-8b-{role}", ready)
+
+    def settled() -> dict[str, Any] | None:
+        status = model(kubectl, namespace, "llama-3-8b").get("status") or {}
+        return status if status.get("phase") == "Ready" else None
+
+    status = wait_for(settled, timeout=30, what="phase Ready")
+    assert status["observedGeneration"] == parent["metadata"]["generation"]
+    assert [status[r]["readyReplicas"] for r in ("prefill", "decode", "router")] == [2, 4, 2]
+    assert [status[r]["desiredReplicas"] for r in ("prefill", "decode", "router")] == [2, 4, 2]
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Ready"]["status"] == "True" and conditions["Progressing"]["status"] == "False"
+    assert conditions["Degraded"]["status"] == "False"
+    assert status["routerEndpoint"] == f"http://llama-3-8b-router.{namespace}.svc:8000/v1"
+    row = kubectl("get", "dm", "llama-3-8b", "-n", namespace, "--no-headers", check=True).stdout.split()
+    assert row[:6] == ["llama-3-8b", "2", "2", "4", "4", "Ready"]
+
+    set_ready(kubectl, namespace, "llama-3-8b-decode", 1)
+
+    def progressing() -> dict[str, Any] | None:
+        status = model(kubectl, namespace, "llama-3-8b")["status"]
+        return status if status["phase"] == "Progressing" else None
+
+    status = wait_for(progressing, timeout=30, what="phase back to Progressing")
+    assert "decode 1/4 ready" in {c["type"]: c for c in status["conditions"]}["Ready"]["message"]
+
+
+TINY = yaml.safe_load(example("tiny.yaml"))
+
+
+def test_spec_edit_rolls_children_and_restart_writes_nothing(kubectl, namespace, start_operator) -> None:
+    with start_operator():
+        kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(TINY), check=True)
+        wait_for(lambda: len(children(kubectl, namespace, "tiny")) == 13, timeout=30, what="children")
+        before = deployment(kubectl, namespace, "tiny-decode")
+        edited = json.loads(json.dumps(TINY))
+        edited["spec"]["image"] = "registry.example/kvrelay:2"
+        edited["spec"]["decode"].update(replicas=3, tensorParallel=2, nodeSelector={"pool": "decode-b"})
+        kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(edited), check=True)
+
+        def rolled() -> dict[str, Any] | None:
+            d = deployment(kubectl, namespace, "tiny-decode")
+            pod = d["spec"]["template"]["spec"]
+            ok = (d["spec"]["replicas"] == 3 and pod["nodeSelector"] == {"pool": "decode-b"}
+                  and pod["containers"][0]["image"] == "registry.example/kvrelay:2"
+                  and pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2")  # fmt: skip
+            return d if ok else None
+
+        after = wait_for(rolled, timeout=30, what="decode Deployment updated")
+        # A new pod template (config hash, image) is what makes the Deployment roll.
+        assert after["metadata"]["generation"] > before["metadata"]["generation"]
+        prefill = deployment(kubectl, namespace, "tiny-prefill")["spec"]["template"]["spec"]["containers"][0]
+        assert prefill["image"] == "registry.example/kvrelay:2"
+        wait_for(lambda: model(kubectl, namespace, "tiny").get("status", {}).get("observedGeneration") == 2,
+                 timeout=30, what="observedGeneration 2")  # fmt: skip
+        wait_quiet()  # let the status mirror catch up with the last Deployment events
+
+    versions = {k: c["metadata"]["resourceVersion"] for k, c in children(kubectl, namespace, "tiny").items()}
+    assert len(versions) == 13
+    resumes = handlers.RECONCILES[(namespace, "tiny", "resume")]
+    with start_operator():
+        wait_for(
+            lambda: handlers.RECONCILES[(namespace, "tiny", "resume")] > resumes, timeout=30, what="resume"
+        )
+        wait_for(lambda: handlers.last_state is not None and handlers.last_state.kube.requests["GET"] > 0,
+                 timeout=10, what="the resume's reads")  # fmt: skip
+        assert handlers.last_state is not None
+        writes = handlers.last_state.kube.requests
+        assert writes["PATCH"] == 0 and writes["POST"] == 0 and writes["PUT"] == 0, (
+            handlers.last_state.kube.recent
+        )
+    after_restart = {
+        k: c["metadata"]["resourceVersion"] for k, c in children(kubectl, namespace, "tiny").items()
+    }
+    assert after_restart == versions
+
+
+def wait_quiet(quiet_s: float = 1.0, timeout: float = 20.0) -> None:
+    """Waits until the running operator has sent no API request for quiet_s."""
+    last: list[int] = [-1]
+    since = [0.0]
+
+    def quiet() -> bool:
+        state = handlers.last_state
+        count = sum(state.kube.requests.values()) if state else 0
+        now = time.monotonic()
+        if count != last[0]:
+            last[0], since[0] = count, now
+        return now - since[0] >= quiet_s
+
+    wait_for(quiet, timeout=timeout, interval=0.1, what="operator idle")
+
+
+def test_hand_scaled_deployment_is_restored(kubectl, namespace, operator) -> None:
+    kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(TINY), check=True)
+    wait_for(lambda: deployment(kubectl, namespace, "tiny-decode"), timeout=30, what="decode Deployment")
+    kubectl("scale", "deployment/tiny-decode", "-n", namespace, "--replicas=5", check=True)
+    wait_for(lambda: deployment(kubectl, namespace, "tiny-decode")["spec"]["replicas"] == 1, timeout=30,
+             what="replicas restored to 1")  # fmt: skip
+
+    def restored_event() -> list[dict[str, Any]]:
+        events = get_json(kubectl, "events", "-n", namespace, "--field-selector",
+                          "involvedObject.name=tiny,reason=ReplicasRestored")["items"]  # fmt: skip
+        return events
+
+    event = wait_for(restored_event, timeout=30, what="ReplicasRestored event")[0]
+    assert event["type"] == "Warning" and event["involvedObject"]["kind"] == "DisaggregatedModel"
+    assert "scaled to 5" in event["message"] and "restored to 1" in event["message"]
+
+    def drift_condition() -> dict[str, Any] | None:
+        conditions = model(kubectl, namespace, "tiny").get("status", {}).get("conditions", [])
+        return next((c for c in conditions if c["type"] == "DriftCorrected"), None)
+
+    condition = wait_for(drift_condition, timeout=30, what="DriftCorrected condition")
+    assert condition["status"] == "True" and condition["reason"] == "ReplicasRestored"
+
+
+def test_autoscaler_status_drives_replicas(kubectl, kube, namespace, operator) -> None:
+    """The autoscaler hook: in mode auto, status.<role>.desiredReplicas is applied, clamped to bounds."""
+    auto = json.loads(json.dumps(TINY))
+    auto["spec"]["autoscaling"] = {"mode": "auto"}
+    auto["spec"]["decode"].update(minReplicas=1, maxReplicas=4)
+    kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(auto), check=True)
+    wait_for(
+        lambda: model(kubectl, namespace, "tiny").get("status", {}).get("observedGeneration"),
+        timeout=30, what="first reconcile",
+    )  # fmt: skip
+    # Mode auto: desiredReplicas belongs to the autoscaler, so the operator leaves it unset.
+    assert "desiredReplicas" not in model(kubectl, namespace, "tiny")["status"].get("decode", {})
+    kube.patch_status(namespace, "tiny", {"decode": {"desiredReplicas": 3}})
+    wait_for(lambda: deployment(kubectl, namespace, "tiny-decode")["spec"]["replicas"] == 3, timeout=30,
+             what="decode scaled to 3")  # fmt: skip
+    kube.patch_status(namespace, "tiny", {"decode": {"desiredReplicas": 9}})
+    wait_for(lambda: deployment(kubectl, namespace, "tiny-decode")["spec"]["replicas"] == 4, timeout=30,
+             what="decode clamped to maxReplicas 4")  # fmt: skip
+
+    def limited() -> dict[str, Any] | None:
+        conditions = model(kubectl, namespace, "tiny").get("status", {}).get("conditions", [])
+        return next((c for c in conditions if c["type"] == "ScalingLimited" and c["status"] == "True"), None)
+
+    condition = wait_for(limited, timeout=30, what="ScalingLimited")
+    assert "decode wants 9, clamped to 4" in condition["message"]
+    # The autoscaler's value is kept, never overwritten by the reconciler.
+    assert model(kubectl, namespace, "tiny")["status"]["decode"]["desiredReplicas"] == 9
