@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import time
 import uuid
@@ -31,7 +32,7 @@ from kvrelay_worker.cli import (
     worker_command,
 )
 from kvrelay_worker.router.kserve import WorkerClient
-from router_common import quantile, summary_ms
+from router_common import summary_ms
 
 
 @contextlib.contextmanager
@@ -93,14 +94,31 @@ async def measure(prefill_addr: str, decode_addr: str, args: argparse.Namespace)
         results = await asyncio.gather(*tasks, return_exceptions=True)
         long_done = sum(1 for r in results if not isinstance(r, BaseException))
 
-    # Warm up both paths once (first calls allocate and compile nothing, but fault in memory).
+    # Warm up both paths once (first calls fault in memory and fill allocator caches).
     await one(list(range(10, 42)), 8, record=False)
-    await one(list(range(5, 5 + args.prompt_tokens)), 4, record=False)
+    await one([5 + j % 500 for j in range(args.prompt_tokens)], 4, record=False)
     stop_at = time.monotonic() + args.duration
-    await asyncio.gather(long_prompts(), *(stream_loop(i) for i in range(args.streams)))
+    tasks = [asyncio.create_task(long_prompts())]
+    tasks += [asyncio.create_task(stream_loop(i)) for i in range(args.streams)]
+    # Bounded: a worker that stalls under this load is reported, not waited on forever.
+    _, pending = await asyncio.wait(tasks, timeout=args.duration + args.grace)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     await prefill.close()
     await decode.close()
-    return {"itl": summary_ms(gaps), "p99_s": quantile(gaps, 0.99), "long_prompts_done": long_done}
+    return {"itl": summary_ms(gaps), "long_prompts_done": long_done, "stalled": bool(pending)}
+
+
+def _ratio(num: dict[str, float], den: dict[str, float], key: str) -> float | None:
+    """None when either side produced no samples (a stalled configuration)."""
+    if key not in num or key not in den or den[key] == 0:
+        return None
+    return round(num[key] / den[key], 3)
+
+
+def _raise_keyboard_interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main() -> None:
@@ -110,8 +128,11 @@ def main() -> None:
     parser.add_argument("--stream-tokens", type=int, default=128, help="tokens per decode stream request")
     parser.add_argument("--prompt-tokens", type=int, default=2040, help="long prompt length (tiny: <= 2044)")
     parser.add_argument("--rate", type=float, default=4.0, help="long prompts per second (open loop)")
+    parser.add_argument("--grace", type=float, default=30.0, help="seconds to let in-flight work finish")
     parser.add_argument("--log-dir", default="/tmp/kvrelay-interference")
     args = parser.parse_args()
+    # SIGTERM (e.g. `timeout`) must unwind like Ctrl-C so the workers are stopped.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     model = ensure_tiny_model()
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -128,10 +149,10 @@ def main() -> None:
                 "prompt_tokens": args.prompt_tokens,
                 "rate_per_s": args.rate,
                 "duration_s": args.duration,
-                "disaggregated": {"itl": a, "long_prompts_done": disagg["long_prompts_done"]},
-                "colocated": {"itl": b, "long_prompts_done": coloc["long_prompts_done"]},
-                "ratio_p50_colocated_over_disagg": round(b["p50_ms"] / a["p50_ms"], 3),  # type: ignore[index]
-                "ratio_p99_colocated_over_disagg": round(b["p99_ms"] / a["p99_ms"], 3),  # type: ignore[index]
+                "disaggregated": disagg,
+                "colocated": coloc,
+                "ratio_p50_colocated_over_disagg": _ratio(b, a, "p50_ms"),
+                "ratio_p99_colocated_over_disagg": _ratio(b, a, "p99_ms"),
             }
         ),
         flush=True,

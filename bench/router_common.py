@@ -62,6 +62,8 @@ def quantile(values: Sequence[float], q: float) -> float:
 
 
 def summary_ms(values: Sequence[float]) -> dict[str, float]:
+    if not values:
+        return {"n": 0}
     return {
         "p50_ms": round(statistics.median(values) * 1e3, 3),
         "p99_ms": round(quantile(values, 0.99) * 1e3, 3),
