@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import logging
 import os
 import shutil
 import signal
@@ -239,6 +240,8 @@ def serve(args: argparse.Namespace) -> int:
             return 2
     # Before uvicorn takes over the signals, SIGTERM should unwind like Ctrl-C (and stop the workers).
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    # The in-process router logs worker health changes and mid-stream failures: show those.
+    logging.basicConfig(level=logging.WARNING, format="kvrelay router: %(levelname)s %(message)s")
     workers: list[WorkerProcess] = []
     try:
         if args.model == TINY_MODEL_NAME:
