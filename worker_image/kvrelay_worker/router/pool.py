@@ -72,7 +72,8 @@ class WorkerPool:
     async def _check(self, worker: WorkerState) -> None:
         ready = await worker.client.is_ready()
         if ready != worker.healthy:
-            log.warning("worker %s is now %s", worker.client.address, "ready" if ready else "NOT ready")
+            level = logging.INFO if ready else logging.WARNING
+            log.log(level, "worker %s is now %s", worker.client.address, "ready" if ready else "NOT ready")
         worker.healthy = ready
 
     def mark_down(self, worker: WorkerState) -> None:
