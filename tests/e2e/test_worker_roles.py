@@ -90,7 +90,11 @@ def test_colocated_local_handoff_and_fail_policy(model_dir: Path, expected: list
             p = grpcclient.InferenceServerClient(prefill.grpc_address)
             res = p.infer("kvrelay_prefill", prefill_inputs(grpcclient, PROMPT, max_tokens=N))
             handle = res.as_numpy("kv_handle")[0]
-            time.sleep(0.5)
+            # lease expiry alone must free the prefill worker's blocks (nobody read them)
+            deadline = time.monotonic() + 10
+            while metric_value(_metrics(prefill.metrics_port), "kvrelay_kv_cache_usage_ratio") != 0:
+                assert time.monotonic() < deadline, "prefill blocks not released after lease expiry"
+                time.sleep(0.1)
             d = grpcclient.InferenceServerClient(colo.grpc_address)
             q: queue.Queue = queue.Queue()
             d.start_stream(callback=lambda result, error: q.put((result, error)))

@@ -22,6 +22,10 @@ from kvrelay_worker.metrics import WorkerMetrics
 log = logging.getLogger(__name__)
 
 
+class EngineFailed(RuntimeError):
+    """Delivered into a request's queue when its request cannot continue (step crash, KV failure)."""
+
+
 class EngineLoop:
     def __init__(
         self,
@@ -40,6 +44,7 @@ class EngineLoop:
         self._subscribers: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self.error: BaseException | None = None  # set when the engine thread died
 
     def start(self) -> None:
         self._thread.start()
@@ -68,6 +73,20 @@ class EngineLoop:
     def unsubscribe(self, request_id: str) -> None:
         self._subscribers.pop(request_id, None)
 
+    def fail(self, request_id: str, message: str) -> None:
+        """Event-loop side: end one request's stream with an error."""
+        q = self._subscribers.get(request_id)
+        if q is not None:
+            q.put_nowait(EngineFailed(message))  # type: ignore[arg-type]
+
+    def _fail_all(self, message: str) -> None:
+        for q in self._subscribers.values():
+            q.put_nowait(EngineFailed(message))  # type: ignore[arg-type]
+
+    @property
+    def healthy(self) -> bool:
+        return self.error is None and self._thread.is_alive()
+
     def _deliver(self, outputs: list[RequestOutput], targets: list[KVTarget]) -> None:
         for out in outputs:
             q = self._subscribers.get(out.request_id)
@@ -79,6 +98,14 @@ class EngineLoop:
 
     # ---- engine thread ----------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # a dead engine must not leave clients waiting forever
+            log.exception("engine thread died")
+            self.error = exc
+            self.loop.call_soon_threadsafe(self._fail_all, f"engine failed: {exc!r}")
+
+    def _loop(self) -> None:
         while not self._stop.is_set():
             block = not self.engine.has_work()
             self._drain(block)
@@ -87,11 +114,7 @@ class EngineLoop:
             if not self.engine.has_work():
                 self._publish_stats()
                 continue
-            try:
-                result = self.engine.step(time.monotonic())
-            except Exception:  # a crashed step must not leave clients hanging silently
-                log.exception("engine step failed")
-                raise
+            result = self.engine.step(time.monotonic())
             if self.metrics is not None:
                 self.metrics.generation_tokens.inc(sum(len(o.new_token_ids) for o in result.outputs))
             if result.outputs or result.kv_targets:

@@ -21,7 +21,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from kvrelay_worker.engine import Engine, KVTarget, RequestOutput, RequestRefused, SamplingParams
 from kvrelay_worker.metrics import WorkerMetrics
 from kvrelay_worker.server.codec import BadRequest, infer_response, read_inputs, require, stream_error
-from kvrelay_worker.server.engine_loop import EngineLoop
+from kvrelay_worker.server.engine_loop import EngineFailed, EngineLoop
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +63,6 @@ def parse_sampling(raw: list[bytes]) -> SamplingParams:
         raise BadRequest(f"invalid sampling JSON: {problems}") from None
 
 
-class _Failed:
-    """Delivered into a request's queue when its KV fetch failed under the `fail` policy."""
-
-    def __init__(self, message: str) -> None:
-        self.message = message
-
-
 class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self,
@@ -98,13 +91,13 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self.ready)
+        return pb.ServerReadyResponse(ready=self.ready and self.loop_.healthy)
 
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name=f"kvrelay-worker-{self.role}", version="0.1.0", extensions=[])
 
     async def ModelReady(self, request, context):
-        return pb.ModelReadyResponse(ready=self.ready and request.name in self.models)
+        return pb.ModelReadyResponse(ready=self.ready and self.loop_.healthy and request.name in self.models)
 
     async def ModelMetadata(self, request, context):
         name = await self._model_or_abort(request.name, context)
@@ -200,7 +193,9 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             await self.loop_.call(self.engine.add_request, rid, input_ids, params, time.monotonic(), True)
             self._count_prompt(len(input_ids))
-            out: RequestOutput = await queue.get()
+            out = await queue.get()
+            if isinstance(out, EngineFailed):
+                raise BadRequest(str(out))
         except asyncio.CancelledError:
             self.loop_.call_soon(self._abort_or_release, rid)
             raise
@@ -268,10 +263,14 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
                 self._pending_fetch[rid] = handle
                 await self.loop_.call(self.engine.add_remote_request, rid, input_ids, first, params, now)
             self._count_prompt(len(input_ids))
+            first_output = True
             while True:
                 item = await queue.get()
-                if isinstance(item, _Failed):
-                    raise BadRequest(item.message)
+                if isinstance(item, EngineFailed):
+                    raise BadRequest(str(item))
+                if first_output:
+                    first_output = False
+                    self._observe_queue(item)
                 tokens = item.new_token_ids
                 for i, token in enumerate(tokens):
                     last = item.finished and i == len(tokens) - 1 and not empty_final
@@ -335,9 +334,7 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
         except KVTransferError as exc:
             log.warning("KV fetch for %s failed (%s), policy %s", target.request_id, exc, self.failure_policy)
             if self.failure_policy == "fail":
-                q = self.loop_._subscribers.get(target.request_id)
-                if q is not None:
-                    q.put_nowait(_Failed(f"KV transfer failed: {exc}"))
+                self.loop_.fail(target.request_id, f"KV transfer failed: {exc}")
                 self.loop_.call_soon(self.engine.abort, target.request_id)
                 return
         self.loop_.call_soon(self.engine.remote_kv_done, target.request_id, ok)
@@ -365,11 +362,14 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(n)
 
+    def _observe_queue(self, out: RequestOutput) -> None:
+        if self.metrics is not None and out.first_scheduled_time is not None:
+            self.metrics.queue_seconds.observe(max(out.first_scheduled_time - out.arrival_time, 0.0))
+
     def _observe_first(self, out: RequestOutput) -> None:
-        if self.metrics is None or out.first_scheduled_time is None:
-            return
-        self.metrics.queue_seconds.observe(max(out.first_scheduled_time - out.arrival_time, 0.0))
-        self.metrics.prefill_seconds.observe(max(time.monotonic() - out.first_scheduled_time, 0.0))
+        self._observe_queue(out)
+        if self.metrics is not None and out.first_scheduled_time is not None:
+            self.metrics.prefill_seconds.observe(max(time.monotonic() - out.first_scheduled_time, 0.0))
 
 
 def sampling_json(**kwargs: Any) -> bytes:
