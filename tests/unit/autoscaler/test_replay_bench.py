@@ -1,0 +1,67 @@
+"""`bench/autoscaler_replay.py --quick` end to end: the real policy against four baselines on the
+simulated cluster, replaying the synthetic staircase (+25% load steps up, then down)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+KEYS = {
+    "trace", "policy", "slo_attainment", "ttft_attainment", "itl_attainment", "gpu_hours",
+    "prefill_scale_events_per_hour", "prefill_reversals_per_hour", "decode_scale_events_per_hour",
+    "decode_reversals_per_hour", "violation_seconds_after_steps", "gpu_hours_vs_static_peak",
+    "gpu_hours_vs_sla_planner",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, dict[str, object]]:
+    """policy -> its JSON line (one quick run, ~20 s of CPU)."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "bench" / "autoscaler_replay.py"), "--quick"],
+        capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    assert {line["trace"] for line in lines} == {"staircase_up_down"}
+    return {line["policy"]: line for line in lines}
+
+
+def test_every_policy_reports_every_figure(results: dict[str, dict[str, object]]) -> None:
+    assert set(results) == {"static_peak", "static_mean_best_split", "sla_planner", "hpa", "kvrelay"}
+    for policy, line in results.items():
+        assert set(line) >= KEYS, (policy, KEYS - set(line))
+        assert len(line["violation_seconds_after_steps"]) == 10  # type: ignore[arg-type]
+
+
+def test_kvrelay_meets_the_slo_without_flapping_on_less_than_the_peak_static(
+    results: dict[str, dict[str, object]],
+) -> None:
+    kv = results["kvrelay"]
+    assert float(kv["slo_attainment"]) >= 0.99  # type: ignore[arg-type]
+    assert float(kv["prefill_reversals_per_hour"]) <= 2  # type: ignore[arg-type]
+    assert float(kv["decode_reversals_per_hour"]) <= 2  # type: ignore[arg-type]
+    # The static baseline is the smallest fixed deployment that met 99% in the same run.
+    assert float(results["static_peak"]["slo_attainment"]) >= 0.99  # type: ignore[arg-type]
+    assert float(kv["gpu_hours_vs_static_peak"]) <= 0.9  # type: ignore[arg-type]
+
+
+def test_kvrelay_beats_the_reactive_baselines_on_the_slo(results: dict[str, dict[str, object]]) -> None:
+    kv = float(results["kvrelay"]["slo_attainment"])  # type: ignore[arg-type]
+    for baseline in ("sla_planner", "hpa", "static_mean_best_split"):
+        assert kv > float(results[baseline]["slo_attainment"]) + 0.02, baseline  # type: ignore[arg-type]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 6 asks <= 0.75x the peak-static GPU-hours; measured ~0.85x on the staircase (a 60 s "
+    "cold start per +25% step needs forecast headroom). Flips to a pass (and fails strict) once met.",
+)
+def test_issue_6_gpu_hours_target(results: dict[str, dict[str, object]]) -> None:
+    assert float(results["kvrelay"]["gpu_hours_vs_static_peak"]) <= 0.75  # type: ignore[arg-type]
+    assert float(results["kvrelay"]["gpu_hours_vs_sla_planner"]) <= 1.0  # type: ignore[arg-type]
