@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -86,7 +87,8 @@ class EndpointSliceDiscovery:
         try:
             kubernetes.config.load_incluster_config()
         except kubernetes.config.ConfigException:
-            kubernetes.config.load_kube_config()
+            # Read KUBECONFIG now: the client's default path is fixed when it is first imported.
+            kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
         loop = asyncio.get_running_loop()
         for role in ("prefill", "decode"):
             thread = threading.Thread(
