@@ -250,7 +250,9 @@ def reconcile(
         parsed_spec, parsed_status, deployments, generation, resources.router_endpoint(parsed_spec, ctx),
         _now(), observed_generation=generation,
     )  # fmt: skip
-    patch.setdefault("status", {}).update(status_patch(parsed_status, new))
+    diff = status_patch(parsed_status, new)
+    if diff:  # an empty {"status": {}} would still be sent as a PATCH
+        patch.setdefault("status", {}).update(diff)
     RECONCILES[(namespace, name, reason)] += 1
 
 

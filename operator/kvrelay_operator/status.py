@@ -114,7 +114,7 @@ def compute_status(
             failing.append(f"{role}: {reason}")
 
     conds = list(status.conditions)
-    gen = observed_generation if observed_generation is not None else status.observed_generation
+    gen = generation  # the spec generation these conditions describe (same value on both paths)
     if waiting:
         conds = set_condition(conds, "Ready", "False", "WaitingForReplicas", "; ".join(waiting), now, gen)
     else:

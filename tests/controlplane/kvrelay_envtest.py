@@ -231,3 +231,12 @@ def get_json(kubectl: Callable[..., subprocess.CompletedProcess[str]], *args: st
 def example(name: str) -> str:
     """Text of a file in examples/."""
     return (REPO_ROOT / "examples" / name).read_text()
+
+
+def run_kubectl(kubectl: Path, cp: ControlPlane, *args: str) -> str:
+    """Runs kubectl against cp, raising with its stderr on failure; returns stdout."""
+    env = {**os.environ, "KUBECONFIG": str(cp.kubeconfig)}
+    result = subprocess.run([str(kubectl), *args], capture_output=True, text=True, env=env, timeout=120)
+    if result.returncode != 0:
+        raise RuntimeError(f"kubectl {' '.join(args)}: {result.stderr}")
+    return result.stdout

@@ -1,0 +1,253 @@
+"""Operator reconcile cost against a real kube-apiserver + etcd (the control-plane test harness).
+
+Figures, printed as one JSON line:
+- create_to_children_s_median: time from a CR's create to all 13 children present, median of N;
+- noop_writes_per_reconcile: API writes per reconcile after an operator restart with nothing
+  changed (operator client and API server counts; must be 0), vs a naive operator that
+  server-side applies every child on every reconcile (baseline measured in the same run);
+- bulk_*: M CRs in one namespace: time until all children exist, and API requests it took.
+
+    python bench/operator_reconcile.py [--creates 20] [--bulk 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "controlplane"))
+
+import kvrelay_envtest as envtest  # noqa: E402
+from kopf.testing import KopfRunner  # noqa: E402
+from kvrelay_operator import api, handlers, resources  # noqa: E402
+from kvrelay_operator.kube import CHILD_KINDS, KubeClient, collection_path  # noqa: E402
+
+NUM_CHILDREN = 13  # ConfigMap, 3 x (Deployment, Service, PDB), router SA + Role + RoleBinding
+OUR_RESOURCES = {"configmaps", "services", "serviceaccounts", "deployments", "poddisruptionbudgets", "roles",
+                 "rolebindings", api.PLURAL, "events"}  # fmt: skip
+WRITE_VERBS = {"POST", "PUT", "PATCH", "APPLY", "DELETE"}
+METRIC_RE = re.compile(r"^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$")
+
+
+def apiserver_requests(cp: envtest.ControlPlane) -> Counter[str]:
+    """verb -> requests the API server has served for our kinds (from its own /metrics)."""
+    counts: Counter[str] = Counter()
+    for line in cp.get("/metrics", timeout=30).decode().splitlines():
+        match = METRIC_RE.match(line)
+        if not match:
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', match["labels"]))
+        if labels.get("resource") in OUR_RESOURCES:
+            counts[labels["verb"]] += int(float(match["value"]))
+    return counts
+
+
+def cr(name: str) -> dict[str, Any]:
+    return {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": name},
+            "spec": {"model": {"source": "/models/tiny"}, "kvTransfer": {"backend": "tcp"}}}  # fmt: skip
+
+
+def create(kube: KubeClient, namespace: str, name: str) -> None:
+    kube._call("POST", collection_path(api.API_VERSION, api.KIND, namespace), body=cr(name))
+
+
+def count_children(kube: KubeClient, namespace: str, instance: str | None = None) -> int:
+    selector = f"{resources.LABEL_NAME}={resources.APP_NAME}"
+    if instance:
+        selector += f",{resources.LABEL_INSTANCE}={instance}"
+    kinds = (
+        "ConfigMap",
+        "Service",
+        "Deployment",
+        "PodDisruptionBudget",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+    )
+    from kvrelay_operator.kube import CHILD_KINDS
+
+    return sum(len(kube.list(CHILD_KINDS[k], k, namespace, selector)) for k in kinds)
+
+
+def operator(namespace: str) -> KopfRunner:
+    return KopfRunner(
+        ["run", "--standalone", "--namespace", namespace, "-m", "kvrelay_operator.handlers"], timeout=120
+    )
+
+
+def wait_idle(quiet_s: float = 2.0, timeout: float = 300.0) -> None:
+    """Until the operator's client has been silent for quiet_s."""
+    state: dict[str, float] = {"count": -1, "since": 0.0}
+
+    def quiet() -> bool:
+        s = handlers.last_state
+        count = sum(s.kube.requests.values()) if s else 0
+        now = time.monotonic()
+        if count != state["count"]:
+            state["count"], state["since"] = count, now
+        return now - state["since"] >= quiet_s
+
+    envtest.wait_for(quiet, timeout=timeout, interval=0.2, what="operator idle")
+
+
+def bench_creates(kube: KubeClient, kubectl_ns: Any, num: int) -> list[float]:
+    """Seconds from create to all children present, one CR at a time."""
+    namespace = "bench-create"
+    kubectl_ns(namespace)
+    durations = []
+    with operator(namespace) as runner:
+        for i in range(num):
+            start = time.perf_counter()
+            create(kube, namespace, f"m{i}")
+            envtest.wait_for(lambda i=i: count_children(kube, namespace, f"m{i}") == NUM_CHILDREN, timeout=60,
+                             interval=0.02, what=f"children of m{i}")  # fmt: skip
+            durations.append(time.perf_counter() - start)
+    assert runner.exception is None, runner.output[-2000:]
+    return durations
+
+
+def child_versions(kube: KubeClient, namespace: str) -> dict[str, str]:
+    """Kind/name -> resourceVersion of every child in a namespace."""
+    selector = f"{resources.LABEL_NAME}={resources.APP_NAME}"
+    return {
+        f"{kind}/{item['metadata']['name']}": item["metadata"]["resourceVersion"]
+        for kind, api_version in CHILD_KINDS.items()
+        if kind != "PodMonitor"
+        for item in kube.list(api_version, kind, namespace, selector)
+    }
+
+
+def resumes(namespace: str) -> int:
+    """Resume reconciles finished in a namespace (this process)."""
+    return sum(
+        v for (ns, _, reason), v in handlers.RECONCILES.items() if ns == namespace and reason == "resume"
+    )
+
+
+def bench_bulk(cp: envtest.ControlPlane, kube: KubeClient, kubectl_ns: Any, num: int) -> dict[str, Any]:
+    """num CRs in one namespace: bulk create cost, then a no-op restart vs a naive re-apply."""
+    namespace = "bench-bulk"
+    kubectl_ns(namespace)
+    out: dict[str, Any] = {}
+    with operator(namespace) as runner:
+        wait_idle(quiet_s=1.0)
+        client_before = Counter(handlers.last_state.kube.requests) if handlers.last_state else Counter()
+        server_before = apiserver_requests(cp)
+        start = time.perf_counter()
+        for i in range(num):
+            create(kube, namespace, f"m{i}")
+        envtest.wait_for(
+            lambda: count_children(kube, namespace) == num * NUM_CHILDREN,
+            timeout=600, interval=1.0, what="all bulk children",
+        )  # fmt: skip
+        out["bulk_children_present_s"] = round(time.perf_counter() - start, 3)
+        wait_idle()
+        out["bulk_settled_s"] = round(time.perf_counter() - start, 3)
+        assert handlers.last_state is not None
+        client = handlers.last_state.kube.requests - client_before
+        server = apiserver_requests(cp) - server_before
+    assert runner.exception is None, runner.output[-2000:]
+    out["bulk_operator_client_requests"] = dict(client)
+    out["bulk_apiserver_requests"] = dict(
+        server
+    )  # includes kopf's own patches/events, and the bench's creates
+    out["bulk_api_requests_per_cr"] = round((sum(server.values()) - num) / num, 2)  # minus the bench's POSTs
+
+    # No-op restart: nothing changed, so nothing may be written.
+    versions_before = child_versions(kube, namespace)
+    server_before = apiserver_requests(cp)
+    resumes_before = sum(
+        v for (ns, _, reason), v in handlers.RECONCILES.items() if ns == namespace and reason == "resume"
+    )
+    start = time.perf_counter()
+    with operator(namespace) as runner:
+        envtest.wait_for(
+            lambda: resumes(namespace) - resumes_before >= num, timeout=300, interval=0.2, what="all resumes",
+        )  # fmt: skip
+        resume_s = time.perf_counter() - start
+        wait_idle()
+        assert handlers.last_state is not None
+        client = Counter(handlers.last_state.kube.requests)
+        server = apiserver_requests(cp) - server_before
+    assert runner.exception is None, runner.output[-2000:]
+    versions_after = child_versions(kube, namespace)
+    client_writes = sum(v for verb, v in client.items() if verb != "GET")
+    server_writes = sum(v for verb, v in server.items() if verb in WRITE_VERBS)
+    out["noop_resume_s"] = round(resume_s, 3)
+    out["noop_operator_client_requests"] = dict(client)
+    out["noop_writes_per_reconcile"] = client_writes / num
+    out["noop_apiserver_writes_per_reconcile"] = server_writes / num
+    out["noop_children_changed"] = sum(versions_before[k] != versions_after.get(k) for k in versions_before)
+    out["noop_children_checked"] = len(versions_before)
+
+    # Baseline: a naive operator re-applies every child (server-side apply) on each reconcile.
+    naive = KubeClient.from_environment()
+    ctx = resources.RenderContext(
+        name="", namespace=namespace, uid="", default_image=handlers.DEFAULT_WORKER_IMAGE
+    )
+    start = time.perf_counter()
+    for item in naive.list(api.API_VERSION, api.KIND, namespace, ""):
+        spec = api.DisaggregatedModelSpec.model_validate(item["spec"])
+        status = api.DisaggregatedModelStatus.model_validate(item.get("status") or {})
+        c = ctx.model_copy(update={"name": item["metadata"]["name"], "uid": item["metadata"]["uid"]})
+        for child in resources.render_children(spec, status, c):
+            naive.apply(handlers._with_hash(child))
+    naive_s = time.perf_counter() - start
+    out["naive_reapply_s"] = round(naive_s, 3)
+    out["naive_writes_per_reconcile"] = naive.requests["PATCH"] / num
+    out["noop_resume_vs_naive_time_ratio"] = round(resume_s / naive_s, 3)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--creates", type=int, default=20)
+    parser.add_argument("--bulk", type=int, default=200)
+    args = parser.parse_args()
+    assets, reason = envtest.find_assets()
+    if assets is None:
+        print(json.dumps({"bench": "operator_reconcile", "error": reason}))
+        return 1
+    kubectl, reason = envtest.find_kubectl()
+    if kubectl is None:
+        print(json.dumps({"bench": "operator_reconcile", "error": reason}))
+        return 1
+    import logging
+
+    logging.getLogger("kopf").setLevel(logging.WARNING)
+    with envtest.control_plane(assets) as cp:
+        os.environ["KUBECONFIG"] = str(cp.kubeconfig)
+        envtest.run_kubectl(kubectl, cp, "apply", "-f", str(ROOT / "crds"))
+        envtest.run_kubectl(
+            kubectl, cp, "wait", "--for=condition=Established", "crd/disaggregatedmodels.kvrelay.dev"
+        )
+
+        def make_ns(name: str) -> None:
+            envtest.run_kubectl(kubectl, cp, "create", "namespace", name)
+
+        kube = KubeClient.from_environment()
+        creates = bench_creates(kube, make_ns, args.creates)
+        bulk = bench_bulk(cp, kube, make_ns, args.bulk)
+    result = {
+        "bench": "operator_reconcile",
+        "creates": args.creates,
+        "create_to_children_s_median": round(statistics.median(creates), 4),
+        "create_to_children_s_p90": round(sorted(creates)[int(0.9 * (len(creates) - 1))], 4),
+        "bulk_crs": args.bulk,
+        **bulk,
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
