@@ -55,52 +55,60 @@ def build_paged_batch(
     num_kv_heads: int,
     device: torch.device,
 ) -> PagedBatch:
-    """Tensors for one step, from the scheduler's lists (one Python pass, then vectorised)."""
-    ctx_lens = [s + q for s, q in zip(start_positions, q_lens, strict=True)]
-    max_blocks = -(-max(ctx_lens) // block_size)
+    """Tensors for one step, from the scheduler's lists.
+
+    Index arithmetic runs in numpy (a small numpy op costs ~1 us, a torch op ~5 us); each result
+    becomes a tensor with one zero-copy ``from_numpy``.
+    """
+    batch = len(q_lens)
+    ctx = np.array(start_positions, dtype=np.int64) + np.array(q_lens, dtype=np.int64)
+    num_keys = int(ctx.max())  # no padding key at all when every context has the same length
+    max_blocks = -(-num_keys // block_size)
     max_q = max(q_lens)
-    if max_q == 1:  # pure decode: one new token per sequence, at position ctx - 1
-        write_blocks = [t[(c - 1) // block_size] for t, c in zip(block_tables, ctx_lens, strict=True)]
-        write_slots = [(c - 1) % block_size for c in ctx_lens]
-    else:
-        write_blocks, write_slots = [], []
-        for q_len, start, table in zip(q_lens, start_positions, block_tables, strict=True):
-            for pos in range(start, start + q_len):
-                write_blocks.append(table[pos // block_size])
-                write_slots.append(pos % block_size)
     rows = block_tables  # the scheduler allocates exactly ceil(ctx / block_size) blocks per sequence
     if any(len(t) != max_blocks for t in block_tables):
         rows = [t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in block_tables]
-    table = torch.from_numpy(np.array(rows, dtype=np.int64))  # ~10x faster than torch.tensor(rows)
-    num_keys = max(ctx_lens)  # no padding key at all when every context has the same length
+    table = np.array(rows, dtype=np.int64)  # [B, MB]
+    if max_q == 1:  # pure decode: one new token per sequence, at position ctx - 1
+        pos = ctx - 1
+        write_blocks = table[np.arange(batch), pos // block_size]
+    else:
+        seq = np.repeat(np.arange(batch), q_lens)
+        pos = np.concatenate([np.arange(s, s + q) for s, q in zip(start_positions, q_lens, strict=True)])
+        write_blocks = table[seq, pos // block_size]
+    write_slots = pos % block_size
     mask = None
     if max_q == 1:
-        if any(c != num_keys for c in ctx_lens):
-            mask = torch.arange(num_keys).view(1, 1, 1, -1) < torch.tensor(ctx_lens).view(-1, 1, 1, 1)
+        if (ctx != num_keys).any():
+            mask = (np.arange(num_keys)[None, :] < ctx[:, None]).reshape(batch, 1, 1, num_keys)
     else:
-        ctx = torch.tensor(ctx_lens).view(-1, 1, 1, 1)
-        ql = torch.tensor(q_lens).view(-1, 1, 1, 1)
-        qi = torch.arange(max_q).view(1, 1, -1, 1)
-        key = torch.arange(num_keys).view(1, 1, 1, -1)
-        mask = key <= ctx - ql + qi
+        qi = np.arange(max_q).reshape(1, -1, 1)
+        key = np.arange(num_keys).reshape(1, 1, -1)
+        bound = (ctx - np.array(q_lens, dtype=np.int64)).reshape(-1, 1, 1)
+        mask = (key <= bound + qi).reshape(batch, 1, max_q, num_keys)
     scatter_b = scatter_q = None
     if any(q != max_q for q in q_lens):
-        scatter_b = torch.repeat_interleave(torch.arange(len(q_lens)), torch.tensor(q_lens)).to(device)
-        scatter_q = torch.cat([torch.arange(q) for q in q_lens]).to(device)
+        scatter_b = np.repeat(np.arange(batch), q_lens)
+        scatter_q = np.concatenate([np.arange(q) for q in q_lens])
     # (block b, head h) is one contiguous run in [NB*H, bs, D]: row b*H + h. Gathering rows in
     # [B, H, MB] order yields [B, H, MB*bs, D] directly, with a single copy.
-    heads = torch.arange(num_kv_heads).view(1, -1, 1)
-    gather_idx = (table.unsqueeze(1) * num_kv_heads + heads).reshape(-1)
-    on = (lambda t: t) if device.type == "cpu" else (lambda t: t.to(device, non_blocking=True))
+    gather_idx = (table[:, None, :] * num_kv_heads + np.arange(num_kv_heads)[None, :, None]).reshape(-1)
+
+    def on(a: np.ndarray | None) -> torch.Tensor | None:
+        if a is None:
+            return None
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        return t if device.type == "cpu" else t.to(device, non_blocking=True)
+
     return PagedBatch(
-        write_blocks=on(torch.from_numpy(np.array(write_blocks, dtype=np.int64))),
-        write_slots=on(torch.from_numpy(np.array(write_slots, dtype=np.int64))),
+        write_blocks=on(write_blocks),
+        write_slots=on(write_slots),
         block_table=on(table),
         q_lens=q_lens,
-        mask=None if mask is None else on(mask),
-        scatter_b=scatter_b,
-        scatter_q=scatter_q,
-        fresh_single=len(q_lens) == 1 and start_positions[0] == 0,
+        mask=on(mask),
+        scatter_b=on(scatter_b),
+        scatter_q=on(scatter_q),
+        fresh_single=batch == 1 and start_positions[0] == 0,
         num_keys=num_keys,
         gather_idx=on(gather_idx),
     )

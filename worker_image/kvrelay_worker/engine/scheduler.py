@@ -234,7 +234,7 @@ class Scheduler:
             request_id=request.request_id,
             token_ids=request.token_ids(start, start + num_new),
             start_pos=start,
-            block_ids=list(request.block_ids),
+            block_ids=request.block_ids,  # no copy: nothing changes it before the runner has used it
             sample=start + num_new == request.num_tokens,
             params=request.params,
             num_output_tokens=len(request.output_token_ids),
