@@ -67,6 +67,9 @@ def decode_tok_s(model, batch: int, steps: int) -> tuple[float, float]:
     eng = EngineDecode(model, batch, prompts, steps, 16)
     bare = BareDecode(model, batch, prompts, steps)
     e_times, b_times = [], []
+    for _ in range(3):  # warm-up
+        eng.step()
+        bare.step()
     for _ in range(steps):
         t0 = time.perf_counter()
         eng.step()
