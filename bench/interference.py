@@ -6,7 +6,7 @@ Same load in both: 16 greedy streams decoding continuously, plus 2,048-token-cla
 at a fixed rate (open loop). The client calls the workers over KServe v2 gRPC directly (no router),
 so only the workers differ. Prints one JSON line: ITL p50/p99 of both and the ratios.
 
-    python bench/interference.py [--duration 15] [--streams 16] [--prompt-tokens 2040] [--rate 4]
+    python bench/interference.py [--duration 15] [--streams 16] [--prompt-tokens 2040] [--rate 1]
 """
 
 from __future__ import annotations
@@ -71,13 +71,20 @@ async def measure(prefill_addr: str, decode_addr: str, args: argparse.Namespace)
         first = await prefill.prefill(rid, ids, sampling)
         if first.finish_reason:
             return
-        last, seen = time.perf_counter(), 0
-        async for _ in decode.decode(rid, ids, first.token_id, first.kv_handle, sampling):
-            now = time.perf_counter()
-            seen += 1
-            if record and seen > 2 and time.monotonic() < stop_at:  # skip the KV-pull gap
-                gaps.append(now - last)
-            last = now
+        # Gaps are timed on the monotonic clock; one that began inside the window counts in full,
+        # and one still open when the run is cut off counts up to the cut (a lower bound).
+        last, seen = time.monotonic(), 0
+        try:
+            async for _ in decode.decode(rid, ids, first.token_id, first.kv_handle, sampling):
+                now = time.monotonic()
+                seen += 1
+                if record and seen > 1 and last < stop_at:  # seen 1: the gap holding the KV pull
+                    gaps.append(now - last)
+                last = now
+        except asyncio.CancelledError:
+            if record and seen >= 1 and last < stop_at:
+                gaps.append(time.monotonic() - last)
+            raise
 
     async def stream_loop(i: int) -> None:
         while time.monotonic() < stop_at:
@@ -127,7 +134,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--stream-tokens", type=int, default=128, help="tokens per decode stream request")
     parser.add_argument("--prompt-tokens", type=int, default=2040, help="long prompt length (tiny: <= 2044)")
-    parser.add_argument("--rate", type=float, default=4.0, help="long prompts per second (open loop)")
+    parser.add_argument("--rate", type=float, default=1.0, help="long prompts per second (open loop)")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds to let in-flight work finish")
     parser.add_argument("--log-dir", default="/tmp/kvrelay-interference")
     args = parser.parse_args()
