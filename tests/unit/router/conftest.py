@@ -101,6 +101,8 @@ class FakeWorker:
     fail_prefill: bool = False
     die_after: int | None = None  # decode: abort the stream (UNAVAILABLE) after this many tokens
     token_delay_s: float = 0.0
+    prefill_delay_s: float = 0.0
+    prefill_cancelled: int = 0
     prefill_calls: int = 0
     decode_calls: int = 0
     cancelled: int = 0
@@ -125,6 +127,11 @@ class _Servicer(pb_grpc.GRPCInferenceServiceServicer):
         values = _inputs(request)
         sampling = json.loads(values["sampling"])
         self.state.sampling_seen.append(sampling)
+        try:
+            await asyncio.sleep(self.state.prefill_delay_s)
+        except asyncio.CancelledError:
+            self.state.prefill_cancelled += 1
+            raise
         first = toy_next(values["input_ids"][-1], self.state.vocab)
         done = sampling["max_tokens"] == 1
         handle = b"" if done else json.dumps({"prompt": values["input_ids"]}).encode()

@@ -286,6 +286,21 @@ async def test_client_disconnect_cancels_decode(stack: Stack) -> None:
     assert sum(w.decode_calls for w in stack.decode) == 1
 
 
+async def test_client_disconnect_during_prefill_cancels_it(stack: Stack) -> None:
+    for worker in stack.prefill:
+        worker.prefill_delay_s = 5.0
+    body = {"model": MODEL, "prompt": "the quick", "max_tokens": 10, "stream": True}
+    with pytest.raises(httpx.ReadTimeout):
+        await stack.http.post("/v1/completions", json=body, timeout=0.5)
+    deadline = time.monotonic() + 5
+    while sum(w.prefill_cancelled for w in stack.prefill) == 0:
+        assert time.monotonic() < deadline, "prefill call was not cancelled after the client left"
+        await asyncio.sleep(0.05)
+    assert sum(w.decode_calls for w in stack.decode) == 0
+    metrics = (await stack.http.get("/metrics")).text
+    assert f'kvrelay_requests_total{{model="{MODEL}",status="cancelled"}} 1.0' in metrics
+
+
 async def test_models_health_metrics(stack: Stack) -> None:
     models = await stack.client.models.list()
     assert [m.id for m in models.data] == [MODEL]
