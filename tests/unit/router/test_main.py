@@ -47,3 +47,60 @@ def test_kubernetes_discovery_needs_an_instance(tokenizer_dir: Path) -> None:
         parse(tokenizer_dir, "--discovery", "kubernetes", "--instance", "m", "--namespace", "ns")
     )
     assert isinstance(found, EndpointSliceDiscovery) and found.namespace == "ns"
+
+
+def test_worker_image_router_role_serves(tokenizer_dir: Path) -> None:
+    """`kvrelay-worker --role router ...` (the image's entrypoint) starts the router, without torch."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    from kvrelay_worker.cli import free_ports
+
+    (port,) = free_ports(1)
+    code = "import sys; from kvrelay_worker.entrypoint import main; sys.exit(main())"
+    flags = [
+        "--host",
+        "127.0.0.1",
+        "--prefill",
+        "127.0.0.1:1",
+        "--decode",
+        "127.0.0.1:2",
+        "--metrics-port",
+        "9",
+    ]
+    cmd = [
+        sys.executable,
+        "-c",
+        code,
+        "--role",
+        "router",
+        "--model",
+        str(tokenizer_dir),
+        "--port",
+        str(port),
+        *flags,
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "router did not answer within 30 s"
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert health.status_code == 503  # no worker is reachable at those addresses
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).json()
+        assert models["data"][0]["id"] == tokenizer_dir.name
+        assert "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text()  # the router stays light
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=15)
+    assert proc.returncode in (0, -signal.SIGTERM), out  # uvicorn re-raises the signal after a clean shutdown
+    assert "Application shutdown complete" in out
+    assert "ignoring flags the router does not use: --metrics-port 9" in out
