@@ -24,11 +24,15 @@ class ModelRunner:
         seqs = out.seqs
         if not seqs:
             return {}
-        input_ids: list[int] = []
-        positions: list[int] = []
-        for s in seqs:
-            input_ids.extend(s.token_ids)
-            positions.extend(range(s.start_pos, s.start_pos + len(s.token_ids)))
+        decode_only = all(len(s.token_ids) == 1 for s in seqs)
+        if decode_only:  # the common decode step: one token per sequence, no per-token loop
+            input_ids = [s.token_ids[0] for s in seqs]
+            positions = [s.start_pos for s in seqs]
+        else:
+            input_ids, positions = [], []
+            for s in seqs:
+                input_ids.extend(s.token_ids)
+                positions.extend(range(s.start_pos, s.start_pos + len(s.token_ids)))
         batch = build_paged_batch(
             [len(s.token_ids) for s in seqs],
             [s.start_pos for s in seqs],
@@ -40,6 +44,10 @@ class ModelRunner:
         ids = torch.from_numpy(np.array(input_ids, dtype=np.int64)).to(self.device)
         pos = torch.from_numpy(np.array(positions, dtype=np.int64)).to(self.device)
         hidden = self.model(ids, pos, PagedAttention(self.kv_cache, batch))
+        if decode_only and all(s.sample for s in seqs):
+            logits = self.model.compute_logits(hidden)
+            tokens = sample(logits, [s.params for s in seqs], [s.num_output_tokens for s in seqs])
+            return {s.request_id: t for s, t in zip(seqs, tokens, strict=True)}
         rows, sampled = [], []
         end = 0
         for s in seqs:

@@ -14,6 +14,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], steps: list[int])
     on which other requests share the batch, or on preemption and recompute.
     """
     tokens = logits.argmax(dim=-1).tolist()
+    if all(p.greedy for p in params):
+        return tokens
     for row, (p, step) in enumerate(zip(params, steps, strict=True)):
         if p.greedy:
             continue
