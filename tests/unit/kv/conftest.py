@@ -115,21 +115,46 @@ class PeerProcess:
         self.stderr.close()
 
 
-@pytest.fixture
-def spawn() -> Iterator[Any]:
-    """spawn(flavour, tp_size=, tp_rank=, num_blocks=, seed=, lease_s=, layout=) -> PeerProcess."""
-    peers: list[PeerProcess] = []
+def _make(flavour: str, tp_size: int, tp_rank: int, num_blocks: int, extra: dict[str, Any]) -> PeerProcess:
+    layout = {**LAYOUT, **extra.pop("layout", {}), "tp_size": tp_size}
+    return PeerProcess(flavour, {"layout": layout, "tp_rank": tp_rank, "num_blocks": num_blocks, **extra})
 
-    def _spawn(flavour: str, *, tp_size: int = 1, tp_rank: int = 0, num_blocks: int = 64, **extra: Any):
-        layout = {**LAYOUT, **extra.pop("layout", {}), "tp_size": tp_size}
-        cfg = {"layout": layout, "tp_rank": tp_rank, "num_blocks": num_blocks, **extra}
-        peer = PeerProcess(flavour, cfg)
-        peers.append(peer)
-        return peer
 
-    yield _spawn
+def _shutdown(peers: list[PeerProcess]) -> None:
     for peer in peers:  # ask all first so they shut down in parallel
         peer.kill(signal.SIGCONT)
         peer.request_exit()
     for peer in peers:
         peer.stop()
+
+
+@pytest.fixture(scope="session")
+def pool() -> Iterator[Any]:
+    """pool(flavour, tp_size=, tp_rank=, seed=) -> a long-lived peer shared by tests (never kill it).
+
+    Process start-up (torch, NIXL) dominates these tests, so well-behaved peers are reused.
+    """
+    peers: dict[tuple, PeerProcess] = {}
+
+    def _get(flavour: str, *, tp_size: int = 1, tp_rank: int = 0, seed: int | None = None) -> PeerProcess:
+        key = (flavour, tp_size, tp_rank, seed)
+        if key not in peers:
+            peers[key] = _make(flavour, tp_size, tp_rank, 64, {"seed": seed})
+        return peers[key]
+
+    yield _get
+    _shutdown(list(peers.values()))
+
+
+@pytest.fixture
+def spawn() -> Iterator[Any]:
+    """spawn(flavour, tp_size=, tp_rank=, num_blocks=, seed=, lease_s=, layout=) -> a per-test peer."""
+    peers: list[PeerProcess] = []
+
+    def _spawn(flavour: str, *, tp_size: int = 1, tp_rank: int = 0, num_blocks: int = 64, **extra: Any):
+        peer = _make(flavour, tp_size, tp_rank, num_blocks, extra)
+        peers.append(peer)
+        return peer
+
+    yield _spawn
+    _shutdown(peers)

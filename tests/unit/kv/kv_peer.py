@@ -7,8 +7,11 @@ the bytes a block must hold; replies carry sha256 digests of blocks instead of t
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import hashlib
 import json
+import os
+import signal
 import sys
 import time
 from typing import Any
@@ -61,6 +64,32 @@ class Peer:
             kwargs["backend_params"] = cfg.get("backend_params")
         self.transport = create_transport(cfg["backend"], self.cache, self.layout, self.rank, **kwargs)
         self.transport.start()
+        self.loop = asyncio.new_event_loop()
+
+    def _freeze_after_claim(self, pid: int) -> None:
+        """Test hook for one fetch: SIGSTOP the holder after its claim succeeded, before the data moves."""
+        import kvrelay_worker.kv.tcp as tcp_mod
+
+        def freeze_then(fn: Any) -> Any:
+            def wrapped(*args: Any, **kwargs: Any) -> Any:
+                restore()
+                os.kill(pid, signal.SIGSTOP)
+                return fn(*args, **kwargs)
+
+            return wrapped
+
+        if self.transport.backend == "tcp":
+            original = tcp_mod.recv_views
+            tcp_mod.recv_views = freeze_then(original)
+
+            def restore() -> None:
+                tcp_mod.recv_views = original
+        else:
+            original = self.transport._read
+            self.transport._read = freeze_then(original)  # type: ignore[method-assign]
+
+            def restore() -> None:
+                del self.transport._read
 
     def handle(self, cmd: dict[str, Any]) -> dict[str, Any]:
         op = cmd["op"]
@@ -78,8 +107,12 @@ class Peer:
         if op == "fetch":
             handle = KVHandle.model_validate(cmd["handle"])
             started = time.monotonic()
+            if cmd.get("freeze_pid"):
+                self._freeze_after_claim(cmd["freeze_pid"])
             try:
-                asyncio.run(self.transport.fetch(handle, cmd["dst_block_ids"], cmd["timeout_s"]))
+                self.loop.run_until_complete(
+                    self.transport.fetch(handle, cmd["dst_block_ids"], cmd["timeout_s"])
+                )
             except KVTransferError as err:
                 return {
                     "ok": False,
@@ -99,6 +132,7 @@ class Peer:
 
 
 def main() -> None:
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` dumps every thread's stack (debugging hangs)
     peer = Peer(json.loads(sys.stdin.readline()))
     print("KVPEER " + json.dumps({"ready": True, "endpoint": peer.transport.endpoint}), flush=True)
     for line in sys.stdin:
@@ -111,6 +145,8 @@ def main() -> None:
             reply = {"error": f"{type(exc).__name__}: {exc}"}
         print("KVPEER " + json.dumps(reply), flush=True)
     peer.transport.close()
+    sys.stdout.flush()
+    os._exit(0)  # skip interpreter teardown (torch, NIXL): seconds on a loaded machine
 
 
 if __name__ == "__main__":

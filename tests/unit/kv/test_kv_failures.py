@@ -22,8 +22,8 @@ def publish(holder: Any, request_id: str = "req") -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("flavour", ["nixl-tcp", "tcp"])
-def test_holder_killed_before_read_fails_fast(spawn: Any, flavour: str) -> None:
-    holder, reader = spawn(flavour, seed=1), spawn(flavour)
+def test_holder_killed_before_read_fails_fast(spawn: Any, pool: Any, flavour: str) -> None:
+    holder, reader = spawn(flavour, seed=1), pool(flavour)
     handle = publish(holder)
     holder.kill(signal.SIGKILL)
     holder.proc.wait(timeout=5)
@@ -34,8 +34,8 @@ def test_holder_killed_before_read_fails_fast(spawn: Any, flavour: str) -> None:
 
 
 @pytest.mark.parametrize("flavour", ["nixl-tcp", "tcp"])
-def test_frozen_holder_times_out_within_deadline(spawn: Any, flavour: str) -> None:
-    holder, reader = spawn(flavour, seed=1), spawn(flavour)
+def test_frozen_holder_times_out_within_deadline(spawn: Any, pool: Any, flavour: str) -> None:
+    holder, reader = spawn(flavour, seed=1), pool(flavour)
     handle = publish(holder)
     holder.kill(signal.SIGSTOP)
     try:
@@ -48,10 +48,37 @@ def test_frozen_holder_times_out_within_deadline(spawn: Any, flavour: str) -> No
 
 
 @pytest.mark.parametrize("flavour", ["nixl-tcp", "tcp"])
+def test_holder_frozen_mid_read_times_out_and_reader_recovers(spawn: Any, pool: Any, flavour: str) -> None:
+    """The holder stops after accepting the claim: the READ stalls, the deadline ends it, no hang."""
+    if flavour == "tcp":
+        # 8 MiB, more than loopback socket buffers hold, so the stream really stalls mid-way.
+        big = {"layout": {"head_dim": 1024}}
+        holder, reader = spawn(flavour, seed=1, lease_s=2.0, **big), spawn(flavour, **big)
+        src, dst = list(range(1, 17)), list(range(20, 36))
+    else:
+        holder, reader = spawn(flavour, seed=1, lease_s=2.0), pool(flavour)
+        src, dst = BLOCKS, [1, 2, 3]
+    handle = holder.call(op="publish", request_id="frozen", block_ids=src, num_tokens=len(src) * 8)["handle"]
+    try:
+        reply = reader.call(
+            op="fetch", handle=handle, dst_block_ids=dst, timeout_s=1.5, freeze_pid=holder.proc.pid
+        )
+    finally:
+        holder.kill(signal.SIGCONT)
+    assert not reply["ok"]
+    assert reply["reason"] == "timeout", reply
+    assert 1.4 < reply["seconds"] < 3.0
+    # The holder recovers and serves the same reader again; the stalled lease ends by expiry.
+    again = holder.call(op="publish", request_id="after", block_ids=[40, 41], num_tokens=9)["handle"]
+    assert reader.call(op="fetch", handle=again, dst_block_ids=[50, 51], timeout_s=10)["ok"]
+    status = wait_all_released(holder, 2, timeout=15)
+    assert sorted(map(sorted, status["released"])) == sorted([sorted(src), [40, 41]])
+    assert status["held_blocks"] == 0
+
+
+@pytest.mark.parametrize("flavour", ["nixl-tcp", "tcp"])
 def test_dead_reader_blocks_freed_at_lease_expiry(spawn: Any, flavour: str) -> None:
     holder = spawn(flavour, seed=1, lease_s=1.5)
-    reader = spawn(flavour)
-    reader.wait_ready()
     handle = publish(holder)
     # A reader that claimed the handle and died mid-transfer: claim by hand, then drop the socket.
     host, port = split_endpoint(handle["holder"]["endpoint"])
@@ -67,7 +94,6 @@ def test_dead_reader_blocks_freed_at_lease_expiry(spawn: Any, flavour: str) -> N
         }
         send_frame(sock, claim)
         assert recv_frame(sock)["ok"]
-    reader.kill(signal.SIGKILL)
     status = holder.call(op="status")
     assert status["held_blocks"] == len(BLOCKS) and status["held_bytes"] > 0
     assert status["released"] == []
@@ -79,9 +105,8 @@ def test_dead_reader_blocks_freed_at_lease_expiry(spawn: Any, flavour: str) -> N
 
 
 @pytest.mark.parametrize("flavour", ["nixl-cma", "tcp"])
-def test_refused_handles(spawn: Any, flavour: str) -> None:
-    holder = spawn(flavour, seed=1, lease_s=30)
-    reader = spawn(flavour)
+def test_refused_handles(spawn: Any, pool: Any, flavour: str) -> None:
+    holder, reader = pool(flavour, seed=7), pool(flavour)
     wrong = spawn(flavour, layout={"block_size": 16})
     short = spawn(flavour, seed=1, lease_s=0.3)
     dst = [1, 2, 3]
@@ -110,8 +135,9 @@ def test_refused_handles(spawn: Any, flavour: str) -> None:
     assert reply["reason"] == "expired"
     assert short.call(op="status")["released"] == [BLOCKS]
     # Unknown: the genuine handle works once, then the blocks are released and it is refused.
+    before = len(holder.call(op="status")["released"])
     ok = reader.call(op="fetch", handle=good, dst_block_ids=dst, timeout_s=5)
     assert ok["ok"], ok
-    wait_all_released(holder, 1)
+    wait_all_released(holder, before + 1)
     assert fetch(reader, good)["reason"] == "unknown_handle"
     assert KVHandle.model_validate(good).verify(SECRET.encode())

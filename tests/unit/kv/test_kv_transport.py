@@ -12,6 +12,7 @@ from kv_peer import blocks_digest, global_pattern, rank_slice
 from kvrelay_worker.kv import KVHandle, KVLayout, merge_rank_handles
 
 NUM_BLOCKS = 64
+SEED = 7
 
 
 def expected_digest(seed: int, reader_tp: int, reader_rank: int, src_ids: list[int]) -> str:
@@ -31,6 +32,7 @@ def random_sets(rng: random.Random, count: int) -> list[tuple[int, list[int], li
 
 
 def wait_all_released(holder: Any, count: int, timeout: float = 10.0) -> dict[str, Any]:
+    """Poll (bounded) until the holder has released `count` leases in total; returns its status."""
     deadline = time.monotonic() + timeout
     while True:
         status = holder.call(op="status")
@@ -40,9 +42,9 @@ def wait_all_released(holder: Any, count: int, timeout: float = 10.0) -> dict[st
 
 
 @pytest.mark.parametrize("flavour", ["nixl-tcp", "nixl-cma", "tcp"])
-def test_twenty_random_block_sets_are_byte_exact(spawn: Any, flavour: str) -> None:
-    holder = spawn(flavour, seed=7)
-    reader = spawn(flavour)
+def test_twenty_random_block_sets_are_byte_exact(pool: Any, flavour: str) -> None:
+    holder, reader = pool(flavour, seed=SEED), pool(flavour)
+    before = len(holder.call(op="status")["released"])
     rng = random.Random(f"sets-{flavour}")
     sets = random_sets(rng, 20)
     for i, (num_tokens, src_ids, dst_ids) in enumerate(sets):
@@ -51,19 +53,20 @@ def test_twenty_random_block_sets_are_byte_exact(spawn: Any, flavour: str) -> No
         ]
         reply = reader.call(op="fetch", handle=handle, dst_block_ids=dst_ids, timeout_s=20)
         assert reply["ok"], reply
-        assert reply["digest"] == expected_digest(7, 1, 0, src_ids), f"set {i} differs after relay"
-    status = wait_all_released(holder, len(sets))
-    assert sorted(map(sorted, status["released"])) == sorted(sorted(s[1]) for s in sets)
+        assert reply["digest"] == expected_digest(SEED, 1, 0, src_ids), f"set {i} differs after relay"
+    status = wait_all_released(holder, before + len(sets))
+    assert sorted(map(sorted, status["released"][before:])) == sorted(sorted(s[1]) for s in sets)
     assert (status["held_blocks"], status["held_bytes"]) == (0, 0)
 
 
 @pytest.mark.parametrize("flavour", ["nixl-cma", "tcp"])
 @pytest.mark.parametrize(("holder_tp", "reader_tp"), [(1, 2), (2, 2)])
 def test_tensor_parallel_readers_get_their_head_slices(
-    spawn: Any, flavour: str, holder_tp: int, reader_tp: int
+    pool: Any, flavour: str, holder_tp: int, reader_tp: int
 ) -> None:
-    holders = [spawn(flavour, tp_size=holder_tp, tp_rank=q, seed=11) for q in range(holder_tp)]
-    readers = [spawn(flavour, tp_size=reader_tp, tp_rank=r) for r in range(reader_tp)]
+    holders = [pool(flavour, tp_size=holder_tp, tp_rank=q, seed=SEED) for q in range(holder_tp)]
+    readers = [pool(flavour, tp_size=reader_tp, tp_rank=r) for r in range(reader_tp)]
+    before = [len(h.call(op="status")["released"]) for h in holders]
     rng = random.Random(f"tp-{flavour}-{holder_tp}-{reader_tp}")
     for i, (num_tokens, src_ids, dst_ids) in enumerate(random_sets(rng, 4)):
         parts = [
@@ -82,9 +85,9 @@ def test_tensor_parallel_readers_get_their_head_slices(
         for r, reader in enumerate(readers):
             reply = reader.call(op="fetch", handle=handle, dst_block_ids=dst_ids, timeout_s=20)
             assert reply["ok"], reply
-            assert reply["digest"] == expected_digest(11, reader_tp, r, src_ids), f"rank {r} set {i}"
+            assert reply["digest"] == expected_digest(SEED, reader_tp, r, src_ids), f"rank {r} set {i}"
     # A holder rank serving two reader ranks releases only after both are done.
-    for holder in holders:
-        status = wait_all_released(holder, 4)
-        assert len(status["released"]) == 4
+    for holder, done in zip(holders, before, strict=True):
+        status = wait_all_released(holder, done + 4)
+        assert len(status["released"]) == done + 4
         assert status["held_blocks"] == 0
