@@ -156,6 +156,7 @@ def bench_bulk(cp: envtest.ControlPlane, kube: KubeClient, kubectl_ns: Any, num:
         client = handlers.last_state.kube.requests - client_before
         server = apiserver_requests(cp) - server_before
     assert runner.exception is None, runner.output[-2000:]
+    out["bulk_handler_errors"] = runner.output.count("failed with an exception")
     out["bulk_operator_client_requests"] = dict(client)
     out["bulk_apiserver_requests"] = dict(
         server

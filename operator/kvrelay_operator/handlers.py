@@ -35,6 +35,7 @@ from kvrelay_operator.status import DeploymentState, compute_status, set_conditi
 
 log = logging.getLogger(__name__)
 HASH_ANNOTATION = f"{api.GROUP}/applied-hash"
+LIVE_CACHE_SECONDS = 10.0  # how long one namespace-wide LIST of children answers resume lookups
 DEFAULT_WORKER_IMAGE = "ghcr.io/kvrelay/kvrelay-worker:0.1.0"
 CHILD_LABELS = {resources.LABEL_NAME: resources.APP_NAME, resources.LABEL_ROLE: kopf.PRESENT}
 # (namespace, name, reason) -> finished reconciles in this process: lets tests and benchmarks
@@ -70,6 +71,8 @@ class OperatorState:
         self.config = config
         self.applied: dict[tuple[str, str], dict[str, str]] = {}  # (ns, name) -> child key -> hash
         self._monitoring: tuple[float, bool] | None = None
+        # (namespace, kinds) -> (monotonic time, instance -> child key -> applied hash)
+        self.live_cache: dict[tuple[str, tuple[str, ...]], tuple[float, dict[str, dict[str, str]]]] = {}
 
     def pod_monitor_available(self) -> bool:
         """Whether the Prometheus Operator's API is served (cached for a few minutes)."""
@@ -123,18 +126,29 @@ def _ctx(
 
 
 def _live_hashes(state: OperatorState, namespace: str, name: str, kinds: Iterable[str]) -> dict[str, str]:
-    """Applied hashes of the live children (one labelled LIST per kind); Deployments include replicas."""
-    selector = f"{resources.LABEL_NAME}={resources.APP_NAME},{resources.LABEL_INSTANCE}={name}"
-    live: dict[str, str] = {}
-    for kind in kinds:
-        for item in state.kube.list(CHILD_KINDS[kind], kind, namespace, selector):
-            meta = item.get("metadata") or {}
-            digest = (meta.get("annotations") or {}).get(HASH_ANNOTATION, "")
-            if kind == "Deployment":
-                # Replicas scaled by hand while the operator was away must not look up to date.
-                digest += f"/{(item.get('spec') or {}).get('replicas')}"
-            live[f"{kind}/{meta.get('name')}"] = digest
-    return live
+    """Applied hashes of a model's live children; Deployments include their replicas.
+
+    One labelled LIST per kind serves the whole namespace for LIVE_CACHE_SECONDS, so a resume of
+    N models after a restart costs a handful of LISTs, not N per kind.
+    """
+    kinds = tuple(sorted(kinds))
+    now = time.monotonic()
+    cached = state.live_cache.get((namespace, kinds))
+    if cached is None or now - cached[0] > LIVE_CACHE_SECONDS:
+        by_instance: dict[str, dict[str, str]] = {}
+        selector = f"{resources.LABEL_NAME}={resources.APP_NAME}"
+        for kind in kinds:
+            for item in state.kube.list(CHILD_KINDS[kind], kind, namespace, selector):
+                meta = item.get("metadata") or {}
+                instance = (meta.get("labels") or {}).get(resources.LABEL_INSTANCE, "")
+                digest = (meta.get("annotations") or {}).get(HASH_ANNOTATION, "")
+                if kind == "Deployment":
+                    # Replicas scaled by hand while the operator was away must not look up to date.
+                    digest += f"/{(item.get('spec') or {}).get('replicas')}"
+                by_instance.setdefault(instance, {})[f"{kind}/{meta.get('name')}"] = digest
+        cached = (now, by_instance)
+        state.live_cache[(namespace, kinds)] = cached
+    return dict(cached[1].get(name, {}))
 
 
 def _fingerprint(manifest: dict[str, Any]) -> str:

@@ -4,6 +4,7 @@ a fresh namespace per test and a namespace-scoped in-process operator (kopf.test
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import subprocess
 import uuid
@@ -16,6 +17,17 @@ from kvrelay_envtest import REPO_ROOT, ControlPlane, control_plane, find_assets,
 from kvrelay_operator.kube import KubeClient
 
 CRD_NAME = "disaggregatedmodels.kvrelay.dev"
+
+
+def _handler_modules() -> list[str]:
+    """`-m` options for kopf: the handlers, plus the autoscaler timer when installed (as main.py does)."""
+    modules = ["kvrelay_operator.handlers"]
+    if importlib.util.find_spec("kvrelay_operator.autoscaler.kopf_timer") is not None:
+        modules.append("kvrelay_operator.autoscaler.kopf_timer")
+    return [arg for module in modules for arg in ("-m", module)]
+
+
+HANDLER_MODULES = _handler_modules()
 
 
 def _unavailable(reason: str) -> None:
@@ -93,7 +105,7 @@ def start_operator(namespace: str) -> StartOperator:
 
     @contextlib.contextmanager
     def start() -> Iterator[KopfRunner]:
-        args = ["run", "--standalone", "--namespace", namespace, "-m", "kvrelay_operator.handlers"]
+        args = ["run", "--standalone", "--namespace", namespace, *HANDLER_MODULES]
         with KopfRunner(args, timeout=60) as runner:
             yield runner
         assert runner.exception is None, runner.output[-3000:]

@@ -7,6 +7,7 @@ through its status subresource, as the deployment controller would.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import Any
 
@@ -208,15 +209,22 @@ def test_hand_scaled_deployment_is_restored(kubectl, namespace, operator) -> Non
 def test_autoscaler_status_drives_replicas(kubectl, kube, namespace, operator) -> None:
     """The autoscaler hook: in mode auto, status.<role>.desiredReplicas is applied, clamped to bounds."""
     auto = json.loads(json.dumps(TINY))
-    auto["spec"]["autoscaling"] = {"mode": "auto"}
+    auto["spec"]["autoscaling"] = {"mode": "auto", "intervalSeconds": 3600}
     auto["spec"]["decode"].update(minReplicas=1, maxReplicas=4)
     kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(auto), check=True)
     wait_for(
         lambda: model(kubectl, namespace, "tiny").get("status", {}).get("observedGeneration"),
         timeout=30, what="first reconcile",
     )  # fmt: skip
-    # Mode auto: desiredReplicas belongs to the autoscaler, so the operator leaves it unset.
-    assert "desiredReplicas" not in model(kubectl, namespace, "tiny")["status"].get("decode", {})
+    if "kvrelay_operator.autoscaler.kopf_timer" in sys.modules:
+        # The real autoscaler timer runs with the handlers (as in kvrelay-operator): let its first
+        # decision (a hold: no Prometheus here) pass; the next is an hour away. Then play its part.
+        def decided() -> str | None:
+            return (model(kubectl, namespace, "tiny")["status"].get("autoscaler") or {}).get(
+                "lastDecisionTime"
+            )
+
+        wait_for(decided, timeout=30, what="the autoscaler's first decision")
     kube.patch_status(namespace, "tiny", {"decode": {"desiredReplicas": 3}})
     wait_for(lambda: deployment(kubectl, namespace, "tiny-decode")["spec"]["replicas"] == 3, timeout=30,
              what="decode scaled to 3")  # fmt: skip

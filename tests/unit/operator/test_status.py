@@ -1,0 +1,146 @@
+"""status.py: Deployment states -> the parent's status, conditions and merge patch (pure)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvrelay_operator import api
+from kvrelay_operator.status import DeploymentState, compute_status, set_condition, status_patch
+
+NOW, LATER = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
+ENDPOINT = "http://m-router.ns.svc:8000/v1"
+
+
+def spec(**over: Any) -> api.DisaggregatedModelSpec:
+    return api.DisaggregatedModelSpec.model_validate({"model": {"source": "org/m"}, **over})
+
+
+def ready(replicas: int, ready_replicas: int | None = None, **over: Any) -> DeploymentState:
+    r = replicas if ready_replicas is None else ready_replicas
+    return DeploymentState(
+        spec_replicas=replicas,
+        replicas=replicas,
+        ready_replicas=r,
+        updated_replicas=replicas,
+        generation=1,
+        observed_generation=1,
+        **over,
+    )
+
+
+def conditions(status: api.DisaggregatedModelStatus) -> dict[str, api.Condition]:
+    return {c.type: c for c in status.conditions}
+
+
+def test_all_ready_is_ready() -> None:
+    s = spec(decode={"replicas": 2})
+    out = compute_status(
+        s,
+        api.DisaggregatedModelStatus(),
+        {"prefill": ready(1), "decode": ready(2), "router": ready(1)},
+        3,
+        ENDPOINT,
+        NOW,
+        observed_generation=3,
+    )
+    assert out.phase == "Ready" and out.observed_generation == 3 and out.router_endpoint == ENDPOINT
+    c = conditions(out)
+    assert (c["Ready"].status, c["Progressing"].status, c["Degraded"].status) == ("True", "False", "False")
+    assert c["Ready"].observed_generation == 3
+    assert out.decode == api.RoleStatus(replicas=2, ready_replicas=2, desired_replicas=2)
+
+
+def test_missing_and_unready_roles_are_named() -> None:
+    out = compute_status(
+        spec(decode={"replicas": 4}),
+        api.DisaggregatedModelStatus(),
+        {"prefill": ready(1), "decode": ready(4, 1)},
+        1,
+        ENDPOINT,
+        NOW,
+    )
+    c = conditions(out)
+    assert out.phase == "Progressing"
+    assert c["Ready"].reason == "WaitingForReplicas"
+    assert "decode 1/4 ready" in c["Ready"].message and "router Deployment missing" in c["Ready"].message
+    assert compute_status(spec(), api.DisaggregatedModelStatus(), {}, 1, ENDPOINT, NOW).phase == "Pending"
+
+
+def test_deployment_failure_is_degraded() -> None:
+    failing = ready(
+        1,
+        0,
+        conditions=[
+            {
+                "type": "Progressing",
+                "status": "False",
+                "reason": "ProgressDeadlineExceeded",
+                "message": "ReplicaSet has timed out",
+            }
+        ],
+    )
+    out = compute_status(
+        spec(),
+        api.DisaggregatedModelStatus(),
+        {"prefill": failing, "decode": ready(1), "router": ready(1)},
+        1,
+        ENDPOINT,
+        NOW,
+    )
+    assert out.phase == "Degraded"
+    assert conditions(out)["Degraded"].message == "prefill: ReplicaSet has timed out"
+
+
+def test_transition_time_moves_only_on_flip() -> None:
+    first = set_condition([], "Ready", "False", "Waiting", "", NOW, 1)
+    same = set_condition(first, "Ready", "False", "Waiting", "still", LATER, 1)
+    flipped = set_condition(same, "Ready", "True", "AllReplicasReady", "", LATER, 1)
+    assert same[0].last_transition_time == NOW and same[0].message == "still"
+    assert flipped[0].last_transition_time == LATER
+
+
+def test_auto_mode_keeps_the_autoscalers_desired_replicas() -> None:
+    s = spec(decode={"replicas": 1, "maxReplicas": 4}, autoscaling={"mode": "auto"})
+    unset = compute_status(s, api.DisaggregatedModelStatus(), {"decode": ready(1)}, 1, ENDPOINT, NOW, 1)
+    assert unset.decode is not None and unset.decode.desired_replicas is None  # never seeded by the operator
+    wanted = api.DisaggregatedModelStatus(decode=api.RoleStatus(desired_replicas=9))
+    out = compute_status(s, wanted, {"decode": ready(4)}, 1, ENDPOINT, NOW)
+    assert out.decode is not None and out.decode.desired_replicas == 9
+    limited = conditions(out)["ScalingLimited"]
+    assert limited.status == "True" and "decode wants 9, clamped to 4" in limited.message
+    off = compute_status(spec(), wanted, {"decode": ready(1)}, 1, ENDPOINT, NOW)
+    assert (
+        off.decode is not None
+        and off.decode.desired_replicas == 1
+        and "ScalingLimited" not in conditions(off)
+    )
+
+
+def test_patch_holds_only_changes() -> None:
+    old = api.DisaggregatedModelStatus(
+        observed_generation=1,
+        decode=api.RoleStatus(replicas=1, ready_replicas=0, desired_replicas=5),
+        autoscaler=api.AutoscalerStatus(reason="x"),
+    )
+    new = old.model_copy(deep=True)
+    assert status_patch(old, new) == {}
+    new.decode = api.RoleStatus(replicas=1, ready_replicas=1, desired_replicas=5)
+    new.observed_generation = 2
+    # desiredReplicas unchanged -> not re-sent, so a newer autoscaler write cannot be clobbered.
+    assert status_patch(old, new) == {"observedGeneration": 2, "decode": {"readyReplicas": 1}}
+
+
+def test_state_from_deployment_body() -> None:
+    body = {
+        "metadata": {"generation": 4},
+        "spec": {"replicas": 3},
+        "status": {"observedGeneration": 3, "replicas": 3, "readyReplicas": 2, "updatedReplicas": 1},
+    }
+    state = DeploymentState.from_body(body)
+    assert (state.spec_replicas, state.ready_replicas, state.generation, state.observed_generation) == (
+        3,
+        2,
+        4,
+        3,
+    )
+    assert DeploymentState.from_body({}).spec_replicas == 0
