@@ -1,0 +1,108 @@
+"""Two real `kvrelay-operator` processes: only the Lease holder acts; the other takes over on its death."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kvrelay_envtest import free_port, get_json, wait_for
+
+pytestmark = pytest.mark.controlplane
+LEASE_SECONDS = 3
+
+
+def _cr(name: str) -> str:
+    return json.dumps(
+        {
+            "apiVersion": "kvrelay.dev/v1alpha1",
+            "kind": "DisaggregatedModel",
+            "metadata": {"name": name},
+            "spec": {"model": {"source": "/models/tiny"}},
+        }
+    )
+
+
+class OperatorProcess:
+    """A `python -m kvrelay_operator.main` child process with its log in a file."""
+
+    def __init__(self, namespace: str, log: Path) -> None:
+        self.port = free_port()
+        self.log = log
+        args = [
+            sys.executable,
+            "-m",
+            "kvrelay_operator.main",
+            "--namespace",
+            namespace,
+            "--lease-namespace",
+            namespace,
+            "--lease-duration",
+            str(LEASE_SECONDS),
+            "--liveness",
+            f"http://127.0.0.1:{self.port}/healthz",
+        ]
+        self.proc = subprocess.Popen(
+            args, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=dict(os.environ)
+        )
+
+    def identity(self) -> str | None:
+        match = re.search(r"waiting for the Lease \S+ as (\S+)", self.log.read_text(errors="replace"))
+        return match.group(1) if match else None
+
+    def live(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=1) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def two_operators(namespace: str, tmp_path: Path) -> Iterator[list[OperatorProcess]]:
+    procs = [OperatorProcess(namespace, tmp_path / f"operator-{i}.log") for i in range(2)]
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def test_only_the_lease_holder_acts(kubectl, namespace, two_operators) -> None:
+    def holder() -> str | None:
+        lease = get_json(kubectl, "lease", "kvrelay-operator", "-n", namespace)
+        return lease["spec"].get("holderIdentity")
+
+    first = wait_for(holder, timeout=60, what="a Lease holder")
+    wait_for(lambda: all(p.identity() for p in two_operators), timeout=30, what="both identities logged")
+    leader = next(p for p in two_operators if p.identity() == first)
+    follower = next(p for p in two_operators if p is not leader)
+    wait_for(leader.live, timeout=30, what="the leader's liveness endpoint")
+    assert not follower.live(), "the follower must not run kopf at all"
+
+    kubectl("apply", "-n", namespace, "-f", "-", stdin=_cr("a"), check=True)
+    wait_for(
+        lambda: get_json(kubectl, "deployment", "a-decode", "-n", namespace), timeout=60, what="a's children"
+    )
+
+    leader.stop()  # a crash: no Lease release, so the follower must wait for it to expire
+    second = wait_for(
+        lambda: (h := holder()) != first and h, timeout=60, what="the follower taking the Lease"
+    )
+    assert second == follower.identity()
+    kubectl("apply", "-n", namespace, "-f", "-", stdin=_cr("b"), check=True)
+    wait_for(
+        lambda: get_json(kubectl, "deployment", "b-decode", "-n", namespace), timeout=60, what="b's children"
+    )
+    assert follower.proc.poll() is None
