@@ -176,8 +176,26 @@ def stop_workers(workers: Sequence[WorkerProcess]) -> None:
             w.proc.wait()
 
 
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The router's listening socket, bound before any worker starts so a busy port fails fast."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
 async def _run_router(
-    args: argparse.Namespace, model: Path, served_name: str, workers: Sequence[WorkerProcess]
+    args: argparse.Namespace,
+    model: Path,
+    served_name: str,
+    workers: Sequence[WorkerProcess],
+    listener: socket.socket,
 ) -> None:
     import uvicorn
 
@@ -198,13 +216,13 @@ async def _run_router(
     server = uvicorn.Server(
         uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     )
-    task = asyncio.create_task(server.serve())
+    task = asyncio.create_task(server.serve(sockets=[listener]))
     while not server.started:
         if task.done():
             await task
             raise RuntimeError(f"the router could not start on {args.host}:{args.port}")
         await asyncio.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
+    port = listener.getsockname()[1]
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     _log(f"serving model '{served_name}' at http://{host}:{port}/v1  (Ctrl-C to stop)")
     watch = asyncio.create_task(_watch_workers(workers))
@@ -244,6 +262,12 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="kvrelay router: %(levelname)s %(message)s")
     workers: list[WorkerProcess] = []
     try:
+        listener = bind_listener(args.host, args.port)
+    except OSError as exc:
+        _log(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
+        signal.signal(signal.SIGTERM, previous)
+        return 1
+    try:
         if args.model == TINY_MODEL_NAME:
             model, served_name = ensure_tiny_model(), args.served_model_name or TINY_MODEL_NAME
         else:
@@ -253,7 +277,7 @@ def serve(args: argparse.Namespace) -> int:
         workers = start_workers(args, model, log_dir)
         wait_ready(workers, args.ready_timeout)
         _log(f"{args.prefill} prefill + {args.decode} decode worker(s) ready")
-        asyncio.run(_run_router(args, model, served_name, workers))
+        asyncio.run(_run_router(args, model, served_name, workers, listener))
         return 0
     except KeyboardInterrupt:
         return 130
@@ -266,6 +290,7 @@ def serve(args: argparse.Namespace) -> int:
             _log("stopping workers")
             stop_workers(workers)
         signal.signal(signal.SIGTERM, previous)
+        listener.close()
         _log("stopped")
 
 

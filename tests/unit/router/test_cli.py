@@ -27,3 +27,17 @@ def test_serve_refuses_a_directory_that_is_not_a_checkpoint(tmp_path: Path, caps
     assert "not a checkpoint directory" in capsys.readouterr().out
     args = build_parser().parse_args(["serve", "--decode", "0"])
     assert serve(args) == 2
+
+
+def test_serve_fails_fast_on_a_busy_port(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        args = build_parser().parse_args(["serve", "--port", str(port), "--log-dir", str(tmp_path)])
+        assert serve(args) == 1
+    out = capsys.readouterr().out
+    assert f"cannot listen on 127.0.0.1:{port}" in out
+    assert "worker" not in out  # nothing was started
