@@ -286,6 +286,18 @@ async def test_client_disconnect_cancels_decode(stack: Stack) -> None:
     assert sum(w.decode_calls for w in stack.decode) == 1
 
 
+async def test_client_disconnect_cancels_a_non_streaming_request(stack: Stack) -> None:
+    for worker in stack.decode:
+        worker.token_delay_s = 0.05
+    body = {"model": MODEL, "prompt": "the quick", "max_tokens": 100}
+    with pytest.raises(httpx.ReadTimeout):
+        await stack.http.post("/v1/completions", json=body, timeout=0.5)
+    deadline = time.monotonic() + 5
+    while sum(w.cancelled for w in stack.decode) == 0:
+        assert time.monotonic() < deadline, "decode call was not cancelled after the client left"
+        await asyncio.sleep(0.05)
+
+
 async def test_client_disconnect_during_prefill_cancels_it(stack: Stack) -> None:
     for worker in stack.prefill:
         worker.prefill_delay_s = 5.0
