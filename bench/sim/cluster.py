@@ -222,7 +222,9 @@ class Cluster:
                     yield self.wakeup["decode"]
                 continue
             batch = len(replica.heap)
-            chunk = min(_DECODE_CHUNK_STEPS, replica.heap[0][0] - replica.steps)
+            # Engines admit new sequences every step: step one at a time while some wait.
+            chunk_cap = 1 if self.decode_queue else _DECODE_CHUNK_STEPS
+            chunk = min(chunk_cap, replica.heap[0][0] - replica.steps)
             context = replica.context_base + batch * replica.steps - replica.start_step_sum
             yield self.env.timeout(chunk * model.decode_step_seconds(batch, context))
             replica.steps += chunk

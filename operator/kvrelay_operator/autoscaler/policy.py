@@ -33,6 +33,7 @@ _MIN_INFORMATIVE_DECODE = 0.1
 _CAPACITY_CLAMP = 4.0
 _DEFAULT_PROMPT_TOKENS = 1024.0
 _MAX_TREND_GAIN = 0.5
+_MAX_DAMPING = 4.0
 # Queued prompt tokens that mean "busy the whole window" rather than a request in flight.
 _SATURATED_QUEUE_TOKENS = 4096.0
 
@@ -55,9 +56,13 @@ def decide(
     sample = DemandSample(
         at=now, prefill_tokens_per_second=demand.steady_p, decode_tokens_per_second=demand.steady_d
     )
-    history = (*_trim_history(state.demand_history, now - config.scale_down_window_seconds), sample)
-    peak_p = max(s.prefill_tokens_per_second for s in history)
-    peak_d = max(s.decode_tokens_per_second for s in history)
+    longest = config.scale_down_window_seconds * _MAX_DAMPING
+    history = (*_trim_history(state.demand_history, now - longest), sample)
+    roles_state = {role: _decay_damping(state.role(role), config, now) for role in ROLES}
+    # Flap damping: a role that reversed recently must see a longer quiet window before going down.
+    window = {role: config.scale_down_window_seconds * roles_state[role].damping for role in ROLES}
+    peak_p = max(s.prefill_tokens_per_second for s in history if s.at >= now - window["prefill"])
+    peak_d = max(s.decode_tokens_per_second for s in history if s.at >= now - window["decode"])
     lead = config.replica_startup_seconds + config.interval_seconds
     trend = _trend(history, now - config.trend_window_seconds)
     # Extrapolate rising demand over a replica start; at most +50%, a step is not a ramp.
@@ -117,11 +122,11 @@ def decide(
     reasons: dict[Role, str] = {}
     for role in ROLES:
         # No scale-down before a whole window of unbroken evidence exists.
-        proven = now - metrics_since >= config.scale_down_window_seconds
+        proven = now - metrics_since >= window[role]
         desired[role], reasons[role] = _stabilize(
             role,
             snapshot,
-            state.role(role),
+            roles_state[role],
             config,
             now,
             need_up[role],
@@ -142,7 +147,7 @@ def decide(
             direction=direction,
             reason=reasons[role],
         )
-        new_roles[role] = _advance_role_state(state.role(role), direction, capacity[role], now)
+        new_roles[role] = _advance_role_state(roles_state[role], direction, capacity[role], now)
 
     inputs = {
         **demand.inputs,
@@ -340,11 +345,9 @@ def _stabilize(
         if replicas.pending > 0:
             return current, f"hold: {replicas.pending} replica(s) still loading"
         since_up = math.inf if role_state.last_up_at is None else now - role_state.last_up_at
-        if since_up < config.scale_down_cooldown_seconds:
-            return (
-                current,
-                f"hold: {since_up:.0f}s since scale-up < {config.scale_down_cooldown_seconds:.0f}s",
-            )
+        cooldown = config.scale_down_cooldown_seconds * role_state.damping
+        if since_up < cooldown:
+            return current, f"hold: {since_up:.0f}s since scale-up < {cooldown:.0f}s"
         if since_change < config.scale_down_step_seconds:
             return (
                 current,
@@ -352,10 +355,8 @@ def _stabilize(
             )
         step = max(1, math.floor(current * config.max_step_down_fraction))
         target = max(need_down, current - step)
-        return (
-            target,
-            f"down: {target} hold the {config.scale_down_window_seconds:.0f}s peak (needs {need_down})",
-        )
+        window = config.scale_down_window_seconds * role_state.damping
+        return target, f"down: {target} hold the {window:.0f}s peak (needs {need_down})"
     return current, f"steady: load needs {need_up}, have {current}"
 
 
@@ -537,11 +538,19 @@ def _trend(history: tuple[DemandSample, ...], since: float) -> tuple[float, floa
 def _kv_cache_replicas(
     metrics: MetricsSample, snapshot: Snapshot, config: PolicyConfig, target: float | None = None
 ) -> int:
-    """Decode replicas that keep KV-cache use at the target (decode is also memory bound)."""
+    """Decode replicas whose KV cache holds the running and the waiting sequences at the target use.
+
+    Long contexts make decode memory-bound before it is bandwidth-bound: requests then wait for
+    KV space, and tokens/s never shows the shortfall. Each running sequence holds usage * ready /
+    running of a replica's cache; waiting ones will need as much.
+    """
     usage = metrics.kv_cache_usage_ratio
     if usage is None or snapshot.decode.ready == 0:
         return 0
-    return math.ceil(snapshot.decode.ready * usage / (target or config.kv_cache_target) - 1e-9)
+    running = metrics.decode_requests_running or 0.0
+    waiting = metrics.decode_requests_waiting or 0.0
+    queued_share = 1.0 + waiting / running if running > 0 else 1.0
+    return math.ceil(snapshot.decode.ready * usage * queued_share / (target or config.kv_cache_target) - 1e-9)
 
 
 def _mean_prompt_tokens(metrics: MetricsSample) -> float:
@@ -566,10 +575,25 @@ def _advance_role_state(old: RoleState, direction: Direction, capacity: float, n
     if direction == "none":
         return old.model_copy(update={"capacity_tokens_per_second": capacity})
     reversed_ = old.last_direction not in ("none", direction)
+    # Going back up after a scale-down means the scale-down was premature: damp the next one.
+    regretted = reversed_ and direction == "up"
     return RoleState(
         capacity_tokens_per_second=capacity,
         last_change_at=now,
         last_up_at=now if direction == "up" else old.last_up_at,
         last_direction=direction,
         num_reversals=old.num_reversals + int(reversed_),
+        damping=min(old.damping * 2, _MAX_DAMPING) if regretted else old.damping,
+        last_reversal_at=now if regretted else old.last_reversal_at,
+    )
+
+
+def _decay_damping(role_state: RoleState, config: PolicyConfig, now: float) -> RoleState:
+    """Damping halves for every `damping_decay_seconds` without a regretted scale-down."""
+    if role_state.damping <= 1.0 or role_state.last_reversal_at is None:
+        return role_state
+    if now - role_state.last_reversal_at < config.damping_decay_seconds:
+        return role_state
+    return role_state.model_copy(
+        update={"damping": max(role_state.damping / 2, 1.0), "last_reversal_at": now}
     )

@@ -14,9 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from kvrelay_operator.autoscaler.types import MetricsSample
 
-# Worker gauges every worker refreshes on every scrape: their newest sample time is the age of
-# what Prometheus knows about the pools.
-_FRESHNESS_SERIES = "kvrelay_requests_running|kvrelay_requests_waiting|kvrelay_kv_cache_usage_ratio"
+# A gauge every worker exports on every scrape: its newest sample time is the age of what
+# Prometheus knows about the pools. (One name only: timestamp() drops names, and series of two
+# names with equal labels would collide.)
+_FRESHNESS_SERIES = "kvrelay_requests_running"
 
 
 class QuerySpec(BaseModel):
@@ -50,7 +51,7 @@ def build_queries(spec: QuerySpec) -> dict[str, str]:
         return f'{agg}({name}{{{m},role="{role}"}})'
 
     return {
-        "observed_at": f'max(timestamp({{__name__=~"{_FRESHNESS_SERIES}",{m}}}))',
+        "observed_at": f"max(timestamp({_FRESHNESS_SERIES}{{{m}}}))",
         "ttft_seconds": quantile("kvrelay_time_to_first_token_seconds"),
         "itl_seconds": quantile("kvrelay_inter_token_latency_seconds"),
         "request_rate": rate("kvrelay_requests_total"),
@@ -92,7 +93,7 @@ def to_sample(values: Mapping[str, float | None], window_seconds: float) -> Metr
 class PrometheusReader:
     """Synchronous reader (prometheus-api-client); call it from a thread in async code."""
 
-    def __init__(self, url: str, spec: QuerySpec, timeout_seconds: float = 5.0) -> None:
+    def __init__(self, url: str, spec: QuerySpec, timeout_seconds: int = 5) -> None:
         from prometheus_api_client import PrometheusConnect  # the operator extra; pure code stays free of it
 
         self.spec = spec
@@ -103,7 +104,7 @@ class PrometheusReader:
     def read(self) -> MetricsSample | None:
         """Run every query; an unreachable Prometheus raises, an absent series reads as None."""
         values = {
-            name: parse_scalar(self._client.custom_query(query, params={"timeout": f"{self._timeout}s"}))
+            name: parse_scalar(self._client.custom_query(query, params={"timeout": f"{int(self._timeout)}s"}))
             for name, query in self.queries.items()
         }
         return to_sample(values, float(self.spec.window_seconds))

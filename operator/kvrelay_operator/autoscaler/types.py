@@ -103,6 +103,9 @@ class PolicyConfig(_Frozen):
         0.34, gt=0, le=1, description="Most of a role's replicas one decision removes (at least one)."
     )
     scale_down_step_seconds: float = Field(60.0, ge=0, description="Least time between two scale-downs.")
+    damping_decay_seconds: float = Field(
+        1800.0, gt=0, description="Flap damping halves after this long without a reversal."
+    )
     trend_window_seconds: float = Field(
         180.0, ge=0, description="Rising demand is extrapolated over a replica start from this window."
     )
@@ -164,6 +167,10 @@ class RoleState(_Frozen):
     last_up_at: float | None = None
     last_direction: Direction = "none"
     num_reversals: int = 0
+    damping: float = Field(
+        1.0, ge=1.0, description="Multiplies the scale-down window and cooldown; doubles per reversal."
+    )
+    last_reversal_at: float | None = None
 
 
 class PolicyState(_Frozen):

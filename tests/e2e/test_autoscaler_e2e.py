@@ -1,0 +1,349 @@
+"""The autoscaler end to end: a real Prometheus (Debian package) scrapes a real `kvrelay serve`
+(router + tiny prefill and decode workers, real KV relay) under OpenAI-client load.
+
+1. `PrometheusReader` turns the contract's series into a snapshot the policy acts on.
+2. The operator (handlers + the autoscaler's kopf timer, in process) runs against a real
+   kube-apiserver with a DisaggregatedModel in mode auto pointing at that Prometheus: under load
+   it raises status.<role>.desiredReplicas, records why (status, Event, metrics), the reconciler
+   scales the Deployments, and after the load stops and the cooldown passes it lowers them again.
+   No kubelet runs, so a helper plays the deployment controller: it marks the Deployment's
+   replicas ready through the status subresource, as the real one would once pods start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import yaml
+from kvrelay_operator.autoscaler.policy import decide
+from kvrelay_operator.autoscaler.prometheus import PrometheusReader, QuerySpec
+from kvrelay_operator.autoscaler.types import PolicyConfig, PolicyState, RoleReplicas, Snapshot
+from serve_helpers import WORKER_RE, ServeProcess, run_serve
+
+pytestmark = pytest.mark.e2e
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCRAPE_SECONDS = 1
+WINDOW_SECONDS = 10
+
+
+def _fail_or_skip(why: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(why + " (CI=true: nothing this machine can run may skip)")
+    pytest.skip(why)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _query(url: str, expr: str) -> list[dict[str, Any]]:
+    with urllib.request.urlopen(
+        f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": expr}), timeout=10
+    ) as r:
+        body = json.load(r)
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+@contextlib.contextmanager
+def _prometheus(workdir: Path, targets: dict[str, list[str]]) -> Iterator[str]:
+    """A throwaway Prometheus scraping every second; always stopped."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        _fail_or_skip("prometheus not on PATH: run hack/install-prometheus.sh")
+    config = {
+        "global": {"scrape_interval": f"{SCRAPE_SECONDS}s"},
+        "scrape_configs": [
+            {"job_name": job, "static_configs": [{"targets": t}]} for job, t in targets.items()
+        ],
+    }
+    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = _free_port()
+    with (workdir / "prometheus.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [str(binary), f"--config.file={workdir / 'prometheus.yml'}",
+             f"--storage.tsdb.path={workdir / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
+             "--log.level=warn"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                assert proc.poll() is None, (workdir / "prometheus.log").read_text()[-2000:]
+                with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/-/ready", timeout=2) as r:
+                    if r.status == 200:
+                        break
+                assert time.monotonic() < deadline, "prometheus not ready after 60 s"
+                time.sleep(0.3)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+class Load:
+    """Streaming completions from a few client threads until stopped."""
+
+    def __init__(self, serve: ServeProcess, concurrency: int = 4) -> None:
+        self.client = openai.OpenAI(base_url=serve.base_url, api_key="none", max_retries=0, timeout=120)
+        self.model = serve.model
+        self.stop = threading.Event()
+        self.done = 0
+        self.errors: list[BaseException] = []
+        self.threads = [
+            threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(concurrency)
+        ]
+
+    def _run(self, worker: int) -> None:
+        i = 0
+        while not self.stop.is_set():
+            try:
+                stream = self.client.completions.create(
+                    model=self.model, prompt=f"{worker}.{i} " + "tell me about kv caches " * (4 + i % 4),
+                    max_tokens=16, temperature=0.0, stream=True, extra_body={"ignore_eos": True},
+                )  # fmt: skip
+                tokens = sum(1 for chunk in stream if chunk.choices and chunk.choices[0].text)
+                assert tokens >= 2, f"request streamed {tokens} chunks"
+                self.done += 1
+            except BaseException as exc:  # reported by the test, never swallowed
+                self.errors.append(exc)
+                return
+            i += 1
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=120)
+        assert not self.errors, self.errors[:3]
+
+
+@dataclass
+class Stack:
+    serve: ServeProcess
+    prometheus_url: str
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with run_serve(
+        ["--model", "tiny", "--prefill", "1", "--decode", "1"], tmp_path_factory.mktemp("serve")
+    ) as serve:
+        workers = [f"127.0.0.1:{m.group(4)}" for line in serve.output if (m := WORKER_RE.search(line))]
+        assert len(workers) == 2, serve.output[-20:]
+        router = urllib.parse.urlparse(serve.base_url).netloc
+        targets = {"kvrelay-router": [router], "kvrelay-workers": workers}
+        with _prometheus(tmp_path_factory.mktemp("prometheus"), targets) as url:
+            deadline = time.monotonic() + 60
+            while len(_query(url, "up == 1")) < 3:
+                assert time.monotonic() < deadline, "Prometheus never scraped every target"
+                time.sleep(SCRAPE_SECONDS)
+            yield Stack(serve, url)
+
+
+def test_reader_turns_live_series_into_a_snapshot_the_policy_acts_on(stack: Stack) -> None:
+    reader = PrometheusReader(
+        stack.prometheus_url, QuerySpec(model=stack.serve.model, window_seconds=WINDOW_SECONDS)
+    )
+    with Load(stack.serve) as load:
+        time.sleep(WINDOW_SECONDS + 3 * SCRAPE_SECONDS)
+        sample = reader.read()
+    assert load.done >= 4
+    assert sample is not None
+    assert abs(time.time() - sample.observed_at) < 10  # fresh: the newest worker scrape
+    assert sample.prompt_tokens_per_second and sample.prompt_tokens_per_second > 0
+    assert sample.generation_tokens_per_second and sample.generation_tokens_per_second > 0
+    assert sample.request_rate and sample.request_rate > 0
+    assert sample.ttft_seconds is not None and 0 < sample.ttft_seconds < 60
+    assert sample.itl_seconds is not None and 0 < sample.itl_seconds < 10
+    assert sample.queued_prefill_tokens is not None and sample.kv_cache_usage_ratio is not None
+    config = PolicyConfig(ttft_slo_seconds=5.0, itl_slo_seconds=1.0, prefill_tokens_per_second=1.0,
+                          decode_tokens_per_second=1.0)  # fmt: skip
+    one = RoleReplicas(current=1, ready=1)
+    decision, _ = decide(
+        Snapshot(metrics=sample, prefill=one, decode=one), PolicyState(), config, time.time()
+    )
+    assert not decision.hold
+    assert decision.prefill.direction == "up" and decision.decode.direction == "up"
+    assert decision.inputs["prompt_tokens_per_second"] == sample.prompt_tokens_per_second
+
+
+def test_reader_reports_absent_model_and_unreachable_prometheus(stack: Stack) -> None:
+    assert PrometheusReader(stack.prometheus_url, QuerySpec(model="no-such-model")).read() is None
+    with pytest.raises(Exception, match=r"(?i)connect|refused|max retries"):
+        PrometheusReader(f"http://127.0.0.1:{_free_port()}", QuerySpec(model=stack.serve.model)).read()
+
+
+# ---------------------------------------------------------------- operator against kube-apiserver
+
+
+@pytest.fixture(scope="module")
+def control_plane() -> Iterator[Any]:
+    sys.path.insert(0, str(REPO_ROOT / "tests" / "controlplane"))
+    import kvrelay_envtest as envtest
+
+    assets, reason = envtest.find_assets()
+    kubectl, kubectl_reason = envtest.find_kubectl()
+    if assets is None or kubectl is None:
+        _fail_or_skip(f"no control plane: {reason or kubectl_reason}")
+    with envtest.control_plane(assets) as cp:
+        previous = os.environ.get("KUBECONFIG")
+        os.environ["KUBECONFIG"] = str(cp.kubeconfig)
+        try:
+            envtest.run_kubectl(kubectl, cp, "apply", "-f", str(REPO_ROOT / "crds"))
+            envtest.run_kubectl(kubectl, cp, "wait", "--for=condition=Established",
+                                "crd/disaggregatedmodels.kvrelay.dev", "--timeout=30s")  # fmt: skip
+            yield envtest, kubectl, cp
+        finally:
+            if previous is None:
+                os.environ.pop("KUBECONFIG", None)
+            else:
+                os.environ["KUBECONFIG"] = previous
+
+
+class DeploymentController:
+    """Plays the deployment controller (no kubelet here): every replica of each Deployment is ready."""
+
+    def __init__(self, namespace: str) -> None:
+        from kubernetes import client, config
+
+        config.load_kube_config()
+        self.apps = client.AppsV1Api()
+        self.namespace = namespace
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.5):
+            with contextlib.suppress(Exception):  # objects come and go; the next round retries
+                for d in self.apps.list_namespaced_deployment(self.namespace).items:
+                    self._mark_ready(d)
+
+    def _mark_ready(self, d: Any) -> None:
+        n = d.spec.replicas or 0
+        if (d.status.ready_replicas or 0) == n and d.status.observed_generation == d.metadata.generation:
+            return
+        status = {"observedGeneration": d.metadata.generation, "replicas": n, "updatedReplicas": n,
+                  "readyReplicas": n, "availableReplicas": n}  # fmt: skip
+        self.apps.patch_namespaced_deployment_status(d.metadata.name, self.namespace, {"status": status})
+
+    def __enter__(self) -> DeploymentController:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+
+def test_operator_scales_up_under_load_and_back_down_after_it(stack: Stack, control_plane: Any) -> None:
+    from kopf.testing import KopfRunner
+    from prometheus_client import REGISTRY
+
+    envtest, kubectl, cp = control_plane
+
+    def kc(*args: str) -> str:
+        return envtest.run_kubectl(kubectl, cp, *args)
+
+    def model_status() -> dict[str, Any]:
+        return json.loads(kc("get", "dm", "auto", "-n", namespace, "-o", "json")).get("status", {})
+
+    def replicas(role: str) -> int:
+        return json.loads(kc("get", "deployment", f"auto-{role}", "-n", namespace, "-o", "json"))["spec"][
+            "replicas"
+        ]
+
+    namespace = f"as-{os.getpid()}-{int(time.time()) % 100000}"
+    kc("create", "namespace", namespace)
+    cr = yaml.safe_load((REPO_ROOT / "examples" / "tiny.yaml").read_text())
+    cr["metadata"]["name"] = "auto"
+    cr["spec"]["model"]["servedName"] = stack.serve.model
+    cr["spec"]["monitoring"] = {"interval": f"{SCRAPE_SECONDS}s"}
+    for role in ("prefill", "decode"):
+        cr["spec"][role].update(minReplicas=1, maxReplicas=4)
+    # Profile seeds far below what the load needs, so the tiny CPU load asks for more replicas.
+    cr["spec"]["autoscaling"] = {
+        "mode": "auto", "intervalSeconds": 5, "scaleUpCooldownSeconds": 5, "scaleDownCooldownSeconds": 15,
+        "prometheusUrl": stack.prometheus_url, "slo": {"ttftSeconds": 5.0, "itlSeconds": 1.0},
+        "profile": {"prefillTokensPerSecond": 2.0, "decodeTokensPerSecond": 1.0},
+    }  # fmt: skip
+    args = ["run", "--standalone", "--namespace", namespace,
+            "-m", "kvrelay_operator.handlers", "-m", "kvrelay_operator.autoscaler.kopf_timer"]  # fmt: skip
+    with KopfRunner(args, timeout=60) as runner, DeploymentController(namespace):
+        env = {**os.environ, "KUBECONFIG": str(cp.kubeconfig)}
+        subprocess.run([str(kubectl), "apply", "-n", namespace, "-f", "-"], input=json.dumps(cr), text=True,
+                       check=True, capture_output=True, env=env)  # fmt: skip
+        envtest.wait_for(lambda: model_status().get("autoscaler"), timeout=60, what="a first decision")
+        with Load(stack.serve):
+            up = envtest.wait_for(
+                lambda: (s := model_status()).get("prefill", {}).get("desiredReplicas", 1) >= 3 and s,
+                timeout=90, interval=1.0, what="desiredReplicas raised under load",
+            )  # fmt: skip
+            envtest.wait_for(
+                lambda: replicas("prefill") >= 3, timeout=30, interval=0.5, what="Deployment scaled"
+            )
+            assert "up: load needs" in up["autoscaler"]["reason"]
+            assert up["autoscaler"]["inputs"]["prompt_tokens_per_second"] > 0
+            raised = {role: up[role]["desiredReplicas"] for role in ("prefill", "decode")}
+            gauge = REGISTRY.get_sample_value(
+                "kvrelay_autoscaler_desired_replicas", {"model": stack.serve.model, "role": "prefill"}
+            )
+            assert gauge is not None and gauge >= 3
+
+        # Load gone: after the scale-down cooldown and a window of quiet, replicas come down.
+        def lowered() -> dict[str, Any] | None:
+            status = model_status()
+            return (
+                status if status.get("prefill", {}).get("desiredReplicas", 99) < raised["prefill"] else None
+            )
+
+        down = envtest.wait_for(
+            lowered, timeout=120, interval=1.0, what="desiredReplicas lowered after the load"
+        )
+        assert down["autoscaler"]["reason"].startswith("prefill: down: ")
+        envtest.wait_for(lambda: replicas("prefill") < raised["prefill"], timeout=30, interval=0.5,
+                         what="Deployment scaled down")  # fmt: skip
+        events = json.loads(kc("get", "events", "-n", namespace, "-o", "json"))["items"]
+        reasons = {e["reason"] for e in events}
+        assert "AutoscalerDecision" in reasons, reasons
+        ups = sum(
+            sample.value
+            for metric in REGISTRY.collect()
+            if metric.name == "kvrelay_autoscaler_decisions"
+            for sample in metric.samples
+            if sample.name.endswith("_total")
+            and sample.labels["model"] == stack.serve.model
+            and (sample.labels["role"], sample.labels["direction"]) == ("prefill", "up")
+        )
+        assert ups >= 1
+    assert runner.exception is None, runner.output[-3000:]
+    assert "failed with an exception" not in runner.output, runner.output[-3000:]
