@@ -88,6 +88,12 @@ def test_valid_cr_yields_children_and_status(kubectl, namespace, operator) -> No
     assert found["Service/llama-3-8b-prefill"]["spec"]["clusterIP"] == "None"
     assert "nvidia.com/gpu" not in json.dumps(found["Deployment/llama-3-8b-router"]["spec"])
 
+    def created_event() -> list[dict[str, Any]]:
+        selector = "involvedObject.name=llama-3-8b,reason=Created"
+        return get_json(kubectl, "events", "-n", namespace, "--field-selector", selector)["items"]
+
+    assert "applied 13 children" in wait_for(created_event, timeout=30, what="Created event")[0]["message"]
+
     for role, ready in (("prefill", 2), ("decode", 4), ("router", 2)):
         set_ready(kubectl, namespace, f"llama-3-8b-{role}", ready)
 
@@ -204,6 +210,16 @@ def test_hand_scaled_deployment_is_restored(kubectl, namespace, operator) -> Non
 
     condition = wait_for(drift_condition, timeout=30, what="DriftCorrected condition")
     assert condition["status"] == "True" and condition["reason"] == "ReplicasRestored"
+
+    # A child deleted by hand comes back (new uid), and the parent says so.
+    old_uid = deployment(kubectl, namespace, "tiny-prefill")["metadata"]["uid"]
+    kubectl("delete", "deployment", "tiny-prefill", "-n", namespace, "--wait=false", check=True)
+    wait_for(lambda: deployment(kubectl, namespace, "tiny-prefill")["metadata"]["uid"] != old_uid, timeout=30,
+             what="prefill Deployment re-created")  # fmt: skip
+    events = get_json(kubectl, "events", "-n", namespace, "--field-selector", "involvedObject.name=tiny")[
+        "items"
+    ]
+    assert "ChildRecreated" in {e["reason"] for e in events}
 
 
 def test_autoscaler_status_drives_replicas(kubectl, kube, namespace, operator) -> None:
