@@ -59,18 +59,10 @@ def test_worker_image_router_role_serves(tokenizer_dir: Path) -> None:
     import httpx
     from kvrelay_worker.cli import free_ports
 
-    (port,) = free_ports(1)
+    port, metrics_port = free_ports(2)
     code = "import sys; from kvrelay_worker.entrypoint import main; sys.exit(main())"
-    flags = [
-        "--host",
-        "127.0.0.1",
-        "--prefill",
-        "127.0.0.1:1",
-        "--decode",
-        "127.0.0.1:2",
-        "--metrics-port",
-        "9",
-    ]
+    flags = ["--host", "127.0.0.1", "--prefill", "127.0.0.1:1", "--decode", "127.0.0.1:2"]
+    flags += ["--metrics-port", str(metrics_port), "--grpc-port", "9"]
     cmd = [
         sys.executable,
         "-c",
@@ -97,10 +89,12 @@ def test_worker_image_router_role_serves(tokenizer_dir: Path) -> None:
         assert health.status_code == 503  # no worker is reachable at those addresses
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).json()
         assert models["data"][0]["id"] == tokenizer_dir.name
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+        assert "kvrelay_time_to_first_token_seconds" in metrics
         assert "libtorch" not in Path(f"/proc/{proc.pid}/maps").read_text()  # the router stays light
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=15)
     assert proc.returncode in (0, -signal.SIGTERM), out  # uvicorn re-raises the signal after a clean shutdown
     assert "Application shutdown complete" in out
-    assert "ignoring flags the router does not use: --metrics-port 9" in out
+    assert "ignoring flags the router does not use: --grpc-port 9" in out

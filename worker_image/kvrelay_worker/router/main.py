@@ -24,8 +24,9 @@ def _addresses(values: Sequence[str]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # No abbreviations: shared worker flags such as --grpc-port must not match --grpc-port-name.
     p = argparse.ArgumentParser(
-        prog="kvrelay-router", description="OpenAI-compatible router for kvrelay workers"
+        prog="kvrelay-router", description="OpenAI-compatible router for kvrelay workers", allow_abbrev=False
     )
     p.add_argument("--model", required=True, help="checkpoint directory (tokenizer + config files)")
     p.add_argument("--served-model-name", help="model name clients send (default: directory name)")
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key-file",
         default=os.environ.get(API_KEY_FILE_ENV),
         help=f"file holding the API key (e.g. a mounted Secret); or set {API_KEY_ENV}",
+    )
+    p.add_argument(
+        "--metrics-port", type=int, default=0, help="also serve /metrics on this port (0: only on --port)"
     )
     p.add_argument("--log-level", default="info")
     return p
@@ -83,6 +87,7 @@ def make_discovery(config: RouterConfig) -> Discovery:
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the router until SIGINT/SIGTERM. Unknown flags (shared worker flags) are ignored with a warning."""
     import uvicorn
+    from prometheus_client import start_http_server
 
     from kvrelay_worker.router.app import create_app
 
@@ -94,6 +99,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         log.warning("ignoring flags the router does not use: %s", " ".join(unknown))
     config = config_from_args(args)
     app = create_app(config, make_discovery(config))
+    if args.metrics_port and args.metrics_port != args.port:
+        # Pods are scraped on their `metrics` port (the operator's PodMonitor), the router's included.
+        start_http_server(args.metrics_port, addr=args.host, registry=app.state.router.metrics.registry)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False)
 
 
