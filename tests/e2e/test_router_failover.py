@@ -1,4 +1,5 @@
-"""A decode worker killed mid-stream: the client gets an error event promptly; the survivor takes new work."""
+"""Workers killed under a live router: a decode worker mid-stream (the client gets an error event promptly,
+the survivor takes new work), then a prefill worker (requests are retried on the other one)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from serve_helpers import run_serve
 pytestmark = pytest.mark.e2e
 
 
-def test_decode_worker_killed_mid_stream(tmp_path: Path) -> None:
-    with run_serve(["--model", "tiny", "--prefill", "1", "--decode", "2"], tmp_path) as serve:
+def test_workers_killed_under_load(tmp_path: Path) -> None:
+    with run_serve(["--model", "tiny", "--prefill", "2", "--decode", "2"], tmp_path) as serve:
         client = openai.OpenAI(base_url=serve.base_url, api_key="none", max_retries=0, timeout=60)
         health_url = serve.base_url.removesuffix("/v1") + "/health"
         stream = client.completions.create(
@@ -45,4 +46,14 @@ def test_decode_worker_killed_mid_stream(tmp_path: Path) -> None:
         decode = httpx.get(health_url, timeout=10).json()["workers"]["decode"]
         assert decode[busy[0]]["healthy"] is False
         assert [w["healthy"] for a, w in decode.items() if a != busy[0]] == [True]
+
+        # A prefill worker dies: the router has not noticed yet, so a request may hit it first and must
+        # be retried on the other prefill worker; none may fail.
+        dead_prefill = serve.workers["prefill-0"]
+        os.kill(dead_prefill[0], signal.SIGKILL)
+        for i in range(4):
+            reply = client.completions.create(model=serve.model, prompt=f"once more {i}", max_tokens=4)
+            assert reply.choices[0].finish_reason == "length"
+        prefill = httpx.get(health_url, timeout=10).json()["workers"]["prefill"]
+        assert prefill[dead_prefill[1]]["healthy"] is False
     assert serve.leftovers == []
