@@ -20,7 +20,7 @@ import tritonclient.grpc.aio as grpcaio
 from kvrelay_worker.model import load_model
 from kvrelay_worker.model.tiny import make_tiny_model
 from tritonclient.utils import InferenceServerException
-from worker_fixtures import WorkerProcess, decode_inputs, metric_value, prefill_inputs, run_worker
+from worker_fixtures import WorkerProcess, decode_inputs, metric_value, prefill_inputs, run_workers
 
 pytestmark = pytest.mark.e2e
 
@@ -50,11 +50,8 @@ def reference(model_dir: Path):
 
 @pytest.fixture(scope="module")
 def workers(model_dir: Path) -> Iterator[tuple[WorkerProcess, WorkerProcess]]:
-    small = ["--num-blocks", "128", "--block-size", "8", "--kv-lease-s", "20"]
-    with (
-        run_worker("prefill", model_dir, *small) as prefill,
-        run_worker("decode", model_dir, *small) as decode,
-    ):
+    small = ("--num-blocks", "128", "--block-size", "8", "--kv-lease-s", "20")
+    with run_workers([("prefill", model_dir, small), ("decode", model_dir, small)]) as (prefill, decode):
         yield prefill, decode
     assert prefill.proc.returncode == 0, prefill.log()
     assert decode.proc.returncode == 0, decode.log()

@@ -13,7 +13,7 @@ import torch
 import tritonclient.grpc as grpcclient
 from kvrelay_worker.model import load_model
 from kvrelay_worker.model.tiny import make_tiny_model
-from worker_fixtures import decode_inputs, metric_value, prefill_inputs, run_worker
+from worker_fixtures import decode_inputs, metric_value, prefill_inputs, run_workers
 
 pytestmark = pytest.mark.e2e
 PROMPT = list(range(30, 71))
@@ -64,9 +64,10 @@ def _metrics(port: int) -> str:
 
 
 def test_nixl_relay_between_workers(model_dir: Path, expected: list[int]) -> None:
-    with (
-        run_worker("prefill", model_dir, "--num-blocks", "64", kv_backend="nixl") as prefill,
-        run_worker("decode", model_dir, "--num-blocks", "64", kv_backend="nixl") as decode,
+    small = ("--num-blocks", "64")
+    with run_workers([("prefill", model_dir, small), ("decode", model_dir, small)], kv_backend="nixl") as (
+        prefill,
+        decode,
     ):
         tokens, error = _generate(prefill.grpc_address, decode.grpc_address)
         assert error is None and tokens == expected
@@ -78,37 +79,41 @@ def test_nixl_relay_between_workers(model_dir: Path, expected: list[int]) -> Non
 
 def test_colocated_local_handoff_and_fail_policy(model_dir: Path, expected: list[int]) -> None:
     """One colocated process serves both models; a handle from another worker under `fail` errors."""
-    with run_worker("colocated", model_dir, "--num-blocks", "64", "--kv-failure-policy", "fail") as colo:
+    specs = [
+        ("colocated", model_dir, ("--num-blocks", "64", "--kv-failure-policy", "fail")),
+        ("prefill", model_dir, ("--num-blocks", "64", "--kv-lease-s", "0.2")),
+    ]
+    with run_workers(specs) as (colo, prefill):
         tokens, error = _generate(colo.grpc_address, colo.grpc_address)
         assert error is None and tokens == expected
         text = _metrics(colo.metrics_port)
         assert metric_value(text, "kvrelay_kv_transfer_bytes_total", role="colocated") == 0  # no transfer
         assert metric_value(text, "kvrelay_kv_held_blocks", role="colocated") == 0
         assert metric_value(text, "kvrelay_kv_cache_usage_ratio", role="colocated") == 0
-        with run_worker("prefill", model_dir, "--num-blocks", "64", "--kv-lease-s", "0.2") as prefill:
-            # the lease has expired when the colocated worker tries to read: `fail` policy -> in-band error
-            p = grpcclient.InferenceServerClient(prefill.grpc_address)
-            res = p.infer("kvrelay_prefill", prefill_inputs(grpcclient, PROMPT, max_tokens=N))
-            handle = res.as_numpy("kv_handle")[0]
-            # lease expiry alone must free the prefill worker's blocks (nobody read them)
-            deadline = time.monotonic() + 10
-            while metric_value(_metrics(prefill.metrics_port), "kvrelay_kv_cache_usage_ratio") != 0:
-                assert time.monotonic() < deadline, "prefill blocks not released after lease expiry"
-                time.sleep(0.1)
-            d = grpcclient.InferenceServerClient(colo.grpc_address)
-            q: queue.Queue = queue.Queue()
-            d.start_stream(callback=lambda result, error: q.put((result, error)))
-            try:
-                d.async_stream_infer(
-                    "kvrelay_decode", decode_inputs(grpcclient, PROMPT, expected[0], handle, max_tokens=N)
-                )
-                result, error = q.get(timeout=60)
-                assert error is not None and "KV transfer failed" in str(error)
-                # and the stream still serves a good request afterwards
-                d.async_stream_infer(
-                    "kvrelay_decode", decode_inputs(grpcclient, PROMPT, expected[0], b"", max_tokens=3)
-                )
-                result, error = q.get(timeout=60)
-                assert error is None and int(result.as_numpy("token_id")[0]) == expected[1]
-            finally:
-                d.stop_stream()
+        # a prefill worker whose lease (0.2 s) expires before anyone reads its blocks
+        # the lease has expired when the colocated worker tries to read: `fail` policy -> in-band error
+        p = grpcclient.InferenceServerClient(prefill.grpc_address)
+        res = p.infer("kvrelay_prefill", prefill_inputs(grpcclient, PROMPT, max_tokens=N))
+        handle = res.as_numpy("kv_handle")[0]
+        # lease expiry alone must free the prefill worker's blocks (nobody read them)
+        deadline = time.monotonic() + 10
+        while metric_value(_metrics(prefill.metrics_port), "kvrelay_kv_cache_usage_ratio") != 0:
+            assert time.monotonic() < deadline, "prefill blocks not released after lease expiry"
+            time.sleep(0.1)
+        d = grpcclient.InferenceServerClient(colo.grpc_address)
+        q: queue.Queue = queue.Queue()
+        d.start_stream(callback=lambda result, error: q.put((result, error)))
+        try:
+            d.async_stream_infer(
+                "kvrelay_decode", decode_inputs(grpcclient, PROMPT, expected[0], handle, max_tokens=N)
+            )
+            result, error = q.get(timeout=60)
+            assert error is not None and "KV transfer failed" in str(error)
+            # and the stream still serves a good request afterwards
+            d.async_stream_infer(
+                "kvrelay_decode", decode_inputs(grpcclient, PROMPT, expected[0], b"", max_tokens=3)
+            )
+            result, error = q.get(timeout=60)
+            assert error is None and int(result.as_numpy("token_id")[0]) == expected[1]
+        finally:
+            d.stop_stream()

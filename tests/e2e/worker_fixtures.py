@@ -63,16 +63,10 @@ def worker_command(role: str, model_dir: Path, *args: str) -> list[str]:
     return [*head, "--role", role, "--model", str(model_dir), *args]
 
 
-@contextlib.contextmanager
-def run_worker(
-    role: str,
-    model_dir: Path,
-    *extra: str,
-    kv_backend: str = "tcp",
-    ready_timeout_s: float = 90.0,
-    threads: int = 1,
-) -> Iterator[WorkerProcess]:
-    """Start one worker on free ports and yield it once it is serving; always stops it."""
+def spawn_worker(
+    role: str, model_dir: Path, *extra: str, kv_backend: str = "tcp", threads: int = 1
+) -> tuple[WorkerProcess, threading.Event]:
+    """Start one worker on free ports; the event is set once it printed READY."""
     args = [
         "--grpc-port", str(free_port()), "--metrics-port", str(free_port()),
         "--kv-backend", kv_backend, "--threads", str(threads), *extra,
@@ -99,14 +93,37 @@ def run_worker(
                 ready.set()
 
     threading.Thread(target=pump, daemon=True).start()
+    return worker, ready
+
+
+@contextlib.contextmanager
+def run_workers(
+    specs: list[tuple[str, Path, tuple[str, ...]]], kv_backend: str = "tcp", ready_timeout_s: float = 120.0
+) -> Iterator[list[WorkerProcess]]:
+    """Start several workers at once (their torch imports overlap), yield them all once serving;
+    always stops every one of them."""
+    started: list[tuple[WorkerProcess, threading.Event]] = []
     try:
+        for role, model_dir, extra in specs:
+            started.append(spawn_worker(role, model_dir, *extra, kv_backend=kv_backend))
         deadline = time.monotonic() + ready_timeout_s
-        while not ready.wait(0.2):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{role} worker did not become ready:\n{worker.log()}")
-        yield worker
+        for worker, ready in started:
+            while not ready.wait(0.2):
+                if worker.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{worker.role} worker did not become ready:\n{worker.log()}")
+        yield [worker for worker, _ in started]
     finally:
-        worker.stop()
+        for worker, _ in started:
+            worker.stop()
+
+
+@contextlib.contextmanager
+def run_worker(
+    role: str, model_dir: Path, *extra: str, kv_backend: str = "tcp", ready_timeout_s: float = 90.0
+) -> Iterator[WorkerProcess]:
+    """Start one worker on free ports and yield it once it is serving; always stops it."""
+    with run_workers([(role, model_dir, extra)], kv_backend, ready_timeout_s) as (worker,):
+        yield worker
 
 
 # ---- request builders for the official tritonclient ----------------------------------------------
