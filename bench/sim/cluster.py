@@ -265,8 +265,11 @@ class FrontendStats:
     """Per-window request statistics a frontend like Dynamo's exports (used by the SLA planner)."""
 
     num_requests: int
+    period_seconds: float
     mean_input_tokens: float | None
     mean_output_tokens: float | None
+    mean_ttft_seconds: float | None = None
+    mean_itl_seconds: float | None = None
 
 
 class Scraper:
@@ -282,7 +285,8 @@ class Scraper:
         )
         self._request_index = 0
         self._done_index = 0
-        self.frontend = FrontendStats(0, None, None)
+        self.frontend = FrontendStats(0, 1.0, None, None)
+        self._frontend_at = cluster.env.now
 
     def snapshot(self) -> Snapshot:
         """Rates and quantiles over the sliding window, gauges now; frontend stats since last call."""
@@ -300,10 +304,14 @@ class Scraper:
         self._request_index = len(cluster.requests)
         done = cluster.done[self._done_index :]
         self._done_index = len(cluster.done)
+        self._frontend_at, previous_at = now, self._frontend_at
         self.frontend = FrontendStats(
             num_requests=len(arrived),
+            period_seconds=max(now - previous_at, 1e-9),
             mean_input_tokens=sum(r.prompt_tokens for r in arrived) / len(arrived) if arrived else None,
             mean_output_tokens=sum(r.output_tokens for r in done) / len(done) if done else None,
+            mean_ttft_seconds=sum(ttfts) / len(ttfts) if ttfts else None,
+            mean_itl_seconds=sum(itls) / len(itls) if itls else None,
         )
         transfers = rate["kv_transfers"]
         metrics = MetricsSample(

@@ -58,9 +58,9 @@ class StaticController:
 class SlaPlannerController:
     """Reimplementation of NVIDIA Dynamo's published SLA-planner formulas (docs/architecture/sla_planner.md).
 
-    Constant load predictor (next interval = last interval); correction factors
-    observed/expected TTFT and ITL from its profile (here: the simulator's own timing model, a
-    perfect profile); prefill = ceil(load * min(1, p_corr) / thpt_per_gpu / gpus_per_engine),
+    Constant load predictor (next interval = last interval); correction factors from the
+    frontend's average TTFT and ITL over the ones its profile expects (here the simulator's own
+    timing model: a perfect profile); prefill = ceil(load * min(1, p_corr) / thpt_per_gpu / gpus_per_engine),
     decode = ceil(req * osl / interval / thpt_per_gpu(itl / d_corr, isl + osl/2) / gpus_per_engine).
     It has no cooldowns and no N-1 check, as published.
     """
@@ -82,15 +82,15 @@ class SlaPlannerController:
         if m is None or frontend.num_requests == 0 or frontend.mean_input_tokens is None:
             return current
         gpus = self.model.tensor_parallel
-        interval = m.window_seconds
+        interval = frontend.period_seconds
         isl = frontend.mean_input_tokens
         if frontend.mean_output_tokens is not None:
             self._osl = frontend.mean_output_tokens
         osl = self._osl
         # Prefill: expected TTFT is the profiled prefill time of an ISL-long prompt.
         p_corr = 1.0
-        if m.ttft_seconds:
-            p_corr = m.ttft_seconds / self.model.prefill_seconds(max(round(isl), 1))
+        if frontend.mean_ttft_seconds:
+            p_corr = frontend.mean_ttft_seconds / self.model.prefill_seconds(max(round(isl), 1))
         thpt_per_gpu_p = self.model.prefill_tokens_per_second(max(round(isl), 1)) / gpus
         load = frontend.num_requests * isl / interval * min(1.0, p_corr)
         prefill = math.ceil(load / thpt_per_gpu_p / gpus)
@@ -98,10 +98,10 @@ class SlaPlannerController:
         context = max(round(isl + osl / 2), 1)
         d_corr = 1.0
         ready_d = max(snapshot.decode.ready, 1)
-        if m.itl_seconds and m.generation_tokens_per_second:
+        if frontend.mean_itl_seconds and m.generation_tokens_per_second:
             expected = self._itl_at_throughput(m.generation_tokens_per_second / ready_d, context)
             if expected:
-                d_corr = m.itl_seconds / expected
+                d_corr = frontend.mean_itl_seconds / expected
         corrected_itl = self.itl_slo / max(d_corr, 1e-3)
         thpt_per_gpu_d = self.model.decode_tokens_per_second_at_itl(corrected_itl, context) / gpus
         if thpt_per_gpu_d <= 0:

@@ -338,3 +338,20 @@ def test_config_validation_explains_the_fix() -> None:
             prefill=RoleLimits(min_replicas=1, max_replicas=4, gpus_per_replica=2),
             decode=RoleLimits(min_replicas=1, max_replicas=4, gpus_per_replica=2),
         )
+
+
+def test_policy_layer_imports_no_io_frameworks() -> None:
+    """The decision code must stay pure: no kube client, kopf, torch or HTTP client behind it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import kvrelay_operator.autoscaler.policy, kvrelay_operator.autoscaler.decision_log\n"
+        "import kvrelay_operator.autoscaler.prometheus\n"
+        "banned = ('kopf', 'kubernetes', 'torch', 'prometheus_api_client', 'requests')\n"
+        "bad = [m for m in banned if m in sys.modules]\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "", f"pure autoscaler modules pulled in: {out.stdout.strip()}"
