@@ -138,32 +138,37 @@ def _model_volume(spec: api.DisaggregatedModelSpec) -> tuple[dict[str, Any], str
 def worker_args(
     spec: api.DisaggregatedModelSpec, ctx: RenderContext, role: api.WorkerRole, model_path: str
 ) -> list[str]:
-    """kvrelay-worker flags for a worker role (docs/wire-contracts.md section 5)."""
+    """kvrelay-worker flags for a worker role (wire contract section 5, as the entrypoint takes them).
+
+    tensorParallel only sizes the GPU request (the engine runs TP=1 today); kvTransfer.transport maps
+    to UCX_TLS; kvTransfer.timeoutSeconds has no worker flag yet.
+    """
     kv = spec.kv_transfer
     role_spec: api.WorkerRoleSpec = getattr(spec, role)
     args = [
-        "--role", role, "--model", model_path,
-        "--grpc-port", str(GRPC_PORT), "--metrics-port", str(METRICS_PORT),
+        "--role", role, "--model", model_path, "--served-model-name", served_name(spec, ctx),
+        # Bind all interfaces: the entrypoint's default (127.0.0.1) is unreachable from other pods.
+        "--host", "0.0.0.0", "--grpc-port", str(GRPC_PORT), "--metrics-port", str(METRICS_PORT),
         "--kv-backend", kv.backend, "--kv-port", str(kv.port), "--kv-failure-policy", kv.failure_policy,
-        "--served-model-name", served_name(spec, ctx), "--max-model-len", str(spec.model.max_model_len),
-        "--dtype", spec.model.dtype, "--tensor-parallel", str(role_spec.tensor_parallel),
-        "--kv-transport", kv.transport, "--kv-lease-seconds", str(kv.lease_seconds),
-        "--kv-timeout-seconds", str(kv.timeout_seconds),
+        "--kv-lease-s", str(kv.lease_seconds), "--max-model-len", str(spec.model.max_model_len),
     ]  # fmt: skip
+    if spec.model.dtype != "auto":
+        args += ["--dtype", spec.model.dtype]
     if role == "prefill":
-        args += ["--max-tokens-per-batch", str(spec.prefill.max_tokens_per_batch)]
+        args += ["--max-batch-tokens", str(spec.prefill.max_tokens_per_batch)]
     else:
-        args += ["--max-running-seqs", str(spec.decode.max_running_sequences)]
+        args += ["--max-num-seqs", str(spec.decode.max_running_sequences)]
     return args + list(role_spec.extra_args)
 
 
 def router_args(spec: api.DisaggregatedModelSpec, ctx: RenderContext, model_path: str) -> list[str]:
-    """Router flags: discovery of the workers through their headless Services' EndpointSlices."""
+    """Router flags: workers are discovered through their headless Services' EndpointSlices."""
     args = [
         "--role", "router", "--model", model_path, "--served-model-name", served_name(spec, ctx),
-        "--max-model-len", str(spec.model.max_model_len), "--port", str(spec.router.port),
-        "--metrics-port", str(METRICS_PORT), "--discovery", "kubernetes", "--namespace", ctx.namespace,
-        "--instance", ctx.name, "--grpc-port-name", "grpc",
+        "--max-model-len", str(spec.model.max_model_len),
+        "--host", "0.0.0.0", "--port", str(spec.router.port),
+        "--discovery", "kubernetes", "--namespace", ctx.namespace, "--instance", ctx.name,
+        "--grpc-port-name", "grpc",
     ]  # fmt: skip
     if spec.router.api_key_secret is not None:
         args += ["--api-key-file", f"{API_KEY_DIR}/{spec.router.api_key_secret.key}"]
@@ -249,23 +254,29 @@ def _resources(user: api.ResourceRequirements, extra: dict[str, int]) -> dict[st
     }
 
 
-def _probes(port_name: str, http_path_ready: str, http_path_live: str) -> dict[str, Any]:
-    def http(path: str) -> dict[str, Any]:
-        return {"httpGet": {"path": path, "port": port_name}}
+def _probes(ready: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
+    """Startup allows a 30-minute model load; readiness gates traffic; liveness restarts a dead process."""
 
-    def probe(path: str, period: int, failures: int, timeout: int) -> dict[str, Any]:
-        return {
-            **http(path),
-            "periodSeconds": period,
-            "failureThreshold": failures,
-            "timeoutSeconds": timeout,
-        }
+    def probe(action: dict[str, Any], period: int, failures: int, timeout: int) -> dict[str, Any]:
+        return {**action, "periodSeconds": period, "failureThreshold": failures, "timeoutSeconds": timeout}
 
     return {
-        "startupProbe": probe(http_path_live, STARTUP_PERIOD_S, STARTUP_FAILURES, 5),
-        "readinessProbe": probe(http_path_ready, 5, 3, 5),
-        "livenessProbe": probe(http_path_live, 15, 4, 10),
+        "startupProbe": probe(ready, STARTUP_PERIOD_S, STARTUP_FAILURES, 5),
+        "readinessProbe": probe(ready, 5, 3, 5),
+        "livenessProbe": probe(live, 15, 4, 10),
     }
+
+
+def _worker_probes() -> dict[str, Any]:
+    # The worker opens its gRPC port only once the model is loaded, so a TCP check on it is a
+    # readiness signal; liveness is the /metrics server answering.
+    return _probes({"tcpSocket": {"port": "grpc"}}, {"httpGet": {"path": "/metrics", "port": "metrics"}})
+
+
+def _router_probes() -> dict[str, Any]:
+    return _probes(
+        {"httpGet": {"path": "/health", "port": "http"}}, {"httpGet": {"path": "/health", "port": "http"}}
+    )
 
 
 def _deployment(
@@ -324,7 +335,7 @@ def _worker_deployment(
         "resources": _resources(role_spec.resources, extra_resources),
         "volumeMounts": mounts,
         "securityContext": _security(rdma),
-        **_probes("metrics", "/ready", "/health"),
+        **_worker_probes(),
     }
     pod: dict[str, Any] = {
         "containers": [container],
@@ -368,14 +379,12 @@ def _router_deployment(
         "command": ["kvrelay-worker"],
         "args": router_args(spec, ctx, model_path),
         "env": _env(router.env, "router"),
-        "ports": [
-            {"name": "http", "containerPort": router.port, "protocol": "TCP"},
-            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
-        ],
+        # The router serves /metrics on its HTTP port.
+        "ports": [{"name": "http", "containerPort": router.port, "protocol": "TCP"}],
         "resources": _resources(router.resources, {}),
         "volumeMounts": mounts,
         "securityContext": _security(False),
-        **_probes("http", "/health", "/health"),
+        **_router_probes(),
     }
     pod: dict[str, Any] = {
         "serviceAccountName": child_name(ctx.name, "router"),
@@ -471,8 +480,10 @@ def _pod_monitor(spec: api.DisaggregatedModelSpec, ctx: RenderContext) -> dict[s
         "metadata": _meta(ctx, ctx.name, None),
         "spec": {
             "selector": {"matchLabels": {LABEL_NAME: APP_NAME, LABEL_INSTANCE: ctx.name}},
+            # Workers expose `metrics`, the router `http`; each pod matches only the port it has.
             "podMetricsEndpoints": [
-                {"port": "metrics", "path": "/metrics", "interval": spec.monitoring.interval}
+                {"port": port, "path": "/metrics", "interval": spec.monitoring.interval}
+                for port in ("metrics", "http")
             ],
         },
     }

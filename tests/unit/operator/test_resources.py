@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import pytest
@@ -92,10 +93,10 @@ def test_worker_command_follows_the_contract() -> None:
         and pairs["--kv-port"] == "6000"
         and pairs["--kv-failure-policy"] == "fail"
     )
-    assert pairs["--served-model-name"] == "m" and pairs["--max-running-seqs"] == "256"
+    assert pairs["--served-model-name"] == "m" and pairs["--max-num-seqs"] == "256"
     assert (
         "--role" in container(render(s), "prefill")["args"]
-        and "--max-tokens-per-batch" in container(render(s), "prefill")["args"]
+        and "--max-batch-tokens" in container(render(s), "prefill")["args"]
     )
 
 
@@ -123,7 +124,8 @@ def test_pod_hardening_shm_probes_and_spread() -> None:
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     startup = c["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 1800  # slow model loads
-    assert c["readinessProbe"]["httpGet"]["port"] == "metrics"
+    assert c["readinessProbe"]["tcpSocket"]["port"] == "grpc"  # opened only once the model is loaded
+    assert c["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
     anti = p["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
     assert anti["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
     assert p["topologySpreadConstraints"][0]["topologyKey"] == "topology.kubernetes.io/zone"
@@ -203,3 +205,23 @@ def test_target_replicas(mode: str, desired: int | None, expected: int) -> None:
 
 def test_render_is_deterministic() -> None:
     assert render(spec()) == render(spec())
+
+
+def test_rendered_command_lines_parse_with_the_real_entrypoints() -> None:
+    """Contract check: every flag the operator renders is one kvrelay-worker / the router accepts."""
+    entrypoint = importlib.import_module("kvrelay_worker.entrypoint")
+    router_main = importlib.import_module("kvrelay_worker.router.main")  # the package re-exports a function
+
+    s = spec(model={"source": "/models/x", "dtype": "bfloat16"}, router={"apiKeySecret": {"name": "k"}})
+    children = render(s)
+    for role in ("prefill", "decode"):
+        args, unknown = entrypoint.build_parser().parse_known_args(container(children, role)["args"])
+        assert unknown == [] and args.role == role and args.model == "/models/x" and args.host == "0.0.0.0"
+        assert args.grpc_port == 8001 and args.metrics_port == 9090 and args.dtype == "bfloat16"
+    router_argv = container(children, "router")["args"]
+    assert router_argv[:2] == ["--role", "router"]
+    args, unknown = router_main.build_parser().parse_known_args(router_argv[2:])
+    assert (
+        unknown == [] and args.discovery == "kubernetes" and args.instance == "m" and args.namespace == "ns"
+    )
+    assert args.api_key_file == "/var/run/secrets/kvrelay/api-key"
