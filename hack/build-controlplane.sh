@@ -14,6 +14,8 @@ if [[ -x "$OUT/kube-apiserver" && -x "$OUT/etcd" ]]; then
   echo "$OUT"
   exit 0
 fi
+# The official tarball installs to /usr/local/go without touching PATH.
+command -v go >/dev/null || { [[ -x /usr/local/go/bin/go ]] && export PATH="$PATH:/usr/local/go/bin"; }
 command -v go >/dev/null || { echo "go not found: cannot build kube-apiserver" >&2; exit 3; }
 mkdir -p "$OUT"
 MINOR="${K8S_VERSION#*.}"; STAGING_VERSION="v0.${MINOR}"
