@@ -1,11 +1,12 @@
 """Router overhead per token: inter-token latency through the router (HTTP SSE) vs the decode worker direct.
 
-Both paths run against the same `kvrelay serve` (1 prefill + 1 decode worker, tiny model), one stream
-at a time, alternating, with identical prompt ids and greedy sampling. "Direct" calls prefill then
-decode over KServe v2 gRPC exactly as the router does, minus HTTP, detokenization and SSE.
-Prints one JSON line: p50/p99 ITL of each path, the added latency and the ratio.
+Both paths run against the same `kvrelay serve` (1 prefill + 1 decode worker, tiny model), 1 and then
+16 concurrent streams, alternating paths, with identical prompt ids and greedy sampling. "Direct" calls
+prefill then decode over KServe v2 gRPC exactly as the router does, minus HTTP, detokenization and SSE.
+Prints one JSON line: per stream count, p50/p99 time per output token and ITL of each path, the added
+time per token and the ratio.
 
-    python bench/router_overhead.py [--requests 20] [--max-tokens 64]
+    python bench/router_overhead.py [--requests 40] [--streams 1 16] [--max-tokens 64]
 """
 
 from __future__ import annotations
@@ -67,31 +68,33 @@ def _tpot(values: list[float]) -> dict[str, float]:
     }
 
 
-async def run(args: argparse.Namespace) -> dict[str, object]:
-    with launch_serve(["--model", "tiny", "--prefill", "1", "--decode", "1"]) as serve:
-        prefill = WorkerClient(serve.workers["prefill-0"])
-        decode = WorkerClient(serve.workers["decode-0"])
-        ids = list(range(10, 10 + args.prompt_tokens))
-        gaps: dict[str, list[float]] = {"direct": [], "router": []}
-        tpot: dict[str, list[float]] = {"direct": [], "router": []}
-        async with httpx.AsyncClient(base_url=serve.base_url, timeout=60) as http:
-            for i in range(args.warmup + args.requests):
-                # Alternate the order so neither path always runs right after the other.
-                for path in ("direct", "router") if i % 2 else ("router", "direct"):
-                    if path == "direct":
-                        g, t = await direct(prefill, decode, ids, args.max_tokens)
-                    else:
-                        g, t = await via_router(http, serve.model, ids, args.max_tokens)
-                    if i >= args.warmup:
-                        gaps[path] += g
-                        tpot[path].append(t)
-        await prefill.close()
-        await decode.close()
+async def _measure(
+    prefill: WorkerClient, decode: WorkerClient, http: httpx.AsyncClient, model: str,
+    args: argparse.Namespace, concurrency: int,
+) -> dict[str, object]:  # fmt: skip
+    """`concurrency` simultaneous streams per round, rounds alternating which path goes first."""
+    gaps: dict[str, list[float]] = {"direct": [], "router": []}
+    tpot: dict[str, list[float]] = {"direct": [], "router": []}
+    prompts = [[10 + (k * 7 + j) % 400 for j in range(args.prompt_tokens)] for k in range(concurrency)]
+    rounds = max(2, args.requests // concurrency)
+    for i in range(args.warmup + rounds):
+        for path in ("direct", "router") if i % 2 else ("router", "direct"):
+            if path == "direct":
+                results = await asyncio.gather(
+                    *(direct(prefill, decode, p, args.max_tokens) for p in prompts)
+                )
+            else:
+                results = await asyncio.gather(
+                    *(via_router(http, model, p, args.max_tokens) for p in prompts)
+                )
+            if i >= args.warmup:
+                for g, t in results:
+                    gaps[path] += g
+                    tpot[path].append(t)
     d, r = _tpot(tpot["direct"]), _tpot(tpot["router"])
     return {
-        "bench": "router_overhead",
-        "requests": args.requests,
-        "max_tokens": args.max_tokens,
+        "streams": concurrency,
+        "requests": rounds * concurrency,
         "direct": {"per_token": d, "itl": summary_ms(gaps["direct"])},
         "router": {"per_token": r, "itl": summary_ms(gaps["router"])},
         "added_per_token_p50_ms": round(r["p50_ms"] - d["p50_ms"], 3),
@@ -100,9 +103,25 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+async def run(args: argparse.Namespace) -> dict[str, object]:
+    out: dict[str, object] = {"bench": "router_overhead", "max_tokens": args.max_tokens}
+    with launch_serve(["--model", "tiny", "--prefill", "1", "--decode", "1"]) as serve:
+        prefill = WorkerClient(serve.workers["prefill-0"])
+        decode = WorkerClient(serve.workers["decode-0"])
+        async with httpx.AsyncClient(base_url=serve.base_url, timeout=120) as http:
+            for concurrency in args.streams:
+                out[f"streams_{concurrency}"] = await _measure(
+                    prefill, decode, http, serve.model, args, concurrency
+                )
+        await prefill.close()
+        await decode.close()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=40)
+    parser.add_argument("--requests", type=int, default=40, help="requests per path and stream count")
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 16], help="concurrent streams")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=32)
