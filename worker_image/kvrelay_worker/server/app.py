@@ -82,6 +82,10 @@ async def serve(opts: WorkerOptions, engine: Engine | None = None, stop: asyncio
     transport = make_transport(opts, engine)
     http = None
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    stop = stop or asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before READY: a stop right after it must be graceful
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread (tests)
+            loop.add_signal_handler(sig, stop.set)
     try:
         if transport is not None:
             transport.start()
@@ -97,10 +101,6 @@ async def serve(opts: WorkerOptions, engine: Engine | None = None, stop: asyncio
         servicer.ready = True
         kv = f" kv={transport.endpoint}" if transport is not None else ""
         print(f"READY role={opts.role} grpc={opts.host}:{port} metrics={opts.metrics_port}{kv}", flush=True)
-        stop = stop or asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread (tests)
-                loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         servicer.ready = False
         await server.stop(grace=2)
