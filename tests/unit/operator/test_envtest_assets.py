@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "controlplane"))
-import kvrelay_envtest  # noqa: E402
+import kvrelay_envtest
 
 
 def test_kubebuilder_assets_without_binaries_is_refused(
