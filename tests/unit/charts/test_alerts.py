@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
-from chart_helpers import EXAMPLES, MONITORING_API, Render, by_kind
+from chart_helpers import CHART, EXAMPLES, MONITORING_API, Render, by_kind
 
 HERE = Path(__file__).resolve().parent
 RULES_FILE = "kvrelay-alerts.rules.yaml"
@@ -73,3 +74,23 @@ def test_prometheusrule_and_plain_file_carry_the_same_rules(render: Render) -> N
     assert not by_kind(
         render("--api-versions", MONITORING_API, "--set", "alerts.enabled=false"), "PrometheusRule"
     )
+
+
+def test_limited_reason_regex_matches_exactly_the_bound_codes() -> None:
+    from kvrelay_operator.autoscaler.policy import reason_code
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    regex = re.compile(values["alerts"]["limitedReasonRegex"])  # PromQL anchors =~ at both ends
+    texts = {
+        "up: load needs 3, GPU budget 8": True,
+        "up: load needs 9, ratio max 2.0": True,
+        "up: TTFT above SLO, clamped to [1, 4]": True,
+        "up: TTFT above SLO with no replica loading": False,
+        "up: load needs 3 (have 2, 0 loading)": False,
+        "hold: no fresh metrics": False,
+        "hold: cooldown": False,
+        "steady": False,
+    }
+    for text, limited in texts.items():
+        code = reason_code(text)
+        assert bool(regex.fullmatch(code)) is limited, f"{text!r} -> {code!r}"
