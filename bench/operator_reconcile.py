@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "tests" / "controlplane"))
 import kvrelay_envtest as envtest  # noqa: E402
 from kopf.testing import KopfRunner  # noqa: E402
 from kvrelay_operator import api, handlers, resources  # noqa: E402
-from kvrelay_operator.kube import CHILD_KINDS, KubeClient, collection_path  # noqa: E402
+from kvrelay_operator.kube import CHILD_KINDS, KubeClient  # noqa: E402
 
 NUM_CHILDREN = 13  # ConfigMap, 3 x (Deployment, Service, PDB), router SA + Role + RoleBinding
 OUR_RESOURCES = {"configmaps", "services", "serviceaccounts", "deployments", "poddisruptionbudgets", "roles",
@@ -57,7 +57,7 @@ def cr(name: str) -> dict[str, Any]:
 
 
 def create(kube: KubeClient, namespace: str, name: str) -> None:
-    kube._call("POST", collection_path(api.API_VERSION, api.KIND, namespace), body=cr(name))
+    kube.create(cr(name), namespace)
 
 
 def count_children(kube: KubeClient, namespace: str, instance: str | None = None) -> int:

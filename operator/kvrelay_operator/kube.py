@@ -104,6 +104,12 @@ class KubeClient:
         query = {"fieldManager": FIELD_MANAGER, "force": "true"}
         return self._call("PATCH", path, query, body=manifest, content_type="application/apply-patch+yaml")
 
+    def create(self, manifest: dict[str, Any], namespace: str) -> dict[str, Any]:
+        """POST a new object (tests and benchmarks create DisaggregatedModels this way)."""
+        return self._call(
+            "POST", collection_path(manifest["apiVersion"], manifest["kind"], namespace), body=manifest
+        )
+
     def list(self, api_version: str, kind: str, namespace: str, label_selector: str) -> list[dict[str, Any]]:
         """Objects of a kind in a namespace matching a label selector."""
         path = collection_path(api_version, kind, namespace)
