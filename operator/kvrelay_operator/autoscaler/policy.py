@@ -7,6 +7,7 @@ check metrics -> learn per-replica capacity -> estimate demand -> replicas the S
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -53,6 +54,11 @@ def decide(
 
     demand = _demand(metrics, state, config, now)
     capacity = _learn_capacity(metrics, snapshot, state, config, demand)
+    if demand.saturated_p:
+        # A saturated pool serves its capacity; the queue grows by the rest. This sees a step
+        # at once, where the admitted-tokens rate averages it over the whole rate window.
+        now_p = snapshot.prefill.ready * capacity["prefill"] + max(demand.growth_p, 0.0)
+        demand = dataclasses.replace(demand, steady_p=max(demand.steady_p, now_p))
     sample = DemandSample(
         at=now, prefill_tokens_per_second=demand.steady_p, decode_tokens_per_second=demand.steady_d
     )
@@ -450,6 +456,7 @@ def _learn_capacity(
 class _Demand:
     steady_p: float
     served_p: float
+    growth_p: float
     saturated_p: bool
     steady_d: float
     drain_p: float
@@ -501,6 +508,7 @@ def _demand(metrics: MetricsSample, state: PolicyState, config: PolicyConfig, no
         steady_p=offered_p,
         served_p=served_p,
         saturated_p=saturated_p,
+        growth_p=growth_q,
         steady_d=served_d + growth_w * per_request,
         drain_p=queued / config.replica_startup_seconds,
         drain_d=waiting * per_request / config.replica_startup_seconds,
