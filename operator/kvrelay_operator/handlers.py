@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -72,6 +73,7 @@ class OperatorState:
         self.applied: dict[tuple[str, str], dict[str, str]] = {}  # (ns, name) -> child key -> hash
         self._monitoring: tuple[float, bool] | None = None
         # (namespace, kinds) -> (monotonic time, instance -> child key -> applied hash)
+        self.live_lock = threading.Lock()
         self.live_cache: dict[tuple[str, tuple[str, ...]], tuple[float, dict[str, dict[str, str]]]] = {}
 
     def pod_monitor_available(self) -> bool:
@@ -132,6 +134,13 @@ def _live_hashes(state: OperatorState, namespace: str, name: str, kinds: Iterabl
     N models after a restart costs a handful of LISTs, not N per kind.
     """
     kinds = tuple(sorted(kinds))
+    with state.live_lock:  # concurrent resumes wait for one LIST instead of each sending their own
+        return dict(_live_by_instance(state, namespace, kinds).get(name, {}))
+
+
+def _live_by_instance(
+    state: OperatorState, namespace: str, kinds: tuple[str, ...]
+) -> dict[str, dict[str, str]]:
     now = time.monotonic()
     cached = state.live_cache.get((namespace, kinds))
     if cached is None or now - cached[0] > LIVE_CACHE_SECONDS:
@@ -148,7 +157,7 @@ def _live_hashes(state: OperatorState, namespace: str, name: str, kinds: Iterabl
                 by_instance.setdefault(instance, {})[f"{kind}/{meta.get('name')}"] = digest
         cached = (now, by_instance)
         state.live_cache[(namespace, kinds)] = cached
-    return dict(cached[1].get(name, {}))
+    return cached[1]
 
 
 def _fingerprint(manifest: dict[str, Any]) -> str:
