@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import openai
 import pytest
 from kvrelay_worker.cli import ensure_tiny_model
 from kvrelay_worker.tokenizer import Tokenizer
-from serve_helpers import ServeProcess, run_serve
+from serve_helpers import WORKER_RE, ServeProcess, run_serve
 
 pytestmark = pytest.mark.e2e
 
@@ -174,3 +175,32 @@ def test_models_and_metrics(serve: ServeProcess) -> None:
         "kvrelay_prompt_tokens_total",
     ):
         assert name in metrics
+
+
+def _decode_running(serve: ServeProcess) -> float:
+    """`kvrelay_requests_running` summed over the decode workers' own /metrics."""
+    total = 0.0
+    for line in serve.output:
+        if (m := WORKER_RE.search(line)) and m.group(1).startswith("decode"):
+            text = httpx.get(f"http://127.0.0.1:{m.group(4)}/metrics", timeout=10).text
+            total += sum(
+                float(row.rsplit(" ", 1)[1])
+                for row in text.splitlines()
+                if row.startswith("kvrelay_requests_running{") and 'role="decode"' in row
+            )
+    return total
+
+
+def test_client_disconnect_frees_the_decode_worker(serve: ServeProcess) -> None:
+    body = {"model": serve.model, "prompt": "Trains leave on time", "max_tokens": 1900, "stream": True}
+    with (
+        httpx.Client(base_url=serve.base_url, timeout=30) as http,
+        http.stream("POST", "/completions", json=body) as resp,
+    ):
+        lines = resp.iter_lines()
+        assert sum(1 for _, line in zip(range(40), lines, strict=False) if line.startswith("data:")) >= 3
+        assert _decode_running(serve) == 1  # the request is decoding right now
+    deadline = time.monotonic() + 10
+    while _decode_running(serve) != 0:
+        assert time.monotonic() < deadline, "the decode worker kept generating for a client that left"
+        time.sleep(0.2)
