@@ -34,7 +34,7 @@ def test_workers_killed_under_load(tmp_path: Path) -> None:
         with pytest.raises(openai.APIError, match="decode"):
             for chunk in chunks:
                 received.append(chunk)
-        assert time.monotonic() - killed_at < 5.0, "the error event took too long"
+        assert time.monotonic() - killed_at < 10.0, "the error event took too long"  # a hang would be 60 s+
         assert len(received) < 2000
 
         # New requests go to the surviving decode worker and succeed.

@@ -244,7 +244,7 @@ async def test_decode_death_mid_stream_gives_error_event_then_survivor_serves(st
     with pytest.raises(openai.APIError, match="decode"):
         async for chunk in events:
             received.append(chunk)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 10
     assert len(received) >= 1  # the first token arrived before the failure
     died = [i for i, w in enumerate(stack.decode) if w.decode_calls == 1]
     assert len(died) == 1
@@ -279,7 +279,7 @@ async def test_client_disconnect_cancels_decode(stack: Stack) -> None:
             got += line.startswith("data:")
             if got >= 3:
                 break
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 10  # generous: CI machines are often oversubscribed
     while sum(w.cancelled for w in stack.decode) == 0:
         assert time.monotonic() < deadline, "decode call was not cancelled after the client left"
         await asyncio.sleep(0.05)
@@ -292,7 +292,7 @@ async def test_client_disconnect_cancels_a_non_streaming_request(stack: Stack) -
     body = {"model": MODEL, "prompt": "the quick", "max_tokens": 100}
     with pytest.raises(httpx.ReadTimeout):
         await stack.http.post("/v1/completions", json=body, timeout=0.5)
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 10  # generous: CI machines are often oversubscribed
     while sum(w.cancelled for w in stack.decode) == 0:
         assert time.monotonic() < deadline, "decode call was not cancelled after the client left"
         await asyncio.sleep(0.05)
@@ -304,7 +304,7 @@ async def test_client_disconnect_during_prefill_cancels_it(stack: Stack) -> None
     body = {"model": MODEL, "prompt": "the quick", "max_tokens": 10, "stream": True}
     with pytest.raises(httpx.ReadTimeout):
         await stack.http.post("/v1/completions", json=body, timeout=0.5)
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 10  # generous: CI machines are often oversubscribed
     while sum(w.prefill_cancelled for w in stack.prefill) == 0:
         assert time.monotonic() < deadline, "prefill call was not cancelled after the client left"
         await asyncio.sleep(0.05)
