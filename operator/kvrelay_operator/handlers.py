@@ -180,9 +180,11 @@ def apply_children(
     """
     children = [_with_hash(c) for c in resources.render_children(spec, status, ctx)]
     key = (ctx.namespace, ctx.name)
-    known = {} if fresh else state.applied.get(key)
+    # The in-memory hashes win even for "create": kopf may run the create handler twice when a
+    # status write races its bookkeeping. A re-created namesake differs anyway (its uid is hashed).
+    known = state.applied.get(key)
     if known is None:
-        known = _live_hashes(state, ctx.namespace, ctx.name, sorted({c["kind"] for c in children}))
+        known = {} if fresh else _live_hashes(state, ctx.namespace, ctx.name, {c["kind"] for c in children})
     changed: dict[str, dict[str, Any]] = {}
     for child in children:
         child_key = _child_key(child)
