@@ -102,6 +102,7 @@ class FakeWorker:
     die_after: int | None = None  # decode: abort the stream (UNAVAILABLE) after this many tokens
     token_delay_s: float = 0.0
     prefill_delay_s: float = 0.0
+    garbage_tokens: bool = False  # decode: emit token id -1 (a worker bug the router must survive)
     prefill_cancelled: int = 0
     prefill_calls: int = 0
     decode_calls: int = 0
@@ -159,7 +160,7 @@ class _Servicer(pb_grpc.GRPCInferenceServiceServicer):
                 if self.state.die_after is not None and i >= self.state.die_after:
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "decode worker died")
                 await asyncio.sleep(self.state.token_delay_s)
-                token = toy_next(token, self.state.vocab)
+                token = -1 if self.state.garbage_tokens else toy_next(token, self.state.vocab)
                 resp = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
                 resp.outputs.add(name="token_id", datatype="INT64", shape=[1])
                 resp.raw_output_contents.append(np.asarray([token], np.int64).tobytes())

@@ -267,6 +267,21 @@ async def test_decode_worker_gone_before_first_token_is_retried_with_recompute(s
     assert stack.decode[1].handles_seen == [b""]  # the retry recomputes the prompt instead of re-reading KV
 
 
+async def test_unexpected_errors_still_answer_in_openai_shape(stack: Stack) -> None:
+    for worker in stack.decode:
+        worker.garbage_tokens = True
+    with pytest.raises(openai.InternalServerError):
+        await stack.client.completions.create(model=MODEL, prompt="the quick", max_tokens=5)
+    events = await stack.client.completions.create(model=MODEL, prompt="the quick", max_tokens=5, stream=True)
+    with pytest.raises(openai.APIError, match="internal error"):
+        async for _ in events:
+            pass
+    for worker in stack.decode:
+        worker.garbage_tokens = False
+    reply = await stack.client.completions.create(model=MODEL, prompt="the quick", max_tokens=5)
+    assert reply.choices[0].finish_reason == "length"
+
+
 async def test_client_disconnect_cancels_decode(stack: Stack) -> None:
     for worker in stack.decode:
         worker.token_delay_s = 0.05

@@ -160,6 +160,10 @@ async def _stream_body(
         status = "server_error"
         log.warning("request %s failed mid-stream: %s", request_id, exc.message)
         yield _sse(exc.body())
+    except Exception as exc:  # a bug must still end the stream with an error event, not a cut connection
+        status = "server_error"
+        log.exception("request %s failed mid-stream", request_id)
+        yield _sse(OpenAIError(500, f"internal error: {exc}", "server_error").body())
     finally:
         state.metrics.request_done(status)
         await events.aclose()
@@ -277,6 +281,14 @@ def create_app(
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         body = OpenAIError(exc.status_code, str(exc.detail), "invalid_request_error", None, code).body()
         return JSONResponse(body, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unexpected error on %s", request.url.path, exc_info=exc)
+        if request.url.path.startswith("/v1/"):
+            state.metrics.request_done("server_error")
+        body = OpenAIError(500, f"internal error: {exc}", "server_error").body()
+        return JSONResponse(body, status_code=500)
 
     @app.exception_handler(ClientGone)
     async def _client_gone(_: Request, __: ClientGone) -> Response:
