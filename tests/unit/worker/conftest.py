@@ -17,6 +17,15 @@ from kvrelay_worker.model import LlamaForCausalLM, load_model
 from kvrelay_worker.model.tiny import make_tiny_model
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """The tiny model gains nothing from intra-op threads; on a shared 2-core host they only spin."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny"))

@@ -125,3 +125,49 @@ def test_stop_strings_use_the_detokenizer(tiny_dir) -> None:
     stopped = engine.generate([PROMPT], SamplingParams(max_tokens=12, stop=[needle]))[0]
     assert len(stopped) < len(free) and needle in engine.scheduler.detokenize(stopped)
     assert engine.scheduler.pool.num_used_blocks == 0
+
+
+def test_scheduler_breaks_block_deadlock_between_waiting_requests() -> None:
+    """Nothing runs, the queue head needs blocks that fetched-but-waiting requests hold: the
+    scheduler takes them back (those requests recompute later) instead of stalling forever."""
+    from kvrelay_worker.engine import Request
+    from kvrelay_worker.engine.scheduler import Scheduler, SchedulerConfig
+
+    sched = Scheduler(SchedulerConfig(num_blocks=6, block_size=4, max_num_seqs=4, max_batch_tokens=64))
+    params = SamplingParams(max_tokens=3)
+    for rid in ("a", "b"):
+        sched.add_remote_request(Request(rid, list(range(10, 18)), params, 0.0, output_token_ids=[99]))
+    assert [t.block_ids for t in sched.schedule(0.0).kv_targets] == [[1, 2], [3, 4]]
+    sched.add_request(Request("c", list(range(20, 28)), params, 0.0))
+    sched.remote_kv_done("a", ok=True)
+    sched.remote_kv_done("b", ok=True)
+    out = sched.schedule(0.0)  # c needs 2 blocks, 1 is free, nothing runs: b gives its 2 back
+    assert out.preempted == ["b"] and [s.request_id for s in out.seqs] == ["c", "a"]
+    finished = set()
+    for _ in range(50):
+        out = sched.schedule(0.0)
+        finished |= {
+            o.request_id for o in sched.update(out, {s.request_id: 7 for s in out.seqs}) if o.finished
+        }
+        if not sched.has_work():
+            break
+    assert finished == {"a", "b", "c"} and sched.pool.num_used_blocks == 0
+
+
+def test_many_remote_requests_on_a_small_cache_all_finish(make_engine, reference) -> None:
+    """Fetched-but-waiting requests hold blocks; the scheduler must still make progress."""
+    engine = make_engine(num_blocks=9, block_size=4, max_num_seqs=4)  # 8 usable blocks
+    prompts = [[10 + i, 20 + i, 30 + i, 40 + i, 50 + i, 60 + i, 70 + i] for i in range(6)]  # 2 blocks each
+    refs = [reference(p, 6) for p in prompts]
+    for i, (prompt, ref) in enumerate(zip(prompts, refs, strict=True)):
+        engine.add_remote_request(str(i), prompt, ref[0], SamplingParams(max_tokens=6), now=0.0)
+    tokens = {str(i): [ref[0]] for i, ref in enumerate(refs)}
+    for _ in range(200):
+        if not engine.has_work() and not engine.scheduler.fetching:
+            break
+        step = engine.step(now=0.0)
+        for target in step.kv_targets:  # the relay "fails": recompute into the allocated blocks
+            engine.remote_kv_done(target.request_id, ok=False)
+        for o in step.outputs:
+            tokens[o.request_id].extend(o.new_token_ids)
+    assert [tokens[str(i)] for i in range(6)] == refs

@@ -186,6 +186,8 @@ class Scheduler:
             request = self.waiting[0]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self._grow(request, num_new):
+                if not self.running and self._reclaim_from_waiting(request, out):
+                    continue  # nothing runs to free blocks: waiting requests gave theirs back
                 break  # wait for blocks to free up; FIFO keeps long prompts from starving
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
@@ -197,9 +199,14 @@ class Scheduler:
         return out
 
     def _allocate_remote(self, out: SchedulerOutput) -> None:
+        """Give fetch targets to pending remote-KV requests, keeping one free block per running
+        request so fetches never starve the batch that is already decoding."""
         while self.pending_remote and len(self.fetching) < self.config.max_num_seqs:
             request = self.pending_remote[0]
-            ids = self.pool.allocate(blocks_needed(request.num_prompt_tokens, self.config.block_size))
+            need = blocks_needed(request.num_prompt_tokens, self.config.block_size)
+            if self.pool.num_free_blocks - need < len(self.running):
+                return
+            ids = self.pool.allocate(need)
             if ids is None:
                 return
             self.pending_remote.popleft()
@@ -218,6 +225,18 @@ class Scheduler:
             return False
         request.block_ids.extend(ids)
         return True
+
+    def _reclaim_from_waiting(self, head: Request, out: SchedulerOutput) -> bool:
+        """Deadlock breaker: waiting requests may hold blocks (fetched KV) while nothing runs. Take
+        them back from the newest such request (it recomputes later); True if any were freed."""
+        for request in reversed(self.waiting):
+            if request is not head and request.block_ids:
+                self._free_blocks(request)
+                request.num_computed_tokens = 0
+                request.status = RequestStatus.PREEMPTED
+                out.preempted.append(request.request_id)
+                return True
+        return False
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         """Take the blocks back; the request recomputes prompt + output when re-admitted."""
