@@ -243,8 +243,12 @@ class KVTransport(ABC):
 
     def _service_loop(self) -> None:
         while not self._stop.is_set():
-            self.leases.expire(self._clock())
-            self._progress()
+            try:
+                self.leases.expire(self._clock())
+                self._progress()
+            except Exception:  # keep expiring leases whatever the backend does
+                log.exception("KV holder service tick failed")
+                self._stop.wait(0.1)
 
     # ---------------------------------------------------------------- reader side
     async def fetch(self, handle: KVHandle, dst_block_ids: list[int], timeout_s: float) -> None:
@@ -267,19 +271,16 @@ class KVTransport(ABC):
                 )
             src_rank, _ = source_rank(handle.layout, self.layout, self.tp_rank)
             holder = handle.rank(src_rank)
-            runs = plan_runs(
-                handle.layout,
-                holder.num_blocks_total,
-                holder.block_ids,
-                self.layout,
-                self.num_blocks,
-                self.tp_rank,
-                list(dst_block_ids),
-            )
-            loop = asyncio.get_running_loop()
-            fut = loop.run_in_executor(
-                self._pool, self._fetch_blocking, handle, holder, runs, list(dst_block_ids), deadline, cancel
-            )
+            dst = list(dst_block_ids)
+
+            def work() -> int:  # planning thousands of runs stays off the event loop too
+                runs = plan_runs(
+                    handle.layout, holder.num_blocks_total, holder.block_ids, self.layout, self.num_blocks,
+                    self.tp_rank, dst,
+                )  # fmt: skip
+                return self._fetch_blocking(handle, holder, runs, dst, deadline, cancel)
+
+            fut = asyncio.get_running_loop().run_in_executor(self._pool, work)
             try:
                 nbytes = await asyncio.shield(fut)
             except asyncio.CancelledError:
@@ -290,6 +291,9 @@ class KVTransport(ABC):
         except KVTransferError as err:
             self.metrics.failure(err.reason)
             raise
+        except Exception as exc:  # a backend library error must reach the failure policy as one type
+            self.metrics.failure("transfer_error")
+            raise KVTransferError("transfer_error", f"{type(exc).__name__}: {exc}") from exc
         self.metrics.transfer_seconds.observe(time.monotonic() - started)
         self.metrics.transfer_bytes.inc(nbytes)
 
