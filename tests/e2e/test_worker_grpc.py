@@ -38,12 +38,17 @@ def reference(model_dir: Path):
     model = load_model(model_dir)
 
     def greedy(prompt: list[int], n: int = MAX_TOKENS) -> list[int]:
-        ids, out = torch.tensor([prompt]), []
-        for _ in range(n):
-            token = int(model.full_forward_logits(ids)[0, -1].argmax())
-            out.append(token)
-            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-        return out
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the tiny model gains nothing from threads; the workers need the cores
+        try:
+            ids, out = torch.tensor([prompt]), []
+            for _ in range(n):
+                token = int(model.full_forward_logits(ids)[0, -1].argmax())
+                out.append(token)
+                ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+            return out
+        finally:
+            torch.set_num_threads(threads)
 
     return greedy
 
