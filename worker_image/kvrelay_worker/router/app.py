@@ -108,49 +108,32 @@ async def _stream_body(
 ) -> AsyncIterator[bytes]:
     """SSE frames for one request; a failure mid-stream becomes an `{"error": ...}` event, never a hang."""
     model, created = state.config.served_model_name, int(time.time())
+    # With include_usage every chunk carries "usage": null and one last chunk the totals (OpenAI's shape).
     usage_null = {"usage": None} if include_usage else {}
+
+    def frame(**choice: Any) -> bytes:
+        return _sse({**_chunk(kind, request_id, model, created, **choice), **usage_null})
+
     status = "cancelled"
     try:
         if kind == "chat":
-            role = _chunk(
-                kind,
-                request_id,
-                model,
-                created,
-                delta={"role": "assistant", "content": ""},
-                finish_reason=None,
-            )
-            yield _sse({**role, **usage_null})
+            yield frame(delta={"role": "assistant", "content": ""}, finish_reason=None)
         event: Event | None = first
         while event is not None:
             if isinstance(event, TextDelta):
                 if event.text:
                     piece = {"delta": {"content": event.text}} if kind == "chat" else {"text": event.text}
-                    yield _sse(
-                        {
-                            **_chunk(kind, request_id, model, created, **piece, finish_reason=None),
-                            **usage_null,
-                        }
-                    )
+                    yield frame(**piece, finish_reason=None)
             else:
                 last = {"delta": {}} if kind == "chat" else {"text": ""}
-                yield _sse(
-                    {
-                        **_chunk(kind, request_id, model, created, **last, finish_reason=event.finish_reason),
-                        **usage_null,
-                    }
-                )
+                yield frame(**last, finish_reason=event.finish_reason)
                 if include_usage:
-                    yield _sse(
-                        {
-                            "id": request_id,
-                            "object": _chunk(kind, "", "", 0)["object"],
-                            "created": created,
-                            "model": model,
-                            "choices": [],
-                            "usage": _usage(event),
-                        }
-                    )
+                    totals = {
+                        **_chunk(kind, request_id, model, created),
+                        "choices": [],
+                        "usage": _usage(event),
+                    }
+                    yield _sse(totals)
                 yield b"data: [DONE]\n\n"
                 status = "success"
                 return
