@@ -33,7 +33,7 @@ class ServeProcess:
         return next(pid for pid, addr in self.workers.values() if addr == address)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -88,7 +88,7 @@ def run_serve(args: list[str], log_dir: Path) -> Iterator[ServeProcess]:
             proc.kill()
             proc.wait()
         # Belt and braces: never leave a worker behind, even if serve misbehaved.
-        serve.leftovers = [pid for pid, _ in serve.workers.values() if _alive(pid)]
+        serve.leftovers = [pid for pid, _ in serve.workers.values() if pid_alive(pid)]
         for pid in serve.leftovers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from serve_helpers import WORKER_RE, _alive
+from serve_helpers import WORKER_RE, pid_alive
 
 pytestmark = pytest.mark.e2e
 
@@ -23,4 +23,4 @@ def test_worker_that_cannot_start_is_reported_with_its_log(tmp_path: Path) -> No
     assert "unrecognized arguments: --no-such-flag" in done.stdout  # the worker's own log, quoted
     assert done.stdout.rstrip().endswith("kvrelay: stopped")
     pids = [int(m.group(2)) for line in done.stdout.splitlines() if (m := WORKER_RE.search(line))]
-    assert len(pids) == 2 and not any(_alive(pid) for pid in pids)
+    assert len(pids) == 2 and not any(pid_alive(pid) for pid in pids)
