@@ -225,7 +225,7 @@ def test_forged_handle_recomputes_and_counts_failure(workers, reference) -> None
     assert after == before + 1
 
 
-def test_prefill_finishing_at_first_token_and_bad_requests(workers) -> None:
+def test_prefill_finishing_at_first_token_and_bad_requests(workers, model_dir: Path) -> None:
     prefill, _ = workers
     p = grpcclient.InferenceServerClient(prefill.grpc_address)
     _, handle, finish = _prefill(p, PROMPTS[0], max_tokens=1)
@@ -247,7 +247,7 @@ def test_prefill_finishing_at_first_token_and_bad_requests(workers) -> None:
         "kvrelay_prefill_seconds_count",
         "kvrelay_kv_held_bytes",
     ):
-        assert metric_value(metrics, name, model="tiny0", role="prefill") is not None, name
+        assert metric_value(metrics, name, model=model_dir.name, role="prefill") is not None, name
     assert metric_value(metrics, "kvrelay_prefill_seconds_count", role="prefill") >= 1
 
 
