@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 from pydantic import BaseModel, Field, ValidationError
 
 from kvrelay_operator import api, resources
@@ -257,7 +258,27 @@ def reconcile(
     state = _state(memo)
     parsed_spec, parsed_status = _parse(dict(spec), dict(status))
     ctx = _ctx(state, name, namespace, uid, state.pod_monitor_available())
-    changed = apply_children(state, parsed_spec, parsed_status, ctx, fresh=reason == "create")
+    try:
+        changed = apply_children(state, parsed_spec, parsed_status, ctx, fresh=reason == "create")
+    except ApiException as exc:
+        # Drop what we think is applied: the next attempt re-reads the live children.
+        state.applied.pop((namespace, name), None)
+        if exc.status in (400, 422):  # the API refuses the child itself: retrying cannot help
+            message = f"a child was refused by the API server ({exc.status}): {_api_message(exc)}"[:1000]
+            kopf.event(body, type="Warning", reason="ApplyRefused", message=message)
+            conditions = set_condition(
+                parsed_status.conditions,
+                "Degraded",
+                "True",
+                "ApplyRefused",
+                message,
+                _now(),
+                meta.get("generation"),
+            )
+            degraded = parsed_status.model_copy(update={"conditions": conditions, "phase": "Degraded"})
+            state.kube.patch_status(namespace, name, status_patch(parsed_status, degraded))
+            raise kopf.PermanentError(message) from exc
+        raise kopf.TemporaryError(f"applying children failed: {exc.status} {exc.reason}", delay=5) from exc
     if changed:
         verb = "Created" if reason == "create" else "Updated"
         kopf.event(
@@ -279,6 +300,14 @@ def reconcile(
     if diff:  # an empty {"status": {}} would still be sent as a PATCH
         patch.setdefault("status", {}).update(diff)
     RECONCILES[(namespace, name, reason)] += 1
+
+
+def _api_message(exc: ApiException) -> str:
+    """The API server's own message from an error response (a Status object), else the raw body."""
+    try:
+        return str(json.loads(exc.body)["message"])
+    except (TypeError, ValueError, KeyError):
+        return str(exc.body)
 
 
 def _parent_for(

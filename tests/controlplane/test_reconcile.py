@@ -256,3 +256,24 @@ def test_autoscaler_status_drives_replicas(kubectl, kube, namespace, operator) -
     assert "decode wants 9, clamped to 4" in condition["message"]
     # The autoscaler's value is kept, never overwritten by the reconciler.
     assert model(kubectl, namespace, "tiny")["status"]["decode"]["desiredReplicas"] == 9
+
+
+def test_child_refused_by_the_api_server_is_reported_not_retried(kubectl, namespace, start_operator) -> None:
+    bad = json.loads(json.dumps(TINY))
+    bad["metadata"]["name"] = "bad"
+    bad["spec"]["prefill"]["env"] = [{"name": "A=B", "value": "x"}]  # the CRD allows it, core/v1 not
+    with start_operator() as runner:
+        kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(bad), check=True)
+
+        def degraded() -> dict[str, Any] | None:
+            conditions = model(kubectl, namespace, "bad").get("status", {}).get("conditions", [])
+            return next((c for c in conditions if c["type"] == "Degraded" and c["status"] == "True"), None)
+
+        condition = wait_for(degraded, timeout=30, what="Degraded=True")
+        assert condition["reason"] == "ApplyRefused" and "A=B" in condition["message"]
+        events = get_json(kubectl, "events", "-n", namespace, "--field-selector", "reason=ApplyRefused")[
+            "items"
+        ]
+        assert len(events) == 1 and events[0]["involvedObject"]["name"] == "bad"
+        assert model(kubectl, namespace, "bad")["status"]["phase"] == "Degraded"
+    assert "failed permanently" in runner.output  # kopf stops retrying a spec that can never apply
