@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import hashlib
 import logging
 import os
 import shutil
@@ -33,9 +34,22 @@ def _log(message: str) -> None:
     print(f"kvrelay: {message}", flush=True)
 
 
+def tiny_recipe_hash() -> str:
+    """Hash of the code that writes the tiny checkpoint, so a changed recipe never reuses a stale cache.
+
+    Read from the package files, not imported: importing `kvrelay_worker.model` would load torch here.
+    """
+    root = Path(__file__).resolve().parent / "model"
+    digest = hashlib.sha256()
+    for name in ("tiny.py", "loader.py", "config.py"):
+        with contextlib.suppress(OSError):
+            digest.update((root / name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def ensure_tiny_model(cache_dir: Path = CACHE_DIR) -> Path:
-    """Build the tiny checkpoint once under `<cache>/models/tiny` (atomic: never a half-written dir)."""
-    target = cache_dir / "models" / TINY_MODEL_NAME
+    """Build the tiny checkpoint once under `<cache>/models/tiny-<recipe hash>` (atomic rename)."""
+    target = cache_dir / "models" / f"{TINY_MODEL_NAME}-{tiny_recipe_hash()}"
     if (target / "config.json").exists() and (target / "tokenizer.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -104,13 +118,18 @@ def worker_command(
     ]  # fmt: skip
 
 
-def start_workers(args: argparse.Namespace, model: Path, log_dir: Path) -> list[WorkerProcess]:
+def start_workers(
+    args: argparse.Namespace, model: Path, log_dir: Path, served_name: str
+) -> list[WorkerProcess]:
     roles = ["prefill"] * args.prefill + ["decode"] * args.decode
     ports = free_ports(3 * len(roles))
     env = dict(os.environ)
     # Each torch worker would otherwise spawn one thread per core and fight its neighbours.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(roles))))
-    extra = ["--kv-backend", args.kv_backend] if args.kv_backend else []
+    # The same model name everywhere: it labels worker metrics and is the KV layout's model id.
+    extra = ["--served-model-name", served_name]
+    if args.kv_backend:
+        extra += ["--kv-backend", args.kv_backend]
     workers: list[WorkerProcess] = []
     counts = {"prefill": 0, "decode": 0}
     for i, role in enumerate(roles):
@@ -274,7 +293,7 @@ def serve(args: argparse.Namespace) -> int:
             served_name = args.served_model_name or model.name
         log_dir = Path(args.log_dir or CACHE_DIR / "logs" / time.strftime("serve-%Y%m%d-%H%M%S"))
         log_dir.mkdir(parents=True, exist_ok=True)
-        workers = start_workers(args, model, log_dir)
+        workers = start_workers(args, model, log_dir, served_name)
         wait_ready(workers, args.ready_timeout)
         _log(f"{args.prefill} prefill + {args.decode} decode worker(s) ready")
         asyncio.run(_run_router(args, model, served_name, workers, listener))
