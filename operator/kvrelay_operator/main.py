@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--liveness", default="http://0.0.0.0:8080/healthz", help="kopf liveness endpoint URL"
     )
     parser.add_argument(
+        "--metrics-port", type=int, default=9090, help="Prometheus /metrics port (autoscaler series); 0: off"
+    )
+    parser.add_argument(
         "--worker-image", default=os.environ.get("KVRELAY_WORKER_IMAGE"), help="default image"
     )
     parser.add_argument("--prometheus-url", default=os.environ.get("KVRELAY_PROMETHEUS_URL"))
@@ -110,6 +113,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["KVRELAY_WORKER_IMAGE"] = args.worker_image
     if args.prometheus_url:
         os.environ["KVRELAY_PROMETHEUS_URL"] = args.prometheus_url
+    load_handlers()  # before serving /metrics, so the autoscaler's series are registered
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        # Every replica serves it (followers report nothing), so the chart's scrape target always answers.
+        start_http_server(args.metrics_port)
     if args.leader_elect:
         run_with_lease(args)
         return 1  # run() only returns when leading ended

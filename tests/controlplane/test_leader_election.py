@@ -34,6 +34,7 @@ class OperatorProcess:
 
     def __init__(self, namespace: str, log: Path) -> None:
         self.port = free_port()
+        self.metrics_port = free_port()
         self.log = log
         args = [
             sys.executable,
@@ -47,6 +48,8 @@ class OperatorProcess:
             str(LEASE_SECONDS),
             "--liveness",
             f"http://127.0.0.1:{self.port}/healthz",
+            "--metrics-port",
+            str(self.metrics_port),
         ]
         self.proc = subprocess.Popen(
             args, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=dict(os.environ)
@@ -62,6 +65,10 @@ class OperatorProcess:
                 return response.status == 200
         except OSError:
             return False
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2) as response:
+            return response.read().decode()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -90,6 +97,9 @@ def test_only_the_lease_holder_acts(kubectl, namespace, two_operators) -> None:
     follower = next(p for p in two_operators if p is not leader)
     wait_for(leader.live, timeout=30, what="the leader's liveness endpoint")
     assert not follower.live(), "the follower must not run kopf at all"
+    # Both serve /metrics with the autoscaler's series registered (the chart scrapes every replica).
+    for p in two_operators:
+        assert "kvrelay_autoscaler_desired_replicas" in p.metrics()
 
     kubectl("apply", "-n", namespace, "-f", "-", stdin=_cr("a"), check=True)
     wait_for(
