@@ -254,3 +254,30 @@ def test_prefill_finishing_at_first_token_and_bad_requests(workers, model_dir: P
 def _metrics(worker: WorkerProcess) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=10) as resp:
         return resp.read().decode()
+
+
+def test_empty_final_response_when_asked(workers, reference) -> None:
+    """tritonclient's enable_empty_final_response: tokens all non-final, then one empty final."""
+    _, decode = workers
+    d = grpcclient.InferenceServerClient(decode.grpc_address)
+    q: queue.Queue = queue.Queue()
+    d.start_stream(callback=lambda result, error: q.put((result, error)))
+    ref = reference(PROMPTS[1], 5)
+    try:
+        inputs = decode_inputs(grpcclient, PROMPTS[1], ref[0], b"", max_tokens=5)
+        d.async_stream_infer("kvrelay_decode", inputs, request_id="e", enable_empty_final_response=True)
+        tokens, finals = [], []
+        while True:
+            result, error = q.get(timeout=60)
+            assert error is None, error
+            params = result.get_response().parameters
+            finals.append(params["triton_final_response"].bool_param)
+            token = result.as_numpy("token_id")
+            if token is not None:
+                tokens.append(int(token[0]))
+            if finals[-1]:
+                assert token is None and params["finish_reason"].string_param == "length"
+                break
+    finally:
+        d.stop_stream()
+    assert [ref[0], *tokens] == ref and finals == [False] * 4 + [True]
