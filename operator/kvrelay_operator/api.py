@@ -99,7 +99,13 @@ class EnvVar(CRModel):
 class WorkerRoleSpec(CRModel):
     """A pool of GPU workers of one role."""
 
-    replicas: int = Field(default=1, ge=0, le=512, description="Replicas when autoscaling is off.")
+    replicas: int = Field(
+        default=1,
+        ge=0,
+        le=512,
+        description="Replicas, unless autoscaling.mode is auto: then the autoscaler's desiredReplicas "
+        "(within min/max).",
+    )
     min_replicas: int = Field(default=1, ge=0, le=512, description="Lower bound for the autoscaler.")
     max_replicas: int = Field(default=8, ge=1, le=512, description="Upper bound for the autoscaler.")
     tensor_parallel: int = Field(
