@@ -64,6 +64,15 @@ def test_entrypoint_help_lists_roles() -> None:
     ):
         assert flag in out.stdout
     assert "prefill,decode,colocated,router" in out.stdout.replace(" ", "")
+    # --role router hands every other flag (even --help) to the router
+    out = subprocess.run(
+        [str(script), "--role", "router", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0 and "kvrelay-router" in out.stdout, out.stderr
+    out = subprocess.run(
+        [str(script), "--role", "decode", "--bogus"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2 and "unrecognized arguments: --bogus" in out.stderr
 
 
 def test_entrypoint_starts_a_real_worker(tmp_path: Path) -> None:

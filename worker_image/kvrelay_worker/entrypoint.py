@@ -42,15 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args, rest = build_parser().parse_known_args(argv)
-    if args.role == "router":
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--role")
+    if pre.parse_known_args(argv)[0].role == "router":  # the router owns all its other flags, --help too
         from kvrelay_worker.router import main as router_main
 
         router_argv = [a for a in argv if a not in ("--role", "router") and not a.startswith("--role=")]
         router_main(router_argv)
         return 0
-    if rest:
-        build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    args = build_parser().parse_args(argv)
     if not args.model:
         build_parser().error("--model is required for the prefill, decode and colocated roles")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
