@@ -5,7 +5,8 @@ Payload: an 8B Llama's KV layout (32 layers, 8 KV heads, head_dim 128, bf16 = 12
 holder publishes a signed handle (lease), the reader parses it, claims it and reads the blocks
 into its own cache, and the done-notice releases the lease. Baselines: numpy memcpy in one
 process (for NIXL over cma), and a plain socket sendall/recv_into on loopback (for the tcp
-backend and NIXL over UCX tcp), both run in the reader process interleaved with the relay.
+backend and NIXL over UCX tcp), both run in the reader process interleaved with the relay; for
+NIXL also the bare library READ of the same bytes as one descriptor (the relay's own overhead).
 
     python bench/kv_transfer.py [--iters 5] [--flavours nixl-cma,nixl-tcp,tcp]
 """
@@ -63,6 +64,7 @@ class Peer:
         self.released: list[list[int]] = []
         self.raw_port = 0
         self.memcpy_src: np.ndarray | None = None
+        self.last_holder: Any = None
         self.loop = asyncio.new_event_loop()  # one long-lived loop, as in the worker's server
 
     def handle(self, cmd: dict[str, Any]) -> dict[str, Any]:
@@ -78,7 +80,10 @@ class Peer:
             t0 = time.perf_counter()
             handle = KVHandle.from_json(cmd["handle"])
             self.loop.run_until_complete(self.transport.fetch(handle, cmd["dst_block_ids"], timeout_s=60))
+            self.last_holder = handle.holder
             return {"fetch_s": time.perf_counter() - t0}
+        if op == "bare_read":
+            return {"s": self._bare_read(cmd["nbytes"])}
         if op == "digest":
             data = self.cache[:, :, cmd["block_ids"]].contiguous().view(torch.uint8).numpy().tobytes()
             held = self.transport.leases.held()
@@ -102,6 +107,21 @@ class Peer:
         if op == "raw_fetch":
             return {"fetch_s": self._raw_fetch(cmd["port"], cmd["nbytes"])}
         raise ValueError(op)
+
+    def _bare_read(self, nbytes: int) -> float:
+        """The library alone: one NIXL READ of `nbytes` contiguous bytes from the last holder (no relay)."""
+        agent, holder = self.transport._agent, self.last_holder  # type: ignore[attr-defined]
+        local = agent.get_xfer_descs([(self.cache.data_ptr(), nbytes, 0)], "DRAM")
+        remote = agent.get_xfer_descs([(holder.base_addr, nbytes, 0)], "DRAM")
+        t0 = time.perf_counter()
+        xfer = agent.initialize_xfer("READ", local, remote, holder.agent_name)
+        state = agent.transfer(xfer)
+        while state == "PROC":
+            state = agent.check_xfer_state(xfer)
+        elapsed = time.perf_counter() - t0
+        agent.release_xfer_handle(xfer)
+        assert state == "DONE", state
+        return elapsed
 
     def _raw_serve(self, srv: socket.socket) -> None:
         while True:
@@ -186,7 +206,7 @@ def bench_flavour(flavour: str, iters: int) -> dict[str, Any]:
             n = tokens // LAYOUT.block_size
             nbytes = n * LAYOUT.block_bytes_local()
             src_ids, dst_ids = list(range(1, n + 1)), list(range(1, n + 1))
-            relay, raw, copy = [], [], []
+            relay, raw, copy, bare = [], [], [], []
             # Interleave relay and baseline so both see the same load on a shared machine; the
             # first iteration is cold (UCX wire-up, page faults) and dropped.
             for i in range(iters + 1):
@@ -200,6 +220,8 @@ def bench_flavour(flavour: str, iters: int) -> dict[str, Any]:
                     have = reader.call(op="digest", block_ids=dst_ids)
                 raw.append(reader.call(op="raw_fetch", port=raw_port, nbytes=nbytes)["fetch_s"])
                 copy.append(reader.call(op="memcpy", nbytes=nbytes)["s"])
+                if flavour != "tcp":
+                    bare.append(reader.call(op="bare_read", nbytes=nbytes)["s"])
             relay_s, raw_s, copy_s = (statistics.median(x[1:]) for x in (relay, raw, copy))
             time.sleep(0.05)
             out[str(tokens)] = {
@@ -213,6 +235,11 @@ def bench_flavour(flavour: str, iters: int) -> dict[str, Any]:
                 "verified": want["sha256"] == have["sha256"],
                 "released": holder.call(op="digest", block_ids=[1])["held_blocks"] == 0,
             }
+            if bare:  # NIXL alone, same bytes, one descriptor: what the relay costs on top of the library
+                bare_s = statistics.median(bare[1:])
+                out[str(tokens)].update(
+                    bare_nixl_s=round(bare_s, 5), ratio_vs_bare_nixl=round(bare_s / relay_s, 3)
+                )
         return out
     finally:
         holder.close()

@@ -100,8 +100,8 @@ def test_planned_runs_move_exactly_the_reader_heads(holder_tp: int, reader_tp: i
         holder = full[:, :, :, q * hl : (q + 1) * hl].contiguous()
         reader = torch.zeros((3, 2, 12, rl, 4, 8), dtype=torch.bfloat16)
         src_bytes, dst_bytes = holder.view(-1).view(torch.uint8), reader.view(-1).view(torch.uint8)
-        for run in plan_runs(holder_l, 16, src_ids, reader_l, 12, r, dst_ids):
-            dst_bytes[run.dst : run.dst + run.length] = src_bytes[run.src : run.src + run.length]
+        for src, dst, length in plan_runs(holder_l, 16, src_ids, reader_l, 12, r, dst_ids).tolist():
+            dst_bytes[dst : dst + length] = src_bytes[src : src + length]
         expect = full[:, :, src_ids, r * rl : (r + 1) * rl]
         assert torch.equal(reader[:, :, dst_ids].view(torch.int16), expect.contiguous().view(torch.int16))
         untouched = [b for b in range(12) if b not in dst_ids]
@@ -112,8 +112,10 @@ def test_planned_runs_move_exactly_the_reader_heads(holder_tp: int, reader_tp: i
 def test_contiguous_blocks_coalesce_and_bad_ids_are_refused() -> None:
     lay = layout()
     runs = plan_runs(lay, 16, [1, 2, 3], lay, 16, 0, [4, 5, 6])
-    assert len(runs) == 6  # one run per (layer, k|v) plane
-    assert all(r.length == 3 * 8 * 4 * 8 * 2 for r in runs)
+    assert runs.shape == (6, 3)  # one run per (layer, k|v) plane
+    assert (runs[:, 2] == 3 * 8 * 4 * 8 * 2).all()
+    scattered = plan_runs(lay, 16, [1, 3, 2], lay, 16, 0, [4, 5, 6])
+    assert scattered.shape == (18, 3)  # nothing continues on both sides
     with pytest.raises(KVLayoutMismatch, match="block id 0"):
         plan_runs(lay, 16, [0], lay, 16, 0, [1])
     with pytest.raises(KVLayoutMismatch, match="2 blocks \\(holder\\) != 1"):

@@ -36,7 +36,7 @@ from .handle import (
 )
 from .leases import Lease, LeaseTable, ReleaseCallback
 from .metrics import KVMetrics
-from .runs import Run, plan_runs, readers_per_holder_rank, source_rank
+from .runs import RunPlan, plan_runs, readers_per_holder_rank, source_rank
 
 log = logging.getLogger(__name__)
 
@@ -186,13 +186,12 @@ class KVTransport(ABC):
         )
         return handle
 
-    def _validate_claim(self, req: dict[str, Any]) -> tuple[Lease, list[Run]]:
+    def _validate_claim(self, req: dict[str, Any]) -> tuple[Lease, KVLayout]:
         """Refuse forged, foreign, incompatible, unknown or expired handles; hold the blocks."""
         try:
             handle = KVHandle.model_validate(req["handle"])
             reader_rank = int(req["reader_rank"])
             reader_tp = int(req["reader_tp_size"])
-            reader_num_blocks = int(req["reader_num_blocks"])
             dst_block_ids = [int(b) for b in req["dst_block_ids"]]
             deadline_s = float(req["deadline_s"])
         except (KeyError, TypeError, ValueError) as exc:
@@ -214,16 +213,11 @@ class KVTransport(ABC):
         lease = self.leases.claim(
             handle.handle_id, reader_rank, readers_per_holder_rank(self.layout, reader_tp), now, hold
         )
-        runs = plan_runs(
-            self.layout,
-            self.num_blocks,
-            lease.block_ids,
-            reader_layout,
-            reader_num_blocks,
-            reader_rank,
-            dst_block_ids,
-        )
-        return lease, runs
+        if len(dst_block_ids) != len(lease.block_ids):
+            raise KVLayoutMismatch(
+                f"{len(lease.block_ids)} blocks (holder) != {len(dst_block_ids)} destination blocks (reader)"
+            )
+        return lease, reader_layout
 
     def _serve_connection(self, sock: socket.socket) -> None:
         while True:
@@ -234,8 +228,8 @@ class KVTransport(ABC):
             op = req.get("op")
             try:
                 if op == "claim":
-                    lease, runs = self._validate_claim(req)
-                    self._serve_claim(sock, req, lease, runs)
+                    lease, reader_layout = self._validate_claim(req)
+                    self._serve_claim(sock, req, lease, reader_layout)
                 else:
                     self._serve_other(sock, req)
             except KVTransferError as err:
@@ -319,7 +313,9 @@ class KVTransport(ABC):
         return {}
 
     @abstractmethod
-    def _serve_claim(self, sock: socket.socket, req: dict[str, Any], lease: Lease, runs: list[Run]) -> None:
+    def _serve_claim(
+        self, sock: socket.socket, req: dict[str, Any], lease: Lease, reader_layout: KVLayout
+    ) -> None:
         """Holder: answer a validated claim (and, for tcp, stream the runs)."""
 
     def _serve_other(self, sock: socket.socket, req: dict[str, Any]) -> None:
@@ -334,7 +330,7 @@ class KVTransport(ABC):
         self,
         handle: KVHandle,
         holder: KVHolderRank,
-        runs: list[Run],
+        runs: RunPlan,
         dst_block_ids: list[int],
         deadline: float,
         cancel: threading.Event,

@@ -23,9 +23,9 @@ import numpy as np
 
 from .base import KVTransport, connect
 from .control import recv_frame, send_frame
-from .handle import KVHandle, KVHolderRank, KVTransferError
+from .handle import KVHandle, KVHolderRank, KVLayout, KVTransferError
 from .leases import Lease
-from .runs import Run
+from .runs import RunPlan
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +118,13 @@ class NixlTransport(KVTransport):
         return {"base_addr": self._base, "mem_type": self._mem_type, "device_id": self._device_id}
 
     # ---------------------------------------------------------------- holder
-    def _serve_claim(self, sock: socket.socket, req: dict[str, Any], lease: Lease, runs: list[Run]) -> None:
+    def _serve_claim(
+        self, sock: socket.socket, req: dict[str, Any], lease: Lease, reader_layout: KVLayout
+    ) -> None:
         self._active_until = time.monotonic() + max(float(req["deadline_s"]), _ACTIVE_WINDOW_S)
-        reply: dict[str, Any] = {"ok": True, "nbytes": sum(r.length for r in runs)}
+        # The reader plans and reads the runs itself; the holder only states how many bytes it serves.
+        nbytes = len(lease.block_ids) * reader_layout.block_bytes_local()
+        reply: dict[str, Any] = {"ok": True, "nbytes": nbytes}
         if req.get("want_metadata"):
             reply["metadata_b64"] = base64.b64encode(self._metadata).decode()
         send_frame(sock, reply)
@@ -147,7 +151,7 @@ class NixlTransport(KVTransport):
         self,
         handle: KVHandle,
         holder: KVHolderRank,
-        runs: list[Run],
+        runs: RunPlan,
         dst_block_ids: list[int],
         deadline: float,
         cancel: threading.Event,
@@ -160,7 +164,7 @@ class NixlTransport(KVTransport):
         reply = self._claim(holder.endpoint, req, deadline)
         if not known:
             self._add_peer(peer, base64.b64decode(reply["metadata_b64"]))
-        total = sum(r.length for r in runs)
+        total = int(runs[:, 2].sum())
         if int(reply["nbytes"]) != total:
             raise KVTransferError("layout_mismatch", f"{reply['nbytes']} bytes (holder) != {total} (reader)")
         try:
@@ -214,11 +218,11 @@ class NixlTransport(KVTransport):
         self,
         handle: KVHandle,
         holder: KVHolderRank,
-        runs: list[Run],
+        runs: RunPlan,
         deadline: float,
         cancel: threading.Event,
     ) -> None:
-        arr = np.asarray(runs, dtype=np.uint64).reshape(-1, 3)  # columns: src, dst, length
+        arr = runs.astype(np.uint64)  # columns: src, dst, length
         remote = np.empty_like(arr)
         remote[:, 0] = arr[:, 0] + np.uint64(holder.base_addr)
         remote[:, 1] = arr[:, 2]

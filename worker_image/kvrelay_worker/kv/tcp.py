@@ -18,9 +18,9 @@ import torch
 
 from .base import KVTransport, connect
 from .control import recv_frame, send_frame
-from .handle import KVHandle, KVHolderRank, KVTransferError
+from .handle import KVHandle, KVHolderRank, KVLayout, KVTransferError
 from .leases import Lease
-from .runs import Run
+from .runs import RunPlan, plan_runs
 
 _POLL_S = 0.25  # socket timeout slice: how often a blocked reader checks its deadline/cancel flag
 _IOV_BATCH = 512  # buffers per sendmsg/recvmsg_into call (Linux IOV_MAX is 1024)
@@ -51,14 +51,20 @@ class TcpTransport(KVTransport):
         self._stop.wait(wait)
 
     # ---------------------------------------------------------------- holder
-    def _serve_claim(self, sock: socket.socket, req: dict[str, Any], lease: Lease, runs: list[Run]) -> None:
-        nbytes = sum(r.length for r in runs)
+    def _serve_claim(
+        self, sock: socket.socket, req: dict[str, Any], lease: Lease, reader_layout: KVLayout
+    ) -> None:
+        runs = plan_runs(
+            self.layout, self.num_blocks, lease.block_ids, reader_layout, int(req["reader_num_blocks"]),
+            int(req["reader_rank"]), [int(b) for b in req["dst_block_ids"]],
+        )  # fmt: skip
+        nbytes = int(runs[:, 2].sum())
         send_frame(sock, {"ok": True, "nbytes": nbytes})
         if self._host_view is not None:
-            send_views(sock, [self._host_view[r.src : r.src + r.length] for r in runs])
+            send_views(sock, [self._host_view[src : src + length] for src, _, length in runs.tolist()])
         else:
-            for run in runs:  # device memory: stage one run at a time through host memory
-                sock.sendall(memoryview(self._bytes[run.src : run.src + run.length].cpu().numpy()))
+            for src, _, length in runs.tolist():  # device memory: stage one run at a time through host memory
+                sock.sendall(memoryview(self._bytes[src : src + length].cpu().numpy()))
         sock.settimeout(max(float(req["deadline_s"]), 0.0) + 1.0)
         done = recv_frame(sock)
         sock.settimeout(None)
@@ -70,7 +76,7 @@ class TcpTransport(KVTransport):
         self,
         handle: KVHandle,
         holder: KVHolderRank,
-        runs: list[Run],
+        runs: RunPlan,
         dst_block_ids: list[int],
         deadline: float,
         cancel: threading.Event,
@@ -91,19 +97,19 @@ class TcpTransport(KVTransport):
                 ) from exc
             if not reply.get("ok"):
                 raise KVTransferError(reply.get("reason", "refused"), reply.get("message", ""))
-            total = sum(r.length for r in runs)
+            total = int(runs[:, 2].sum())
             if int(reply["nbytes"]) != total:
                 raise KVTransferError(
                     "layout_mismatch", f"{reply['nbytes']} bytes (holder) != {total} (reader)"
                 )
             if self._host_view is not None:
-                views = [self._host_view[r.dst : r.dst + r.length] for r in runs]
+                views = [self._host_view[dst : dst + length] for _, dst, length in runs.tolist()]
                 recv_views(sock, views, deadline, cancel, holder.endpoint)
             else:
-                for run in runs:
-                    staging = torch.empty(run.length, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+                for _, dst, length in runs.tolist():
+                    staging = torch.empty(length, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
                     recv_views(sock, [memoryview(staging.numpy())], deadline, cancel, holder.endpoint)
-                    self._bytes[run.dst : run.dst + run.length].copy_(staging)
+                    self._bytes[dst : dst + length].copy_(staging)
             send_frame(sock, {"op": "done"})
             return total
         finally:
