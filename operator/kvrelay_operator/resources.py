@@ -25,7 +25,7 @@ METRICS_PORT = 9090
 MODEL_ROOT = "/models"
 API_KEY_DIR = "/var/run/secrets/kvrelay"
 GPU_RESOURCE = "nvidia.com/gpu"
-RUN_AS_USER = 1000
+RUN_AS_USER = 10001  # the worker image's user (worker_image/Dockerfile)
 # Model loads can take many minutes (download + weights to GPU): allow up to 30 min before liveness.
 STARTUP_PERIOD_S, STARTUP_FAILURES = 10, 180
 UCX_TLS_BY_TRANSPORT = {"rdma": "rc,ud,sm,self,cuda_copy,cuda_ipc,gdr_copy", "tcp": "tcp,sm,self,cuda_copy"}

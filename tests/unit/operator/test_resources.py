@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import pathlib
+import re
 from typing import Any
 
 import pytest
@@ -114,10 +116,17 @@ def test_rdma_adds_devices_ipc_lock_and_ucx_env() -> None:
     assert "rdma/ib" not in plain["resources"]["limits"]
 
 
+def test_pods_run_as_the_worker_images_user() -> None:
+    dockerfile = pathlib.Path(__file__).parents[3] / "worker_image" / "Dockerfile"
+    user = re.search(r"^USER (\d+)", dockerfile.read_text(), re.MULTILINE)
+    assert user, "worker_image/Dockerfile has no numeric USER"
+    assert int(user.group(1)) == resources.RUN_AS_USER
+
+
 def test_pod_hardening_shm_probes_and_spread() -> None:
     children = render(spec(prefill={"shmSize": "16Gi"}))
     p = pod(children, "prefill")
-    assert p["securityContext"]["runAsNonRoot"] is True and p["securityContext"]["runAsUser"] == 1000
+    assert p["securityContext"]["runAsNonRoot"] is True and p["securityContext"]["runAsUser"] == 10001
     assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}} in p["volumes"]
     c = p["containers"][0]
     assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
