@@ -98,14 +98,17 @@ def spawn_worker(
 
 @contextlib.contextmanager
 def run_workers(
-    specs: list[tuple[str, Path, tuple[str, ...]]], kv_backend: str = "tcp", ready_timeout_s: float = 120.0
+    specs: list[tuple[str, Path, tuple[str, ...]]],
+    kv_backend: str = "tcp",
+    ready_timeout_s: float = 120.0,
+    threads: int = 1,
 ) -> Iterator[list[WorkerProcess]]:
     """Start several workers at once (their torch imports overlap), yield them all once serving;
     always stops every one of them."""
     started: list[tuple[WorkerProcess, threading.Event]] = []
     try:
         for role, model_dir, extra in specs:
-            started.append(spawn_worker(role, model_dir, *extra, kv_backend=kv_backend))
+            started.append(spawn_worker(role, model_dir, *extra, kv_backend=kv_backend, threads=threads))
         deadline = time.monotonic() + ready_timeout_s
         for worker, ready in started:
             while not ready.wait(0.2):
@@ -119,10 +122,15 @@ def run_workers(
 
 @contextlib.contextmanager
 def run_worker(
-    role: str, model_dir: Path, *extra: str, kv_backend: str = "tcp", ready_timeout_s: float = 90.0
+    role: str,
+    model_dir: Path,
+    *extra: str,
+    kv_backend: str = "tcp",
+    ready_timeout_s: float = 90.0,
+    threads: int = 1,
 ) -> Iterator[WorkerProcess]:
     """Start one worker on free ports and yield it once it is serving; always stops it."""
-    with run_workers([(role, model_dir, extra)], kv_backend, ready_timeout_s) as (worker,):
+    with run_workers([(role, model_dir, extra)], kv_backend, ready_timeout_s, threads) as (worker,):
         yield worker
 
 

@@ -34,3 +34,22 @@ def test_double_free_and_null_block_rejected() -> None:
         pool.free([0])
     with pytest.raises(ValueError, match="too small"):
         BlockPool(1)
+
+
+def test_scheduler_side_imports_without_torch() -> None:
+    """The scheduler, block pool and request types are pure: they work with torch unimportable."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from kvrelay_worker.engine.scheduler import Scheduler, SchedulerConfig\n"
+        "from kvrelay_worker.engine import Request, SamplingParams\n"
+        "s = Scheduler(SchedulerConfig(num_blocks=8, block_size=4))\n"
+        "s.add_request(Request('r', [1, 2, 3, 4, 5], SamplingParams(max_tokens=2), 0.0))\n"
+        "out = s.schedule(0.0)\n"
+        "assert [q.block_ids for q in out.seqs] == [[1, 2]], out\n"
+        "print('ok')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
