@@ -13,13 +13,14 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
-from kvrelay_envtest import ControlPlane, control_plane, find_assets, find_kubectl
+from kvrelay_envtest import ControlPlane, control_plane, find_assets, find_kubectl, free_port
 from kvrelay_operator import resources
 from kvrelay_operator.api import DisaggregatedModelSpec, DisaggregatedModelStatus
 
@@ -294,10 +295,11 @@ def test_real_operator_reconciles_as_the_service_account(helm_cluster: Cluster, 
     cr["metadata"] = {"name": name, "namespace": MODEL_NS}
     helm_cluster.admin("apply", "-f", "-", stdin=json.dumps(cr))
     log_path = tmp_path / "operator.log"
+    metrics_port = free_port()
     command = [
         sys.executable, "-c", "import sys; from kvrelay_operator.main import main; sys.exit(main())",
         "--all-namespaces", "--liveness=", "--leader-elect", f"--lease-namespace={RELEASE_NS}",
-        f"--lease-name={SA}", "--worker-image=kvrelay/kvrelay:test",
+        f"--lease-name={SA}", "--worker-image=kvrelay/kvrelay:test", f"--metrics-port={metrics_port}",
     ]  # fmt: skip
     env = {**os.environ, "KUBECONFIG": str(helm_cluster.sa_kubeconfig)}
     env.pop("KUBERNETES_SERVICE_HOST", None)  # never mistake this for an in-cluster pod
@@ -319,6 +321,9 @@ def test_real_operator_reconciles_as_the_service_account(helm_cluster: Cluster, 
                 break
             assert time.monotonic() < deadline, f"no reconcile in 90s:\n{log_path.read_text()[-3000:]}"
             time.sleep(0.5)
+        # The chart's PodMonitor target: /metrics answers with the autoscaler's series registered.
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+            assert "kvrelay_autoscaler_desired_replicas" in response.read().decode()
         lease = json.loads(helm_cluster.admin("get", "lease", "-n", RELEASE_NS, SA, "-o", "json").stdout)
         assert lease["spec"]["holderIdentity"], lease
         # kopf posts the reconcile's Event with the same token (events: create).

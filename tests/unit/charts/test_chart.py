@@ -279,6 +279,11 @@ def test_operator_args_parse_with_the_operators_own_parser(render: Render, value
     assert container["command"] == ["kvrelay-operator"]
     args = build_parser().parse_args(container["args"])
     assert args.leader_elect and args.lease_namespace == "kvrelay-system"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["metrics"] == args.metrics_port and args.metrics_port > 0
+    assert f":{ports['health']}/" in args.liveness
+    assert container["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+    assert "readinessProbe" not in container, "the standby never runs kopf: a readiness probe would fail"
     (role,) = by_kind(render(*values_args(values)), "Role")
     named = [r for r in role["rules"] if r.get("resourceNames")]
     assert named[0]["resourceNames"] == [args.lease_name], "the Role must cover the Lease the operator uses"
