@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 _NOTIF_PREFIX = b"kvrelay-done:"
 _IDLE_POLL_S = 0.01  # holder idle: poll notifications at 100 Hz
 _ACTIVE_POLL_S = 0.0002  # a claim is in flight: progress UCX often (emulated READ over tcp needs it)
-_ACTIVE_WINDOW_S = 0.5  # keep polling fast this long after the last claim or notification
+_ACTIVE_WINDOW_S = 0.05  # keep polling fast this long after the last notification
 _XFER_POLL_S = 0.00005
 
 
@@ -83,6 +83,10 @@ class NixlTransport(KVTransport):
         self._peers: set[str] = set()  # remote agents whose metadata is loaded
         self._peer_lock = threading.Lock()
         self._active_until = 0.0
+        # Claimed, not yet done: (handle id, reader rank) -> monotonic deadline. Only these need the
+        # holder to progress UCX quickly; idle polling must not steal a core from the readers.
+        self._inflight: dict[tuple[str, int], float] = {}
+        self._inflight_lock = threading.Lock()
 
     # ---------------------------------------------------------------- lifecycle
     def _start_backend(self) -> None:
@@ -121,7 +125,9 @@ class NixlTransport(KVTransport):
     def _serve_claim(
         self, sock: socket.socket, req: dict[str, Any], lease: Lease, reader_layout: KVLayout
     ) -> None:
-        self._active_until = time.monotonic() + max(float(req["deadline_s"]), _ACTIVE_WINDOW_S)
+        deadline = time.monotonic() + max(float(req["deadline_s"]), _ACTIVE_WINDOW_S)
+        with self._inflight_lock:
+            self._inflight[(lease.handle.handle_id, int(req["reader_rank"]))] = deadline
         # The reader plans and reads the runs itself; the holder only states how many bytes it serves.
         nbytes = len(lease.block_ids) * reader_layout.block_bytes_local()
         reply: dict[str, Any] = {"ok": True, "nbytes": nbytes}
@@ -137,9 +143,15 @@ class NixlTransport(KVTransport):
                 if msg.startswith(_NOTIF_PREFIX):
                     handle_id, _, rank = msg[len(_NOTIF_PREFIX) :].decode().partition(":")
                     self.leases.reader_done(handle_id, int(rank))
+                    with self._inflight_lock:
+                        self._inflight.pop((handle_id, int(rank)), None)
         if notifs:
-            self._active_until = max(self._active_until, now + _ACTIVE_WINDOW_S)
-        if now < self._active_until:
+            self._active_until = now + _ACTIVE_WINDOW_S
+        with self._inflight_lock:
+            for key in [k for k, until in self._inflight.items() if until < now]:
+                del self._inflight[key]  # the reader gave up (deadline): stop fast polling for it
+            busy = bool(self._inflight)
+        if busy or now < self._active_until:
             time.sleep(_ACTIVE_POLL_S)
         else:
             nxt = self.leases.next_expiry()
