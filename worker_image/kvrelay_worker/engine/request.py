@@ -32,7 +32,7 @@ class RequestStatus(enum.IntEnum):
         }.get(self)
 
 
-@dataclass(eq=False)  # identity equality: list membership must not compare token lists
+@dataclass(eq=False, slots=True)  # identity equality: list membership must not compare token lists
 class Request:
     """One sequence in the engine. Tokens are prompt + output; KV exists for ``num_computed_tokens``."""
 

@@ -31,7 +31,7 @@ class SchedulerConfig:
     max_model_len: int = 2048
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSeq:
     """One request's share of a step: compute ``token_ids`` at positions ``start_pos...``."""
 
@@ -64,7 +64,7 @@ class SchedulerOutput:
         return sum(len(s.token_ids) for s in self.seqs)
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     """What one step produced for one request."""
 
