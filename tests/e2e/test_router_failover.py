@@ -56,4 +56,13 @@ def test_workers_killed_under_load(tmp_path: Path) -> None:
             assert reply.choices[0].finish_reason == "length"
         prefill = httpx.get(health_url, timeout=10).json()["workers"]["prefill"]
         assert prefill[dead_prefill[1]]["healthy"] is False
+
+        # Stopping serve while a client still streams must not wait for that generation to end.
+        open_stream = iter(
+            client.completions.create(model=serve.model, prompt="long", max_tokens=1900, stream=True)
+        )
+        next(open_stream)
+        stopping_at = time.monotonic()
+    assert time.monotonic() - stopping_at < 25, "serve waited for an open stream before stopping"
+    assert serve.proc.returncode in (0, 130, -signal.SIGTERM)
     assert serve.leftovers == []

@@ -28,6 +28,7 @@ from typing import Any
 CACHE_DIR = Path(os.environ.get("KVRELAY_CACHE", Path.home() / ".cache" / "kvrelay"))
 TINY_MODEL_NAME = "tiny"
 STOP_GRACE_S = 10.0
+GRACEFUL_SHUTDOWN_S = 3  # open streams get this long after Ctrl-C, then are cut
 
 
 def _log(message: str) -> None:
@@ -233,8 +234,11 @@ async def _run_router(
 
     app = create_app(config, make_discovery(config))
     server = uvicorn.Server(
-        uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", access_log=False)
-    )
+        uvicorn.Config(
+            app, host=args.host, port=args.port, log_level="warning", access_log=False,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        )
+    )  # fmt: skip
     task = asyncio.create_task(server.serve(sockets=[listener]))
     while not server.started:
         if task.done():

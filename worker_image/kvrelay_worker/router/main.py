@@ -16,6 +16,7 @@ from kvrelay_worker.router.discovery import Discovery, EndpointSliceDiscovery, S
 log = logging.getLogger("kvrelay.router")
 API_KEY_ENV = "KVRELAY_API_KEY"
 API_KEY_FILE_ENV = "KVRELAY_API_KEY_FILE"
+GRACEFUL_SHUTDOWN_S = 10
 
 
 def _addresses(values: Sequence[str]) -> list[str]:
@@ -102,7 +103,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.metrics_port and args.metrics_port != args.port:
         # Pods are scraped on their `metrics` port (the operator's PodMonitor), the router's included.
         start_http_server(args.metrics_port, addr=args.host, registry=app.state.router.metrics.registry)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False)
+    # Without a bound, shutdown would wait for every open stream to finish (a long generation).
+    uvicorn.run(
+        app, host=args.host, port=args.port, log_level=args.log_level.lower(), access_log=False,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
