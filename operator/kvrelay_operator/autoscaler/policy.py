@@ -74,10 +74,11 @@ def decide(
     # Extrapolate rising demand over a replica start; at most +50%, a step is not a ramp.
     forecast_p = demand.steady_p + min(max(trend[0], 0.0) * lead, _MAX_TREND_GAIN * demand.steady_p)
     forecast_d = demand.steady_d + min(max(trend[1], 0.0) * lead, _MAX_TREND_GAIN * demand.steady_d)
-    # Replicas already loading were sized with the trend and to drain the backlog; asking for
-    # both again every interval while they load is how decisions pile up.
-    demand_p = forecast_p + demand.drain_p if snapshot.prefill.pending == 0 else demand.steady_p
-    demand_d = forecast_d + demand.drain_d if snapshot.decode.pending == 0 else demand.steady_d
+    # Replicas already loading were sized to drain the backlog; asking for that again every
+    # interval while they load is how decisions pile up. The trend still counts: on a ramp some
+    # replica is always loading, and ignoring the trend then means always arriving late.
+    demand_p = forecast_p + (demand.drain_p if snapshot.prefill.pending == 0 else 0.0)
+    demand_d = forecast_d + (demand.drain_d if snapshot.decode.pending == 0 else 0.0)
 
     mean_prompt = _mean_prompt_tokens(metrics)
     kv_seconds = (
@@ -521,8 +522,8 @@ def _demand(metrics: MetricsSample, state: PolicyState, config: PolicyConfig, no
 def _trend(history: tuple[DemandSample, ...], since: float) -> tuple[float, float]:
     """Least-squares slope (tokens/s per s) of both demands in the window; 0 unless it is clear.
 
-    A slope counts only when it moves demand by over 10% across the window, so noise on a flat
-    load does not keep adding replicas.
+    A slope counts only when it moves demand by over 10% across the window and demand still
+    rose in the last interval, so noise on a flat load or a past step does not add replicas.
     """
     points = [s for s in history if s.at >= since]
     if len(points) < 3:
@@ -539,7 +540,9 @@ def _trend(history: tuple[DemandSample, ...], since: float) -> tuple[float, floa
     ):
         mean_v = sum(values) / len(values)
         slope = sum((s.at - mean_t) * (v - mean_v) for s, v in zip(points, values, strict=True)) / var_t
-        out.append(slope if abs(slope) * span > 0.1 * max(mean_v, 1e-9) else 0.0)
+        # Still rising in the last interval too: a step that went flat is not a ramp to extrapolate.
+        rising = values[-1] > values[-2]
+        out.append(slope if rising and abs(slope) * span > 0.1 * max(mean_v, 1e-9) else 0.0)
     return out[0], out[1]
 
 
