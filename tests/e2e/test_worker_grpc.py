@@ -281,3 +281,17 @@ def test_empty_final_response_when_asked(workers, reference) -> None:
     finally:
         d.stop_stream()
     assert [ref[0], *tokens] == ref and finals == [False] * 4 + [True]
+
+
+def test_seeded_sampling_is_reproducible_over_the_wire(workers) -> None:
+    _, decode = workers
+    d = grpcclient.InferenceServerClient(decode.grpc_address)
+    sampling = {"max_tokens": 12, "temperature": 1.5, "top_p": 0.95, "top_k": 50}
+    reqs = [
+        (f"s{i}", decode_inputs(grpcclient, PROMPTS[0], 162, b"", seed=seed, **sampling))
+        for i, seed in enumerate([7, 7, 8])
+    ]
+    results = _stream_sync(d, reqs)
+    same, again, other = (results[f"s{i}"]["tokens"] for i in range(3))
+    assert len(same) == 11 and same == again  # same seed, same tokens, even sharing the batch
+    assert other != same
