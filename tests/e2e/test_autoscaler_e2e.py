@@ -220,8 +220,25 @@ def control_plane() -> Iterator[Any]:
         os.environ["KUBECONFIG"] = str(cp.kubeconfig)
         try:
             envtest.run_kubectl(kubectl, cp, "apply", "-f", str(REPO_ROOT / "crds"))
-            envtest.run_kubectl(kubectl, cp, "wait", "--for=condition=Established",
-                                "crd/disaggregatedmodels.kvrelay.dev", "--timeout=30s")  # fmt: skip
+            # Poll rather than `kubectl wait`: right after apply the CRD may have no conditions
+            # yet, which kubectl wait reports as an error instead of waiting.
+            established = '{.status.conditions[?(@.type=="Established")].status}'
+            envtest.wait_for(
+                lambda: (
+                    envtest.run_kubectl(
+                        kubectl,
+                        cp,
+                        "get",
+                        "crd/disaggregatedmodels.kvrelay.dev",
+                        "-o",
+                        f"jsonpath={established}",
+                    ).strip()
+                    == "True"
+                ),
+                timeout=60,
+                interval=0.5,
+                what="CRD Established",
+            )
             yield envtest, kubectl, cp
         finally:
             if previous is None:
