@@ -8,6 +8,7 @@ is refused.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -118,23 +119,24 @@ def helm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                 "wait", "--for=condition=Established", f"crd/{plural}.monitoring.coreos.com", "--timeout=60s"
             )
         _helm_install(cluster)
-        token = cluster.admin("create", "token", SA, "-n", RELEASE_NS, "--duration=1h").stdout.strip()
-        cluster.sa_kubeconfig.write_text(
-            yaml.safe_dump(
-                {
-                    "apiVersion": "v1",
-                    "kind": "Config",
-                    "clusters": [
-                        {"name": "c", "cluster": {"server": plane.server, "insecure-skip-tls-verify": True}}
-                    ],
-                    "users": [{"name": "sa", "user": {"token": token}}],
-                    "contexts": [{"name": "c", "context": {"cluster": "c", "user": "sa"}}],
-                    "current-context": "c",
-                }
-            )
-        )
+        _write_sa_kubeconfig(cluster, SA, RELEASE_NS, cluster.sa_kubeconfig)
         cluster.admin("create", "namespace", MODEL_NS)
         yield cluster
+
+
+def _write_sa_kubeconfig(cluster: Cluster, account: str, namespace: str, path: Path) -> None:
+    """A kubeconfig holding a real token of the ServiceAccount (TokenRequest API), not impersonation."""
+    token = cluster.admin("create", "token", account, "-n", namespace, "--duration=1h").stdout.strip()
+    server = {"server": cluster.plane.server, "insecure-skip-tls-verify": True}
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": server}],
+        "users": [{"name": "sa", "user": {"token": token}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "sa"}}],
+        "current-context": "c",
+    }
+    path.write_text(yaml.safe_dump(config))
 
 
 def _helm_install(helm_cluster: Cluster) -> None:
@@ -288,52 +290,18 @@ def test_operator_writes_succeed_as_the_service_account(helm_cluster: Cluster) -
                         "-p", '[{"op": "remove", "path": "/metadata/finalizers"}]')  # fmt: skip
 
 
-def test_real_operator_reconciles_as_the_service_account(helm_cluster: Cluster, tmp_path: Path) -> None:
-    """kvrelay-operator itself (Lease election + kopf), authenticated as the chart's ServiceAccount."""
-    name = "tiny-op"
-    cr = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
-    cr["metadata"] = {"name": name, "namespace": MODEL_NS}
-    helm_cluster.admin("apply", "-f", "-", stdin=json.dumps(cr))
-    log_path = tmp_path / "operator.log"
-    metrics_port = free_port()
-    command = [
-        sys.executable, "-c", "import sys; from kvrelay_operator.main import main; sys.exit(main())",
-        "--all-namespaces", "--liveness=", "--leader-elect", f"--lease-namespace={RELEASE_NS}",
-        f"--lease-name={SA}", "--worker-image=kvrelay/kvrelay:test", f"--metrics-port={metrics_port}",
-    ]  # fmt: skip
-    env = {**os.environ, "KUBECONFIG": str(helm_cluster.sa_kubeconfig)}
+@contextlib.contextmanager
+def operator_process(kubeconfig: Path, args: list[str], log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """kvrelay-operator as a process authenticated by kubeconfig; stopped on exit, log checked for 403s."""
+    command = [sys.executable, "-c", "import sys; from kvrelay_operator.main import main; sys.exit(main())"]
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
     env.pop("KUBERNETES_SERVICE_HOST", None)  # never mistake this for an in-cluster pod
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            [*command, "--liveness=", *args], stdout=log, stderr=subprocess.STDOUT, env=env
+        )
     try:
-        want = {f"{name}-{role}" for role in ("prefill", "decode", "router")}
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, f"operator exited {proc.returncode}:\n{log_path.read_text()[-3000:]}"
-            items = json.loads(helm_cluster.admin("get", "deployments", "-n", MODEL_NS, "-o", "json").stdout)[
-                "items"
-            ]
-            live = json.loads(
-                helm_cluster.admin("get", "disaggregatedmodel", "-n", MODEL_NS, name, "-o", "json").stdout
-            )
-            observed = live.get("status", {}).get("observedGeneration")
-            if want <= {d["metadata"]["name"] for d in items} and observed == live["metadata"]["generation"]:
-                break
-            assert time.monotonic() < deadline, f"no reconcile in 90s:\n{log_path.read_text()[-3000:]}"
-            time.sleep(0.5)
-        # The chart's PodMonitor target: /metrics answers with the autoscaler's series registered.
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
-            assert "kvrelay_autoscaler_desired_replicas" in response.read().decode()
-        lease = json.loads(helm_cluster.admin("get", "lease", "-n", RELEASE_NS, SA, "-o", "json").stdout)
-        assert lease["spec"]["holderIdentity"], lease
-        # kopf posts the reconcile's Event with the same token (events: create).
-        selector = f"--field-selector=involvedObject.name={name}"
-        while (
-            "Created"
-            not in helm_cluster.admin("get", "events", "-n", MODEL_NS, selector, "-o", "json").stdout
-        ):
-            assert time.monotonic() < deadline + 30, f"no Created event:\n{log_path.read_text()[-3000:]}"
-            time.sleep(0.5)
+        yield proc
     finally:
         proc.terminate()
         try:
@@ -343,3 +311,104 @@ def test_real_operator_reconciles_as_the_service_account(helm_cluster: Cluster, 
             proc.wait()
     text = log_path.read_text()
     assert "forbidden" not in text.lower() and " 403" not in text, text[-3000:]
+
+
+def _create_tiny(cluster: Cluster, namespace: str, name: str) -> None:
+    cr = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
+    cr["metadata"] = {"name": name, "namespace": namespace}
+    cluster.admin("apply", "-f", "-", stdin=json.dumps(cr))
+
+
+def _wait_reconciled(
+    cluster: Cluster, namespace: str, name: str, proc: subprocess.Popen[bytes], log_path: Path
+) -> None:
+    """Until the model's Deployments exist and its status has observed its generation (90s at most)."""
+    want = {f"{name}-{role}" for role in ("prefill", "decode", "router")}
+    deadline = time.monotonic() + 90
+    while True:
+        assert proc.poll() is None, f"operator exited {proc.returncode}:\n{log_path.read_text()[-3000:]}"
+        items = json.loads(cluster.admin("get", "deployments", "-n", namespace, "-o", "json").stdout)["items"]
+        live = json.loads(
+            cluster.admin("get", "disaggregatedmodel", "-n", namespace, name, "-o", "json").stdout
+        )
+        observed = live.get("status", {}).get("observedGeneration")
+        if want <= {d["metadata"]["name"] for d in items} and observed == live["metadata"]["generation"]:
+            return
+        assert time.monotonic() < deadline, f"no reconcile in 90s:\n{log_path.read_text()[-3000:]}"
+        time.sleep(0.5)
+
+
+def test_real_operator_reconciles_as_the_service_account(helm_cluster: Cluster, tmp_path: Path) -> None:
+    """kvrelay-operator itself (Lease election + kopf), authenticated as the chart's ServiceAccount."""
+    name, log_path, metrics_port = "tiny-op", tmp_path / "operator.log", free_port()
+    _create_tiny(helm_cluster, MODEL_NS, name)
+    args = ["--all-namespaces", "--leader-elect", f"--lease-namespace={RELEASE_NS}", f"--lease-name={SA}"]
+    args += ["--worker-image=kvrelay/kvrelay:test", f"--metrics-port={metrics_port}"]
+    with operator_process(helm_cluster.sa_kubeconfig, args, log_path) as proc:
+        _wait_reconciled(helm_cluster, MODEL_NS, name, proc, log_path)
+        # The chart's PodMonitor target: /metrics answers with the autoscaler's series registered.
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+            assert "kvrelay_autoscaler_desired_replicas" in response.read().decode()
+        lease = json.loads(helm_cluster.admin("get", "lease", "-n", RELEASE_NS, SA, "-o", "json").stdout)
+        assert lease["spec"]["holderIdentity"], lease
+        # kopf posts the reconcile's Event with the same token (events: create).
+        selector = f"--field-selector=involvedObject.name={name}"
+        deadline = time.monotonic() + 30
+        while (
+            "Created"
+            not in helm_cluster.admin("get", "events", "-n", MODEL_NS, selector, "-o", "json").stdout
+        ):
+            assert time.monotonic() < deadline, f"no Created event:\n{log_path.read_text()[-3000:]}"
+            time.sleep(0.5)
+
+
+def test_namespace_scoped_release_works_in_its_namespace_only(helm_cluster: Cluster, tmp_path: Path) -> None:
+    """operator.watchNamespaces: Roles in those namespaces only, and the real operator works with them."""
+    release, release_ns, watched = "scoped", "kvrelay-scoped", "team-a"
+    account = f"{release}-kvrelay-operator"
+    helm_cluster.admin("create", "namespace", watched)
+    cmd = [
+        str(helm_cluster.helm),
+        "install",
+        release,
+        str(CHART),
+        f"--kubeconfig={helm_cluster.plane.kubeconfig}",
+    ]
+    cmd += [
+        "--namespace",
+        release_ns,
+        "--create-namespace",
+        "--set",
+        f"operator.watchNamespaces={{{watched}}}",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    kubeconfig = tmp_path / "scoped-kubeconfig"
+    _write_sa_kubeconfig(helm_cluster, account, release_ns, kubeconfig)
+
+    def can_i(verb: str, resource: str, namespace: str) -> bool:
+        cmd = [
+            str(helm_cluster.kubectl),
+            f"--kubeconfig={kubeconfig}",
+            "auth",
+            "can-i",
+            verb,
+            resource,
+            "-n",
+            namespace,
+        ]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout.strip() == "yes"
+
+    assert can_i("patch", "deployments.apps", watched)
+    assert not can_i("patch", "deployments.apps", MODEL_NS), "a scoped release must not write elsewhere"
+    assert not can_i("list", "disaggregatedmodels.kvrelay.dev", "default")
+    name, log_path = "tiny-scoped", tmp_path / "operator.log"
+    _create_tiny(helm_cluster, watched, name)
+    args = [f"--namespace={watched}", "--leader-elect", f"--lease-namespace={release_ns}"]
+    args += [
+        f"--lease-name={account}",
+        "--worker-image=kvrelay/kvrelay:test",
+        f"--metrics-port={free_port()}",
+    ]
+    with operator_process(kubeconfig, args, log_path) as proc:
+        _wait_reconciled(helm_cluster, watched, name, proc, log_path)

@@ -212,7 +212,7 @@ def test_rbac_is_least_privilege(render: Render) -> None:
     assert not {
         g for g in grants if g[2] in {"escalate", "bind", "impersonate", "delete", "deletecollection"}
     }
-    (role,) = by_kind(manifests, "Role")
+    (role,) = by_kind(manifests, "Role")  # only the Lease Role when watching every namespace
     assert role["metadata"]["namespace"] == "kvrelay-system"
     assert {g[:2] for g in _grants(role["rules"])} == {("coordination.k8s.io", "leases")}
     sa_name = by_kind(manifests, "ServiceAccount")[0]["metadata"]["name"]
@@ -220,6 +220,30 @@ def test_rbac_is_least_privilege(render: Render) -> None:
         assert binding["subjects"] == [
             {"kind": "ServiceAccount", "name": sa_name, "namespace": "kvrelay-system"}
         ]
+
+
+def test_watching_namespaces_grants_only_in_them(render: Render) -> None:
+    cluster_wide = _grants(by_kind(render(), "ClusterRole")[0]["rules"])
+    scoped = render("--set", "operator.watchNamespaces={team-a,kvrelay-system}")
+    (cluster_role,) = by_kind(scoped, "ClusterRole")
+    assert {g[:2] for g in _grants(cluster_role["rules"])} == {
+        ("apiextensions.k8s.io", "customresourcedefinitions"),
+        ("", "namespaces"),  # kopf observes the Namespaces it was given by name
+    }
+    watch_roles = {
+        r["metadata"]["namespace"]: r
+        for r in by_kind(scoped, "Role")
+        if r["metadata"]["name"].endswith("-watch")
+    }
+    assert set(watch_roles) == {"team-a", "kvrelay-system"}
+    crd_reads = {g for g in cluster_wide if g[1] == "customresourcedefinitions"}
+    for role in watch_roles.values():
+        assert _grants(role["rules"]) == cluster_wide - crd_reads
+    assert not {g for g in cluster_wide if g[1] == "namespaces"}, "cluster-wide kopf does not list Namespaces"
+    bindings = [b for b in by_kind(scoped, "RoleBinding") if b["roleRef"]["name"].endswith("-watch")]
+    assert {b["metadata"]["namespace"] for b in bindings} == {"team-a", "kvrelay-system"}
+    names = [(m["kind"], m["metadata"].get("namespace"), m["metadata"]["name"]) for m in scoped]
+    assert len(names) == len(set(names)), "two objects share a kind, namespace and name"
 
 
 def test_dashboards_ship_as_sidecar_configmaps(render: Render) -> None:

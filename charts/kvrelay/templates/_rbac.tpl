@@ -1,0 +1,45 @@
+{{/*
+What the operator reads and writes in a namespace it watches (kopf handlers, resources.py children).
+Children are written with server-side apply and garbage-collected through ownerReferences.
+*/}}
+{{- define "kvrelay.namespacedRules" -}}
+# The custom resource: watch it, patch finalizers/annotations (kopf) and its status.
+- apiGroups: ["kvrelay.dev"]
+  resources: ["disaggregatedmodels"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["kvrelay.dev"]
+  resources: ["disaggregatedmodels/status"]
+  verbs: ["get", "patch"]
+# Children of a DisaggregatedModel: server-side apply (create + patch), list to compare hashes,
+# watch for drift. No update/delete: the garbage collector removes children via ownerReferences.
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+- apiGroups: [""]
+  resources: ["services", "configmaps"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+- apiGroups: ["monitoring.coreos.com"]
+  resources: ["podmonitors"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+# Each model's router gets its own ServiceAccount and a Role to read EndpointSlices (below); the
+# operator may create such Roles only because it holds the same EndpointSlice grant itself, so
+# no escalate/bind verbs are needed.
+- apiGroups: [""]
+  resources: ["serviceaccounts"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["roles", "rolebindings"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+# kopf reports handler progress and errors as events on the resource.
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+# The router discovers ready workers from the worker Services' EndpointSlices; the operator holds
+# this grant so that it may hand it on to routers (RBAC forbids granting what one lacks).
+- apiGroups: ["discovery.k8s.io"]
+  resources: ["endpointslices"]
+  verbs: ["get", "list", "watch"]
+{{- end }}
