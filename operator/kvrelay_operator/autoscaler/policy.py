@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
 
+from kvrelay_operator.autoscaler.estimators import (
+    demand_trend,
+    estimate_demand,
+    kv_cache_replicas,
+    learn_capacity,
+    mean_prompt_tokens,
+)
 from kvrelay_operator.autoscaler.queueing import servers_for_wait
 from kvrelay_operator.autoscaler.types import (
     ROLES,
@@ -26,17 +32,8 @@ from kvrelay_operator.autoscaler.types import (
     Snapshot,
 )
 
-# Below this share of busy time (prefill) or of the latency range (decode) an observation says
-# little about capacity, so it is not learned from.
-_MIN_INFORMATIVE_LOAD = 0.25
-_MIN_INFORMATIVE_DECODE = 0.1
-# One odd window must not move the learned capacity arbitrarily far from the profile.
-_CAPACITY_CLAMP = 4.0
-_DEFAULT_PROMPT_TOKENS = 1024.0
 _MAX_TREND_GAIN = 0.5
 _MAX_DAMPING = 4.0
-# Queued prompt tokens that mean "busy the whole window" rather than a request in flight.
-_SATURATED_QUEUE_TOKENS = 4096.0
 
 
 def decide(
@@ -52,8 +49,8 @@ def decide(
         )
     metrics_since = now if state.metrics_since is None else state.metrics_since
 
-    demand = _demand(metrics, state, config, now)
-    capacity = _learn_capacity(metrics, snapshot, state, config, demand)
+    demand = estimate_demand(metrics, state, config, now)
+    capacity = learn_capacity(metrics, snapshot, state, config, demand)
     if demand.saturated_p:
         # A saturated pool serves its capacity; the queue grows by the rest. This sees a step
         # at once, where the admitted-tokens rate averages it over the whole rate window.
@@ -70,7 +67,7 @@ def decide(
     peak_p = max(s.prefill_tokens_per_second for s in history if s.at >= now - window["prefill"])
     peak_d = max(s.decode_tokens_per_second for s in history if s.at >= now - window["decode"])
     lead = config.replica_startup_seconds + config.interval_seconds
-    trend = _trend(history, now - config.trend_window_seconds)
+    trend = demand_trend(history, now - config.trend_window_seconds)
     # Extrapolate rising demand over a replica start; at most +50%, a step is not a ramp.
     forecast_p = demand.steady_p + min(max(trend[0], 0.0) * lead, _MAX_TREND_GAIN * demand.steady_p)
     forecast_d = demand.steady_d + min(max(trend[1], 0.0) * lead, _MAX_TREND_GAIN * demand.steady_d)
@@ -80,7 +77,7 @@ def decide(
     demand_p = forecast_p + (demand.drain_p if snapshot.prefill.pending == 0 else 0.0)
     demand_d = forecast_d + (demand.drain_d if snapshot.decode.pending == 0 else 0.0)
 
-    mean_prompt = _mean_prompt_tokens(metrics)
+    mean_prompt = mean_prompt_tokens(metrics)
     kv_seconds = (
         metrics.kv_transfer_seconds
         if metrics.kv_transfer_seconds is not None
@@ -92,7 +89,7 @@ def decide(
         ),
         "decode": max(
             decode_replicas_needed(demand_d, capacity["decode"], config.decode_target_utilization),
-            _kv_cache_replicas(metrics, snapshot, config),
+            kv_cache_replicas(metrics, snapshot, config),
         ),
     }
     need_down: dict[Role, int] = {
@@ -108,7 +105,7 @@ def decide(
             decode_replicas_needed(
                 peak_d, capacity["decode"], config.decode_target_utilization * config.scale_down_margin
             ),
-            _kv_cache_replicas(metrics, snapshot, config, target=config.kv_cache_target * 0.9),
+            kv_cache_replicas(metrics, snapshot, config, target=config.kv_cache_target * 0.9),
         ),
     }
     # An SLO miss counts only while its cause is still there (a backlog, or a full decode pool):
@@ -401,173 +398,6 @@ def _hold(snapshot: Snapshot, config: PolicyConfig, now: float, problem: str) ->
     return Decision(
         at=now, prefill=roles["prefill"], decode=roles["decode"], hold=True, reason=f"hold: {problem}"
     )
-
-
-def _learn_capacity(
-    metrics: MetricsSample, snapshot: Snapshot, state: PolicyState, config: PolicyConfig, demand: _Demand
-) -> dict[Role, float]:
-    """Per-replica capacity: the profile seed, corrected online by what the pools actually do.
-
-    Prefill: when a backlog persisted through the window the pool ran flat out, so what it served
-    per replica is its capacity; otherwise served tokens/s per replica over its busy share.
-    Decode: with step time a + c*batch, ITL = a / (1 - c*x) at x tokens/s, so the capacity at the
-    ITL SLO S is x * (1 - a/S) / (1 - a/L) for an observed ITL L (observed/expected correction).
-    """
-    seeds: dict[Role, float] = {
-        "prefill": config.prefill_tokens_per_second,
-        "decode": config.decode_tokens_per_second,
-    }
-    learned = {role: state.role(role).capacity_tokens_per_second or seeds[role] for role in ROLES}
-    if not config.learn_capacity:
-        return learned
-
-    observed: dict[Role, float | None] = {"prefill": None, "decode": None}
-    ready_p = snapshot.prefill.ready
-    busy = metrics.prefill_busy_seconds_per_second
-    if ready_p > 0 and demand.served_p > 0 and snapshot.prefill.pending == 0:
-        if demand.saturated_p:
-            observed["prefill"] = demand.served_p / ready_p
-        elif busy is not None and _MIN_INFORMATIVE_LOAD <= busy / ready_p <= 1.0:
-            # prefill_seconds is per request: batched prefill over-counts busy time, which only
-            # makes this estimate low (safe); a saturated window corrects it upwards.
-            observed["prefill"] = demand.served_p / ready_p / (busy / ready_p)
-
-    ready_d = snapshot.decode.ready
-    itl = metrics.itl_seconds
-    # Requests waiting for a decode slot inflate ITL with admission delay, not step time.
-    queue_free = not metrics.decode_requests_waiting
-    if ready_d > 0 and itl is not None and queue_free and metrics.generation_tokens_per_second:
-        slo = config.itl_slo_seconds
-        base = config.decode_base_itl_fraction * slo
-        if base + _MIN_INFORMATIVE_DECODE * (slo - base) <= itl <= 2 * slo:
-            per_replica = metrics.generation_tokens_per_second / ready_d
-            observed["decode"] = per_replica * (1 - base / slo) / (1 - base / itl)
-
-    alpha = config.capacity_ewma_alpha
-    for role in ROLES:
-        value = observed[role]
-        if value is None:
-            continue
-        value = min(max(value, seeds[role] / _CAPACITY_CLAMP), seeds[role] * _CAPACITY_CLAMP)
-        learned[role] = (1 - alpha) * learned[role] + alpha * value
-    return learned
-
-
-@dataclass(frozen=True)
-class _Demand:
-    steady_p: float
-    served_p: float
-    growth_p: float
-    saturated_p: bool
-    steady_d: float
-    drain_p: float
-    drain_d: float
-    waiting_requests: float
-    mean_output_tokens: float | None
-    inputs: dict[str, float]
-
-
-def _demand(metrics: MetricsSample, state: PolicyState, config: PolicyConfig, now: float) -> _Demand:
-    """Demand in tokens/s, what serving it would take to drain backlogs, and what was served.
-
-    Prefill workers count prompt tokens when they admit a request, so their rate is the offered
-    load even when the pool is saturated; what was computed is that minus the queue's growth.
-    Decode counts tokens as made, so a saturated decode pool hides demand: waiting requests
-    (prefill's too: they reach decode next) and their growth add their expected output.
-    """
-    offered_p = metrics.prompt_tokens_per_second or 0.0
-    served_d = metrics.generation_tokens_per_second or 0.0
-    dt = None if state.last_metrics_at is None else now - state.last_metrics_at
-    queued = metrics.queued_prefill_tokens or 0.0
-    growth_q = 0.0
-    last_q = state.last_queued_prefill_tokens
-    if dt and dt > 0 and last_q is not None:
-        growth_q = (queued - last_q) / dt
-    served_p = max(offered_p - growth_q, 0.0)
-    # A backlog at both ends of the window: the pool never idled in between.
-    saturated_p = last_q is not None and min(queued, last_q) > _SATURATED_QUEUE_TOKENS
-
-    mean_output = state.mean_output_tokens
-    if metrics.request_rate and served_d > 0:
-        observed = served_d / metrics.request_rate
-        alpha = config.capacity_ewma_alpha
-        mean_output = observed if mean_output is None else (1 - alpha) * mean_output + alpha * observed
-    waiting = (metrics.prefill_requests_waiting or 0.0) + (metrics.decode_requests_waiting or 0.0)
-    growth_w = 0.0
-    if dt and dt > 0 and state.last_waiting_requests is not None:
-        growth_w = max((waiting - state.last_waiting_requests) / dt, 0.0)
-    per_request = mean_output or 0.0
-    inputs = {
-        "prompt_tokens_per_second": offered_p,
-        "prefill_served_tokens_per_second": served_p,
-        "generation_tokens_per_second": served_d,
-        "queued_prefill_tokens": queued,
-        "waiting_requests": waiting,
-        "mean_output_tokens": per_request,
-    }
-    return _Demand(
-        steady_p=offered_p,
-        served_p=served_p,
-        saturated_p=saturated_p,
-        growth_p=growth_q,
-        steady_d=served_d + growth_w * per_request,
-        drain_p=queued / config.replica_startup_seconds,
-        drain_d=waiting * per_request / config.replica_startup_seconds,
-        waiting_requests=waiting,
-        mean_output_tokens=mean_output,
-        inputs=inputs,
-    )
-
-
-def _trend(history: tuple[DemandSample, ...], since: float) -> tuple[float, float]:
-    """Least-squares slope (tokens/s per s) of both demands in the window; 0 unless it is clear.
-
-    A slope counts only when it moves demand by over 10% across the window and demand still
-    rose in the last interval, so noise on a flat load or a past step does not add replicas.
-    """
-    points = [s for s in history if s.at >= since]
-    if len(points) < 3:
-        return 0.0, 0.0
-    mean_t = sum(s.at for s in points) / len(points)
-    var_t = sum((s.at - mean_t) ** 2 for s in points)
-    span = points[-1].at - points[0].at
-    if var_t <= 0 or span <= 0:
-        return 0.0, 0.0
-    out = []
-    for values in (
-        [s.prefill_tokens_per_second for s in points],
-        [s.decode_tokens_per_second for s in points],
-    ):
-        mean_v = sum(values) / len(values)
-        slope = sum((s.at - mean_t) * (v - mean_v) for s, v in zip(points, values, strict=True)) / var_t
-        # Still rising in the last interval too: a step that went flat is not a ramp to extrapolate.
-        rising = values[-1] > values[-2]
-        out.append(slope if rising and abs(slope) * span > 0.1 * max(mean_v, 1e-9) else 0.0)
-    return out[0], out[1]
-
-
-def _kv_cache_replicas(
-    metrics: MetricsSample, snapshot: Snapshot, config: PolicyConfig, target: float | None = None
-) -> int:
-    """Decode replicas whose KV cache holds the running and the waiting sequences at the target use.
-
-    Long contexts make decode memory-bound before it is bandwidth-bound: requests then wait for
-    KV space, and tokens/s never shows the shortfall. Each running sequence holds usage * ready /
-    running of a replica's cache; waiting ones will need as much.
-    """
-    usage = metrics.kv_cache_usage_ratio
-    if usage is None or snapshot.decode.ready == 0:
-        return 0
-    running = metrics.decode_requests_running or 0.0
-    waiting = metrics.decode_requests_waiting or 0.0
-    queued_share = 1.0 + waiting / running if running > 0 else 1.0
-    return math.ceil(snapshot.decode.ready * usage * queued_share / (target or config.kv_cache_target) - 1e-9)
-
-
-def _mean_prompt_tokens(metrics: MetricsSample) -> float:
-    if metrics.request_rate and metrics.prompt_tokens_per_second:
-        return max(metrics.prompt_tokens_per_second / metrics.request_rate, 1.0)
-    return _DEFAULT_PROMPT_TOKENS
 
 
 def _trim_history(history: tuple[DemandSample, ...], since: float) -> tuple[DemandSample, ...]:
