@@ -27,9 +27,19 @@ READY_RE = re.compile(r"READY role=(\S+) grpc=(\S+) metrics=(\d+)(?: kv=(\S+))?"
 
 def free_port() -> int:
     """A port the OS just handed out (bind port 0); small race, fine on a test host."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: all sockets stay bound until every port is picked."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 @dataclass
@@ -67,8 +77,9 @@ def spawn_worker(
     role: str, model_dir: Path, *extra: str, kv_backend: str = "tcp", threads: int = 1
 ) -> tuple[WorkerProcess, threading.Event]:
     """Start one worker on free ports; the event is set once it printed READY."""
+    grpc_port, metrics_port = free_ports(2)
     args = [
-        "--grpc-port", str(free_port()), "--metrics-port", str(free_port()),
+        "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
         "--kv-backend", kv_backend, "--threads", str(threads), *extra,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
@@ -96,6 +107,11 @@ def spawn_worker(
     return worker, ready
 
 
+def _bind_failed(worker: WorkerProcess) -> bool:
+    text = worker.log(200)
+    return "Failed to bind" in text or "Address already in use" in text
+
+
 @contextlib.contextmanager
 def run_workers(
     specs: list[tuple[str, Path, tuple[str, ...]]],
@@ -110,9 +126,14 @@ def run_workers(
         for role, model_dir, extra in specs:
             started.append(spawn_worker(role, model_dir, *extra, kv_backend=kv_backend, threads=threads))
         deadline = time.monotonic() + ready_timeout_s
-        for worker, ready in started:
-            while not ready.wait(0.2):
-                if worker.proc.poll() is not None or time.monotonic() > deadline:
+        for i, (role, model_dir, extra) in enumerate(specs):
+            retries = 2  # another test process may grab the same free port between pick and bind
+            while not started[i][1].wait(0.2):
+                worker = started[i][0]
+                if worker.proc.poll() is not None and retries and _bind_failed(worker):
+                    retries -= 1
+                    started[i] = spawn_worker(role, model_dir, *extra, kv_backend=kv_backend, threads=threads)
+                elif worker.proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"{worker.role} worker did not become ready:\n{worker.log()}")
         yield [worker for worker, _ in started]
     finally:
