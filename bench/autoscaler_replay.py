@@ -3,9 +3,10 @@
 Prints one JSON line per (trace, policy): SLO attainment (TTFT and ITL), GPU-hours from
 allocation (warm-up included), scale events and reversals per role per hour, seconds of SLO
 violation after each load step, and ratios against the peak-sized static deployment and the
-SLA-planner baseline measured in the same run. `--quick` (CI) replays only the synthetic step.
+SLA-planner baseline measured in the same run. By default (and with `--quick`, for CI) only the
+synthetic staircase is replayed (~20 s); `--full` replays every trace (~5 min of CPU).
 
-    python bench/autoscaler_replay.py [--quick] [--trace NAME ...]
+    python bench/autoscaler_replay.py [--quick | --full] [--trace NAME ...]
 
 Traces come from `$KVRELAY_TRACES_DIR` or `../shared/traces` (see its README for sources).
 """
@@ -149,10 +150,11 @@ def _timed(scenario: Scenario, controller: object, initial: tuple[int, int]) -> 
 def main(argv: list[str] | None = None) -> int:
     """Run the replay and print one JSON line per trace and policy."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="only the synthetic step trace (CI, < 60 s)")
+    parser.add_argument("--quick", action="store_true", help="only the staircase (the default; CI, < 60 s)")
+    parser.add_argument("--full", action="store_true", help="every trace: synthetic, Azure and Mooncake")
     parser.add_argument("--trace", action="append", help="only traces whose name contains this")
     args = parser.parse_args(argv)
-    for scenario in scenarios(args.quick, args.trace):
+    for scenario in scenarios(not args.full, args.trace):
         for result in run_trace(scenario):
             print(json.dumps(result), flush=True)
     return 0
