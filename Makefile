@@ -1,5 +1,5 @@
 # The README's two commands: `make serve` and `make test`.
-.PHONY: serve test lint crds bench
+.PHONY: serve test lint crds dashboards
 
 serve:  ## install (first time) and serve the tiny model disaggregated on this machine
 	@venv=$$(bash hack/setup-venv.sh) && exec "$$venv/bin/kvrelay" serve --model tiny
@@ -10,5 +10,8 @@ test:   ## install what tests need, lint, run every test tier
 lint:
 	@venv=$$(bash hack/setup-venv.sh) && "$$venv/bin/ruff" check . && "$$venv/bin/ruff" format --check .
 
-crds:   ## re-render crds/ from operator/kvrelay_operator/api.py
-	@venv=$$(bash hack/setup-venv.sh) && "$$venv/bin/kvrelay-render-crds"
+crds:   ## re-render crds/ from operator/kvrelay_operator/api.py and copy them into the chart
+	@venv=$$(bash hack/setup-venv.sh) && "$$venv/bin/kvrelay-render-crds" && bash charts/kvrelay/sync-crds.sh
+
+dashboards:  ## re-render charts/kvrelay/dashboards/*.json from operator/kvrelay_operator/dashboards.py
+	@venv=$$(bash hack/setup-venv.sh) && "$$venv/bin/python" -m kvrelay_operator.dashboards
