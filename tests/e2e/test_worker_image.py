@@ -49,6 +49,13 @@ def test_dockerfile_is_pinned_non_root_with_one_entrypoint() -> None:
     assert "memlock" in DOCKERFILE.read_text() and "UCX_NET_DEVICES" in DOCKERFILE.read_text()
 
 
+def test_image_installs_every_role_the_chart_runs_from_it() -> None:
+    # The chart runs the operator from this image (command kvrelay-operator), so it needs its extra.
+    runs = " ".join(rest for op, rest in _instructions() if op == "RUN")
+    (extras,) = re.findall(r'pip install [^&]*"\.\[([a-z,]+)\]"', runs)
+    assert {"worker", "router", "operator"} <= set(extras.split(","))
+
+
 def test_entrypoint_help_lists_roles() -> None:
     script = Path(sys.executable).with_name(_entrypoint()[0])
     assert script.exists(), f"console script {script} is not installed (pip install -e .)"
