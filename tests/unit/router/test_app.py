@@ -43,7 +43,10 @@ class Stack:
 
 @contextlib.asynccontextmanager
 async def run_stack(
-    tokenizer_dir: Path, tokenizer: Tokenizer, api_key: str | None = None
+    tokenizer_dir: Path,
+    tokenizer: Tokenizer,
+    api_key: str | None = None,
+    decode_idle_timeout_s: float = 120.0,
 ) -> AsyncIterator[Stack]:
     vocab = tokenizer.vocab_size
     async with contextlib.AsyncExitStack() as stack:
@@ -56,6 +59,7 @@ async def run_stack(
             decode=[w[0] for w in workers[2:]],
             api_key=SecretStr(api_key) if api_key else None,
             health_interval_s=0.2,
+            decode_idle_timeout_s=decode_idle_timeout_s,
         )
         app = create_app(config, StaticDiscovery(config.prefill, config.decode), tokenizer)
         server = uvicorn.Server(
@@ -339,6 +343,26 @@ async def test_models_health_metrics(stack: Stack) -> None:
     assert f'kvrelay_inter_token_latency_seconds_count{{model="{MODEL}"}} 4.0' in metrics
     assert f'kvrelay_generation_tokens_total{{model="{MODEL}"}} 5.0' in metrics
     assert f'kvrelay_requests_total{{model="{MODEL}",status="success"}} 1.0' in metrics
+
+
+async def test_stuck_decode_worker_ends_the_stream_with_an_error(
+    tokenizer_dir: Path, tokenizer: Tokenizer
+) -> None:
+    async with run_stack(tokenizer_dir, tokenizer, decode_idle_timeout_s=0.5) as stack:
+        for worker in stack.decode:
+            worker.token_delay_s = 30.0  # alive (readiness passes) but never sends a token
+        started = time.monotonic()
+        events = await stack.client.completions.create(
+            model=MODEL, prompt="the quick", max_tokens=5, stream=True
+        )
+        with pytest.raises(openai.APIError, match=r"no token for 0\.5 s"):
+            async for _ in events:
+                pass
+        assert time.monotonic() - started < 10
+        deadline = time.monotonic() + 10  # generous: CI machines are often oversubscribed
+        while sum(w.cancelled for w in stack.decode) == 0:
+            assert time.monotonic() < deadline, "the stuck decode call was not cancelled"
+            await asyncio.sleep(0.05)
 
 
 async def test_api_key(tokenizer_dir: Path, tokenizer: Tokenizer) -> None:

@@ -185,6 +185,7 @@ async def _serve(
         sampling,
         req.stop_strings(),
         arrival,
+        state.config.decode_idle_timeout_s,
     )
     if req.stream:
         # Wait for the first token before answering 200, so a prefill failure is still a proper HTTP error.

@@ -37,3 +37,6 @@ class RouterConfig(BaseModel):
         default=None, description="when set, clients must send it as a Bearer token"
     )
     health_interval_s: float = Field(default=1.0, gt=0)
+    decode_idle_timeout_s: float = Field(
+        default=120.0, gt=0, description="fail a request whose decode worker sends nothing for this long"
+    )

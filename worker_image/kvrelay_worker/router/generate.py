@@ -71,6 +71,7 @@ async def generate(
     sampling: dict[str, Any],
     stop: list[str],
     arrival: float,
+    decode_idle_timeout_s: float | None = None,
 ) -> AsyncIterator[Event]:
     """Yield text deltas then one `Finished`; raises `OpenAIError` on failure. `arrival` is monotonic."""
     detok = IncrementalDetokenizer(tokenizer)
@@ -112,9 +113,11 @@ async def generate(
         tried.append(worker.client.address)
         relayed = 0
         try:
-            async for text, reason in _relay_decode(
-                pool, worker, request_id, prompt_ids, first.token_id, kv_handle, sampling, push, metrics
-            ):
+            relay = _relay_decode(
+                pool, worker, request_id, prompt_ids, first.token_id, kv_handle, sampling, push, metrics,
+                decode_idle_timeout_s,
+            )  # fmt: skip
+            async for text, reason in relay:
                 relayed += 1
                 if text:
                     yield TextDelta(text)
@@ -143,10 +146,11 @@ async def _relay_decode(
     sampling: dict[str, Any],
     push: Callable[[int, str | None], str],
     metrics: RouterMetrics,
+    idle_timeout_s: float | None,
 ) -> AsyncIterator[tuple[str, str | None]]:
     """Yield (text of the token, finish reason or None) per decoded token; raises `WorkerFailed`."""
     worker.running_sequences += 1
-    stream = worker.client.decode(request_id, prompt_ids, first_token, kv_handle, sampling)
+    stream = worker.client.decode(request_id, prompt_ids, first_token, kv_handle, sampling, idle_timeout_s)
     last = time.monotonic()
     try:
         async for token in stream:

@@ -112,8 +112,13 @@ class WorkerClient:
         first_token: int,
         kv_handle: bytes,
         sampling: dict[str, Any],
+        idle_timeout_s: float | None = None,
     ) -> AsyncIterator[DecodeToken]:
-        """Stream the tokens after `first_token`; closing the iterator cancels the call on the worker."""
+        """Stream the tokens after `first_token`; closing the iterator cancels the call on the worker.
+
+        `idle_timeout_s` bounds the wait for each response: a worker that is alive but stuck ends the
+        request with an error instead of a hang (a killed worker is noticed at once anyway).
+        """
         done = asyncio.Event()
         request = {
             "model_name": DECODE_MODEL,
@@ -134,7 +139,15 @@ class WorkerClient:
 
         responses = self._client.stream_infer(requests())
         try:
-            async for result, error in responses:
+            while True:
+                try:
+                    result, error = await asyncio.wait_for(anext(responses), idle_timeout_s)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise WorkerFailed(
+                        f"decode on {self.address}: no token for {idle_timeout_s:g} s", worker_down=False
+                    ) from None
                 if error is not None:
                     raise WorkerFailed(f"decode on {self.address}: {error.message()}", worker_down=False)
                 params = result.get_response().parameters

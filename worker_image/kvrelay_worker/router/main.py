@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--metrics-port", type=int, default=0, help="also serve /metrics on this port (0: only on --port)"
     )
+    p.add_argument(
+        "--decode-idle-timeout", type=float, default=120.0, help="seconds without a token before failing"
+    )
     p.add_argument("--log-level", default="info")
     return p
 
@@ -72,6 +75,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         instance=args.instance,
         grpc_port_name=args.grpc_port_name,
         api_key=SecretStr(key) if key else None,
+        decode_idle_timeout_s=args.decode_idle_timeout,
     )
 
 
