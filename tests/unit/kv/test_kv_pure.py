@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
+import time
 
 import pytest
 import torch
@@ -170,3 +172,51 @@ async def test_metrics_count_bytes_and_failures_in_process() -> None:
     )
     assert freed == [[2, 3]]
     assert asyncio.get_running_loop() is not None
+
+
+@pytest.mark.parametrize("backend", ["tcp", "nixl"])
+async def test_cancel_and_close_stop_a_fetch_waiting_on_a_silent_holder(backend: str) -> None:
+    """A holder that accepts the claim connection and never answers: cancel and close end the fetch."""
+    lay = layout()
+    dst = torch.zeros((3, 2, 16, 8, 4, 8), dtype=torch.bfloat16)
+    silent = socket.create_server(("127.0.0.1", 0))
+    me = KVHolderRank(
+        rank=0,
+        agent_name="silent",
+        endpoint=f"127.0.0.1:{silent.getsockname()[1]}",
+        block_ids=[3, 4],
+        num_blocks_total=16,
+    )
+    handle = KVHandle(
+        request_id="r",
+        backend=backend,
+        holder=me,
+        layout=lay,
+        ranks=[me],
+        num_tokens=8,
+        lease_expires_at=time.time() + 60,
+    ).signed(b"x")
+    reader = create_transport(
+        backend, dst, lay, metrics=KVMetrics("m@1", "decode", registry=CollectorRegistry())
+    )
+    reader.start()
+    try:
+        task = asyncio.create_task(reader.fetch(handle, [5, 6], timeout_s=30))
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert time.monotonic() - started < 1.0  # not the 30 s deadline, not the 5 s cancel grace
+        task = asyncio.create_task(reader.fetch(handle, [5, 6], timeout_s=30))
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        await asyncio.to_thread(reader.close)
+        with pytest.raises(KVTransferError) as err:
+            await task
+        assert err.value.reason == "cancelled"
+        assert time.monotonic() - started < 2.0
+        assert not dst.view(torch.int16).any()  # nothing was written into the destination blocks
+    finally:
+        reader.close()
+        silent.close()

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import secrets
+import select
 import socket
 import threading
 import time
@@ -98,6 +99,7 @@ class KVTransport(ABC):
         self._stop = threading.Event()
         self._service: threading.Thread | None = None
         self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="kv-fetch")
+        self._cancels: set[threading.Event] = set()  # one per fetch in flight; close() sets them all
         self._started = False
 
     # ---------------------------------------------------------------- lifecycle
@@ -119,6 +121,8 @@ class KVTransport(ABC):
         if not self._started:
             return
         self._stop.set()
+        for cancel in list(self._cancels):  # in-flight fetches stop at their next poll, not their deadline
+            cancel.set()
         if self._server is not None:
             self._server.close()
         if self._service is not None:
@@ -254,6 +258,7 @@ class KVTransport(ABC):
         started = time.monotonic()
         deadline = started + timeout_s
         cancel = threading.Event()
+        self._cancels.add(cancel)
         try:
             if self._clock() >= handle.lease_expires_at:
                 raise KVTransferError(
@@ -288,6 +293,8 @@ class KVTransport(ABC):
         except Exception as exc:  # a backend library error must reach the failure policy as one type
             self.metrics.failure("transfer_error")
             raise KVTransferError("transfer_error", f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            self._cancels.discard(cancel)
         self.metrics.transfer_seconds.observe(time.monotonic() - started)
         self.metrics.transfer_bytes.inc(nbytes)
 
@@ -359,3 +366,25 @@ def connect(endpoint: str, deadline: float) -> socket.socket:
         raise KVTransferError("holder_unreachable", f"cannot connect to holder {endpoint}: {exc}") from exc
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
+
+
+def exchange_claim(
+    sock: socket.socket, req: dict[str, Any], endpoint: str, deadline: float, cancel: threading.Event
+) -> dict[str, Any]:
+    """Send a claim and wait for the holder's answer, checking the deadline and cancel flag."""
+    try:
+        send_frame(sock, req)
+        while not select.select([sock], [], [], 0.05)[0]:
+            if cancel.is_set():
+                raise KVTransferError("cancelled", "fetch cancelled while waiting for the claim")
+            if time.monotonic() >= deadline:
+                raise KVTransferError("timeout", f"holder {endpoint} did not answer the claim in time")
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        reply = recv_frame(sock)
+    except TimeoutError as exc:
+        raise KVTransferError("timeout", f"holder {endpoint} did not answer the claim in time") from exc
+    except (ConnectionError, OSError) as exc:
+        raise KVTransferError("holder_unreachable", f"holder {endpoint} dropped the claim: {exc}") from exc
+    if not reply.get("ok"):
+        raise KVTransferError(reply.get("reason", "refused"), reply.get("message", ""))
+    return reply

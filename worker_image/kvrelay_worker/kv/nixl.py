@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from .base import KVTransport, connect
-from .control import recv_frame, send_frame
+from .base import KVTransport, connect, exchange_claim
+from .control import send_frame
 from .handle import KVHandle, KVHolderRank, KVLayout, KVTransferError
 from .leases import Lease
 from .runs import RunPlan
@@ -173,7 +173,7 @@ class NixlTransport(KVTransport):
             known = peer in self._peers
         req = self.claim_request(handle, dst_block_ids, deadline)
         req["want_metadata"] = not known
-        reply = self._claim(holder.endpoint, req, deadline)
+        reply = self._claim(holder.endpoint, req, deadline, cancel)
         if not known:
             self._add_peer(peer, base64.b64decode(reply["metadata_b64"]))
         total = int(runs[:, 2].sum())
@@ -188,23 +188,14 @@ class NixlTransport(KVTransport):
             raise
         return total
 
-    def _claim(self, endpoint: str, req: dict[str, Any], deadline: float) -> dict[str, Any]:
+    def _claim(
+        self, endpoint: str, req: dict[str, Any], deadline: float, cancel: threading.Event
+    ) -> dict[str, Any]:
         sock = connect(endpoint, deadline)
         try:
-            send_frame(sock, req)
-            sock.settimeout(max(deadline - time.monotonic(), 0.001))
-            reply = recv_frame(sock)
-        except TimeoutError as exc:
-            raise KVTransferError("timeout", f"holder {endpoint} did not answer the claim in time") from exc
-        except (ConnectionError, OSError) as exc:
-            raise KVTransferError(
-                "holder_unreachable", f"holder {endpoint} dropped the claim: {exc}"
-            ) from exc
+            return exchange_claim(sock, req, endpoint, deadline, cancel)
         finally:
             sock.close()
-        if not reply.get("ok"):
-            raise KVTransferError(reply.get("reason", "refused"), reply.get("message", ""))
-        return reply
 
     def _add_peer(self, peer: str, metadata: bytes) -> None:
         with self._peer_lock:
@@ -258,6 +249,8 @@ class NixlTransport(KVTransport):
                 "transfer_error", f"cannot set up READ from {holder.agent_name}: {exc}"
             ) from exc
         try:
+            if cancel.is_set():  # a cma READ completes inside transfer(): last chance not to write
+                raise KVTransferError("cancelled", "fetch cancelled")
             state = agent.transfer(xfer)
             while state == "PROC":
                 if cancel.is_set():

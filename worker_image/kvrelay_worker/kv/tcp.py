@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .base import KVTransport, connect
+from .base import KVTransport, connect, exchange_claim
 from .control import recv_frame, send_frame
 from .handle import KVHandle, KVHolderRank, KVLayout, KVTransferError
 from .leases import Lease
@@ -83,20 +83,8 @@ class TcpTransport(KVTransport):
     ) -> int:
         sock = connect(holder.endpoint, deadline)
         try:
-            send_frame(sock, self.claim_request(handle, dst_block_ids, deadline))
-            sock.settimeout(max(deadline - time.monotonic(), 0.001))
-            try:
-                reply = recv_frame(sock)
-            except TimeoutError as exc:
-                raise KVTransferError(
-                    "timeout", f"holder {holder.endpoint} did not answer the claim in time"
-                ) from exc
-            except (ConnectionError, OSError) as exc:
-                raise KVTransferError(
-                    "holder_unreachable", f"holder {holder.endpoint} dropped the claim: {exc}"
-                ) from exc
-            if not reply.get("ok"):
-                raise KVTransferError(reply.get("reason", "refused"), reply.get("message", ""))
+            request = self.claim_request(handle, dst_block_ids, deadline)
+            reply = exchange_claim(sock, request, holder.endpoint, deadline, cancel)
             total = int(runs[:, 2].sum())
             if int(reply["nbytes"]) != total:
                 raise KVTransferError(
