@@ -141,7 +141,9 @@ class WorkerClient:
         try:
             while True:
                 try:
-                    result, error = await asyncio.wait_for(anext(responses), idle_timeout_s)
+                    # A timer per response, no task: wait_for would cost a task per token.
+                    async with asyncio.timeout(idle_timeout_s):
+                        result, error = await anext(responses)
                 except StopAsyncIteration:
                     break
                 except TimeoutError:
