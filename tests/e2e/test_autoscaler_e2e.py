@@ -253,7 +253,8 @@ class DeploymentController:
     def __init__(self, namespace: str) -> None:
         from kubernetes import client, config
 
-        config.load_kube_config()
+        # Explicit path: the client reads $KUBECONFIG once, at import, maybe before this test set it.
+        config.load_kube_config(config_file=os.environ["KUBECONFIG"])
         self.apps = client.AppsV1Api()
         self.namespace = namespace
         self.stop = threading.Event()
