@@ -13,7 +13,15 @@ from typing import Any
 
 import pytest
 from kopf.testing import KopfRunner
-from kvrelay_envtest import REPO_ROOT, ControlPlane, control_plane, find_assets, find_kubectl
+from kvrelay_envtest import (
+    REPO_ROOT,
+    ControlPlane,
+    control_plane,
+    find_assets,
+    find_kubectl,
+    get_json,
+    wait_for,
+)
 from kvrelay_operator.kube import KubeClient
 
 CRD_NAME = "disaggregatedmodels.kvrelay.dev"
@@ -82,7 +90,13 @@ def kubectl(cluster: ControlPlane) -> Kubectl:
 def crds(kubectl: Kubectl) -> None:
     """The CRDs applied as users apply them, and established."""
     kubectl("apply", "-f", str(REPO_ROOT / "crds"), check=True)
-    kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=30s", check=True)
+    # Not `kubectl wait`: right after apply the CRD may have no conditions yet, which it reports as an error.
+    wait_for(lambda: _established(get_json(kubectl, "crd", CRD_NAME)), timeout=30, what="CRD Established")
+
+
+def _established(crd: dict[str, Any]) -> bool:
+    conditions = crd.get("status", {}).get("conditions") or []
+    return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
 
 
 @pytest.fixture
