@@ -114,7 +114,12 @@ async def measure(prefill_addr: str, decode_addr: str, args: argparse.Namespace)
     await asyncio.gather(*tasks, return_exceptions=True)
     await prefill.close()
     await decode.close()
-    return {"itl": summary_ms(gaps), "long_prompts_done": long_done, "stalled": bool(pending)}
+    return {
+        "itl": summary_ms(gaps),
+        "decode_tokens_per_s": round(len(gaps) / args.duration, 1),  # the 16 streams' steady-state tokens
+        "long_prompts_done": long_done,
+        "stalled": bool(pending),
+    }
 
 
 def _ratio(num: dict[str, float], den: dict[str, float], key: str) -> float | None:
