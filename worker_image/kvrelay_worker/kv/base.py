@@ -100,6 +100,9 @@ class KVTransport(ABC):
         self._service: threading.Thread | None = None
         self._pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="kv-fetch")
         self._cancels: set[threading.Event] = set()  # one per fetch in flight; close() sets them all
+        # Idle control connections per holder endpoint: saves a connect and a holder thread per claim.
+        self._idle: dict[str, list[socket.socket]] = {}
+        self._idle_lock = threading.Lock()
         self._started = False
 
     # ---------------------------------------------------------------- lifecycle
@@ -129,6 +132,11 @@ class KVTransport(ABC):
             self._service.join(timeout=5)
         self.leases.release_all()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._idle_lock:
+            for socks in self._idle.values():
+                for sock in socks:
+                    sock.close()
+            self._idle.clear()
         self._close_backend()
         self._started = False
 
@@ -308,6 +316,38 @@ class KVTransport(ABC):
             "dst_block_ids": dst_block_ids,
             "deadline_s": max(deadline - time.monotonic(), 0.0),
         }
+
+    def open_claim(
+        self, endpoint: str, req: dict[str, Any], deadline: float, cancel: threading.Event
+    ) -> tuple[socket.socket, dict[str, Any]]:
+        """Claim on a pooled (or new) connection; the caller returns it with `reuse` or closes it."""
+        with self._idle_lock:
+            idle = self._idle.get(endpoint)
+            sock = idle.pop() if idle else None
+        if sock is not None:
+            try:
+                return sock, exchange_claim(sock, req, endpoint, deadline, cancel)
+            except KVTransferError as err:
+                sock.close()
+                if err.reason != "holder_unreachable":
+                    raise
+                # An idle connection can be stale (holder restarted): retry once on a fresh one.
+        sock = connect(endpoint, deadline)
+        try:
+            return sock, exchange_claim(sock, req, endpoint, deadline, cancel)
+        except BaseException:
+            sock.close()
+            raise
+
+    def reuse(self, endpoint: str, sock: socket.socket) -> None:
+        """Keep a healthy control connection for the next claim to the same holder."""
+        sock.settimeout(None)
+        with self._idle_lock:
+            idle = self._idle.setdefault(endpoint, [])
+            if len(idle) < 8 and not self._stop.is_set():
+                idle.append(sock)
+                return
+        sock.close()
 
     # ---------------------------------------------------------------- backend hooks
     @abstractmethod

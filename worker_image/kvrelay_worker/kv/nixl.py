@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import KVTransport, connect, exchange_claim
+from .base import KVTransport
 from .control import send_frame
 from .handle import KVHandle, KVHolderRank, KVLayout, KVTransferError
 from .leases import Lease
@@ -191,11 +191,9 @@ class NixlTransport(KVTransport):
     def _claim(
         self, endpoint: str, req: dict[str, Any], deadline: float, cancel: threading.Event
     ) -> dict[str, Any]:
-        sock = connect(endpoint, deadline)
-        try:
-            return exchange_claim(sock, req, endpoint, deadline, cancel)
-        finally:
-            sock.close()
+        sock, reply = self.open_claim(endpoint, req, deadline, cancel)
+        self.reuse(endpoint, sock)
+        return reply
 
     def _add_peer(self, peer: str, metadata: bytes) -> None:
         with self._peer_lock:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .base import KVTransport, connect, exchange_claim
+from .base import KVTransport
 from .control import recv_frame, send_frame
 from .handle import KVHandle, KVHolderRank, KVLayout, KVTransferError
 from .leases import Lease
@@ -81,10 +81,9 @@ class TcpTransport(KVTransport):
         deadline: float,
         cancel: threading.Event,
     ) -> int:
-        sock = connect(holder.endpoint, deadline)
+        request = self.claim_request(handle, dst_block_ids, deadline)
+        sock, reply = self.open_claim(holder.endpoint, request, deadline, cancel)
         try:
-            request = self.claim_request(handle, dst_block_ids, deadline)
-            reply = exchange_claim(sock, request, holder.endpoint, deadline, cancel)
             total = int(runs[:, 2].sum())
             if int(reply["nbytes"]) != total:
                 raise KVTransferError(
@@ -99,9 +98,11 @@ class TcpTransport(KVTransport):
                     recv_views(sock, [memoryview(staging.numpy())], deadline, cancel, holder.endpoint)
                     self._bytes[dst : dst + length].copy_(staging)
             send_frame(sock, {"op": "done"})
-            return total
-        finally:
-            sock.close()
+        except BaseException:
+            sock.close()  # mid-stream: the connection's state is unknown
+            raise
+        self.reuse(holder.endpoint, sock)
+        return total
 
 
 def _advance(views: list[memoryview], n: int) -> None:
