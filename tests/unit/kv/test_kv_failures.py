@@ -8,10 +8,9 @@ import time
 from typing import Any
 
 import pytest
-from conftest import SECRET
+from kv_testlib import SECRET, wait_all_released
 from kvrelay_worker.kv import KVHandle
 from kvrelay_worker.kv.control import recv_frame, send_frame, split_endpoint
-from test_kv_transport import wait_all_released
 
 BLOCKS = [5, 9, 2]
 TOKENS = 20

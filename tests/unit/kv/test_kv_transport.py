@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import random
-import time
 from typing import Any
 
 import pytest
-from conftest import LAYOUT, SECRET
 from kv_peer import blocks_digest, global_pattern, rank_slice
+from kv_testlib import LAYOUT, SECRET, wait_all_released
 from kvrelay_worker.kv import KVHandle, KVLayout, merge_rank_handles
 
 NUM_BLOCKS = 64
@@ -29,16 +28,6 @@ def random_sets(rng: random.Random, count: int) -> list[tuple[int, list[int], li
         n = -(-num_tokens // LAYOUT["block_size"])
         sets.append((num_tokens, rng.sample(range(1, NUM_BLOCKS), n), rng.sample(range(1, NUM_BLOCKS), n)))
     return sets
-
-
-def wait_all_released(holder: Any, count: int, timeout: float = 10.0) -> dict[str, Any]:
-    """Poll (bounded) until the holder has released `count` leases in total; returns its status."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status = holder.call(op="status")
-        if len(status["released"]) >= count or time.monotonic() > deadline:
-            return status
-        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("flavour", ["nixl-tcp", "nixl-cma", "tcp"])
