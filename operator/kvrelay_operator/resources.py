@@ -141,7 +141,7 @@ def worker_args(
     """kvrelay-worker flags for a worker role (wire contract section 5, as the entrypoint takes them).
 
     tensorParallel only sizes the GPU request (the engine runs TP=1 today); kvTransfer.transport maps
-    to UCX_TLS; kvTransfer.timeoutSeconds has no worker flag yet.
+    to UCX_TLS.
     """
     kv = spec.kv_transfer
     role_spec: api.WorkerRoleSpec = getattr(spec, role)
@@ -150,7 +150,8 @@ def worker_args(
         # Bind all interfaces: the entrypoint's default (127.0.0.1) is unreachable from other pods.
         "--host", "0.0.0.0", "--grpc-port", str(GRPC_PORT), "--metrics-port", str(METRICS_PORT),
         "--kv-backend", kv.backend, "--kv-port", str(kv.port), "--kv-failure-policy", kv.failure_policy,
-        "--kv-lease-s", str(kv.lease_seconds), "--max-model-len", str(spec.model.max_model_len),
+        "--kv-lease-s", str(kv.lease_seconds), "--kv-fetch-timeout-s", str(kv.timeout_seconds),
+        "--max-model-len", str(spec.model.max_model_len),
     ]  # fmt: skip
     if spec.model.dtype != "auto":
         args += ["--dtype", spec.model.dtype]

@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-port", type=int, default=0)
     p.add_argument("--kv-failure-policy", choices=["recompute", "fail"], default="recompute")
     p.add_argument("--kv-lease-s", type=float, default=30.0)
+    p.add_argument(
+        "--kv-fetch-timeout-s", type=float, default=30.0, help="deadline of one KV fetch (decode side)"
+    )
     p.add_argument("--max-num-seqs", type=int, default=64, help="decode batch: running sequences at most")
     p.add_argument("--max-batch-tokens", type=int, default=2048, help="tokens per step at most")
     p.add_argument("--max-model-len", type=int, default=None)
@@ -78,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         kv_port=args.kv_port,
         kv_failure_policy=args.kv_failure_policy,
         kv_lease_s=args.kv_lease_s,
+        kv_fetch_timeout_s=args.kv_fetch_timeout_s,
         engine=EngineConfig(
             num_blocks=args.num_blocks,
             block_size=args.block_size,

@@ -221,12 +221,17 @@ def test_rendered_command_lines_parse_with_the_real_entrypoints() -> None:
     entrypoint = importlib.import_module("kvrelay_worker.entrypoint")
     router_main = importlib.import_module("kvrelay_worker.router.main")  # the package re-exports a function
 
-    s = spec(model={"source": "/models/x", "dtype": "bfloat16"}, router={"apiKeySecret": {"name": "k"}})
+    s = spec(
+        model={"source": "/models/x", "dtype": "bfloat16"},
+        router={"apiKeySecret": {"name": "k"}},
+        kvTransfer={"timeoutSeconds": 7, "leaseSeconds": 45},
+    )
     children = render(s)
     for role in ("prefill", "decode"):
         args, unknown = entrypoint.build_parser().parse_known_args(container(children, role)["args"])
         assert unknown == [] and args.role == role and args.model == "/models/x" and args.host == "0.0.0.0"
         assert args.grpc_port == 8001 and args.metrics_port == 9090 and args.dtype == "bfloat16"
+        assert args.kv_fetch_timeout_s == 7 and args.kv_lease_s == 45
     router_argv = container(children, "router")["args"]
     assert router_argv[:2] == ["--role", "router"]
     args, unknown = router_main.build_parser().parse_known_args(router_argv[2:])
