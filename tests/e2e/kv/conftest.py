@@ -1,4 +1,4 @@
-"""Fixtures for KV relay tests: long-lived shared peers and per-test peers (always stopped)."""
+"""Fixtures for KV relay process tests: long-lived shared peers and per-test peers (always stopped)."""
 
 from __future__ import annotations
 
