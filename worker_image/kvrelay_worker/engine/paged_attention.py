@@ -5,8 +5,17 @@ Layout (wire contract section 1), one tensor per worker:
     kv_cache[layer, 0=K|1=V, block, kv_head, slot, head_dim]
 
 Token t of a sequence lives in block ``table[t // block_size]`` at slot ``t % block_size``.
-Per step we gather each sequence's blocks into a padded [B, H, blocks*block_size, D] view and run
-SDPA with a mask that hides padding and future tokens:
+Per step the batch's sequences split into attention groups, one SDPA call each, so that no row
+pays for another row's query length:
+
+- decode rows (query length 1) form one group: their blocks are gathered into a
+  [B, H, blocks*block_size, D] view padded to the longest decode context, with a mask for
+  the padding keys when the contexts differ;
+- prefill rows (query length > 1) are grouped only with rows of (nearly) the same shape, so a
+  group's padded query x key area stays within ``_PAD_RATIO`` of its rows' own areas (a
+  2,040-token prompt chunk runs alone; equal prompts admitted together run as one group).
+  A group of fresh prompts of equal length (all starting at position 0) attends over the step's
+  own k/v with ``is_causal``; any other group gathers its blocks and masks future tokens:
 
     keys:     0 1 2 3 | 4 5 6 7 | 8 9 . .     (ctx_len 10, block_size 4)
     query i (of q_len 3, ctx 10) may see keys <= 10 - 3 + i
@@ -22,6 +31,12 @@ import torch.nn.functional as F
 
 from kvrelay_worker.model.config import LlamaConfig
 
+# A prefill row joins a group while the group's padded area (rows * max_q * max_keys) stays within
+# this factor of the sum of its rows' own areas (q_len * ctx_len), or within _PAD_SLACK elements of
+# it (tiny chunks: one SDPA call costs more than a little padding).
+_PAD_RATIO = 1.25
+_PAD_SLACK = 64 * 64
+
 
 def allocate_kv_cache(
     config: LlamaConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str
@@ -32,19 +47,29 @@ def allocate_kv_cache(
 
 
 @dataclass
+class AttnGroup:
+    """Sequences attended together in one SDPA call."""
+
+    tokens: slice | torch.Tensor  # the group's tokens in the flat batch, row by row (a slice if contiguous)
+    rows: int
+    q_len: int  # query positions per row: the longest query in the group
+    num_keys: int  # keys per row after the gather: the longest context in the group
+    fresh: bool  # equal-length prompts starting at position 0: causal attention over the step's k/v
+    gather_idx: torch.Tensor | None  # [rows*H*MB] cache rows to gather (see _gather_rows); None if fresh
+    mask: torch.Tensor | None  # [rows, 1, q_len, num_keys] bool; None when no key is hidden
+    scatter_b: torch.Tensor | None  # [n] row of each token in the padded query batch (None: equal q_lens)
+    scatter_q: torch.Tensor | None  # [n] position in that row
+
+
+@dataclass
 class PagedBatch:
     """Per-step metadata shared by all layers."""
 
     write_blocks: torch.Tensor  # [N] block id of each new token
     write_slots: torch.Tensor  # [N] slot in block of each new token
-    block_table: torch.Tensor  # [B, max_blocks] (padded with the null block)
     q_lens: list[int]
-    mask: torch.Tensor | None  # [B, 1, max_q, max_blocks*block_size] bool; None when no key is hidden
-    scatter_b: torch.Tensor | None  # [N] row in the padded query batch (None when all q_lens equal)
-    scatter_q: torch.Tensor | None  # [N] position in that row
-    fresh_single: bool  # one sequence starting at position 0: attend over k/v directly
-    num_keys: int  # keys per row after the gather: the longest context in the batch
-    gather_idx: torch.Tensor  # [B*H*MB] rows of the (block, head)-flattened cache, in [B, H, MB] order
+    groups: list[AttnGroup]
+    whole: bool  # a single group covering all N tokens in order: its output is the layer's output
 
 
 def build_paged_batch(
@@ -61,14 +86,15 @@ def build_paged_batch(
     becomes a tensor with one zero-copy ``from_numpy``.
     """
     batch = len(q_lens)
-    ctx = np.array(start_positions, dtype=np.int64) + np.array(q_lens, dtype=np.int64)
-    num_keys = int(ctx.max())  # no padding key at all when every context has the same length
-    max_blocks = -(-num_keys // block_size)
+    q_arr = np.array(q_lens, dtype=np.int64)
+    start = np.array(start_positions, dtype=np.int64)
+    ctx = start + q_arr
+    max_blocks = -(-int(ctx.max()) // block_size)
     max_q = max(q_lens)
     rows = block_tables  # the scheduler allocates exactly ceil(ctx / block_size) blocks per sequence
     if any(len(t) != max_blocks for t in block_tables):
         rows = [t[:max_blocks] + [0] * (max_blocks - len(t[:max_blocks])) for t in block_tables]
-    table = np.array(rows, dtype=np.int64)  # [B, MB]
+    table = np.array(rows, dtype=np.int64)  # [B, MB], padded with the null block
     if max_q == 1:  # pure decode: one new token per sequence, at position ctx - 1
         pos = ctx - 1
         write_blocks = table[np.arange(batch), pos // block_size]
@@ -77,22 +103,6 @@ def build_paged_batch(
         pos = np.concatenate([np.arange(s, s + q) for s, q in zip(start_positions, q_lens, strict=True)])
         write_blocks = table[seq, pos // block_size]
     write_slots = pos % block_size
-    mask = None
-    if max_q == 1:
-        if (ctx != num_keys).any():
-            mask = (np.arange(num_keys)[None, :] < ctx[:, None]).reshape(batch, 1, 1, num_keys)
-    else:
-        qi = np.arange(max_q).reshape(1, -1, 1)
-        key = np.arange(num_keys).reshape(1, 1, -1)
-        bound = (ctx - np.array(q_lens, dtype=np.int64)).reshape(-1, 1, 1)
-        mask = (key <= bound + qi).reshape(batch, 1, max_q, num_keys)
-    scatter_b = scatter_q = None
-    if any(q != max_q for q in q_lens):
-        scatter_b = np.repeat(np.arange(batch), q_lens)
-        scatter_q = np.concatenate([np.arange(q) for q in q_lens])
-    # (block b, head h) is one contiguous run in [NB*H, bs, D]: row b*H + h. Gathering rows in
-    # [B, H, MB] order yields [B, H, MB*bs, D] directly, with a single copy.
-    gather_idx = (table[:, None, :] * num_kv_heads + np.arange(num_kv_heads)[None, :, None]).reshape(-1)
 
     def on(a: np.ndarray | None) -> torch.Tensor | None:
         if a is None:
@@ -100,22 +110,78 @@ def build_paged_batch(
         t = torch.from_numpy(np.ascontiguousarray(a))
         return t if device.type == "cpu" else t.to(device, non_blocking=True)
 
+    if max_q == 1:  # pure decode: one group, every row padded only to the longest context
+        num_keys = int(ctx.max())
+        mask = None
+        if (ctx != num_keys).any():
+            mask = on((np.arange(num_keys)[None, :] < ctx[:, None]).reshape(batch, 1, 1, num_keys))
+        gather = on(_gather_rows(table, num_kv_heads))
+        only = AttnGroup(slice(0, batch), batch, 1, num_keys, False, gather, mask, None, None)
+        return PagedBatch(on(write_blocks), on(write_slots), q_lens, [only], whole=True)
+
+    offsets = np.zeros(batch + 1, dtype=np.int64)
+    np.cumsum(q_arr, out=offsets[1:])
+
+    def group(members: list[int]) -> AttnGroup:
+        """One SDPA call's metadata for the rows ``members`` (ascending batch indices)."""
+        idx = np.array(members, dtype=np.int64)
+        n = len(members)
+        rq, rc, rs = q_arr[idx], ctx[idx], start[idx]
+        gq, gk = int(rq.max()), int(rc.max())
+        if members[-1] - members[0] == n - 1:  # consecutive rows: consecutive tokens
+            tokens: slice | torch.Tensor = slice(int(offsets[members[0]]), int(offsets[members[-1] + 1]))
+        else:
+            tokens = on(np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in members]))
+        uniform_q = bool((rq == gq).all())
+        if gq > 1 and uniform_q and not rs.any():
+            return AttnGroup(tokens, n, gq, gk, True, None, None, None, None)
+        gather = _gather_rows(table[idx, : -(-gk // block_size)], num_kv_heads)
+        mask = None
+        if gq == 1:
+            if (rc != gk).any():
+                mask = (np.arange(gk)[None, :] < rc[:, None]).reshape(n, 1, 1, gk)
+        else:
+            qi = np.arange(gq).reshape(1, -1, 1)
+            key = np.arange(gk).reshape(1, 1, -1)
+            mask = (key <= (rc - rq).reshape(-1, 1, 1) + qi).reshape(n, 1, gq, gk)
+        scatter_b = scatter_q = None
+        if not uniform_q:
+            scatter_b = np.repeat(np.arange(n), rq)
+            scatter_q = np.concatenate([np.arange(q) for q in rq])
+        return AttnGroup(tokens, n, gq, gk, False, on(gather), on(mask), on(scatter_b), on(scatter_q))
+
+    groups = []
+    decodes = [i for i, q in enumerate(q_lens) if q == 1]
+    if decodes:
+        groups.append(group(decodes))
+    # Largest query first, then largest context: rows of the same shape end up adjacent.
+    prefills = sorted((i for i, q in enumerate(q_lens) if q > 1), key=lambda i: (-q_lens[i], -int(ctx[i]), i))
+    members: list[int] = []
+    gq = gk = area = 0
+    for i in prefills:
+        qi, ci = q_lens[i], int(ctx[i])
+        if members:
+            padded = (len(members) + 1) * gq * max(gk, ci)
+            own = area + qi * ci
+            if padded <= _PAD_RATIO * own or padded - own <= _PAD_SLACK:
+                members.append(i)
+                gk, area = max(gk, ci), own
+                continue
+            groups.append(group(sorted(members)))
+        members, gq, gk, area = [i], qi, ci, qi * ci
+    groups.append(group(sorted(members)))
+    whole = len(groups) == 1 and isinstance(groups[0].tokens, slice)
     return PagedBatch(
         write_blocks=on(write_blocks),
         write_slots=on(write_slots),
-        block_table=on(table),
         q_lens=q_lens,
-        mask=on(mask),
-        scatter_b=on(scatter_b),
-        scatter_q=on(scatter_q),
-        fresh_single=batch == 1 and start_positions[0] == 0,
-        num_keys=num_keys,
-        gather_idx=on(gather_idx),
+        groups=groups,
+        whole=whole,
     )
 
 
 class PagedAttention:
-    """Attention backend over the paged cache for one step (SDPA over gathered blocks)."""
+    """Attention backend over the paged cache for one step (one SDPA per attention group)."""
 
     def __init__(self, kv_cache: torch.Tensor, batch: PagedBatch) -> None:
         self.kv_cache = kv_cache
@@ -125,28 +191,58 @@ class PagedAttention:
         bt = self.batch
         layer = self.kv_cache[layer_idx]  # [2, NB, H, bs, D]; K and V move together: half the ops
         layer[:, bt.write_blocks, :, bt.write_slots] = torch.stack((k, v), dim=1)
-        if bt.fresh_single:  # a whole prompt with no earlier context: plain causal attention
-            out = F.scaled_dot_product_attention(
-                q.transpose(0, 1).unsqueeze(0),
-                k.transpose(0, 1).unsqueeze(0),
-                v.transpose(0, 1).unsqueeze(0),
-                is_causal=True,
-                enable_gqa=True,
-            )
-            return out.squeeze(0).transpose(0, 1)
-        b = bt.block_table.shape[0]
-        keys, values = _gather(layer, bt.gather_idx, b, bt.num_keys)
-        if bt.scatter_b is None:
-            qb = q.view(b, -1, *q.shape[1:]).transpose(1, 2)
-        else:
-            padded = q.new_zeros(b, max(bt.q_lens), *q.shape[1:])
-            padded[bt.scatter_b, bt.scatter_q] = q
-            qb = padded.transpose(1, 2)
-        out = F.scaled_dot_product_attention(qb, keys, values, attn_mask=bt.mask, enable_gqa=True)
-        out = out.transpose(1, 2)  # [B, max_q, Hq, D]
-        if bt.scatter_b is None:
-            return out.reshape(q.shape)
-        return out[bt.scatter_b, bt.scatter_q]
+        if bt.whole:
+            return _attend(bt.groups[0], layer, q, k, v)
+        out = torch.empty_like(q)
+        for g in bt.groups:
+            res = _attend(g, layer, q, k, v)
+            if isinstance(g.tokens, slice):
+                out[g.tokens] = res
+            else:
+                out.index_copy_(0, g.tokens, res)
+        return out
+
+
+def _attend(
+    g: AttnGroup, layer: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    """Attention output [n, Hq, D] for the group's n tokens (layer's cache already holds their k/v)."""
+    qg = _take(q, g.tokens)
+    if g.fresh:  # whole prompts with no earlier context: plain causal attention over their own k/v
+        kg, vg = _take(k, g.tokens), _take(v, g.tokens)
+        out = F.scaled_dot_product_attention(
+            qg.reshape(g.rows, g.q_len, *q.shape[1:]).transpose(1, 2),
+            kg.reshape(g.rows, g.q_len, *k.shape[1:]).transpose(1, 2),
+            vg.reshape(g.rows, g.q_len, *v.shape[1:]).transpose(1, 2),
+            is_causal=True,
+            enable_gqa=True,
+        )
+        return out.transpose(1, 2).reshape(qg.shape)
+    keys, values = _gather(layer, g.gather_idx, g.rows, g.num_keys)
+    if g.scatter_b is None:
+        qb = qg.reshape(g.rows, g.q_len, *q.shape[1:]).transpose(1, 2)
+    else:
+        padded = qg.new_zeros(g.rows, g.q_len, *q.shape[1:])
+        padded[g.scatter_b, g.scatter_q] = qg
+        qb = padded.transpose(1, 2)
+    out = F.scaled_dot_product_attention(qb, keys, values, attn_mask=g.mask, enable_gqa=True)
+    out = out.transpose(1, 2)  # [rows, q_len, Hq, D]
+    if g.scatter_b is None:
+        return out.reshape(qg.shape)
+    return out[g.scatter_b, g.scatter_q]
+
+
+def _gather_rows(table: np.ndarray, num_kv_heads: int) -> np.ndarray:
+    """Cache rows to gather for block table ``table`` [B, MB], in [B, H, MB] order.
+
+    (block b, head h) is one contiguous run in [NB*H, bs, D]: row b*H + h. Gathering rows in
+    [B, H, MB] order yields [B, H, MB*bs, D] directly, with a single copy.
+    """
+    return (table[:, None, :] * num_kv_heads + np.arange(num_kv_heads)[None, :, None]).reshape(-1)
+
+
+def _take(x: torch.Tensor, tokens: slice | torch.Tensor) -> torch.Tensor:
+    return x[tokens] if isinstance(tokens, slice) else x.index_select(0, tokens)
 
 
 def _gather(
