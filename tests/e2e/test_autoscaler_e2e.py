@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -33,6 +32,7 @@ import yaml
 from kvrelay_operator.autoscaler.policy import decide
 from kvrelay_operator.autoscaler.prometheus import PrometheusReader, QuerySpec
 from kvrelay_operator.autoscaler.types import PolicyConfig, PolicyState, RoleReplicas, Snapshot
+from prometheus_fixtures import fail_or_skip, free_port, query, run_prometheus
 from serve_helpers import WORKER_RE, ServeProcess, run_serve
 
 pytestmark = pytest.mark.e2e
@@ -40,70 +40,6 @@ pytestmark = pytest.mark.e2e
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRAPE_SECONDS = 1
 WINDOW_SECONDS = 10
-
-
-def _fail_or_skip(why: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(why + " (CI=true: nothing this machine can run may skip)")
-    pytest.skip(why)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _query(url: str, expr: str) -> list[dict[str, Any]]:
-    with urllib.request.urlopen(
-        f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": expr}), timeout=10
-    ) as r:
-        body = json.load(r)
-    assert body["status"] == "success", body
-    return body["data"]["result"]
-
-
-@contextlib.contextmanager
-def _prometheus(workdir: Path, targets: dict[str, list[str]]) -> Iterator[str]:
-    """A throwaway Prometheus scraping every second; always stopped."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        _fail_or_skip("prometheus not on PATH: run hack/install-prometheus.sh")
-    config = {
-        "global": {"scrape_interval": f"{SCRAPE_SECONDS}s"},
-        "scrape_configs": [
-            {"job_name": job, "static_configs": [{"targets": t}]} for job, t in targets.items()
-        ],
-    }
-    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = _free_port()
-    with (workdir / "prometheus.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [str(binary), f"--config.file={workdir / 'prometheus.yml'}",
-             f"--storage.tsdb.path={workdir / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
-             "--log.level=warn"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                assert proc.poll() is None, (workdir / "prometheus.log").read_text()[-2000:]
-                with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/-/ready", timeout=2) as r:
-                    if r.status == 200:
-                        break
-                assert time.monotonic() < deadline, "prometheus not ready after 60 s"
-                time.sleep(0.3)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 class Load:
@@ -162,9 +98,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         assert len(workers) == 2, serve.output[-20:]
         router = urllib.parse.urlparse(serve.base_url).netloc
         targets = {"kvrelay-router": [router], "kvrelay-workers": workers}
-        with _prometheus(tmp_path_factory.mktemp("prometheus"), targets) as url:
+        with run_prometheus(
+            tmp_path_factory.mktemp("prometheus"), targets, scrape_interval_s=SCRAPE_SECONDS
+        ) as url:
             deadline = time.monotonic() + 60
-            while len(_query(url, "up == 1")) < 3:
+            while len(query(url, "up == 1")) < 3:
                 assert time.monotonic() < deadline, "Prometheus never scraped every target"
                 time.sleep(SCRAPE_SECONDS)
             yield Stack(serve, url)
@@ -200,7 +138,7 @@ def test_reader_turns_live_series_into_a_snapshot_the_policy_acts_on(stack: Stac
 def test_reader_reports_absent_model_and_unreachable_prometheus(stack: Stack) -> None:
     assert PrometheusReader(stack.prometheus_url, QuerySpec(model="no-such-model")).read() is None
     with pytest.raises(Exception, match=r"(?i)connect|refused|max retries"):
-        PrometheusReader(f"http://127.0.0.1:{_free_port()}", QuerySpec(model=stack.serve.model)).read()
+        PrometheusReader(f"http://127.0.0.1:{free_port()}", QuerySpec(model=stack.serve.model)).read()
 
 
 # ---------------------------------------------------------------- operator against kube-apiserver
@@ -214,7 +152,7 @@ def control_plane() -> Iterator[Any]:
     assets, reason = envtest.find_assets()
     kubectl, kubectl_reason = envtest.find_kubectl()
     if assets is None or kubectl is None:
-        _fail_or_skip(f"no control plane: {reason or kubectl_reason}")
+        fail_or_skip(f"no control plane: {reason or kubectl_reason}")
     with envtest.control_plane(assets) as cp:
         previous = os.environ.get("KUBECONFIG")
         os.environ["KUBECONFIG"] = str(cp.kubeconfig)

@@ -15,7 +15,6 @@ import importlib
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ import openai
 import pytest
 import yaml
 from kvrelay_operator import dashboards
+from prometheus_fixtures import fail_or_skip, free_port, query, run_prometheus
 from serve_helpers import WORKER_RE, ServeProcess, run_serve
 
 pytestmark = pytest.mark.e2e
@@ -58,14 +58,6 @@ def _cases() -> list[tuple[str, str, str]]:
     return panels + annotations
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclass
 class Stack:
     """The live stack: serve and the Prometheus scraping it."""
@@ -75,68 +67,7 @@ class Stack:
 
     def query(self, expr: str) -> list[dict]:
         """Instant query; the result vector (raises on a PromQL error)."""
-        url = f"{self.prometheus_url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-        with urllib.request.urlopen(url, timeout=10) as response:
-            body = json.load(response)
-        assert body["status"] == "success", body
-        return body["data"]["result"]
-
-
-def _prometheus_binary() -> str:
-    found = shutil.which("prometheus")
-    if found is None:
-        why = "prometheus not on PATH (apt-get install -y --no-install-recommends prometheus)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(why + " (CI=true: nothing this machine can run may skip)")
-        pytest.skip(why)
-    return found
-
-
-@contextlib.contextmanager
-def run_prometheus(workdir: Path, jobs: dict[str, list[str]], rules: str = "") -> Iterator[str]:
-    """A throwaway Prometheus scraping `jobs` (job name -> host:port targets), evaluating `rules`."""
-    binary = _prometheus_binary()
-    config: dict = {
-        "global": {"scrape_interval": f"{SCRAPE_INTERVAL_S}s", "evaluation_interval": "2s"},
-        "scrape_configs": [
-            {"job_name": job, "static_configs": [{"targets": targets}]} for job, targets in jobs.items()
-        ],
-    }
-    if rules:
-        (workdir / "kvrelay-alerts.rules.yaml").write_text(rules)
-        config["rule_files"] = [str(workdir / "kvrelay-alerts.rules.yaml")]
-    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = _free_port()
-    log = (workdir / "prometheus.log").open("wb")
-    proc = subprocess.Popen(
-        [binary, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited: {(workdir / 'prometheus.log').read_text()[-2000:]}")
-            with (
-                contextlib.suppress(OSError),
-                urllib.request.urlopen(f"{url}/-/ready", timeout=2) as response,
-            ):
-                if response.status == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError("prometheus not ready after 60s")
-            time.sleep(0.3)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        return query(self.prometheus_url, expr)
 
 
 def _load(serve: ServeProcess) -> int:
@@ -167,12 +98,6 @@ def _envtest() -> object:
     return importlib.import_module("kvrelay_envtest")
 
 
-def _missing(why: str) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(why + " (CI=true: nothing this machine can run may skip)")
-    pytest.skip(why)
-
-
 @dataclass
 class Operator:
     """The kvrelay-operator process and the kubectl bound to its cluster."""
@@ -193,10 +118,10 @@ def run_operator(workdir: Path, metrics_port: int, prometheus_url: str) -> Itera
     envtest = _envtest()
     assets, why = envtest.find_assets()
     if assets is None:
-        _missing(f"no kube-apiserver: {why}")
+        fail_or_skip(f"no kube-apiserver: {why}")
     kubectl, why = envtest.find_kubectl()
     if kubectl is None:
-        _missing(f"no kubectl: {why}")
+        fail_or_skip(f"no kubectl: {why}")
     with envtest.control_plane(assets) as plane:
         base = [str(kubectl), f"--kubeconfig={plane.kubeconfig}"]
         subprocess.run([*base, "apply", "-f", str(ROOT / "crds")], check=True, capture_output=True)
@@ -231,7 +156,7 @@ def chart_alert_rules() -> str:
             ["bash", str(ROOT / "hack" / "install-tools.sh")], capture_output=True, text=True
         )
         if done.returncode != 0:
-            _missing(f"no helm: hack/install-tools.sh failed: {done.stderr[-500:]}")
+            fail_or_skip(f"no helm: hack/install-tools.sh failed: {done.stderr[-500:]}")
         tools = done.stdout.strip().splitlines()[-1]
     cmd = [str(Path(tools) / "helm"), "template", "t", str(ROOT / "charts" / "kvrelay")]
     cmd += ["--show-only", "templates/alerts-configmap.yaml", "--set", "alerts.configMap.enabled=true"]
@@ -268,14 +193,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     ):
         worker_targets = [f"127.0.0.1:{m.group(4)}" for line in serve.output if (m := WORKER_RE.search(line))]
         assert len(worker_targets) == 2, serve.output[-20:]
-        operator_port = _free_port()
+        operator_port = free_port()
         jobs = {
             "kvrelay-router": [urllib.parse.urlparse(serve.base_url).netloc],
             "kvrelay-workers": worker_targets,
             "kvrelay-operator": [f"127.0.0.1:{operator_port}"],
         }
         rules = chart_alert_rules()
-        url = exits.enter_context(run_prometheus(tmp_path_factory.mktemp("prometheus"), jobs, rules))
+        url = exits.enter_context(
+            run_prometheus(tmp_path_factory.mktemp("prometheus"), jobs, rules, SCRAPE_INTERVAL_S)
+        )
         operator = exits.enter_context(run_operator(tmp_path_factory.mktemp("operator"), operator_port, url))
         stack = Stack(serve, url)
         # Prometheus applies new targets after a few seconds; load before that would go unseen.
