@@ -7,6 +7,9 @@ at a fixed rate (open loop). The client calls the workers over KServe v2 gRPC di
 so only the workers differ. Prints one JSON line: ITL p50/p99 of both and the ratios.
 
     python bench/interference.py [--duration 15] [--streams 16] [--prompt-tokens 2040] [--rate 1]
+    # a model whose 2,048-token prefill costs seconds, not milliseconds, on this CPU:
+    kvrelay-make-tiny-model /tmp/m100 --size 100m
+    python bench/interference.py --model /tmp/m100 --rate 0.1 --streams 8 --duration 40
 """
 
 from __future__ import annotations
@@ -142,10 +145,11 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=1.0, help="long prompts per second (open loop)")
     parser.add_argument("--grace", type=float, default=30.0, help="seconds to let in-flight work finish")
     parser.add_argument("--log-dir", default="/tmp/kvrelay-interference")
+    parser.add_argument("--model", default="tiny", help="checkpoint directory, or tiny (built on first use)")
     args = parser.parse_args()
     # SIGTERM (e.g. `timeout`) must unwind like Ctrl-C so the workers are stopped.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    model = ensure_tiny_model()
+    model = ensure_tiny_model() if args.model == "tiny" else Path(args.model)
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     with pinned_workers([("prefill", "0"), ("decode", "1")], model, log_dir) as (p, d):
@@ -157,6 +161,7 @@ def main() -> None:
         json.dumps(
             {
                 "bench": "interference",
+                "model": args.model,
                 "streams": args.streams,
                 "prompt_tokens": args.prompt_tokens,
                 "rate_per_s": args.rate,
