@@ -67,5 +67,8 @@ def summary_ms(values: Sequence[float]) -> dict[str, float]:
     return {
         "p50_ms": round(statistics.median(values) * 1e3, 3),
         "p99_ms": round(quantile(values, 0.99) * 1e3, 3),
+        # Rare long stalls (a decode step waiting behind a whole prefill) hide below p99.
+        "p999_ms": round(quantile(values, 0.999) * 1e3, 3),
+        "max_ms": round(max(values) * 1e3, 3),
         "n": len(values),
     }
