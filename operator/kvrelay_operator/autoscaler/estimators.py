@@ -51,7 +51,9 @@ def learn_capacity(
     observed: dict[Role, float | None] = {"prefill": None, "decode": None}
     ready_p = snapshot.prefill.ready
     busy = metrics.prefill_busy_seconds_per_second
-    if ready_p > 0 and demand.served_p > 0 and snapshot.prefill.pending == 0:
+    # A replica that became ready inside the window served only part of it: skip that window.
+    steady_pool = state.last_prefill_ready in (None, ready_p)
+    if ready_p > 0 and demand.served_p > 0 and snapshot.prefill.pending == 0 and steady_pool:
         if demand.saturated_p:
             observed["prefill"] = demand.served_p / ready_p
         elif busy is not None and _MIN_INFORMATIVE_LOAD <= busy / ready_p <= 1.0:
@@ -148,11 +150,14 @@ def estimate_demand(metrics: MetricsSample, state: PolicyState, config: PolicyCo
     )
 
 
-def demand_trend(history: tuple[DemandSample, ...], since: float) -> tuple[float, float]:
+def demand_trend(
+    history: tuple[DemandSample, ...], since: float, clear_only: bool = True
+) -> tuple[float, float]:
     """Least-squares slope (tokens/s per s) of both demands in the window; 0 unless it is clear.
 
     A slope counts only when it moves demand by over 10% across the window and demand still
-    rose in the last interval, so noise on a flat load or a past step does not add replicas.
+    rose over the last two intervals, so noise on a flat load or a past step does not add replicas.
+    `clear_only=False` returns the plain slope (to hold scale-down while demand turns upwards).
     """
     points = [s for s in history if s.at >= since]
     if len(points) < 3:
@@ -169,9 +174,15 @@ def demand_trend(history: tuple[DemandSample, ...], since: float) -> tuple[float
     ):
         mean_v = sum(values) / len(values)
         slope = sum((s.at - mean_t) * (v - mean_v) for s, v in zip(points, values, strict=True)) / var_t
-        # Still rising in the last interval too: a step that went flat is not a ramp to extrapolate.
-        rising = values[-1] > values[-2]
-        out.append(slope if rising and abs(slope) * span > 0.1 * max(mean_v, 1e-9) else 0.0)
+        if not clear_only:
+            out.append(slope)
+            continue
+        # Still rising over the last rate window too (two intervals, independent samples): a step
+        # that went flat is not a ramp to extrapolate. The smaller of both slopes counts.
+        recent_span = points[-1].at - points[-3].at
+        recent = (values[-1] - values[-3]) / recent_span if recent_span > 0 else 0.0
+        clear = slope > 0 and recent > 0 and slope * span > 0.1 * max(mean_v, 1e-9)
+        out.append(min(slope, recent) if clear else 0.0)
     return out[0], out[1]
 
 

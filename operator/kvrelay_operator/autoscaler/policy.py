@@ -34,6 +34,15 @@ from kvrelay_operator.autoscaler.types import (
 
 _MAX_TREND_GAIN = 0.5
 _MAX_DAMPING = 4.0
+# Queued prompt tokens worth this share of an interval of ready capacity: the pool ran saturated.
+_SATURATED_SHARE = 0.25
+# Replicas above the steady need released early once a backlog drained: only a real burst's
+# surplus (at least this share of the steady need, and two replicas), not queueing noise.
+_BURST_SURPLUS = 0.25
+# Demand rising by more than this share over a replica start holds scale-down.
+_RISING_SHARE = 0.05
+# A prefill queue below this many seconds of ready capacity counts as drained.
+_DRAINED_QUEUE_SECONDS = 0.5
 
 
 def decide(
@@ -51,13 +60,25 @@ def decide(
 
     demand = estimate_demand(metrics, state, config, now)
     capacity = learn_capacity(metrics, snapshot, state, config, demand)
-    if demand.saturated_p:
+    queued_p = metrics.queued_prefill_tokens or 0.0
+    offered_p = demand.steady_p
+    saturated_p = False
+    ready_capacity_p = snapshot.prefill.ready * capacity["prefill"]
+    # A queue worth more than the TTFT SLO of the pool's work (or a good part of an interval)
+    # means it ran flat out and misses TTFT: the step is visible now, not one rate window later.
+    queue_limit = min(config.interval_seconds * _SATURATED_SHARE, config.ttft_slo_seconds)
+    if demand.saturated_p or queued_p > ready_capacity_p * queue_limit:
         # A saturated pool serves its capacity; the queue grows by the rest. This sees a step
         # at once, where the admitted-tokens rate averages it over the whole rate window.
-        now_p = snapshot.prefill.ready * capacity["prefill"] + max(demand.growth_p, 0.0)
+        saturated_p = True
+        # Replicas that became ready since the last decision did not serve through the interval.
+        served_by = min(snapshot.prefill.ready, state.last_prefill_ready or snapshot.prefill.ready)
+        now_p = served_by * capacity["prefill"] + max(demand.growth_p, 0.0)
         demand = dataclasses.replace(demand, steady_p=max(demand.steady_p, now_p))
+    # History (scale-down window, trend) keeps the offered rate: the saturated estimate above
+    # overstates while replicas that just became ready are counted as if they served all along.
     sample = DemandSample(
-        at=now, prefill_tokens_per_second=demand.steady_p, decode_tokens_per_second=demand.steady_d
+        at=now, prefill_tokens_per_second=offered_p, decode_tokens_per_second=demand.steady_d
     )
     longest = config.scale_down_window_seconds * _MAX_DAMPING
     history = (*_trim_history(state.demand_history, now - longest), sample)
@@ -66,15 +87,43 @@ def decide(
     window = {role: config.scale_down_window_seconds * roles_state[role].damping for role in ROLES}
     peak_p = max(s.prefill_tokens_per_second for s in history if s.at >= now - window["prefill"])
     peak_d = max(s.decode_tokens_per_second for s in history if s.at >= now - window["decode"])
-    lead = config.replica_startup_seconds + config.interval_seconds
+    # A replica asked for now serves after a start and up to an interval; rates over a window lag
+    # the load by half of it.
+    lead = config.replica_startup_seconds + config.interval_seconds + metrics.window_seconds / 2
     trend = demand_trend(history, now - config.trend_window_seconds)
+    # Scale-down holds for the demand expected when a replica removed now could be back: a load
+    # turning upwards (the bottom of a wave) must not lose replicas it needs a start later.
+    peak_p = max(peak_p, offered_p + max(trend[0], 0.0) * lead)
+    peak_d = max(peak_d, demand.steady_d + max(trend[1], 0.0) * lead)
+    # Near the bottom of a wave the trend is not clear yet; any rise that would add over 5% within
+    # a start already holds scale-down (going down now would mean going up again a start later).
+    slope = demand_trend(history, now - config.trend_window_seconds, clear_only=False)
+    rising: dict[Role, bool] = {
+        "prefill": slope[0] * lead > _RISING_SHARE * offered_p,
+        "decode": slope[1] * lead > _RISING_SHARE * demand.steady_d,
+    }
     # Extrapolate rising demand over a replica start; at most +50%, a step is not a ramp.
-    forecast_p = demand.steady_p + min(max(trend[0], 0.0) * lead, _MAX_TREND_GAIN * demand.steady_p)
+    # A saturated pool's estimate already holds the queue's growth: no trend on top of it.
+    gain_p = 0.0 if saturated_p else min(max(trend[0], 0.0) * lead, _MAX_TREND_GAIN * demand.steady_p)
+    forecast_p = demand.steady_p + gain_p
     forecast_d = demand.steady_d + min(max(trend[1], 0.0) * lead, _MAX_TREND_GAIN * demand.steady_d)
-    # Replicas already loading were sized to drain the backlog; asking for that again every
-    # interval while they load is how decisions pile up. The trend still counts: on a ramp some
-    # replica is always loading, and ignoring the trend then means always arriving late.
-    demand_p = forecast_p + (demand.drain_p if snapshot.prefill.pending == 0 else 0.0)
+    # Size for the prefill backlog as it will be when the capacity asked for now serves: the
+    # queue keeps growing by (demand - ready capacity) until then, and all of it must drain within
+    # `backlog_drain_seconds`; one step to the target instead of +N per interval. Replicas already
+    # loading arrive earlier (at most a start after the last scale-up), so while some load, the
+    # projection stops at their arrival: asking again for what they were sized for is how
+    # decisions pile up. The trend still counts: on a ramp some replica is always loading.
+    startup = config.replica_startup_seconds
+    horizon = startup
+    if snapshot.prefill.pending > 0:
+        last_up = roles_state["prefill"].last_up_at
+        horizon = startup if last_up is None else min(max(startup - (now - last_up), 0.0), startup)
+    # Projected only where the queue is measured (without that gauge: what is known, no growth).
+    measured = metrics.queued_prefill_tokens is not None
+    growth = (forecast_p - ready_capacity_p) * horizon if measured else 0.0
+    backlog_p = max(queued_p + growth, 0.0)
+    drain_p = backlog_p / config.backlog_drain_seconds
+    demand_p = forecast_p + drain_p
     demand_d = forecast_d + (demand.drain_d if snapshot.decode.pending == 0 else 0.0)
 
     mean_prompt = mean_prompt_tokens(metrics)
@@ -108,6 +157,26 @@ def decide(
             kv_cache_replicas(metrics, snapshot, config, target=config.kv_cache_target * 0.9),
         ),
     }
+    # What the load needs without its backlog: replicas above it may go once the backlog is gone.
+    need_steady: dict[Role, int] = {
+        "prefill": prefill_replicas_needed(
+            # Saturated: the offered rate, not the estimate that holds the queue's growth.
+            offered_p if saturated_p else forecast_p,
+            capacity["prefill"],
+            mean_prompt,
+            kv_seconds,
+            config,
+            config.prefill_target_utilization,
+        ),
+        "decode": max(
+            decode_replicas_needed(forecast_d, capacity["decode"], config.decode_target_utilization),
+            kv_cache_replicas(metrics, snapshot, config),
+        ),
+    }
+    drained: dict[Role, bool] = {
+        "prefill": queued_p <= ready_capacity_p * _DRAINED_QUEUE_SECONDS,
+        "decode": not metrics.decode_requests_waiting,
+    }
     # An SLO miss counts only while its cause is still there (a backlog, or a full decode pool):
     # a quantile over the window still shows a burst that has already drained.
     decode_pressed = bool(metrics.decode_requests_waiting) or (
@@ -136,6 +205,8 @@ def decide(
             need_up[role],
             need_down[role] if proven else snapshot.role(role).current,
             violated[role],
+            drained[role],
+            rising[role],
         )
     desired, reasons, limited = apply_bounds(desired, reasons, need_up, config)
 
@@ -151,7 +222,9 @@ def decide(
             direction=direction,
             reason=reasons[role],
         )
-        new_roles[role] = _advance_role_state(roles_state[role], direction, capacity[role], now)
+        # Only a scale-up over a real backlog has a surplus to release once that backlog drained.
+        steady_need = None if drained[role] else min(need_steady[role], desired[role])
+        new_roles[role] = _advance_role_state(roles_state[role], direction, capacity[role], now, steady_need)
 
     inputs = {
         **demand.inputs,
@@ -188,6 +261,7 @@ def decide(
         demand_history=history,
         last_queued_prefill_tokens=metrics.queued_prefill_tokens,
         last_waiting_requests=demand.waiting_requests,
+        last_prefill_ready=snapshot.prefill.ready,
         mean_output_tokens=demand.mean_output_tokens,
         last_metrics_at=now,
         metrics_since=metrics_since,
@@ -321,6 +395,8 @@ def _stabilize(
     need_up: int,
     need_down: int,
     violated: bool,
+    drained: bool,
+    rising: bool,
 ) -> tuple[int, str]:
     """Fast up, slow and proven down; pending replicas already count as capacity."""
     replicas = snapshot.role(role)
@@ -351,7 +427,16 @@ def _stabilize(
         since_up = math.inf if role_state.last_up_at is None else now - role_state.last_up_at
         cooldown = config.scale_down_cooldown_seconds * role_state.damping
         if since_up < cooldown:
+            # Replicas added only to drain a backlog are not needed once it has drained: the
+            # cooldown protects the steady need of the last scale-up, not the surplus for the burst.
+            steady = role_state.steady_need_at_up
+            surplus = current - max(need_down, 0 if steady is None else steady)
+            if drained and steady is not None and surplus >= max(2, steady * _BURST_SURPLUS):
+                target = max(need_down, steady)
+                return target, f"down: backlog drained, {target} hold the load (needs {need_down})"
             return current, f"hold: {since_up:.0f}s since scale-up < {cooldown:.0f}s"
+        if rising:
+            return current, "hold: demand rising"
         if since_change < config.scale_down_step_seconds:
             return (
                 current,
@@ -412,7 +497,9 @@ def _direction(previous: int, replicas: int) -> Direction:
     return "none"
 
 
-def _advance_role_state(old: RoleState, direction: Direction, capacity: float, now: float) -> RoleState:
+def _advance_role_state(
+    old: RoleState, direction: Direction, capacity: float, now: float, steady_need: int | None
+) -> RoleState:
     if direction == "none":
         return old.model_copy(update={"capacity_tokens_per_second": capacity})
     reversed_ = old.last_direction not in ("none", direction)
@@ -426,6 +513,8 @@ def _advance_role_state(old: RoleState, direction: Direction, capacity: float, n
         num_reversals=old.num_reversals + int(reversed_),
         damping=min(old.damping * 2, _MAX_DAMPING) if regretted else old.damping,
         last_reversal_at=now if regretted else old.last_reversal_at,
+        # Only a scale-up sets what the cooldown protects; a scale-down ends that.
+        steady_need_at_up=steady_need if direction == "up" else None,
     )
 
 

@@ -98,7 +98,12 @@ class PolicyConfig(_Frozen):
     scale_down_window_seconds: float = Field(
         180.0, ge=0, description="Scale-down sizes for the highest demand seen in this window."
     )
-    max_step_up: int = Field(8, ge=1, description="Most replicas one decision adds to a role.")
+    max_step_up: int = Field(32, ge=1, description="Most replicas one decision adds to a role.")
+    backlog_drain_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="A prefill backlog, projected to when new replicas serve, is sized to drain this fast.",
+    )
     max_step_down_fraction: float = Field(
         0.34, gt=0, le=1, description="Most of a role's replicas one decision removes (at least one)."
     )
@@ -116,7 +121,7 @@ class PolicyConfig(_Frozen):
         0.9, gt=0, le=1, description="Highest planned share of the learned decode capacity at the ITL SLO."
     )
     scale_down_margin: float = Field(
-        0.92, gt=0, le=1, description="N-1 replicas must hold the window's peak at this share of the target."
+        0.88, gt=0, le=1, description="N-1 replicas must hold the window's peak at this share of the target."
     )
     kv_cache_target: float = Field(0.85, gt=0, le=1, description="Decode KV-cache use to plan for.")
     replica_startup_seconds: float = Field(
@@ -171,6 +176,11 @@ class RoleState(_Frozen):
         1.0, ge=1.0, description="Multiplies the scale-down window and cooldown; doubles per reversal."
     )
     last_reversal_at: float | None = None
+    steady_need_at_up: int | None = Field(
+        None,
+        description="Replicas the load without its backlog needed at the last scale-up: the rest may go "
+        "once the backlog has drained, before the scale-down cooldown.",
+    )
 
 
 class PolicyState(_Frozen):
@@ -181,6 +191,7 @@ class PolicyState(_Frozen):
     demand_history: tuple[DemandSample, ...] = ()
     last_queued_prefill_tokens: float | None = None
     last_waiting_requests: float | None = None
+    last_prefill_ready: int | None = Field(None, description="Ready prefill replicas at the last decision.")
     mean_output_tokens: float | None = Field(None, description="EWMA of generated tokens per request.")
     last_metrics_at: float | None = None
     metrics_since: float | None = Field(

@@ -355,3 +355,30 @@ def test_policy_layer_imports_no_io_frameworks() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "", f"pure autoscaler modules pulled in: {out.stdout.strip()}"
+
+
+def test_backlog_sized_in_one_step_and_its_surplus_released_once_drained() -> None:
+    pools = FakePools(prefill=4, decode=4, load_steps=2)
+    for _ in range(8):  # a full scale-down window of steady metrics at 30k tok/s
+        pools.tick(30.0)
+    # A burst left 600k prompt tokens queued: size for the backlog as it will be when new
+    # replicas serve (it grows until then), drained within backlog_drain_seconds, in one step.
+    up = pools.tick(30.0, queued_prefill_tokens=600_000.0, ttft_seconds=5.0)
+    assert up.prefill.direction == "up"
+    assert (
+        up.inputs["prefill_demand_tokens_per_second"] >= 30_000 + 600_000 / pools.config.backlog_drain_seconds
+    )
+    up_at = pools.now
+    # While they load, the same backlog asks for nothing more.
+    held = pools.tick(30.0, queued_prefill_tokens=600_000.0, ttft_seconds=5.0)
+    assert pools.replicas("prefill").pending > 0
+    assert held.prefill.replicas == up.prefill.replicas, held.prefill.reason
+    # Drained: the replicas added for the backlog go before the scale-down cooldown; the steady
+    # need stays.
+    down = pools.tick(30.0)
+    assert down.prefill.direction == "down" and "backlog drained" in down.prefill.reason
+    assert pools.now - up_at < pools.config.scale_down_cooldown_seconds
+    assert math.ceil(30_000 / PREFILL_CAP / 0.95) <= down.prefill.replicas < up.prefill.replicas
+    # And nothing flaps back up at the same load.
+    for _ in range(10):
+        assert pools.tick(30.0).prefill.direction != "up"
