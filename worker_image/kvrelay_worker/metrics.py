@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
+T = TypeVar("T")
 _LABELS = ("model", "role")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -45,16 +48,22 @@ def _make(registry: CollectorRegistry) -> _Families:
     )
 
 
-_default: _Families | None = None
+def per_registry(make: Callable[[CollectorRegistry], T]) -> Callable[[CollectorRegistry | None], T]:
+    """Metric families made once for the default registry (names register once per process), and
+    afresh for any other registry (tests isolate themselves with their own)."""
+    made: dict[int, T] = {}
+
+    def families(registry: CollectorRegistry | None) -> T:
+        if registry is not None and registry is not REGISTRY:
+            return make(registry)
+        if not made:
+            made[0] = make(REGISTRY)
+        return made[0]
+
+    return families
 
 
-def _families(registry: CollectorRegistry | None) -> _Families:
-    global _default
-    if registry is not None and registry is not REGISTRY:
-        return _make(registry)
-    if _default is None:
-        _default = _make(REGISTRY)
-    return _default
+_families = per_registry(_make)
 
 
 class WorkerMetrics:

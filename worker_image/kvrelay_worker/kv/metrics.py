@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from ..metrics import per_registry
 
 _LABELS = ("model", "role")
 _TRANSFER_BUCKETS = (
@@ -62,16 +64,7 @@ def _make_families(registry: CollectorRegistry) -> _Families:
     )
 
 
-_default: _Families | None = None
-
-
-def _families(registry: CollectorRegistry | None) -> _Families:
-    global _default
-    if registry is not None and registry is not REGISTRY:
-        return _make_families(registry)
-    if _default is None:
-        _default = _make_families(REGISTRY)
-    return _default
+_families = per_registry(_make_families)
 
 
 class KVMetrics:
