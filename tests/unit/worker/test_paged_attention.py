@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from kvrelay_worker.engine.paged_attention import PagedAttention, build_paged_batch
+from kvrelay_worker.engine.paged_attention import DecodeBatchBuilder, PagedAttention, build_paged_batch
 
 HQ, HKV, D, BS, NB = 4, 2, 8, 4, 512
 
@@ -85,3 +85,42 @@ def test_decodes_are_not_padded_to_a_long_prefill() -> None:
     batch = build_paged_batch(q_lens, starts, tables, 16, HKV, torch.device("cpu"))
     shapes = sorted((g.rows, g.q_len, g.num_keys) for g in batch.groups)
     assert shapes == [(1, 2040, 2040), (16, 1, 33)]
+
+
+def test_incremental_decode_builder_matches_full_build() -> None:
+    """DecodeBatchBuilder (cached tables, in-place advance) == build_paged_batch, step after step,
+    while sequences join, leave, cross into new blocks and get new tables."""
+    rng = random.Random(11)
+    builder = DecodeBatchBuilder(BS, HKV, torch.device("cpu"))
+    free = list(range(1, NB))
+    rng.shuffle(free)
+    seqs: list[list] = []  # [position, block table]
+    for step in range(400):
+        if rng.random() < 0.05 or not seqs:  # a sequence joins
+            seqs.insert(rng.randint(0, len(seqs)), [rng.randint(0, 40), []])
+        if len(seqs) > 1 and rng.random() < 0.04:  # one leaves
+            free.extend(seqs.pop(rng.randrange(len(seqs)))[1])
+        if rng.random() < 0.02:  # one is preempted and comes back with a new table
+            s = seqs[rng.randrange(len(seqs))]
+            free.extend(s[1])
+            s[1] = []
+        for s in seqs:  # the scheduler's _grow: a table covers ctx = position + 1 tokens
+            while len(s[1]) * BS < s[0] + 1:
+                s[1].append(free.pop(0))
+        if step % 50 == 49:
+            builder.reset()
+        positions = [s[0] for s in seqs]
+        tables = [s[1] for s in seqs]
+        got, pos = builder.build(positions, tables)
+        want = build_paged_batch([1] * len(seqs), positions, tables, BS, HKV, torch.device("cpu"))
+        assert pos.tolist() == positions
+        assert torch.equal(got.write_idx, want.write_idx), step
+        (g,), (w,) = got.groups, want.groups
+        assert (g.rows, g.q_len, g.num_keys) == (w.rows, w.q_len, w.num_keys)
+        gather = g.gather_idx.view(len(seqs), HKV, -1)
+        assert torch.equal(gather, w.gather_idx.view(len(seqs), HKV, -1)[:, :, : gather.shape[2]])
+        assert (g.mask is None) == (w.mask is None)
+        if g.mask is not None:
+            assert torch.equal(g.mask, w.mask)
+        for s in seqs:
+            s[0] += 1

@@ -23,6 +23,7 @@ pays for another row's query length:
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,8 +66,7 @@ class AttnGroup:
 class PagedBatch:
     """Per-step metadata shared by all layers."""
 
-    write_blocks: torch.Tensor  # [N] block id of each new token
-    write_slots: torch.Tensor  # [N] slot in block of each new token
+    write_idx: torch.Tensor  # [N*H] row of each (new token, kv head) in a layer's [2, NB*H*bs, D] view
     q_lens: list[int]
     groups: list[AttnGroup]
     whole: bool  # a single group covering all N tokens in order: its output is the layer's output
@@ -102,7 +102,7 @@ def build_paged_batch(
         seq = np.repeat(np.arange(batch), q_lens)
         pos = np.concatenate([np.arange(s, s + q) for s, q in zip(start_positions, q_lens, strict=True)])
         write_blocks = table[seq, pos // block_size]
-    write_slots = pos % block_size
+    write_idx = _write_rows(write_blocks, pos % block_size, num_kv_heads, block_size)
 
     def on(a: np.ndarray | None) -> torch.Tensor | None:
         if a is None:
@@ -117,7 +117,7 @@ def build_paged_batch(
             mask = on((np.arange(num_keys)[None, :] < ctx[:, None]).reshape(batch, 1, 1, num_keys))
         gather = on(_gather_rows(table, num_kv_heads))
         only = AttnGroup(slice(0, batch), batch, 1, num_keys, False, gather, mask, None, None)
-        return PagedBatch(on(write_blocks), on(write_slots), q_lens, [only], whole=True)
+        return PagedBatch(on(write_idx), q_lens, [only], whole=True)
 
     offsets = np.zeros(batch + 1, dtype=np.int64)
     np.cumsum(q_arr, out=offsets[1:])
@@ -172,30 +172,147 @@ def build_paged_batch(
     groups.append(group(sorted(members)))
     whole = len(groups) == 1 and isinstance(groups[0].tokens, slice)
     return PagedBatch(
-        write_blocks=on(write_blocks),
-        write_slots=on(write_slots),
+        write_idx=on(write_idx),
         q_lens=q_lens,
         groups=groups,
         whole=whole,
     )
 
 
+class DecodeBatchBuilder:
+    """``build_paged_batch`` for decode-only steps (one new token per sequence), incremental.
+
+    Consecutive decode steps usually run the same sequences, each one token further:
+
+    - the padded block table and the gather index are kept while every sequence's block table is
+      the same list object with the same length (the scheduler only appends to a request's table,
+      and gives a request a new list when it frees its blocks); only rows whose table grew are
+      refreshed;
+    - while no sequence crosses into a new block, the positions and the cache rows written advance
+      by one: two in-place adds on the last step's tensors instead of rebuilding them.
+
+    Anything else (new or departed sequences, a new block, positions that did not advance by one)
+    recomputes the step's tensors from the lists, in numpy.
+    """
+
+    def __init__(self, block_size: int, num_kv_heads: int, device: torch.device) -> None:
+        self.block_size = block_size
+        self.num_kv_heads = num_kv_heads
+        self.device = device
+        self.same_batch = False  # the last build ran the same sequences as the build before it
+        self._tables: list[list[int]] = []  # the block table objects of the cached batch
+        self._counts: list[int] = []
+        self._table = np.zeros((0, 0), dtype=np.int64)  # [B, capacity], padded with the null block
+        self._gather: torch.Tensor | None = None
+        self._gather_blocks = 0  # block columns the cached gather index covers
+        self._heads = np.arange(0, num_kv_heads * block_size, block_size)[None, :]
+        # the last step's tensors, advanced in place while every sequence stays in its block
+        self._expect: list[int] = []  # positions the next step must have to advance in place
+        self._advances = 0  # steps every sequence can still advance without leaving its block
+        self._pos: torch.Tensor | None = None
+        self._write: torch.Tensor | None = None
+        self._num_keys = 0
+        self._masked = False  # contexts differ: a padding mask is needed
+        self._keys: torch.Tensor | None = None  # arange of key positions, for the mask
+
+    def reset(self) -> None:
+        """Forget the cached batch (after any step that was not decode-only)."""
+        self._tables, self._counts, self._gather, self._expect = [], [], None, []
+
+    def _on(self, a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(a)
+        return t if self.device.type == "cpu" else t.to(self.device, non_blocking=True)
+
+    def build(self, positions: list[int], block_tables: list[list[int]]) -> tuple[PagedBatch, torch.Tensor]:
+        """PagedBatch and positions tensor [B] for tokens at ``positions`` (ctx = position + 1)."""
+        batch = len(block_tables)
+        counts = list(map(len, block_tables))
+        tables = self._tables
+        self.same_batch = len(tables) == batch and all(map(operator.is_, block_tables, tables))
+        if self.same_batch and counts == self._counts and self._advances > 0 and positions == self._expect:
+            self._advances -= 1
+            self._expect = [p + 1 for p in positions]
+            self._num_keys += 1
+            pos, write = self._pos.add_(1), self._write.add_(1)
+        else:
+            pos, write = self._rebuild(positions, block_tables, counts)
+        num_keys = self._num_keys
+        mask = None
+        if self._masked:  # hide each row's keys past its own context
+            mask = (self._keys[:num_keys] <= pos[:, None]).view(batch, 1, 1, num_keys)
+        group = AttnGroup(slice(0, batch), batch, 1, num_keys, False, self._gather, mask, None, None)
+        return PagedBatch(write, [1] * batch, [group], whole=True), pos
+
+    def _rebuild(
+        self, positions: list[int], block_tables: list[list[int]], counts: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, bs = len(block_tables), self.block_size
+        if not self.same_batch:
+            table = np.zeros((batch, max(counts)), dtype=np.int64)
+            for i, t in enumerate(block_tables):
+                table[i, : len(t)] = t
+            self._table, self._tables, self._counts, self._gather = table, list(block_tables), counts, None
+        elif counts != self._counts:  # some sequences took a new block: refresh their rows only
+            table = self._table
+            if max(counts) > table.shape[1]:
+                grown = np.zeros((batch, max(counts) + 4), dtype=np.int64)
+                grown[:, : table.shape[1]] = table
+                self._table = table = grown
+            for i, (c, old) in enumerate(zip(counts, self._counts, strict=True)):
+                if c != old:
+                    table[i, :c] = block_tables[i]
+                    table[i, c:] = 0
+            self._counts, self._gather = counts, None
+        table = self._table
+        pos = np.array(positions, dtype=np.int64)
+        last, first = max(positions), min(positions)
+        nblk = last // bs + 1
+        if self._gather is None or nblk != self._gather_blocks:
+            self._gather = self._on(_gather_rows(table[:, :nblk], self.num_kv_heads))
+            self._gather_blocks = nblk
+        slots = pos % bs
+        base = table[np.arange(batch), pos // bs] * (self.num_kv_heads * bs) + slots
+        self._write = self._on((base[:, None] + self._heads).reshape(-1))
+        self._pos = self._on(pos)
+        self._num_keys = last + 1
+        self._advances = bs - 1 - int(slots.max())
+        self._expect = [p + 1 for p in positions]
+        self._masked = first != last
+        if self._masked and (self._keys is None or self._keys.shape[0] < last + 1 + bs):
+            self._keys = torch.arange(2 * (last + 1 + bs), device=self.device)
+        return self._pos, self._write
+
+
+LayerViews = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def layer_views(kv_cache: torch.Tensor) -> LayerViews:
+    """Per layer, two views of its [2, NB, H, bs, D] cache: [2, NB*H*bs, D] (one row per token and
+    head, for writes) and [2, NB*H, bs, D] (one row per block and head, for gathers). Build once."""
+    num_layers, _, nb, h, bs, d = kv_cache.shape
+    return [
+        (kv_cache[i].view(2, nb * h * bs, d), kv_cache[i].view(2, nb * h, bs, d)) for i in range(num_layers)
+    ]
+
+
 class PagedAttention:
     """Attention backend over the paged cache for one step (one SDPA per attention group)."""
 
-    def __init__(self, kv_cache: torch.Tensor, batch: PagedBatch) -> None:
+    def __init__(self, kv_cache: torch.Tensor, batch: PagedBatch, views: LayerViews | None = None) -> None:
         self.kv_cache = kv_cache
         self.batch = batch
+        self.views = views if views is not None else layer_views(kv_cache)
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         bt = self.batch
-        layer = self.kv_cache[layer_idx]  # [2, NB, H, bs, D]; K and V move together: half the ops
-        layer[:, bt.write_blocks, :, bt.write_slots] = torch.stack((k, v), dim=1)
+        tokens, blocks = self.views[layer_idx]
+        # K and V move together: one copy of [2, N*H, D] rows into the layer's cache
+        tokens.index_copy_(1, bt.write_idx, torch.stack((k, v)).view(2, -1, k.shape[-1]))
         if bt.whole:
-            return _attend(bt.groups[0], layer, q, k, v)
+            return _attend(bt.groups[0], blocks, q, k, v)
         out = torch.empty_like(q)
         for g in bt.groups:
-            res = _attend(g, layer, q, k, v)
+            res = _attend(g, blocks, q, k, v)
             if isinstance(g.tokens, slice):
                 out[g.tokens] = res
             else:
@@ -204,9 +321,10 @@ class PagedAttention:
 
 
 def _attend(
-    g: AttnGroup, layer: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    g: AttnGroup, blocks: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 ) -> torch.Tensor:
-    """Attention output [n, Hq, D] for the group's n tokens (layer's cache already holds their k/v)."""
+    """Attention output [n, Hq, D] for the group's n tokens (``blocks``: the layer's cache as
+    [2, NB*H, bs, D], already holding their k/v)."""
     qg = _take(q, g.tokens)
     if g.fresh:  # whole prompts with no earlier context: plain causal attention over their own k/v
         kg, vg = _take(k, g.tokens), _take(v, g.tokens)
@@ -218,7 +336,7 @@ def _attend(
             enable_gqa=True,
         )
         return out.transpose(1, 2).reshape(qg.shape)
-    keys, values = _gather(layer, g.gather_idx, g.rows, g.num_keys)
+    keys, values = _gather(blocks, g.gather_idx, g.rows, k.shape[1], g.num_keys)
     if g.scatter_b is None:
         qb = qg.reshape(g.rows, g.q_len, *q.shape[1:]).transpose(1, 2)
     else:
@@ -241,14 +359,21 @@ def _gather_rows(table: np.ndarray, num_kv_heads: int) -> np.ndarray:
     return (table[:, None, :] * num_kv_heads + np.arange(num_kv_heads)[None, :, None]).reshape(-1)
 
 
+def _write_rows(blocks: np.ndarray, slots: np.ndarray, num_kv_heads: int, block_size: int) -> np.ndarray:
+    """Rows of the new tokens' (token, head) pairs in [NB*H*bs, D], in [N, H] order (as k.view(N*H, D))."""
+    base = blocks * (num_kv_heads * block_size) + slots
+    return (base[:, None] + np.arange(0, num_kv_heads * block_size, block_size)[None, :]).reshape(-1)
+
+
 def _take(x: torch.Tensor, tokens: slice | torch.Tensor) -> torch.Tensor:
     return x[tokens] if isinstance(tokens, slice) else x.index_select(0, tokens)
 
 
 def _gather(
-    layer: torch.Tensor, gather_idx: torch.Tensor, batch: int, num_keys: int
+    blocks: torch.Tensor, gather_idx: torch.Tensor, batch: int, num_kv_heads: int, num_keys: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[2, NB, H, bs, D] -> K and V, each [B, H, num_keys, D], with one index_select copy."""
-    _, nb, h, bs, d = layer.shape
-    kv = layer.view(2, nb * h, bs, d).index_select(1, gather_idx).view(2, batch, h, -1, d)
-    return kv[0, :, :, :num_keys], kv[1, :, :, :num_keys]
+    """[2, NB*H, bs, D] -> K and V, each [B, H, num_keys, D], with one index_select copy."""
+    kv = blocks.index_select(1, gather_idx).view(2, batch, num_kv_heads, -1, blocks.shape[3])
+    if kv.shape[3] != num_keys:
+        kv = kv.narrow(3, 0, num_keys)
+    return kv.unbind(0)

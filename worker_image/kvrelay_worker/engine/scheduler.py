@@ -17,6 +17,8 @@ from kvrelay_worker.engine.block_pool import BlockPool
 from kvrelay_worker.engine.request import Request, RequestStatus
 from kvrelay_worker.engine.sampling_params import SamplingParams
 
+_RUNNING = RequestStatus.RUNNING
+
 
 class RequestRefused(ValueError):
     """The request can never be served by this engine (too long for the cache or the model)."""
@@ -166,21 +168,45 @@ class Scheduler:
     # ---- the step ---------------------------------------------------------------------------
     def schedule(self, now: float) -> SchedulerOutput:
         out = SchedulerOutput()
-        self._allocate_remote(out)
+        if self.pending_remote:
+            self._allocate_remote(out)
         budget = self.config.max_batch_tokens
+        block_size = self.config.block_size
+        seqs = out.seqs
+        # Runs once per running request every step: attribute reads and one ScheduledSeq, no calls
+        # on the common path (the request keeps its blocks and computes one or more tokens).
         for request in list(self.running):
-            if budget <= 0 or request.status != RequestStatus.RUNNING:
+            if budget <= 0 or request.status != _RUNNING:
                 continue
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            while not self._grow(request, num_new):
-                victim = self.running[-1]
-                self._preempt(victim, out)
-                if victim is request:
-                    break
-            if request.status != RequestStatus.RUNNING:
-                continue
+            start = request.num_computed_tokens
+            prompt, output = request.prompt_token_ids, request.output_token_ids
+            n_prompt = len(prompt)
+            total = n_prompt + len(output)
+            num_new = total - start if total - start < budget else budget
+            if (start + num_new + block_size - 1) // block_size > len(request.block_ids):
+                while not self._grow(request, num_new):
+                    victim = self.running[-1]
+                    self._preempt(victim, out)
+                    if victim is request:
+                        break
+                if request.status != _RUNNING:
+                    continue
             budget -= num_new
-            out.seqs.append(self._seq(request, num_new))
+            if num_new == 1 and start >= n_prompt:  # decode: the last sampled token
+                token_ids = [output[start - n_prompt]]
+            else:
+                token_ids = request.token_ids(start, start + num_new)
+            seqs.append(
+                ScheduledSeq(
+                    request.request_id,
+                    token_ids,
+                    start,
+                    request.block_ids,  # no copy: nothing changes it before the runner has used it
+                    start + num_new == total,
+                    request.params,
+                    len(output),
+                )
+            )
 
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
@@ -262,18 +288,42 @@ class Scheduler:
     def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[RequestOutput]:
         """Apply a step's results: advance computed counts, append sampled tokens, retire finished."""
         results: list[RequestOutput] = []
+        requests = self.requests
+        eos, max_len, detokenize = self.eos_token_ids, self.config.max_model_len, self.detokenize
         for seq in out.seqs:
-            request = self.requests.get(seq.request_id)
-            if request is None or request.status != RequestStatus.RUNNING:
+            request = requests.get(seq.request_id)
+            if request is None or request.status != _RUNNING:
                 continue  # aborted while the step ran
             request.num_computed_tokens += len(seq.token_ids)
             if not seq.sample:
                 continue
             token = sampled[seq.request_id]
-            request.output_token_ids.append(token)
-            status = check_stop(
-                request, token, self.eos_token_ids, self.config.max_model_len, self.detokenize
-            )
+            output = request.output_token_ids
+            output.append(token)
+            # check_stop inline for the common case: no stop token, no stop string, room left
+            p = request.params
+            if (
+                not p.stop
+                and token not in p.stop_token_ids
+                and (p.ignore_eos or token not in eos)
+                and len(output) < p.max_tokens
+                and len(request.prompt_token_ids) + len(output) < max_len
+                and not request.prefill_only
+            ):
+                results.append(
+                    RequestOutput(
+                        request.request_id,
+                        [token],
+                        False,
+                        None,
+                        None,
+                        0,
+                        request.arrival_time,
+                        request.first_scheduled_time,
+                    )
+                )
+                continue
+            status = check_stop(request, token, eos, max_len, detokenize)
             if status is not None:
                 self._finish(request, status)
                 results.append(
