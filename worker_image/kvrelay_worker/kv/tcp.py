@@ -9,7 +9,9 @@ CUDA tensors are staged through host memory one run at a time.
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import struct
 import threading
 import time
 from typing import Any
@@ -23,6 +25,8 @@ from .leases import Lease
 from .runs import RunPlan, plan_runs
 
 _POLL_S = 0.25  # socket timeout slice: how often a blocked reader checks its deadline/cancel flag
+_RCVTIMEO = struct.pack("ll", 0, int(_POLL_S * 1e6))  # struct timeval
+_NO_RCVTIMEO = struct.pack("ll", 0, 0)
 _IOV_BATCH = 512  # buffers per sendmsg/recvmsg_into call (Linux IOV_MAX is 1024)
 
 
@@ -125,17 +129,29 @@ def recv_views(
 ) -> None:
     """Scatter-read exactly the views' bytes (recvmsg_into), checking the deadline and cancel flag."""
     views = [v for v in views if len(v)]
-    sock.settimeout(_POLL_S)
-    while views:
-        if cancel.is_set() or time.monotonic() >= deadline:
-            reason = "cancelled" if cancel.is_set() else "timeout"
-            raise KVTransferError(reason, f"reading from holder {peer} stopped: {reason}")
-        try:
-            got = sock.recvmsg_into(views[:_IOV_BATCH])[0]
-        except TimeoutError:
-            continue  # re-check the deadline and the cancel flag
-        except OSError as exc:
-            raise KVTransferError("holder_unreachable", f"holder {peer} connection failed: {exc}") from exc
-        if got == 0:
-            raise KVTransferError("holder_unreachable", f"holder {peer} closed the connection mid-transfer")
-        _advance(views, got)
+    # A blocking socket with a kernel receive timeout (SO_RCVTIMEO) instead of settimeout() (which
+    # polls before every read), and MSG_WAITALL: the kernel keeps filling the views as data arrives
+    # instead of returning to Python per chunk; a timeout slice returns what it has so far.
+    sock.settimeout(None)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _RCVTIMEO)
+    try:
+        while views:
+            if cancel.is_set() or time.monotonic() >= deadline:
+                reason = "cancelled" if cancel.is_set() else "timeout"
+                raise KVTransferError(reason, f"reading from holder {peer} stopped: {reason}")
+            try:
+                got = sock.recvmsg_into(views[:_IOV_BATCH], 0, socket.MSG_WAITALL)[0]
+            except (BlockingIOError, TimeoutError, InterruptedError):
+                continue  # the timeout slice passed: re-check the deadline and the cancel flag
+            except OSError as exc:
+                raise KVTransferError(
+                    "holder_unreachable", f"holder {peer} connection failed: {exc}"
+                ) from exc
+            if got == 0:
+                raise KVTransferError(
+                    "holder_unreachable", f"holder {peer} closed the connection mid-transfer"
+                )
+            _advance(views, got)
+    finally:
+        with contextlib.suppress(OSError):  # the socket may already be closed (transport close)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _NO_RCVTIMEO)
