@@ -79,13 +79,13 @@ class BareDecode:
         self.tokens.tolist()  # the engine hands tokens back to Python too
 
 
-def measure(model, batch: int, prompt_len: int, steps: int, block_size: int) -> dict[str, float]:
-    """Step times (ms): medians, and minima (robust on a shared host); engine and bare steps
-    alternate so host noise hits both alike."""
-    prompts = [[(7 * i + j) % 500 + 5 for j in range(prompt_len)] for i in range(batch)]
+def interleaved_step_times(
+    model, batch: int, prompts: list[list[int]], steps: int, block_size: int
+) -> tuple[list[float], list[float]]:
+    """Seconds per decode step (engine, bare), alternating the two so host noise hits both alike."""
     eng = EngineDecode(model, batch, prompts, steps, block_size)
     bare = BareDecode(model, batch, prompts, steps)
-    for _ in range(3):
+    for _ in range(3):  # warm-up
         eng.step()
         bare.step()
     e_times, b_times = [], []
@@ -99,6 +99,14 @@ def measure(model, batch: int, prompt_len: int, steps: int, block_size: int) -> 
         b_times.append(t2 - t1)
     for i in range(batch):
         eng.engine.abort(str(i))
+    return e_times, b_times
+
+
+def measure(model, batch: int, prompt_len: int, steps: int, block_size: int) -> dict[str, float]:
+    """Step times (ms): medians, and minima (robust on a shared host); engine and bare steps
+    alternate so host noise hits both alike."""
+    prompts = [[(7 * i + j) % 500 + 5 for j in range(prompt_len)] for i in range(batch)]
+    e_times, b_times = interleaved_step_times(model, batch, prompts, steps, block_size)
     e, b = statistics.median(e_times) * 1e3, statistics.median(b_times) * 1e3
     e_min, b_min = min(e_times) * 1e3, min(b_times) * 1e3
     return {

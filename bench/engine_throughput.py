@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from engine_overhead import BareDecode, EngineDecode
+from engine_overhead import interleaved_step_times
 from kvrelay_worker.engine import Engine, EngineConfig, SamplingParams
 from kvrelay_worker.model import load_model
 from kvrelay_worker.model.attention import DenseCausalAttention
@@ -64,22 +64,7 @@ def bare_prefill_s(model, prompts: list[list[int]]) -> float:
 
 def decode_tok_s(model, batch: int, steps: int) -> tuple[float, float]:
     prompts = prompts_for(batch, 32, model.config.vocab_size)
-    eng = EngineDecode(model, batch, prompts, steps, 16)
-    bare = BareDecode(model, batch, prompts, steps)
-    e_times, b_times = [], []
-    for _ in range(3):  # warm-up
-        eng.step()
-        bare.step()
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        eng.step()
-        t1 = time.perf_counter()
-        bare.step()
-        t2 = time.perf_counter()
-        e_times.append(t1 - t0)
-        b_times.append(t2 - t1)
-    for i in range(batch):
-        eng.engine.abort(str(i))
+    e_times, b_times = interleaved_step_times(model, batch, prompts, steps, 16)
     return batch / statistics.median(e_times), batch / statistics.median(b_times)
 
 
