@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from kvrelay_worker.engine import paged_attention
 from kvrelay_worker.engine.paged_attention import DecodeBatchBuilder, PagedAttention, build_paged_batch
 
 HQ, HKV, D, BS, NB = 4, 2, 8, 4, 512
@@ -124,3 +125,55 @@ def test_incremental_decode_builder_matches_full_build() -> None:
             assert torch.equal(g.mask, w.mask)
         for s in seqs:
             s[0] += 1
+
+
+@pytest.mark.parametrize("max_bytes", [None, 0])
+def test_decode_mirror_matches_gather_path(monkeypatch: pytest.MonkeyPatch, max_bytes: int | None) -> None:
+    """Attention through DecodeBatchBuilder's dense mirror (appended to step after step, rebuilt when
+    the batch changes or outgrows it) == attention gathering from the paged cache, over many steps with
+    joins, leaves, new tables and resets; the paged cache gets the same writes either way."""
+    if max_bytes is not None:  # the mirror over its memory limit: the builder's batches gather instead
+        monkeypatch.setattr(paged_attention, "MIRROR_MAX_BYTES", max_bytes)
+    rng = random.Random(5)
+    gen = torch.Generator().manual_seed(5)
+    layers = 2
+    builder = DecodeBatchBuilder(BS, HKV, torch.device("cpu"))
+    cache = torch.randn(layers, 2, NB, HKV, BS, D, generator=gen)
+    ref_cache = cache.clone()
+    free = list(range(1, NB))
+    rng.shuffle(free)
+    seqs: list[list] = []  # [position, block table]
+    mirrored = 0
+    for step in range(300):
+        if rng.random() < 0.05 or not seqs:
+            seqs.insert(rng.randint(0, len(seqs)), [rng.randint(0, 40), []])
+        if len(seqs) > 1 and rng.random() < 0.04:
+            free.extend(seqs.pop(rng.randrange(len(seqs)))[1])
+        if rng.random() < 0.02:
+            s = seqs[rng.randrange(len(seqs))]
+            free.extend(s[1])
+            s[1] = []
+        for s in seqs:
+            while len(s[1]) * BS < s[0] + 1:
+                s[1].append(free.pop(0))
+        if step % 70 == 69:
+            builder.reset()
+        positions = [s[0] for s in seqs]
+        tables = [s[1] for s in seqs]
+        got, _ = builder.build(positions, tables)
+        want = build_paged_batch([1] * len(seqs), positions, tables, BS, HKV, torch.device("cpu"))
+        assert got.mirror is not None and want.mirror is None
+        attn, ref_attn = PagedAttention(cache, got), PagedAttention(ref_cache, want)
+        n = len(seqs)
+        for layer in range(layers):
+            q, k, v = (
+                torch.randn(n, HQ, D, generator=gen),
+                torch.randn(n, HKV, D, generator=gen),
+                torch.randn(n, HKV, D, generator=gen),
+            )
+            assert torch.equal(attn(layer, q, k, v), ref_attn(layer, q, k, v)), (step, layer)
+        mirrored += bool(got.mirror.layers)
+        assert torch.equal(cache, ref_cache), step
+        for s in seqs:
+            s[0] += 1
+    assert mirrored == (300 if max_bytes is None else 0)

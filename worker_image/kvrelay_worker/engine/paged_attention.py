@@ -37,6 +37,8 @@ from kvrelay_worker.model.config import LlamaConfig
 # it (tiny chunks: one SDPA call costs more than a little padding).
 _PAD_RATIO = 1.25
 _PAD_SLACK = 64 * 64
+# Memory the dense decode mirror (all layers) may take; a larger decode batch attends by gathering.
+MIRROR_MAX_BYTES = 256 << 20
 
 
 def allocate_kv_cache(
@@ -62,6 +64,51 @@ class AttnGroup:
     scatter_q: torch.Tensor | None  # [n] position in that row
 
 
+class DecodeMirror:
+    """Dense per-layer copies [2, B, H, capacity, D] of a steady decode batch's K/V.
+
+    Built by one gather per layer on the step the batch forms; each later step of the same batch only
+    writes its new token's K/V into it (as well as into the paged cache, which stays the source of
+    truth), so attention reads a contiguous cache instead of gathering every context again.
+    """
+
+    def __init__(self, batch: int, num_kv_heads: int, capacity: int, rows: torch.Tensor) -> None:
+        self.batch = batch
+        self.num_kv_heads = num_kv_heads
+        self.capacity = capacity
+        self.rows = rows  # [B*H] row of each (sequence, kv head)'s new token in [2, B*H*capacity, D]
+        self.layers: dict[int, torch.Tensor] = {}
+        self.disabled = False  # too large for the memory limit: attend by gathering instead
+
+    def attend_kv(
+        self,
+        layer_idx: int,
+        num_layers: int,
+        blocks: torch.Tensor,
+        g: AttnGroup,
+        k: torch.Tensor,
+        v: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """K and V [B, H, num_keys, D] of the layer (its new tokens written), or None to gather."""
+        m = self.layers.get(layer_idx)
+        if m is None:
+            d = blocks.shape[3]
+            size = num_layers * 2 * self.batch * self.num_kv_heads * self.capacity * d * blocks.element_size()
+            if self.disabled or size > MIRROR_MAX_BYTES:
+                self.disabled = True
+                return None
+            keys, values = _gather(blocks, g.gather_idx, g.rows, self.num_kv_heads, g.num_keys)
+            m = blocks.new_zeros(2, self.batch, self.num_kv_heads, self.capacity, d)
+            m[0, :, :, : g.num_keys] = keys
+            m[1, :, :, : g.num_keys] = values
+            self.layers[layer_idx] = m
+        else:
+            flat = m.view(2, -1, m.shape[-1])
+            flat.index_copy_(1, self.rows, torch.stack((k, v)).view(2, -1, k.shape[-1]))
+        kv = m.narrow(3, 0, g.num_keys)
+        return kv[0], kv[1]
+
+
 @dataclass
 class PagedBatch:
     """Per-step metadata shared by all layers."""
@@ -70,6 +117,7 @@ class PagedBatch:
     q_lens: list[int]
     groups: list[AttnGroup]
     whole: bool  # a single group covering all N tokens in order: its output is the layer's output
+    mirror: DecodeMirror | None = None  # decode-only steps of a steady batch: dense K/V copies
 
 
 def build_paged_batch(
@@ -193,6 +241,10 @@ class DecodeBatchBuilder:
 
     Anything else (new or departed sequences, a new block, positions that did not advance by one)
     recomputes the step's tensors from the lists, in numpy.
+
+    Each batch also carries a ``DecodeMirror``: dense per-layer K/V of the batch, gathered once when the
+    batch forms and then appended to, while the same sequences advance one token per step and fit its
+    capacity; otherwise (or after ``reset``) the step gets a fresh mirror, built by the full gather.
     """
 
     def __init__(self, block_size: int, num_kv_heads: int, device: torch.device) -> None:
@@ -214,10 +266,12 @@ class DecodeBatchBuilder:
         self._num_keys = 0
         self._masked = False  # contexts differ: a padding mask is needed
         self._keys: torch.Tensor | None = None  # arange of key positions, for the mask
+        self._mirror: DecodeMirror | None = None  # dense K/V copies of the cached batch
 
     def reset(self) -> None:
         """Forget the cached batch (after any step that was not decode-only)."""
         self._tables, self._counts, self._gather, self._expect = [], [], None, []
+        self._mirror = None
 
     def _on(self, a: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(a)
@@ -229,19 +283,42 @@ class DecodeBatchBuilder:
         counts = list(map(len, block_tables))
         tables = self._tables
         self.same_batch = len(tables) == batch and all(map(operator.is_, block_tables, tables))
-        if self.same_batch and counts == self._counts and self._advances > 0 and positions == self._expect:
+        # every sequence is one token further than last step: a mirror of the batch stays valid
+        advanced = self.same_batch and positions == self._expect
+        mirror = self._mirror
+        if advanced and counts == self._counts and self._advances > 0:
             self._advances -= 1
             self._expect = [p + 1 for p in positions]
             self._num_keys += 1
             pos, write = self._pos.add_(1), self._write.add_(1)
+            if mirror is not None and self._num_keys <= mirror.capacity:
+                mirror.rows.add_(1)
+            else:
+                mirror = None
         else:
             pos, write = self._rebuild(positions, block_tables, counts)
+            if not (advanced and mirror is not None and self._num_keys <= mirror.capacity):
+                mirror = None
+            elif not mirror.disabled:
+                mirror.rows = self._on(self._mirror_rows(positions, mirror.capacity))
         num_keys = self._num_keys
+        if mirror is None:  # (re)build on this step's gather, with room to grow
+            capacity = num_keys + max(64, num_keys // 2)
+            mirror = DecodeMirror(
+                batch, self.num_kv_heads, capacity, self._on(self._mirror_rows(positions, capacity))
+            )
+        self._mirror = mirror
         mask = None
         if self._masked:  # hide each row's keys past its own context
             mask = (self._keys[:num_keys] <= pos[:, None]).view(batch, 1, 1, num_keys)
         group = AttnGroup(slice(0, batch), batch, 1, num_keys, False, self._gather, mask, None, None)
-        return PagedBatch(write, [1] * batch, [group], whole=True), pos
+        return PagedBatch(write, [1] * batch, [group], whole=True, mirror=mirror), pos
+
+    def _mirror_rows(self, positions: list[int], capacity: int) -> np.ndarray:
+        """Rows of the new tokens in a mirror's [2, B*H*capacity, D] view, in [B, H] order."""
+        batch, h = len(positions), self.num_kv_heads
+        seq_head = np.arange(batch * h, dtype=np.int64).reshape(batch, h) * capacity
+        return (seq_head + np.array(positions, dtype=np.int64)[:, None]).reshape(-1)
 
     def _rebuild(
         self, positions: list[int], block_tables: list[list[int]], counts: list[int]
@@ -308,6 +385,14 @@ class PagedAttention:
         tokens, blocks = self.views[layer_idx]
         # K and V move together: one copy of [2, N*H, D] rows into the layer's cache
         tokens.index_copy_(1, bt.write_idx, torch.stack((k, v)).view(2, -1, k.shape[-1]))
+        if bt.mirror is not None:
+            g = bt.groups[0]
+            kv = bt.mirror.attend_kv(layer_idx, len(self.views), blocks, g, k, v)
+            if kv is not None:
+                out = F.scaled_dot_product_attention(
+                    q.view(g.rows, 1, *q.shape[1:]).transpose(1, 2), *kv, attn_mask=g.mask, enable_gqa=True
+                )
+                return out.transpose(1, 2).reshape(q.shape)
         if bt.whole:
             return _attend(bt.groups[0], blocks, q, k, v)
         out = torch.empty_like(q)
