@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 from kvrelay_worker.model.tiny import make_tiny_model
+from kvrelay_worker.processes import stop_process
 
 READY = re.compile(r"READY role=(\S+) grpc=(\S+)")
 
@@ -68,12 +69,7 @@ def worker(role: str, model: Path, backend: str, threads: int, blocks: int) -> I
     try:
         yield addr.get(timeout=180)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, grace_s=15)
 
 
 def _input(name: str, data: np.ndarray, dtype: str) -> grpcclient.InferInput:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import re
-import signal
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+
+from kvrelay_worker.processes import stop_process
 
 URL_RE = re.compile(r"serving model '([^']+)' at (http://\S+/v1)")
 WORKER_RE = re.compile(r"worker (\S+) pid=(\d+) grpc=(\S+)")
@@ -47,12 +48,7 @@ def launch_serve(args: Sequence[str], timeout_s: float = 300) -> Iterator[Serve]
             raise RuntimeError("kvrelay serve did not start")
         yield serve
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, grace_s=30)
 
 
 def quantile(values: Sequence[float], q: float) -> float:

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from kvrelay_worker.processes import stop_process
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ADMIN_TOKEN = "kvrelay-test-admin-token"
 T = TypeVar("T")
@@ -151,13 +153,7 @@ current-context: envtest
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+    stop_process(proc, grace_s=10)
 
 
 @contextlib.contextmanager

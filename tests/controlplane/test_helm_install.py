@@ -24,6 +24,7 @@ import yaml
 from kvrelay_envtest import ControlPlane, control_plane, find_assets, find_kubectl, free_port
 from kvrelay_operator import resources
 from kvrelay_operator.api import DisaggregatedModelSpec, DisaggregatedModelStatus
+from kvrelay_worker.processes import stop_process
 
 pytestmark = pytest.mark.controlplane
 
@@ -303,12 +304,7 @@ def operator_process(kubeconfig: Path, args: list[str], log_path: Path) -> Itera
     try:
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, grace_s=20)
     text = log_path.read_text()
     assert "forbidden" not in text.lower() and " 403" not in text, text[-3000:]
 

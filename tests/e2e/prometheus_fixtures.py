@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+from kvrelay_worker.processes import stop_process
 
 
 def fail_or_skip(why: str) -> None:
@@ -84,9 +85,4 @@ def run_prometheus(
                 time.sleep(0.3)
             yield url
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, grace_s=15)

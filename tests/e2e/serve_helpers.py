@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvrelay_worker.processes import stop_process
+
 URL_RE = re.compile(r"serving model '([^']+)' at (http://\S+/v1)")
 WORKER_RE = re.compile(r"worker (\S+) pid=(\d+) grpc=(\S+) metrics=:(\d+)")
 START_TIMEOUT_S = float(os.environ.get("KVRELAY_E2E_START_TIMEOUT", "240"))
@@ -80,13 +82,7 @@ def run_serve(args: list[str], log_dir: Path) -> Iterator[ServeProcess]:
                 serve.model, serve.base_url = m.group(1), m.group(2)
         yield serve
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, grace_s=30)
         # Belt and braces: never leave a worker behind, even if serve misbehaved.
         serve.leftovers = [pid for pid, _ in serve.workers.values() if pid_alive(pid)]
         for pid in serve.leftovers:

@@ -29,6 +29,7 @@ import openai
 import pytest
 import yaml
 from kvrelay_operator import dashboards
+from kvrelay_worker.processes import stop_process
 from prometheus_fixtures import fail_or_skip, free_port, query, run_prometheus
 from serve_helpers import WORKER_RE, ServeProcess, run_serve
 
@@ -140,12 +141,7 @@ def run_operator(workdir: Path, metrics_port: int, prometheus_url: str) -> Itera
         try:
             yield Operator(proc, log_path, kubectl, plane.kubeconfig)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, grace_s=20)
 
 
 def chart_alert_rules() -> str:

@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from kvrelay_worker.processes import stop_process
 
 READY_RE = re.compile(r"READY role=(\S+) grpc=(\S+) metrics=(\d+)(?: kv=(\S+))?")
 
@@ -56,14 +56,7 @@ class WorkerProcess:
 
     def stop(self, timeout_s: float = 10.0) -> int:
         """SIGTERM, wait, then SIGKILL; returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        return self.proc.returncode
+        return stop_process(self.proc, grace_s=timeout_s)
 
 
 def worker_command(role: str, model_dir: Path, *args: str) -> list[str]:
