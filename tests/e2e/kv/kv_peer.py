@@ -67,7 +67,7 @@ class Peer:
         self.loop = asyncio.new_event_loop()
 
     def _freeze_after_claim(self, pid: int) -> None:
-        """Test hook for one fetch: SIGSTOP the holder after its claim succeeded, before the data moves."""
+        """Test hook for one fetch: SIGSTOP the holder just before the data moves."""
         import kvrelay_worker.kv.tcp as tcp_mod
 
         def freeze_then(fn: Any) -> Any:
@@ -85,11 +85,12 @@ class Peer:
             def restore() -> None:
                 tcp_mod.recv_views = original
         else:
-            original = self.transport._read
-            self.transport._read = freeze_then(original)  # type: ignore[method-assign]
+            # NIXL: freeze as the READ is posted (after the claim on first contact, alongside it later).
+            original = self.transport._start_read  # type: ignore[attr-defined]
+            self.transport._start_read = freeze_then(original)  # type: ignore[attr-defined]
 
             def restore() -> None:
-                del self.transport._read
+                del self.transport._start_read  # type: ignore[attr-defined]
 
     def handle(self, cmd: dict[str, Any]) -> dict[str, Any]:
         op = cmd["op"]

@@ -89,12 +89,16 @@ def test_merge_rank_handles() -> None:
         merge_rank_handles([make_handle(0, tp=2), make_handle(1, "h2", tp=2)], b"s")
 
 
+@pytest.mark.parametrize("ids", ["random", "segments"])
 @pytest.mark.parametrize(("holder_tp", "reader_tp"), [(1, 1), (1, 2), (2, 2), (2, 4), (1, 8)])
-def test_planned_runs_move_exactly_the_reader_heads(holder_tp: int, reader_tp: int) -> None:
+def test_planned_runs_move_exactly_the_reader_heads(holder_tp: int, reader_tp: int, ids: str) -> None:
     full = torch.randint(-1000, 1000, (3, 2, 16, 8, 4, 8), dtype=torch.int16).view(torch.bfloat16)
     holder_l, reader_l = layout(tp_size=holder_tp), layout(tp_size=reader_tp)
     rng = random.Random(holder_tp * 10 + reader_tp)
-    src_ids, dst_ids = rng.sample(range(1, 16), 5), rng.sample(range(1, 12), 5)
+    if ids == "random":
+        src_ids, dst_ids = rng.sample(range(1, 16), 5), rng.sample(range(1, 12), 5)
+    else:  # runs of consecutive ids on both sides, broken on one side or the other
+        src_ids, dst_ids = [3, 4, 5, 9, 10, 11, 15], [1, 2, 3, 4, 7, 8, 11]
     for r in range(reader_tp):
         q, offset = source_rank(holder_l, reader_l, r)
         hl, rl = holder_l.num_kv_heads_local, reader_l.num_kv_heads_local
@@ -118,6 +122,8 @@ def test_contiguous_blocks_coalesce_and_bad_ids_are_refused() -> None:
     assert (runs[:, 2] == 3 * 8 * 4 * 8 * 2).all()
     scattered = plan_runs(lay, 16, [1, 3, 2], lay, 16, 0, [4, 5, 6])
     assert scattered.shape == (18, 3)  # nothing continues on both sides
+    mixed = plan_runs(lay, 16, [1, 2, 3, 7, 8], lay, 16, 0, [4, 5, 6, 9, 11])
+    assert mixed[:3, 2].tolist() == [3 * 8 * 4 * 8 * 2, 8 * 4 * 8 * 2, 8 * 4 * 8 * 2]  # 1-3, 7, 8 per plane
     with pytest.raises(KVLayoutMismatch, match="block id 0"):
         plan_runs(lay, 16, [0], lay, 16, 0, [1])
     with pytest.raises(KVLayoutMismatch, match="2 blocks \\(holder\\) != 1"):

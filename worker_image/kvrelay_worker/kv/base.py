@@ -321,20 +321,54 @@ class KVTransport(ABC):
         self, endpoint: str, req: dict[str, Any], deadline: float, cancel: threading.Event
     ) -> tuple[socket.socket, dict[str, Any]]:
         """Claim on a pooled (or new) connection; the caller returns it with `reuse` or closes it."""
+        sock, pooled = self.send_claim(endpoint, req, deadline)
+        return self.claim_reply(sock, pooled, endpoint, req, deadline, cancel)
+
+    def send_claim(self, endpoint: str, req: dict[str, Any], deadline: float) -> tuple[socket.socket, bool]:
+        """Send a claim without waiting for the answer: (connection, whether it came from the pool)."""
         with self._idle_lock:
             idle = self._idle.get(endpoint)
             sock = idle.pop() if idle else None
         if sock is not None:
             try:
-                return sock, exchange_claim(sock, req, endpoint, deadline, cancel)
-            except KVTransferError as err:
-                sock.close()
-                if err.reason != "holder_unreachable":
-                    raise
-                # An idle connection can be stale (holder restarted): retry once on a fresh one.
+                send_frame(sock, req)
+                return sock, True
+            except OSError:
+                sock.close()  # a stale pooled connection (holder restarted): use a fresh one
+        return self._send_fresh(endpoint, req, deadline), False
+
+    def _send_fresh(self, endpoint: str, req: dict[str, Any], deadline: float) -> socket.socket:
         sock = connect(endpoint, deadline)
         try:
-            return sock, exchange_claim(sock, req, endpoint, deadline, cancel)
+            send_frame(sock, req)
+        except OSError as exc:
+            sock.close()
+            raise _dropped(endpoint, exc) from exc
+        return sock
+
+    def claim_reply(
+        self,
+        sock: socket.socket,
+        pooled: bool,
+        endpoint: str,
+        req: dict[str, Any],
+        deadline: float,
+        cancel: threading.Event,
+    ) -> tuple[socket.socket, dict[str, Any]]:
+        """Wait for the answer to a sent claim: (the connection that answered, the reply).
+
+        A stale pooled connection is retried once on a fresh one. On error every connection is
+        closed; on success the caller returns it with `reuse` or closes it.
+        """
+        try:
+            return sock, await_claim_reply(sock, endpoint, deadline, cancel)
+        except KVTransferError as err:
+            sock.close()
+            if not (pooled and err.reason == "holder_unreachable"):
+                raise
+        sock = self._send_fresh(endpoint, req, deadline)
+        try:
+            return sock, await_claim_reply(sock, endpoint, deadline, cancel)
         except BaseException:
             sock.close()
             raise
@@ -408,12 +442,11 @@ def connect(endpoint: str, deadline: float) -> socket.socket:
     return sock
 
 
-def exchange_claim(
-    sock: socket.socket, req: dict[str, Any], endpoint: str, deadline: float, cancel: threading.Event
+def await_claim_reply(
+    sock: socket.socket, endpoint: str, deadline: float, cancel: threading.Event
 ) -> dict[str, Any]:
-    """Send a claim and wait for the holder's answer, checking the deadline and cancel flag."""
+    """Wait for the holder's answer to a claim, checking the deadline and cancel flag."""
     try:
-        send_frame(sock, req)
         while not select.select([sock], [], [], 0.05)[0]:
             if cancel.is_set():
                 raise KVTransferError("cancelled", "fetch cancelled while waiting for the claim")
@@ -424,7 +457,11 @@ def exchange_claim(
     except TimeoutError as exc:
         raise KVTransferError("timeout", f"holder {endpoint} did not answer the claim in time") from exc
     except (ConnectionError, OSError) as exc:
-        raise KVTransferError("holder_unreachable", f"holder {endpoint} dropped the claim: {exc}") from exc
+        raise _dropped(endpoint, exc) from exc
     if not reply.get("ok"):
         raise KVTransferError(reply.get("reason", "refused"), reply.get("message", ""))
     return reply
+
+
+def _dropped(endpoint: str, exc: BaseException) -> KVTransferError:
+    return KVTransferError("holder_unreachable", f"holder {endpoint} dropped the claim: {exc}")

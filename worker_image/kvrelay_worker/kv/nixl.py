@@ -34,12 +34,28 @@ _IDLE_POLL_S = 0.01  # holder idle: poll notifications at 100 Hz
 _ACTIVE_POLL_S = 0.0002  # a claim is in flight: progress UCX often (emulated READ over tcp needs it)
 _ACTIVE_WINDOW_S = 0.05  # keep polling fast this long after the last notification
 _XFER_POLL_S = 0.00005
+_XFER_POLL_MAX_S = 0.001
 
 
-def _env_backend_params() -> dict[str, str]:
-    """UCX backend parameters from KVRELAY_UCX_BACKEND_PARAMS ("k=v,k=v"), e.g. for shm-only TLS."""
+# NIXL's UCX thread-pool engine splits one READ's descriptors over dedicated worker threads: on
+# one host a cma READ is a kernel copy run by the posting thread, so one thread tops out near 0.7x
+# memcpy; two reach memcpy speed (bench/kv_transfer.py). The threads wait on events, not spin.
+# A READ with fewer than `split_batch_size` runs stays on the calling thread (no hand-off).
+DEFAULT_BACKEND_PARAMS = {"num_threads": "2", "split_batch_size": "8"}
+
+
+def ucx_backend_params(overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """UCX backend parameters: the defaults, then KVRELAY_UCX_BACKEND_PARAMS ("k=v,k=v"), then `overrides`.
+
+    `num_threads=0` turns the thread pool off; `ucx_error_handling_mode=none` is needed for UCX_TLS=shm.
+    """
     raw = os.environ.get("KVRELAY_UCX_BACKEND_PARAMS", "")
-    return dict(item.split("=", 1) for item in raw.split(",") if "=" in item)
+    params = dict(DEFAULT_BACKEND_PARAMS)
+    params.update(item.split("=", 1) for item in raw.split(",") if "=" in item)
+    params.update(overrides or {})
+    if params.get("num_threads") == "0":
+        del params["num_threads"]
+    return params
 
 
 _MADV_COLLAPSE = 25  # Linux >= 6.1
@@ -79,7 +95,7 @@ class NixlTransport(KVTransport):
 
     def __init__(self, *args: Any, backend_params: dict[str, str] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._backend_params = dict(backend_params if backend_params is not None else _env_backend_params())
+        self._backend_params = ucx_backend_params(backend_params)
         self._peers: set[str] = set()  # remote agents whose metadata is loaded
         self._peer_lock = threading.Lock()
         self._active_until = 0.0
@@ -173,27 +189,38 @@ class NixlTransport(KVTransport):
             known = peer in self._peers
         req = self.claim_request(handle, dst_block_ids, deadline)
         req["want_metadata"] = not known
-        reply = self._claim(holder.endpoint, req, deadline, cancel)
-        if not known:
-            self._add_peer(peer, base64.b64decode(reply["metadata_b64"]))
         total = int(runs[:, 2].sum())
-        if int(reply["nbytes"]) != total:
-            raise KVTransferError("layout_mismatch", f"{reply['nbytes']} bytes (holder) != {total} (reader)")
+        sock, pooled = self.send_claim(holder.endpoint, req, deadline)
+        xfer = None
         try:
-            self._read(handle, holder, runs, deadline, cancel)
-        except KVTransferError:
-            # A failed peer's endpoint is unusable; reload its metadata on the next fetch.
-            with self._peer_lock:
-                self._forget_peer_locked(peer)
+            if known:
+                # The READ overlaps the claim's round trip. Safe: blocks stay held from publish until
+                # the lease ends or the claim's hold does, so if the claim succeeds they were held
+                # during the whole READ; if it fails, what landed in our blocks is never used.
+                xfer = self._start_read(handle, holder, runs, cancel)
+            sock, reply = self.claim_reply(sock, pooled, holder.endpoint, req, deadline, cancel)
+            self.reuse(holder.endpoint, sock)
+            if not known:
+                self._add_peer(peer, base64.b64decode(reply["metadata_b64"]))
+            if int(reply["nbytes"]) != total:
+                mismatch = f"{reply['nbytes']} bytes (holder) != {total} (reader)"
+                raise KVTransferError("layout_mismatch", mismatch)
+            if xfer is None:
+                xfer = self._start_read(handle, holder, runs, cancel)
+            self._finish_read(holder, xfer, deadline, cancel)
+        except KVTransferError as err:
+            if err.reason in ("transfer_error", "timeout", "holder_unreachable"):
+                # A failed peer's endpoint is unusable; reload its metadata on the next fetch.
+                with self._peer_lock:
+                    self._forget_peer_locked(peer)
             raise
+        finally:
+            if xfer is not None:
+                self._release_xfer(handle, xfer)
+        # Only now may the holder free the blocks: a notification bound to the READ could arrive
+        # before the holder has even seen the claim.
+        self._agent.send_notif(peer, _NOTIF_PREFIX + f"{handle.handle_id}:{self.tp_rank}".encode())
         return total
-
-    def _claim(
-        self, endpoint: str, req: dict[str, Any], deadline: float, cancel: threading.Event
-    ) -> dict[str, Any]:
-        sock, reply = self.open_claim(endpoint, req, deadline, cancel)
-        self.reuse(endpoint, sock)
-        return reply
 
     def _add_peer(self, peer: str, metadata: bytes) -> None:
         with self._peer_lock:
@@ -215,14 +242,10 @@ class NixlTransport(KVTransport):
             except Exception:
                 log.debug("remove_remote_agent(%s) failed", peer, exc_info=True)
 
-    def _read(
-        self,
-        handle: KVHandle,
-        holder: KVHolderRank,
-        runs: RunPlan,
-        deadline: float,
-        cancel: threading.Event,
-    ) -> None:
+    def _start_read(
+        self, handle: KVHandle, holder: KVHolderRank, runs: RunPlan, cancel: threading.Event
+    ) -> Any:
+        """Post one NIXL READ of all runs (a cma READ may complete inside this call)."""
         arr = runs.astype(np.uint64)  # columns: src, dst, length
         remote = np.empty_like(arr)
         remote[:, 0] = arr[:, 0] + np.uint64(holder.base_addr)
@@ -232,7 +255,6 @@ class NixlTransport(KVTransport):
         local[:, 0] = arr[:, 1] + np.uint64(self._base)
         local[:, 1] = arr[:, 2]
         local[:, 2] = self._device_id
-        notif = _NOTIF_PREFIX + f"{handle.handle_id}:{self.tp_rank}".encode()
         agent = self._agent
         try:
             xfer = agent.initialize_xfer(
@@ -240,32 +262,44 @@ class NixlTransport(KVTransport):
                 agent.get_xfer_descs(local, self._mem_type),
                 agent.get_xfer_descs(remote, holder.mem_type),
                 holder.agent_name,
-                notif,
             )
         except Exception as exc:  # nixlBind raises its own error types
             raise KVTransferError(
                 "transfer_error", f"cannot set up READ from {holder.agent_name}: {exc}"
             ) from exc
+        if cancel.is_set():  # last chance not to write into our blocks
+            self._release_xfer(handle, xfer)
+            raise KVTransferError("cancelled", "fetch cancelled")
         try:
-            if cancel.is_set():  # a cma READ completes inside transfer(): last chance not to write
-                raise KVTransferError("cancelled", "fetch cancelled")
             state = agent.transfer(xfer)
-            while state == "PROC":
-                if cancel.is_set():
-                    raise KVTransferError("cancelled", "fetch cancelled")
-                if time.monotonic() >= deadline:
-                    raise KVTransferError(
-                        "timeout", f"READ from holder {holder.endpoint} passed the deadline"
-                    )
-                time.sleep(_XFER_POLL_S)
-                state = agent.check_xfer_state(xfer)
-            if state != "DONE":
-                raise KVTransferError(
-                    "transfer_error", f"READ from holder {holder.endpoint} failed ({state})"
-                )
-        finally:
-            try:
-                # Releasing an active transfer cancels it, so our blocks are no longer written.
-                agent.release_xfer_handle(xfer)
-            except Exception:
-                log.warning("could not cancel/release NIXL transfer for %s", handle.handle_id, exc_info=True)
+        except Exception as exc:
+            self._release_xfer(handle, xfer)
+            raise KVTransferError("transfer_error", f"READ from {holder.endpoint} failed: {exc}") from exc
+        if state not in ("PROC", "DONE"):
+            self._release_xfer(handle, xfer)
+            raise KVTransferError("transfer_error", f"READ from holder {holder.endpoint} failed ({state})")
+        return xfer
+
+    def _finish_read(self, holder: KVHolderRank, xfer: Any, deadline: float, cancel: threading.Event) -> None:
+        """Wait for a posted READ, checking the deadline and cancel flag."""
+        agent = self._agent
+        started = time.monotonic()
+        state = agent.check_xfer_state(xfer)
+        while state == "PROC":
+            if cancel.is_set():
+                raise KVTransferError("cancelled", "fetch cancelled")
+            if time.monotonic() >= deadline:
+                raise KVTransferError("timeout", f"READ from holder {holder.endpoint} passed the deadline")
+            # Sleep about 1/16 of the time spent so far: short READs are seen done within ~50 us,
+            # long ones add < 7% while leaving the cores to the threads doing the copy.
+            time.sleep(min(max((time.monotonic() - started) / 16, _XFER_POLL_S), _XFER_POLL_MAX_S))
+            state = agent.check_xfer_state(xfer)
+        if state != "DONE":
+            raise KVTransferError("transfer_error", f"READ from holder {holder.endpoint} failed ({state})")
+
+    def _release_xfer(self, handle: KVHandle, xfer: Any) -> None:
+        try:
+            # Releasing an active transfer cancels it, so our blocks are no longer written.
+            self._agent.release_xfer_handle(xfer)
+        except Exception:
+            log.warning("could not cancel/release NIXL transfer for %s", handle.handle_id, exc_info=True)

@@ -45,7 +45,7 @@ def plan_runs(
     reader_rank: int,
     dst_block_ids: list[int],
 ) -> RunPlan:
-    """Coalesced (src, dst, length) rows for one reader rank; one raw run per (layer, k|v, block)."""
+    """(src, dst, length) rows for one reader rank: one per (layer, k|v, block), consecutive blocks merged."""
     if len(holder_block_ids) != len(dst_block_ids):
         raise KVLayoutMismatch(
             f"{len(holder_block_ids)} blocks (holder) != {len(dst_block_ids)} destination blocks (reader)"
@@ -57,21 +57,18 @@ def plan_runs(
     run_len = reader.num_kv_heads_local * head_bytes
     src_block = holder.num_kv_heads_local * head_bytes
     planes = np.arange(holder.num_layers * 2, dtype=np.int64)[:, None]  # (layer, k|v) planes, in order
+    if run_len == src_block:
+        # The reader takes whole blocks, so consecutive ids on both sides are one run: coalesce the
+        # ids once rather than every plane's (a 2,048-token prompt is 1 segment instead of 8,192 runs).
+        # Runs never merge across planes: block 0, the null block, is never sent.
+        starts = np.flatnonzero((np.diff(src_ids, prepend=-2) != 1) | (np.diff(dst_ids, prepend=-2) != 1))
+        lengths = np.diff(np.append(starts, len(src_ids))) * run_len
+        src_ids, dst_ids = src_ids[starts], dst_ids[starts]
+    else:
+        lengths = np.full(len(src_ids), run_len, dtype=np.int64)
     src = planes * (holder_num_blocks * src_block) + head_offset * head_bytes + src_ids[None, :] * src_block
     dst = planes * (reader_num_blocks * run_len) + dst_ids[None, :] * run_len
-    return coalesce(src.ravel(), dst.ravel(), run_len)
-
-
-def coalesce(src: np.ndarray, dst: np.ndarray, run_len: int) -> RunPlan:
-    """Merge runs of `run_len` bytes that continue the previous one on both sides."""
-    n = len(src)
-    if n == 0:
-        return np.empty((0, 3), dtype=np.int64)
-    starts_new = np.ones(n, dtype=bool)
-    starts_new[1:] = (src[1:] != src[:-1] + run_len) | (dst[1:] != dst[:-1] + run_len)
-    starts = np.flatnonzero(starts_new)
-    lengths = np.diff(np.append(starts, n)) * run_len
-    return np.stack([src[starts], dst[starts], lengths], axis=1)
+    return np.stack([src.ravel(), dst.ravel(), np.broadcast_to(lengths, src.shape).ravel()], axis=1)
 
 
 def _checked_ids(block_ids: list[int], num_blocks: int, side: str) -> np.ndarray:
