@@ -140,3 +140,13 @@ def test_refused_handles(spawn: Any, pool: Any, flavour: str) -> None:
     wait_all_released(holder, before + 1)
     assert fetch(reader, good)["reason"] == "unknown_handle"
     assert KVHandle.model_validate(good).verify(SECRET.encode())
+    # The reader now knows this holder, so its READ runs alongside the claim: a refused claim must
+    # still fail the fetch and send no done-notice (the holder keeps the genuine handle's blocks).
+    again = publish(holder)
+    edited = {**again, "ranks": [{**again["ranks"][0], "block_ids": [7, 8, 9]}]}
+    assert fetch(reader, edited)["reason"] == "bad_signature"
+    time.sleep(0.3)
+    assert len(holder.call(op="status")["released"]) == before + 1
+    ok = reader.call(op="fetch", handle=again, dst_block_ids=dst, timeout_s=5)
+    assert ok["ok"], ok
+    wait_all_released(holder, before + 2)
