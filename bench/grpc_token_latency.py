@@ -43,7 +43,7 @@ class NoopEngine:
 
         self.scheduler = _Sched()
 
-    def add_recompute_request(self, rid, prompt, first, params, now) -> None:
+    def add_decode_request(self, rid, prompt, first, params, now, remote_kv=False) -> None:
         self.active[rid] = [1, params.max_tokens]
 
     def has_work(self) -> bool:

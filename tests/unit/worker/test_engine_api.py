@@ -37,7 +37,8 @@ def test_remote_kv_handoff_between_engines_matches_reference(make_engine, refere
     (first,) = prefill.step(now=0.0).outputs
     decode.add_request("other", [5, 6, 7], SamplingParams(max_tokens=3), now=0.0)  # shift block ids
     decode.step(now=0.0)
-    decode.add_remote_request("r", PROMPT, first.new_token_ids[0], SamplingParams(max_tokens=10), now=0.0)
+    token, params = first.new_token_ids[0], SamplingParams(max_tokens=10)
+    decode.add_decode_request("r", PROMPT, token, params, now=0.0, remote_kv=True)
     step = decode.step(now=1.0)
     (target,) = step.kv_targets
     assert target.num_tokens == len(PROMPT) and len(target.block_ids) == 3
@@ -59,11 +60,11 @@ def test_recompute_paths_match_reference(make_engine, reference, use_remote: boo
     decode = make_engine(num_blocks=32, block_size=4)
     params = SamplingParams(max_tokens=9)
     if use_remote:  # the fetch failed: recompute into the blocks already allocated
-        decode.add_remote_request("r", PROMPT, ref[0], params, now=0.0)
+        decode.add_decode_request("r", PROMPT, ref[0], params, now=0.0, remote_kv=True)
         assert decode.step(now=0.0).kv_targets
         decode.remote_kv_done("r", ok=False)
     else:  # empty handle: recompute from the start
-        decode.add_recompute_request("r", PROMPT, ref[0], params, now=0.0)
+        decode.add_decode_request("r", PROMPT, ref[0], params, now=0.0, remote_kv=False)
     tokens = [ref[0]]
     while decode.has_work():
         tokens += [t for o in decode.step(now=1.0).outputs for t in o.new_token_ids]
@@ -160,7 +161,8 @@ def test_many_remote_requests_on_a_small_cache_all_finish(make_engine, reference
     prompts = [[10 + i, 20 + i, 30 + i, 40 + i, 50 + i, 60 + i, 70 + i] for i in range(6)]  # 2 blocks each
     refs = [reference(p, 6) for p in prompts]
     for i, (prompt, ref) in enumerate(zip(prompts, refs, strict=True)):
-        engine.add_remote_request(str(i), prompt, ref[0], SamplingParams(max_tokens=6), now=0.0)
+        params = SamplingParams(max_tokens=6)
+        engine.add_decode_request(str(i), prompt, ref[0], params, now=0.0, remote_kv=True)
     tokens = {str(i): [ref[0]] for i, ref in enumerate(refs)}
     for _ in range(200):
         if not engine.has_work() and not engine.scheduler.fetching:

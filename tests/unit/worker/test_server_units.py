@@ -66,7 +66,7 @@ class _CrashingEngine:
     def __init__(self) -> None:
         self.work = False
 
-    def add_recompute_request(self, *args) -> None:
+    def add_decode_request(self, *args, **kwargs) -> None:
         self.work = True
 
     def has_work(self) -> bool:
@@ -84,7 +84,7 @@ async def test_engine_thread_crash_fails_waiting_requests() -> None:
     loop.start()
     try:
         q = loop.subscribe("r")
-        await loop.call(loop.engine.add_recompute_request, "r", [1], 2, SamplingParams(), 0.0)
+        await loop.call(loop.engine.add_decode_request, "r", [1], 2, SamplingParams(), 0.0)
         item = await asyncio.wait_for(q.get(), 10)
         assert isinstance(item, EngineFailed) and "device-side assert" in str(item)
         assert not loop.healthy

@@ -4,7 +4,7 @@ Synchronous and single-threaded; the server runs it on its own thread (``threade
 APIs the server and the KV relay use:
 - ``add_request(..., prefill_only=True)``: prefill role; the first token comes back with the block
   ids holding the prompt's KV, kept allocated until ``release``.
-- ``add_remote_request``: decode role; the engine allocates blocks and reports them as a
+- ``add_decode_request(..., remote_kv=True)``: decode role; the engine allocates blocks and reports them as a
   ``KVTarget`` so the relay can read the prompt's KV into them, then ``remote_kv_done(ok)``.
   ``ok=False`` (or an empty handle) recomputes the prompt locally.
 """
@@ -127,31 +127,27 @@ class Engine:
         request = Request(request_id, list(prompt_token_ids), params, now, prefill_only=prefill_only)
         self.scheduler.add_request(request)
 
-    def add_remote_request(
+    def add_decode_request(
         self,
         request_id: str,
         prompt_token_ids: list[int],
         first_token: int,
         params: SamplingParams,
         now: float,
+        *,
+        remote_kv: bool,
     ) -> None:
-        """Queue a decode request whose prompt KV comes from elsewhere (see ``StepResult.kv_targets``)."""
-        self._check_vocab([*prompt_token_ids, first_token])
-        request = Request(request_id, list(prompt_token_ids), params, now, output_token_ids=[first_token])
-        self.scheduler.add_remote_request(request)
+        """Queue a request that goes on after a first token sampled by a prefill worker.
 
-    def add_recompute_request(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        first_token: int,
-        params: SamplingParams,
-        now: float,
-    ) -> None:
-        """Decode request without remote KV: recompute prompt + first token locally."""
+        remote_kv: the prompt's KV comes from elsewhere (see ``StepResult.kv_targets``); otherwise
+        the prompt and first token are recomputed here.
+        """
         self._check_vocab([*prompt_token_ids, first_token])
         request = Request(request_id, list(prompt_token_ids), params, now, output_token_ids=[first_token])
-        self.scheduler.add_request(request)
+        if remote_kv:
+            self.scheduler.add_remote_request(request)
+        else:
+            self.scheduler.add_request(request)
 
     def remote_kv_done(self, request_id: str, ok: bool) -> None:
         self.scheduler.remote_kv_done(request_id, ok)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -257,11 +258,10 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
         queue = self.loop_.subscribe(rid)
         try:
             now = time.monotonic()
-            if handle is None:
-                await self.loop_.call(self.engine.add_recompute_request, rid, input_ids, first, params, now)
-            else:
+            if handle is not None:
                 self._pending_fetch[rid] = handle
-                await self.loop_.call(self.engine.add_remote_request, rid, input_ids, first, params, now)
+            add = functools.partial(self.engine.add_decode_request, remote_kv=handle is not None)
+            await self.loop_.call(add, rid, input_ids, first, params, now)
             self._count_prompt(len(input_ids))
             first_output = True
             while True:
