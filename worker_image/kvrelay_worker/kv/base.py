@@ -21,6 +21,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,6 +45,18 @@ log = logging.getLogger(__name__)
 # A claim holds the blocks for the reader's remaining deadline, never longer than this.
 MAX_CLAIM_HOLD_S = 120.0
 CLAIM_MARGIN_S = 2.0
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """One reader rank's fetch: what to read from which holder rank, into which blocks, until when."""
+
+    handle: KVHandle
+    holder: KVHolderRank
+    runs: RunPlan
+    dst_block_ids: list[int]
+    deadline: float  # monotonic seconds
+    cancel: threading.Event
 
 
 class KVTransport(ABC):
@@ -285,7 +298,7 @@ class KVTransport(ABC):
                     handle.layout, holder.num_blocks_total, holder.block_ids, self.layout, self.num_blocks,
                     self.tp_rank, dst,
                 )  # fmt: skip
-                return self._fetch_blocking(handle, holder, runs, dst, deadline, cancel)
+                return self._fetch_blocking(Fetch(handle, holder, runs, dst, deadline, cancel))
 
             fut = asyncio.get_running_loop().run_in_executor(self._pool, work)
             try:
@@ -407,16 +420,8 @@ class KVTransport(ABC):
         """Holder service tick: wait a little, progressing the backend (must return within ~50 ms)."""
 
     @abstractmethod
-    def _fetch_blocking(
-        self,
-        handle: KVHandle,
-        holder: KVHolderRank,
-        runs: RunPlan,
-        dst_block_ids: list[int],
-        deadline: float,
-        cancel: threading.Event,
-    ) -> int:
-        """Reader: move `runs` into the local kv_cache before `deadline` (monotonic); return bytes moved."""
+    def _fetch_blocking(self, job: Fetch) -> int:
+        """Reader: move `job.runs` into the local kv_cache before `job.deadline`; return bytes moved."""
 
 
 def _env_secret() -> bytes | None:

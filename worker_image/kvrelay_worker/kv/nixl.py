@@ -21,11 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from .base import KVTransport
+from .base import Fetch, KVTransport
 from .control import send_frame
 from .handle import KVHandle, KVHolderRank, KVLayout, KVTransferError
 from .leases import Lease
-from .runs import RunPlan
 
 log = logging.getLogger(__name__)
 
@@ -175,21 +174,14 @@ class NixlTransport(KVTransport):
             self._stop.wait(wait)
 
     # ---------------------------------------------------------------- reader
-    def _fetch_blocking(
-        self,
-        handle: KVHandle,
-        holder: KVHolderRank,
-        runs: RunPlan,
-        dst_block_ids: list[int],
-        deadline: float,
-        cancel: threading.Event,
-    ) -> int:
+    def _fetch_blocking(self, job: Fetch) -> int:
+        handle, holder, deadline, cancel = job.handle, job.holder, job.deadline, job.cancel
         peer = holder.agent_name
         with self._peer_lock:
             known = peer in self._peers
-        req = self.claim_request(handle, dst_block_ids, deadline)
+        req = self.claim_request(handle, job.dst_block_ids, deadline)
         req["want_metadata"] = not known
-        total = int(runs[:, 2].sum())
+        total = int(job.runs[:, 2].sum())
         sock, pooled = self.send_claim(holder.endpoint, req, deadline)
         xfer = None
         try:
@@ -197,7 +189,7 @@ class NixlTransport(KVTransport):
                 # The READ overlaps the claim's round trip. Safe: blocks stay held from publish until
                 # the lease ends or the claim's hold does, so if the claim succeeds they were held
                 # during the whole READ; if it fails, what landed in our blocks is never used.
-                xfer = self._start_read(handle, holder, runs, cancel)
+                xfer = self._start_read(job)
             sock, reply = self.claim_reply(sock, pooled, holder.endpoint, req, deadline, cancel)
             self.reuse(holder.endpoint, sock)
             if not known:
@@ -206,7 +198,7 @@ class NixlTransport(KVTransport):
                 mismatch = f"{reply['nbytes']} bytes (holder) != {total} (reader)"
                 raise KVTransferError("layout_mismatch", mismatch)
             if xfer is None:
-                xfer = self._start_read(handle, holder, runs, cancel)
+                xfer = self._start_read(job)
             self._finish_read(holder, xfer, deadline, cancel)
         except KVTransferError as err:
             if err.reason in ("transfer_error", "timeout", "holder_unreachable"):
@@ -242,11 +234,10 @@ class NixlTransport(KVTransport):
             except Exception:
                 log.debug("remove_remote_agent(%s) failed", peer, exc_info=True)
 
-    def _start_read(
-        self, handle: KVHandle, holder: KVHolderRank, runs: RunPlan, cancel: threading.Event
-    ) -> Any:
+    def _start_read(self, job: Fetch) -> Any:
         """Post one NIXL READ of all runs (a cma READ may complete inside this call)."""
-        arr = runs.astype(np.uint64)  # columns: src, dst, length
+        handle, holder = job.handle, job.holder
+        arr = job.runs.astype(np.uint64)  # columns: src, dst, length
         remote = np.empty_like(arr)
         remote[:, 0] = arr[:, 0] + np.uint64(holder.base_addr)
         remote[:, 1] = arr[:, 2]
@@ -267,7 +258,7 @@ class NixlTransport(KVTransport):
             raise KVTransferError(
                 "transfer_error", f"cannot set up READ from {holder.agent_name}: {exc}"
             ) from exc
-        if cancel.is_set():  # last chance not to write into our blocks
+        if job.cancel.is_set():  # last chance not to write into our blocks
             self._release_xfer(handle, xfer)
             raise KVTransferError("cancelled", "fetch cancelled")
         try:

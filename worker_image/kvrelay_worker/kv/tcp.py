@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from .base import KVTransport
+from .base import Fetch, KVTransport
 from .control import recv_frame, send_frame
-from .handle import KVHandle, KVHolderRank, KVLayout, KVTransferError
+from .handle import KVLayout, KVTransferError
 from .leases import Lease
-from .runs import RunPlan, plan_runs
+from .runs import plan_runs
 
 _POLL_S = 0.25  # socket timeout slice: how often a blocked reader checks its deadline/cancel flag
 _RCVTIMEO = struct.pack("ll", 0, int(_POLL_S * 1e6))  # struct timeval
@@ -76,16 +76,9 @@ class TcpTransport(KVTransport):
             self.leases.reader_done(lease.handle.handle_id, int(req["reader_rank"]))
 
     # ---------------------------------------------------------------- reader
-    def _fetch_blocking(
-        self,
-        handle: KVHandle,
-        holder: KVHolderRank,
-        runs: RunPlan,
-        dst_block_ids: list[int],
-        deadline: float,
-        cancel: threading.Event,
-    ) -> int:
-        request = self.claim_request(handle, dst_block_ids, deadline)
+    def _fetch_blocking(self, job: Fetch) -> int:
+        holder, runs, deadline, cancel = job.holder, job.runs, job.deadline, job.cancel
+        request = self.claim_request(job.handle, job.dst_block_ids, deadline)
         sock, reply = self.open_claim(holder.endpoint, request, deadline, cancel)
         try:
             total = int(runs[:, 2].sum())
