@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -226,7 +227,8 @@ class Cluster:
             chunk_cap = 1 if self.decode_queue else _DECODE_CHUNK_STEPS
             chunk = min(chunk_cap, replica.heap[0][0] - replica.steps)
             context = replica.context_base + batch * replica.steps - replica.start_step_sum
-            yield self.env.timeout(chunk * model.decode_step_seconds(batch, context))
+            step = model.decode_step_seconds(batch, context)
+            chunk = yield from self._run_steps(chunk, step)
             replica.steps += chunk
             self.counters["generation_tokens"] += chunk * batch
             now = self.env.now
@@ -240,6 +242,27 @@ class Cluster:
                 replica.start_step_sum -= replica.steps - (request.output_tokens - 1)
                 self.itl_log.append((now, request.itl() or 0.0))
         replica.released_at = self.env.now
+
+    def _run_steps(self, chunk: int, step: float):
+        """Run up to `chunk` decode steps; a request reaching decode mid-chunk ends it at the next
+        step boundary (so it waits at most one step, as in an engine that admits every step).
+
+        Returns the number of steps run.
+        """
+        started = self.env.now
+        timer = self.env.timeout(chunk * step)
+        if chunk > 1:
+            yield timer | self.wakeup["decode"]
+        else:
+            yield timer
+        if timer.processed or self.env.now - started >= chunk * step:
+            return chunk
+        # Woken mid-chunk: finish the step in flight.
+        done = min(max(math.ceil((self.env.now - started) / step - 1e-9), 1), chunk)
+        boundary = started + done * step
+        if boundary > self.env.now:
+            yield self.env.timeout(boundary - self.env.now)
+        return done
 
     # -- observation --------------------------------------------------------------------------
     def kv_usage(self) -> float | None:

@@ -186,6 +186,25 @@ def demand_trend(
     return out[0], out[1]
 
 
+def demand_surge(history: tuple[DemandSample, ...], since: float, within_seconds: float) -> float:
+    """Largest relative rise of prefill demand within `within_seconds` seen since `since` (0 = none).
+
+    Rates over overlapping windows are compared pairwise: a sample against every later one at
+    most `within_seconds` on. A reaction time is what a rise like this one would take to answer.
+    """
+    points = [s for s in history if s.at >= since]
+    best = 0.0
+    for i, start in enumerate(points):
+        base = start.prefill_tokens_per_second
+        if base <= 0:
+            continue
+        for later in points[i + 1 :]:
+            if later.at - start.at > within_seconds:
+                break
+            best = max(best, later.prefill_tokens_per_second / base - 1.0)
+    return best
+
+
 def kv_cache_replicas(
     metrics: MetricsSample, snapshot: Snapshot, config: PolicyConfig, target: float | None = None
 ) -> int:

@@ -11,6 +11,7 @@ import dataclasses
 import math
 
 from kvrelay_operator.autoscaler.estimators import (
+    demand_surge,
     demand_trend,
     estimate_demand,
     kv_cache_replicas,
@@ -80,7 +81,7 @@ def decide(
     sample = DemandSample(
         at=now, prefill_tokens_per_second=offered_p, decode_tokens_per_second=demand.steady_d
     )
-    longest = config.scale_down_window_seconds * _MAX_DAMPING
+    longest = max(config.scale_down_window_seconds * _MAX_DAMPING, config.surge_window_seconds)
     history = (*_trim_history(state.demand_history, now - longest), sample)
     roles_state = {role: _decay_damping(state.role(role), config, now) for role in ROLES}
     # Flap damping: a role that reversed recently must see a longer quiet window before going down.
@@ -102,10 +103,20 @@ def decide(
         "prefill": slope[0] * lead > _RISING_SHARE * offered_p,
         "decode": slope[1] * lead > _RISING_SHARE * demand.steady_d,
     }
+    # Prefill headroom for a surge like the largest one seen recently within a reaction time:
+    # nothing ordered now serves sooner, and a prefill pool short of its load queues without
+    # bound (where decode absorbs a surge as a longer step). Scale-down keeps it above the
+    # window's peak too, or the next decision would buy it back.
+    surge_p = 1.0 + min(
+        demand_surge(history, now - config.surge_window_seconds, lead), config.max_surge_headroom
+    )
+    peak_p *= surge_p
     # Extrapolate rising demand over a replica start; at most +50%, a step is not a ramp.
     # A saturated pool's estimate already holds the queue's growth: no trend on top of it.
     gain_p = 0.0 if saturated_p else min(max(trend[0], 0.0) * lead, _MAX_TREND_GAIN * demand.steady_p)
     forecast_p = demand.steady_p + gain_p
+    # Headroom is capacity held, not load expected: the backlog projection keeps the forecast.
+    headroom_p = max(forecast_p, offered_p * surge_p)
     forecast_d = demand.steady_d + min(max(trend[1], 0.0) * lead, _MAX_TREND_GAIN * demand.steady_d)
     # Size for the prefill backlog as it will be when the capacity asked for now serves: the
     # queue keeps growing by (demand - ready capacity) until then, and all of it must drain within
@@ -123,7 +134,7 @@ def decide(
     growth = (forecast_p - ready_capacity_p) * horizon if measured else 0.0
     backlog_p = max(queued_p + growth, 0.0)
     drain_p = backlog_p / config.backlog_drain_seconds
-    demand_p = forecast_p + drain_p
+    demand_p = headroom_p + drain_p
     demand_d = forecast_d + (demand.drain_d if snapshot.decode.pending == 0 else 0.0)
 
     mean_prompt = mean_prompt_tokens(metrics)
@@ -229,6 +240,7 @@ def decide(
     inputs = {
         **demand.inputs,
         "prefill_forecast_tokens_per_second": forecast_p,
+        "prefill_surge_ratio": surge_p,
         "decode_forecast_tokens_per_second": forecast_d,
         "prefill_demand_tokens_per_second": demand_p,
         "decode_demand_tokens_per_second": demand_d,

@@ -114,6 +114,16 @@ class PolicyConfig(_Frozen):
     trend_window_seconds: float = Field(
         180.0, ge=0, description="Rising demand is extrapolated over a replica start from this window."
     )
+    surge_window_seconds: float = Field(
+        1800.0,
+        ge=0,
+        description="Prefill keeps headroom for the largest rise within a reaction time seen this long.",
+    )
+    max_surge_headroom: float = Field(
+        0.25,
+        ge=0,
+        description="Most prefill headroom a past surge buys, as a share of demand (0 turns it off).",
+    )
     prefill_target_utilization: float = Field(
         0.95, gt=0, le=1, description="Highest planned prefill load; the TTFT queueing model binds first."
     )

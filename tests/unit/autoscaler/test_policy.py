@@ -382,3 +382,36 @@ def test_backlog_sized_in_one_step_and_its_surplus_released_once_drained() -> No
     # And nothing flaps back up at the same load.
     for _ in range(10):
         assert pools.tick(30.0).prefill.direction != "up"
+
+
+def test_prefill_holds_headroom_for_a_surge_seen_recently() -> None:
+    # 40k tok/s needs 5 prefill replicas at 95%; a +25% surge within a reaction time needs 6.
+    quiet = FakePools(prefill=5, decode=5, config=make_config(max_surge_headroom=0.0))
+    surged = FakePools(prefill=5, decode=5)
+    for pools in (quiet, surged):
+        for rate in [40.0] * 6 + [50.0] * 2 + [40.0] * 20:
+            pools.tick(rate)
+    # Without the headroom the pool shrinks back to what 40k needs...
+    assert quiet.replicas("prefill").current == math.ceil(40_000 / (PREFILL_CAP * 0.95))
+    # ...with it, the surge (+25% within a start) keeps a replica for the next one.
+    decision = surged.decisions[-1]
+    assert decision.inputs["prefill_surge_ratio"] == pytest.approx(1.25)
+    assert surged.replicas("prefill").current == math.ceil(40_000 * 1.25 / (PREFILL_CAP * 0.95))
+    # A flat load has no surge: no headroom is bought.
+    flat = FakePools(prefill=5, decode=5)
+    for _ in range(10):
+        decision = flat.tick(40.0)
+    assert decision.inputs["prefill_surge_ratio"] == pytest.approx(1.0)
+    assert flat.replicas("prefill").current == 5
+
+
+def test_surge_headroom_is_capped_and_forgets_old_surges() -> None:
+    config = make_config(max_surge_headroom=0.25, surge_window_seconds=600.0)
+    pools = FakePools(prefill=5, decode=5, config=config)
+    for rate in [20.0] * 6 + [60.0] * 2 + [40.0] * 4:
+        decision = pools.tick(rate)
+    # A x3 step is capped at +25%.
+    assert decision.inputs["prefill_surge_ratio"] == pytest.approx(1.25)
+    for _ in range(int(600 / INTERVAL) + 2):
+        decision = pools.tick(40.0)
+    assert decision.inputs["prefill_surge_ratio"] == pytest.approx(1.0)
