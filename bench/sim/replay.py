@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
@@ -87,6 +88,84 @@ def static_sizes(scenario: Scenario, which: str) -> tuple[int, int]:
     )
     num_d = decode_replicas_needed(demand_d, cap_d, config.decode_target_utilization)
     return max(num_p, 1), max(num_d, 1)
+
+
+def phase_sizes(scenario: Scenario, start: float, stop: float) -> tuple[int, int]:
+    """(prefill, decode) `static_sizes` gives the requests arriving in [start, stop) at their peak."""
+    reqs = [(at - start, p, o) for at, p, o in scenario.trace.requests if start <= at < stop]
+    if not reqs:
+        return scenario.min_replicas, scenario.min_replicas
+    return static_sizes(dataclasses.replace(scenario, trace=Trace("phase", reqs)), "peak")
+
+
+def minute_sizes(scenario: Scenario) -> list[tuple[int, int]]:
+    """What each minute of the trace needs on its own (a clairvoyant policy with no cold start)."""
+    minutes = math.ceil(scenario.trace.duration_seconds / 60.0)
+    return [phase_sizes(scenario, 60.0 * k, 60.0 * (k + 1)) for k in range(minutes)]
+
+
+def peak_of(sizes: list[tuple[int, int]]) -> int:
+    """Replicas of a static deployment sized by the same formula for the busiest minute of each role."""
+    return max(p for p, _ in sizes) + max(d for _, d in sizes)
+
+
+def oracle_vs_peak(sizes: list[tuple[int, int]]) -> float:
+    """Holding each minute's own need, relative to holding the peak throughout (same formula).
+
+    About the least any policy that meets the SLOs can hold; clairvoyant, no cold start.
+    """
+    return sum(p + d for p, d in sizes) / (len(sizes) * peak_of(sizes))
+
+
+def fewest_replica_minutes(needs: list[int], max_reversals: int) -> int:
+    """Least replica-minutes of a count that covers every minute's need and reverses at most
+    `max_reversals` times (a direction change between two scale events), by dynamic programming.
+
+    A clairvoyant policy without cold start under the reversal bar can do no better.
+    """
+    levels = sorted(set(needs))
+    # best[(level, last direction, reversals)] = replica-minutes so far
+    best: dict[tuple[int, int, int], int] = {(lv, 0, 0): lv for lv in levels if lv >= needs[0]}
+    for need in needs[1:]:
+        step: dict[tuple[int, int, int], int] = {}
+        for (level, direction, flips), cost in best.items():
+            for new in levels:
+                if new < need:
+                    continue
+                move = (new > level) - (new < level)
+                turned = move != 0 and direction != 0 and move != direction
+                key = (new, move or direction, flips + int(turned))
+                if key[2] <= max_reversals and cost + new < step.get(key, math.inf):
+                    step[key] = cost + new
+        best = step
+    return min(best.values())
+
+
+def reversal_bound_vs_peak(sizes: list[tuple[int, int]], hours: float) -> float:
+    """Least GPU-hours, relative to the peak (same formula), of any clairvoyant, cold-start-free
+    policy that covers every minute's need with <= 2 reversals per role per hour."""
+    allowed = math.floor(2 * hours + 1e-9)
+    minutes = sum(fewest_replica_minutes([size[role] for size in sizes], allowed) for role in (0, 1))
+    return minutes / (len(sizes) * peak_of(sizes))
+
+
+def causal_step_bound(scenario: Scenario) -> float | None:
+    """Least GPU-hours, relative to the peak (same formula), a causal policy needs to meet 99% on
+    a step trace; None for traces without steps.
+
+    Nothing before an up-step announces it and a replica takes a cold start to serve, far longer
+    than the 1% of requests a step's surge may miss; so the next phase's capacity must already be
+    held when the step comes, and a policy that does not read the clock holds it through the whole
+    phase before (that phase looks the same throughout). Down-steps are free (released at once).
+    """
+    steps = scenario.trace.step_times
+    if not steps:
+        return None
+    bounds = [0.0, *steps, scenario.trace.duration_seconds]
+    needs = [sum(phase_sizes(scenario, a, b)) for a, b in itertools.pairwise(bounds)]
+    held = [max(need, needs[k + 1]) if k + 1 < len(needs) else need for k, need in enumerate(needs)]
+    replica_seconds = sum(h * (b - a) for h, (a, b) in zip(held, itertools.pairwise(bounds), strict=True))
+    return replica_seconds / (max(needs) * scenario.trace.duration_seconds)
 
 
 def run(scenario: Scenario, controller: Controller, initial: tuple[int, int]) -> dict[str, object]:
