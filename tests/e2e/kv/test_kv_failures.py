@@ -50,10 +50,11 @@ def test_frozen_holder_times_out_within_deadline(spawn: Any, pool: Any, flavour:
 def test_holder_frozen_mid_read_times_out_and_reader_recovers(spawn: Any, pool: Any, flavour: str) -> None:
     """The holder stops after accepting the claim: the READ stalls, the deadline ends it, no hang."""
     if flavour == "tcp":
-        # 8 MiB, more than loopback socket buffers hold, so the stream really stalls mid-way.
-        big = {"layout": {"head_dim": 1024}}
+        # 64 MiB (2 MiB blocks), more than the socket buffers can ever hold in flight (tcp_rmem and
+        # tcp_wmem max: 32 + 4 MiB by default), so the holder is still sending when it is frozen.
+        big = {"layout": {"head_dim": 4096}}
         holder, reader = spawn(flavour, seed=1, lease_s=2.0, **big), spawn(flavour, **big)
-        src, dst = list(range(1, 17)), list(range(20, 36))
+        src, dst = list(range(1, 33)), list(range(32, 64))
     else:
         holder, reader = spawn(flavour, seed=1, lease_s=2.0), pool(flavour)
         src, dst = BLOCKS, [1, 2, 3]
