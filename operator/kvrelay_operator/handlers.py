@@ -230,6 +230,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=api.GROUP, key="last-handled-configuration"
     )
+    # kopf needs a finalizer on models with a timer (the autoscaler); name it after us.
+    settings.persistence.finalizer = f"{api.GROUP}/operator"
     settings.posting.level = logging.WARNING
     if "kvrelay" not in memo:
         memo["kvrelay"] = OperatorState(KubeClient.from_environment(), OperatorConfig.from_env())

@@ -268,7 +268,7 @@ def test_operator_writes_succeed_as_the_service_account(helm_cluster: Cluster) -
     helm_cluster.as_operator(
         "apply", "--server-side", f"--field-manager={FIELD_MANAGER}", "-f", "-", stdin=manifest
     )
-    patch = json.dumps({"metadata": {"finalizers": ["kopf.zalando.org/KopfFinalizerMarker"]}})
+    patch = json.dumps({"metadata": {"finalizers": ["kvrelay.dev/operator"]}})
     helm_cluster.as_operator(
         "patch", "disaggregatedmodel", "-n", MODEL_NS, "tiny", "--type=merge", "-p", patch
     )
