@@ -44,6 +44,9 @@ _BURST_SURPLUS = 0.25
 _RISING_SHARE = 0.05
 # A prefill queue below this many seconds of ready capacity counts as drained.
 _DRAINED_QUEUE_SECONDS = 0.5
+# Replicas a base scale-down window must show surplus (a flap is one) for a settled load to end
+# flap damping.
+_SETTLED_SURPLUS = 2
 
 
 def decide(
@@ -84,25 +87,15 @@ def decide(
     longest = max(config.scale_down_window_seconds * _MAX_DAMPING, config.surge_window_seconds)
     history = (*_trim_history(state.demand_history, now - longest), sample)
     roles_state = {role: _decay_damping(state.role(role), config, now) for role in ROLES}
-    # Flap damping: a role that reversed recently must see a longer quiet window before going down.
-    window = {role: config.scale_down_window_seconds * roles_state[role].damping for role in ROLES}
-    peak_p = max(s.prefill_tokens_per_second for s in history if s.at >= now - window["prefill"])
-    peak_d = max(s.decode_tokens_per_second for s in history if s.at >= now - window["decode"])
     # A replica asked for now serves after a start and up to an interval; rates over a window lag
     # the load by half of it.
     lead = config.replica_startup_seconds + config.interval_seconds + metrics.window_seconds / 2
-    trend = demand_trend(history, now - config.trend_window_seconds)
-    # Scale-down holds for the demand expected when a replica removed now could be back: a load
-    # turning upwards (the bottom of a wave) must not lose replicas it needs a start later.
-    peak_p = max(peak_p, offered_p + max(trend[0], 0.0) * lead)
-    peak_d = max(peak_d, demand.steady_d + max(trend[1], 0.0) * lead)
-    # Near the bottom of a wave the trend is not clear yet; any rise that would add over 5% within
-    # a start already holds scale-down (going down now would mean going up again a start later).
-    slope = demand_trend(history, now - config.trend_window_seconds, clear_only=False)
-    rising: dict[Role, bool] = {
-        "prefill": slope[0] * lead > _RISING_SHARE * offered_p,
-        "decode": slope[1] * lead > _RISING_SHARE * demand.steady_d,
-    }
+    trend_p, trend_d = demand_trend(history, now - config.trend_window_seconds)
+    # Decode load grows with arrivals (prompt tokens count at admission): generation rising faster
+    # than they do is a backlog flushed out of prefill, which ends, not a ramp to extrapolate (on
+    # the idle-then-spike trace, 26 decode replicas bought where 7 held the load after it).
+    arrivals_growth = max(trend_p, 0.0) / offered_p if offered_p > 0 else 0.0
+    trend = (trend_p, min(trend_d, arrivals_growth * demand.steady_d))
     # Prefill headroom for a surge like the largest one seen recently within a reaction time:
     # nothing ordered now serves sooner, and a prefill pool short of its load queues without
     # bound (where decode absorbs a surge as a longer step). Scale-down keeps it above the
@@ -110,7 +103,69 @@ def decide(
     surge_p = 1.0 + min(
         demand_surge(history, now - config.surge_window_seconds, lead), config.max_surge_headroom
     )
-    peak_p *= surge_p
+    mean_prompt = mean_prompt_tokens(metrics)
+    kv_seconds = (
+        metrics.kv_transfer_seconds
+        if metrics.kv_transfer_seconds is not None
+        else config.expected_kv_transfer_seconds
+    )
+
+    def peaks(window: dict[Role, float]) -> dict[Role, float]:
+        """The demand scale-down must hold: the window's peak, the rise expected over a start
+        (a load turning upwards must not lose replicas it needs a start later), prefill surge."""
+        peak_p = max(s.prefill_tokens_per_second for s in history if s.at >= now - window["prefill"])
+        peak_d = max(s.decode_tokens_per_second for s in history if s.at >= now - window["decode"])
+        peak_p = max(peak_p, offered_p + max(trend[0], 0.0) * lead)
+        peak_d = max(peak_d, demand.steady_d + max(trend[1], 0.0) * lead)
+        return {"prefill": peak_p * surge_p, "decode": peak_d}
+
+    def needs_down(peak: dict[Role, float]) -> dict[Role, int]:
+        """Replicas that hold `peak` at the scale-down margin (the N-1 check)."""
+        return {
+            "prefill": prefill_replicas_needed(
+                peak["prefill"],
+                capacity["prefill"],
+                mean_prompt,
+                kv_seconds,
+                config,
+                config.prefill_target_utilization * config.scale_down_margin,
+            ),
+            "decode": max(
+                decode_replicas_needed(
+                    peak["decode"],
+                    capacity["decode"],
+                    config.decode_target_utilization * config.scale_down_margin,
+                ),
+                kv_cache_replicas(metrics, snapshot, config, target=config.kv_cache_target * 0.9),
+            ),
+        }
+
+    # Near the bottom of a wave the trend is not clear yet; any rise that would add over 5% within
+    # a start already holds scale-down (going down now would mean going up again a start later).
+    slope = demand_trend(history, now - config.trend_window_seconds, clear_only=False)
+    level = {"prefill": offered_p, "decode": demand.steady_d}
+    rising: dict[Role, bool] = {
+        "prefill": slope[0] * lead > _RISING_SHARE * level["prefill"],
+        "decode": slope[1] * lead > _RISING_SHARE * level["decode"],
+    }
+    falling: dict[Role, bool] = {
+        "prefill": slope[0] * lead < -_RISING_SHARE * level["prefill"],
+        "decode": slope[1] * lead < -_RISING_SHARE * level["decode"],
+    }
+    # Flap damping guards against a load that comes back within the longer window: one replica
+    # off and on again. A load that a base window shows `_SETTLED_SURPLUS` replicas below what
+    # runs, and that no longer falls, has settled lower instead; holding the damped window's peak
+    # then only keeps the surplus (on Azure x10, 9 prefill replicas for 12 minutes where 5 held).
+    need_base = needs_down(peaks({role: config.scale_down_window_seconds for role in ROLES}))
+    for role in ROLES:
+        settled_lower = need_base[role] <= snapshot.role(role).current - _SETTLED_SURPLUS
+        if settled_lower and not falling[role] and roles_state[role].damping > 1.0:
+            released = {"damping": 1.0, "last_reversal_at": None}
+            roles_state[role] = roles_state[role].model_copy(update=released)
+    # Flap damping: a role that reversed recently must see a longer quiet window before going down.
+    window = {role: config.scale_down_window_seconds * roles_state[role].damping for role in ROLES}
+    peak = peaks(window)
+    peak_p, peak_d = peak["prefill"], peak["decode"]
     # Extrapolate rising demand over a replica start; at most +50%, a step is not a ramp.
     # A saturated pool's estimate already holds the queue's growth: no trend on top of it.
     gain_p = 0.0 if saturated_p else min(max(trend[0], 0.0) * lead, _MAX_TREND_GAIN * demand.steady_p)
@@ -137,12 +192,6 @@ def decide(
     demand_p = headroom_p + drain_p
     demand_d = forecast_d + (demand.drain_d if snapshot.decode.pending == 0 else 0.0)
 
-    mean_prompt = mean_prompt_tokens(metrics)
-    kv_seconds = (
-        metrics.kv_transfer_seconds
-        if metrics.kv_transfer_seconds is not None
-        else config.expected_kv_transfer_seconds
-    )
     need_up: dict[Role, int] = {
         "prefill": prefill_replicas_needed(
             demand_p, capacity["prefill"], mean_prompt, kv_seconds, config, config.prefill_target_utilization
@@ -152,22 +201,7 @@ def decide(
             kv_cache_replicas(metrics, snapshot, config),
         ),
     }
-    need_down: dict[Role, int] = {
-        "prefill": prefill_replicas_needed(
-            peak_p,
-            capacity["prefill"],
-            mean_prompt,
-            kv_seconds,
-            config,
-            config.prefill_target_utilization * config.scale_down_margin,
-        ),
-        "decode": max(
-            decode_replicas_needed(
-                peak_d, capacity["decode"], config.decode_target_utilization * config.scale_down_margin
-            ),
-            kv_cache_replicas(metrics, snapshot, config, target=config.kv_cache_target * 0.9),
-        ),
-    }
+    need_down = needs_down(peak)
     # What the load needs without its backlog: replicas above it may go once the backlog is gone.
     need_steady: dict[Role, int] = {
         "prefill": prefill_replicas_needed(

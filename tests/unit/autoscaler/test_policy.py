@@ -415,3 +415,58 @@ def test_surge_headroom_is_capped_and_forgets_old_surges() -> None:
     for _ in range(int(600 / INTERVAL) + 2):
         decision = pools.tick(40.0)
     assert decision.inputs["prefill_surge_ratio"] == pytest.approx(1.0)
+
+
+def _damped_pools(high_rate: float) -> FakePools:
+    """Pools sized for `high_rate`, prefill then damped x4 as after two regretted scale-downs."""
+    pools = FakePools(prefill=9, decode=9, config=make_config(max_surge_headroom=0.0))
+    for _ in range(12):
+        pools.tick(high_rate)
+    assert pools.replicas("prefill").current == 9
+    prefill = pools.state.prefill.model_copy(update={"damping": 4.0, "last_reversal_at": pools.now})
+    pools.state = pools.state.model_copy(update={"prefill": prefill})
+    return pools
+
+
+def test_flap_damping_ends_once_the_load_settles_well_below_what_runs() -> None:
+    pools = _damped_pools(80.0)
+    high = pools.replicas("prefill").current
+    config = pools.config
+    dropped_at = pools.now
+    downs: list[float] = []
+    for _ in range(20):  # 10 minutes at three eighths of the load, flat
+        decision = pools.tick(30.0)
+        if decision.prefill.direction == "down":
+            downs.append(pools.now - dropped_at)
+    low = math.ceil(30_000 / (PREFILL_CAP * 0.95))
+    # Damped, the first step would wait for the 720 s window and the 1200 s cooldown; a load
+    # settled several replicas lower has not flapped: a base window (and its trend) suffices.
+    assert downs and downs[0] <= config.scale_down_window_seconds + config.trend_window_seconds
+    assert pools.state.prefill.damping == 1.0
+    assert high - low >= 4 and pools.replicas("prefill").current <= low + 1
+
+
+def test_flap_damping_holds_for_a_one_replica_dip() -> None:
+    # 80k -> 65k tok/s: one prefill replica fewer would hold it, the kind of dip that flaps.
+    pools = _damped_pools(80.0)
+    high = pools.replicas("prefill").current
+    for _ in range(20):
+        decision = pools.tick(65.0)
+        assert decision.prefill.direction == "none", decision.prefill.reason
+    assert pools.replicas("prefill").current == high
+    assert pools.state.prefill.damping == 4.0
+
+
+def test_decode_extrapolates_the_arrivals_trend_not_a_flushed_backlog() -> None:
+    ramp = FakePools(prefill=4, decode=4)
+    flush = FakePools(prefill=4, decode=4)
+    for k in range(8):
+        rate = 20.0 + 4.0 * k
+        on_ramp = ramp.tick(rate)
+        # The same rise of generated tokens/s with arrivals flat: a prefill backlog reaching decode.
+        flushed = flush.tick(20.0, generation_tokens_per_second=rate * OUTPUT)
+    # Arrivals rising: decode demand is extrapolated over a replica start...
+    assert on_ramp.inputs["decode_forecast_tokens_per_second"] > 1.2 * rate * OUTPUT
+    # ...flat arrivals: what decode makes now is the demand; the flush ends by itself.
+    assert flushed.inputs["decode_forecast_tokens_per_second"] == pytest.approx(rate * OUTPUT)
+    assert flushed.decode.needed < on_ramp.decode.needed
