@@ -201,6 +201,9 @@ class NixlTransport(KVTransport):
                 xfer = self._start_read(job)
             self._finish_read(holder, xfer, deadline, cancel)
         except KVTransferError as err:
+            if xfer is not None:  # cancel it before its peer may be unloaded below
+                self._release_xfer(handle, xfer)
+                xfer = None
             if err.reason in ("transfer_error", "timeout", "holder_unreachable"):
                 # A failed peer's endpoint is unusable; reload its metadata on the next fetch.
                 with self._peer_lock:
@@ -211,7 +214,10 @@ class NixlTransport(KVTransport):
                 self._release_xfer(handle, xfer)
         # Only now may the holder free the blocks: a notification bound to the READ could arrive
         # before the holder has even seen the claim.
-        self._agent.send_notif(peer, _NOTIF_PREFIX + f"{handle.handle_id}:{self.tp_rank}".encode())
+        try:
+            self._agent.send_notif(peer, _NOTIF_PREFIX + f"{handle.handle_id}:{self.tp_rank}".encode())
+        except Exception:  # the bytes are ours already; without the notice the lease frees them
+            log.warning("done-notice to %s for %s failed", peer, handle.handle_id, exc_info=True)
         return total
 
     def _add_peer(self, peer: str, metadata: bytes) -> None:
