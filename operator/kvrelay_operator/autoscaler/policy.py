@@ -11,6 +11,7 @@ import dataclasses
 import math
 
 from kvrelay_operator.autoscaler.estimators import (
+    Demand,
     demand_surge,
     demand_trend,
     estimate_demand,
@@ -66,19 +67,8 @@ def decide(
     capacity = learn_capacity(metrics, snapshot, state, config, demand)
     queued_p = metrics.queued_prefill_tokens or 0.0
     offered_p = demand.steady_p
-    saturated_p = False
     ready_capacity_p = snapshot.prefill.ready * capacity["prefill"]
-    # A queue worth more than the TTFT SLO of the pool's work (or a good part of an interval)
-    # means it ran flat out and misses TTFT: the step is visible now, not one rate window later.
-    queue_limit = min(config.interval_seconds * _SATURATED_SHARE, config.ttft_slo_seconds)
-    if demand.saturated_p or queued_p > ready_capacity_p * queue_limit:
-        # A saturated pool serves its capacity; the queue grows by the rest. This sees a step
-        # at once, where the admitted-tokens rate averages it over the whole rate window.
-        saturated_p = True
-        # Replicas that became ready since the last decision did not serve through the interval.
-        served_by = min(snapshot.prefill.ready, state.last_prefill_ready or snapshot.prefill.ready)
-        now_p = served_by * capacity["prefill"] + max(demand.growth_p, 0.0)
-        demand = dataclasses.replace(demand, steady_p=max(demand.steady_p, now_p))
+    demand, saturated_p = _saturated_demand(demand, snapshot, state, config, capacity, queued_p)
     # History (scale-down window, trend) keeps the offered rate: the saturated estimate above
     # overstates while replicas that just became ready are counted as if they served all along.
     sample = DemandSample(
@@ -90,12 +80,8 @@ def decide(
     # A replica asked for now serves after a start and up to an interval; rates over a window lag
     # the load by half of it.
     lead = config.replica_startup_seconds + config.interval_seconds + metrics.window_seconds / 2
-    trend_p, trend_d = demand_trend(history, now - config.trend_window_seconds)
-    # Decode load grows with arrivals (prompt tokens count at admission): generation rising faster
-    # than they do is a backlog flushed out of prefill, which ends, not a ramp to extrapolate (on
-    # the idle-then-spike trace, 26 decode replicas bought where 7 held the load after it).
-    arrivals_growth = max(trend_p, 0.0) / offered_p if offered_p > 0 else 0.0
-    trend = (trend_p, min(trend_d, arrivals_growth * demand.steady_d))
+    level: dict[Role, float] = {"prefill": offered_p, "decode": demand.steady_d}
+    trend = _clear_trend(history, now, config, level)
     # Prefill headroom for a surge like the largest one seen recently within a reaction time:
     # nothing ordered now serves sooner, and a prefill pool short of its load queues without
     # bound (where decode absorbs a surge as a longer step). Scale-down keeps it above the
@@ -103,55 +89,22 @@ def decide(
     surge_p = 1.0 + min(
         demand_surge(history, now - config.surge_window_seconds, lead), config.max_surge_headroom
     )
-    mean_prompt = mean_prompt_tokens(metrics)
-    kv_seconds = (
-        metrics.kv_transfer_seconds
-        if metrics.kv_transfer_seconds is not None
-        else config.expected_kv_transfer_seconds
+    sizing = _Sizing(
+        snapshot, metrics, config, capacity, mean_prompt_tokens(metrics), _kv_seconds(metrics, config)
     )
 
     def peaks(window: dict[Role, float]) -> dict[Role, float]:
         """The demand scale-down must hold: the window's peak, the rise expected over a start
         (a load turning upwards must not lose replicas it needs a start later), prefill surge."""
-        peak_p = max(s.prefill_tokens_per_second for s in history if s.at >= now - window["prefill"])
-        peak_d = max(s.decode_tokens_per_second for s in history if s.at >= now - window["decode"])
-        peak_p = max(peak_p, offered_p + max(trend[0], 0.0) * lead)
-        peak_d = max(peak_d, demand.steady_d + max(trend[1], 0.0) * lead)
-        return {"prefill": peak_p * surge_p, "decode": peak_d}
+        peak = {role: _window_peak(history, role, now - window[role]) for role in ROLES}
+        peak = {role: max(peak[role], level[role] + max(trend[role], 0.0) * lead) for role in ROLES}
+        return {"prefill": peak["prefill"] * surge_p, "decode": peak["decode"]}
 
     def needs_down(peak: dict[Role, float]) -> dict[Role, int]:
         """Replicas that hold `peak` at the scale-down margin (the N-1 check)."""
-        return {
-            "prefill": prefill_replicas_needed(
-                peak["prefill"],
-                capacity["prefill"],
-                mean_prompt,
-                kv_seconds,
-                config,
-                config.prefill_target_utilization * config.scale_down_margin,
-            ),
-            "decode": max(
-                decode_replicas_needed(
-                    peak["decode"],
-                    capacity["decode"],
-                    config.decode_target_utilization * config.scale_down_margin,
-                ),
-                kv_cache_replicas(metrics, snapshot, config, target=config.kv_cache_target * 0.9),
-            ),
-        }
+        return sizing.replicas(peak, config.scale_down_margin, kv_target=config.kv_cache_target * 0.9)
 
-    # Near the bottom of a wave the trend is not clear yet; any rise that would add over 5% within
-    # a start already holds scale-down (going down now would mean going up again a start later).
-    slope = demand_trend(history, now - config.trend_window_seconds, clear_only=False)
-    level = {"prefill": offered_p, "decode": demand.steady_d}
-    rising: dict[Role, bool] = {
-        "prefill": slope[0] * lead > _RISING_SHARE * level["prefill"],
-        "decode": slope[1] * lead > _RISING_SHARE * level["decode"],
-    }
-    falling: dict[Role, bool] = {
-        "prefill": slope[0] * lead < -_RISING_SHARE * level["prefill"],
-        "decode": slope[1] * lead < -_RISING_SHARE * level["decode"],
-    }
+    rising, falling = _direction_of_load(history, now, config, level, lead)
     # Flap damping guards against a load that comes back within the longer window: one replica
     # off and on again. A load that a base window shows `_SETTLED_SURPLUS` replicas below what
     # runs, and that no longer falls, has settled lower instead; holding the damped window's peak
@@ -165,76 +118,29 @@ def decide(
     # Flap damping: a role that reversed recently must see a longer quiet window before going down.
     window = {role: config.scale_down_window_seconds * roles_state[role].damping for role in ROLES}
     peak = peaks(window)
-    peak_p, peak_d = peak["prefill"], peak["decode"]
     # Extrapolate rising demand over a replica start; at most +50%, a step is not a ramp.
     # A saturated pool's estimate already holds the queue's growth: no trend on top of it.
-    gain_p = 0.0 if saturated_p else min(max(trend[0], 0.0) * lead, _MAX_TREND_GAIN * demand.steady_p)
+    gain_p = 0.0 if saturated_p else min(max(trend["prefill"], 0.0) * lead, _MAX_TREND_GAIN * demand.steady_p)
     forecast_p = demand.steady_p + gain_p
     # Headroom is capacity held, not load expected: the backlog projection keeps the forecast.
     headroom_p = max(forecast_p, offered_p * surge_p)
-    forecast_d = demand.steady_d + min(max(trend[1], 0.0) * lead, _MAX_TREND_GAIN * demand.steady_d)
-    # Size for the prefill backlog as it will be when the capacity asked for now serves: the
-    # queue keeps growing by (demand - ready capacity) until then, and all of it must drain within
-    # `backlog_drain_seconds`; one step to the target instead of +N per interval. Replicas already
-    # loading arrive earlier (at most a start after the last scale-up), so while some load, the
-    # projection stops at their arrival: asking again for what they were sized for is how
-    # decisions pile up. The trend still counts: on a ramp some replica is always loading.
-    startup = config.replica_startup_seconds
-    horizon = startup
-    if snapshot.prefill.pending > 0:
-        last_up = roles_state["prefill"].last_up_at
-        horizon = startup if last_up is None else min(max(startup - (now - last_up), 0.0), startup)
-    # Projected only where the queue is measured (without that gauge: what is known, no growth).
-    measured = metrics.queued_prefill_tokens is not None
-    growth = (forecast_p - ready_capacity_p) * horizon if measured else 0.0
-    backlog_p = max(queued_p + growth, 0.0)
-    drain_p = backlog_p / config.backlog_drain_seconds
-    demand_p = headroom_p + drain_p
+    forecast_d = demand.steady_d + min(max(trend["decode"], 0.0) * lead, _MAX_TREND_GAIN * demand.steady_d)
+    backlog_p = _projected_backlog(
+        snapshot, roles_state["prefill"], config, now, metrics, forecast_p, ready_capacity_p, queued_p
+    )
+    demand_p = headroom_p + backlog_p / config.backlog_drain_seconds
     demand_d = forecast_d + (demand.drain_d if snapshot.decode.pending == 0 else 0.0)
 
-    need_up: dict[Role, int] = {
-        "prefill": prefill_replicas_needed(
-            demand_p, capacity["prefill"], mean_prompt, kv_seconds, config, config.prefill_target_utilization
-        ),
-        "decode": max(
-            decode_replicas_needed(demand_d, capacity["decode"], config.decode_target_utilization),
-            kv_cache_replicas(metrics, snapshot, config),
-        ),
-    }
+    need_up = sizing.replicas({"prefill": demand_p, "decode": demand_d})
     need_down = needs_down(peak)
     # What the load needs without its backlog: replicas above it may go once the backlog is gone.
-    need_steady: dict[Role, int] = {
-        "prefill": prefill_replicas_needed(
-            # Saturated: the offered rate, not the estimate that holds the queue's growth.
-            offered_p if saturated_p else forecast_p,
-            capacity["prefill"],
-            mean_prompt,
-            kv_seconds,
-            config,
-            config.prefill_target_utilization,
-        ),
-        "decode": max(
-            decode_replicas_needed(forecast_d, capacity["decode"], config.decode_target_utilization),
-            kv_cache_replicas(metrics, snapshot, config),
-        ),
-    }
+    # Saturated: the offered rate, not the estimate that holds the queue's growth.
+    need_steady = sizing.replicas({"prefill": offered_p if saturated_p else forecast_p, "decode": forecast_d})
     drained: dict[Role, bool] = {
         "prefill": queued_p <= ready_capacity_p * _DRAINED_QUEUE_SECONDS,
         "decode": not metrics.decode_requests_waiting,
     }
-    # An SLO miss counts only while its cause is still there (a backlog, or a full decode pool):
-    # a quantile over the window still shows a burst that has already drained.
-    decode_pressed = bool(metrics.decode_requests_waiting) or (
-        metrics.kv_cache_usage_ratio is not None and metrics.kv_cache_usage_ratio > config.kv_cache_target
-    )
-    violated: dict[Role, bool] = {
-        "prefill": metrics.ttft_seconds is not None
-        and metrics.ttft_seconds > config.ttft_slo_seconds
-        and (metrics.queued_prefill_tokens or 0.0) > 0,
-        "decode": metrics.itl_seconds is not None
-        and metrics.itl_seconds > config.itl_slo_seconds
-        and decode_pressed,
-    }
+    violated = _slo_violated(metrics, config)
 
     desired: dict[Role, int] = {}
     reasons: dict[Role, str] = {}
@@ -278,12 +184,12 @@ def decide(
         "decode_forecast_tokens_per_second": forecast_d,
         "prefill_demand_tokens_per_second": demand_p,
         "decode_demand_tokens_per_second": demand_d,
-        "prefill_window_peak_tokens_per_second": peak_p,
-        "decode_window_peak_tokens_per_second": peak_d,
+        "prefill_window_peak_tokens_per_second": peak["prefill"],
+        "decode_window_peak_tokens_per_second": peak["decode"],
         "prefill_capacity_tokens_per_second": capacity["prefill"],
         "decode_capacity_tokens_per_second": capacity["decode"],
-        "mean_prompt_tokens": mean_prompt,
-        "kv_transfer_seconds": kv_seconds,
+        "mean_prompt_tokens": sizing.mean_prompt,
+        "kv_transfer_seconds": sizing.kv_seconds,
         "prefill_ready": float(snapshot.prefill.ready),
         "prefill_pending": float(snapshot.prefill.pending),
         "decode_ready": float(snapshot.decode.ready),
@@ -313,6 +219,145 @@ def decide(
         metrics_since=metrics_since,
     )
     return decision, new_state
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sizing:
+    """One decision's replica formula: the same for scale-up, the N-1 check and the steady need."""
+
+    snapshot: Snapshot
+    metrics: MetricsSample
+    config: PolicyConfig
+    capacity: dict[Role, float]
+    mean_prompt: float
+    kv_seconds: float
+
+    def replicas(
+        self, demand: dict[Role, float], margin: float = 1.0, kv_target: float | None = None
+    ) -> dict[Role, int]:
+        """Replicas per role for `demand` tokens/s at the target utilizations times `margin`."""
+        c = self.config
+        prefill = prefill_replicas_needed(
+            demand["prefill"], self.capacity["prefill"], self.mean_prompt, self.kv_seconds, c,
+            c.prefill_target_utilization * margin,
+        )  # fmt: skip
+        decode = decode_replicas_needed(
+            demand["decode"], self.capacity["decode"], c.decode_target_utilization * margin
+        )
+        return {
+            "prefill": prefill,
+            "decode": max(decode, kv_cache_replicas(self.metrics, self.snapshot, c, kv_target)),
+        }
+
+
+def _kv_seconds(metrics: MetricsSample, config: PolicyConfig) -> float:
+    """KV transfer time as measured, else as configured."""
+    if metrics.kv_transfer_seconds is not None:
+        return metrics.kv_transfer_seconds
+    return config.expected_kv_transfer_seconds
+
+
+def _saturated_demand(
+    demand: Demand,
+    snapshot: Snapshot,
+    state: PolicyState,
+    config: PolicyConfig,
+    capacity: dict[Role, float],
+    queued_p: float,
+) -> tuple[Demand, bool]:
+    """Demand with a saturated prefill pool's step seen at once, and whether it is saturated.
+
+    A queue worth more than the TTFT SLO of the pool's work (or a good part of an interval) means
+    it ran flat out and misses TTFT. A saturated pool serves its capacity and the queue grows by
+    the rest: this sees a step now, where the admitted-tokens rate averages it over a window.
+    """
+    ready_capacity_p = snapshot.prefill.ready * capacity["prefill"]
+    queue_limit = min(config.interval_seconds * _SATURATED_SHARE, config.ttft_slo_seconds)
+    if not (demand.saturated_p or queued_p > ready_capacity_p * queue_limit):
+        return demand, False
+    # Replicas that became ready since the last decision did not serve through the interval.
+    served_by = min(snapshot.prefill.ready, state.last_prefill_ready or snapshot.prefill.ready)
+    now_p = served_by * capacity["prefill"] + max(demand.growth_p, 0.0)
+    return dataclasses.replace(demand, steady_p=max(demand.steady_p, now_p)), True
+
+
+def _clear_trend(
+    history: tuple[DemandSample, ...], now: float, config: PolicyConfig, level: dict[Role, float]
+) -> dict[Role, float]:
+    """Clear demand trends (tokens/s per second) per role.
+
+    Decode load grows with arrivals (prompt tokens count at admission): generation rising faster
+    than they do is a backlog flushed out of prefill, which ends, not a ramp to extrapolate (on the
+    idle-then-spike trace, 26 decode replicas bought where 7 held the load after it).
+    """
+    trend_p, trend_d = demand_trend(history, now - config.trend_window_seconds)
+    arrivals_growth = max(trend_p, 0.0) / level["prefill"] if level["prefill"] > 0 else 0.0
+    return {"prefill": trend_p, "decode": min(trend_d, arrivals_growth * level["decode"])}
+
+
+def _direction_of_load(
+    history: tuple[DemandSample, ...], now: float, config: PolicyConfig, level: dict[Role, float], lead: float
+) -> tuple[dict[Role, bool], dict[Role, bool]]:
+    """(rising, falling) per role: any slope that moves the load over 5% within a start.
+
+    Near the bottom of a wave the trend is not clear yet; a rise already holds scale-down (going
+    down now would mean going up again a start later).
+    """
+    slope_p, slope_d = demand_trend(history, now - config.trend_window_seconds, clear_only=False)
+    slope: dict[Role, float] = {"prefill": slope_p, "decode": slope_d}
+    rising = {role: slope[role] * lead > _RISING_SHARE * level[role] for role in ROLES}
+    falling = {role: slope[role] * lead < -_RISING_SHARE * level[role] for role in ROLES}
+    return rising, falling
+
+
+def _window_peak(history: tuple[DemandSample, ...], role: Role, since: float) -> float:
+    key = "prefill_tokens_per_second" if role == "prefill" else "decode_tokens_per_second"
+    return max(getattr(s, key) for s in history if s.at >= since)
+
+
+def _projected_backlog(
+    snapshot: Snapshot,
+    prefill_state: RoleState,
+    config: PolicyConfig,
+    now: float,
+    metrics: MetricsSample,
+    forecast_p: float,
+    ready_capacity_p: float,
+    queued_p: float,
+) -> float:
+    """Prefill backlog (tokens) as it will be when the capacity asked for now serves.
+
+    The queue keeps growing by (demand - ready capacity) until then, and all of it must drain
+    within `backlog_drain_seconds`: one step to the target instead of +N per interval. Replicas
+    already loading arrive earlier (at most a start after the last scale-up), so while some load
+    the projection stops at their arrival: asking again for what they were sized for is how
+    decisions pile up. The trend still counts: on a ramp some replica is always loading. Only
+    where the queue is measured (without that gauge: what is known, no growth).
+    """
+    startup = config.replica_startup_seconds
+    horizon = startup
+    if snapshot.prefill.pending > 0:
+        last_up = prefill_state.last_up_at
+        horizon = startup if last_up is None else min(max(startup - (now - last_up), 0.0), startup)
+    measured = metrics.queued_prefill_tokens is not None
+    growth = (forecast_p - ready_capacity_p) * horizon if measured else 0.0
+    return max(queued_p + growth, 0.0)
+
+
+def _slo_violated(metrics: MetricsSample, config: PolicyConfig) -> dict[Role, bool]:
+    """An SLO miss per role, counted only while its cause is still there (a backlog, or a full
+    decode pool): a quantile over the window still shows a burst that has already drained."""
+    decode_pressed = bool(metrics.decode_requests_waiting) or (
+        metrics.kv_cache_usage_ratio is not None and metrics.kv_cache_usage_ratio > config.kv_cache_target
+    )
+    return {
+        "prefill": metrics.ttft_seconds is not None
+        and metrics.ttft_seconds > config.ttft_slo_seconds
+        and (metrics.queued_prefill_tokens or 0.0) > 0,
+        "decode": metrics.itl_seconds is not None
+        and metrics.itl_seconds > config.itl_slo_seconds
+        and decode_pressed,
+    }
 
 
 def reason_code(reason: str) -> str:
