@@ -1,0 +1,31 @@
+"""`bench/kv_transfer.py` end to end (smallest run): the relay between two processes moves the
+right bytes and releases them, and every figure the README quotes is printed. No timing is
+asserted: figures are for the benchmark, not for tests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_kv_transfer_bench_prints_verified_figures() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "bench" / "kv_transfer.py"), "--iters", "1", "--rounds", "2",
+         "--flavours", "nixl-cma,tcp"],
+        capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (line,) = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+    assert (line["bench"], line["rounds"]) == ("kv_transfer", 2)
+    for flavour, ratio in (("nixl-cma", "ratio_vs_memcpy"), ("tcp", "ratio_vs_socket")):
+        for tokens, nbytes in (("2048", 256 << 20), ("128", 16 << 20)):
+            entry = line[flavour][tokens]
+            assert entry["bytes"] == nbytes, (flavour, tokens)
+            assert entry["verified"] and entry["released"], (flavour, tokens)
+            assert entry["relay_s"] > 0 and entry["socket_s"] > 0 and entry["memcpy_s"] > 0
+            assert len(entry[f"{ratio}_rounds"]) == 2 and entry[ratio] > 0
+    assert line["nixl-cma"]["2048"]["bare_nixl_s"] > 0
