@@ -20,7 +20,6 @@ import os
 import queue
 import random
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,15 +32,10 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 from kvrelay_worker.model.tiny import make_tiny_model
+from kvrelay_worker.ports import free_port
 from kvrelay_worker.processes import stop_process
 
 READY = re.compile(r"READY role=(\S+) grpc=(\S+)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -159,7 +159,7 @@ def main() -> None:
     if args.serve:
         asyncio.run(serve_worker(args.port) if args.serve == "worker" else serve_bare(args.port))
         return
-    from worker_fixtures import free_port
+    from kvrelay_worker.ports import free_port
 
     results = {}
     for kind in ("bare", "worker"):

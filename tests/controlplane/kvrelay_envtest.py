@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from kvrelay_worker.ports import free_port
 from kvrelay_worker.processes import stop_process
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -97,13 +97,6 @@ def wait_for(condition: Callable[[], T], timeout: float = 20.0, interval: float 
             last_exc = exc
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what or condition}; last error: {last_exc}")
-
-
-def free_port() -> int:
-    """A port the OS says is free now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _insecure_tls() -> ssl.SSLContext:

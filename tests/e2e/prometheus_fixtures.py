@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -17,6 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
+from kvrelay_worker.ports import free_port
 from kvrelay_worker.processes import stop_process
 
 
@@ -25,13 +25,6 @@ def fail_or_skip(why: str) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(why + " (CI=true: nothing this machine can run may skip)")
     pytest.skip(why)
-
-
-def free_port() -> int:
-    """A port that was free a moment ago on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def query(url: str, expr: str) -> list[dict[str, Any]]:

@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -20,26 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from kvrelay_worker.ports import free_ports
 from kvrelay_worker.processes import stop_process
 
 READY_RE = re.compile(r"READY role=(\S+) grpc=(\S+) metrics=(\d+)(?: kv=(\S+))?")
-
-
-def free_port() -> int:
-    """A port the OS just handed out (bind port 0); small race, fine on a test host."""
-    return free_ports(1)[0]
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports: all sockets stay bound until every port is picked."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @dataclass

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .ports import free_ports
+
 CACHE_DIR = Path(os.environ.get("KVRELAY_CACHE", Path.home() / ".cache" / "kvrelay"))
 TINY_MODEL_NAME = "tiny"
 STOP_GRACE_S = 10.0
@@ -68,20 +70,6 @@ def ensure_tiny_model(cache_dir: Path = CACHE_DIR) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """Distinct free TCP ports: all sockets stay bound until every port is chosen."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind((host, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _die_with_parent() -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvrelay_worker.cli import build_parser, free_ports, serve, worker_command
+from kvrelay_worker.cli import build_parser, serve, worker_command
+from kvrelay_worker.ports import free_ports
 
 
 def test_free_ports_are_distinct() -> None:

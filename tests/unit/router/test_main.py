@@ -57,7 +57,7 @@ def test_worker_image_router_role_serves(tokenizer_dir: Path) -> None:
     import time
 
     import httpx
-    from kvrelay_worker.cli import free_ports
+    from kvrelay_worker.ports import free_ports
 
     port, metrics_port = free_ports(2)
     code = "import sys; from kvrelay_worker.entrypoint import main; sys.exit(main())"

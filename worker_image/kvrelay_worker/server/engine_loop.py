@@ -52,7 +52,8 @@ class EngineLoop:
     def stop(self) -> None:
         self._stop.set()
         self._commands.put((lambda: None, (), None))
-        self._thread.join(timeout=10)
+        if self._thread.ident is not None:  # start-up may fail before the thread starts
+            self._thread.join(timeout=10)
 
     # ---- event-loop side ------------------------------------------------------------------------
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:

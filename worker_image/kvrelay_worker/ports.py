@@ -1,0 +1,64 @@
+"""Pick free TCP ports for local child processes (`kvrelay serve`, tests, benchmarks).
+
+A port from `bind(port 0)` comes out of the kernel's ephemeral range, the same range every
+outgoing connection and every UCX listener draws from, so in the seconds before the child binds
+it, another socket may take it (seen in CI: a worker's KV port was taken while torch imported).
+Ports below that range are never handed out implicitly, so only an explicit bind can take them.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+from pathlib import Path
+
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+DEFAULT_EPHEMERAL = (32768, 60999)  # Linux's default
+LOWEST = 15000  # above the usual fixed service ports (8080, 9090, 10250...)
+MAX_ATTEMPTS = 2000
+
+
+def ephemeral_range(path: Path = EPHEMERAL_RANGE_FILE) -> tuple[int, int]:
+    """The kernel's implicit-bind port range, or Linux's default where it cannot be read."""
+    try:
+        low, high = (int(part) for part in path.read_text().split())
+    except (OSError, ValueError):
+        return DEFAULT_EPHEMERAL
+    return low, high
+
+
+def candidate_ports(ephemeral: tuple[int, int]) -> range:
+    """The larger stretch of unprivileged ports outside `ephemeral` (empty when none is left)."""
+    low, high = ephemeral
+    below, above = range(LOWEST, low), range(max(high + 1, LOWEST), 65536)
+    return below if len(below) >= len(above) else above
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct ports free on `host` now, outside the ephemeral range where it allows."""
+    pool = candidate_ports(ephemeral_range())
+    rng = random.Random()
+    socks: list[socket.socket] = []
+    try:
+        attempts = 0
+        while len(socks) < count:
+            sock = socket.socket()
+            # Held bound until every port is chosen, so the ports are distinct.
+            socks.append(sock)
+            attempts += 1
+            if len(pool) < 4 * count or attempts > MAX_ATTEMPTS:
+                sock.bind((host, 0))  # nowhere else to go: the kernel's choice, with its small race
+                continue
+            try:
+                sock.bind((host, rng.choice(pool)))
+            except OSError:
+                socks.pop().close()
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """One port free on `host` now (see `free_ports`)."""
+    return free_ports(1, host)[0]
