@@ -38,21 +38,20 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     """`count` distinct ports free on `host` now, outside the ephemeral range where it allows."""
     pool = candidate_ports(ephemeral_range())
     rng = random.Random()
-    socks: list[socket.socket] = []
+    socks: list[socket.socket] = []  # held bound until every port is chosen, so they are distinct
     try:
         attempts = 0
         while len(socks) < count:
-            sock = socket.socket()
-            # Held bound until every port is chosen, so the ports are distinct.
-            socks.append(sock)
+            # Port 0 (the kernel's choice, with its race) only when no room is left outside the range.
+            outside = len(pool) >= 4 * count and attempts < MAX_ATTEMPTS
             attempts += 1
-            if len(pool) < 4 * count or attempts > MAX_ATTEMPTS:
-                sock.bind((host, 0))  # nowhere else to go: the kernel's choice, with its small race
-                continue
+            sock = socket.socket()
             try:
-                sock.bind((host, rng.choice(pool)))
+                sock.bind((host, rng.choice(pool) if outside else 0))
             except OSError:
-                socks.pop().close()
+                sock.close()
+                continue
+            socks.append(sock)
         return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:

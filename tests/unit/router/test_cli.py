@@ -5,12 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from kvrelay_worker.cli import build_parser, serve, worker_command
-from kvrelay_worker.ports import free_ports
-
-
-def test_free_ports_are_distinct() -> None:
-    ports = free_ports(12)
-    assert len(set(ports)) == 12 and all(p > 0 for p in ports)
 
 
 def test_worker_command_follows_the_contract() -> None:

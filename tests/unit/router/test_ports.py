@@ -42,3 +42,11 @@ def test_a_busy_port_is_never_returned(monkeypatch) -> None:  # type: ignore[no-
             spare = spare_probe.getsockname()[1]
         monkeypatch.setattr(ports, "candidate_ports", lambda _: [taken, spare] * 8)
         assert {ports.free_ports(1)[0] for _ in range(10)} == {spare}
+
+
+def test_without_room_outside_the_range_the_kernel_chooses(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import kvrelay_worker.ports as ports
+
+    monkeypatch.setattr(ports, "candidate_ports", lambda _: range(0))
+    picked = ports.free_ports(5)
+    assert len(set(picked)) == 5 and all(p > 0 for p in picked)
