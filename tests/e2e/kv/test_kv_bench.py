@@ -28,4 +28,7 @@ def test_kv_transfer_bench_prints_verified_figures() -> None:
             assert entry["verified"] and entry["released"], (flavour, tokens)
             assert entry["relay_s"] > 0 and entry["socket_s"] > 0 and entry["memcpy_s"] > 0
             assert len(entry[f"{ratio}_rounds"]) == 2 and entry[ratio] > 0
-    assert line["nixl-cma"]["2048"]["bare_nixl_s"] > 0
+    for tokens in ("2048", "128"):
+        entry = line["nixl-cma"][tokens]
+        assert entry["bare_nixl_s"] > 0 and entry["bare_runs_s"] > 0, tokens
+        assert entry["bare_runs_ratio_vs_memcpy"] > 0, tokens
