@@ -88,6 +88,22 @@ def test_decodes_are_not_padded_to_a_long_prefill() -> None:
     assert shapes == [(1, 2040, 2040), (16, 1, 33)]
 
 
+def _churn(rng: random.Random, seqs: list[list], free: list[int]) -> None:
+    """One step of a running batch: sequences ([position, block table]) join, leave, get preempted
+    (a new table), and every table grows to cover its next token, as the scheduler's _grow does."""
+    if rng.random() < 0.05 or not seqs:  # a sequence joins
+        seqs.insert(rng.randint(0, len(seqs)), [rng.randint(0, 40), []])
+    if len(seqs) > 1 and rng.random() < 0.04:  # one leaves
+        free.extend(seqs.pop(rng.randrange(len(seqs)))[1])
+    if rng.random() < 0.02:  # one is preempted and comes back with a new table
+        s = seqs[rng.randrange(len(seqs))]
+        free.extend(s[1])
+        s[1] = []
+    for s in seqs:  # a table covers ctx = position + 1 tokens
+        while len(s[1]) * BS < s[0] + 1:
+            s[1].append(free.pop(0))
+
+
 def test_incremental_decode_builder_matches_full_build() -> None:
     """DecodeBatchBuilder (cached tables, in-place advance) == build_paged_batch, step after step,
     while sequences join, leave, cross into new blocks and get new tables."""
@@ -97,17 +113,7 @@ def test_incremental_decode_builder_matches_full_build() -> None:
     rng.shuffle(free)
     seqs: list[list] = []  # [position, block table]
     for step in range(400):
-        if rng.random() < 0.05 or not seqs:  # a sequence joins
-            seqs.insert(rng.randint(0, len(seqs)), [rng.randint(0, 40), []])
-        if len(seqs) > 1 and rng.random() < 0.04:  # one leaves
-            free.extend(seqs.pop(rng.randrange(len(seqs)))[1])
-        if rng.random() < 0.02:  # one is preempted and comes back with a new table
-            s = seqs[rng.randrange(len(seqs))]
-            free.extend(s[1])
-            s[1] = []
-        for s in seqs:  # the scheduler's _grow: a table covers ctx = position + 1 tokens
-            while len(s[1]) * BS < s[0] + 1:
-                s[1].append(free.pop(0))
+        _churn(rng, seqs, free)
         if step % 50 == 49:
             builder.reset()
         positions = [s[0] for s in seqs]
@@ -145,17 +151,7 @@ def test_decode_mirror_matches_gather_path(monkeypatch: pytest.MonkeyPatch, max_
     seqs: list[list] = []  # [position, block table]
     mirrored = 0
     for step in range(300):
-        if rng.random() < 0.05 or not seqs:
-            seqs.insert(rng.randint(0, len(seqs)), [rng.randint(0, 40), []])
-        if len(seqs) > 1 and rng.random() < 0.04:
-            free.extend(seqs.pop(rng.randrange(len(seqs)))[1])
-        if rng.random() < 0.02:
-            s = seqs[rng.randrange(len(seqs))]
-            free.extend(s[1])
-            s[1] = []
-        for s in seqs:
-            while len(s[1]) * BS < s[0] + 1:
-                s[1].append(free.pop(0))
+        _churn(rng, seqs, free)
         if step % 70 == 69:
             builder.reset()
         positions = [s[0] for s in seqs]
