@@ -28,11 +28,11 @@ from pathlib import Path
 
 from kvrelay_worker.cli import (
     WorkerProcess,
-    ensure_tiny_model,
     stop_workers,
     wait_ready,
     worker_command,
 )
+from kvrelay_worker.model_store import ensure_tiny_model
 from kvrelay_worker.ports import free_ports
 from kvrelay_worker.router.kserve import WorkerClient
 from router_common import summary_ms

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from kvrelay_worker.cli import ensure_tiny_model
+from kvrelay_worker.model_store import ensure_tiny_model
 from kvrelay_worker.tokenizer import Tokenizer
 from serve_helpers import WORKER_RE, ServeProcess, run_serve
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.e2e
 def test_worker_that_cannot_start_is_reported_with_its_log(tmp_path: Path) -> None:
     command = [
         sys.executable, "-c", "from kvrelay_worker.cli import main; main()",
-        "serve", "--port", "0", "--log-dir", str(tmp_path), "--worker-arg=--no-such-flag",
+        "serve", "--model", "tiny", "--port", "0", "--log-dir", str(tmp_path), "--worker-arg=--no-such-flag",
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stdout + done.stderr

@@ -10,66 +10,28 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
-import hashlib
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .model_store import CACHE_DIR, NAMED_MODELS, is_checkpoint_dir, resolve_model
 from .ports import free_ports
 
-CACHE_DIR = Path(os.environ.get("KVRELAY_CACHE", Path.home() / ".cache" / "kvrelay"))
-TINY_MODEL_NAME = "tiny"
+DEFAULT_MODEL = "smollm2"
 STOP_GRACE_S = 10.0
 GRACEFUL_SHUTDOWN_S = 3  # open streams get this long after Ctrl-C, then are cut
 
 
 def _log(message: str) -> None:
     print(f"kvrelay: {message}", flush=True)
-
-
-def tiny_recipe_hash() -> str:
-    """Hash of the code that writes the tiny checkpoint, so a changed recipe never reuses a stale cache.
-
-    Read from the package files, not imported: importing `kvrelay_worker.model` would load torch here.
-    """
-    root = Path(__file__).resolve().parent / "model"
-    digest = hashlib.sha256()
-    for name in ("tiny.py", "loader.py", "config.py"):
-        with contextlib.suppress(OSError):
-            digest.update((root / name).read_bytes())
-    return digest.hexdigest()[:12]
-
-
-def ensure_tiny_model(cache_dir: Path = CACHE_DIR) -> Path:
-    """Build the tiny checkpoint once under `<cache>/models/tiny-<recipe hash>` (atomic rename)."""
-    target = cache_dir / "models" / f"{TINY_MODEL_NAME}-{tiny_recipe_hash()}"
-    if (target / "config.json").exists() and (target / "tokenizer.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _log(f"building the tiny model under {target} (first use only)")
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
-    try:
-        # A child process keeps torch out of this (router) process.
-        code = "import sys; from kvrelay_worker.model.tiny import main; main(sys.argv[1:])"
-        subprocess.run([sys.executable, "-c", code, str(staging)], check=True, stdout=subprocess.DEVNULL)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not (target / "config.json").exists():  # lost a race to a concurrent first use: fine
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def _die_with_parent() -> None:
@@ -262,11 +224,14 @@ def serve(args: argparse.Namespace) -> int:
     if args.prefill < 1 or args.decode < 1:
         _log("--prefill and --decode must each be at least 1")
         return 2
-    if args.model != TINY_MODEL_NAME:
-        model = Path(args.model).expanduser().resolve()
-        if not (model / "config.json").exists() or not (model / "tokenizer.json").exists():
-            _log(f"{model} is not a checkpoint directory (needs config.json and tokenizer.json)")
-            return 2
+    named = args.model in NAMED_MODELS
+    source = Path(args.model).expanduser()
+    if not named and not (source.suffix == ".gguf" and source.is_file()) and not is_checkpoint_dir(source):
+        _log(
+            f"{args.model}: not a named model ({', '.join(NAMED_MODELS)}), a .gguf file, or a checkpoint "
+            "directory (config.json, tokenizer.json, *.safetensors)"
+        )
+        return 2
     # Before uvicorn takes over the signals, SIGTERM should unwind like Ctrl-C (and stop the workers).
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     # The in-process router logs worker health changes and mid-stream failures: show those.
@@ -279,10 +244,8 @@ def serve(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
         return 1
     try:
-        if args.model == TINY_MODEL_NAME:
-            model, served_name = ensure_tiny_model(), args.served_model_name or TINY_MODEL_NAME
-        else:
-            served_name = args.served_model_name or model.name
+        model = resolve_model(args.model)
+        served_name = args.served_model_name or (args.model if named else source.stem)
         log_dir = Path(args.log_dir or CACHE_DIR / "logs" / time.strftime("serve-%Y%m%d-%H%M%S"))
         log_dir.mkdir(parents=True, exist_ok=True)
         workers = start_workers(args, model, log_dir, served_name)
@@ -312,10 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve a model disaggregated on this machine (router + workers)")
     s.add_argument(
-        "--model", default=TINY_MODEL_NAME, help="checkpoint directory, or 'tiny' (built on first use)"
+        "--model",
+        default=DEFAULT_MODEL,
+        help="smollm2 (SmolLM2-135M-Instruct, fetched and imported on first use), tiny (random weights, "
+        "for tests), a .gguf file (imported once), or a Hugging Face checkpoint directory",
     )
     s.add_argument(
-        "--served-model-name", help="model name for clients (default: 'tiny' or the directory name)"
+        "--served-model-name", help="model name for clients (default: the model's name or file/dir name)"
     )
     s.add_argument("--prefill", type=int, default=1, help="prefill worker processes")
     s.add_argument("--decode", type=int, default=1, help="decode worker processes")
@@ -329,10 +295,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-dir", help="worker logs (default: ~/.cache/kvrelay/logs/serve-<time>)")
     s.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for workers")
     s.add_argument("--worker-arg", action="append", default=[], help="extra flag passed to every worker")
+    i = sub.add_parser(
+        "import-gguf", help="convert a llama.cpp GGUF file into a checkpoint directory", add_help=False
+    )
+    i.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["import-gguf"]:  # its own parser (and --help): the importer is torch-free
+        from kvrelay_worker.model.gguf_import import main as import_main
+
+        sys.exit(import_main(argv[1:]))
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         sys.exit(serve(args))

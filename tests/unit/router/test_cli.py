@@ -19,7 +19,7 @@ def test_worker_command_follows_the_contract() -> None:
 def test_serve_refuses_a_directory_that_is_not_a_checkpoint(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     args = build_parser().parse_args(["serve", "--model", str(tmp_path), "--log-dir", str(tmp_path / "logs")])
     assert serve(args) == 2
-    assert "not a checkpoint directory" in capsys.readouterr().out
+    assert "not a named model" in capsys.readouterr().out
     args = build_parser().parse_args(["serve", "--decode", "0"])
     assert serve(args) == 2
 
