@@ -133,7 +133,7 @@ def _config(meta: _Metadata, arch: str, vocab_size: int, tied: bool) -> dict[str
 def _f32(value: float) -> float:
     """GGUF stores floats as float32: write the shortest decimal that reads back as the same float32
     (1e-05, not 9.999999747378752e-06), as the original config.json had it."""
-    return float(repr(np.float32(value)))
+    return float(str(np.float32(value)))
 
 
 def build_tokenizer_json(meta: _Metadata) -> tuple[str, dict[str, Any]]:
