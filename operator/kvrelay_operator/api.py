@@ -49,7 +49,9 @@ class ModelSpec(CRModel):
         min_length=1,
         max_length=512,
         description="Checkpoint: a Hugging Face repo id (org/name), pvc://<claim>/<path>, "
-        "or an absolute path inside the worker image.",
+        "or an absolute path inside the worker image. A pvc or image path ending in .gguf "
+        "(a llama.cpp GGUF file) is converted by an init container (kvrelay import-gguf) "
+        "into a checkpoint on an emptyDir before the workers and the router start.",
     )
     revision: str | None = Field(
         default=None, max_length=128, description="Hugging Face revision (branch, tag or commit)."

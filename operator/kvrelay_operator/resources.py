@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -23,6 +24,9 @@ CONFIG_HASH_ANNOTATION = f"{api.GROUP}/config-hash"
 GRPC_PORT = 8001
 METRICS_PORT = 9090
 MODEL_ROOT = "/models"
+# Where a .gguf model source is imported (an emptyDir) before the workers and the router start.
+IMPORT_ROOT = "/var/lib/kvrelay"
+IMPORT_VOLUME = "imported-model"
 API_KEY_DIR = "/var/run/secrets/kvrelay"
 GPU_RESOURCE = "nvidia.com/gpu"
 RUN_AS_USER = 10001  # the worker image's user (worker_image/Dockerfile)
@@ -116,23 +120,71 @@ def model_config(spec: api.DisaggregatedModelSpec, ctx: RenderContext) -> dict[s
     }  # fmt: skip
 
 
-def _model_volume(spec: api.DisaggregatedModelSpec) -> tuple[dict[str, Any], str, dict[str, Any] | None]:
-    """(volume, --model path, download init container or None) for the model source."""
+@dataclass
+class _ModelStorage:
+    """How a pod gets its model: volumes, the main container's mounts, its --model, an init container."""
+
+    volumes: list[dict[str, Any]]
+    mounts: list[dict[str, Any]]
+    model_path: str
+    # The init container's name, command and volumeMounts (image, env and securityContext are added).
+    init: dict[str, Any] | None = None
+
+
+def _model_volume(spec: api.DisaggregatedModelSpec) -> _ModelStorage:
+    """The pod storage for the model source: pvc://claim/path, an image path, or a Hugging Face repo id.
+
+    A pvc or image path ending in .gguf is converted by an init container (`kvrelay import-gguf`) into
+    a checkpoint directory on an emptyDir of its own, which the main container mounts read-only.
+    """
     source = spec.model.source
+
+    def model_mount() -> dict[str, Any]:
+        return {"name": "model", "mountPath": MODEL_ROOT}
+
     if source.startswith("pvc://"):
         claim, _, path = source.removeprefix("pvc://").partition("/")
         volume = {"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
-        return volume, f"{MODEL_ROOT}/{path}".rstrip("/"), None
-    volume = {"name": "model", "emptyDir": {}}
-    if source.startswith("/"):
-        # A path baked into the image: the volume is unused but keeps the pod shape uniform.
-        return volume, source, None
-    # A Hugging Face repo id: download once per pod before the worker starts.
-    download = ["hf", "download", source, "--local-dir", f"{MODEL_ROOT}/hf"]
-    if spec.model.revision:
-        download += ["--revision", spec.model.revision]
-    init = {"name": "download-model", "command": download}
-    return volume, f"{MODEL_ROOT}/hf", init
+        storage = _ModelStorage([volume], [model_mount()], f"{MODEL_ROOT}/{path}".rstrip("/"))
+        # The importer reads the .gguf from the (read-only) claim.
+        gguf, gguf_reader_mounts = path.endswith(".gguf"), [model_mount()]
+    else:
+        storage = _ModelStorage([{"name": "model", "emptyDir": {}}], [model_mount()], source)
+        # A .gguf baked into the image may lie under MODEL_ROOT: the importer must not mount the
+        # (empty) model volume over it.
+        gguf, gguf_reader_mounts = source.startswith("/") and source.endswith(".gguf"), []
+    if gguf:
+        imported = f"{IMPORT_ROOT}/imported"
+        storage.volumes.append({"name": IMPORT_VOLUME, "emptyDir": {}})
+        storage.mounts.append({"name": IMPORT_VOLUME, "mountPath": IMPORT_ROOT, "readOnly": True})
+        # --overwrite: init containers run again when the pod's sandbox is recreated, and the
+        # emptyDir outlives that with the first run's checkpoint in it.
+        command = ["kvrelay", "import-gguf", storage.model_path, imported, "--overwrite"]
+        mounts = [*gguf_reader_mounts, {"name": IMPORT_VOLUME, "mountPath": IMPORT_ROOT}]
+        storage.init = {"name": "import-gguf", "command": command, "volumeMounts": mounts}
+        storage.model_path = imported
+    elif not source.startswith(("pvc://", "/")):
+        # A Hugging Face repo id: download once per pod before the worker starts.
+        download = ["hf", "download", source, "--local-dir", f"{MODEL_ROOT}/hf"]
+        if spec.model.revision:
+            download += ["--revision", spec.model.revision]
+        storage.init = {"name": "download-model", "command": download, "volumeMounts": [model_mount()]}
+        storage.model_path = f"{MODEL_ROOT}/hf"
+    # Else a checkpoint directory on the claim or in the image; an emptyDir model volume is then
+    # unused but keeps the pod shape uniform.
+    return storage
+
+
+def _init_containers(
+    spec: api.DisaggregatedModelSpec, storage: _ModelStorage, image: str, role: str
+) -> list[dict[str, Any]]:
+    if storage.init is None:
+        return []
+    return [
+        {"name": storage.init["name"], "command": storage.init["command"], "image": image,
+         "imagePullPolicy": spec.image_pull_policy, "env": _env([], role),
+         "volumeMounts": storage.init["volumeMounts"], "securityContext": _security(False)}
+    ]  # fmt: skip
 
 
 def worker_args(
@@ -315,18 +367,18 @@ def _worker_deployment(
     role_spec: api.WorkerRoleSpec = getattr(spec, role)
     kv = spec.kv_transfer
     rdma = kv.backend == "nixl" and kv.transport == "rdma"
-    volume, model_path, init = _model_volume(spec)
+    storage = _model_volume(spec)
     image = spec.image or ctx.default_image
     extra_resources = {GPU_RESOURCE: role_spec.tensor_parallel}
     if rdma:
         extra_resources[kv.rdma.resource_name] = kv.rdma.count
-    mounts = [{"name": "model", "mountPath": MODEL_ROOT}, {"name": "dshm", "mountPath": "/dev/shm"}]
+    mounts = [*storage.mounts, {"name": "dshm", "mountPath": "/dev/shm"}]
     container = {
         "name": role,
         "image": image,
         "imagePullPolicy": spec.image_pull_policy,
         "command": ["kvrelay-worker"],
-        "args": worker_args(spec, ctx, role, model_path),
+        "args": worker_args(spec, ctx, role, storage.model_path),
         "env": _env(role_spec.env, role) + _kv_env(kv),
         "ports": [
             {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
@@ -346,15 +398,12 @@ def _worker_deployment(
         # Draining a sequence or a held KV lease takes a while; give in-flight work time to finish.
         "terminationGracePeriodSeconds": 60,
         "volumes": [
-            volume,
+            *storage.volumes,
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": role_spec.shm_size}},
         ],
     }
-    if init is not None:
-        pod["initContainers"] = [
-            {**init, "image": image, "imagePullPolicy": spec.image_pull_policy, "env": _env([], role),
-             "volumeMounts": mounts[:1], "securityContext": _security(False)}
-        ]  # fmt: skip
+    if init_containers := _init_containers(spec, storage, image, role):
+        pod["initContainers"] = init_containers
     if role_spec.node_selector:
         pod["nodeSelector"] = dict(role_spec.node_selector)
     if role_spec.tolerations:
@@ -366,10 +415,11 @@ def _router_deployment(
     spec: api.DisaggregatedModelSpec, ctx: RenderContext, config_hash: str
 ) -> dict[str, Any]:
     router = spec.router
-    volume, model_path, init = _model_volume(spec)
+    # The router reads the tokenizer and config.json from --model, so it gets the same model storage.
+    storage = _model_volume(spec)
     image = spec.image or ctx.default_image
-    mounts = [{"name": "model", "mountPath": MODEL_ROOT}]
-    volumes = [volume]
+    mounts = list(storage.mounts)
+    volumes = list(storage.volumes)
     if router.api_key_secret is not None:
         mounts.append({"name": "api-key", "mountPath": API_KEY_DIR, "readOnly": True})
         volumes.append({"name": "api-key", "secret": {"secretName": router.api_key_secret.name}})
@@ -378,7 +428,7 @@ def _router_deployment(
         "image": image,
         "imagePullPolicy": spec.image_pull_policy,
         "command": ["kvrelay-worker"],
-        "args": router_args(spec, ctx, model_path),
+        "args": router_args(spec, ctx, storage.model_path),
         "env": _env(router.env, "router"),
         # The router serves /metrics on its HTTP port.
         "ports": [{"name": "http", "containerPort": router.port, "protocol": "TCP"}],
@@ -394,11 +444,8 @@ def _router_deployment(
         "affinity": _affinity(ctx, "router", None),
         "volumes": volumes,
     }
-    if init is not None:
-        pod["initContainers"] = [
-            {**init, "image": image, "imagePullPolicy": spec.image_pull_policy, "env": _env([], "router"),
-             "volumeMounts": mounts[:1], "securityContext": _security(False)}
-        ]  # fmt: skip
+    if init_containers := _init_containers(spec, storage, image, "router"):
+        pod["initContainers"] = init_containers
     if router.node_selector:
         pod["nodeSelector"] = dict(router.node_selector)
     if router.tolerations:

@@ -158,6 +158,83 @@ def test_model_sources() -> None:
                                                   "--revision", "abc"]  # fmt: skip
 
 
+def _model_flag(c: dict[str, Any]) -> str:
+    return c["args"][c["args"].index("--model") + 1]
+
+
+GGUF_ENV = ["POD_NAME", "POD_NAMESPACE", "POD_IP", "KVRELAY_ROLE", "HF_HOME"]
+IMPORTED = {"name": "imported-model", "emptyDir": {}}
+IMPORTED_MOUNT = {"name": "imported-model", "mountPath": "/var/lib/kvrelay"}
+
+
+@pytest.mark.parametrize(
+    ("source", "model_volume", "gguf_path", "importer_mounts"),
+    [
+        # The importer must see the image's /models, so the (empty) model volume is not mounted on it.
+        ("/models/smollm2.gguf", {"name": "model", "emptyDir": {}}, "/models/smollm2.gguf", []),
+        # The claim stays read-only; the importer reads it and writes the emptyDir.
+        (
+            "pvc://weights/gguf/model.gguf",
+            {"name": "model", "persistentVolumeClaim": {"claimName": "weights", "readOnly": True}},
+            "/models/gguf/model.gguf",
+            [{"name": "model", "mountPath": "/models"}],
+        ),
+    ],
+    ids=["image", "pvc"],
+)
+def test_gguf_sources_are_imported_by_an_init_container(
+    source: str, model_volume: dict[str, Any], gguf_path: str, importer_mounts: list[dict[str, Any]]
+) -> None:
+    children = render(spec(model={"source": source}, image="mine:2", imagePullPolicy="Always"))
+    for role in ("prefill", "decode", "router"):
+        p, c = pod(children, role), container(children, role)
+        (init,) = p["initContainers"]
+        assert init["name"] == "import-gguf"
+        assert init["command"] == [
+            "kvrelay", "import-gguf", gguf_path, "/var/lib/kvrelay/imported", "--overwrite"
+        ]  # fmt: skip
+        assert init["image"] == "mine:2" and init["imagePullPolicy"] == "Always"
+        assert init["volumeMounts"] == [*importer_mounts, IMPORTED_MOUNT]
+        assert init["securityContext"] == c["securityContext"] == {
+            "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": False,
+        }  # fmt: skip
+        assert [e["name"] for e in init["env"]] == GGUF_ENV
+        assert _model_flag(c) == "/var/lib/kvrelay/imported"
+        assert p["volumes"][:2] == [model_volume, IMPORTED]
+        assert c["volumeMounts"][:2] == [
+            {"name": "model", "mountPath": "/models"}, {**IMPORTED_MOUNT, "readOnly": True}
+        ]  # fmt: skip
+    assert [v["name"] for v in pod(children, "decode")["volumes"]] == ["model", "imported-model", "dshm"]
+    assert [m["name"] for m in container(children, "decode")["volumeMounts"]] == [
+        "model", "imported-model", "dshm"
+    ]  # fmt: skip
+
+
+def test_gguf_init_command_parses_with_the_real_importer(tmp_path: pathlib.Path) -> None:
+    """Contract check: the importer takes the rendered argv (it then fails only on the missing file)."""
+    gguf_import = importlib.import_module("kvrelay_worker.model.gguf_import")
+
+    (init,) = pod(render(spec(model={"source": "pvc://w/m.gguf"})), "decode")["initContainers"]
+    assert init["command"][:2] == ["kvrelay", "import-gguf"]
+    argv = [str(tmp_path / "m.gguf"), str(tmp_path / "imported"), *init["command"][4:]]
+    assert gguf_import.main(argv) == 2  # GGUFImportError (no such file), not an argparse exit
+
+
+@pytest.mark.parametrize(
+    ("source", "inits", "model_path"),
+    [("pvc://weights.gguf", [], "/models"), ("org/model.gguf", ["download-model"], "/models/hf"),
+     ("/models/llama", [], "/models/llama")],
+)  # fmt: skip
+def test_non_gguf_paths_are_not_imported(source: str, inits: list[str], model_path: str) -> None:
+    """Only a file path ending in .gguf is imported: a claim alone, a repo id or a directory is not."""
+    children = render(spec(model={"source": source}))
+    p = pod(children, "decode")
+    assert "imported-model" not in [v["name"] for v in p["volumes"]]
+    assert [i["name"] for i in p.get("initContainers", [])] == inits
+    assert _model_flag(container(children, "decode")) == model_path
+
+
 def test_router_deployment_service_and_rbac() -> None:
     s = spec(router={"replicas": 3, "serviceType": "LoadBalancer", "port": 8080,
                      "apiKeySecret": {"name": "keys"}})  # fmt: skip

@@ -126,3 +126,13 @@ def test_tiny_tokenizer_is_deterministic_and_complete(tiny_dir: Path) -> None:
     assert a.decode(a.encode(text).ids) == text
     tok_cfg = json.loads((tiny_dir / "tokenizer_config.json").read_text())
     assert tok_cfg["eos_token"] == "<|eot_id|>" and "{{ bos_token }}" in tok_cfg["chat_template"]
+
+
+def test_an_activation_other_than_silu_is_refused(tmp_path: Path) -> None:
+    """kvrelay's MLP is SwiGLU: a gelu checkpoint must not load and silently compute silu."""
+    (tmp_path / "config.json").write_text(
+        json.dumps({"vocab_size": 8, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
+                    "num_attention_heads": 2, "hidden_act": "gelu"})
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="hidden_act 'gelu' is not supported"):
+        load_config(tmp_path)

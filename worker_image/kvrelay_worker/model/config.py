@@ -47,6 +47,10 @@ class LlamaConfig(BaseModel):
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
+    hidden_act: str = Field("silu", description="MLP activation; kvrelay's SwiGLU implements silu only")
+    sliding_window: int | None = Field(
+        None, gt=0, description="Mistral: attend to the last N tokens only; None means full attention"
+    )
     bos_token_id: int | None = None
     eos_token_id: list[int] = Field(default_factory=list)
     torch_dtype: str = "float32"
@@ -89,6 +93,10 @@ class LlamaConfig(BaseModel):
                 f"num_attention_heads {self.num_attention_heads} must be a multiple of "
                 f"num_key_value_heads {self.num_key_value_heads} (grouped-query attention)"
             )
+        if self.hidden_act != "silu":
+            raise ValueError(
+                f"hidden_act {self.hidden_act!r} is not supported; kvrelay's MLP is SwiGLU (silu)"
+            )
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
         return self
@@ -113,6 +121,30 @@ def parse_config(raw: dict[str, Any], source: str = "config.json") -> LlamaConfi
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
         raise ConfigError(f"{source}: invalid model config: {problems}") from exc
+
+
+def served_length(config: LlamaConfig, max_model_len: int | None, source: str = "config.json") -> int:
+    """The context length kvrelay serves (``max_model_len``, default ``max_position_embeddings``).
+
+    kvrelay's attention is always full causal attention; it has no sliding-window mask. A model
+    trained with ``sliding_window`` W computes the same thing as long as no sequence exceeds W
+    tokens (a query at position i sees keys i-W+1..i, i.e. all of them), so a served length up to
+    W is exact and a longer one would silently change the model's output past W tokens. That is
+    refused here rather than capped: the router enforces its own limit (``--max-model-len``, else
+    config.json's ``max_position_embeddings``) without loading the model, so a worker that quietly
+    served fewer tokens would leave the router admitting prompts the workers then reject. A load
+    error that names the flag makes the operator set one length that router and workers share.
+    """
+    max_len = max_model_len or config.max_position_embeddings
+    window = config.sliding_window
+    if window is not None and window < max_len:
+        origin = "max_model_len" if max_model_len else "max_position_embeddings"
+        raise ConfigError(
+            f"{source}: sliding_window {window} is smaller than the served context length {max_len} "
+            f"({origin}); kvrelay has no sliding-window attention, so past {window} tokens it would "
+            f"attend to keys the model never saw; serve with --max-model-len {window} or less"
+        )
+    return max_len
 
 
 def load_config(model_dir: str | Path) -> LlamaConfig:

