@@ -1,8 +1,8 @@
 # The README's two commands: `make serve` and `make test`.
 .PHONY: serve test lint crds dashboards
 
-serve:  ## install (first time) and serve the tiny model disaggregated on this machine
-	@venv=$$(bash hack/setup-venv.sh) && exec "$$venv/bin/kvrelay" serve --model tiny
+serve:  ## install (first time) and serve SmolLM2-135M-Instruct disaggregated on this machine
+	@venv=$$(bash hack/setup-venv.sh) && exec "$$venv/bin/kvrelay" serve --model smollm2
 
 test:   ## install what tests need, lint, run every test tier
 	bash hack/test.sh

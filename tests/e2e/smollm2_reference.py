@@ -43,20 +43,21 @@ CHAT_PROMPTS = [
     "What should I pack for a weekend camping trip?",
 ]
 
-# (question, a word transformers' greedy answer contains): capitals, arithmetic, common facts.
+# (question, a word transformers' greedy answer contains): capitals, arithmetic, common facts. A
+# 135M model gets some questions wrong (Italy's capital, 5 + 7); those are left out, not tuned around.
 FACTUAL_QUESTIONS = [
     ("What is the capital of France?", "Paris"),
     ("What is the capital of Japan?", "Tokyo"),
-    ("What is the capital of Italy?", "Rome"),
     ("What is the capital of Germany?", "Berlin"),
-    ("What is the capital of Spain?", "Madrid"),
+    ("What is the capital of England?", "London"),
+    ("What is the capital of Russia?", "Moscow"),
+    ("What is the capital of China?", "Beijing"),
+    ("What is the capital of Egypt?", "Cairo"),
     ("What is 2 + 2?", "4"),
     ("What is 10 times 3?", "30"),
-    ("How many days are there in a week?", "seven"),
-    ("What color is the sky on a clear day?", "blue"),
-    ("What is the largest planet in our solar system?", "Jupiter"),
-    ("Which animal is known as the king of the jungle?", "lion"),
-    ("What do bees make?", "honey"),
+    ("What is 100 divided by 4?", "25"),
+    ("How many days are there in a week?", "7"),
+    ("What is the chemical symbol for water?", "H2O"),
 ]
 
 
@@ -98,8 +99,10 @@ def hf_logits(model, token_ids: list[int]) -> torch.Tensor:  # type: ignore[no-u
 
 
 @torch.inference_mode()
-def hf_greedy(model, prompt: list[int], max_tokens: int, keep_logits: bool = False) -> Greedy:  # type: ignore[no-untyped-def]
-    """Greedy decoding with transformers' KV cache, never stopping at EOS (like ``ignore_eos``)."""
+def hf_greedy(  # type: ignore[no-untyped-def]
+    model, prompt: list[int], max_tokens: int, keep_logits: bool = False, stop_token: int | None = None
+) -> Greedy:
+    """Greedy decoding with transformers' KV cache; stops at ``stop_token`` only (None: ``ignore_eos``)."""
     out = model(torch.tensor([prompt]), use_cache=True)
     past, logits = out.past_key_values, out.logits[0, -1].float()
     result = Greedy([], [])
@@ -110,7 +113,7 @@ def hf_greedy(model, prompt: list[int], max_tokens: int, keep_logits: bool = Fal
         result.margins.append(float(top.values[0] - top.values[1]))
         if keep_logits:
             result.logits.append(logits)
-        if len(result.tokens) == max_tokens:
+        if len(result.tokens) == max_tokens or token == stop_token:
             break
         out = model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
         past, logits = out.past_key_values, out.logits[0, -1].float()
