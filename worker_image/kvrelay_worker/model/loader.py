@@ -89,6 +89,7 @@ def load_model(
     for name, tensor in state.items():
         state[name] = tensor.to(device=device, dtype=dtype)
     model.load_state_dict(state, strict=False, assign=True)
+    model.fuse_projections()  # assign=True replaced the projections' views of the fused weights
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rotary_emb = RotaryEmbedding(config, max_len).to(device)
