@@ -151,7 +151,7 @@ def build_tokenizer_json(meta: _Metadata) -> tuple[str, dict[str, Any]]:
     merges = [tuple(m.split(" ", 1)) for m in meta.require("tokenizer.ggml.merges")]
     types: list[int] = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    tok.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"), pre_tokenizers)
+    tok.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "(missing)"), pre_tokenizers)
     tok.decoder = decoders.ByteLevel()
     # Control and user-defined tokens are matched whole before BPE (llama.cpp does the same).
     added = [
@@ -187,10 +187,12 @@ def _pre_tokenizer(pre: str, pre_tokenizers: Any) -> Any:
     if pre in ("smollm", "starcoder", "refact"):
         # These split every digit on its own before the GPT-2 regex (llama.cpp: "\p{N}" first).
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    if pre in ("default", "gpt2", "gpt-2"):
+    if pre in ("gpt2", "gpt-2"):
         return byte_level
+    # "default" (or no key) means llama.cpp's converter did not recognise the tokenizer and falls
+    # back to regexes of its own; guessing here would tokenize differently without saying so.
     raise GGUFImportError(
-        f"tokenizer.ggml.pre {pre!r} is not supported (known: smollm, starcoder, refact, gpt2, default)"
+        f"tokenizer.ggml.pre {pre!r} is not supported (known: smollm, starcoder, refact, gpt2)"
     )
 
 
@@ -231,7 +233,7 @@ def convert_gguf(
         raise GGUFImportError(f"{gguf_path}: no such file")
     try:
         reader = GGUFReader(str(gguf_path))
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, IndexError) as exc:  # IndexError: the reader on a truncated file
         raise GGUFImportError(f"{gguf_path}: not a readable GGUF file ({exc})") from exc
     meta = _Metadata(reader, str(gguf_path))
     arch = meta.require("general.architecture")
@@ -250,6 +252,11 @@ def convert_gguf(
     if embd is None:
         raise GGUFImportError(f"{gguf_path}: tensor 'token_embd.weight' is missing")
     config = _config(meta, arch, int(embd.shape[1]), tied="output.weight" not in names)
+    if any(n.startswith("blk.") and n.endswith(".bias") for n in names):
+        config["attention_bias"] = any(
+            n.endswith(("attn_q.bias", "attn_k.bias", "attn_v.bias")) for n in names
+        )
+        config["mlp_bias"] = any(n.endswith(("ffn_gate.bias", "ffn_up.bias", "ffn_down.bias")) for n in names)
     num_heads, num_kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
 
     state: dict[str, np.ndarray] = {}
