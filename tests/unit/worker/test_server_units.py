@@ -1,16 +1,22 @@
-"""Server pieces without sockets: KServe tensor codec, the engine thread's failure path."""
+"""Server pieces without sockets: KServe tensor codec, the engine thread's failure path, the KV bridge."""
 
 from __future__ import annotations
 
 import asyncio
 import struct
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from kvrelay_worker.engine import EngineStats, SamplingParams
+import torch
+from kvrelay_worker.engine import EngineStats, KVTarget, SamplingParams
+from kvrelay_worker.kv import KVMetrics
+from kvrelay_worker.kv.leases import Lease, LeaseTable
 from kvrelay_worker.server.codec import BadRequest, encode_bytes, infer_response, read_inputs, require
-from kvrelay_worker.server.engine_loop import EngineFailed, EngineLoop
+from kvrelay_worker.server.engine_loop import EngineChannel, EngineFailed, EngineLoop
+from kvrelay_worker.server.kv_bridge import KVBridge
 from kvrelay_worker.server.servicer import parse_sampling
+from prometheus_client import CollectorRegistry
 from tritonclient.grpc import service_pb2 as pb
 
 
@@ -83,10 +89,115 @@ async def test_engine_thread_crash_fails_waiting_requests() -> None:
     loop = EngineLoop(_CrashingEngine(), asyncio.get_running_loop())  # type: ignore[arg-type]
     loop.start()
     try:
-        q = loop.subscribe("r")
-        await loop.call(loop.engine.add_decode_request, "r", [1], 2, SamplingParams(), 0.0)
+        q = loop.channel.subscribe("r")
+        await loop.channel.call(loop.engine.add_decode_request, "r", [1], 2, SamplingParams(), 0.0)
         item = await asyncio.wait_for(q.get(), 10)
         assert isinstance(item, EngineFailed) and "device-side assert" in str(item)
         assert not loop.healthy
+    finally:
+        loop.stop()
+
+
+class _IdleEngine:
+    """Engine stand-in for the KV bridge: a real cache tensor; records the bridge's engine calls."""
+
+    def __init__(self) -> None:
+        self.kv_cache = torch.arange(2 * 2 * 8 * 4, dtype=torch.float32).reshape(2, 2, 8, 1, 1, 4)
+        self.calls: list[tuple] = []
+
+    def has_work(self) -> bool:
+        return False
+
+    def stats(self) -> EngineStats:
+        return EngineStats(0, 0, 0, 0.0, 0)
+
+    def remote_kv_done(self, request_id: str, ok: bool) -> None:
+        self.calls.append(("remote_kv_done", request_id, ok))
+
+    def abort(self, request_id: str) -> bool:
+        self.calls.append(("abort", request_id))
+        return True
+
+    def release(self, request_id: str) -> bool:
+        self.calls.append(("release", request_id))
+        return True
+
+
+def _colocated(policy: str, held: list[int] | None):
+    """A colocated bridge over a fake transport whose lease table holds ``held`` (None: no lease)."""
+    registry = CollectorRegistry()
+    transport = SimpleNamespace(
+        agent_name="me", leases=LeaseTable(), metrics=KVMetrics("m", "colocated", registry=registry)
+    )
+    handle = SimpleNamespace(handle_id="h1", holder=SimpleNamespace(agent_name="me"), num_tokens=5)
+    engine = _IdleEngine()
+    if held is not None:
+        transport.leases.add(Lease(handle, held, 0, float("inf"), lambda _ids: engine.release("p")))  # type: ignore[arg-type]
+    bridge = KVBridge(engine, EngineChannel(), transport, role="colocated", failure_policy=policy)  # type: ignore[arg-type]
+    return bridge, engine, handle, registry
+
+
+def _failures(registry: CollectorRegistry, reason: str) -> float | None:
+    return registry.get_sample_value(
+        "kvrelay_kv_transfer_failures_total", {"model": "m", "role": "colocated", "reason": reason}
+    )
+
+
+async def _run_target(bridge: KVBridge, engine: _IdleEngine, handle, target: KVTarget) -> asyncio.Queue:
+    loop = EngineLoop(
+        engine, asyncio.get_running_loop(), on_kv_target=bridge.on_kv_target, channel=bridge.channel
+    )  # type: ignore[arg-type]
+    loop.start()
+    try:
+        q = bridge.channel.subscribe(target.request_id)
+        bridge.expect(target.request_id, handle)
+        loop._deliver([], [target])
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if any(c[0] in ("remote_kv_done", "abort") for c in engine.calls):
+                break
+        return q
+    finally:
+        loop.stop()
+
+
+async def test_colocated_handoff_copies_blocks_and_releases_the_lease() -> None:
+    bridge, engine, handle, registry = _colocated("fail", held=[1, 2])
+    source = engine.kv_cache[:, :, [1, 2]].clone()
+    await _run_target(bridge, engine, handle, KVTarget("d", [5, 6], 5))
+    assert torch.equal(engine.kv_cache[:, :, [5, 6]], source)
+    assert engine.calls == [("release", "p"), ("remote_kv_done", "d", True)]
+    assert len(bridge.transport.leases) == 0 and _failures(registry, "layout_mismatch") is None
+
+
+async def test_colocated_handoff_failure_is_counted_and_ends_the_request_under_fail() -> None:
+    bridge, engine, handle, registry = _colocated("fail", held=[1, 2])
+    before = engine.kv_cache.clone()
+    q = await _run_target(bridge, engine, handle, KVTarget("d", [5, 6, 7], 5))  # 3 blocks for 2 held
+    assert torch.equal(engine.kv_cache, before)  # nothing written
+    item = q.get_nowait()
+    assert isinstance(item, EngineFailed) and "KV transfer failed: layout_mismatch" in str(item)
+    assert ("abort", "d") in engine.calls and ("release", "p") in engine.calls  # lease let go too
+    assert _failures(registry, "layout_mismatch") == 1
+
+
+@pytest.mark.parametrize(("held", "reason"), [(None, "unknown_handle"), ([1, 99], "transfer_error")])
+async def test_colocated_handoff_failure_recomputes_under_recompute(held, reason: str) -> None:
+    bridge, engine, handle, registry = _colocated("recompute", held=held)  # 99: outside the cache
+    await _run_target(bridge, engine, handle, KVTarget("d", [5, 6], 5))
+    assert ("remote_kv_done", "d", False) in engine.calls
+    assert _failures(registry, reason) == 1
+
+
+async def test_kv_target_without_a_handle_recomputes() -> None:
+    bridge, engine, _, _ = _colocated("fail", held=None)
+    loop = EngineLoop(
+        engine, asyncio.get_running_loop(), on_kv_target=bridge.on_kv_target, channel=bridge.channel
+    )  # type: ignore[arg-type]
+    loop.start()
+    try:
+        loop._deliver([], [KVTarget("gone", [1], 5)])  # aborted before its blocks came
+        await bridge.channel.call(lambda: None)  # the recompute call ran before this one
+        assert engine.calls == [("remote_kv_done", "gone", False)]
     finally:
         loop.stop()

@@ -1,6 +1,6 @@
 """The engine: scheduler + model runner + paged KV cache, driven one ``step(now)`` at a time.
 
-Synchronous and single-threaded; the server runs it on its own thread (``threaded.py``).
+Synchronous and single-threaded; the server runs it on its own thread (``server/engine_loop.py``).
 APIs the server and the KV relay use:
 - ``add_request(..., prefill_only=True)``: prefill role; the first token comes back with the block
   ids holding the prompt's KV, kept allocated until ``release``.

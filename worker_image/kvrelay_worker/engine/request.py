@@ -9,19 +9,18 @@ from kvrelay_worker.engine.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.IntEnum):
-    """Ordered: every status from FINISHED_STOPPED on is finished (see ``is_finished``)."""
+    """Ordered: every status from FINISHED_STOPPED on is finished."""
 
     WAITING = 0
-    WAITING_FOR_REMOTE_KV = 1  # decode role: blocks allocated, KV relay is reading into them
+    # decode role: queued for blocks, then the KV relay reads the prompt's KV into them
+    # (``KVTarget``); ``remote_kv_done`` moves it on to WAITING, its prompt computed or not
+    WAITING_FOR_REMOTE_KV = 1
     RUNNING = 2
     PREEMPTED = 3  # blocks taken back; recomputes from scratch when re-admitted
     SENDING_KV = 4  # prefill role: first token out, prompt KV held until the reader releases it
     FINISHED_STOPPED = 5
     FINISHED_LENGTH = 6
     FINISHED_ABORTED = 7
-
-    def is_finished(self) -> bool:
-        return self >= RequestStatus.FINISHED_STOPPED
 
     @property
     def finish_reason(self) -> str | None:

@@ -14,8 +14,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
-PREFILL_MODEL = "kvrelay_prefill"
-DECODE_MODEL = "kvrelay_decode"
+from kvrelay_worker.kserve_models import DECODE_MODEL, PREFILL_MODEL
 
 
 class WorkerFailed(Exception):

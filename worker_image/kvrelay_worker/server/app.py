@@ -7,16 +7,18 @@ import contextlib
 import logging
 import signal
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import grpc
 from prometheus_client import start_http_server
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from kvrelay_worker.engine import Engine, EngineConfig
+from kvrelay_worker.kv import KVLayout, KVMetrics, KVTransport, create_transport
 from kvrelay_worker.metrics import WorkerMetrics
-from kvrelay_worker.server.engine_loop import EngineLoop
+from kvrelay_worker.server.engine_loop import EngineChannel, EngineLoop
+from kvrelay_worker.server.kv_bridge import KVBridge
 from kvrelay_worker.server.servicer import WorkerServicer
 
 log = logging.getLogger(__name__)
@@ -27,7 +29,9 @@ class WorkerOptions(BaseModel):
 
     role: Literal["prefill", "decode", "colocated"]
     model: Path
-    served_model_name: str | None = Field(None, description="default: the model directory's name")
+    served_model_name: str = Field(
+        description="the model's name in the KV layout and metrics; default: the model directory's name"
+    )
     host: str = "127.0.0.1"
     grpc_port: int = 8001
     metrics_port: int = Field(8002, description="0 disables /metrics")
@@ -40,20 +44,21 @@ class WorkerOptions(BaseModel):
     kv_fetch_timeout_s: float = 30.0
     engine: EngineConfig = Field(default_factory=EngineConfig)
 
-    @property
-    def model_name(self) -> str:
-        return self.served_model_name or self.model.resolve().name
+    @model_validator(mode="before")
+    @classmethod
+    def _default_served_model_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("served_model_name") and data.get("model") is not None:
+            data = {**data, "served_model_name": Path(data["model"]).resolve().name}
+        return data
 
 
-def make_transport(opts: WorkerOptions, engine: Engine):
+def make_transport(opts: WorkerOptions, engine: Engine) -> KVTransport | None:
     """The KV relay endpoint over the engine's cache, or None with ``--kv-backend none``."""
     if opts.kv_backend == "none":
         return None
-    from kvrelay_worker.kv import KVLayout, KVMetrics, create_transport
-
     cfg = engine.model.config
     layout = KVLayout(
-        model_id=opts.model_name,
+        model_id=opts.served_model_name,
         num_layers=cfg.num_hidden_layers,
         block_size=engine.config.block_size,
         num_kv_heads=cfg.num_key_value_heads,
@@ -69,7 +74,7 @@ def make_transport(opts: WorkerOptions, engine: Engine):
         port=opts.kv_port,
         advertise_host=opts.kv_advertise_host,
         lease_s=opts.kv_lease_s,
-        metrics=KVMetrics(opts.model_name, opts.role),
+        metrics=KVMetrics(opts.served_model_name, opts.role),
     )
 
 
@@ -77,9 +82,18 @@ async def serve(opts: WorkerOptions, engine: Engine | None = None, stop: asyncio
     """Run until SIGTERM/SIGINT (or ``stop`` is set); prints ``READY grpc=<port>`` once serving."""
     engine = engine or Engine.from_dir(opts.model, opts.engine)
     loop = asyncio.get_running_loop()
-    metrics = WorkerMetrics(opts.model_name, opts.role)
-    engine_loop = EngineLoop(engine, loop, metrics)
+    metrics = WorkerMetrics(opts.served_model_name, opts.role)
     transport = make_transport(opts, engine)
+    channel = EngineChannel()
+    kv = KVBridge(
+        engine,
+        channel,
+        transport,
+        role=opts.role,
+        failure_policy=opts.kv_failure_policy,
+        fetch_timeout_s=opts.kv_fetch_timeout_s,
+    )
+    engine_loop = EngineLoop(engine, loop, metrics, on_kv_target=kv.on_kv_target, channel=channel)
     http = None
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     stop = stop or asyncio.Event()
@@ -89,9 +103,7 @@ async def serve(opts: WorkerOptions, engine: Engine | None = None, stop: asyncio
     try:
         if transport is not None:
             transport.start()
-        servicer = WorkerServicer(
-            opts.role, engine_loop, transport, metrics, opts.kv_failure_policy, opts.kv_fetch_timeout_s
-        )
+        servicer = WorkerServicer(opts.role, engine_loop, kv, metrics)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
         port = server.add_insecure_port(f"{opts.host}:{opts.grpc_port}")
         if opts.metrics_port:

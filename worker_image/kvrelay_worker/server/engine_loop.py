@@ -1,8 +1,9 @@
-"""Runs the engine on its own thread; the asyncio server talks to it through commands and queues.
+"""Runs the engine on its own thread; the asyncio server talks to it through an ``EngineChannel``.
 
 Only the engine thread touches the engine. Calls from the event loop (``call``) or from other
 threads (``call_soon``, e.g. the KV relay's release callback) are queued and run between steps;
-step outputs are handed back to per-request asyncio queues with ``call_soon_threadsafe``.
+step outputs are handed back to per-request asyncio queues with ``call_soon_threadsafe``, and
+the KV targets the engine reports go to the ``on_kv_target`` callback given at construction.
 """
 
 from __future__ import annotations
@@ -26,36 +27,19 @@ class EngineFailed(RuntimeError):
     """Delivered into a request's queue when its request cannot continue (step crash, KV failure)."""
 
 
-class EngineLoop:
-    def __init__(
-        self,
-        engine: Engine,
-        loop: asyncio.AbstractEventLoop,
-        metrics: WorkerMetrics | None = None,
-        on_kv_target: Callable[[KVTarget], None] | None = None,
-    ) -> None:
-        self.engine = engine
-        self.loop = loop
-        self.metrics = metrics
-        self.on_kv_target = on_kv_target
+class EngineChannel:
+    """The asyncio side's line to the engine thread: calls go in, each request's outputs come back.
+
+    Made before the engine loop and the KV bridge, which both use it: the bridge is also the loop's
+    KV-target callback, so neither could be built from the other.
+    """
+
+    def __init__(self) -> None:
         self._commands: queue.SimpleQueue[
             tuple[Callable[..., Any], tuple, concurrent.futures.Future | None]
         ] = queue.SimpleQueue()
         self._subscribers: dict[str, asyncio.Queue[RequestOutput]] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-        self.error: BaseException | None = None  # set when the engine thread died
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._commands.put((lambda: None, (), None))
-        if self._thread.ident is not None:  # start-up may fail before the thread starts
-            self._thread.join(timeout=10)
-
-    # ---- event-loop side ------------------------------------------------------------------------
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` on the engine thread and await its result (exceptions propagate)."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
@@ -80,22 +64,64 @@ class EngineLoop:
         if q is not None:
             q.put_nowait(EngineFailed(message))  # type: ignore[arg-type]
 
-    def _fail_all(self, message: str) -> None:
+    def fail_all(self, message: str) -> None:
         for q in self._subscribers.values():
             q.put_nowait(EngineFailed(message))  # type: ignore[arg-type]
+
+    def deliver(self, outputs: list[RequestOutput]) -> None:
+        """Event-loop side: hand each output to its request's queue."""
+        for out in outputs:
+            q = self._subscribers.get(out.request_id)
+            if q is not None:
+                q.put_nowait(out)
+
+    def next_command(
+        self, timeout: float | None
+    ) -> tuple[Callable[..., Any], tuple, concurrent.futures.Future | None] | None:
+        """Engine thread: the next queued call, waiting up to ``timeout`` (None: don't wait)."""
+        try:
+            return self._commands.get(timeout=timeout) if timeout is not None else self._commands.get_nowait()
+        except queue.Empty:
+            return None
+
+
+class EngineLoop:
+    def __init__(
+        self,
+        engine: Engine,
+        loop: asyncio.AbstractEventLoop,
+        metrics: WorkerMetrics | None = None,
+        on_kv_target: Callable[[KVTarget], None] | None = None,
+        channel: EngineChannel | None = None,
+    ) -> None:
+        self.engine = engine
+        self.loop = loop
+        self.metrics = metrics
+        self._on_kv_target = on_kv_target  # event-loop thread, once per KVTarget the engine reports
+        self.channel = channel or EngineChannel()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self.error: BaseException | None = None  # set when the engine thread died
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.channel.call_soon(lambda: None)
+        if self._thread.ident is not None:  # start-up may fail before the thread starts
+            self._thread.join(timeout=10)
 
     @property
     def healthy(self) -> bool:
         return self.error is None and self._thread.is_alive()
 
+    # ---- event-loop side ------------------------------------------------------------------------
     def _deliver(self, outputs: list[RequestOutput], targets: list[KVTarget]) -> None:
-        for out in outputs:
-            q = self._subscribers.get(out.request_id)
-            if q is not None:
-                q.put_nowait(out)
-        for target in targets:
-            if self.on_kv_target is not None:
-                self.on_kv_target(target)
+        self.channel.deliver(outputs)
+        if self._on_kv_target is not None:
+            for target in targets:
+                self._on_kv_target(target)
 
     # ---- engine thread ----------------------------------------------------------------------------
     def _run(self) -> None:
@@ -104,7 +130,7 @@ class EngineLoop:
         except BaseException as exc:  # a dead engine must not leave clients waiting forever
             log.exception("engine thread died")
             self.error = exc
-            self.loop.call_soon_threadsafe(self._fail_all, f"engine failed: {exc!r}")
+            self.loop.call_soon_threadsafe(self.channel.fail_all, f"engine failed: {exc!r}")
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -118,16 +144,14 @@ class EngineLoop:
             result = self.engine.step(time.monotonic())
             if self.metrics is not None:
                 self.metrics.generation_tokens.inc(sum(len(o.new_token_ids) for o in result.outputs))
+            # Gauges first: a client that has its last token and then scrapes /metrics sees this step.
+            self._publish_stats()
             if result.outputs or result.kv_targets:
                 self.loop.call_soon_threadsafe(self._deliver, result.outputs, result.kv_targets)
-            self._publish_stats()
 
     def _drain(self, block: bool) -> None:
-        try:
-            item = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
-        except queue.Empty:
-            return
-        while True:
+        item = self.channel.next_command(0.5 if block else None)
+        while item is not None:
             fn, args, fut = item
             try:
                 value = fn(*args)
@@ -138,10 +162,7 @@ class EngineLoop:
                     fut.set_exception(exc)
                 else:
                     log.exception("engine command %s failed", getattr(fn, "__name__", fn))
-            try:
-                item = self._commands.get_nowait()
-            except queue.Empty:
-                return
+            item = self.channel.next_command(None)
 
     def _publish_stats(self) -> None:
         if self.metrics is None:

@@ -1,35 +1,34 @@
-"""KServe v2 (Triton) gRPC servicer for the prefill, decode and colocated roles (contract section 3)."""
+"""KServe v2 (Triton) gRPC servicer for the prefill, decode and colocated roles (contract section 3).
+
+Protocol only: decode the request, call the engine (through the engine loop's channel), encode
+the answer. What happens to a request's KV cache between the roles is the ``KVBridge``'s.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-import json
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Any
 
 import grpc
-import torch
 from pydantic import ValidationError
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from kvrelay_worker.engine import Engine, KVTarget, RequestOutput, RequestRefused, SamplingParams
+from kvrelay_worker.engine import Engine, RequestOutput, RequestRefused, SamplingParams
+from kvrelay_worker.kserve_models import DECODE_MODEL, PREFILL_MODEL
 from kvrelay_worker.metrics import WorkerMetrics
 from kvrelay_worker.server.codec import BadRequest, infer_response, read_inputs, require, stream_error
 from kvrelay_worker.server.engine_loop import EngineFailed, EngineLoop
+from kvrelay_worker.server.kv_bridge import KVBridge, Role
 
 log = logging.getLogger(__name__)
 
-PREFILL_MODEL = "kvrelay_prefill"
-DECODE_MODEL = "kvrelay_decode"
-Role = Literal["prefill", "decode", "colocated"]
-FailurePolicy = Literal["recompute", "fail"]
 STREAM_QUEUE_SIZE = 64  # bounded: a slow reader applies backpressure instead of growing latency
 
 _TENSOR = pb.ModelMetadataResponse.TensorMetadata
@@ -65,40 +64,38 @@ def parse_sampling(raw: list[bytes]) -> SamplingParams:
 
 
 class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """``kv`` is None only for a worker that relays no KV (decode requests then need an empty handle)."""
+
     def __init__(
         self,
         role: Role,
         engine_loop: EngineLoop,
-        transport: Any = None,
+        kv: KVBridge | None = None,
         metrics: WorkerMetrics | None = None,
-        failure_policy: FailurePolicy = "recompute",
-        fetch_timeout_s: float = 30.0,
     ) -> None:
         self.role = role
-        self.models = models_for_role(role)
-        self.loop_ = engine_loop
+        self.kserve_models = models_for_role(role)  # KServe model names, not the served model's name
+        self.engine_loop = engine_loop
         self.engine: Engine = engine_loop.engine
-        self.transport = transport
+        self.channel = engine_loop.channel
+        self.kv = kv
         self.metrics = metrics
-        self.failure_policy = failure_policy
-        self.fetch_timeout_s = fetch_timeout_s
         self.ready = False
-        self._pending_fetch: dict[str, Any] = {}  # request id -> KVHandle awaiting its KVTarget
-        self._tasks: set[asyncio.Task] = set()
-        engine_loop.on_kv_target = self._on_kv_target
 
     # ---- health and metadata -----------------------------------------------------------------------
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self.ready and self.loop_.healthy)
+        return pb.ServerReadyResponse(ready=self.ready and self.engine_loop.healthy)
 
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name=f"kvrelay-worker-{self.role}", version="0.1.0", extensions=[])
 
     async def ModelReady(self, request, context):
-        return pb.ModelReadyResponse(ready=self.ready and self.loop_.healthy and request.name in self.models)
+        return pb.ModelReadyResponse(
+            ready=self.ready and self.engine_loop.healthy and request.name in self.kserve_models
+        )
 
     async def ModelMetadata(self, request, context):
         name = await self._model_or_abort(request.name, context)
@@ -121,16 +118,16 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelConfigResponse(config=cfg)
 
     async def _model_or_abort(self, name: str, context) -> str:
-        if name not in self.models:
+        if name not in self.kserve_models:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
-                f"model {name!r} not served by this {self.role} worker ({self.models})",
+                f"model {name!r} not served by this {self.role} worker ({self.kserve_models})",
             )
         return name
 
     # ---- inference ----------------------------------------------------------------------------------
     async def ModelInfer(self, request, context):
-        if request.model_name == DECODE_MODEL and DECODE_MODEL in self.models:
+        if request.model_name == DECODE_MODEL and DECODE_MODEL in self.kserve_models:
             await context.abort(
                 grpc.StatusCode.UNIMPLEMENTED,
                 "ModelInfer RPC doesn't support models with decoupled transaction policy; "
@@ -149,7 +146,7 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def one(req: pb.ModelInferRequest) -> None:
             try:
-                if req.model_name not in self.models:
+                if req.model_name not in self.kserve_models:
                     raise BadRequest(f"model {req.model_name!r} not served by this {self.role} worker")
                 if req.model_name == PREFILL_MODEL:
                     resp = await self._prefill(req)
@@ -190,18 +187,18 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
         input_ids = require(inputs, "input_ids", "INT64").tolist()
         params = parse_sampling(require(inputs, "sampling", "BYTES", 1))
         rid = uuid.uuid4().hex
-        queue = self.loop_.subscribe(rid)
+        queue = self.channel.subscribe(rid)
         try:
-            await self.loop_.call(self.engine.add_request, rid, input_ids, params, time.monotonic(), True)
+            await self.channel.call(self.engine.add_request, rid, input_ids, params, time.monotonic(), True)
             self._count_prompt(len(input_ids))
             out = await queue.get()
             if isinstance(out, EngineFailed):
                 raise BadRequest(str(out))
         except asyncio.CancelledError:
-            self.loop_.call_soon(self._abort_or_release, rid)
+            self.channel.call_soon(self._abort_or_release, rid)
             raise
         finally:
-            self.loop_.unsubscribe(rid)
+            self.channel.unsubscribe(rid)
         self._observe_first(out)
         token = out.new_token_ids[0]
         if out.finished:
@@ -210,16 +207,10 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
                 {"token_id": [token]},
                 {"kv_handle": [b""], "finish_reason": [out.finish_reason.encode()]},
             )
-        try:
-            handle = self.transport.publish(
-                rid,
-                out.kv_block_ids,
-                out.num_prompt_tokens,
-                on_release=lambda _ids, rid=rid: self.loop_.call_soon(self.engine.release, rid),
-            )
-        except Exception:
-            self.loop_.call_soon(self.engine.release, rid)
-            raise
+        if self.kv is None:
+            self.channel.call_soon(self.engine.release, rid)
+            raise BadRequest("this worker relays no KV cache")
+        handle = self.kv.publish(rid, out)
         return infer_response(
             req, {"token_id": [token]}, {"kv_handle": [handle.to_json()], "finish_reason": [b""]}
         )
@@ -241,27 +232,29 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             "triton_enable_empty_final_response" in req.parameters
             and req.parameters["triton_enable_empty_final_response"].bool_param
         )
-        handle = self._parse_handle(raw_handle) if raw_handle else None
+        if raw_handle and self.kv is None:
+            raise BadRequest("this worker relays no KV cache: send an empty kv_handle to recompute")
+        handle = self.kv.parse_handle(raw_handle) if raw_handle and self.kv is not None else None
         stop_ids = set(params.stop_token_ids) | (
             set() if params.ignore_eos else self.engine.scheduler.eos_token_ids
         )
         if params.max_tokens <= 1 or first in stop_ids:
             # Nothing left to generate: the prefill's first token already ended the request.
-            if handle is not None and self.transport is not None:
-                self.loop_.call_soon(self._drop_local_lease, handle)
+            if handle is not None and self.kv is not None:
+                self.kv.drop(handle)
             reason = "stop" if first in stop_ids else "length"
             await emit(
                 infer_response(req, {}, params={"triton_final_response": True, "finish_reason": reason})
             )
             return
         rid = uuid.uuid4().hex
-        queue = self.loop_.subscribe(rid)
+        queue = self.channel.subscribe(rid)
         try:
             now = time.monotonic()
-            if handle is not None:
-                self._pending_fetch[rid] = handle
+            if handle is not None and self.kv is not None:
+                self.kv.expect(rid, handle)
             add = functools.partial(self.engine.add_decode_request, remote_kv=handle is not None)
-            await self.loop_.call(add, rid, input_ids, first, params, now)
+            await self.channel.call(add, rid, input_ids, first, params, now)
             self._count_prompt(len(input_ids))
             first_output = True
             while True:
@@ -289,73 +282,12 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
                         )
                     return
         except BaseException:
-            self._pending_fetch.pop(rid, None)
-            self.loop_.call_soon(self.engine.abort, rid)
+            if self.kv is not None:
+                self.kv.forget(rid)
+            self.channel.call_soon(self.engine.abort, rid)
             raise
         finally:
-            self.loop_.unsubscribe(rid)
-
-    def _parse_handle(self, raw: bytes) -> Any:
-        from kvrelay_worker.kv import KVHandle
-
-        try:
-            return KVHandle.from_json(raw)
-        except ValidationError as exc:
-            raise BadRequest(f"kv_handle is not a valid KVHandle JSON: {exc.errors()[0]['msg']}") from None
-
-    def _on_kv_target(self, target: KVTarget) -> None:
-        """The engine allocated blocks for a remote-KV request: fetch into them (event-loop thread)."""
-        handle = self._pending_fetch.pop(target.request_id, None)
-        if handle is None:
-            self.loop_.call_soon(self.engine.remote_kv_done, target.request_id, False)
-            return
-        if self.role == "colocated" and handle.holder.agent_name == getattr(
-            self.transport, "agent_name", None
-        ):
-            self.loop_.call_soon(self._local_handoff, handle, target)
-            return
-        task = asyncio.create_task(self._fetch(handle, target))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _fetch(self, handle: Any, target: KVTarget) -> None:
-        from kvrelay_worker.kv import KVTransferError
-
-        ok = False
-        try:
-            if self.transport is None:
-                raise KVTransferError("no_transport", "this worker has no KV transport")
-            if handle.num_tokens != target.num_tokens:
-                raise KVTransferError(
-                    "bad_handle", f"handle holds {handle.num_tokens} tokens, prompt has {target.num_tokens}"
-                )
-            await self.transport.fetch(handle, target.block_ids, self.fetch_timeout_s)
-            ok = True
-        except KVTransferError as exc:
-            log.warning("KV fetch for %s failed (%s), policy %s", target.request_id, exc, self.failure_policy)
-            if self.failure_policy == "fail":
-                self.loop_.fail(target.request_id, f"KV transfer failed: {exc}")
-                self.loop_.call_soon(self.engine.abort, target.request_id)
-                return
-        self.loop_.call_soon(self.engine.remote_kv_done, target.request_id, ok)
-
-    def _local_handoff(self, handle: Any, target: KVTarget) -> None:
-        """Colocated role (engine thread): copy the held blocks locally instead of transferring them."""
-        leases = self.transport.leases
-        ok = False
-        with contextlib.suppress(Exception):
-            lease = leases.claim(handle.handle_id, 0, 1, time.time(), time.time() + 30)
-            src = torch.tensor(lease.block_ids, device=self.engine.kv_cache.device)
-            dst = torch.tensor(target.block_ids, device=self.engine.kv_cache.device)
-            if len(src) == len(dst):
-                self.engine.kv_cache[:, :, dst] = self.engine.kv_cache[:, :, src]
-                ok = True
-            leases.reader_done(handle.handle_id, 0)
-        self.engine.remote_kv_done(target.request_id, ok)
-
-    def _drop_local_lease(self, handle: Any) -> None:
-        if self.role == "colocated" and handle.handle_id in self.transport.leases:
-            self.transport.leases.reader_done(handle.handle_id, 0)
+            self.channel.unsubscribe(rid)
 
     # ---- metrics -----------------------------------------------------------------------------------------
     def _count_prompt(self, n: int) -> None:
@@ -370,7 +302,3 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._observe_queue(out)
         if self.metrics is not None and out.first_scheduled_time is not None:
             self.metrics.prefill_seconds.observe(max(time.monotonic() - out.first_scheduled_time, 0.0))
-
-
-def sampling_json(**kwargs: Any) -> bytes:
-    return json.dumps(kwargs).encode()
