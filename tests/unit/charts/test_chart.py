@@ -150,7 +150,6 @@ def _grants(rules: list[dict]) -> set[tuple[str, str, str]]:
 
 # apiVersion group and resource of each kind the operator writes (children of a DisaggregatedModel).
 KIND_TO_RESOURCE = {
-    "ConfigMap": ("", "configmaps"),
     "Service": ("", "services"),
     "ServiceAccount": ("", "serviceaccounts"),
     "Deployment": ("apps", "deployments"),
@@ -180,7 +179,7 @@ def test_rbac_covers_every_child_the_operator_writes(render: Render) -> None:
     (cluster_role,) = by_kind(render(), "ClusterRole")
     grants = _grants(cluster_role["rules"])
     kinds = operator_child_kinds()
-    assert {"Deployment", "Service", "ConfigMap", "PodMonitor"} <= kinds
+    assert {"Deployment", "Service", "PodMonitor"} <= kinds
     for kind in sorted(kinds):
         assert kind in KIND_TO_RESOURCE, f"operator now writes {kind}: add it to the chart's ClusterRole"
         group, resource = KIND_TO_RESOURCE[kind]

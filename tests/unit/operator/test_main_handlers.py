@@ -1,4 +1,4 @@
-"""main.py command line and the pure helpers of handlers.py (no cluster)."""
+"""main.py command line and handler loading, and handlers.py settings (no cluster)."""
 
 from __future__ import annotations
 
@@ -17,28 +17,26 @@ def test_parser_scopes_and_defaults() -> None:
         main.build_parser().parse_args(["-A", "-n", "x"])
 
 
-def test_load_handlers_registers_the_autoscaler_timer_when_present() -> None:
+def test_load_handlers_registers_the_handlers_and_the_autoscaler_timer() -> None:
     main.load_handlers()
     assert "kvrelay_operator.handlers" in sys.modules
     assert "kvrelay_operator.autoscaler.kopf_timer" in sys.modules
 
 
-def test_hash_changes_with_content_and_fingerprint_with_replicas() -> None:
-    deployment = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": "d"},
-        "spec": {"replicas": 1},
-    }
-    a = handlers._with_hash(deployment)
-    b = handlers._with_hash({**deployment, "spec": {"replicas": 2}})
-    assert (
-        a["metadata"]["annotations"][handlers.HASH_ANNOTATION]
-        != b["metadata"]["annotations"][handlers.HASH_ANNOTATION]
-    )
-    assert handlers._with_hash(deployment) == a  # deterministic
-    assert handlers._fingerprint(a).endswith("/1") and handlers._fingerprint(b).endswith("/2")
-    assert "annotations" not in deployment["metadata"]  # the input is not mutated
+def test_an_autoscaler_that_cannot_import_stops_the_operator(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # None in sys.modules makes `import` raise ImportError, as a missing dependency would.
+    monkeypatch.setitem(sys.modules, "kvrelay_operator.autoscaler.kopf_timer", None)
+    with pytest.raises(SystemExit) as exited:
+        main.load_handlers()
+    assert exited.value.code not in (0, None)  # a message: printed to stderr, exit status 1
+    assert "kvrelay_operator.autoscaler.kopf_timer" in str(exited.value.code)
+    assert any(r.levelname == "CRITICAL" for r in caplog.records)
+    # The console script fails before it serves anything (metrics, Lease, kopf).
+    with pytest.raises(SystemExit) as exited:
+        main.main(["--no-leader-elect", "--metrics-port", "0"])
+    assert exited.value.code not in (0, None)
 
 
 def test_operator_config_from_env(monkeypatch: pytest.MonkeyPatch) -> None:

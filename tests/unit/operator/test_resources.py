@@ -8,7 +8,7 @@ import re
 from typing import Any
 
 import pytest
-from kvrelay_operator import api, resources
+from kvrelay_operator import api, replicas, resources
 from kvrelay_operator.resources import RenderContext
 
 CTX = RenderContext(name="m", namespace="ns", uid="uid-1", default_image="reg/kvrelay:1")
@@ -38,8 +38,7 @@ def pod(children: list[dict[str, Any]], role: str) -> dict[str, Any]:
 def test_children_set_owners_and_labels() -> None:
     children = render(spec())
     assert sorted(by_kind_name(children)) == sorted(
-        [("ConfigMap", "m-model")]
-        + [(k, f"m-{r}") for r in ("prefill", "decode", "router") for k in ("Deployment", "Service")]
+        [(k, f"m-{r}") for r in ("prefill", "decode", "router") for k in ("Deployment", "Service")]
         + [("PodDisruptionBudget", f"m-{r}") for r in ("prefill", "decode", "router")]
         + [("ServiceAccount", "m-router"), ("Role", "m-router"), ("RoleBinding", "m-router")]
     )
@@ -268,13 +267,17 @@ def test_image_default_and_override() -> None:
 
 
 def test_config_change_rolls_pods_but_replicas_do_not() -> None:
-    def config_hash(s: api.DisaggregatedModelSpec) -> str:
-        d = by_kind_name(render(s))[("Deployment", "m-decode")]
+    def config_hash(s: api.DisaggregatedModelSpec, role: str = "decode") -> str:
+        d = by_kind_name(render(s))[("Deployment", f"m-{role}")]
         return d["spec"]["template"]["metadata"]["annotations"]["kvrelay.dev/config-hash"]
 
     base = config_hash(spec())
     assert config_hash(spec(model={"source": "org/model", "maxModelLen": 8192})) != base
     assert config_hash(spec(decode={"replicas": 3})) == base
+    # One model config for every role: a decode batch limit rolls the router too.
+    assert config_hash(spec(decode={"maxRunningSequences": 7}), "router") != config_hash(spec(), "router")
+    # The settings reach pods as flags; no ConfigMap child carries them (none was ever mounted).
+    assert not [c for c in render(spec()) if c["kind"] == "ConfigMap"]
 
 
 @pytest.mark.parametrize(
@@ -284,7 +287,7 @@ def test_config_change_rolls_pods_but_replicas_do_not() -> None:
 def test_target_replicas(mode: str, desired: int | None, expected: int) -> None:
     s = spec(decode={"replicas": 2, "minReplicas": 1, "maxReplicas": 8}, autoscaling={"mode": mode})
     status = api.DisaggregatedModelStatus(decode=api.RoleStatus(desired_replicas=desired))
-    assert resources.target_replicas(s, status, "decode") == expected
+    assert replicas.target_replicas(s, status, "decode") == expected
     d = by_kind_name(render(s, status))[("Deployment", "m-decode")]
     assert d["spec"]["replicas"] == expected
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvrelay_operator import api
-from kvrelay_operator.status import DeploymentState, compute_status, set_condition, status_patch
+from kvrelay_operator.status import DeploymentState, compute_status, set_condition, status_merge_patch
 
 NOW, LATER = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
 ENDPOINT = "http://m-router.ns.svc:8000/v1"
@@ -123,11 +123,11 @@ def test_patch_holds_only_changes() -> None:
         autoscaler=api.AutoscalerStatus(reason="x"),
     )
     new = old.model_copy(deep=True)
-    assert status_patch(old, new) == {}
+    assert status_merge_patch(old, new) == {}
     new.decode = api.RoleStatus(replicas=1, ready_replicas=1, desired_replicas=5)
     new.observed_generation = 2
     # desiredReplicas unchanged -> not re-sent, so a newer autoscaler write cannot be clobbered.
-    assert status_patch(old, new) == {"observedGeneration": 2, "decode": {"readyReplicas": 1}}
+    assert status_merge_patch(old, new) == {"observedGeneration": 2, "decode": {"readyReplicas": 1}}
 
 
 def test_state_from_deployment_body() -> None:

@@ -1,0 +1,111 @@
+"""apply.py: which children are sent, from what the operator applied or finds live (no cluster).
+
+A recording stand-in for KubeClient plays the API server: it keeps the objects applied to it and
+answers labelled LISTs from them, as server-side apply and LIST would.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+import pytest
+from kubernetes.client.exceptions import ApiException
+from kvrelay_operator import apply, resources
+
+
+class RecordingKube:
+    """Objects by (namespace, Kind/name); every call counted by verb."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.requests: Counter[str] = Counter()
+        self.fail_with: ApiException | None = None
+
+    def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        self.requests["PATCH"] += 1
+        if self.fail_with is not None:
+            raise self.fail_with
+        key = (manifest["metadata"]["namespace"], apply.child_key(manifest))
+        self.objects[key] = json.loads(json.dumps(manifest))
+        return self.objects[key]
+
+    def list(self, api_version: str, kind: str, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        self.requests["GET"] += 1
+        name, _, value = label_selector.partition("=")
+        return [
+            {k: v for k, v in o.items() if k != "kind"}  # the API's list items carry no kind
+            for (ns, _), o in self.objects.items()
+            if ns == namespace and o["kind"] == kind and o["metadata"]["labels"].get(name) == value
+        ]
+
+
+def children(name: str, replicas: int = 1, image: str = "img:1") -> list[dict[str, Any]]:
+    labels = resources.labels(name, "decode")
+    meta = {"name": f"{name}-decode", "namespace": "ns", "labels": labels}
+    return [
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta,
+         "spec": {"replicas": replicas, "template": {"spec": {"image": image}}}},
+        {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": {"clusterIP": "None"}},
+    ]  # fmt: skip
+
+
+def test_hash_changes_with_content_and_fingerprint_with_replicas() -> None:
+    deployment = children("m")[0]
+    a = apply.with_hash(deployment)
+    b = apply.with_hash({**deployment, "spec": {"replicas": 2}})
+    assert (
+        a["metadata"]["annotations"][apply.HASH_ANNOTATION]
+        != b["metadata"]["annotations"][apply.HASH_ANNOTATION]
+    )
+    assert apply.with_hash(deployment) == a  # deterministic
+    assert apply.fingerprint(a).endswith("/1") and apply.fingerprint(b).endswith("/2")
+    assert "annotations" not in deployment["metadata"]  # the input is not mutated
+
+
+def test_unchanged_children_are_not_sent_again() -> None:
+    kube = RecordingKube()
+    applier = apply.ChildApplier(kube)  # type: ignore[arg-type]
+    assert set(applier.apply_changed("ns", "m", children("m"), fresh=True)) == {
+        "Deployment/m-decode", "Service/m-decode",
+    }  # fmt: skip
+    assert applier.apply_changed("ns", "m", children("m")) == {}
+    assert set(applier.apply_changed("ns", "m", children("m", image="img:2"))) == {"Deployment/m-decode"}
+    assert kube.requests == {"PATCH": 3}  # nothing listed: the operator applied them itself
+
+
+def test_after_a_restart_live_children_answer_and_one_list_per_kind_serves_all_models() -> None:
+    kube = RecordingKube()
+    before = apply.ChildApplier(kube)  # type: ignore[arg-type]
+    for name in ("a", "b", "c"):
+        before.apply_changed("ns", name, children(name), fresh=True)
+    kube.objects[("ns", "Deployment/b-decode")]["spec"]["replicas"] = 5  # kubectl scale while away
+    kube.requests.clear()
+
+    now = [0.0]
+    after = apply.ChildApplier(kube, clock=lambda: now[0])  # type: ignore[arg-type]
+    changed = {name: set(after.apply_changed("ns", name, children(name))) for name in ("a", "b", "c")}
+    assert changed == {"a": set(), "b": {"Deployment/b-decode"}, "c": set()}
+    assert kube.requests == {"GET": 2, "PATCH": 1}  # Deployments + Services, once for three models
+
+    now[0] += apply.LIVE_CACHE_SECONDS + 1
+    after.apply_changed("ns", "d", children("d"))  # a later resume re-reads
+    assert kube.requests["GET"] == 4
+
+
+@pytest.mark.parametrize(("status", "refused"), [(422, True), (400, True), (500, False), (409, False)])
+def test_api_errors_are_classified_and_forget_what_was_applied(status: int, refused: bool) -> None:
+    kube = RecordingKube()
+    applier = apply.ChildApplier(kube)  # type: ignore[arg-type]
+    applier.apply_changed("ns", "m", children("m"), fresh=True)
+    kube.fail_with = ApiException(status=status, reason="Nope")
+    kube.fail_with.body = json.dumps({"kind": "Status", "message": "env A=B is invalid"})
+    with pytest.raises(apply.ApplyError) as raised:
+        applier.apply_changed("ns", "m", children("m", replicas=2))
+    assert raised.value.refused is refused and raised.value.detail == "env A=B is invalid"
+    kube.fail_with = None
+    kube.requests.clear()
+    # Forgotten: the next attempt compares against the live children again.
+    assert set(applier.apply_changed("ns", "m", children("m", replicas=2))) == {"Deployment/m-decode"}
+    assert kube.requests == {"GET": 2, "PATCH": 1}
