@@ -26,9 +26,9 @@ import kopf
 from prometheus_client import Counter, Gauge
 from pydantic import ValidationError
 
-from kvrelay_operator import api, resources
+from kvrelay_operator import api, replicas
 from kvrelay_operator.autoscaler.decision_log import DecisionLog
-from kvrelay_operator.autoscaler.policy import decide, reason_code
+from kvrelay_operator.autoscaler.policy import decide
 from kvrelay_operator.autoscaler.prometheus import PrometheusReader, QuerySpec
 from kvrelay_operator.autoscaler.types import (
     ROLES,
@@ -116,12 +116,12 @@ def role_replicas(
 ) -> RoleReplicas:
     """Current = what the reconciler applies now; ready = ready pods it reported."""
     role_status: api.RoleStatus | None = getattr(status, role)
-    current = resources.target_replicas(spec, status, role)  # type: ignore[arg-type]
+    current = replicas.target_replicas(spec, status, role)  # type: ignore[arg-type]
     ready = role_status.ready_replicas if role_status is not None else 0
     return RoleReplicas(current=current, ready=min(ready, current))
 
 
-def status_patch(decision: Decision, mode: str, when: str, note: str = "") -> dict[str, Any]:
+def decision_status_patch(decision: Decision, mode: str, when: str, note: str = "") -> dict[str, Any]:
     """The status merge patch: the decision always, desiredReplicas only in mode auto."""
     reason = decision.reason + (f" ({note})" if note else "")
     patch: dict[str, Any] = {
@@ -137,6 +137,11 @@ def status_patch(decision: Decision, mode: str, when: str, note: str = "") -> di
         for role in ROLES:
             patch[role] = {"desiredReplicas": decision.role(role).replicas}
     return patch
+
+
+def decision_labels(model: str, decision: Decision) -> list[tuple[str, str, str, str]]:
+    """decisions_total's (model, role, direction, reason) per role: the reason is the ReasonCode."""
+    return [(model, role, decision.role(role).direction, decision.role(role).code.value) for role in ROLES]
 
 
 def event_message(decision: Decision, mode: str) -> str:
@@ -224,13 +229,13 @@ async def autoscale(
     DECISION_LOG.record(f"{namespace}/{name}", snapshot, decision)
 
     when = datetime.datetime.fromtimestamp(now, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    for key, value in status_patch(decision, mode, when, note).items():
+    for key, value in decision_status_patch(decision, mode, when, note).items():
         patch.status[key] = value
     model = served_model(parsed, name)
     for role in ROLES:
-        role_decision = decision.role(role)
-        DESIRED_REPLICAS.labels(model, role).set(role_decision.replicas)
-        DECISIONS.labels(model, role, role_decision.direction, reason_code(role_decision.reason)).inc()
+        DESIRED_REPLICAS.labels(model, role).set(decision.role(role).replicas)
+    for labels in decision_labels(model, decision):
+        DECISIONS.labels(*labels).inc()
 
     changed = any(decision.role(role).direction != "none" for role in ROLES)
     if changed or decision.hold != runtime.last_hold:

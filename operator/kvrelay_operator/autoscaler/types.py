@@ -5,6 +5,7 @@ Everything is a pydantic model so it round-trips through JSON (CR status, decisi
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -213,6 +214,41 @@ class PolicyState(_Frozen):
         return self.prefill if role == "prefill" else self.decode
 
 
+class ReasonCode(StrEnum):
+    """Why a role has the replicas it has, in few words: the `reason` label of decisions_total.
+
+    The phase that had the last word sets it (stabilise, then bounds); `RoleDecision.reason` says
+    the same for humans, with the numbers. Alerts match the bound codes (`limitedReasonRegex` in
+    the chart's values), so a value never changes.
+    """
+
+    NO_METRICS = "no_metrics"  # metrics missing or stale: hold what runs
+    LOAD = "load"  # up or down to what the load needs
+    STEADY = "steady"  # what runs is what the load needs
+    SLO_VIOLATION = "slo_violation"  # an SLO miss adds a replica or holds scale-down
+    REPLICAS_LOADING = "replicas_loading"  # scale-down waits for replicas still starting
+    COOLDOWN = "cooldown"  # a cooldown, step interval or rising demand holds the change
+    REPLICA_BOUNDS = "replica_bounds"  # clamped to the role's min/max replicas
+    RATIO_BOUND = "ratio_bound"  # moved by the prefill:decode ratio bounds
+    GPU_BUDGET = "gpu_budget"  # cut to fit the GPU budget
+
+
+# Codes that say a bound cut or moved what stabilise proposed (the chart's alert matches these).
+BOUND_CODES = frozenset({ReasonCode.REPLICA_BOUNDS, ReasonCode.RATIO_BOUND, ReasonCode.GPU_BUDGET})
+
+
+class Proposal(_Frozen):
+    """One role's replicas and why, between phases: what stabilise proposes and bounds may move."""
+
+    replicas: int = Field(ge=0)
+    reason: str
+    code: ReasonCode
+
+    def moved(self, replicas: int, note: str, code: ReasonCode) -> Proposal:
+        """The same proposal moved by a bound: the bound's note appended, its code taking over."""
+        return Proposal(replicas=replicas, reason=f"{self.reason}, {note}", code=code)
+
+
 class RoleDecision(_Frozen):
     """The outcome for one role."""
 
@@ -220,7 +256,8 @@ class RoleDecision(_Frozen):
     previous: int
     needed: int = Field(description="Replicas the load calls for before bounds, caps and cooldowns.")
     direction: Direction
-    reason: str
+    reason: str = Field(description="Why, for humans: the phase's words and numbers.")
+    code: ReasonCode = Field(description="Why, as a metric label: the same reason in one code.")
 
 
 class Decision(_Frozen):

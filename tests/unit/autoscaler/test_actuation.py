@@ -96,7 +96,7 @@ def _decision(hold: bool = False) -> Decision:
 
 def test_status_patch_auto_writes_desired_replicas_advisory_does_not() -> None:
     decision = _decision()
-    auto = kopf_timer.status_patch(decision, "auto", "2026-01-01T00:00:00Z")
+    auto = kopf_timer.decision_status_patch(decision, "auto", "2026-01-01T00:00:00Z")
     assert auto["prefill"] == {"desiredReplicas": decision.prefill.replicas}
     assert auto["decode"] == {"desiredReplicas": decision.decode.replicas}
     assert auto["autoscaler"]["lastDecisionTime"] == "2026-01-01T00:00:00Z"
@@ -104,14 +104,14 @@ def test_status_patch_auto_writes_desired_replicas_advisory_does_not() -> None:
     assert auto["autoscaler"]["inputs"]["prefill_demand_tokens_per_second"] == pytest.approx(50_000)
     # The patch must fit the CRD's status schema.
     api.AutoscalerStatus.model_validate(auto["autoscaler"])
-    advisory = kopf_timer.status_patch(decision, "advisory", "2026-01-01T00:00:00Z")
+    advisory = kopf_timer.decision_status_patch(decision, "advisory", "2026-01-01T00:00:00Z")
     assert set(advisory) == {"autoscaler"}
     assert advisory["autoscaler"]["prefillReplicas"] == decision.prefill.replicas
 
 
 def test_hold_never_writes_desired_replicas() -> None:
     decision = _decision(hold=True)
-    patch = kopf_timer.status_patch(decision, "auto", "t", note="Prometheus query failed: boom")
+    patch = kopf_timer.decision_status_patch(decision, "auto", "t", note="Prometheus query failed: boom")
     assert set(patch) == {"autoscaler"}
     assert patch["autoscaler"]["reason"] == "hold: no metrics (Prometheus query failed: boom)"
 

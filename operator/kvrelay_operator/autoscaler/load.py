@@ -1,0 +1,224 @@
+"""The demand phase: what the pools serve now and will have to serve when a replica asked for now does.
+
+Pure, like the policy. From one metrics snapshot and the policy's memory: per-replica capacity
+learned, demand per role (with a saturated prefill pool's step seen at once), its history, trend
+and direction, prefill surge headroom, and the prefill backlog projected to when new replicas
+serve. The needs phase sizes replicas from the `Load` this returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from kvrelay_operator.autoscaler.estimators import (
+    Demand,
+    demand_surge,
+    demand_trend,
+    estimate_demand,
+    learn_capacity,
+)
+from kvrelay_operator.autoscaler.stabilize import MAX_DAMPING
+from kvrelay_operator.autoscaler.types import (
+    ROLES,
+    DemandSample,
+    MetricsSample,
+    PolicyConfig,
+    PolicyState,
+    Role,
+    RoleState,
+    Snapshot,
+)
+
+# Rising demand is extrapolated over a start by at most this share: a step is not a ramp.
+_MAX_TREND_GAIN = 0.5
+# Queued prompt tokens worth this share of an interval of ready capacity: the pool ran saturated.
+_SATURATED_SHARE = 0.25
+# Demand rising by more than this share over a replica start holds scale-down.
+_RISING_SHARE = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class Load:
+    """The demand phase's result: tokens/s per role, what is learned about them, and their direction."""
+
+    demand: Demand  # the estimate, with a saturated prefill pool's step seen at once
+    capacity: dict[Role, float]  # learned tokens/s one replica serves
+    history: tuple[DemandSample, ...]  # offered demand over the longest window any phase looks at
+    offered_p: float  # prompt tokens/s admitted (what history keeps)
+    queued_p: float  # prompt tokens waiting
+    ready_capacity_p: float  # tokens/s the ready prefill replicas serve
+    saturated_p: bool  # the prefill pool ran flat out
+    level: dict[Role, float]  # offered demand now
+    trend: dict[Role, float]  # clear trend, tokens/s per second
+    lead: float  # seconds until a replica asked for now serves
+    rising: dict[Role, bool]
+    falling: dict[Role, bool]
+    surge_p: float  # prefill headroom factor for a surge like a recent one
+    forecast: dict[Role, float]  # demand a start from now
+    sized: dict[Role, float]  # what scale-up sizes for: forecast, surge headroom, backlog drain
+
+    def scale_down_peak(self, window: dict[Role, float], now: float) -> dict[Role, float]:
+        """The demand scale-down must hold: the window's peak, the rise expected over a start
+        (a load turning upwards must not lose replicas it needs a start later), prefill surge."""
+        peak = {role: _window_peak(self.history, role, now - window[role]) for role in ROLES}
+        lead, level, trend = self.lead, self.level, self.trend
+        peak = {role: max(peak[role], level[role] + max(trend[role], 0.0) * lead) for role in ROLES}
+        return {"prefill": peak["prefill"] * self.surge_p, "decode": peak["decode"]}
+
+
+def estimate_load(
+    snapshot: Snapshot,
+    metrics: MetricsSample,
+    state: PolicyState,
+    prefill_state: RoleState,
+    config: PolicyConfig,
+    now: float,
+) -> Load:
+    """Demand phase: capacity learned, demand now and a start ahead, and what scale-up sizes for."""
+    demand = estimate_demand(metrics, state, config, now)
+    capacity = learn_capacity(metrics, snapshot, state, config, demand)
+    queued_p = metrics.queued_prefill_tokens or 0.0
+    offered_p = demand.steady_p
+    ready_capacity_p = snapshot.prefill.ready * capacity["prefill"]
+    demand, saturated_p = _saturated_demand(demand, snapshot, state, config, capacity, queued_p)
+    # History (scale-down window, trend) keeps the offered rate: the saturated estimate above
+    # overstates while replicas that just became ready are counted as if they served all along.
+    sample = DemandSample(
+        at=now, prefill_tokens_per_second=offered_p, decode_tokens_per_second=demand.steady_d
+    )
+    longest = max(config.scale_down_window_seconds * MAX_DAMPING, config.surge_window_seconds)
+    history = (*_trim_history(state.demand_history, now - longest), sample)
+    # A replica asked for now serves after a start and up to an interval; rates over a window lag
+    # the load by half of it.
+    lead = config.replica_startup_seconds + config.interval_seconds + metrics.window_seconds / 2
+    level: dict[Role, float] = {"prefill": offered_p, "decode": demand.steady_d}
+    trend = _clear_trend(history, now, config, level)
+    # Prefill headroom for a surge like the largest one seen recently within a reaction time:
+    # nothing ordered now serves sooner, and a prefill pool short of its load queues without
+    # bound (where decode absorbs a surge as a longer step). Scale-down keeps it above the
+    # window's peak too, or the next decision would buy it back.
+    surge_p = 1.0 + min(
+        demand_surge(history, now - config.surge_window_seconds, lead), config.max_surge_headroom
+    )
+    rising, falling = _direction_of_load(history, now, config, level, lead)
+    # Extrapolate rising demand over a replica start; at most +50%, a step is not a ramp.
+    # A saturated pool's estimate already holds the queue's growth: no trend on top of it.
+    gain_p = 0.0 if saturated_p else min(max(trend["prefill"], 0.0) * lead, _MAX_TREND_GAIN * demand.steady_p)
+    forecast_p = demand.steady_p + gain_p
+    # Headroom is capacity held, not load expected: the backlog projection keeps the forecast.
+    headroom_p = max(forecast_p, offered_p * surge_p)
+    forecast_d = demand.steady_d + min(max(trend["decode"], 0.0) * lead, _MAX_TREND_GAIN * demand.steady_d)
+    backlog_p = _projected_backlog(
+        snapshot, prefill_state, config, now, metrics, forecast_p, ready_capacity_p, queued_p
+    )
+    return Load(
+        demand=demand,
+        capacity=capacity,
+        history=history,
+        offered_p=offered_p,
+        queued_p=queued_p,
+        ready_capacity_p=ready_capacity_p,
+        saturated_p=saturated_p,
+        level=level,
+        trend=trend,
+        lead=lead,
+        rising=rising,
+        falling=falling,
+        surge_p=surge_p,
+        forecast={"prefill": forecast_p, "decode": forecast_d},
+        sized={
+            "prefill": headroom_p + backlog_p / config.backlog_drain_seconds,
+            "decode": forecast_d + (demand.drain_d if snapshot.decode.pending == 0 else 0.0),
+        },
+    )
+
+
+def _saturated_demand(
+    demand: Demand,
+    snapshot: Snapshot,
+    state: PolicyState,
+    config: PolicyConfig,
+    capacity: dict[Role, float],
+    queued_p: float,
+) -> tuple[Demand, bool]:
+    """Demand with a saturated prefill pool's step seen at once, and whether it is saturated.
+
+    A queue worth more than the TTFT SLO of the pool's work (or a good part of an interval) means
+    it ran flat out and misses TTFT. A saturated pool serves its capacity and the queue grows by
+    the rest: this sees a step now, where the admitted-tokens rate averages it over a window.
+    """
+    ready_capacity_p = snapshot.prefill.ready * capacity["prefill"]
+    queue_limit = min(config.interval_seconds * _SATURATED_SHARE, config.ttft_slo_seconds)
+    if not (demand.saturated_p or queued_p > ready_capacity_p * queue_limit):
+        return demand, False
+    # Replicas that became ready since the last decision did not serve through the interval.
+    served_by = min(snapshot.prefill.ready, state.last_prefill_ready or snapshot.prefill.ready)
+    now_p = served_by * capacity["prefill"] + max(demand.growth_p, 0.0)
+    return dataclasses.replace(demand, steady_p=max(demand.steady_p, now_p)), True
+
+
+def _clear_trend(
+    history: tuple[DemandSample, ...], now: float, config: PolicyConfig, level: dict[Role, float]
+) -> dict[Role, float]:
+    """Clear demand trends (tokens/s per second) per role.
+
+    Decode load grows with arrivals (prompt tokens count at admission): generation rising faster
+    than they do is a backlog flushed out of prefill, which ends, not a ramp to extrapolate (on the
+    idle-then-spike trace, 26 decode replicas bought where 7 held the load after it).
+    """
+    trend_p, trend_d = demand_trend(history, now - config.trend_window_seconds)
+    arrivals_growth = max(trend_p, 0.0) / level["prefill"] if level["prefill"] > 0 else 0.0
+    return {"prefill": trend_p, "decode": min(trend_d, arrivals_growth * level["decode"])}
+
+
+def _direction_of_load(
+    history: tuple[DemandSample, ...], now: float, config: PolicyConfig, level: dict[Role, float], lead: float
+) -> tuple[dict[Role, bool], dict[Role, bool]]:
+    """(rising, falling) per role: any slope that moves the load over 5% within a start.
+
+    Near the bottom of a wave the trend is not clear yet; a rise already holds scale-down (going
+    down now would mean going up again a start later).
+    """
+    slope_p, slope_d = demand_trend(history, now - config.trend_window_seconds, clear_only=False)
+    slope: dict[Role, float] = {"prefill": slope_p, "decode": slope_d}
+    rising = {role: slope[role] * lead > _RISING_SHARE * level[role] for role in ROLES}
+    falling = {role: slope[role] * lead < -_RISING_SHARE * level[role] for role in ROLES}
+    return rising, falling
+
+
+def _window_peak(history: tuple[DemandSample, ...], role: Role, since: float) -> float:
+    key = "prefill_tokens_per_second" if role == "prefill" else "decode_tokens_per_second"
+    return max(getattr(s, key) for s in history if s.at >= since)
+
+
+def _projected_backlog(
+    snapshot: Snapshot,
+    prefill_state: RoleState,
+    config: PolicyConfig,
+    now: float,
+    metrics: MetricsSample,
+    forecast_p: float,
+    ready_capacity_p: float,
+    queued_p: float,
+) -> float:
+    """Prefill backlog (tokens) as it will be when the capacity asked for now serves.
+
+    The queue keeps growing by (demand - ready capacity) until then, and all of it must drain
+    within `backlog_drain_seconds`: one step to the target instead of +N per interval. Replicas
+    already loading arrive earlier (at most a start after the last scale-up), so while some load
+    the projection stops at their arrival: asking again for what they were sized for is how
+    decisions pile up. The trend still counts: on a ramp some replica is always loading. Only
+    where the queue is measured (without that gauge: what is known, no growth).
+    """
+    startup = config.replica_startup_seconds
+    horizon = startup
+    if snapshot.prefill.pending > 0:
+        last_up = prefill_state.last_up_at
+        horizon = startup if last_up is None else min(max(startup - (now - last_up), 0.0), startup)
+    measured = metrics.queued_prefill_tokens is not None
+    growth = (forecast_p - ready_capacity_p) * horizon if measured else 0.0
+    return max(queued_p + growth, 0.0)
+
+
+def _trim_history(history: tuple[DemandSample, ...], since: float) -> tuple[DemandSample, ...]:
+    return tuple(s for s in history if s.at >= since)
