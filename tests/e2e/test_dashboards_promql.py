@@ -4,8 +4,18 @@ The stack: `kvrelay serve` (router + 1 prefill + 1 decode worker, real KV relay)
 (handlers, autoscaler timer, its own /metrics) on a real kube-apiserver with a DisaggregatedModel
 whose advisory autoscaler reads that same Prometheus; Prometheus (Debian package) scraping the router,
 the workers and the operator every second; and an OpenAI client putting streaming load on
-the router. Then each query of each panel and annotation (Grafana variables substituted) must return
-at least one finite sample.
+the router. Then each query of each panel and annotation (Grafana variables substituted) is run as
+written and checked by what it is:
+
+- a constant (`vector($ttft_slo)`, an SLO line): exactly the variable's value, one unlabelled sample;
+- a query with a fallback (`... or vector(0)`): it answers whatever happens, so an answer proves
+  nothing; its finite answer is checked, and every metric it reads must be declared by a scraped target
+  (a misspelt name would otherwise hide behind the fallback);
+- any other panel query must see real series: each selector in it matches series scraped from the
+  stack's targets, and the answer has at least one finite sample (NaN only beside finite ones) and no
+  +Inf/-Inf;
+- an annotation marks events (a replica change) and none may have happened: it runs as written, its
+  selectors match real scraped series, and whatever it returns is finite and positive.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ import importlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -30,7 +41,7 @@ import pytest
 import yaml
 from kvrelay_operator import dashboards
 from kvrelay_worker.processes import stop_process
-from prometheus_fixtures import fail_or_skip, free_port, query, run_prometheus
+from prometheus_fixtures import free_port, query, run_prometheus
 from serve_helpers import WORKER_RE, ServeProcess, run_serve
 
 pytestmark = pytest.mark.e2e
@@ -41,6 +52,11 @@ OPERATOR_SERIES = ("kvrelay_autoscaler_desired_replicas", "kvrelay_autoscaler_de
 MODEL = "tiny"  # kvrelay serve's served name, and the DisaggregatedModel's: the `model` label joins them
 SCRAPE_INTERVAL_S = 1
 NUM_REQUESTS, CONCURRENCY, MAX_TOKENS, LOAD_SECONDS = 24, 4, 12, 10.0
+
+
+# A metric selector in a panel's PromQL: `kvrelay_x_total{model=~"tiny", role="decode"}` or a bare name.
+SELECTOR = re.compile(r"\b(kvrelay_[a-z0-9_]+)(\{[^}]*\})?")
+FALLBACK = re.compile(r"\s+or\s+(?=.*\bvector\()")  # `X or vector(0)`, `X or label_replace(vector(0), ...)`
 
 
 def _cases() -> list[tuple[str, str, str]]:
@@ -65,10 +81,36 @@ class Stack:
 
     serve: ServeProcess
     prometheus_url: str
+    jobs: dict[str, list[str]]  # what Prometheus scrapes: job -> host:port targets
+    _declared: set[str] | None = None
 
     def query(self, expr: str) -> list[dict]:
         """Instant query; the result vector (raises on a PromQL error)."""
         return query(self.prometheus_url, expr)
+
+    def declared_metrics(self) -> set[str]:
+        """Every metric name the scraped targets declare (`# TYPE` lines), with or without samples."""
+        if self._declared is None:
+            self._declared = set()
+            for target in (t for targets in self.jobs.values() for t in targets):
+                with urllib.request.urlopen(f"http://{target}/metrics", timeout=10) as response:
+                    text = response.read().decode()
+                self._declared |= set(re.findall(r"^# TYPE (\S+) ", text, re.MULTILINE))
+        return self._declared
+
+    def declares(self, name: str) -> bool:
+        """A scraped target exports `name` (a counter's `_total`, a histogram's `_bucket`, ...)."""
+        base = re.sub(r"_(total|bucket|count|sum|created)$", "", name)
+        return bool({name, base} & self.declared_metrics())
+
+    def assert_real_series(self, promql: str, what: str) -> None:
+        """Each selector in `promql` matches series that Prometheus scraped from the stack's targets."""
+        selectors = {m.group(0) for m in SELECTOR.finditer(promql)}
+        assert selectors, f"{what}: no metric selector in {promql}"
+        for selector in selectors:
+            jobs = {r["metric"].get("job") for r in self.query(f"count by (job) ({selector})")}
+            assert jobs, f"{what}: no scraped series for {selector}"
+            assert jobs <= set(self.jobs), f"{what}: {selector} from unexpected jobs {jobs}"
 
 
 def _load(serve: ServeProcess) -> int:
@@ -119,10 +161,10 @@ def run_operator(workdir: Path, metrics_port: int, prometheus_url: str) -> Itera
     envtest = _envtest()
     assets, why = envtest.find_assets()
     if assets is None:
-        fail_or_skip(f"no kube-apiserver: {why}")
+        pytest.skip(f"no kube-apiserver: {why}")
     kubectl, why = envtest.find_kubectl()
     if kubectl is None:
-        fail_or_skip(f"no kubectl: {why}")
+        pytest.skip(f"no kubectl: {why}")
     with envtest.control_plane(assets) as plane:
         base = [str(kubectl), f"--kubeconfig={plane.kubeconfig}"]
         subprocess.run([*base, "apply", "-f", str(ROOT / "crds")], check=True, capture_output=True)
@@ -152,7 +194,7 @@ def chart_alert_rules() -> str:
             ["bash", str(ROOT / "hack" / "install-tools.sh")], capture_output=True, text=True
         )
         if done.returncode != 0:
-            fail_or_skip(f"no helm: hack/install-tools.sh failed: {done.stderr[-500:]}")
+            pytest.skip(f"no helm: hack/install-tools.sh failed: {done.stderr[-500:]}")
         tools = done.stdout.strip().splitlines()[-1]
     cmd = [str(Path(tools) / "helm"), "template", "t", str(ROOT / "charts" / "kvrelay")]
     cmd += ["--show-only", "templates/alerts-configmap.yaml", "--set", "alerts.configMap.enabled=true"]
@@ -200,7 +242,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             run_prometheus(tmp_path_factory.mktemp("prometheus"), jobs, rules, SCRAPE_INTERVAL_S)
         )
         operator = exits.enter_context(run_operator(tmp_path_factory.mktemp("operator"), operator_port, url))
-        stack = Stack(serve, url)
+        stack = Stack(serve, url, jobs)
         # Prometheus applies new targets after a few seconds; load before that would go unseen.
         _wait(
             stack,
@@ -232,15 +274,39 @@ def test_every_target_is_scraped(stack: Stack) -> None:
     assert up == {"kvrelay-router": 1.0, "kvrelay-workers": 1.0, "kvrelay-operator": 1.0}
 
 
+def _values(result: list[dict]) -> list[float]:
+    return [float(r["value"][1]) for r in result]
+
+
 @pytest.mark.parametrize(("dashboard", "panel", "expr"), _cases(), ids=lambda v: str(v)[:60])
 def test_panel_query_returns_data(stack: Stack, dashboard: str, panel: str, expr: str) -> None:
     promql = dashboards.expand_variables(expr, model=MODEL, rate_interval="1m", range_="5m")
-    if panel.startswith("annotation ") and promql.endswith(" > 0"):
-        # An annotation marks events (a replica change); none may have happened: check its series.
-        promql = promql.removesuffix(" > 0")
-    result = stack.query(promql)
-    finite = [r for r in result if not math.isnan(float(r["value"][1]))]
-    assert finite, f"{dashboard} / {panel}: no data for {promql} (got {result})"
+    what = f"{dashboard} / {panel}: {promql}"
+    result = stack.query(promql)  # every query runs as the dashboard sends it
+    values = _values(result)
+    if panel.startswith("annotation "):
+        # An event marker: none may have happened, but its series must be real, and a marker
+        # (if any) a finite positive count.
+        stack.assert_real_series(promql, what)
+        assert all(math.isfinite(v) and v > 0 for v in values), f"{what}: got {result}"
+    elif not SELECTOR.search(promql):
+        # A constant line (an SLO): the variable's value, whatever Prometheus holds.
+        constant = re.fullmatch(r"vector\(([^()]+)\)", promql.strip())
+        assert constant, f"{what}: neither a metric selector nor a constant vector(...)"
+        expected = float(constant.group(1))
+        assert [(r["metric"], v) for r, v in zip(result, values, strict=True)] == [({}, expected)], what
+        assert math.isfinite(values[0]), what
+    elif FALLBACK.search(promql):
+        # Answers whatever happens: what it reads must exist, and its answer must be finite.
+        real = FALLBACK.split(promql, maxsplit=1)[0]
+        assert all(math.isfinite(v) for v in values) and values, f"{what}: got {result}"
+        assert all(math.isfinite(v) for v in _values(stack.query(real))), f"{what}: {real}"
+        for name in {m.group(1) for m in SELECTOR.finditer(real)}:
+            assert stack.declares(name), f"{what}: no scraped target exports {name}"
+    else:
+        stack.assert_real_series(promql, what)
+        assert not any(math.isinf(v) for v in values), f"{what}: infinite sample in {result}"
+        assert any(math.isfinite(v) for v in values), f"{what}: no finite sample (got {result})"
 
 
 def test_chart_alert_rules_evaluate_cleanly_on_live_series(stack: Stack) -> None:
@@ -271,3 +337,9 @@ def test_a_misspelt_metric_would_fail(stack: Stack) -> None:
     # The check above is only as good as an empty answer for a wrong name: prove that it is empty.
     typo = dashboards.expand_variables('sum(rate(kvrelay_request_total{model=~"$model"}[$__rate_interval]))')
     assert stack.query(typo) == []
+    with pytest.raises(AssertionError, match="no scraped series"):
+        stack.assert_real_series(typo, "typo")
+    # Behind a fallback the typo answers, so the fallback check looks the name up instead.
+    assert stack.query(f"{typo} or vector(0)") != []
+    assert not stack.declares("kvrelay_request_total") and stack.declares("kvrelay_requests_total")
+    assert stack.declares("kvrelay_kv_transfer_failures_total")  # declared, though nothing failed

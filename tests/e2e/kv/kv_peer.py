@@ -7,6 +7,7 @@ the bytes a block must hold; replies carry sha256 digests of blocks instead of t
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import faulthandler
 import hashlib
 import json
@@ -31,6 +32,11 @@ def global_pattern(layout: KVLayout, num_blocks: int, seed: int) -> torch.Tensor
 def rank_slice(full: torch.Tensor, layout: KVLayout, rank: int) -> torch.Tensor:
     local = layout.num_kv_heads_local
     return full[:, :, :, rank * local : (rank + 1) * local].contiguous()
+
+
+def flush_c_streams() -> None:
+    """fflush(NULL): UCX writes its log (UCX_LOG_FILE) through C stdio, which buffers it."""
+    ctypes.CDLL(None).fflush(None)
 
 
 def blocks_digest(cache: torch.Tensor, block_ids: list[int]) -> str:
@@ -126,6 +132,9 @@ class Peer:
                 "seconds": time.monotonic() - started,
                 "digest": blocks_digest(self.cache, cmd["dst_block_ids"]),
             }
+        if op == "flush_logs":  # the test reads UCX's log (which transport moved the data) after this
+            flush_c_streams()
+            return {"ok": True}
         if op == "status":
             blocks, nbytes = self.transport.leases.held()
             return {"released": self.released, "held_blocks": blocks, "held_bytes": nbytes}
@@ -147,6 +156,7 @@ def main() -> None:
         print("KVPEER " + json.dumps(reply), flush=True)
     peer.transport.close()
     sys.stdout.flush()
+    flush_c_streams()
     os._exit(0)  # skip interpreter teardown (torch, NIXL): seconds on a loaded machine
 
 

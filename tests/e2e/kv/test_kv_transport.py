@@ -1,4 +1,8 @@
-"""Byte-exact relay of random block sets between real processes: NIXL (UCX tcp, UCX cma) and tcp."""
+"""Byte-exact relay of random block sets between real processes: NIXL over each pinned UCX transport
+(tcp, cma, posix/sysv shared memory) and the plain tcp backend.
+
+Each NIXL flavour pins UCX_TLS (kv_testlib.FLAVOURS) and each test asserts, from UCX's own protocol
+report, that the reader's READs went over exactly that transport."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from typing import Any
 
 import pytest
 from kv_peer import blocks_digest, global_pattern, rank_slice
-from kv_testlib import LAYOUT, SECRET, wait_all_released
+from kv_testlib import FLAVOURS, LAYOUT, SECRET, wait_all_released
 from kvrelay_worker.kv import KVHandle, KVLayout, merge_rank_handles
 
 NUM_BLOCKS = 64
@@ -30,7 +34,14 @@ def random_sets(rng: random.Random, count: int) -> list[tuple[int, list[int], li
     return sets
 
 
-@pytest.mark.parametrize("flavour", ["nixl-tcp", "nixl-cma", "tcp"])
+def assert_read_over_pinned_transport(flavour: str, readers: list[Any]) -> None:
+    """Every reader of a NIXL flavour moved its bytes over the flavour's transport and no other."""
+    if FLAVOURS[flavour].read_transports:
+        for reader in readers:
+            reader.assert_read_transport()
+
+
+@pytest.mark.parametrize("flavour", ["nixl-tcp", "nixl-cma", "nixl-shm", "tcp"])
 def test_twenty_random_block_sets_are_byte_exact(pool: Any, flavour: str) -> None:
     holder, reader = pool(flavour, seed=SEED), pool(flavour)
     before = len(holder.call(op="status")["released"])
@@ -46,6 +57,7 @@ def test_twenty_random_block_sets_are_byte_exact(pool: Any, flavour: str) -> Non
     status = wait_all_released(holder, before + len(sets))
     assert sorted(map(sorted, status["released"][before:])) == sorted(sorted(s[1]) for s in sets)
     assert (status["held_blocks"], status["held_bytes"]) == (0, 0)
+    assert_read_over_pinned_transport(flavour, [reader])
 
 
 @pytest.mark.parametrize("flavour", ["nixl-cma", "tcp"])
@@ -80,3 +92,4 @@ def test_tensor_parallel_readers_get_their_head_slices(
         status = wait_all_released(holder, done + 4)
         assert len(status["released"]) == done + 4
         assert status["held_blocks"] == 0
+    assert_read_over_pinned_transport(flavour, readers)
