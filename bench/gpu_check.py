@@ -34,32 +34,21 @@ import time
 from collections.abc import Callable
 
 import torch
+from kvrelay_worker.model.tiny import SIZES as TINY_SHAPES  # the same shapes as kvrelay-make-tiny-model
 
 # Shapes built with transformers' LlamaConfig. "1b": 2048 hidden, 16 layers, 32 query / 8 KV heads
 # (GQA), SwiGLU 8192, vocab 32000, untied LM head: 1.1B parameters. Llama 3 RoPE scaling with an
 # original context of 1,024 so the 1,100-token prompt runs past it.
 SIZES: dict[str, dict] = {
     "tiny": dict(
-        hidden_size=64,
-        intermediate_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_SHAPES["tiny"],
         vocab_size=512,
         max_position_embeddings=2048,
         # transformers' default init (std 0.02) on 64-wide layers gives near-uniform attention; 0.1
         # gives the per-element scale std * sqrt(hidden) of the 1b shape, so attention matters
         initializer_range=0.1,
     ),
-    "1b": dict(
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=32000,
-        max_position_embeddings=4096,
-    ),
+    "1b": dict(**TINY_SHAPES["1b"], vocab_size=32000, max_position_embeddings=4096),
 }
 ROPE = {
     "rope_type": "llama3",
