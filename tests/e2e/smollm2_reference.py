@@ -108,7 +108,7 @@ def hf_greedy(  # type: ignore[no-untyped-def]
     result = Greedy([], [])
     for _ in range(max_tokens):
         top = torch.topk(logits, 2)
-        token = int(top.indices[0])
+        token = int(logits.argmax())  # argmax, as kvrelay and generate() break exact ties
         result.tokens.append(token)
         result.margins.append(float(top.values[0] - top.values[1]))
         if keep_logits:
