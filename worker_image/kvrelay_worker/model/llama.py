@@ -70,10 +70,12 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         n = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split([q_size, kv_size, kv_size], dim=-1)
-        q = apply_rotary(q.view(n, self.num_heads, self.head_dim), *cos_sin)
-        k = apply_rotary(k.view(n, self.num_kv_heads, self.head_dim), *cos_sin)
-        out = attn(self.layer_idx, q, k, v.reshape(n, self.num_kv_heads, self.head_dim))
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        # Q and K sit side by side in the fused output: rotate all their heads in one pass.
+        qk = qkv[:, : q_size + kv_size].view(n, self.num_heads + self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(qk, *cos_sin).split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, q_size + kv_size :].view(n, self.num_kv_heads, self.head_dim)
+        out = attn(self.layer_idx, q, k, v)
         return self.o_proj(out.reshape(n, q_size))
 
 
