@@ -21,6 +21,8 @@ def test_kv_transfer_bench_prints_verified_figures() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     (line,) = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
     assert (line["bench"], line["rounds"]) == ("kv_transfer", 2)
+    assert line["cores"] >= 1 and line["llc_bytes"] > 0
+    threads = sorted({"1", str(line["cores"])})
     for flavour, ratio in (("nixl-cma", "ratio_vs_memcpy"), ("tcp", "ratio_vs_socket")):
         for tokens, nbytes in (("2048", 256 << 20), ("128", 16 << 20)):
             entry = line[flavour][tokens]
@@ -28,6 +30,11 @@ def test_kv_transfer_bench_prints_verified_figures() -> None:
             assert entry["verified"] and entry["released"], (flavour, tokens)
             assert entry["relay_s"] > 0 and entry["socket_s"] > 0 and entry["memcpy_s"] > 0
             assert len(entry[f"{ratio}_rounds"]) == 2 and entry[ratio] > 0
+            # the copy limit: 1 and N threads, idle and beside the relay; memcpy_s is the fastest
+            for where in ("memcpy_idle_gbps", "memcpy_beside_gbps"):
+                assert sorted(entry[where]) == threads and min(entry[where].values()) > 0, (flavour, where)
+            best = max(*entry["memcpy_idle_gbps"].values(), *entry["memcpy_beside_gbps"].values())
+            assert abs(entry["memcpy_gbps"] - best) <= 0.002 * best + 0.002, (flavour, tokens)
     for tokens in ("2048", "128"):
         entry = line["nixl-cma"][tokens]
         assert entry["bare_nixl_s"] > 0 and entry["bare_runs_s"] > 0, tokens
