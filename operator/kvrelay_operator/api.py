@@ -387,7 +387,9 @@ class StatusModel(CRModel):
 class Condition(StatusModel):
     """A standard Kubernetes condition."""
 
-    type: str = Field(description="Ready, Progressing, Degraded, ScalingLimited or DriftCorrected.")
+    type: str = Field(
+        description="Ready, Progressing, Degraded, PodsScheduled, ScalingLimited or DriftCorrected."
+    )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(default="", description="CamelCase reason.")
     message: str = Field(default="", description="Human-readable detail.")

@@ -7,6 +7,8 @@ What triggers what:
 - any event of a child Deployment -> `on_deployment_event`: a replica count changed by hand is
   put back (Warning Event `ReplicasRestored` + condition `DriftCorrected`); a deleted child is
   re-applied; the Deployments' status is mirrored into the parent's status.
+- any event of a child's pod -> `on_pod_event`: a pod the scheduler cannot place (and one placed
+  after all) changes condition `PodsScheduled` and the Ready message, in the scheduler's words.
 - any event of a DisaggregatedModel, status changes included -> `on_model_event`: when a worker
   Deployment's replicas differ from `replicas.target_replicas(spec, status)` it is re-applied.
   This is the autoscaler hook: in mode auto the autoscaler's kopf timer only patches
@@ -29,7 +31,14 @@ from kvrelay_operator import api, resources
 from kvrelay_operator.apply import ApplyError, ChildApplier
 from kvrelay_operator.kube import PROMETHEUS_OPERATOR_GROUP_VERSION, KubeClient
 from kvrelay_operator.replicas import target_replicas
-from kvrelay_operator.status import DeploymentState, compute_status, set_condition, status_merge_patch
+from kvrelay_operator.status import (
+    DeploymentState,
+    PodScheduling,
+    compute_status,
+    set_condition,
+    status_merge_patch,
+    unschedulable_by_role,
+)
 
 log = logging.getLogger(__name__)
 DEFAULT_WORKER_IMAGE = "ghcr.io/kvrelay/kvrelay-worker:0.1.0"
@@ -116,6 +125,19 @@ def deployments_by_model(namespace: str, meta: kopf.Meta, body: kopf.Body, **_: 
                                                                      state.model_dump())}  # fmt: skip
 
 
+def _unschedulable(pods_by_model: kopf.Index, namespace: str, name: str) -> dict[str, str]:
+    store = pods_by_model.get((namespace, name), [])
+    return unschedulable_by_role([PodScheduling.model_validate(pod) for pod in store])
+
+
+@kopf.index("", "v1", "pods", labels=CHILD_LABELS)
+def pods_by_model(meta: kopf.Meta, body: kopf.Body, namespace: str, **_: Any) -> dict[Any, Any]:
+    """(namespace, model name) -> PodScheduling of each of its pods (for the scheduler's reasons)."""
+    labels = meta.get("labels") or {}
+    pod = PodScheduling.from_body(dict(body), labels[resources.LABEL_ROLE])
+    return {(namespace, labels.get(resources.LABEL_INSTANCE)): pod.model_dump()}
+
+
 @kopf.index(api.GROUP, api.VERSION, api.PLURAL)
 def models_by_name(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
     """(namespace, name) -> the DisaggregatedModel's body (for handlers of its children)."""
@@ -157,6 +179,7 @@ def reconcile(
     patch: kopf.Patch,
     reason: str,
     deployments_by_model: kopf.Index,
+    pods_by_model: kopf.Index,
     **_: Any,
 ) -> None:
     """Render -> apply changed children -> patch status."""
@@ -198,7 +221,7 @@ def reconcile(
             deployments[role] = DeploymentState.from_body(response)
     new = compute_status(
         parsed_spec, parsed_status, deployments, generation, resources.router_endpoint(parsed_spec, ctx),
-        _now(), observed_generation=generation,
+        _now(), observed_generation=generation, unschedulable=_unschedulable(pods_by_model, namespace, name),
     )  # fmt: skip
     diff = status_merge_patch(parsed_status, new)
     if diff:  # an empty {"status": {}} would still be sent as a PATCH
@@ -246,6 +269,7 @@ def on_deployment_event(
     memo: kopf.Memo,
     models_by_name: kopf.Index,
     deployments_by_model: kopf.Index,
+    pods_by_model: kopf.Index,
     **_: Any,
 ) -> None:
     """Restores hand-edited replicas, re-creates deleted Deployments, mirrors status into the parent."""
@@ -277,14 +301,50 @@ def on_deployment_event(
             _now(),
             status.observed_generation,
         )
-    states = _deployment_states(deployments_by_model, namespace, instance)
-    ctx = _ctx(state, instance, namespace, parent["metadata"]["uid"], False)
     base = status.model_copy(update={"conditions": conditions})
-    new = compute_status(spec, base, states, parent["metadata"].get("generation") or 0,
-                         resources.router_endpoint(spec, ctx), _now())  # fmt: skip
+    _mirror_status(state, parent, spec, status, base, deployments_by_model, pods_by_model)
+
+
+def _mirror_status(
+    state: OperatorState,
+    parent: dict[str, Any],
+    spec: api.DisaggregatedModelSpec,
+    status: api.DisaggregatedModelStatus,
+    base: api.DisaggregatedModelStatus,
+    deployments_by_model: kopf.Index,
+    pods_by_model: kopf.Index,
+) -> None:
+    """Patches the parent's status with what its children's current states say (if anything changed)."""
+    meta = parent["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    ctx = _ctx(state, name, namespace, meta["uid"], False)
+    deployments = _deployment_states(deployments_by_model, namespace, name)
+    new = compute_status(
+        spec, base, deployments, meta.get("generation") or 0, resources.router_endpoint(spec, ctx), _now(),
+        unschedulable=_unschedulable(pods_by_model, namespace, name),
+    )  # fmt: skip
     diff = status_merge_patch(status, new)
     if diff:
-        state.kube.patch_status(namespace, instance, diff)
+        state.kube.patch_status(namespace, name, diff)
+
+
+@kopf.on.event("", "v1", "pods", labels=CHILD_LABELS)
+def on_pod_event(
+    namespace: str,
+    meta: kopf.Meta,
+    memo: kopf.Memo,
+    models_by_name: kopf.Index,
+    deployments_by_model: kopf.Index,
+    pods_by_model: kopf.Index,
+    **_: Any,
+) -> None:
+    """Mirrors scheduling failures (and their end) of a model's pods into its status."""
+    instance = (meta.get("labels") or {}).get(resources.LABEL_INSTANCE)
+    parent = next(iter(models_by_name.get((namespace, instance), [])), None)
+    if parent is None or parent["metadata"].get("deletionTimestamp"):
+        return
+    spec, status = _parse(parent.get("spec") or {}, parent.get("status") or {})
+    _mirror_status(_state(memo), parent, spec, status, status, deployments_by_model, pods_by_model)
 
 
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)

@@ -137,11 +137,13 @@ def _model_volume(spec: api.DisaggregatedModelSpec) -> _ModelStorage:
         storage = _ModelStorage([volume], [model_mount()], f"{MODEL_ROOT}/{path}".rstrip("/"))
         # The importer reads the .gguf from the (read-only) claim.
         gguf, gguf_reader_mounts = path.endswith(".gguf"), [model_mount()]
-    else:
+    elif source.startswith("/"):
+        # A path baked into the image (often under MODEL_ROOT): no volume may be mounted over it.
+        storage = _ModelStorage([], [], source)
+        gguf, gguf_reader_mounts = source.endswith(".gguf"), []
+    else:  # a Hugging Face repo id, downloaded into an emptyDir
         storage = _ModelStorage([{"name": "model", "emptyDir": {}}], [model_mount()], source)
-        # A .gguf baked into the image may lie under MODEL_ROOT: the importer must not mount the
-        # (empty) model volume over it.
-        gguf, gguf_reader_mounts = source.startswith("/") and source.endswith(".gguf"), []
+        gguf, gguf_reader_mounts = False, []
     if gguf:
         imported = f"{IMPORT_ROOT}/imported"
         storage.volumes.append({"name": IMPORT_VOLUME, "emptyDir": {}})
@@ -159,8 +161,7 @@ def _model_volume(spec: api.DisaggregatedModelSpec) -> _ModelStorage:
             download += ["--revision", spec.model.revision]
         storage.init = {"name": "download-model", "command": download, "volumeMounts": [model_mount()]}
         storage.model_path = f"{MODEL_ROOT}/hf"
-    # Else a checkpoint directory on the claim or in the image; an emptyDir model volume is then
-    # unused but keeps the pod shape uniform.
+    # Else a checkpoint directory on the claim or in the image, read where it is.
     return storage
 
 

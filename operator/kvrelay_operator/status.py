@@ -60,6 +60,41 @@ def set_condition(
     return [c for c in conditions if c.type != type_] + [new]
 
 
+class PodScheduling(BaseModel):
+    """Whether one worker or router pod is placed, and the scheduler's words when it is not."""
+
+    role: str = Field(description="The pod's kvrelay.dev/role label.")
+    pod: str = Field(description="Pod name.")
+    unschedulable: str | None = Field(
+        default=None, description="PodScheduled=False/Unschedulable message, else None."
+    )
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any], role: str) -> PodScheduling:
+        """Reads a Pod as the API returns it (only a terminal scheduling failure counts)."""
+        meta, status = body.get("metadata") or {}, body.get("status") or {}
+        message = None
+        for cond in status.get("conditions") or []:
+            not_placed = cond.get("type") == "PodScheduled" and cond.get("status") == "False"
+            if not_placed and cond.get("reason") == "Unschedulable":
+                message = cond.get("message") or "Unschedulable"
+        return cls(role=role, pod=meta.get("name") or "", unschedulable=message)
+
+
+def unschedulable_by_role(pods: list[PodScheduling]) -> dict[str, str]:
+    """role -> "N pod(s) unschedulable: <the scheduler's message for the first, by name>"."""
+    stuck: dict[str, list[PodScheduling]] = {}
+    for pod in pods:
+        if pod.unschedulable is not None:
+            stuck.setdefault(pod.role, []).append(pod)
+    out = {}
+    for role, group in sorted(stuck.items()):
+        first = min(group, key=lambda p: p.pod)
+        noun = "pod" if len(group) == 1 else "pods"
+        out[role] = f"{len(group)} {noun} unschedulable: {first.unschedulable}"
+    return out
+
+
 def _failing(state: DeploymentState) -> str | None:
     """Why a Deployment is failing, from its own conditions, or None."""
     for cond in state.conditions:
@@ -78,11 +113,14 @@ def compute_status(
     router_endpoint: str,
     now: str,
     observed_generation: int | None = None,
+    unschedulable: dict[str, str] | None = None,
 ) -> api.DisaggregatedModelStatus:
     """The status the operator wants, from the spec, current status and child Deployment states.
 
     `observed_generation` is set by the reconcile path only; the mirror path keeps the current one.
+    `unschedulable` (role -> why, from unschedulable_by_role) explains replicas the scheduler cannot place.
     """
+    unschedulable = unschedulable or {}
     new = status.model_copy(deep=True)
     if observed_generation is not None:
         new.observed_generation = observed_generation
@@ -106,7 +144,8 @@ def compute_status(
             waiting.append(f"{role} Deployment missing")
             continue
         if state.ready_replicas < target:
-            waiting.append(f"{role} {state.ready_replicas}/{target} ready")
+            why = f" ({unschedulable[role]})" if role in unschedulable else ""
+            waiting.append(f"{role} {state.ready_replicas}/{target} ready{why}")
         if state.observed_generation < state.generation or state.updated_replicas < target:
             rolling.append(role)
         reason = _failing(state)
@@ -128,6 +167,11 @@ def compute_status(
         conds = set_condition(conds, "Degraded", "True", "ChildFailing", "; ".join(failing), now, gen)
     else:
         conds = set_condition(conds, "Degraded", "False", "AsExpected", "", now, gen)
+    if unschedulable:
+        message = "; ".join(f"{role}: {why}" for role, why in unschedulable.items())
+        conds = set_condition(conds, "PodsScheduled", "False", "Unschedulable", message, now, gen)
+    else:
+        conds = set_condition(conds, "PodsScheduled", "True", "AllScheduled", "", now, gen)
     conds = _scaling_limited(spec, status, conds, now, gen)
     new.conditions = sorted(conds, key=lambda c: c.type)
     new.phase = (

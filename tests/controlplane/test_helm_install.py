@@ -201,6 +201,7 @@ ALLOWED = [
     ("create", "events", MODEL_NS),
     ("list", "customresourcedefinitions.apiextensions.k8s.io", None),
     ("watch", "endpointslices.discovery.k8s.io", MODEL_NS),
+    ("watch", "pods", MODEL_NS),
     ("update", f"leases.coordination.k8s.io/{SA}", RELEASE_NS),
     ("create", "leases.coordination.k8s.io", RELEASE_NS),
 ]
@@ -209,6 +210,7 @@ REFUSED = [
     ("delete", "disaggregatedmodels.kvrelay.dev", MODEL_NS),
     ("create", "clusterroles.rbac.authorization.k8s.io", None),
     ("create", "pods", MODEL_NS),
+    ("delete", "pods", MODEL_NS),
     ("update", f"leases.coordination.k8s.io/{SA}", MODEL_NS),
     ("update", "leases.coordination.k8s.io/someone-else", RELEASE_NS),
     ("delete", "customresourcedefinitions.apiextensions.k8s.io", None),

@@ -33,6 +33,11 @@ Children are written with server-side apply and garbage-collected through ownerR
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
   verbs: ["get", "list", "watch", "create", "patch"]
+# The model's pods, read-only: the scheduler's reason for a pod it cannot place goes into the
+# model's status (condition PodsScheduled).
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
 # kopf reports handler progress and errors as events on the resource.
 - apiGroups: [""]
   resources: ["events"]

@@ -202,9 +202,11 @@ def test_rbac_is_least_privilege(render: Render) -> None:
     assert ("discovery.k8s.io", "endpointslices", "watch") in grants
     assert ("apiextensions.k8s.io", "customresourcedefinitions", "list") in grants
     assert ("", "events", "create") in grants
-    # Never: wildcards, secrets, pods, cluster-wide RBAC, escalation, deleting the CR itself or CRDs.
+    # Pods are only read (the scheduler's reasons go into the model's status).
+    assert {g[2] for g in grants if g[1] == "pods"} == {"get", "list", "watch"}
+    # Never: wildcards, secrets, pod writes or exec, cluster-wide RBAC, escalation, deleting the CR or CRDs.
     assert not {g for g in grants if "*" in g}
-    forbidden = {"secrets", "pods", "pods/exec", "clusterroles", "clusterrolebindings", "nodes"}
+    forbidden = {"secrets", "pods/exec", "pods/eviction", "clusterroles", "clusterrolebindings", "nodes"}
     assert not {g for g in grants if g[1] in forbidden}
     assert ("kvrelay.dev", "disaggregatedmodels", "delete") not in grants
     assert ("apiextensions.k8s.io", "customresourcedefinitions", "create") not in grants

@@ -169,8 +169,8 @@ IMPORTED_MOUNT = {"name": "imported-model", "mountPath": "/var/lib/kvrelay"}
 @pytest.mark.parametrize(
     ("source", "model_volume", "gguf_path", "importer_mounts"),
     [
-        # The importer must see the image's /models, so the (empty) model volume is not mounted on it.
-        ("/models/smollm2.gguf", {"name": "model", "emptyDir": {}}, "/models/smollm2.gguf", []),
+        # The importer must see the image's /models, so no volume is mounted over it.
+        ("/models/smollm2.gguf", None, "/models/smollm2.gguf", []),
         # The claim stays read-only; the importer reads it and writes the emptyDir.
         (
             "pvc://weights/gguf/model.gguf",
@@ -182,7 +182,7 @@ IMPORTED_MOUNT = {"name": "imported-model", "mountPath": "/var/lib/kvrelay"}
     ids=["image", "pvc"],
 )
 def test_gguf_sources_are_imported_by_an_init_container(
-    source: str, model_volume: dict[str, Any], gguf_path: str, importer_mounts: list[dict[str, Any]]
+    source: str, model_volume: dict[str, Any] | None, gguf_path: str, importer_mounts: list[dict[str, Any]]
 ) -> None:
     children = render(spec(model={"source": source}, image="mine:2", imagePullPolicy="Always"))
     for role in ("prefill", "decode", "router"):
@@ -200,14 +200,15 @@ def test_gguf_sources_are_imported_by_an_init_container(
         }  # fmt: skip
         assert [e["name"] for e in init["env"]] == GGUF_ENV
         assert _model_flag(c) == "/var/lib/kvrelay/imported"
-        assert p["volumes"][:2] == [model_volume, IMPORTED]
-        assert c["volumeMounts"][:2] == [
-            {"name": "model", "mountPath": "/models"}, {**IMPORTED_MOUNT, "readOnly": True}
-        ]  # fmt: skip
-    assert [v["name"] for v in pod(children, "decode")["volumes"]] == ["model", "imported-model", "dshm"]
-    assert [m["name"] for m in container(children, "decode")["volumeMounts"]] == [
-        "model", "imported-model", "dshm"
-    ]  # fmt: skip
+        model_mounts = [] if model_volume is None else [{"name": "model", "mountPath": "/models"}]
+        assert p["volumes"][: len(model_mounts) + 1] == [*([model_volume] if model_volume else []), IMPORTED]
+        assert c["volumeMounts"][: len(model_mounts) + 1] == [
+            *model_mounts,
+            {**IMPORTED_MOUNT, "readOnly": True},
+        ]
+    names = ["imported-model", "dshm"] if model_volume is None else ["model", "imported-model", "dshm"]
+    assert [v["name"] for v in pod(children, "decode")["volumes"]] == names
+    assert [m["name"] for m in container(children, "decode")["volumeMounts"]] == names
 
 
 def test_gguf_init_command_parses_with_the_real_importer(tmp_path: pathlib.Path) -> None:
@@ -232,6 +233,15 @@ def test_non_gguf_paths_are_not_imported(source: str, inits: list[str], model_pa
     assert "imported-model" not in [v["name"] for v in p["volumes"]]
     assert [i["name"] for i in p.get("initContainers", [])] == inits
     assert _model_flag(container(children, "decode")) == model_path
+
+
+def test_an_image_path_is_not_hidden_by_a_volume() -> None:
+    """A model baked into the image at /models/x must stay visible: nothing is mounted on /models."""
+    children = render(spec(model={"source": "/models/tiny"}))
+    for role in ("prefill", "decode", "router"):
+        mounts = [m["mountPath"] for m in container(children, role).get("volumeMounts", [])]
+        assert not [m for m in mounts if "/models/tiny".startswith(m.rstrip("/") + "/")], (role, mounts)
+        assert "model" not in [v["name"] for v in pod(children, role).get("volumes", [])]
 
 
 def test_router_deployment_service_and_rbac() -> None:

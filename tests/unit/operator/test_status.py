@@ -5,7 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from kvrelay_operator import api
-from kvrelay_operator.status import DeploymentState, compute_status, set_condition, status_merge_patch
+from kvrelay_operator.status import (
+    DeploymentState,
+    PodScheduling,
+    compute_status,
+    set_condition,
+    status_merge_patch,
+    unschedulable_by_role,
+)
 
 NOW, LATER = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
 ENDPOINT = "http://m-router.ns.svc:8000/v1"
@@ -144,3 +151,42 @@ def test_state_from_deployment_body() -> None:
         3,
     )
     assert DeploymentState.from_body({}).spec_replicas == 0
+
+
+def pod(role: str, name: str, message: str | None) -> dict[str, Any]:
+    conditions = [] if message is None else [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}
+    ]  # fmt: skip
+    return {"metadata": {"name": name}, "status": {"conditions": conditions}}
+
+
+def test_the_schedulers_reason_names_the_stuck_role() -> None:
+    why = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+    pods = [
+        PodScheduling.from_body(pod("decode", "m-decode-b", why), "decode"),
+        PodScheduling.from_body(pod("decode", "m-decode-a", why), "decode"),
+        PodScheduling.from_body(pod("prefill", "m-prefill-a", None), "prefill"),
+    ]
+    stuck = unschedulable_by_role(pods)
+    assert stuck == {"decode": f"2 pods unschedulable: {why}"}
+    out = compute_status(
+        spec(decode={"replicas": 2}), api.DisaggregatedModelStatus(),
+        {"prefill": ready(1), "decode": ready(2, 0), "router": ready(1)}, 1, ENDPOINT, NOW,
+        unschedulable=stuck,
+    )  # fmt: skip
+    c = conditions(out)
+    assert (c["PodsScheduled"].status, c["PodsScheduled"].reason) == ("False", "Unschedulable")
+    assert c["PodsScheduled"].message == f"decode: 2 pods unschedulable: {why}"
+    assert c["Ready"].message == f"decode 0/2 ready (2 pods unschedulable: {why})"
+    assert out.phase == "Progressing"
+    placed = compute_status(spec(), out, {"prefill": ready(1), "decode": ready(1), "router": ready(1)}, 1,
+                            ENDPOINT, LATER, unschedulable={})  # fmt: skip
+    assert conditions(placed)["PodsScheduled"].status == "True"
+    assert conditions(placed)["PodsScheduled"].last_transition_time == LATER
+
+
+def test_a_pod_still_being_scheduled_is_not_unschedulable() -> None:
+    gated = {"type": "PodScheduled", "status": "False", "reason": "SchedulingGated", "message": "gated"}
+    waiting = {"metadata": {"name": "p"}, "status": {"conditions": [gated]}}
+    assert PodScheduling.from_body(waiting, "decode").unschedulable is None
+    assert PodScheduling.from_body({"metadata": {"name": "p"}}, "decode").unschedulable is None
