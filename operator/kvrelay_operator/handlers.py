@@ -22,9 +22,11 @@ import datetime
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 from pydantic import BaseModel, Field, ValidationError
 
 from kvrelay_operator import api, resources
@@ -38,10 +40,12 @@ from kvrelay_operator.status import (
     set_condition,
     status_merge_patch,
     unschedulable_by_role,
+    unschedulable_message,
 )
 
 log = logging.getLogger(__name__)
 DEFAULT_WORKER_IMAGE = "ghcr.io/kvrelay/kvrelay-worker:0.1.0"
+SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 CHILD_LABELS = {resources.LABEL_NAME: resources.APP_NAME, resources.LABEL_ROLE: kopf.PRESENT}
 
 
@@ -146,8 +150,14 @@ def models_by_name(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict
 
 @kopf.on.login()
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    """In-cluster service account, else KUBECONFIG as it is now (not at import time)."""
-    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+    """In a pod, the service account at the kubelet's KUBERNETES_SERVICE_HOST/PORT; else KUBECONFIG
+    as it is now (not at import time)."""
+    # Not kopf.login_with_service_account: it dials https://kubernetes.default.svc, which needs
+    # cluster DNS and port 443; the address in the environment is what every official client uses,
+    # and the one our KubeClient (kubernetes.config.load_incluster_config) uses too.
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and os.path.exists(SERVICE_ACCOUNT_TOKEN):
+        return kopf.login_via_client(**kwargs)
+    return kopf.login_with_kubeconfig(**kwargs)
 
 
 @kopf.on.startup()
@@ -279,7 +289,6 @@ def on_deployment_event(
     if parent is None:
         return
     spec, status = _parse(parent.get("spec") or {}, parent.get("status") or {})
-    conditions = list(status.conditions)
     if event.get("type") == "DELETED":
         _apply_deployment(state, parent, role)
         kopf.event(
@@ -288,44 +297,68 @@ def on_deployment_event(
         return
     target = target_replicas(spec, status, role)  # type: ignore[arg-type]
     live = (body.get("spec") or {}).get("replicas")
+    adjust = _unchanged
     if live != target:
         _apply_deployment(state, parent, role)
         message = f"Deployment {meta['name']} was scaled to {live} outside the operator; restored to {target}"
         kopf.event(parent, type="Warning", reason="ReplicasRestored", message=message)
-        conditions = set_condition(
-            conditions,
-            "DriftCorrected",
-            "True",
-            "ReplicasRestored",
-            message,
-            _now(),
-            status.observed_generation,
-        )
-    base = status.model_copy(update={"conditions": conditions})
-    _mirror_status(state, parent, spec, status, base, deployments_by_model, pods_by_model)
+        adjust = _drift_corrected(message, _now())
+    _mirror_status(state, parent, adjust, deployments_by_model, pods_by_model)
+
+
+StatusAdjustment = Callable[[api.DisaggregatedModelStatus], api.DisaggregatedModelStatus]
+
+
+def _unchanged(status: api.DisaggregatedModelStatus) -> api.DisaggregatedModelStatus:
+    return status
+
+
+def _drift_corrected(message: str, now: str) -> StatusAdjustment:
+    """Sets condition DriftCorrected on whatever status the mirror starts from (it may re-read it)."""
+
+    def adjust(status: api.DisaggregatedModelStatus) -> api.DisaggregatedModelStatus:
+        conditions = set_condition(status.conditions, "DriftCorrected", "True", "ReplicasRestored", message,
+                                   now, status.observed_generation)  # fmt: skip
+        return status.model_copy(update={"conditions": conditions})
+
+    return adjust
 
 
 def _mirror_status(
     state: OperatorState,
     parent: dict[str, Any],
-    spec: api.DisaggregatedModelSpec,
-    status: api.DisaggregatedModelStatus,
-    base: api.DisaggregatedModelStatus,
+    adjust: StatusAdjustment,
     deployments_by_model: kopf.Index,
     pods_by_model: kopf.Index,
 ) -> None:
-    """Patches the parent's status with what its children's current states say (if anything changed)."""
+    """Patches the parent's status with what its children's current states say (if anything changed).
+
+    The patch is conditional on the parent's resourceVersion: the parent from the index may be older
+    than a status another handler (or the autoscaler) just wrote, and a merge patch replaces the
+    whole conditions list. On a conflict the parent is re-read and the status recomputed.
+    """
     meta = parent["metadata"]
     namespace, name = meta["namespace"], meta["name"]
-    ctx = _ctx(state, name, namespace, meta["uid"], False)
-    deployments = _deployment_states(deployments_by_model, namespace, name)
-    new = compute_status(
-        spec, base, deployments, meta.get("generation") or 0, resources.router_endpoint(spec, ctx), _now(),
-        unschedulable=_unschedulable(pods_by_model, namespace, name),
-    )  # fmt: skip
-    diff = status_merge_patch(status, new)
-    if diff:
-        state.kube.patch_status(namespace, name, diff)
+    for _ in range(3):
+        spec, status = _parse(parent.get("spec") or {}, parent.get("status") or {})
+        ctx = _ctx(state, name, namespace, parent["metadata"]["uid"], False)
+        deployments = _deployment_states(deployments_by_model, namespace, name)
+        new = compute_status(
+            spec, adjust(status), deployments, parent["metadata"].get("generation") or 0,
+            resources.router_endpoint(spec, ctx), _now(),
+            unschedulable=_unschedulable(pods_by_model, namespace, name),
+        )  # fmt: skip
+        diff = status_merge_patch(status, new)
+        if not diff:
+            return
+        try:
+            state.kube.patch_status(namespace, name, diff, parent["metadata"].get("resourceVersion"))
+            return
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            parent = state.kube.get_model(namespace, name)
+    raise kopf.TemporaryError(f"status of {namespace}/{name} kept changing under the mirror", delay=1)
 
 
 @kopf.on.event("", "v1", "pods", labels=CHILD_LABELS)
@@ -343,8 +376,12 @@ def on_pod_event(
     parent = next(iter(models_by_name.get((namespace, instance), [])), None)
     if parent is None or parent["metadata"].get("deletionTimestamp"):
         return
-    spec, status = _parse(parent.get("spec") or {}, parent.get("status") or {})
-    _mirror_status(_state(memo), parent, spec, status, status, deployments_by_model, pods_by_model)
+    status = api.DisaggregatedModelStatus.model_validate(dict(parent.get("status") or {}))
+    scheduled = next((c for c in status.conditions if c.type == "PodsScheduled"), None)
+    wanted = unschedulable_message(_unschedulable(pods_by_model, namespace, instance))
+    if scheduled is not None and scheduled.message == wanted:
+        return  # most pod events (starts, readiness) change nothing here; Deployment events cover them
+    _mirror_status(_state(memo), parent, _unchanged, deployments_by_model, pods_by_model)
 
 
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)

@@ -114,10 +114,20 @@ class KubeClient:
         path = collection_path(api_version, kind, namespace)
         return self._call("GET", path, {"labelSelector": label_selector}).get("items") or []
 
-    def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
-        """JSON merge patch on a DisaggregatedModel's status subresource."""
+    def patch_status(
+        self, namespace: str, name: str, patch: dict[str, Any], resource_version: str | None = None
+    ) -> dict[str, Any]:
+        """JSON merge patch on a DisaggregatedModel's status subresource; with resource_version, the
+        API server refuses it (409 Conflict) if the model changed since that version was read."""
         path = f"{collection_path(api.API_VERSION, api.KIND, namespace)}/{name}/status"
-        return self._call("PATCH", path, body={"status": patch}, content_type="application/merge-patch+json")
+        body: dict[str, Any] = {"status": patch}
+        if resource_version is not None:
+            body["metadata"] = {"resourceVersion": resource_version}
+        return self._call("PATCH", path, body=body, content_type="application/merge-patch+json")
+
+    def get_model(self, namespace: str, name: str) -> dict[str, Any]:
+        """A DisaggregatedModel as the API server has it now."""
+        return self._call("GET", f"{collection_path(api.API_VERSION, api.KIND, namespace)}/{name}")
 
     def group_version_served(self, group_version: str) -> bool:
         """Whether the API server serves a group/version (e.g. monitoring.coreos.com/v1)."""

@@ -95,6 +95,11 @@ def unschedulable_by_role(pods: list[PodScheduling]) -> dict[str, str]:
     return out
 
 
+def unschedulable_message(unschedulable: dict[str, str]) -> str:
+    """The PodsScheduled condition's message for unschedulable_by_role's result ('' when all placed)."""
+    return "; ".join(f"{role}: {why}" for role, why in unschedulable.items())
+
+
 def _failing(state: DeploymentState) -> str | None:
     """Why a Deployment is failing, from its own conditions, or None."""
     for cond in state.conditions:
@@ -168,7 +173,7 @@ def compute_status(
     else:
         conds = set_condition(conds, "Degraded", "False", "AsExpected", "", now, gen)
     if unschedulable:
-        message = "; ".join(f"{role}: {why}" for role, why in unschedulable.items())
+        message = unschedulable_message(unschedulable)
         conds = set_condition(conds, "PodsScheduled", "False", "Unschedulable", message, now, gen)
     else:
         conds = set_condition(conds, "PodsScheduled", "True", "AllScheduled", "", now, gen)
