@@ -1,5 +1,7 @@
-"""Control-plane fixtures: a real etcd + kube-apiserver per session, CRDs applied with a real kubectl,
-a fresh namespace per test and a namespace-scoped in-process operator (kopf.testing.KopfRunner)."""
+"""Control-plane fixtures: per session a real etcd, kube-apiserver, kube-controller-manager and
+kube-scheduler with kwok node pools (pods are created, scheduled and go Ready; nobody writes their
+status by hand), CRDs applied with a real kubectl, a fresh namespace per test and a
+namespace-scoped in-process operator (kopf.testing.KopfRunner)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from kvrelay_envtest import (
 )
 from kvrelay_operator import main
 from kvrelay_operator.kube import KubeClient
+from kwok_nodes import NodeSpec, add_kwok_nodes, cpu_node, find_kwok, gpu_node, start_kwok
 
 CRD_NAME = "disaggregatedmodels.kvrelay.dev"
 
@@ -31,13 +34,29 @@ CRD_NAME = "disaggregatedmodels.kvrelay.dev"
 HANDLER_MODULES = [arg for module in main.HANDLER_MODULES for arg in ("-m", module)]
 
 
+# The examples' GPU pools (tainted nvidia.com/gpu) with room for every test's models at once, and
+# untainted nodes for routers and for models that set no tolerations (examples/tiny.yaml).
+NODE_POOLS: list[NodeSpec] = [
+    *(gpu_node(f"h100-{i}", "prefill-h100", 8, zone=f"zone-{'ab'[i % 2]}") for i in range(3)),
+    *(gpu_node(f"l40s-{i}", "decode-l40s", 4, zone=f"zone-{'ab'[i % 2]}") for i in range(4)),
+    *(cpu_node(f"system-{i}") for i in range(2)),
+    *(NodeSpec(f"gpu-{i}", "untainted-gpu", {**gpu_node("", "", 8).capacity}) for i in range(2)),
+]
+
+
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[ControlPlane]:
-    """etcd + kube-apiserver for the whole session; KUBECONFIG points at it meanwhile."""
-    assets, reason = find_assets()
+    """The control plane with controllers and kwok node pools for the whole session; KUBECONFIG
+    points at it meanwhile."""
+    assets, reason = find_assets(controllers=True)
     if assets is None:
         pytest.skip(reason)
-    with control_plane(assets) as cp:
+    kwok, reason = find_kwok(assets)
+    if kwok is None:
+        pytest.skip(reason)
+    with control_plane(assets, controllers=True) as cp:
+        start_kwok(cp, kwok)
+        add_kwok_nodes(cp, NODE_POOLS)
         previous = os.environ.get("KUBECONFIG")
         os.environ["KUBECONFIG"] = str(cp.kubeconfig)
         try:
@@ -93,10 +112,11 @@ def kube(cluster: ControlPlane) -> KubeClient:
 
 @pytest.fixture
 def namespace(kubectl: Kubectl, crds: None) -> Iterator[str]:
-    """A fresh namespace per test (left for the session teardown: no namespace controller runs)."""
+    """A fresh namespace per test, deleted after it (the namespace controller frees its pods)."""
     name = f"t-{uuid.uuid4().hex[:8]}"
     kubectl("create", "namespace", name, check=True)
     yield name
+    kubectl("delete", "namespace", name, "--wait=false")
 
 
 @pytest.fixture

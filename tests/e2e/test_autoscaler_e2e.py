@@ -6,13 +6,12 @@
    kube-apiserver with a DisaggregatedModel in mode auto pointing at that Prometheus: under load
    it raises status.<role>.desiredReplicas, records why (status, Event, metrics), the reconciler
    scales the Deployments, and after the load stops and the cooldown passes it lowers them again.
-   No kubelet runs, so a helper plays the deployment controller: it marks the Deployment's
-   replicas ready through the status subresource, as the real one would once pods start.
+   The controllers and the scheduler run, and kwok fake GPU nodes take the pods (Running/Ready
+   without containers): nobody writes Deployment status by hand.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -148,12 +147,20 @@ def test_reader_reports_absent_model_and_unreachable_prometheus(stack: Stack) ->
 def control_plane() -> Iterator[Any]:
     sys.path.insert(0, str(REPO_ROOT / "tests" / "controlplane"))
     import kvrelay_envtest as envtest
+    import kwok_nodes
 
-    assets, reason = envtest.find_assets()
+    assets, reason = envtest.find_assets(controllers=True)
     kubectl, kubectl_reason = envtest.find_kubectl()
     if assets is None or kubectl is None:
         pytest.skip(f"no control plane: {reason or kubectl_reason}")
-    with envtest.control_plane(assets) as cp:
+    kwok, kwok_reason = kwok_nodes.find_kwok(assets)
+    if kwok is None:
+        pytest.skip(kwok_reason)
+    with envtest.control_plane(assets, controllers=True) as cp:
+        kwok_nodes.start_kwok(cp, kwok)
+        # Untainted GPU nodes: examples/tiny.yaml sets no tolerations; room for 4+4 replicas.
+        capacity = kwok_nodes.gpu_node("", "", 8).capacity
+        kwok_nodes.add_kwok_nodes(cp, [kwok_nodes.NodeSpec(f"gpu-{i}", "gpu", capacity) for i in range(2)])
         previous = os.environ.get("KUBECONFIG")
         os.environ["KUBECONFIG"] = str(cp.kubeconfig)
         try:
@@ -185,42 +192,6 @@ def control_plane() -> Iterator[Any]:
                 os.environ["KUBECONFIG"] = previous
 
 
-class DeploymentController:
-    """Plays the deployment controller (no kubelet here): every replica of each Deployment is ready."""
-
-    def __init__(self, namespace: str) -> None:
-        from kubernetes import client, config
-
-        # Explicit path: the client reads $KUBECONFIG once, at import, maybe before this test set it.
-        config.load_kube_config(config_file=os.environ["KUBECONFIG"])
-        self.apps = client.AppsV1Api()
-        self.namespace = namespace
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self.stop.wait(0.5):
-            with contextlib.suppress(Exception):  # objects come and go; the next round retries
-                for d in self.apps.list_namespaced_deployment(self.namespace).items:
-                    self._mark_ready(d)
-
-    def _mark_ready(self, d: Any) -> None:
-        n = d.spec.replicas or 0
-        if (d.status.ready_replicas or 0) == n and d.status.observed_generation == d.metadata.generation:
-            return
-        status = {"observedGeneration": d.metadata.generation, "replicas": n, "updatedReplicas": n,
-                  "readyReplicas": n, "availableReplicas": n}  # fmt: skip
-        self.apps.patch_namespaced_deployment_status(d.metadata.name, self.namespace, {"status": status})
-
-    def __enter__(self) -> DeploymentController:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(timeout=10)
-
-
 def test_operator_scales_up_under_load_and_back_down_after_it(stack: Stack, control_plane: Any) -> None:
     from kopf.testing import KopfRunner
     from prometheus_client import REGISTRY
@@ -238,6 +209,10 @@ def test_operator_scales_up_under_load_and_back_down_after_it(stack: Stack, cont
             "replicas"
         ]
 
+    def ready(role: str) -> int:
+        d = json.loads(kc("get", "deployment", f"auto-{role}", "-n", namespace, "-o", "json"))
+        return (d.get("status") or {}).get("readyReplicas") or 0
+
     namespace = f"as-{os.getpid()}-{int(time.time()) % 100000}"
     kc("create", "namespace", namespace)
     cr = yaml.safe_load((REPO_ROOT / "examples" / "tiny.yaml").read_text())
@@ -254,7 +229,7 @@ def test_operator_scales_up_under_load_and_back_down_after_it(stack: Stack, cont
     }  # fmt: skip
     args = ["run", "--standalone", "--namespace", namespace,
             "-m", "kvrelay_operator.handlers", "-m", "kvrelay_operator.autoscaler.kopf_timer"]  # fmt: skip
-    with KopfRunner(args, timeout=60) as runner, DeploymentController(namespace):
+    with KopfRunner(args, timeout=60) as runner:
         env = {**os.environ, "KUBECONFIG": str(cp.kubeconfig)}
         subprocess.run([str(kubectl), "apply", "-n", namespace, "-f", "-"], input=json.dumps(cr), text=True,
                        check=True, capture_output=True, env=env)  # fmt: skip
@@ -267,6 +242,8 @@ def test_operator_scales_up_under_load_and_back_down_after_it(stack: Stack, cont
             envtest.wait_for(
                 lambda: replicas("prefill") >= 3, timeout=30, interval=0.5, what="Deployment scaled"
             )
+            # The controllers made the pods, the scheduler placed them and kwok made them Ready.
+            envtest.wait_for(lambda: ready("prefill") >= 3, timeout=60, interval=0.5, what="pods Ready")
             assert "up: load needs" in up["autoscaler"]["reason"]
             assert up["autoscaler"]["inputs"]["prompt_tokens_per_second"] > 0
             raised = {role: up[role]["desiredReplicas"] for role in ("prefill", "decode")}
