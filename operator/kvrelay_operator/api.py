@@ -133,6 +133,16 @@ class WorkerRoleSpec(CRModel):
     )
     env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables.")
     extra_args: list[str] = Field(default_factory=list, description="Extra kvrelay-worker arguments.")
+    drain_seconds: int = Field(
+        default=120,
+        ge=5,
+        le=3600,
+        description="How long a worker drains when its pod is stopped (scale-down, rollout, eviction): it "
+        "admits nothing new, finishes running requests and keeps serving the prompt KV it holds until "
+        "decode workers have read it, then exits. Requests still running at the end are migrated by the "
+        "router to another worker, so this need not cover the longest generation. The pod's "
+        "terminationGracePeriodSeconds is this plus a small margin.",
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> WorkerRoleSpec:

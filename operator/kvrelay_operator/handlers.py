@@ -14,6 +14,9 @@ What triggers what:
   This is the autoscaler hook: in mode auto the autoscaler's kopf timer only patches
   `status.<role>.desiredReplicas` and `status.autoscaler`; the resulting watch event makes this
   handler apply the new replicas (clamped to min/max). The autoscaler never writes Deployments.
+  Before a scale-down it marks the role's pods with `controller.kubernetes.io/pod-deletion-cost`
+  (victims.py, from each worker's /metrics: pod_load.py) so the ReplicaSet controller removes the
+  least-loaded pods; failing to mark them is logged and counted, never a reason not to scale.
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ from typing import Any
 
 import kopf
 from kubernetes.client.exceptions import ApiException
+from prometheus_client import Counter
 from pydantic import BaseModel, Field, ValidationError
 
 from kvrelay_operator import api, resources
 from kvrelay_operator.apply import ApplyError, ChildApplier
 from kvrelay_operator.kube import PROMETHEUS_OPERATOR_GROUP_VERSION, KubeClient
+from kvrelay_operator.pod_load import DEFAULT_URL_TEMPLATE, PodLoadReader
 from kvrelay_operator.replicas import target_replicas
 from kvrelay_operator.status import (
     DeploymentState,
@@ -42,11 +47,17 @@ from kvrelay_operator.status import (
     unschedulable_by_role,
     unschedulable_message,
 )
+from kvrelay_operator.victims import DELETION_COST, WorkerPod, plan_deletion_costs
 
 log = logging.getLogger(__name__)
 DEFAULT_WORKER_IMAGE = "ghcr.io/kvrelay/kvrelay-worker:0.1.0"
 SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 CHILD_LABELS = {resources.LABEL_NAME: resources.APP_NAME, resources.LABEL_ROLE: kopf.PRESENT}
+VICTIM_ERRORS = Counter(
+    "kvrelay_scale_down_victim_errors",
+    "Failures while marking a shrinking pool's pods with deletion costs (the scale-down went ahead).",
+    ["model", "role", "step"],
+)
 
 
 class OperatorConfig(BaseModel):
@@ -59,13 +70,21 @@ class OperatorConfig(BaseModel):
     monitoring_check_seconds: float = Field(
         default=300.0, description="How often to re-detect PodMonitor CRDs."
     )
+    pod_metrics_url: str = Field(
+        default=DEFAULT_URL_TEMPLATE,
+        description="URL of a worker pod's /metrics; fields {ip}, {port}, {pod}, {namespace}.",
+    )
+    pod_metrics_timeout_seconds: float = Field(
+        default=1.0, gt=0, description="Timeout of each /metrics read before a scale-down."
+    )
 
     @classmethod
     def from_env(cls) -> OperatorConfig:
-        """Reads KVRELAY_WORKER_IMAGE and KVRELAY_PROMETHEUS_URL."""
+        """Reads KVRELAY_WORKER_IMAGE, KVRELAY_PROMETHEUS_URL and KVRELAY_POD_METRICS_URL."""
         return cls(
             default_image=os.environ.get("KVRELAY_WORKER_IMAGE", DEFAULT_WORKER_IMAGE),
             prometheus_url=os.environ.get("KVRELAY_PROMETHEUS_URL") or None,
+            pod_metrics_url=os.environ.get("KVRELAY_POD_METRICS_URL") or DEFAULT_URL_TEMPLATE,
         )
 
 
@@ -76,6 +95,7 @@ class OperatorState:
         self.kube = kube
         self.config = config
         self.applier = ChildApplier(kube)
+        self.pod_loads = PodLoadReader(config.pod_metrics_url, config.pod_metrics_timeout_seconds)
         self._monitoring: tuple[float, bool] | None = None
 
     def pod_monitor_available(self) -> bool:
@@ -339,7 +359,7 @@ def _mirror_status(
     """
     meta = parent["metadata"]
     namespace, name = meta["namespace"], meta["name"]
-    for _ in range(3):
+    for _ in range(5):
         spec, status = _parse(parent.get("spec") or {}, parent.get("status") or {})
         ctx = _ctx(state, name, namespace, parent["metadata"]["uid"], False)
         deployments = _deployment_states(deployments_by_model, namespace, name)
@@ -358,7 +378,8 @@ def _mirror_status(
             if exc.status != 409:
                 raise
             parent = state.kube.get_model(namespace, name)
-    raise kopf.TemporaryError(f"status of {namespace}/{name} kept changing under the mirror", delay=1)
+    # Someone else keeps writing it: each of those writes is a watch event that mirrors again.
+    log.info("status of %s/%s kept changing under the mirror; the next event mirrors it", namespace, name)
 
 
 @kopf.on.event("", "v1", "pods", labels=CHILD_LABELS)
@@ -407,8 +428,44 @@ def on_model_event(
         current = states.get(role)
         target = target_replicas(spec, status, role)
         if current is not None and current.spec_replicas != target:
+            served, num_removed = spec.model.served_name or name, current.spec_replicas - target
+            victims = _maybe_mark_victims(state, namespace, name, served, role, num_removed)
             _apply_deployment(state, dict(body), role)
-            kopf.event(
-                body, type="Normal", reason="Scaled",
-                message=f"{role} scaled {current.spec_replicas} -> {target} (autoscaler desiredReplicas)",
-            )  # fmt: skip
+            message = f"{role} scaled {current.spec_replicas} -> {target} (autoscaler desiredReplicas)"
+            if victims:
+                message += f"; least loaded first: {', '.join(victims)}"
+            kopf.event(body, type="Normal", reason="Scaled", message=message[:1000])
+
+
+def _maybe_mark_victims(
+    state: OperatorState, namespace: str, name: str, served: str, role: str, num_removed: int
+) -> list[str]:
+    """Before a scale-down, sets each of the role's pods' deletion cost (victims.py); returns the pods
+    expected to go. Best effort: a failure is logged and counted, and the scale-down goes ahead.
+
+    The annotations are written before the Deployment is patched: the ReplicaSet controller then
+    picks from pods whose costs its informer has already seen (two controller hops later).
+    """
+    if num_removed <= 0:
+        return []
+    selector = ",".join(f"{k}={v}" for k, v in resources.selector_labels(name, role).items())
+    try:
+        pods = [WorkerPod.from_body(b) for b in state.kube.list("v1", "Pod", namespace, selector)]
+    except Exception as exc:  # whatever went wrong, the pool must still shrink
+        log.warning("%s/%s %s: cannot list pods to choose victims: %s", namespace, name, role, exc)
+        VICTIM_ERRORS.labels(served, role, "list").inc()
+        return []
+    loads, unread = state.pod_loads.read(namespace, pods, resources.METRICS_PORT)
+    for pod, why in unread.items():
+        log.warning("%s/%s: load of pod %s unknown (lowest deletion cost): %s", namespace, name, pod, why)
+        VICTIM_ERRORS.labels(served, role, "read").inc()
+    plan = plan_deletion_costs(pods, loads, num_removed)
+    for pod, cost in plan.changed.items():
+        try:
+            state.kube.annotate_pod(namespace, pod, {DELETION_COST: str(cost)})
+        except Exception as exc:  # e.g. 403 where the chart's pod-deletion-cost grant is off
+            log.warning("%s/%s: cannot set %s on pod %s: %s", namespace, name, DELETION_COST, pod, exc)
+            VICTIM_ERRORS.labels(served, role, "annotate").inc()
+    log.info("%s/%s %s: deletion costs %s; expected to go: %s", namespace, name, role, plan.costs,
+             plan.victims)  # fmt: skip
+    return plan.victims

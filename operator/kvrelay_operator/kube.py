@@ -1,4 +1,5 @@
-"""The operator's only Kubernetes API client: server-side apply, label-selected lists, status patches.
+"""The operator's only Kubernetes API client: server-side apply, label-selected lists, status patches,
+pod annotations.
 
 Thin on purpose (raw paths over the official client's ApiClient) so one code path serves every
 child kind, including CRD kinds such as PodMonitor; it counts requests for the benchmarks.
@@ -27,6 +28,7 @@ PLURALS = {
     "Role": "roles",
     "RoleBinding": "rolebindings",
     "PodMonitor": "podmonitors",
+    "Pod": "pods",
     api.KIND: api.PLURAL,
 }
 # kind -> apiVersion of each kind of child a DisaggregatedModel has (resources.render_children).
@@ -123,6 +125,13 @@ class KubeClient:
         body: dict[str, Any] = {"status": patch}
         if resource_version is not None:
             body["metadata"] = {"resourceVersion": resource_version}
+        return self._call("PATCH", path, body=body, content_type="application/merge-patch+json")
+
+    def annotate_pod(self, namespace: str, name: str, annotations: dict[str, str]) -> dict[str, Any]:
+        """JSON merge patch of metadata.annotations only (the chart's admission policy allows the
+        operator no other change to a pod)."""
+        path = f"{collection_path('v1', 'Pod', namespace)}/{name}"
+        body = {"metadata": {"annotations": annotations}}
         return self._call("PATCH", path, body=body, content_type="application/merge-patch+json")
 
     def get_model(self, namespace: str, name: str) -> dict[str, Any]:

@@ -34,6 +34,10 @@ GPU_RESOURCE = "nvidia.com/gpu"
 RUN_AS_USER = 10001  # the worker image's user (worker_image/Dockerfile)
 # Model loads can take many minutes (download + weights to GPU): allow up to 30 min before liveness.
 STARTUP_PERIOD_S, STARTUP_FAILURES = 10, 180
+# terminationGracePeriodSeconds = drainSeconds + this: after its drain deadline the worker still ends
+# the streams it cut off, stops the gRPC server (2 s grace), joins the engine thread and tears down
+# torch/CUDA; SIGKILL must not land in that, or clients see a reset instead of the drain status.
+DRAIN_EXIT_MARGIN_S = 15
 UCX_TLS_BY_TRANSPORT = {"rdma": "rc,ud,sm,self,cuda_copy,cuda_ipc,gdr_copy", "tcp": "tcp,sm,self,cuda_copy"}
 
 
@@ -193,7 +197,7 @@ def worker_args(
         "--host", "0.0.0.0", "--grpc-port", str(GRPC_PORT), "--metrics-port", str(METRICS_PORT),
         "--kv-backend", kv.backend, "--kv-port", str(kv.port), "--kv-failure-policy", kv.failure_policy,
         "--kv-lease-s", str(kv.lease_seconds), "--kv-fetch-timeout-s", str(kv.timeout_seconds),
-        "--max-model-len", str(spec.model.max_model_len),
+        "--max-model-len", str(spec.model.max_model_len), "--drain-seconds", str(role_spec.drain_seconds),
     ]  # fmt: skip
     if spec.model.dtype != "auto":
         args += ["--dtype", spec.model.dtype]
@@ -311,9 +315,11 @@ def _probes(ready: dict[str, Any], live: dict[str, Any]) -> dict[str, Any]:
 
 
 def _worker_probes() -> dict[str, Any]:
-    # The worker opens its gRPC port only once the model is loaded, so a TCP check on it is a
-    # readiness signal; liveness is the /metrics server answering.
-    return _probes({"tcpSocket": {"port": "grpc"}}, {"httpGet": {"path": "/metrics", "port": "metrics"}})
+    # /ready answers 200 only once the model is loaded and until the worker starts draining (503
+    # from its first SIGTERM on), so a draining worker leaves the router's endpoints. Liveness is
+    # /metrics, which keeps answering while draining: a drain must never look like a hang.
+    ready = {"httpGet": {"path": "/ready", "port": "metrics"}}
+    return _probes(ready, {"httpGet": {"path": "/metrics", "port": "metrics"}})
 
 
 def _router_probes() -> dict[str, Any]:
@@ -385,8 +391,11 @@ def _worker_deployment(
         "securityContext": _pod_security(),
         "affinity": _affinity(ctx, role, role_spec.affinity),
         "topologySpreadConstraints": _topology_spread(ctx, role),
-        # Draining a sequence or a held KV lease takes a while; give in-flight work time to finish.
-        "terminationGracePeriodSeconds": 60,
+        # No preStop hook: the worker drains on SIGTERM itself. The pod leaves its EndpointSlices
+        # when it gets its deletionTimestamp, and a request that still arrives meanwhile is refused
+        # with UNAVAILABLE "draining: ..." (the router retries it elsewhere), not dropped, so a
+        # preStop sleep would only delay the drain.
+        "terminationGracePeriodSeconds": role_spec.drain_seconds + DRAIN_EXIT_MARGIN_S,
         "volumes": [
             *storage.volumes,
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": role_spec.shm_size}},

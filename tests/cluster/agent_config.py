@@ -28,6 +28,9 @@ class AgentConfig:
     # their destinations, these variables set unless the pod sets them.
     image_path: list[str] = field(default_factory=list)
     image_binds: list[tuple[str, str]] = field(default_factory=list)
+    # This fake image's interpreter and source tree where they live under a path a pod's own /tmp
+    # (or a volume) would hide: mounted last, over the volumes, at their own paths.
+    runtime_binds: list[str] = field(default_factory=list)
     image_env: dict[str, str] = field(default_factory=dict)
     allocatable: dict[str, str] = field(default_factory=dict)
     max_probe_period_s: float = 1.0

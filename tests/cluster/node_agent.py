@@ -333,6 +333,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-dir", help="one log file per container (default: <state-dir>/logs)")
     p.add_argument("--image-path-prepend", action="append", default=[], help="a dir put first on PATH")
     p.add_argument("--image-bind", action="append", default=[], help="SRC:DST, a host path at DST read-only")
+    p.add_argument("--runtime-bind", action="append", default=[],
+                   help="a host dir mounted read-only at its own path over all volumes")  # fmt: skip
     p.add_argument("--image-env", action="append", default=[], help="KEY=VALUE the 'image' sets")
     p.add_argument("--api-server-for-pods", help="https://HOST:PORT pods use (default: the kubeconfig's)")
     p.add_argument("--ca-file", help="ca.crt for pods' API access (default: the kubeconfig's CA)")
@@ -369,6 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         state_dir=state_dir, log_dir=log_dir, api_host=api.hostname or "", api_port=api.port or 443,
         ca_file=args.ca_file or rest.ca_file, image_path=args.image_path_prepend,
         image_binds=[tuple(b.split(":", 1)) for b in args.image_bind],  # type: ignore[misc]
+        runtime_binds=list(args.runtime_bind),
         image_env=parse_pairs(args.image_env), allocatable=capacity,
         max_probe_period_s=args.max_probe_period_s, max_backoff_s=args.max_backoff_s,
     )  # fmt: skip
@@ -463,6 +466,11 @@ def run_node_agent(
     """
     if image_path_prepend is None:
         image_path_prepend = [str(Path(sys.executable).parent)]
+    # The venv and the checkout it installs from (editable) are the "image"; a pod's /tmp is its
+    # own (and may be an emptyDir), so where they live under /tmp (a CI clone under /tmp,
+    # KVRELAY_VENV=/tmp/...) they are mounted over everything at their own paths.
+    repo_root = Path(__file__).resolve().parents[2]
+    hidden = [str(d) for d in (Path(sys.prefix), repo_root) if d.is_relative_to("/tmp")]
     own_logs = log_dir is None
     logs = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix=f"{network.bridge}-{node}-logs-"))
     logs.mkdir(parents=True, exist_ok=True)
@@ -477,6 +485,7 @@ def run_node_agent(
         *[f"--capacity={k}={v}" for k, v in (capacity or {}).items()],
         *[f"--image-path-prepend={d}" for d in image_path_prepend],
         *[f"--image-bind={src}:{dst}" for src, dst in image_binds],
+        *[f"--runtime-bind={d}" for d in hidden],
         *[f"--image-env={k}={v}" for k, v in (image_env or {}).items()],
         *(["--api-server-for-pods", api_server_for_pods] if api_server_for_pods else []),
         *extra_args,

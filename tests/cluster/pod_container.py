@@ -158,6 +158,7 @@ class ContainerRunner:
             root=str(run_dir / "root"), tmp=str(run_dir / "tmp"), hostname=hostname, argv=argv,
             env=full_env, cwd=self.spec.get("workingDir") or "/",
             image_mounts=image_mounts, mounts=mounts,
+            runtime_mounts=[Mount(d, d, read_only=True) for d in cfg.runtime_binds],
         )  # fmt: skip
         sandbox.write(run_dir / "sandbox.json")
         return launch_argv(self.pod.netns, run_dir / "sandbox.json", cfg.python), full_env

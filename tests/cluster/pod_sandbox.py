@@ -47,6 +47,9 @@ class SandboxSpec:
     cwd: str = "/"
     image_mounts: list[Mount] = field(default_factory=list)  # the "image" content, under every volume
     mounts: list[Mount] = field(default_factory=list)  # volumes, on top (one at /models hides /models/x)
+    # The test runtime itself (venv, checkout) where it lies under /tmp: over everything, so an
+    # emptyDir on /tmp (the chart's operator has one) cannot hide the interpreter.
+    runtime_mounts: list[Mount] = field(default_factory=list)
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self)))
@@ -54,7 +57,8 @@ class SandboxSpec:
     @classmethod
     def read(cls, path: Path) -> SandboxSpec:
         raw = json.loads(path.read_text())
-        mounts = {key: [Mount(**m) for m in raw.get(key, [])] for key in ("image_mounts", "mounts")}
+        keys = ("image_mounts", "mounts", "runtime_mounts")
+        mounts = {key: [Mount(**m) for m in raw.get(key, [])] for key in keys}
         return cls(**{**raw, **mounts})
 
 
@@ -124,12 +128,13 @@ def build_root(spec: SandboxSpec) -> None:
     resolve = lambda mounts: [Mount(m.source, _resolve(m.target), m.read_only) for m in mounts]  # noqa: E731
     image = [*resolve(spec.image_mounts), Mount(spec.tmp, "/tmp")]
     volumes = resolve(spec.mounts)
-    targets = {m.target for m in image + volumes}
+    runtime = resolve(spec.runtime_mounts)
+    targets = {m.target for m in image + volumes + runtime}
     shadowed = {str(parent) for t in targets for parent in Path(t).parents if str(parent) != "/"}
     _mount("tmpfs", root, "tmpfs", 0, "mode=755")
     _mirror("/", root, shadowed, skip=targets)
-    # The image first, then the volumes over it; within each, parents first.
-    for group in (image, volumes):
+    # The image first, then the volumes over it, then the runtime; within each, parents first.
+    for group in (image, volumes, runtime):
         for m in sorted(group, key=lambda m: len(Path(m.target).parts)):
             inner = root + m.target
             if os.path.isdir(m.source):

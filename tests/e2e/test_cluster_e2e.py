@@ -259,8 +259,10 @@ def test_scaling_decode_starts_a_second_worker_that_takes_requests(
         lambda: _model_status(served).get("decode", {}).get("readyReplicas") == 2, timeout=60,
         what="model status decode 2/2 ready",
     )  # fmt: skip
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while _decode_tokens(metrics) == 0.0:
         assert _completions(_router_url(served), MODEL) == reference  # token-exact on either worker
-        assert time.monotonic() < deadline, f"the new decode worker took no request{served.logs()}"
+        if time.monotonic() > deadline:
+            health = urllib.request.urlopen(_router_url(served).removesuffix("/v1") + "/health", timeout=10)
+            pytest.fail(f"the new decode worker took no request; router: {health.read()!r}{served.logs()}")
     assert _decode_tokens(metrics) > 0

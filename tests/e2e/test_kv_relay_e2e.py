@@ -151,6 +151,12 @@ def test_disaggregated_equals_single_process_for_20_prompts(
         assert moved is not None and moved > 0
         assert metric_value(dec_metrics, "kvrelay_kv_transfer_seconds_count", role="decode") == NUM_PROMPTS
         assert metric_value(dec_metrics, "kvrelay_kv_transfer_failures_total") is None
+        # Decode used the relayed KV: it computed no prompt token, the prefill computed every one.
+        assert metric_value(dec_metrics, "kvrelay_prompt_tokens_computed_total", role="decode") == 0
+        pre_metrics = metrics(pre.metrics_port)
+        computed = metric_value(pre_metrics, "kvrelay_prompt_tokens_computed_total", role="prefill")
+        assert computed == sum(map(len, prompts))
+        assert metric_value(pre_metrics, "kvrelay_prompt_tokens_total", role="prefill") == computed
         # Every lease was released on the decode's done-notice (lease is 30 s: not by expiry).
         assert wait_metric(pre.metrics_port, "kvrelay_kv_held_blocks", 0, role="prefill") == 0
         assert wait_metric(pre.metrics_port, "kvrelay_kv_cache_usage_ratio", 0, role="prefill") == 0
@@ -189,6 +195,9 @@ def test_prefill_killed_before_the_read(
         assert metric_value(text, "kvrelay_kv_transfer_failures_total", reason="holder_unreachable") == len(
             picks
         )
+        # recompute: the decode computed the prompts itself (the first token's KV is not a prompt token)
+        recomputed = sum(len(prompts[i]) for i in picks) if policy == "recompute" else 0
+        assert metric_value(text, "kvrelay_prompt_tokens_computed_total", role="decode") == recomputed
         assert wait_metric(dec.metrics_port, "kvrelay_kv_cache_usage_ratio", 0, role="decode") == 0
 
 

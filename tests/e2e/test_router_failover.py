@@ -1,5 +1,6 @@
-"""Workers killed under a live router: a decode worker mid-stream (the client gets an error event promptly,
-the survivor takes new work), then a prefill worker (requests are retried on the other one)."""
+"""Workers killed under a live router: a decode worker mid-stream (the router migrates the stream to the
+survivor and the client sees no error; token-exactness is tests/e2e/test_migration.py's), then a prefill
+worker (requests are retried on the other one)."""
 
 from __future__ import annotations
 
@@ -31,11 +32,15 @@ def test_workers_killed_under_load(tmp_path: Path) -> None:
         victim = serve.pid_of_address(busy[0])
         killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)
-        with pytest.raises(openai.APIError, match="decode"):
-            for chunk in chunks:
-                received.append(chunk)
-        assert time.monotonic() - killed_at < 10.0, "the error event took too long"  # a hang would be 60 s+
-        assert len(received) < 2000
+        for chunk in chunks:  # no error: the rest of the stream comes from the other decode worker
+            received.append(chunk)
+        assert time.monotonic() - killed_at < 120.0, "the migrated stream took too long"
+        assert received[-1].choices[0].finish_reason == "length"
+        metrics = httpx.get(serve.base_url.removesuffix("/v1") + "/metrics", timeout=10).text
+        migrations = [
+            line for line in metrics.splitlines() if line.startswith("kvrelay_router_migrations_total")
+        ]
+        assert sum(float(line.rsplit(" ", 1)[1]) for line in migrations) >= 1, migrations
 
         # New requests go to the surviving decode worker and succeed.
         for i in range(4):

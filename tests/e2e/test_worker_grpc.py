@@ -55,7 +55,7 @@ def reference(model_dir: Path):
 
 @pytest.fixture(scope="module")
 def workers(model_dir: Path) -> Iterator[tuple[WorkerProcess, WorkerProcess]]:
-    small = ("--num-blocks", "128", "--block-size", "8", "--kv-lease-s", "20")
+    small = ("--num-blocks", "128", "--block-size", "8", "--kv-lease-s", "20", "--drain-seconds", "5")
     with run_workers([("prefill", model_dir, small), ("decode", model_dir, small)]) as (prefill, decode):
         yield prefill, decode
     assert prefill.proc.returncode == 0, prefill.log()

@@ -26,6 +26,7 @@ from .model_store import CACHE_DIR, NAMED_MODELS, is_checkpoint_dir, resolve_mod
 from .ports import free_ports
 
 DEFAULT_MODEL = "smollm2"
+DRAIN_CUT_S = 1.0  # how long stop_workers lets a worker drain before cutting it short
 STOP_GRACE_S = 10.0
 GRACEFUL_SHUTDOWN_S = 3  # open streams get this long after Ctrl-C, then are cut
 
@@ -131,11 +132,20 @@ def wait_ready(workers: Sequence[WorkerProcess], timeout_s: float) -> None:
 
 
 def stop_workers(workers: Sequence[WorkerProcess]) -> None:
-    """SIGTERM all, wait, then SIGKILL the stragglers."""
-    for w in workers:
-        if w.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                w.proc.send_signal(signal.SIGTERM)
+    """SIGTERM all; a second SIGTERM after a moment cuts their drain short; then SIGKILL stragglers.
+
+    The router has stopped by now, so nobody is left to read what a drain would keep (unclaimed
+    KV, streams): waiting out a worker's drain deadline would only delay Ctrl-C.
+    """
+    for signal_round in range(2):
+        for w in workers:
+            if w.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    w.proc.send_signal(signal.SIGTERM)
+        if signal_round == 0:
+            deadline = time.monotonic() + DRAIN_CUT_S
+            while time.monotonic() < deadline and any(w.proc.poll() is None for w in workers):
+                time.sleep(0.05)
     deadline = time.monotonic() + STOP_GRACE_S
     for w in workers:
         try:

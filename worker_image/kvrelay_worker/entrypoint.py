@@ -32,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--kv-fetch-timeout-s", type=float, default=30.0, help="deadline of one KV fetch (decode side)"
     )
+    p.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=120.0,
+        help="on SIGTERM: stop admitting, finish running requests and serve held KV for up to this long, "
+        "then end what is left and exit 0 (a second SIGTERM/SIGINT cuts it short)",
+    )
     p.add_argument("--max-num-seqs", type=int, default=64, help="decode batch: running sequences at most")
     p.add_argument("--max-batch-tokens", type=int, default=2048, help="tokens per step at most")
     p.add_argument("--max-model-len", type=int, default=None)
@@ -82,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         kv_failure_policy=args.kv_failure_policy,
         kv_lease_s=args.kv_lease_s,
         kv_fetch_timeout_s=args.kv_fetch_timeout_s,
+        drain_seconds=args.drain_seconds,
         engine=EngineConfig(
             num_blocks=args.num_blocks,
             block_size=args.block_size,

@@ -18,6 +18,7 @@ class _Families:
     queue_seconds: Histogram
     prefill_seconds: Histogram
     prompt_tokens: Counter
+    prompt_tokens_computed: Counter
     generation_tokens: Counter
     running: Gauge
     waiting: Gauge
@@ -36,6 +37,12 @@ def _make(registry: CollectorRegistry) -> _Families:
         queue_seconds=hist("kvrelay_request_queue_seconds", "Time from arrival to first scheduled step."),
         prefill_seconds=hist("kvrelay_prefill_seconds", "Time from first scheduled step to the first token."),
         prompt_tokens=Counter("kvrelay_prompt_tokens", "Prompt tokens accepted.", _LABELS, registry=registry),
+        prompt_tokens_computed=Counter(
+            "kvrelay_prompt_tokens_computed",
+            "Prompt tokens this worker computed (prefill, recompute); KV relayed to it is not counted.",
+            _LABELS,
+            registry=registry,
+        ),
         generation_tokens=Counter(
             "kvrelay_generation_tokens", "Tokens generated.", _LABELS, registry=registry
         ),
@@ -75,6 +82,7 @@ class WorkerMetrics:
         self.queue_seconds = f.queue_seconds.labels(*labels)
         self.prefill_seconds = f.prefill_seconds.labels(*labels)
         self.prompt_tokens = f.prompt_tokens.labels(*labels)
+        self.prompt_tokens_computed = f.prompt_tokens_computed.labels(*labels)
         self.generation_tokens = f.generation_tokens.labels(*labels)
         self.running = f.running.labels(*labels)
         self.waiting = f.waiting.labels(*labels)

@@ -33,11 +33,13 @@ Children are written with server-side apply and garbage-collected through ownerR
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
   verbs: ["get", "list", "watch", "create", "patch"]
-# The model's pods, read-only: the scheduler's reason for a pod it cannot place goes into the
-# model's status (condition PodsScheduled).
+# The model's pods: read, for the scheduler's reason for a pod it cannot place (condition
+# PodsScheduled). With rbac.podDeletionCost also patch, to set controller.kubernetes.io/pod-deletion-cost
+# before a scale-down; RBAC cannot narrow patch to one field, so the ValidatingAdmissionPolicy in
+# pod-deletion-cost-policy.yaml refuses the operator any other change to a pod.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["get", "list", "watch"{{ if .Values.rbac.podDeletionCost }}, "patch"{{ end }}]
 # kopf reports handler progress and errors as events on the resource.
 - apiGroups: [""]
   resources: ["events"]

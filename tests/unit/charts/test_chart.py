@@ -202,8 +202,10 @@ def test_rbac_is_least_privilege(render: Render) -> None:
     assert ("discovery.k8s.io", "endpointslices", "watch") in grants
     assert ("apiextensions.k8s.io", "customresourcedefinitions", "list") in grants
     assert ("", "events", "create") in grants
-    # Pods are only read (the scheduler's reasons go into the model's status).
-    assert {g[2] for g in grants if g[1] == "pods"} == {"get", "list", "watch"}
+    # Pods are read (the scheduler's reasons go into the model's status) and patched only for their
+    # deletion cost, which the chart's ValidatingAdmissionPolicy enforces (tested below).
+    assert {g[2] for g in grants if g[1] == "pods"} == {"get", "list", "watch", "patch"}
+    assert len(by_kind(manifests, "ValidatingAdmissionPolicy")) == 1
     # Never: wildcards, secrets, pod writes or exec, cluster-wide RBAC, escalation, deleting the CR or CRDs.
     assert not {g for g in grants if "*" in g}
     forbidden = {"secrets", "pods/exec", "pods/eviction", "clusterroles", "clusterrolebindings", "nodes"}
@@ -221,6 +223,52 @@ def test_rbac_is_least_privilege(render: Render) -> None:
         assert binding["subjects"] == [
             {"kind": "ServiceAccount", "name": sa_name, "namespace": "kvrelay-system"}
         ]
+
+
+def _pod_verbs(manifests: list[dict]) -> set[str]:
+    rules = [r for m in by_kind(manifests, "ClusterRole") + by_kind(manifests, "Role") for r in m["rules"]]
+    return {verb for _, resource, verb in _grants(rules) if resource == "pods"}
+
+
+@pytest.mark.parametrize("extra", [(), ("--set", "operator.watchNamespaces={team-a}")], ids=["all", "scoped"])
+def test_pod_patch_is_granted_only_with_the_policy_that_limits_it(
+    render: Render, extra: tuple[str, ...]
+) -> None:
+    manifests = render(*extra)
+    (policy,) = by_kind(manifests, "ValidatingAdmissionPolicy")
+    (binding,) = by_kind(manifests, "ValidatingAdmissionPolicyBinding")
+    sa_name = by_kind(manifests, "ServiceAccount")[0]["metadata"]["name"]
+    assert "patch" in _pod_verbs(manifests)
+    # The policy is for the operator's ServiceAccount only, on every update of a pod, and denies.
+    (condition,) = policy["spec"]["matchConditions"]
+    assert condition["expression"] == (
+        f'request.userInfo.username == "system:serviceaccount:kvrelay-system:{sa_name}"'
+    )
+    (rule,) = policy["spec"]["matchConstraints"]["resourceRules"]
+    assert (rule["apiGroups"], rule["operations"], rule["resources"]) == (
+        [""],
+        ["UPDATE"],
+        ["pods", "pods/*"],
+    )
+    assert policy["spec"]["failurePolicy"] == "Fail"
+    assert binding["spec"] == {"policyName": policy["metadata"]["name"], "validationActions": ["Deny"]}
+    # The CEL compares the whole rest of the pod (tests/controlplane/test_pod_deletion_cost.py runs it).
+    cel = " ".join(v["expression"] for v in policy["spec"]["validations"])
+    for kept in (
+        "object.spec == oldObject.spec",
+        "labels",
+        "ownerReferences",
+        "finalizers",
+        "oldAnnotations",
+    ):
+        assert kept in cel
+    # Without the policy there is no pod write at all.
+    off = render(*extra, "--set", "rbac.podDeletionCost=false")
+    assert not by_kind(off, "ValidatingAdmissionPolicy") and not by_kind(
+        off, "ValidatingAdmissionPolicyBinding"
+    )
+    assert _pod_verbs(off) == {"get", "list", "watch"}
+    assert not by_kind(render(*extra, "--set", "rbac.create=false"), "ValidatingAdmissionPolicy")
 
 
 def test_watching_namespaces_grants_only_in_them(render: Render) -> None:

@@ -36,6 +36,8 @@ def test_defaults_fill_every_section() -> None:
         ({"kvTransfer": {"backend": "tcp", "transport": "rdma"}}, "transport rdma needs backend nixl"),
         ({"kvTransfer": {"backend": "ucx"}}, "backend"),
         ({"prefill": {"replicaz": 1}}, "replicaz"),
+        ({"decode": {"drainSeconds": 4}}, "drainSeconds"),
+        ({"prefill": {"drainSeconds": 3601}}, "drainSeconds"),
     ],
 )
 def test_invalid_specs_name_the_problem(over: dict[str, Any], needle: str) -> None:
@@ -81,6 +83,11 @@ def test_schema_is_structural() -> None:
     assert "default" not in spec_props["router"]["properties"]["apiKeySecret"]
     assert "default" not in spec_props["model"]
     assert spec_props["prefill"]["default"]["replicas"] == 1
+    for role in ("prefill", "decode"):  # the API server refuses a drain out of bounds at admission
+        drain = spec_props[role]["properties"]["drainSeconds"]
+        bounds = (drain["type"], drain["default"], drain["minimum"], drain["maximum"])
+        assert bounds == ("integer", 120, 5, 3600)
+        assert "migrated by the router" in drain["description"]
 
 
 def test_every_field_has_a_description() -> None:

@@ -132,11 +132,27 @@ def test_pod_hardening_shm_probes_and_spread() -> None:
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     startup = c["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 1800  # slow model loads
-    assert c["readinessProbe"]["tcpSocket"]["port"] == "grpc"  # opened only once the model is loaded
+    # /ready: 200 once loaded, 503 from the drain's start; /metrics keeps answering while draining.
+    assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "metrics"}
+    assert c["startupProbe"]["httpGet"] == {"path": "/ready", "port": "metrics"}
     assert c["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
     anti = p["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
     assert anti["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
     assert p["topologySpreadConstraints"][0]["topologyKey"] == "topology.kubernetes.io/zone"
+
+
+def test_drain_seconds_set_the_flag_and_the_termination_grace() -> None:
+    children = render(spec(prefill={"drainSeconds": 30}, decode={"drainSeconds": 600}))
+    for role, drain in (("prefill", 30), ("decode", 600)):
+        args = container(children, role)["args"]
+        assert args[args.index("--drain-seconds") + 1] == str(drain)
+        # The kubelet's SIGKILL comes after the worker's own deadline and its exit (stream ends, teardown).
+        grace = pod(children, role)["terminationGracePeriodSeconds"]
+        assert grace == drain + resources.DRAIN_EXIT_MARGIN_S and 5 <= resources.DRAIN_EXIT_MARGIN_S <= 30
+        assert "lifecycle" not in container(children, role)  # no preStop: the worker drains on SIGTERM
+    default = render(spec())
+    assert pod(default, "decode")["terminationGracePeriodSeconds"] == 120 + resources.DRAIN_EXIT_MARGIN_S
+    assert "terminationGracePeriodSeconds" not in pod(default, "router")
 
 
 def test_user_affinity_is_kept() -> None:
@@ -315,13 +331,14 @@ def test_rendered_command_lines_parse_with_the_real_entrypoints() -> None:
         model={"source": "/models/x", "dtype": "bfloat16"},
         router={"apiKeySecret": {"name": "k"}},
         kvTransfer={"timeoutSeconds": 7, "leaseSeconds": 45},
+        decode={"drainSeconds": 300},
     )
     children = render(s)
-    for role in ("prefill", "decode"):
+    for role, drain in (("prefill", 120), ("decode", 300)):
         args, unknown = entrypoint.build_parser().parse_known_args(container(children, role)["args"])
         assert unknown == [] and args.role == role and args.model == "/models/x" and args.host == "0.0.0.0"
         assert args.grpc_port == 8001 and args.metrics_port == 9090 and args.dtype == "bfloat16"
-        assert args.kv_fetch_timeout_s == 7 and args.kv_lease_s == 45
+        assert args.kv_fetch_timeout_s == 7 and args.kv_lease_s == 45 and args.drain_seconds == drain
     router_argv = container(children, "router")["args"]
     assert router_argv[:2] == ["--role", "router"]
     args, unknown = router_main.build_parser().parse_known_args(router_argv[2:])

@@ -100,6 +100,11 @@ class FakeWorker:
     vocab: int
     fail_prefill: bool = False
     die_after: int | None = None  # decode: abort the stream (UNAVAILABLE) after this many tokens
+    # decode: also die when the sequence (prompt + generated) has one of these lengths, taking it out of
+    # the set: one set shared by every worker kills a request once at each length, whichever worker runs it
+    die_at_len: set[int] = field(default_factory=set)
+    die_message: str = "decode worker died"
+    die_in_band: bool = False  # decode: fail with an in-band error response instead of UNAVAILABLE
     token_delay_s: float = 0.0
     prefill_delay_s: float = 0.0
     garbage_tokens: bool = False  # decode: emit token id -1 (a worker bug the router must survive)
@@ -109,6 +114,8 @@ class FakeWorker:
     cancelled: int = 0
     sampling_seen: list[dict[str, Any]] = field(default_factory=list)
     handles_seen: list[bytes] = field(default_factory=list)
+    prefill_inputs_seen: list[list[int]] = field(default_factory=list)
+    decode_requests_seen: list[dict[str, Any]] = field(default_factory=list)  # input_ids, first, sampling
 
 
 class _Servicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -128,6 +135,7 @@ class _Servicer(pb_grpc.GRPCInferenceServiceServicer):
         values = _inputs(request)
         sampling = json.loads(values["sampling"])
         self.state.sampling_seen.append(sampling)
+        self.state.prefill_inputs_seen.append(values["input_ids"])
         try:
             await asyncio.sleep(self.state.prefill_delay_s)
         except asyncio.CancelledError:
@@ -155,10 +163,22 @@ class _Servicer(pb_grpc.GRPCInferenceServiceServicer):
         sampling = json.loads(values["sampling"])
         self.state.handles_seen.append(values["kv_handle"])
         token = values["first_token"][0]
+        self.state.decode_requests_seen.append(
+            {"input_ids": values["input_ids"], "first_token": token, "sampling": sampling}
+        )
         try:
             for i in range(sampling["max_tokens"] - 1):
-                if self.state.die_after is not None and i >= self.state.die_after:
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, "decode worker died")
+                length = len(values["input_ids"]) + 1 + i
+                at_length = length in self.state.die_at_len
+                if at_length or (self.state.die_after is not None and i >= self.state.die_after):
+                    self.state.die_at_len.discard(length)
+                    if self.state.die_in_band:
+                        error = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+                        yield pb.ModelStreamInferResponse(
+                            error_message=self.state.die_message, infer_response=error
+                        )
+                        return
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, self.state.die_message)
                 await asyncio.sleep(self.state.token_delay_s)
                 token = -1 if self.state.garbage_tokens else toy_next(token, self.state.vocab)
                 resp = pb.ModelInferResponse(model_name=request.model_name, id=request.id)

@@ -47,10 +47,13 @@ async def run_stack(
     tokenizer: Tokenizer,
     api_key: str | None = None,
     decode_idle_timeout_s: float = 120.0,
+    n_decode: int = 2,
+    max_migrations: int = 3,
+    resume_via: str = "prefill",
 ) -> AsyncIterator[Stack]:
     vocab = tokenizer.vocab_size
     async with contextlib.AsyncExitStack() as stack:
-        workers = [await stack.enter_async_context(run_fake_worker(vocab)) for _ in range(4)]
+        workers = [await stack.enter_async_context(run_fake_worker(vocab)) for _ in range(2 + n_decode)]
         config = RouterConfig(
             model_dir=tokenizer_dir,
             served_model_name=MODEL,
@@ -60,6 +63,8 @@ async def run_stack(
             api_key=SecretStr(api_key) if api_key else None,
             health_interval_s=0.2,
             decode_idle_timeout_s=decode_idle_timeout_s,
+            max_migrations=max_migrations,
+            resume_via=resume_via,
         )
         app = create_app(config, StaticDiscovery(config.prefill, config.decode), tokenizer)
         server = uvicorn.Server(
@@ -236,7 +241,7 @@ async def test_prefill_failure_is_retried_on_the_other_worker(stack: Stack) -> N
     assert info.value.status_code in (500, 503)
 
 
-async def test_decode_death_mid_stream_gives_error_event_then_survivor_serves(stack: Stack) -> None:
+async def test_all_decode_workers_dead_gives_error_event_then_survivor_serves(stack: Stack) -> None:
     for worker in stack.decode:
         worker.die_after = 3
         worker.token_delay_s = 0.01
@@ -245,30 +250,47 @@ async def test_decode_death_mid_stream_gives_error_event_then_survivor_serves(st
         model=MODEL, prompt="the quick", max_tokens=50, stream=True
     )
     received = []
-    with pytest.raises(openai.APIError, match="decode"):
+    with pytest.raises(openai.APIError, match=r"no ready decode worker to resume .* after 2 migration"):
         async for chunk in events:
             received.append(chunk)
     assert time.monotonic() - started < 10
     assert len(received) >= 1  # the first token arrived before the failure
-    died = [i for i, w in enumerate(stack.decode) if w.decode_calls == 1]
-    assert len(died) == 1
-    await stack.decode_servers[died[0]].stop(grace=None)  # the process is gone for good
-    dead, survivor = stack.decode[died[0]], stack.decode[1 - died[0]]
+    assert [w.decode_calls for w in stack.decode] == [1, 1]  # resumed once, on the other worker
+    first = min((0, 1), key=lambda i: len(stack.decode[i].decode_requests_seen[0]["input_ids"]))
+    await stack.decode_servers[first].stop(grace=None)  # the process is gone for good
+    dead, survivor = stack.decode[first], stack.decode[1 - first]
     dead.decode_calls = 0
     survivor.die_after = None
+    deadline = (
+        time.monotonic() + 10
+    )  # both were marked down: wait for the readiness checks to tell them apart
+    while [w["healthy"] for w in (await stack.http.get("/health")).json()["workers"]["decode"].values()] != [
+        i != first for i in range(2)
+    ]:
+        assert time.monotonic() < deadline, "readiness checks did not find the survivor"
+        await asyncio.sleep(0.05)
     for _ in range(3):
         reply = await stack.client.completions.create(model=MODEL, prompt="the quick", max_tokens=6)
         assert reply.choices[0].finish_reason == "length"
-    assert survivor.decode_calls == 3 and dead.decode_calls == 0
+    assert survivor.decode_calls == 4 and dead.decode_calls == 0
+    metrics = (await stack.http.get("/metrics")).text
+    assert f'kvrelay_router_migrations_total{{model="{MODEL}",reason="worker_lost"}} 2.0' in metrics
+    assert f'kvrelay_router_migration_failures_total{{model="{MODEL}",reason="no_worker"}} 1.0' in metrics
 
 
-async def test_decode_worker_gone_before_first_token_is_retried_with_recompute(stack: Stack) -> None:
+async def test_decode_worker_gone_before_first_token_resumes_via_a_new_prefill(stack: Stack) -> None:
     stack.decode[0].die_after = 0  # the first decode worker in rotation fails before relaying anything
     prompt = "the quick brown"
+    ids = stack.tokenizer.encode(prompt)
     reply = await stack.client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
-    assert reply.choices[0].text == stack.expected(stack.tokenizer.encode(prompt), 8)
+    assert reply.choices[0].text == stack.expected(ids, 8)
     assert stack.decode[0].decode_calls == 1 and stack.decode[0].handles_seen[0] != b""
-    assert stack.decode[1].handles_seen == [b""]  # the retry recomputes the prompt instead of re-reading KV
+    # The resume prefilled prompt + the first token (not a re-read of a half-claimed handle) ...
+    first_token = toy_generate(ids, 1, stack.tokenizer.vocab_size)[0]
+    prefilled = [p for w in stack.prefill for p in w.prefill_inputs_seen]
+    assert sorted(prefilled, key=len) == [ids, [*ids, first_token]]
+    # ... and the other decode worker read that new KV.
+    assert json.loads(stack.decode[1].handles_seen[0]) == {"prompt": [*ids, first_token]}
 
 
 async def test_unexpected_errors_still_answer_in_openai_shape(stack: Stack) -> None:

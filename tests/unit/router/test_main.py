@@ -1,4 +1,4 @@
-"""Router command line: API key sources, address lists, discovery choice."""
+"""Router command line: API key sources, address lists, discovery choice, migration flags."""
 
 from __future__ import annotations
 
@@ -25,6 +25,16 @@ def test_addresses_defaults_and_static_discovery(
     assert isinstance(make_discovery(config), StaticDiscovery)
     with pytest.raises(SystemExit):
         make_discovery(parse(tokenizer_dir, "--prefill", "a:1"))  # no decode worker
+    assert (config.max_migrations, config.resume_via) == (3, "prefill")
+
+
+def test_migration_flags(tokenizer_dir: Path) -> None:
+    config = parse(tokenizer_dir, "--max-migrations", "0", "--resume-via", "decode")
+    assert (config.max_migrations, config.resume_via) == (0, "decode")
+    with pytest.raises(SystemExit):
+        parse(tokenizer_dir, "--resume-via", "nowhere")
+    with pytest.raises(ValueError):
+        parse(tokenizer_dir, "--max-migrations", "-1")
 
 
 def test_api_key_from_env_or_secret_file(

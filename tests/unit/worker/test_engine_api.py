@@ -173,3 +173,29 @@ def test_many_remote_requests_on_a_small_cache_all_finish(make_engine, reference
         for o in step.outputs:
             tokens[o.request_id].extend(o.new_token_ids)
     assert [tokens[str(i)] for i in range(6)] == refs
+
+
+def _run(engine, now: float = 0.0) -> int:
+    """Step until idle; the prompt tokens the steps computed."""
+    computed = 0
+    while engine.has_work():
+        computed += engine.step(now).num_prompt_tokens
+    return computed
+
+
+def test_steps_count_the_prompt_tokens_they_compute(make_engine, reference) -> None:
+    """What `kvrelay_prompt_tokens_computed_total` counts: chunked prefill and recompute, not relayed KV."""
+    engine = make_engine(num_blocks=32, block_size=4, max_batch_tokens=4)  # 11 tokens in chunks 4, 4, 3
+    engine.add_request("p", PROMPT, SamplingParams(max_tokens=3), now=0.0)
+    assert _run(engine) == len(PROMPT)
+    first = reference(PROMPT, 1)[0]
+    engine.add_decode_request("relayed", PROMPT, first, SamplingParams(max_tokens=3), now=0.0, remote_kv=True)
+    (target,) = engine.step(0.0).kv_targets
+    engine.remote_kv_done(target.request_id, ok=True)
+    assert _run(engine) == 0  # the first token's KV is computed, but it is no prompt token
+    engine.add_decode_request("failed", PROMPT, first, SamplingParams(max_tokens=3), now=0.0, remote_kv=True)
+    (target,) = engine.step(0.0).kv_targets
+    engine.remote_kv_done(target.request_id, ok=False)
+    assert _run(engine) == len(PROMPT)
+    engine.add_decode_request("empty", PROMPT, first, SamplingParams(max_tokens=3), now=0.0, remote_kv=False)
+    assert _run(engine) == len(PROMPT)

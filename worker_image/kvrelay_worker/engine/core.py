@@ -60,6 +60,7 @@ class StepResult:
     outputs: list[RequestOutput] = field(default_factory=list)
     kv_targets: list[KVTarget] = field(default_factory=list)
     num_tokens: int = 0
+    num_prompt_tokens: int = 0  # prompt tokens this step computed (KV read from a relay excluded)
 
 
 class Engine:
@@ -173,7 +174,7 @@ class Engine:
         out = self.scheduler.schedule(now)
         sampled = self.runner.execute(out)
         outputs = self.scheduler.update(out, sampled)
-        return StepResult(outputs, out.kv_targets, out.num_tokens)
+        return StepResult(outputs, out.kv_targets, out.num_tokens, out.num_prompt_tokens)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()

@@ -6,12 +6,31 @@ import torch
 
 from kvrelay_worker.engine.sampling_params import SamplingParams
 
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: a bijection on 64 bits in which every input bit moves every output bit."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def draw_seed(seed: int, index: int) -> int:
+    """Generator seed for a seeded request's draw of output token ``index`` (63 bits).
+
+    A pure function of (seed, index), so the draw at index k needs none of the earlier ones: a request
+    resumed elsewhere at k (``SamplingParams.output_offset``) draws what the uninterrupted run would have.
+    """
+    return _mix64(_mix64(seed & _MASK64) ^ (index & _MASK64)) >> 1
+
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> list[int]:
-    """One token per row of ``logits`` [B, V] (fp32).
+    """One token per row of ``logits`` [B, V] (fp32); ``steps`` are the rows' output-token counts so far.
 
-    A seeded request draws from a generator seeded with (seed, step), so its tokens do not depend
-    on which other requests share the batch, or on preemption and recompute.
+    A seeded request draws from a generator seeded with (seed, output index), so its tokens do not
+    depend on which other requests share the batch, on preemption and recompute, or on a migration.
     """
     tokens = logits.argmax(dim=-1).tolist()
     if all(p.greedy for p in params):
@@ -22,7 +41,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], steps: list[int])
         probs = _filtered_probs(logits[row], p)
         gen = None
         if p.seed is not None:
-            gen = torch.Generator(device=logits.device).manual_seed((p.seed * 1_000_003 + step) % 2**63)
+            seed = draw_seed(p.seed, p.output_offset + step)
+            gen = torch.Generator(device=logits.device).manual_seed(seed)
         tokens[row] = int(torch.multinomial(probs, 1, generator=gen))
     return tokens
 

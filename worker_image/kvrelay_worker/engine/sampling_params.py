@@ -20,6 +20,12 @@ class SamplingParams(BaseModel):
         default_factory=list, description="stop strings (needs a tokenizer in the worker)"
     )
     ignore_eos: bool = False
+    output_offset: int = Field(
+        0,
+        ge=0,
+        description="tokens this request generated before this call (a resumed request): seeded draws "
+        "go on from that output index, so a resume draws what the uninterrupted run would have",
+    )
 
     @property
     def greedy(self) -> bool:

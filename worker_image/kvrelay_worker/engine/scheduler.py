@@ -60,6 +60,8 @@ class SchedulerOutput:
     seqs: list[ScheduledSeq] = field(default_factory=list)
     kv_targets: list[KVTarget] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
+    # prompt positions computed this step (prefill chunks, recomputes); not the KV read from a relay
+    num_prompt_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -196,6 +198,8 @@ class Scheduler:
                 token_ids = [output[start - n_prompt]]
             else:
                 token_ids = request.token_ids(start, start + num_new)
+                if start < n_prompt:  # a later chunk of a long prompt
+                    out.num_prompt_tokens += min(start + num_new, n_prompt) - start
             seqs.append(
                 ScheduledSeq(
                     request.request_id,
@@ -221,6 +225,9 @@ class Scheduler:
                 request.first_scheduled_time = now
             self.running.append(request)
             budget -= num_new
+            start = request.num_computed_tokens
+            if start < request.num_prompt_tokens:  # fetched KV starts past the prompt: nothing counted
+                out.num_prompt_tokens += min(start + num_new, request.num_prompt_tokens) - start
             out.seqs.append(self._seq(request, num_new))
         return out
 

@@ -23,6 +23,7 @@ from kvrelay_worker.router.discovery import Discovery
 from kvrelay_worker.router.errors import OpenAIError, bad_request
 from kvrelay_worker.router.generate import Event, Finished, TextDelta, generate
 from kvrelay_worker.router.metrics import RouterMetrics
+from kvrelay_worker.router.migration import MigrationPolicy
 from kvrelay_worker.router.pool import WorkerPool
 from kvrelay_worker.router.protocol import (
     ChatCompletionRequest,
@@ -72,6 +73,7 @@ class RouterState:
         self.tokenizer = tokenizer
         self.pool = pool
         self.metrics = RouterMetrics(config.served_model_name)
+        self.migration = MigrationPolicy(config.max_migrations, config.resume_via)
         self.created = int(time.time())
 
 
@@ -186,6 +188,7 @@ async def _serve(
         req.stop_strings(),
         arrival,
         state.config.decode_idle_timeout_s,
+        state.migration,
     )
     if req.stream:
         # Wait for the first token before answering 200, so a prefill failure is still a proper HTTP error.

@@ -38,5 +38,12 @@ class RouterConfig(BaseModel):
     )
     health_interval_s: float = Field(default=1.0, gt=0)
     decode_idle_timeout_s: float = Field(
-        default=120.0, gt=0, description="fail a request whose decode worker sends nothing for this long"
+        default=120.0, gt=0, description="resume a request whose decode worker sends nothing for this long"
+    )
+    max_migrations: int = Field(
+        default=3, ge=0, description="times one request may resume on another decode worker before it fails"
+    )
+    resume_via: Literal["prefill", "decode"] = Field(
+        default="prefill",
+        description="who recomputes a resumed request's KV: a prefill worker (relayed) or the decode worker",
     )

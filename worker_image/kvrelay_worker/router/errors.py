@@ -1,4 +1,4 @@
-"""OpenAI-style errors: one exception type that knows its HTTP status and JSON body."""
+"""OpenAI-style errors (one exception type that knows its HTTP status and JSON body), and worker failures."""
 
 from __future__ import annotations
 
@@ -35,3 +35,16 @@ def server_error(message: str, code: str | None = None, status: int = 500) -> Op
     return OpenAIError(
         status, message, "server_error" if status == 500 else "service_unavailable", None, code
     )
+
+
+class WorkerFailed(Exception):
+    """A worker call failed.
+
+    `worker_down`: the worker itself looks gone (stop routing to it). `reason`: why the request may go on
+    elsewhere, `worker_lost` | `draining` | `stalled`, or None when the request itself was refused.
+    """
+
+    def __init__(self, message: str, worker_down: bool, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.worker_down = worker_down
+        self.reason = reason or ("worker_lost" if worker_down else None)

@@ -1,25 +1,31 @@
-"""One request through the disaggregated path: prefill (retried once elsewhere), then relay the decode stream.
+"""One request through the disaggregated path: prefill, then relay the decode stream; a decode worker lost
+mid-stream is replaced and the request resumes from its prompt plus the tokens generated so far.
 
 client ──► router ──ModelInfer──► prefill worker   (first token + KV handle)
               │ first token to the client at once
               └──ModelStreamInfer(handle)──► decode worker ──tokens──► router ──SSE──► client
+decode worker lost ──ModelInfer(prompt + generated)──► prefill worker ──handle──► another decode worker
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from kvrelay_worker.router.errors import OpenAIError, server_error
-from kvrelay_worker.router.kserve import PrefillResult, WorkerFailed
+from kvrelay_worker.router.errors import OpenAIError, WorkerFailed, server_error
+from kvrelay_worker.router.kserve import DecodeToken, PrefillResult
 from kvrelay_worker.router.metrics import RouterMetrics
+from kvrelay_worker.router.migration import GiveUp, MigrationPolicy, decide, no_decode_worker
 from kvrelay_worker.router.pool import WorkerPool, WorkerState
-from kvrelay_worker.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+from kvrelay_worker.router.resume import ResumeState
+from kvrelay_worker.tokenizer import Tokenizer
 
+log = logging.getLogger(__name__)
 PREFILL_ATTEMPTS = 2  # the first try plus one retry on another worker
-DECODE_ATTEMPTS = 2  # only when the first decode worker failed before relaying any token
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,16 @@ async def _prefill(
     raise server_error(f"prefill failed after {len(tried)} attempt(s): {last_error}", code="prefill_failed")
 
 
+async def _resume_prefill(pool: WorkerPool, state: ResumeState) -> PrefillResult | None:
+    """Prefill prompt + generated tokens for a resume; None (recompute on decode) if no prefill worker can."""
+    input_ids, sampling = state.prefill_inputs()
+    try:
+        return await _prefill(pool, state.request_id, input_ids, sampling)
+    except OpenAIError as exc:
+        log.warning("resume of %s: %s; the decode worker recomputes instead", state.request_id, exc.message)
+        return None
+
+
 async def generate(
     pool: WorkerPool,
     tokenizer: Tokenizer,
@@ -72,97 +88,96 @@ async def generate(
     stop: list[str],
     arrival: float,
     decode_idle_timeout_s: float | None = None,
+    migration: MigrationPolicy | None = None,
 ) -> AsyncIterator[Event]:
     """Yield text deltas then one `Finished`; raises `OpenAIError` on failure. `arrival` is monotonic."""
-    detok = IncrementalDetokenizer(tokenizer)
-    matcher = StopStringMatcher(stop)
-    eos_ids = set() if sampling.get("ignore_eos") else set(tokenizer.eos_token_ids)
-    num_tokens = 0
-
-    def push(token_id: int, finish_reason: str | None) -> str:
-        nonlocal num_tokens
-        num_tokens += 1
-        metrics.generation_tokens.inc()
-        if finish_reason == "stop" and token_id in eos_ids:
-            return ""  # the EOS token ends the text; it is not part of it
-        return matcher.feed(detok.push(token_id))
-
-    def finished(reason: str) -> Finished:
-        return Finished("stop" if matcher.stopped else reason, len(prompt_ids), num_tokens)
-
-    first = await _prefill(pool, request_id, prompt_ids, sampling)
+    policy = migration or MigrationPolicy()
+    state = ResumeState.start(request_id, prompt_ids, sampling, tokenizer, stop)
+    first = await _prefill(pool, request_id, *state.prefill_inputs())
     last_token_at = time.monotonic()
     metrics.ttft.observe(last_token_at - arrival)
-    text = push(first.token_id, first.finish_reason or None)
+    metrics.generation_tokens.inc()
     # The first delta goes out even when empty, so the client sees the stream start at once.
-    yield TextDelta(text)
-    if matcher.stopped or first.finish_reason:
-        tail = matcher.feed(detok.flush()) + matcher.flush()
-        if tail:
-            yield TextDelta(tail)
-        yield finished(first.finish_reason or "stop")
-        return
+    yield TextDelta(state.advance(first.token_id, first.finish_reason or None))
 
-    # A decode worker that is gone before relaying anything is retried once elsewhere, with an empty
-    # handle (recompute the prompt there): the first reader may have half-claimed the KV blocks.
     kv_handle, tried = first.kv_handle, []
-    while True:
+    failed_at: float | None = None  # when the last decode failure was noticed, until the next token
+    via = policy.resume_via
+    while not state.done:
         worker = pool.roles["decode"].choose(exclude=tried)
         if worker is None:
-            raise server_error("no ready decode worker", code="no_decode_worker", status=503)
+            if state.migrations:
+                metrics.migration_failed("no_worker")
+            raise no_decode_worker(state.migrations, state.last_failure)
         tried.append(worker.client.address)
-        relayed = 0
         try:
-            relay = _relay_decode(
-                pool, worker, request_id, prompt_ids, first.token_id, kv_handle, sampling, push, metrics,
-                decode_idle_timeout_s,
+            relay = _relay_decode(pool, worker, state, kv_handle, decode_idle_timeout_s)
+            async with contextlib.aclosing(relay):  # closing it cancels the call on the worker
+                async for token in relay:
+                    if token.token_id is not None:
+                        now = time.monotonic()
+                        metrics.itl.observe(now - last_token_at)
+                        metrics.generation_tokens.inc()
+                        last_token_at = now
+                        if failed_at is not None:
+                            metrics.resumed(via, now - failed_at)
+                            failed_at = None
+                    text = state.advance(token.token_id, token.finish_reason)
+                    if text:
+                        yield TextDelta(text)
+                    if state.done:
+                        break  # the worker's final response, or a stop string matched here
+            if not state.done:
+                raise server_error(f"decode stream from {worker.client.address} ended without a finish")
+        except WorkerFailed as exc:
+            decision = decide(exc, state.migrations, policy)
+            if isinstance(decision, GiveUp):
+                if decision.limit_reached:
+                    metrics.migration_failed("limit")
+                raise decision.error from None
+            state.migrations += 1
+            state.last_failure = str(exc)
+            metrics.migrated(decision.reason)
+            log.warning(
+                "request %s resumes after %d generated tokens (migration %d): %s",
+                request_id, state.position, state.migrations, exc,
             )  # fmt: skip
-            async for text, reason in relay:
-                relayed += 1
+            failed_at = time.monotonic()
+            kv_handle, via = b"", "decode"  # an empty handle: the decode worker recomputes
+            if policy.resume_via == "prefill" and (resumed := await _resume_prefill(pool, state)):
+                now = time.monotonic()
+                metrics.itl.observe(now - last_token_at)
+                metrics.generation_tokens.inc()
+                metrics.resumed("prefill", now - failed_at)
+                last_token_at, failed_at = now, None
+                kv_handle, via = resumed.kv_handle, "prefill"
+                text = state.advance(resumed.token_id, resumed.finish_reason or None)
                 if text:
                     yield TextDelta(text)
-                if matcher.stopped:
-                    yield finished("stop")
-                    return  # closing the decode iterator cancels the call on the worker
-                if reason is not None:
-                    tail = matcher.feed(detok.flush()) + matcher.flush()
-                    if tail:
-                        yield TextDelta(tail)
-                    yield finished(reason)
-                    return
-        except WorkerFailed as exc:
-            if relayed or not exc.worker_down or len(tried) >= DECODE_ATTEMPTS:
-                raise server_error(str(exc), code="decode_failed") from None
-            kv_handle = b""
+
+    tail = state.tail()
+    if tail:
+        yield TextDelta(tail)
+    yield Finished(state.final_reason(), len(prompt_ids), len(state.generated_ids))
 
 
 async def _relay_decode(
     pool: WorkerPool,
     worker: WorkerState,
-    request_id: str,
-    prompt_ids: list[int],
-    first_token: int,
+    state: ResumeState,
     kv_handle: bytes,
-    sampling: dict[str, Any],
-    push: Callable[[int, str | None], str],
-    metrics: RouterMetrics,
     idle_timeout_s: float | None,
-) -> AsyncIterator[tuple[str, str | None]]:
-    """Yield (text of the token, finish reason or None) per decoded token; raises `WorkerFailed`."""
+) -> AsyncIterator[DecodeToken]:
+    """The decode worker's tokens after the state's last generated one; raises `WorkerFailed`."""
+    input_ids, first_token, sampling = state.decode_inputs()
     worker.running_sequences += 1
-    stream = worker.client.decode(request_id, prompt_ids, first_token, kv_handle, sampling, idle_timeout_s)
-    last = time.monotonic()
+    client = worker.client
+    stream = client.decode(state.request_id, input_ids, first_token, kv_handle, sampling, idle_timeout_s)
     try:
         async for token in stream:
             if token.finish_reason == "abort":
                 raise server_error(f"decode worker {worker.client.address} aborted the request")
-            text = ""
-            if token.token_id is not None:
-                now = time.monotonic()
-                metrics.itl.observe(now - last)
-                last = now
-                text = push(token.token_id, token.finish_reason)
-            yield text, token.finish_reason
+            yield token
             if token.finish_reason is not None:
                 return
     except WorkerFailed as exc:

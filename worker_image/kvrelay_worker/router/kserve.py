@@ -15,27 +15,35 @@ import tritonclient.grpc.aio as grpcaio
 from tritonclient.utils import InferenceServerException
 
 from kvrelay_worker.kserve_models import DECODE_MODEL, PREFILL_MODEL
-
-
-class WorkerFailed(Exception):
-    """A worker call failed; `worker_down` says the worker itself looks gone (not a bad request)."""
-
-    def __init__(self, message: str, worker_down: bool) -> None:
-        super().__init__(message)
-        self.worker_down = worker_down
-
+from kvrelay_worker.router.errors import WorkerFailed
 
 _DOWN_CODES = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED"}
+# A server-side CANCELLED is a worker stopping (our own cancellation raises CancelledError instead).
+_DOWN_GRPC = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+
+
+def _draining(message: str) -> bool:
+    """A draining worker refuses new work and ends late streams with messages starting `draining`."""
+    return "draining" in message.lower()
 
 
 def _from_triton(exc: InferenceServerException, what: str) -> WorkerFailed:
-    status = str(exc.status() or "")
-    return WorkerFailed(f"{what}: {exc.message()}", worker_down=status in _DOWN_CODES)
+    status, message = str(exc.status() or ""), exc.message() or ""
+    down = status in _DOWN_CODES or _draining(message)
+    return WorkerFailed(f"{what}: {message}", down, "draining" if _draining(message) else None)
 
 
 def _from_grpc(exc: grpc.aio.AioRpcError, what: str) -> WorkerFailed:
-    down = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-    return WorkerFailed(f"{what}: {exc.code().name} {exc.details()}", worker_down=down)
+    details = exc.details() or ""
+    down = exc.code() in _DOWN_GRPC or _draining(details)
+    reason = "draining" if _draining(details) else None
+    return WorkerFailed(f"{what}: {exc.code().name} {details}", down, reason)
+
+
+def in_band_failure(address: str, message: str) -> WorkerFailed:
+    """An error response inside a decode stream: a request error unless the worker is draining."""
+    draining = _draining(message)
+    return WorkerFailed(f"decode on {address}: {message}", draining, "draining" if draining else None)
 
 
 def _int64(name: str, values: list[int]) -> grpcclient.InferInput:
@@ -56,6 +64,9 @@ def _scalar_bytes(result: Any, name: str) -> bytes:
         return b""
     value = array.reshape(-1)[0]
     return value if isinstance(value, bytes) else str(value).encode()
+
+
+__all__ = ["DecodeToken", "PrefillResult", "WorkerClient", "WorkerFailed", "in_band_failure"]
 
 
 @dataclass(frozen=True)
@@ -147,10 +158,10 @@ class WorkerClient:
                     break
                 except TimeoutError:
                     raise WorkerFailed(
-                        f"decode on {self.address}: no token for {idle_timeout_s:g} s", worker_down=False
+                        f"decode on {self.address}: no token for {idle_timeout_s:g} s", False, "stalled"
                     ) from None
                 if error is not None:
-                    raise WorkerFailed(f"decode on {self.address}: {error.message()}", worker_down=False)
+                    raise in_band_failure(self.address, error.message() or "")
                 params = result.get_response().parameters
                 final = "triton_final_response" in params and params["triton_final_response"].bool_param
                 token = result.as_numpy("token_id")

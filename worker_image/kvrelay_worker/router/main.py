@@ -53,7 +53,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port", type=int, default=0, help="also serve /metrics on this port (0: only on --port)"
     )
     p.add_argument(
-        "--decode-idle-timeout", type=float, default=120.0, help="seconds without a token before failing"
+        "--decode-idle-timeout",
+        type=float,
+        default=120.0,
+        help="seconds without a token before the request resumes on another decode worker",
+    )
+    p.add_argument(
+        "--max-migrations",
+        type=int,
+        default=3,
+        help="times one request may resume on another decode worker before it ends with an error",
+    )
+    p.add_argument(
+        "--resume-via",
+        choices=["prefill", "decode"],
+        default="prefill",
+        help="a resumed request's KV is recomputed by a prefill worker and relayed, or by the decode worker",
     )
     p.add_argument("--log-level", default="info")
     return p
@@ -76,6 +91,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         grpc_port_name=args.grpc_port_name,
         api_key=SecretStr(key) if key else None,
         decode_idle_timeout_s=args.decode_idle_timeout,
+        max_migrations=args.max_migrations,
+        resume_via=args.resume_via,
     )
 
 

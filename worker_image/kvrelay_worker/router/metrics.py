@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 # Token latencies on CPU range from sub-millisecond to seconds; TTFT up to a minute under load.
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_RESUME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class RouterMetrics:
@@ -44,7 +45,38 @@ class RouterMetrics:
         self.generation_tokens = Counter(
             "kvrelay_generation_tokens_total", "Tokens generated", ["model"], registry=self.registry
         ).labels(model)
+        self.migrations = Counter(
+            "kvrelay_router_migrations_total",
+            "Requests resumed on another decode worker, by why the previous one failed",
+            ["model", "reason"],
+            registry=self.registry,
+        )
+        self.migration_failures = Counter(
+            "kvrelay_router_migration_failures_total",
+            "Requests ended with an error after losing their decode worker (limit reached, none left)",
+            ["model", "reason"],
+            registry=self.registry,
+        )
+        self.resume = Histogram(
+            "kvrelay_router_resume_seconds",
+            "Decode worker failure noticed to the next token of the resumed request",
+            ["model", "via"],
+            buckets=_RESUME_BUCKETS,
+            registry=self.registry,
+        )
 
     def request_done(self, status: str) -> None:
         """status: success | client_error | server_error | cancelled."""
         self.requests.labels(self.model, status).inc()
+
+    def migrated(self, reason: str) -> None:
+        """reason: worker_lost | draining | stalled."""
+        self.migrations.labels(self.model, reason).inc()
+
+    def migration_failed(self, reason: str) -> None:
+        """reason: limit (too many migrations) | no_worker (no decode worker left to resume on)."""
+        self.migration_failures.labels(self.model, reason).inc()
+
+    def resumed(self, via: str, seconds: float) -> None:
+        """via: prefill (re-prefilled and relayed) | decode (recomputed on the decode worker)."""
+        self.resume.labels(self.model, via).observe(seconds)

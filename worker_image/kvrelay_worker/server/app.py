@@ -1,4 +1,8 @@
-"""Assemble and run one worker process: engine thread, KV transport, gRPC server, /metrics."""
+"""Assemble and run one worker process: engine thread, KV transport, gRPC server, /metrics and /ready.
+
+On SIGTERM (or ``stop``) the worker drains (``server/drain.py``) and returns; a second signal cuts
+the drain short.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +10,35 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from pathlib import Path
 from typing import Any, Literal
 
 import grpc
-from prometheus_client import start_http_server
 from pydantic import BaseModel, Field, model_validator
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from kvrelay_worker.engine import Engine, EngineConfig
 from kvrelay_worker.kv import KVLayout, KVMetrics, KVTransport, create_transport
 from kvrelay_worker.metrics import WorkerMetrics
+from kvrelay_worker.server.drain import (
+    DEADLINE_MESSAGE,
+    DEFAULT_DRAIN_SECONDS,
+    DRAINING_MESSAGE,
+    DrainState,
+    Outcome,
+    Remaining,
+)
 from kvrelay_worker.server.engine_loop import EngineChannel, EngineLoop
 from kvrelay_worker.server.kv_bridge import KVBridge
+from kvrelay_worker.server.metrics_http import start_http
 from kvrelay_worker.server.servicer import WorkerServicer
 
 log = logging.getLogger(__name__)
+
+DRAIN_POLL_S = 0.05  # how often a drain looks at what is left: cheap, and keeps the exit prompt
+DRAIN_LOG_EVERY_S = 10.0
+STOP_GRACE_S = 2.0  # for the last responses to flush once the drain has ended every stream
 
 
 class WorkerOptions(BaseModel):
@@ -42,6 +59,9 @@ class WorkerOptions(BaseModel):
     kv_failure_policy: Literal["recompute", "fail"] = "recompute"
     kv_lease_s: float = 30.0
     kv_fetch_timeout_s: float = 30.0
+    drain_seconds: float = Field(
+        DEFAULT_DRAIN_SECONDS, ge=0, description="on SIGTERM, how long to finish running work and held KV"
+    )
     engine: EngineConfig = Field(default_factory=EngineConfig)
 
     @model_validator(mode="before")
@@ -78,8 +98,37 @@ def make_transport(opts: WorkerOptions, engine: Engine) -> KVTransport | None:
     )
 
 
+async def drain(servicer: WorkerServicer, transport: KVTransport | None, state: DrainState) -> Outcome:
+    """Admit nothing, wait for running requests and held KV leases, end what is left at the deadline."""
+    servicer.draining = True
+
+    def remaining() -> Remaining:
+        return Remaining(servicer.active, len(transport.leases) if transport is not None else 0)
+
+    now = time.monotonic()
+    if not state.draining:  # stopped through ``stop``, not by a signal
+        state.signal(now)
+    log.info("drain started: %s; deadline in %.1f s", remaining(), max(state.deadline - now, 0.0))
+    next_log = now + DRAIN_LOG_EVERY_S
+    while (outcome := state.outcome(now, remaining())) is None:
+        if now >= next_log:
+            log.info("draining: %s, %.0f s left", remaining(), state.deadline - now)
+            next_log = now + DRAIN_LOG_EVERY_S
+        await asyncio.sleep(DRAIN_POLL_S)
+        now = time.monotonic()
+    elapsed = state.elapsed(now)
+    if outcome is Outcome.DRAINED:
+        log.info("drain finished in %.1f s: every request done, every KV lease released", elapsed)
+        servicer.end_streams(DRAINING_MESSAGE, cut_off=False)  # idle streams
+    else:
+        log.warning("drain %s after %.1f s: ending %s", outcome.value, elapsed, remaining())
+        servicer.end_streams(DEADLINE_MESSAGE, cut_off=True)
+    return outcome
+
+
 async def serve(opts: WorkerOptions, engine: Engine | None = None, stop: asyncio.Event | None = None) -> None:
-    """Run until SIGTERM/SIGINT (or ``stop`` is set); prints ``READY grpc=<port>`` once serving."""
+    """Run until SIGTERM/SIGINT (or ``stop`` is set), then drain and return; prints ``READY ...`` once
+    serving."""
     engine = engine or Engine.from_dir(opts.model, opts.engine)
     loop = asyncio.get_running_loop()
     metrics = WorkerMetrics(opts.served_model_name, opts.role)
@@ -97,9 +146,18 @@ async def serve(opts: WorkerOptions, engine: Engine | None = None, stop: asyncio
     http = None
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     stop = stop or asyncio.Event()
+    state = DrainState(opts.drain_seconds)
+
+    def on_signal(sig: signal.Signals) -> None:
+        if state.signal(time.monotonic()):
+            log.info("%s: draining (up to %g s)", sig.name, opts.drain_seconds)
+        else:
+            log.warning("%s during the drain: cutting it short", sig.name)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):  # before READY: a stop right after it must be graceful
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread (tests)
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
     try:
         if transport is not None:
             transport.start()
@@ -107,18 +165,20 @@ async def serve(opts: WorkerOptions, engine: Engine | None = None, stop: asyncio
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
         port = server.add_insecure_port(f"{opts.host}:{opts.grpc_port}")
         if opts.metrics_port:
-            http = start_http_server(opts.metrics_port, addr=opts.host)
+            http = start_http(opts.host, opts.metrics_port, lambda: servicer.readiness)
         engine_loop.start()
         await server.start()
         servicer.ready = True
         kv = f" kv={transport.endpoint}" if transport is not None else ""
         print(f"READY role={opts.role} grpc={opts.host}:{port} metrics={opts.metrics_port}{kv}", flush=True)
         await stop.wait()
-        servicer.ready = False
-        await server.stop(grace=2)
+        await drain(servicer, transport, state)
+        await server.stop(grace=STOP_GRACE_S)
     finally:
         engine_loop.stop()
         if transport is not None:
             transport.close()
         if http is not None:
-            http[0].shutdown()
+            http.shutdown()
+            http.server_close()
+        log.info("worker stopped")

@@ -27,6 +27,10 @@ class EngineFailed(RuntimeError):
     """Delivered into a request's queue when its request cannot continue (step crash, KV failure)."""
 
 
+class WorkerGone(EngineFailed):
+    """The worker ends the request because it is going away (drain deadline), not because it is bad."""
+
+
 class EngineChannel:
     """The asyncio side's line to the engine thread: calls go in, each request's outputs come back.
 
@@ -64,9 +68,9 @@ class EngineChannel:
         if q is not None:
             q.put_nowait(EngineFailed(message))  # type: ignore[arg-type]
 
-    def fail_all(self, message: str) -> None:
+    def fail_all(self, message: str, error: type[EngineFailed] = EngineFailed) -> None:
         for q in self._subscribers.values():
-            q.put_nowait(EngineFailed(message))  # type: ignore[arg-type]
+            q.put_nowait(error(message))  # type: ignore[arg-type]
 
     def deliver(self, outputs: list[RequestOutput]) -> None:
         """Event-loop side: hand each output to its request's queue."""
@@ -144,6 +148,8 @@ class EngineLoop:
             result = self.engine.step(time.monotonic())
             if self.metrics is not None:
                 self.metrics.generation_tokens.inc(sum(len(o.new_token_ids) for o in result.outputs))
+                if result.num_prompt_tokens:
+                    self.metrics.prompt_tokens_computed.inc(result.num_prompt_tokens)
             # Gauges first: a client that has its last token and then scrapes /metrics sees this step.
             self._publish_stats()
             if result.outputs or result.kv_targets:

@@ -1,17 +1,20 @@
 """KServe v2 (Triton) gRPC servicer for the prefill, decode and colocated roles (contract section 3).
 
 Protocol only: decode the request, call the engine (through the engine loop's channel), encode
-the answer. What happens to a request's KV cache between the roles is the ``KVBridge``'s.
+the answer. What happens to a request's KV cache between the roles is the ``KVBridge``'s; when to
+stop admitting and to end what runs is the drain's (``server/drain.py``, driven by ``app.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -24,7 +27,8 @@ from kvrelay_worker.engine import Engine, RequestOutput, RequestRefused, Samplin
 from kvrelay_worker.kserve_models import DECODE_MODEL, PREFILL_MODEL
 from kvrelay_worker.metrics import WorkerMetrics
 from kvrelay_worker.server.codec import BadRequest, infer_response, read_inputs, require, stream_error
-from kvrelay_worker.server.engine_loop import EngineFailed, EngineLoop
+from kvrelay_worker.server.drain import DRAIN_STATUS, DRAINING_MESSAGE
+from kvrelay_worker.server.engine_loop import EngineFailed, EngineLoop, WorkerGone
 from kvrelay_worker.server.kv_bridge import KVBridge, Role
 
 log = logging.getLogger(__name__)
@@ -45,6 +49,17 @@ _OUTPUTS = {
     PREFILL_MODEL: [("token_id", "INT64", [1]), ("kv_handle", "BYTES", [1]), ("finish_reason", "BYTES", [1])],
     DECODE_MODEL: [("token_id", "INT64", [1])],
 }
+
+
+class _Draining(Exception):
+    """A request arrived after the drain began: refused with ``DRAINING_MESSAGE``."""
+
+
+@dataclass(frozen=True)
+class _StreamEnd:
+    """Put into a stream's queue: end the whole RPC with the drain status and this message."""
+
+    message: str
 
 
 def models_for_role(role: Role) -> list[str]:
@@ -80,22 +95,62 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.channel = engine_loop.channel
         self.kv = kv
         self.metrics = metrics
-        self.ready = False
+        self.ready = False  # set once the gRPC server is up (the model is loaded by then)
+        self.draining = False  # set on SIGTERM: admit nothing more
+        self.active = 0  # admitted requests not finished yet (the drain waits for them)
+        self._streams: set[asyncio.Queue] = set()  # each open ModelStreamInfer's response queue
+
+    @property
+    def readiness(self) -> str:
+        """``serving``, or why not: what ``/ready``, ServerReady and ModelReady report."""
+        if not self.engine_loop.healthy:
+            return "engine failed"
+        if self.draining:
+            return "draining"
+        return "serving" if self.ready else "not loaded"
+
+    @contextlib.contextmanager
+    def _admitted(self) -> Iterator[None]:
+        """Count a request in flight; checked and counted in one go on the event loop, so a request is
+        either refused or waited for by the drain."""
+        if self.draining:
+            raise _Draining(DRAINING_MESSAGE)
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
+
+    def end_streams(self, message: str, cut_off: bool) -> None:
+        """End every open stream with the drain status once the tokens already queued are out.
+
+        ``cut_off`` (deadline): also end the requests still running, ModelInfer ones included. A
+        stream whose reader lags a full queue behind loses those tokens rather than holding the exit.
+        """
+        for out in self._streams:
+            try:
+                out.put_nowait(_StreamEnd(message))
+            except asyncio.QueueFull:
+                if not cut_off:
+                    continue  # its requests are done; the server's stop grace ends it
+                while not out.empty():
+                    out.get_nowait()
+                out.put_nowait(_StreamEnd(message))
+        if cut_off:
+            self.channel.fail_all(message, WorkerGone)
 
     # ---- health and metadata -----------------------------------------------------------------------
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        return pb.ServerReadyResponse(ready=self.ready and self.engine_loop.healthy)
+        return pb.ServerReadyResponse(ready=self.readiness == "serving")
 
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name=f"kvrelay-worker-{self.role}", version="0.1.0", extensions=[])
 
     async def ModelReady(self, request, context):
-        return pb.ModelReadyResponse(
-            ready=self.ready and self.engine_loop.healthy and request.name in self.kserve_models
-        )
+        return pb.ModelReadyResponse(ready=self.readiness == "serving" and request.name in self.kserve_models)
 
     async def ModelMetadata(self, request, context):
         name = await self._model_or_abort(request.name, context)
@@ -135,27 +190,31 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             )
         await self._model_or_abort(request.model_name, context)
         try:
-            return await self._prefill(request)
+            with self._admitted():
+                return await self._prefill(request)
         except (BadRequest, RequestRefused) as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except (_Draining, WorkerGone) as exc:
+            await context.abort(DRAIN_STATUS, str(exc))
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Many requests per stream; one writer (this generator) drains a bounded queue."""
-        out: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue(maxsize=STREAM_QUEUE_SIZE)
+        if self.draining:  # a new stream carries only new requests: refuse it whole
+            await context.abort(DRAIN_STATUS, DRAINING_MESSAGE)
+        out: asyncio.Queue[pb.ModelStreamInferResponse | _StreamEnd | None] = asyncio.Queue(
+            maxsize=STREAM_QUEUE_SIZE
+        )
         tasks: set[asyncio.Task] = set()
 
         async def one(req: pb.ModelInferRequest) -> None:
             try:
-                if req.model_name not in self.kserve_models:
-                    raise BadRequest(f"model {req.model_name!r} not served by this {self.role} worker")
-                if req.model_name == PREFILL_MODEL:
-                    resp = await self._prefill(req)
-                    resp.parameters["triton_final_response"].bool_param = True
-                    await out.put(pb.ModelStreamInferResponse(infer_response=resp))
-                else:
-                    await self._decode(req, lambda r: out.put(pb.ModelStreamInferResponse(infer_response=r)))
-            except (BadRequest, RequestRefused) as exc:
+                with self._admitted():
+                    await self._stream_request(req, out)
+            except (BadRequest, RequestRefused, _Draining) as exc:
+                # In-band, also a drain refusal: the stream's other requests may still be running.
                 await out.put(stream_error(req.id, req.model_name, str(exc)))
+            except WorkerGone:
+                pass  # the drain deadline: end_streams ends the whole stream with the drain status
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # in-band, the stream stays usable
@@ -172,14 +231,28 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             await out.put(None)
 
         reader_task = asyncio.create_task(reader())
+        self._streams.add(out)
         try:
             while (item := await out.get()) is not None:
+                if isinstance(item, _StreamEnd):
+                    await context.abort(DRAIN_STATUS, item.message)
                 yield item
         finally:
+            self._streams.discard(out)
             reader_task.cancel()
             for task in list(tasks):
                 task.cancel()  # the client went away: abort its requests in the engine
             await asyncio.gather(reader_task, *tasks, return_exceptions=True)
+
+    async def _stream_request(self, req: pb.ModelInferRequest, out: asyncio.Queue) -> None:
+        if req.model_name not in self.kserve_models:
+            raise BadRequest(f"model {req.model_name!r} not served by this {self.role} worker")
+        if req.model_name == PREFILL_MODEL:
+            resp = await self._prefill(req)
+            resp.parameters["triton_final_response"].bool_param = True
+            await out.put(pb.ModelStreamInferResponse(infer_response=resp))
+        else:
+            await self._decode(req, lambda r: out.put(pb.ModelStreamInferResponse(infer_response=r)))
 
     # ---- prefill ---------------------------------------------------------------------------------------
     async def _prefill(self, req: pb.ModelInferRequest) -> pb.ModelInferResponse:
@@ -192,9 +265,11 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             await self.channel.call(self.engine.add_request, rid, input_ids, params, time.monotonic(), True)
             self._count_prompt(len(input_ids))
             out = await queue.get()
+            if isinstance(out, WorkerGone):
+                raise out
             if isinstance(out, EngineFailed):
                 raise BadRequest(str(out))
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, WorkerGone):
             self.channel.call_soon(self._abort_or_release, rid)
             raise
         finally:
@@ -259,6 +334,8 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             first_output = True
             while True:
                 item = await queue.get()
+                if isinstance(item, WorkerGone):
+                    raise item
                 if isinstance(item, EngineFailed):
                     raise BadRequest(str(item))
                 if first_output:

@@ -1,0 +1,487 @@
+"""Mid-stream migration with real processes (`kvrelay serve --model tiny`, the official openai client).
+
+Decode workers are SIGKILLed under live streams, a prefill worker is killed while it holds published but
+unclaimed KV, and both decode workers are lost at once. Clients must see no error (or, with no decode
+worker left, a clear one within ERROR_BOUND_S), and the text must equal an uninterrupted run's.
+
+Greedy equality follows shared/notes/token-equality.md against the single-process engine: at the first
+difference, the engine's top-2 logit margin there must be below NEAR_TIE. The tiny model's logit noise
+between a full recompute and an incremental one is 5e-6 (measured: logits of a prefix vs the same
+positions in a longer sequence, 8 random 200-token prompts); NEAR_TIE is 20x that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import signal
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from kvrelay_worker.model_store import ensure_tiny_model
+from kvrelay_worker.tokenizer import Tokenizer
+from serve_helpers import WORKER_RE, ServeProcess, run_serve
+from worker_fixtures import WorkerProcess, metric_value, spawn_worker
+
+pytestmark = pytest.mark.e2e
+
+NEAR_TIE = 1e-4
+MAX_NEAR_TIES = 2  # of 32 streams
+MAX_TOKENS = 320
+ERROR_BOUND_S = 10.0  # both decode workers gone: every stream has its error event this soon after the kill
+PROMPTS = [f"Numbers such as {i} appear in logs, question {i * 7}" for i in range(32)]
+
+
+@dataclass
+class Stack:
+    serve: ServeProcess
+    model_dir: Path
+    tokenizer: Tokenizer
+    workers: dict[str, tuple[int, str, int]] = field(default_factory=dict)  # name -> pid, grpc, metrics
+    respawned: list[WorkerProcess] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, serve: ServeProcess) -> Stack:
+        model_dir = ensure_tiny_model()
+        stack = cls(serve, model_dir, Tokenizer.from_dir(model_dir))
+        for line in serve.output:
+            if m := WORKER_RE.search(line):
+                stack.workers[m.group(1)] = (int(m.group(2)), m.group(3), int(m.group(4)))
+        return stack
+
+    @property
+    def root(self) -> str:
+        return self.serve.base_url.removesuffix("/v1")
+
+    def health(self) -> dict[str, Any]:
+        return httpx.get(self.root + "/health", timeout=10).json()
+
+    def router_metric(self, name: str, **labels: str) -> float:
+        text = httpx.get(self.root + "/metrics", timeout=10).text
+        return metric_value(text, name, model=self.serve.model, **labels) or 0.0
+
+    def first_tokens(self) -> float:
+        """Prefill answers the router got (its TTFT count), whether or not their text was empty."""
+        return self.router_metric("kvrelay_time_to_first_token_seconds_count")
+
+    def worker_metric_sum(self, role: str, name: str, **labels: str) -> float:
+        total = 0.0
+        for worker, (_, _, port) in self.workers.items():
+            if worker.startswith(role):
+                with contextlib.suppress(httpx.HTTPError):
+                    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+                    total += metric_value(text, name, **labels) or 0.0
+        return total
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        os.kill(self.workers[name][0], sig)
+
+    def kill_busiest_decode(self) -> str:
+        """SIGKILL the decode worker running the most of this router's streams; returns its name."""
+        running = {a: w["running"] for a, w in self.health()["workers"]["decode"].items()}
+        name = max(
+            (n for n in self.workers if n.startswith("decode")), key=lambda n: running[self.workers[n][1]]
+        )
+        assert running[self.workers[name][1]] > 0, running
+        self.kill(name)
+        return name
+
+    def ensure_decode(self, name: str) -> None:
+        """Start a fresh decode worker on `name`'s address unless it is alive and healthy in the router."""
+        pid, address, _ = self.workers[name]
+        if _alive(pid):  # e.g. paused a moment ago: the router's readiness checks take it back
+            self._wait_healthy(name, address)
+            return
+        port = address.rsplit(":", 1)[1]
+        worker, ready = spawn_worker(
+            "decode", self.model_dir, "--grpc-port", port, "--served-model-name", self.serve.model,
+            kv_backend="tcp",
+        )  # fmt: skip
+        self.respawned.append(worker)
+        assert ready.wait(180), f"respawned {name} did not start:\n{worker.log()}"
+        self.workers[name] = (worker.proc.pid, address, worker.metrics_port)
+        self._wait_healthy(name, address)
+
+    def _wait_healthy(self, name: str, address: str) -> None:
+        deadline = time.monotonic() + 30
+        while not self.health()["workers"]["decode"][address]["healthy"]:
+            assert time.monotonic() < deadline, f"the router did not take {name} back"
+            time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    return False
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    args = ["--model", "tiny", "--prefill", "2", "--decode", "2", "--kv-backend", "tcp"]
+    with run_serve(args, tmp_path_factory.mktemp("logs")) as serve:
+        s = Stack.of(serve)
+        try:
+            yield s
+        finally:
+            for worker in s.respawned:
+                worker.stop()
+    assert serve.leftovers == []
+
+
+@pytest.fixture(scope="module")
+def engine(stack: Stack) -> Any:
+    from kvrelay_worker.engine.core import Engine, EngineConfig
+
+    return Engine.from_dir(stack.model_dir, EngineConfig())
+
+
+@dataclass
+class Reference:
+    tokens: list[int]
+    margins: list[float]  # top-2 logit margin at every generated step
+
+
+def _greedy_references(stack: Stack, engine: Any, prompts: list[str]) -> list[Reference]:
+    import torch
+    from kvrelay_worker.engine.sampling_params import SamplingParams
+
+    ids = [stack.tokenizer.encode(p) for p in prompts]
+    outs = engine.generate(ids, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True))
+    refs = []
+    for prompt, out in zip(ids, outs, strict=True):
+        logits = engine.model.full_forward_logits(torch.tensor([prompt + out]))[0, len(prompt) - 1 : -1]
+        top = torch.topk(logits.float(), 2, dim=-1).values
+        refs.append(Reference(out, (top[:, 0] - top[:, 1]).tolist()))
+    return refs
+
+
+def _check_greedy(tokenizer: Tokenizer, refs: list[Reference], texts: list[str]) -> list[tuple[int, int]]:
+    """Fail unless every text is the reference's or first differs at a near-tie; returns the near-ties."""
+    near_ties, bad = [], []
+    for i, (ref, text) in enumerate(zip(refs, texts, strict=True)):
+        if text == tokenizer.decode(ref.tokens):
+            continue
+        step = next(
+            (k for k in range(len(ref.tokens)) if not text.startswith(tokenizer.decode(ref.tokens[: k + 1]))),
+            None,
+        )
+        if step is not None and ref.margins[step] < NEAR_TIE:
+            near_ties.append((i, step))
+        else:
+            margin = None if step is None else ref.margins[step]
+            bad.append((i, step, margin, text, tokenizer.decode(ref.tokens)))
+    assert not bad, bad
+    assert len(near_ties) <= MAX_NEAR_TIES, near_ties
+    return near_ties
+
+
+@dataclass
+class Outcome:
+    text: str
+    finish: str | None
+    error: str | None
+    ended_at: float
+
+
+async def _streams(
+    stack: Stack,
+    prompts: list[str],
+    kill: Callable[[], None] | None = None,
+    tokens_each: int = 6,
+    params: list[dict[str, Any]] | None = None,
+    kill_when: Callable[[], bool] | None = None,
+) -> tuple[list[Outcome], float]:
+    """Run the prompts as concurrent streams; `kill` runs once every stream has its first token and the
+    router relayed `tokens_each` tokens per stream on average (or once `kill_when()` says so).
+
+    Tokens, not text chunks: the detokenizer holds back text while the bytes so far are not valid UTF-8,
+    which a random-weight model sampling at temperature 1 can keep up for many tokens.
+
+    Returns the outcomes and the kill time (monotonic); asserts the streams were mid-stream then.
+    """
+    client = openai.AsyncOpenAI(base_url=stack.serve.base_url, api_key="none", max_retries=0, timeout=120)
+
+    async def one(i: int) -> Outcome:
+        parts: list[str] = []
+        finish = None
+        extra = (params or [{}] * len(prompts))[i]
+        try:
+            stream = await client.completions.create(
+                model=stack.serve.model, prompt=prompts[i], max_tokens=MAX_TOKENS, stream=True,
+                **{"temperature": 0, **extra}, extra_body={"ignore_eos": True},
+            )  # fmt: skip
+            async for chunk in stream:
+                parts.append(chunk.choices[0].text)
+                finish = chunk.choices[0].finish_reason or finish
+        except openai.APIError as exc:
+            return Outcome("".join(parts), finish, f"{type(exc).__name__}: {exc}", time.monotonic())
+        return Outcome("".join(parts), finish, None, time.monotonic())
+
+    n = len(prompts)
+    first, tokens = stack.first_tokens(), stack.router_metric("kvrelay_generation_tokens_total")
+
+    def mid_stream() -> bool:
+        return stack.first_tokens() >= first + n and (
+            stack.router_metric("kvrelay_generation_tokens_total") >= tokens + n * tokens_each
+        )
+
+    killed_at = 0.0
+    tasks = [asyncio.create_task(one(i)) for i in range(n)]
+    try:
+        if kill is not None:
+            deadline = time.monotonic() + 120
+            while not (kill_when or mid_stream)():
+                done = [t.result() for t in tasks if t.done()]
+                assert time.monotonic() < deadline and not done, done
+                await asyncio.sleep(0.01)
+            running = sum(not t.done() for t in tasks)
+            kill()
+            killed_at = time.monotonic()
+            assert running == n, "every stream must be mid-stream at the kill"
+        return list(await asyncio.wait_for(asyncio.gather(*tasks), 300)), killed_at
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await client.close()
+
+
+async def test_decode_worker_killed_under_32_streams(stack: Stack, engine: Any) -> None:
+    """One of two decode workers SIGKILLed mid-stream: no client error, every text as without the kill."""
+    stack.ensure_decode("decode-0")
+    stack.ensure_decode("decode-1")
+    refs = _greedy_references(stack, engine, PROMPTS)
+    calm, _ = await _streams(stack, PROMPTS)
+    assert [o.error for o in calm] == [None] * 32
+    _check_greedy(stack.tokenizer, refs, [o.text for o in calm])
+
+    before = stack.router_metric("kvrelay_router_migrations_total", reason="worker_lost")
+    started = time.monotonic()
+    victim: list[str] = []
+    killed, _ = await _streams(stack, PROMPTS, kill=lambda: victim.append(stack.kill_busiest_decode()))
+    elapsed = time.monotonic() - started
+    assert [o.error for o in killed] == [None] * 32
+    assert all(o.finish == "length" for o in killed)
+    near_ties = _check_greedy(stack.tokenizer, refs, [o.text for o in killed])
+    differ = [i for i, (a, b) in enumerate(zip(calm, killed, strict=True)) if a.text != b.text]
+    assert set(differ) <= {i for i, _ in near_ties}
+    migrations = stack.router_metric("kvrelay_router_migrations_total", reason="worker_lost") - before
+    assert migrations > 0
+    resumes = stack.router_metric("kvrelay_router_resume_seconds_count", via="prefill")
+    resume_s = stack.router_metric("kvrelay_router_resume_seconds_sum", via="prefill") / max(resumes, 1)
+    print(
+        json.dumps(
+            {"streams": 32, "migrations": migrations, "mean_resume_s": round(resume_s, 4),
+             "near_ties": near_ties, "run_s": round(elapsed, 2)}
+        )
+    )  # fmt: skip
+    stack.ensure_decode(victim[0])
+
+
+async def test_seeded_sampling_across_a_migration(stack: Stack, engine: Any) -> None:
+    """temperature 1 with a seed: a resumed stream draws what the uninterrupted one drew."""
+    from kvrelay_worker.engine.sampling_params import SamplingParams
+
+    stack.ensure_decode("decode-0")
+    stack.ensure_decode("decode-1")
+    prompts = PROMPTS[:8]
+    params = [{"temperature": 1.0, "seed": 1000 + i} for i in range(8)]
+    calm, _ = await _streams(stack, prompts, params=params)
+    before = stack.router_metric("kvrelay_router_migrations_total", reason="worker_lost")
+    victim: list[str] = []
+    killed, _ = await _streams(
+        stack, prompts, kill=lambda: victim.append(stack.kill_busiest_decode()), params=params
+    )
+    assert [o.error for o in killed] == [None] * 8
+    assert stack.router_metric("kvrelay_router_migrations_total", reason="worker_lost") > before
+    assert [o.text for o in killed] == [o.text for o in calm]
+    # ... and both equal the single-process engine's seeded draws (a seed is a seed, wherever it runs).
+    ids = [stack.tokenizer.encode(p) for p in prompts]
+    seeded = [
+        SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, seed=p["seed"], ignore_eos=True)
+        for p in params
+    ]
+    assert [stack.tokenizer.decode(t) for t in engine.generate(ids, seeded)] == [o.text for o in calm]
+    stack.ensure_decode(victim[0])
+
+
+async def test_resume_cost(stack: Stack) -> None:
+    """Resume latency on the tiny model, re-prefill + relay vs recompute on the decode worker, per length.
+
+    Also the stall a recompute on the decode worker puts on another stream running there.
+    """
+    import random
+
+    from kvrelay_worker.router.kserve import WorkerClient
+
+    stack.ensure_decode("decode-0")
+    prefill = WorkerClient(stack.workers["prefill-1"][1])
+    decode = WorkerClient(stack.workers["decode-0"][1])
+    greedy = {"temperature": 0.0, "ignore_eos": True}
+    rng = random.Random(5)
+
+    async def next_token(stream: Any) -> float:
+        await anext(stream)
+        return time.monotonic()
+
+    async def via_prefill(ids: list[int]) -> tuple[float, float]:
+        t0 = time.monotonic()
+        first = await prefill.prefill("cost", ids, {**greedy, "max_tokens": 3})
+        t1 = time.monotonic()
+        stream = decode.decode("cost", ids, first.token_id, first.kv_handle, {**greedy, "max_tokens": 3})
+        t2 = await next_token(stream)
+        await stream.aclose()
+        return t1 - t0, t2 - t0
+
+    async def via_decode(ids: list[int]) -> tuple[float, float]:
+        t0 = time.monotonic()
+        stream = decode.decode("cost", ids[:-1], ids[-1], b"", {**greedy, "max_tokens": 4})
+        t1 = await next_token(stream)
+        t2 = await next_token(stream)
+        await stream.aclose()
+        return t1 - t0, t2 - t0
+
+    async def stall_of_a_neighbour(resume: Callable[[list[int]], Any], ids: list[int]) -> float:
+        """Longest gap between tokens of another stream on the decode worker while `resume` runs."""
+        stamps: list[float] = []
+        background = decode.decode("bg", [7] * 16, 9, b"", {**greedy, "max_tokens": 1000})
+
+        async def consume() -> None:
+            async for _ in background:
+                stamps.append(time.monotonic())
+
+        task = asyncio.create_task(consume())
+        while len(stamps) < 20:
+            await asyncio.sleep(0.005)
+        t0 = time.monotonic()
+        await resume(ids)
+        t1 = time.monotonic()
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        during = [b - a for a, b in itertools.pairwise(stamps) if b >= t0 and a <= t1]
+        return max(during, default=0.0)
+
+    rows = []
+    try:
+        for n in (64, 512, 1536):
+            ids = [rng.randrange(5, 500) for _ in range(n)]
+            a = [await via_prefill(ids) for _ in range(5)]
+            b = [await via_decode(ids) for _ in range(5)]
+            rows.append(
+                {
+                    "tokens": n,
+                    "via_prefill_next_s": round(statistics.median(x[0] for x in a), 4),
+                    "via_prefill_then_s": round(statistics.median(x[1] for x in a), 4),
+                    "via_decode_next_s": round(statistics.median(x[0] for x in b), 4),
+                    "via_decode_then_s": round(statistics.median(x[1] for x in b), 4),
+                }
+            )
+        ids = [rng.randrange(5, 500) for _ in range(1536)]
+        stall = {
+            "neighbour_stall_via_prefill_s": round(await stall_of_a_neighbour(via_prefill, ids), 4),
+            "neighbour_stall_via_decode_s": round(await stall_of_a_neighbour(via_decode, ids), 4),
+        }
+    finally:
+        await prefill.close()
+        await decode.close()
+    print(json.dumps({"resume_cost": rows, **stall}))
+    assert all(r["via_prefill_next_s"] < 30 and r["via_decode_next_s"] < 30 for r in rows)
+
+
+async def test_prefill_killed_holding_unclaimed_kv(stack: Stack, engine: Any) -> None:
+    """Decode workers paused, prefill-0 publishes KV then dies before anyone claims it: with the default
+    failurePolicy `recompute` the decode workers recompute and the clients see nothing."""
+    stack.ensure_decode("decode-0")
+    stack.ensure_decode("decode-1")
+    prompts = PROMPTS[:8]
+    refs = _greedy_references(stack, engine, prompts)
+    failures_before = stack.worker_metric_sum("decode", "kvrelay_kv_transfer_failures_total")
+    before = stack.first_tokens()
+    for name in ("decode-0", "decode-1"):
+        stack.kill(name, signal.SIGSTOP)
+    try:
+        # Keep the pause under the router's 2 s readiness timeout, or it would mark both decode workers down.
+        def kill_prefill() -> None:
+            stack.kill("prefill-0")
+            time.sleep(0.3)
+            for name in ("decode-0", "decode-1"):
+                stack.kill(name, signal.SIGCONT)
+
+        # Once every prefill answered (its KV published), whether or not its first token had text.
+        outcomes, _ = await _streams(
+            stack, prompts, kill=kill_prefill, kill_when=lambda: stack.first_tokens() >= before + 8
+        )
+    finally:
+        for name in ("decode-0", "decode-1"):
+            stack.kill(name, signal.SIGCONT)
+    assert [o.error for o in outcomes] == [None] * 8
+    _check_greedy(stack.tokenizer, refs, [o.text for o in outcomes])
+    # The KV of the requests prefill-0 held could not be read: that is what the decode workers recomputed.
+    assert stack.worker_metric_sum("decode", "kvrelay_kv_transfer_failures_total") > failures_before
+
+
+async def test_both_decode_workers_lost_then_one_back(stack: Stack) -> None:
+    """No decode worker left: streams end with a clear error within ERROR_BOUND_S; then serving resumes."""
+    stack.ensure_decode("decode-0")
+    stack.ensure_decode("decode-1")
+
+    def kill_both() -> None:
+        stack.kill("decode-0")
+        stack.kill("decode-1")
+
+    outcomes, killed_at = await _streams(stack, PROMPTS[:8], kill=kill_both)
+    for o in outcomes:
+        assert o.error is not None and "no ready decode worker to resume" in o.error, o
+        assert o.ended_at - killed_at < ERROR_BOUND_S
+    print(json.dumps({"last_error_after_kill_s": round(max(o.ended_at for o in outcomes) - killed_at, 4)}))
+    client = openai.OpenAI(base_url=stack.serve.base_url, api_key="none", max_retries=0, timeout=60)
+    with pytest.raises(openai.InternalServerError, match="no ready decode worker"):
+        client.completions.create(model=stack.serve.model, prompt="anyone?", max_tokens=8)
+    stack.ensure_decode("decode-0")
+    reply = client.completions.create(
+        model=stack.serve.model, prompt="back again", max_tokens=8, temperature=0
+    )
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 8
+
+
+async def test_prefill_killed_holding_unclaimed_kv_with_policy_fail(tmp_path: Path) -> None:
+    """kvTransfer failurePolicy `fail`: the requests whose KV died with prefill-0 get a clear error at once,
+    the others finish."""
+    args = ["--model", "tiny", "--prefill", "2", "--decode", "1", "--kv-backend", "tcp"]
+    with run_serve([*args, "--worker-arg=--kv-failure-policy=fail"], tmp_path) as serve:
+        s = Stack.of(serve)
+        before = s.first_tokens()
+        s.kill("decode-0", signal.SIGSTOP)
+
+        def kill_prefill() -> None:
+            s.kill("prefill-0")
+            time.sleep(0.3)
+            s.kill("decode-0", signal.SIGCONT)
+
+        try:
+            outcomes, killed_at = await _streams(
+                s, PROMPTS[:8], kill=kill_prefill, kill_when=lambda: s.first_tokens() >= before + 8
+            )
+        finally:
+            s.kill("decode-0", signal.SIGCONT)
+    failed = [o for o in outcomes if o.error is not None]
+    assert 0 < len(failed) < 8, outcomes  # prefill-0 held some of the KV, prefill-1 the rest
+    for o in failed:
+        assert "KV transfer failed" in o.error and o.ended_at - killed_at < ERROR_BOUND_S, o
+    assert all(o.finish == "length" for o in outcomes if o.error is None)
