@@ -211,7 +211,7 @@ async def _streams(
     Tokens, not text chunks: the detokenizer holds back text while the bytes so far are not valid UTF-8,
     which a random-weight model sampling at temperature 1 can keep up for many tokens.
 
-    Returns the outcomes and the kill time (monotonic); asserts the streams were mid-stream then.
+    Returns the outcomes and the kill time (monotonic); asserts streams were still running then.
     """
     client = openai.AsyncOpenAI(base_url=stack.serve.base_url, api_key="none", max_retries=0, timeout=120)
 
@@ -251,7 +251,9 @@ async def _streams(
             running = sum(not t.done() for t in tasks)
             kill()
             killed_at = time.monotonic()
-            assert running == n, "every stream must be mid-stream at the kill"
+            # On a fast, quiet machine a stream that got ahead may finish during the last poll;
+            # the callers assert that streams were resumed (the migration counter) and exact.
+            assert running > 0, "no stream was mid-stream at the kill"
         return list(await asyncio.wait_for(asyncio.gather(*tasks), 300)), killed_at
     finally:
         for task in tasks:
