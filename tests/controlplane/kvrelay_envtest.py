@@ -144,6 +144,23 @@ def find_kubectl() -> tuple[Path | None, str]:
     return Path(out.stdout.strip().splitlines()[-1]) / "kubectl", ""
 
 
+def cluster_tools_or_skip(controllers: bool = False) -> tuple[Path, Path, Path]:
+    """(control-plane assets, kubectl, helm) for a test that installs the chart; pytest.skip says
+    which is missing (under CI a skip fails the run, tests/conftest.py)."""
+    import pytest
+
+    assets, why = find_assets(controllers=controllers)
+    if assets is None:
+        pytest.skip(f"no control plane: {why}")
+    kubectl, why = find_kubectl()
+    if kubectl is None:
+        pytest.skip(f"no kubectl: {why}")
+    helm = kubectl.parent / "helm"
+    if not helm.is_file():
+        pytest.skip(f"no helm next to {kubectl}")
+    return assets, kubectl, helm
+
+
 def wait_for(condition: Callable[[], T], timeout: float = 20.0, interval: float = 0.1, what: str = "") -> T:
     """Polls until condition() is truthy (returning it) or raises TimeoutError naming what."""
     deadline = time.monotonic() + timeout

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kvrelay_envtest import ControlPlane, control_plane, find_assets, find_kubectl, free_port
+from kvrelay_envtest import ControlPlane, cluster_tools_or_skip, control_plane, free_port
 from kvrelay_operator import resources
 from kvrelay_operator.api import DisaggregatedModelSpec, DisaggregatedModelStatus
 from kvrelay_worker.processes import stop_process
@@ -96,15 +96,7 @@ def _monitoring_crd(kind: str, plural: str) -> dict:
 
 @pytest.fixture(scope="module")
 def helm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    assets, why = find_assets()
-    if assets is None:
-        pytest.skip(f"no kube-apiserver: {why}")
-    kubectl, why = find_kubectl()
-    if kubectl is None:
-        pytest.skip(f"no kubectl: {why}")
-    helm = kubectl.parent / "helm"
-    if not helm.is_file():
-        pytest.skip(f"no helm next to {kubectl}")
+    assets, kubectl, helm = cluster_tools_or_skip()
     with control_plane(assets) as plane:
         cluster = Cluster(plane, kubectl, helm, tmp_path_factory.mktemp("sa") / "kubeconfig")
         crds = "\n---\n".join(yaml.safe_dump(_monitoring_crd(k, p)) for k, p in MONITORING_CRDS)

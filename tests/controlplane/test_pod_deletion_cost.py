@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes import client, config
-from kvrelay_envtest import control_plane, example, find_assets, find_kubectl, get_json, wait_for
+from kvrelay_envtest import cluster_tools_or_skip, control_plane, example, find_kubectl, get_json, wait_for
 from kvrelay_operator.kube import KubeClient
 from kvrelay_operator.victims import DELETION_COST
 from prometheus_client import REGISTRY
@@ -56,15 +56,7 @@ def _bare_pod() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def policy_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """A control plane of its own with the chart installed (defaults: the policy is on) and one pod."""
-    assets, why = find_assets()
-    if assets is None:
-        pytest.skip(f"no kube-apiserver: {why}")
-    kubectl, why = find_kubectl()
-    if kubectl is None:
-        pytest.skip(f"no kubectl: {why}")
-    helm = kubectl.parent / "helm"
-    if not helm.is_file():
-        pytest.skip(f"no helm next to {kubectl}")
+    assets, kubectl, helm = cluster_tools_or_skip()
     with control_plane(assets) as plane:
         cluster = Cluster(plane, kubectl, helm, tmp_path_factory.mktemp("sa") / "kubeconfig")
         cmd = [str(helm), "install", RELEASE, str(CHART), f"--kubeconfig={plane.kubeconfig}"]

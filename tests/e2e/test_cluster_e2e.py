@@ -27,7 +27,7 @@ from kvrelay_worker.model_store import ensure_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "tests" / "controlplane"), str(ROOT / "tests" / "cluster")]
-from kvrelay_envtest import ControlPlane, control_plane, find_assets, find_kubectl, wait_for  # noqa: E402
+from kvrelay_envtest import ControlPlane, cluster_tools_or_skip, control_plane, wait_for  # noqa: E402
 from node_agent import NodeAgentProcess, run_node_agent  # noqa: E402
 from pod_network import pod_network, unavailable_reason  # noqa: E402
 from serve_helpers import run_serve  # noqa: E402
@@ -112,15 +112,7 @@ def reference(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[
 def cluster(
     reference: list[Any], tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
-    assets, why = find_assets(controllers=True)
-    if assets is None:
-        pytest.skip(f"no control plane: {why}")
-    kubectl, why = find_kubectl()
-    if kubectl is None:
-        pytest.skip(f"no kubectl: {why}")
-    helm = kubectl.parent / "helm"
-    if not helm.is_file():
-        pytest.skip(f"no helm next to {kubectl}")
+    assets, kubectl, helm = cluster_tools_or_skip(controllers=True)
     if why := unavailable_reason():
         pytest.skip(f"no pod network: {why}")
     logs = tmp_path_factory.mktemp("agents")

@@ -30,7 +30,7 @@ import openai
 import pytest
 from kvrelay_worker.model_store import ensure_tiny_model
 from kvrelay_worker.tokenizer import Tokenizer
-from serve_helpers import WORKER_RE, ServeProcess, run_serve
+from serve_helpers import WORKER_RE, ServeProcess, pid_alive, run_serve
 from worker_fixtures import WorkerProcess, metric_value, spawn_worker
 
 pytestmark = pytest.mark.e2e
@@ -99,7 +99,7 @@ class Stack:
     def ensure_decode(self, name: str) -> None:
         """Start a fresh decode worker on `name`'s address unless it is alive and healthy in the router."""
         pid, address, _ = self.workers[name]
-        if _alive(pid):  # e.g. paused a moment ago: the router's readiness checks take it back
+        if pid_alive(pid):  # e.g. paused a moment ago: the router's readiness checks take it back
             self._wait_healthy(name, address)
             return
         port = address.rsplit(":", 1)[1]
@@ -117,16 +117,6 @@ class Stack:
         while not self.health()["workers"]["decode"][address]["healthy"]:
             assert time.monotonic() < deadline, f"the router did not take {name} back"
             time.sleep(0.1)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    return False
 
 
 @pytest.fixture(scope="module")
