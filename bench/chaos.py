@@ -471,10 +471,10 @@ def main() -> None:
         "--max-tokens", type=int, default=1500, help="long enough that streams (~2 s) are running at kills"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="smoke test: 20 s phases, a kill every 5 s")
+    parser.add_argument("--quick", action="store_true", help="smoke test: 10 s phases, a kill every 3 s")
     args = parser.parse_args()
     if args.quick:
-        args.duration, args.kill_every = 20.0, 5.0
+        args.duration, args.kill_every = 10.0, 3.0
     model_dir = ensure_tiny_model()
     tokenizer = Tokenizer.from_dir(model_dir)
     with tempfile.TemporaryDirectory(prefix="kvrelay-chaos-") as tmp:
