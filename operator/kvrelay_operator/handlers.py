@@ -3,7 +3,8 @@
 What triggers what:
 - create/update/resume of a DisaggregatedModel -> `reconcile`: render every child
   (resources.py), apply those whose content changed (apply.py: server-side apply, skipped when
-  the applied hash matches, also after a restart), then patch status (status.py).
+  the applied hash matches, also after a restart), then patch status (status.py). A spec edit
+  that lowers a worker pool's replicas first marks its victims, as the autoscaler's scale-downs do.
 - any event of a child Deployment -> `on_deployment_event`: a replica count changed by hand is
   put back (Warning Event `ReplicasRestored` + condition `DriftCorrected`); a deleted child is
   re-applied; the Deployments' status is mirrored into the parent's status.
@@ -217,6 +218,9 @@ def reconcile(
     parsed_spec, parsed_status = _parse(dict(spec), dict(status))
     ctx = _ctx(state, name, namespace, uid, state.pod_monitor_available())
     children = resources.render_children(parsed_spec, parsed_status, ctx)
+    # A spec edit that lowers replicas picks its victims the way the autoscaler's scale-downs do.
+    states = _deployment_states(deployments_by_model, namespace, name)
+    scaled_down = _mark_spec_scale_downs(state, namespace, name, parsed_spec, parsed_status, states)
     try:
         changed = state.applier.apply_changed(namespace, name, children, fresh=reason == "create")
     except ApplyError as exc:
@@ -241,10 +245,12 @@ def reconcile(
         kopf.event(
             body, type="Normal", reason=verb, message=f"applied {len(changed)} children: {', '.join(changed)}"
         )
+    for message in scaled_down:
+        kopf.event(body, type="Normal", reason="Scaled", message=message[:1000])
     generation = meta.get("generation") or 0
     # Deployments just applied are described by the apply response, fresher than the index: the
     # status written here then agrees with what the mirror computes from their watch events.
-    deployments = _deployment_states(deployments_by_model, namespace, name)
+    deployments = states
     for response in changed.values():
         if response.get("kind") == "Deployment":
             role = response["metadata"]["labels"][resources.LABEL_ROLE]
@@ -435,6 +441,27 @@ def on_model_event(
             if victims:
                 message += f"; least loaded first: {', '.join(victims)}"
             kopf.event(body, type="Normal", reason="Scaled", message=message[:1000])
+
+
+def _mark_spec_scale_downs(
+    state: OperatorState,
+    namespace: str,
+    name: str,
+    spec: api.DisaggregatedModelSpec,
+    status: api.DisaggregatedModelStatus,
+    states: dict[str, DeploymentState],
+) -> list[str]:
+    """Marks victims for each worker role whose replicas the spec lowers; one event message per role."""
+    messages = []
+    for role in api.WORKER_ROLES:
+        current, target = states.get(role), target_replicas(spec, status, role)
+        if current is None or target >= current.spec_replicas:
+            continue
+        served, removed = spec.model.served_name or name, current.spec_replicas - target
+        victims = _maybe_mark_victims(state, namespace, name, served, role, removed)
+        least = f"; least loaded first: {', '.join(victims)}" if victims else ""
+        messages.append(f"{role} scaled {current.spec_replicas} -> {target} (spec.{role}.replicas){least}")
+    return messages
 
 
 def _maybe_mark_victims(

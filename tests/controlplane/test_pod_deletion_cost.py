@@ -301,3 +301,36 @@ def test_scale_down_removes_the_least_loaded_pod(kubectl, kube, namespace, start
         assert _read_errors() >= errors_before + 1  # counted, and the scale-down went ahead
         kubectl("delete", "dm", "tiny", "-n", namespace, "--wait=true", "--timeout=30s", check=True)
     assert f"load of pod {busy} unknown" in runner.output
+
+
+def test_spec_scale_down_removes_the_least_loaded_pod(kubectl, namespace, start_operator, loads) -> None:
+    """Lowering spec.decode.replicas by hand (autoscaling off) marks the victims the same way."""
+    tiny = yaml.safe_load(example("tiny.yaml"))
+    tiny["spec"]["decode"].update(replicas=3)
+    with start_operator():
+        kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(tiny), check=True)
+        pods = wait_for(
+            lambda: (p := _live_decode_pods(kubectl, namespace)) and len(p) == 3
+            and all(map(_ready, p.values())) and p,
+            timeout=60, what="3 Ready decode pods",
+        )  # fmt: skip
+        busy, mid, idle = sorted(pods)
+        loads.text = {
+            busy: worker_metrics(running=4, waiting=0, kv_usage=0.5),
+            mid: worker_metrics(running=2, waiting=0, kv_usage=0.5),
+            idle: worker_metrics(running=0, waiting=0, kv_usage=0.0),
+        }
+        patch = {"spec": {"decode": {"replicas": 2}}}
+        kubectl("patch", "dm", "tiny", "-n", namespace, "--type=merge", "-p", json.dumps(patch), check=True)
+        left = wait_for(lambda: (p := _live_decode_pods(kubectl, namespace)) and len(p) == 2 and p,
+                        timeout=30, what="decode scaled to 2")  # fmt: skip
+        assert set(left) == {busy, mid}, f"removed {set(pods) - set(left)}, not {idle}"
+        wanted = f"decode scaled 3 -> 2 (spec.decode.replicas); least loaded first: {idle}"
+
+        def scaled_messages() -> list[str]:
+            selector = ("--field-selector", "reason=Scaled")
+            return [e["message"] for e in get_json(kubectl, "events", "-n", namespace, *selector)["items"]]
+
+        # kopf posts events from a queue of its own: the event may trail the scale-down a little.
+        wait_for(lambda: wanted in scaled_messages(), timeout=15, what=f"event {wanted!r}")
+        kubectl("delete", "dm", "tiny", "-n", namespace, "--wait=true", "--timeout=30s", check=True)

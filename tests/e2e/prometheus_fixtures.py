@@ -9,7 +9,7 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,28 +30,35 @@ def query(url: str, expr: str) -> list[dict[str, Any]]:
 
 @contextlib.contextmanager
 def run_prometheus(
-    workdir: Path, jobs: dict[str, list[str]], rules: str = "", scrape_interval_s: float = 1
+    workdir: Path,
+    jobs: dict[str, list[str]],
+    rules: str = "",
+    scrape_interval_s: float = 1,
+    scrape_configs: Sequence[dict[str, Any]] = (),
+    host: str = "127.0.0.1",
 ) -> Iterator[str]:
-    """Prometheus scraping `jobs` (job name -> host:port targets), evaluating `rules`; always stopped."""
+    """Prometheus scraping `jobs` (job name -> host:port targets) and any further `scrape_configs`,
+    evaluating `rules`, listening on `host`; always stopped."""
     binary = shutil.which("prometheus")
     if binary is None:
         pytest.skip("prometheus not on PATH: run hack/install-prometheus.sh")
     config: dict[str, Any] = {
         "global": {"scrape_interval": f"{scrape_interval_s:g}s", "evaluation_interval": "2s"},
         "scrape_configs": [
-            {"job_name": job, "static_configs": [{"targets": targets}]} for job, targets in jobs.items()
+            *({"job_name": job, "static_configs": [{"targets": targets}]} for job, targets in jobs.items()),
+            *scrape_configs,
         ],
     }
     if rules:
         (workdir / "kvrelay-alerts.rules.yaml").write_text(rules)
         config["rule_files"] = [str(workdir / "kvrelay-alerts.rules.yaml")]
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    port = free_port(host)
+    url = f"http://{host}:{port}"
     with (workdir / "prometheus.log").open("wb") as log:
         proc = subprocess.Popen(
             [str(binary), f"--config.file={workdir / 'prometheus.yml'}",
-             f"--storage.tsdb.path={workdir / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
+             f"--storage.tsdb.path={workdir / 'data'}", f"--web.listen-address={host}:{port}",
              "--log.level=warn"],
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip

@@ -11,10 +11,14 @@ Then decode scales from 1 to 2 and the second real worker takes requests.
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
+import re
 import subprocess
 import sys
+import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,8 +34,11 @@ sys.path[:0] = [str(ROOT / "tests" / "controlplane"), str(ROOT / "tests" / "clus
 from kvrelay_envtest import ControlPlane, cluster_tools_or_skip, control_plane, wait_for  # noqa: E402
 from node_agent import NodeAgentProcess, run_node_agent  # noqa: E402
 from pod_network import pod_network, unavailable_reason  # noqa: E402
+from prometheus_fixtures import query, run_prometheus  # noqa: E402
 from serve_helpers import run_serve  # noqa: E402
 from worker_fixtures import metric_value  # noqa: E402
+
+DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 
 pytestmark = pytest.mark.e2e
 
@@ -42,6 +49,7 @@ GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"
 # Deterministic requests (temperature 0): the same tokens from `kvrelay serve` and from the cluster.
 PROMPTS = ["The capital of France is", "Once upon a time", "1, 2, 3, 4,", "Kubernetes schedules"]
 MAX_TOKENS = 12
+LONG_TOKENS = 96
 
 
 @dataclass
@@ -97,20 +105,40 @@ def tiny_dir() -> Path:
     return ensure_tiny_model()
 
 
+def _stream_text(client: Any, prompt: str) -> str:
+    """One greedy streamed completion of LONG_TOKENS tokens (long enough to be mid-stream at a scale-down)."""
+    stream = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=LONG_TOKENS, temperature=0, stream=True,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    return "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
+
+
+@dataclass
+class References:
+    """What `kvrelay serve --model tiny` answers: PROMPTS short, and streamed LONG_TOKENS long."""
+
+    short: list[tuple[str, int, str]]
+    long: dict[str, str]
+
+
 @pytest.fixture(scope="module")
-def reference(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, int, str]]:
-    """What `kvrelay serve --model tiny` answers (run before the cluster starts, not beside it)."""
-    with run_serve(
-        ["--model", "tiny", "--prefill", "1", "--decode", "1"], tmp_path_factory.mktemp("ref")
-    ) as s:
+def reference(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> References:
+    """Run before the cluster starts, not beside it."""
+    from openai import OpenAI
+
+    args = ["--model", "tiny", "--prefill", "1", "--decode", "1", "--served-model-name", MODEL]
+    with run_serve(args, tmp_path_factory.mktemp("ref")) as s:
         answers = _completions(s.base_url, s.model)
+        client = OpenAI(base_url=s.base_url, api_key="unused", timeout=120, max_retries=0)
+        long = {prompt: _stream_text(client, prompt) for prompt in PROMPTS}
     assert all(tokens > 0 for _, tokens, _ in answers), answers
-    return answers
+    return References(answers, long)
 
 
 @pytest.fixture(scope="module")
 def cluster(
-    reference: list[Any], tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    reference: References, tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Cluster]:
     assets, kubectl, helm = cluster_tools_or_skip(controllers=True)
     if why := unavailable_reason():
@@ -174,6 +202,8 @@ def served(cluster: Cluster) -> Cluster:
     spec = {
         "model": {"source": "/models/tiny", "maxModelLen": 512, "dtype": "float32"},
         "kvTransfer": {"backend": "tcp", "transport": "tcp"},
+        # The test's Prometheus scrapes every second: the autoscaler's rate window follows (10 s).
+        "monitoring": {"interval": "1s"},
     }
     toleration = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     for role, pool in (("prefill", "prefill-h100"), ("decode", "decode-l40s")):
@@ -222,8 +252,8 @@ def _router_url(cluster: Cluster) -> str:
     return f"http://{endpoint}/v1"
 
 
-def test_openai_through_the_router_matches_kvrelay_serve(served: Cluster, reference: list[Any]) -> None:
-    assert _completions(_router_url(served), MODEL) == reference
+def test_openai_through_the_router_matches_kvrelay_serve(served: Cluster, reference: References) -> None:
+    assert _completions(_router_url(served), MODEL) == reference.short
 
 
 def _decode_tokens(address: str) -> float:
@@ -233,7 +263,7 @@ def _decode_tokens(address: str) -> float:
 
 
 def test_scaling_decode_starts_a_second_worker_that_takes_requests(
-    served: Cluster, reference: list[Any]
+    served: Cluster, reference: References
 ) -> None:
     before = {p["metadata"]["name"] for p in _pods(served, "decode")}
     served.k("patch", "disaggregatedmodel", MODEL, "-n", MODEL_NS, "--type=merge",
@@ -253,8 +283,181 @@ def test_scaling_decode_starts_a_second_worker_that_takes_requests(
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while _decode_tokens(metrics) == 0.0:
-        assert _completions(_router_url(served), MODEL) == reference  # token-exact on either worker
+        assert _completions(_router_url(served), MODEL) == reference.short  # token-exact on either worker
         if time.monotonic() > deadline:
             health = urllib.request.urlopen(_router_url(served).removesuffix("/v1") + "/health", timeout=10)
             pytest.fail(f"the new decode worker took no request; router: {health.read()!r}{served.logs()}")
     assert _decode_tokens(metrics) > 0
+
+
+class StreamingLoad:
+    """Greedy streams through the router from a few threads until stopped; every text is checked
+    against `kvrelay serve`'s, and every error is kept."""
+
+    def __init__(self, base_url: str, expected: dict[str, str], concurrency: int = 4) -> None:
+        from openai import OpenAI
+
+        self.client = OpenAI(base_url=base_url, api_key="unused", timeout=120, max_retries=0)
+        self.expected = expected
+        self.stop = threading.Event()
+        self.done = 0
+        self.failures: list[str] = []
+        self.threads = [
+            threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(concurrency)
+        ]
+
+    def _run(self, worker: int) -> None:
+        prompts = list(self.expected)
+        i = worker
+        while not self.stop.is_set():
+            prompt = prompts[i % len(prompts)]
+            try:
+                text = _stream_text(self.client, prompt)
+            except Exception as exc:  # every failure is the test's to report
+                self.failures.append(f"{prompt!r}: {type(exc).__name__}: {exc}")
+                continue
+            if text != self.expected[prompt]:
+                self.failures.append(f"{prompt!r}: {text!r} != {self.expected[prompt]!r}")
+            self.done += 1
+            i += 1
+
+    def __enter__(self) -> StreamingLoad:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=150)
+
+
+def _pod_targets(plane: ControlPlane) -> list[dict[str, Any]]:
+    """Prometheus HTTP service discovery for the model's pods, selected as the PodMonitor the operator
+    renders selects them (the model's labels; container ports `metrics` and `http`)."""
+    selector = urllib.parse.quote(f"app.kubernetes.io/name=kvrelay,app.kubernetes.io/instance={MODEL}")
+    pods = json.loads(plane.get(f"/api/v1/namespaces/{MODEL_NS}/pods?labelSelector={selector}"))["items"]
+    groups = []
+    for pod in pods:
+        ip = (pod.get("status") or {}).get("podIP")
+        ports = [p for c in pod["spec"]["containers"] for p in c.get("ports") or []]
+        targets = [f"{ip}:{p['containerPort']}" for p in ports if p.get("name") in ("metrics", "http")]
+        if ip and targets:
+            groups.append({"targets": targets, "labels": {"pod": pod["metadata"]["name"]}})
+    return groups
+
+
+class _TargetsHandler(http.server.BaseHTTPRequestHandler):
+    plane: ControlPlane
+
+    def do_GET(self) -> None:
+        body = json.dumps(_pod_targets(self.plane)).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def prometheus(served: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Prometheus on the host that finds the model's pods through the API server.
+
+    Debian's Prometheus is built without kubernetes_sd_configs, so a small HTTP service discovery
+    endpoint reads the pods from the API server on each refresh instead.
+    """
+    handler = type("Targets", (_TargetsHandler,), {"plane": served.plane})
+    discovery = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=discovery.serve_forever, daemon=True).start()
+    pods = {
+        "job_name": "kvrelay-pods",
+        "http_sd_configs": [
+            {"url": f"http://127.0.0.1:{discovery.server_address[1]}/targets", "refresh_interval": "2s"}
+        ],
+    }
+    try:
+        # On the pod network's gateway, so the operator's pod reaches it.
+        with run_prometheus(
+            tmp_path_factory.mktemp("prometheus"), {}, scrape_configs=[pods], host=served.plane.host
+        ) as url:
+            yield url
+    finally:
+        discovery.shutdown()
+
+
+def _decode_pods_now(cluster: Cluster) -> dict[str, dict[str, Any]]:
+    return {p["metadata"]["name"]: p for p in _pods(cluster, "decode")}
+
+
+def test_autoscaler_lowers_decode_under_load_and_the_least_loaded_pod_goes(
+    served: Cluster, reference: References, prometheus: str
+) -> None:
+    """Decode at 2 (the test above), autoscaling turned on with a profile that needs 1: while greedy
+    streams run, the operator marks both pods' deletion costs from their live loads, lowers decode to 1,
+    the ReplicaSet controller removes the lowest-cost pod, that worker drains and exits 0, and no
+    request fails or changes its text."""
+    pods = _decode_pods_now(served)
+    assert len(pods) == 2 and not any(p["metadata"].get("deletionTimestamp") for p in pods.values())
+    wait_for(
+        lambda: len(query(prometheus, f'up{{pod=~"{MODEL}-.*"}} == 1')) >= 4, timeout=60, interval=1,
+        what=f"Prometheus scraping the router and 3 workers: {query(prometheus, 'up')}",
+    )  # fmt: skip
+    autoscaling = {
+        "mode": "auto", "prometheusUrl": prometheus, "intervalSeconds": 5,
+        "scaleUpCooldownSeconds": 0, "scaleDownCooldownSeconds": 5,
+        # Generous SLOs and a profile far above what this load needs: the policy wants 1 of each.
+        "slo": {"ttftSeconds": 60, "itlSeconds": 10},
+        "profile": {"prefillTokensPerSecond": 100000, "decodeTokensPerSecond": 100000},
+    }  # fmt: skip
+    patch = {
+        "spec": {
+            "autoscaling": autoscaling,
+            "prefill": {"minReplicas": 1, "maxReplicas": 1},
+            "decode": {"minReplicas": 1, "maxReplicas": 2},
+        }
+    }
+    costs_seen: dict[str, str] = {}
+    with StreamingLoad(_router_url(served), reference.long) as load:
+        # A steady load before the autoscaler looks: rates over its 10 s window have stopped rising
+        # (a rising demand holds a scale-down).
+        time.sleep(12)
+        served.k(
+            "patch", "disaggregatedmodel", MODEL, "-n", MODEL_NS, "--type=merge", "-p", json.dumps(patch)
+        )
+        deadline = time.monotonic() + 180
+        while True:
+            now = _decode_pods_now(served)
+            for name, pod in now.items():
+                if cost := (pod["metadata"].get("annotations") or {}).get(DELETION_COST):
+                    costs_seen[name] = cost
+            leaving = [n for n, p in now.items() if p["metadata"].get("deletionTimestamp")]
+            if leaving or set(now) < set(pods):
+                break
+            assert time.monotonic() < deadline, (
+                f"decode never scaled down; status {_model_status(served)}{served.logs()}"
+            )
+            time.sleep(0.2)
+        (victim,) = leaving or set(pods) - set(now)
+        assert load.done > 0 and not load.failures, load.failures[:3]
+        # Keep the load on while the victim drains, until its pod is gone from the API.
+        wait_for(lambda: victim not in _decode_pods_now(served), timeout=150, interval=0.5,
+                 what=f"pod {victim} gone after its drain{served.logs()}")  # fmt: skip
+        done_at_removal = load.done
+        time.sleep(2)
+    assert not load.failures, load.failures[:5]
+    assert load.done > done_at_removal, "requests stopped being served after the scale-down"
+    assert set(costs_seen) == set(pods), f"deletion costs set on {costs_seen}, pods {set(pods)}"
+    assert costs_seen[victim] == min(costs_seen.values(), key=int), (victim, costs_seen)
+    status = _model_status(served)
+    assert status["decode"]["desiredReplicas"] == 1 and status["autoscaler"]["reason"], status
+    events = served.get("events", "-n", MODEL_NS, "--field-selector", "reason=Scaled")["items"]
+    assert any(f"least loaded first: {victim}" in e["message"] for e in events), [
+        e["message"] for e in events
+    ]
+    # The node agent ran the victim's worker: it drained (finished its streams) and exited 0, not killed.
+    agent = served.agents["decode-0"].output(200000)
+    exits = re.findall(rf"container {MODEL_NS}/{victim}/\S+ exited with (-?\d+)", agent)
+    assert exits == ["0"], exits
+    print(json.dumps({"requests": load.done, "victim": victim, "deletion_costs": costs_seen}))

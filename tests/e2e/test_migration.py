@@ -1,8 +1,9 @@
 """Mid-stream migration with real processes (`kvrelay serve --model tiny`, the official openai client).
 
-Decode workers are SIGKILLed under live streams, a prefill worker is killed while it holds published but
-unclaimed KV, and both decode workers are lost at once. Clients must see no error (or, with no decode
-worker left, a clear one within ERROR_BOUND_S), and the text must equal an uninterrupted run's.
+Decode workers are SIGTERMed (drain) and SIGKILLed under live streams, a prefill worker is killed while it
+holds published but unclaimed KV, and both decode workers are lost at once. Clients must see no error (or,
+with no decode worker left, a clear one within ERROR_BOUND_S), the text must equal an uninterrupted run's,
+and the surviving workers' KV caches must end up empty.
 
 Greedy equality follows shared/notes/token-equality.md against the single-process engine: at the first
 difference, the engine's top-2 logit margin there must be below NEAR_TIE. The tiny model's logit noise
@@ -17,8 +18,10 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import signal
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,6 +31,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from kvrelay_worker.entrypoint import build_parser as worker_parser
 from kvrelay_worker.model_store import ensure_tiny_model
 from kvrelay_worker.tokenizer import Tokenizer
 from serve_helpers import WORKER_RE, ServeProcess, pid_alive, run_serve
@@ -40,6 +44,17 @@ MAX_NEAR_TIES = 2  # of 32 streams
 MAX_TOKENS = 320
 ERROR_BOUND_S = 10.0  # both decode workers gone: every stream has its error event this soon after the kill
 PROMPTS = [f"Numbers such as {i} appear in logs, question {i * 7}" for i in range(32)]
+# What a worker started without these flags uses (`kvrelay serve` and ensure_decode pass none of them).
+WORKER_DEFAULTS = worker_parser()
+EXIT_SLACK_S = 5.0  # a drained worker's teardown and interpreter exit, on a loaded 2-core machine
+# Per live worker, what must read 0 once no stream runs: blocks in use (a prefill worker's leased KV
+# included), blocks held under a lease, and the requests that could still own blocks.
+KV_IN_USE = (
+    "kvrelay_kv_cache_usage_ratio",
+    "kvrelay_kv_held_blocks",
+    "kvrelay_requests_running",
+    "kvrelay_requests_waiting",
+)
 
 
 @dataclass
@@ -86,13 +101,18 @@ class Stack:
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         os.kill(self.workers[name][0], sig)
 
-    def kill_busiest_decode(self) -> str:
-        """SIGKILL the decode worker running the most of this router's streams; returns its name."""
+    def busiest_decode(self) -> tuple[str, int]:
+        """The decode worker running the most of this router's streams, and how many it runs."""
         running = {a: w["running"] for a, w in self.health()["workers"]["decode"].items()}
         name = max(
             (n for n in self.workers if n.startswith("decode")), key=lambda n: running[self.workers[n][1]]
         )
         assert running[self.workers[name][1]] > 0, running
+        return name, running[self.workers[name][1]]
+
+    def kill_busiest_decode(self) -> str:
+        """SIGKILL the decode worker running the most of this router's streams; returns its name."""
+        name, _ = self.busiest_decode()
         self.kill(name)
         return name
 
@@ -252,6 +272,131 @@ async def _streams(
         await client.close()
 
 
+def _assert_no_kv_leaked(stack: Stack) -> float:
+    """Wait until every live worker's KV cache is empty (KV_IN_USE all 0); fail after the longest a worker
+    may legitimately hold KV. Returns the seconds waited."""
+    from kvrelay_worker.kv.base import CLAIM_MARGIN_S
+
+    # A prefill worker keeps KV nobody claimed (its reader died first) until the lease expires, and KV
+    # claimed by a reader that died mid-read until the claim's hold (the reader's fetch deadline plus a
+    # margin) ends; whatever is still in use after both is leaked.
+    lease_s = WORKER_DEFAULTS.get_default("kv_lease_s")
+    claim_s = WORKER_DEFAULTS.get_default("kv_fetch_timeout_s") + CLAIM_MARGIN_S
+    bound_s = max(lease_s, claim_s) + EXIT_SLACK_S
+    started = time.monotonic()
+    while True:
+        in_use = {}
+        for name, (pid, _, port) in stack.workers.items():
+            if not pid_alive(pid):  # killed by the test: only the survivors must be empty
+                continue
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+            values = {series: metric_value(text, series, model=stack.serve.model) for series in KV_IN_USE}
+            if any(v != 0 for v in values.values()):  # an absent series (None) counts: it must be there
+                in_use[name] = values
+        waited = time.monotonic() - started
+        if not in_use:
+            return waited
+        assert waited < bound_s, f"KV still in use {waited:.0f} s after the streams ended: {in_use}"
+        time.sleep(0.2)
+
+
+class _ExitWatch:
+    """Polls, in a thread, for a process to be gone: the test's event loop is busy with the streams."""
+
+    def __init__(self, pid: int, limit_s: float) -> None:
+        self.started = time.monotonic()
+        self.gone_at: float | None = None
+        self._thread = threading.Thread(target=self._poll, args=(pid, limit_s), daemon=True)
+        self._thread.start()
+
+    def _poll(self, pid: int, limit_s: float) -> None:
+        while time.monotonic() - self.started < limit_s:
+            if not pid_alive(pid):
+                self.gone_at = time.monotonic()
+                return
+            time.sleep(0.02)
+
+    def seconds(self) -> float | None:
+        """Seconds from the start until the process was gone; None if it outlived `limit_s`."""
+        self._thread.join()
+        return None if self.gone_at is None else self.gone_at - self.started
+
+
+def _exit_code(stack: Stack, name: str, pid: int, log_from: int, timeout_s: float = 5.0) -> int:
+    """Exit code of the (gone) worker `name`: `kvrelay serve` logs its own children's (checked once a second);
+    one that ensure_decode respawned is this process's child."""
+    respawned = next((w for w in stack.respawned if w.proc.pid == pid), None)
+    if respawned is not None:
+        return respawned.proc.wait(timeout_s)
+    pattern = re.compile(rf"worker {re.escape(name)} exited with code (-?\d+);")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for line in stack.serve.output[log_from:]:
+            if m := pattern.search(line):
+                return int(m.group(1))
+        assert time.monotonic() < deadline, f"kvrelay serve did not report {name}'s exit"
+        time.sleep(0.1)
+
+
+async def test_decode_worker_sigterm_under_32_streams(stack: Stack, engine: Any) -> None:
+    """The busiest decode worker SIGTERMed mid-stream drains: it finishes its streams and exits 0 within its
+    drain deadline; no client error, every text as without the signal."""
+    from kvrelay_worker.server.app import STOP_GRACE_S
+
+    stack.ensure_decode("decode-0")
+    stack.ensure_decode("decode-1")
+    refs = _greedy_references(stack, engine, PROMPTS)
+    calm, _ = await _streams(stack, PROMPTS)
+    assert [o.error for o in calm] == [None] * 32
+    _check_greedy(stack.tokenizer, refs, [o.text for o in calm])
+
+    # No --drain-seconds reaches the workers, so the default applies: far longer than these streams take,
+    # so the victim must finish its own streams (the drain path) rather than hand them on at the deadline.
+    drain_s = WORKER_DEFAULTS.get_default("drain_seconds")
+    # The drain ends by its deadline, then the gRPC server gets STOP_GRACE_S to flush the last responses.
+    exit_bound_s = drain_s + STOP_GRACE_S + EXIT_SLACK_S
+    reasons = ("draining", "worker_lost")
+    before = {r: stack.router_metric("kvrelay_router_migrations_total", reason=r) for r in reasons}
+    log_from = len(stack.serve.output)  # serve reports each of its children's exit once: only look after
+    victim: dict[str, Any] = {}
+
+    def sigterm() -> None:
+        name, streams = stack.busiest_decode()
+        pid = stack.workers[name][0]
+        stack.kill(name, signal.SIGTERM)
+        victim.update(name=name, pid=pid, streams=streams, watch=_ExitWatch(pid, exit_bound_s))
+
+    started = time.monotonic()
+    outcomes, _ = await _streams(stack, PROMPTS, kill=sigterm)
+    elapsed = time.monotonic() - started
+    assert [o.error for o in outcomes] == [None] * 32
+    assert all(o.finish == "length" for o in outcomes)
+    near_ties = _check_greedy(stack.tokenizer, refs, [o.text for o in outcomes])
+    differ = [i for i, (a, b) in enumerate(zip(calm, outcomes, strict=True)) if a.text != b.text]
+    assert set(differ) <= {i for i, _ in near_ties}
+
+    exit_s = victim["watch"].seconds()
+    assert exit_s is not None, f"{victim['name']} still running {exit_bound_s:.0f} s after its SIGTERM"
+    code = _exit_code(stack, victim["name"], victim["pid"], log_from)
+    migrations = {
+        r: stack.router_metric("kvrelay_router_migrations_total", reason=r) - before[r] for r in reasons
+    }
+    figures = {
+        "streams": 32, "victim_streams": victim["streams"], "drain_deadline_s": drain_s,
+        "exit_code": code, "exit_after_s": round(exit_s, 2),
+        # Negative when the victim was gone before the other worker's last stream ended.
+        "exit_after_last_stream_s": round(victim["watch"].gone_at - max(o.ended_at for o in outcomes), 2),
+        "migrations": migrations,
+        "near_ties": near_ties, "run_s": round(elapsed, 2),
+    }  # fmt: skip
+    assert code == 0, figures
+    # A drained worker never looks lost, and with a deadline this far off it hands nothing on either.
+    assert migrations == {"draining": 0, "worker_lost": 0}, figures
+    figures["kv_empty_after_s"] = round(_assert_no_kv_leaked(stack), 2)
+    print(json.dumps(figures))
+    stack.ensure_decode(victim["name"])
+
+
 async def test_decode_worker_killed_under_32_streams(stack: Stack, engine: Any) -> None:
     """One of two decode workers SIGKILLed mid-stream: no client error, every text as without the kill."""
     stack.ensure_decode("decode-0")
@@ -275,10 +420,11 @@ async def test_decode_worker_killed_under_32_streams(stack: Stack, engine: Any) 
     assert migrations > 0
     resumes = stack.router_metric("kvrelay_router_resume_seconds_count", via="prefill")
     resume_s = stack.router_metric("kvrelay_router_resume_seconds_sum", via="prefill") / max(resumes, 1)
+    kv_empty_s = _assert_no_kv_leaked(stack)
     print(
         json.dumps(
             {"streams": 32, "migrations": migrations, "mean_resume_s": round(resume_s, 4),
-             "near_ties": near_ties, "run_s": round(elapsed, 2)}
+             "near_ties": near_ties, "run_s": round(elapsed, 2), "kv_empty_after_s": round(kv_empty_s, 2)}
         )
     )  # fmt: skip
     stack.ensure_decode(victim[0])
@@ -425,7 +571,10 @@ async def test_prefill_killed_holding_unclaimed_kv(stack: Stack, engine: Any) ->
     assert [o.error for o in outcomes] == [None] * 8
     _check_greedy(stack.tokenizer, refs, [o.text for o in outcomes])
     # The KV of the requests prefill-0 held could not be read: that is what the decode workers recomputed.
-    assert stack.worker_metric_sum("decode", "kvrelay_kv_transfer_failures_total") > failures_before
+    failures = stack.worker_metric_sum("decode", "kvrelay_kv_transfer_failures_total") - failures_before
+    assert failures > 0
+    kv_empty_s = _assert_no_kv_leaked(stack)
+    print(json.dumps({"kv_transfer_failures": failures, "kv_empty_after_s": round(kv_empty_s, 2)}))
 
 
 async def test_both_decode_workers_lost_then_one_back(stack: Stack) -> None:

@@ -35,6 +35,16 @@ def test_decode_fewest_running_wins_and_ties_rotate() -> None:
     assert [choose_prefill(idle, turn=t) for t in range(3)] == ["a", "b", "c"]
 
 
+def test_ties_rotate_whatever_the_orders() -> None:
+    """Orders come from one counter over both roles and re-discoveries: 1 and 3 must still alternate."""
+    gapped = [WorkerLoad("x", True, 0, 0, 1), WorkerLoad("y", True, 0, 0, 3)]
+    assert [choose_decode(gapped, turn=t) for t in range(4)] == ["x", "y", "x", "y"]
+    assert [choose_prefill(gapped, turn=t) for t in range(4)] == ["x", "y", "x", "y"]
+    # An unhealthy worker keeps its place in the round; its turn goes to the next healthy one.
+    three = [WorkerLoad("x", True, 0, 0, 2), WorkerLoad("y", False, 0, 0, 5), WorkerLoad("z", True, 0, 0, 9)]
+    assert [choose_decode(three, turn=t) for t in range(3)] == ["x", "z", "z"]
+
+
 def test_no_healthy_worker_gives_none() -> None:
     assert choose_decode(loads(("a", False, 0, 0))) is None
     assert choose_prefill([]) is None

@@ -21,13 +21,23 @@ def _eligible(loads: Sequence[WorkerLoad], exclude: Collection[str]) -> list[Wor
     return [w for w in loads if w.healthy and w.address not in exclude]
 
 
+def _rotation(loads: Sequence[WorkerLoad], turn: int) -> dict[str, int]:
+    """Each worker's place in this turn's round (0 goes first): ranks by `order`, shifted by `turn`.
+
+    Ranks, not the orders themselves: orders come from one counter across roles and re-discoveries,
+    so a pool's orders can share a parity (1 and 3), and `(order - turn) % 2` would never rotate.
+    """
+    ranked = sorted(loads, key=lambda w: (w.order, w.address))
+    return {w.address: (rank - turn) % len(ranked) for rank, w in enumerate(ranked)}
+
+
 def choose_prefill(loads: Sequence[WorkerLoad], exclude: Collection[str] = (), turn: int = 0) -> str | None:
     """Least queued prefill tokens wins; ties rotate with `turn`. None when no healthy worker is left."""
     candidates = _eligible(loads, exclude)
     if not candidates:
         return None
-    n = len(loads) or 1
-    best = min(candidates, key=lambda w: (w.queued_prefill_tokens, (w.order - turn) % n))
+    place = _rotation(loads, turn)
+    best = min(candidates, key=lambda w: (w.queued_prefill_tokens, place[w.address]))
     return best.address
 
 
@@ -36,6 +46,6 @@ def choose_decode(loads: Sequence[WorkerLoad], exclude: Collection[str] = (), tu
     candidates = _eligible(loads, exclude)
     if not candidates:
         return None
-    n = len(loads) or 1
-    best = min(candidates, key=lambda w: (w.running_sequences, (w.order - turn) % n))
+    place = _rotation(loads, turn)
+    best = min(candidates, key=lambda w: (w.running_sequences, place[w.address]))
     return best.address
