@@ -3,7 +3,8 @@
 The bench starts the workers itself (each on fixed grpc/metrics/KV ports) and a router with static
 discovery, so a killed worker can be restarted on the same address and the router's readiness checks
 take it back. Two phases of ``--duration`` seconds each, the same seeded Poisson arrivals (``--rate``
-per second) in both:
+per second) in both, alternating in ``--rounds`` rounds (baseline, chaos, baseline, chaos, ...) so
+that a machine whose background load drifts weighs on both alike:
 
 - baseline: no kills;
 - chaos: every ``--kill-every`` seconds a random worker (seeded RNG) gets SIGKILL, then SIGTERM, in
@@ -19,7 +20,7 @@ as a near-tie (shared/notes/token-equality.md), any other as a mismatch.
 
 Prints one JSON line; exits 1 if a request failed, a text mismatched, or a drained worker exited non-zero.
 
-    python bench/chaos.py [--duration 90] [--rate 2] [--kill-every 10] [--seed 0] [--quick]
+    python bench/chaos.py [--duration 90] [--rounds 3] [--rate 2] [--kill-every 10] [--seed 0] [--quick]
 """
 
 from __future__ import annotations
@@ -396,43 +397,69 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 async def run(args: argparse.Namespace, stack: Stack, refs: list[Reference], tokenizer: Tokenizer) -> dict:
     rng = random.Random(args.seed)
+    segment = args.duration / args.rounds
     arrivals, t = [], rng.expovariate(args.rate)
-    while t < args.duration:
+    while t < segment:
         arrivals.append(t)
         t += rng.expovariate(args.rate)
     client = openai.AsyncOpenAI(base_url=stack.root + "/v1", api_key="none", timeout=300, max_retries=0)
     in_flight = [0]
-    try:
-        await asyncio.gather(*(one_request(client, i % len(PROMPTS), 8) for i in range(4)))  # warm-up
-        migrations_0 = stack.metric_by_label("kvrelay_router_migrations_total")
-        base_t0 = time.perf_counter()
-        baseline = await load(client, arrivals, args.max_tokens, in_flight)
-        migrations_1 = stack.metric_by_label("kvrelay_router_migrations_total")
-        failures_1 = stack.metric_by_label("kvrelay_router_migration_failures_total")
-        chaos = Chaos()
-        started = time.perf_counter()
-        killer = asyncio.create_task(chaos_loop(stack, rng, args.duration, args.kill_every, in_flight, chaos))
-        results = await load(client, arrivals, args.max_tokens, in_flight)
-        await killer
-        await asyncio.gather(*chaos.restarts)  # every worker back before the stack stops
-        chaos_wall = time.perf_counter() - started
-        migrations_2 = stack.metric_by_label("kvrelay_router_migrations_total")
-        failures_2 = stack.metric_by_label("kvrelay_router_migration_failures_total")
-    finally:
-        await client.close()
+    baseline: list[Result] = []
+    results: list[Result] = []
+    rounds: list[dict[str, Any]] = []
+    base_migrations: dict[str, int] = {}
+    by_reason: dict[str, int] = {}
+    migration_failures: dict[str, int] = {}
+    chaos = Chaos()
+    chaos_wall = 0.0
 
     def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, int]:
         return {k: int(v - before.get(k, 0.0)) for k, v in after.items() if v - before.get(k, 0.0)}
 
-    base = figures(baseline, refs, tokenizer, base_t0)
-    base["migrations"] = sum(delta(migrations_1, migrations_0).values())
-    main = figures(results, refs, tokenizer, started)
-    by_reason = delta(migrations_2, migrations_1)
+    def add(total: dict[str, int], more: dict[str, int]) -> None:
+        for k, v in more.items():
+            total[k] = total.get(k, 0) + v
+
+    try:
+        await asyncio.gather(*(one_request(client, i % len(PROMPTS), 8) for i in range(4)))  # warm-up
+        t0 = time.perf_counter()
+        # Baseline and chaos alternate, each with the same arrivals: the machine's background load
+        # drifts over minutes, and one baseline before one chaos phase would compare two machines.
+        for _ in range(args.rounds):
+            migrations_0 = stack.metric_by_label("kvrelay_router_migrations_total")
+            calm = await load(client, arrivals, args.max_tokens, in_flight)
+            migrations_1 = stack.metric_by_label("kvrelay_router_migrations_total")
+            failures_1 = stack.metric_by_label("kvrelay_router_migration_failures_total")
+            started = time.perf_counter()
+            killer = asyncio.create_task(chaos_loop(stack, rng, segment, args.kill_every, in_flight, chaos))
+            killed = await load(client, arrivals, args.max_tokens, in_flight)
+            await killer
+            await asyncio.gather(*chaos.restarts)  # every worker back before the next baseline
+            chaos_wall += time.perf_counter() - started
+            add(base_migrations, delta(migrations_1, migrations_0))
+            add(by_reason, delta(stack.metric_by_label("kvrelay_router_migrations_total"), migrations_1))
+            add(
+                migration_failures,
+                delta(stack.metric_by_label("kvrelay_router_migration_failures_total"), failures_1),
+            )
+            calm_f, killed_f = figures(calm, refs, tokenizer, t0), figures(killed, refs, tokenizer, t0)
+            rounds.append(
+                {f"{k}_ratio": ratio(killed_f[f"{k}_ms"], calm_f[f"{k}_ms"]) for k in ("ttft_p50", "itl_p50")}
+            )
+            baseline += calm
+            results += killed
+    finally:
+        await client.close()
+
+    base = figures(baseline, refs, tokenizer, t0)
+    base["migrations"] = sum(base_migrations.values())
+    main = figures(results, refs, tokenizer, t0)
     return {
         "bench": "chaos",
         "quick": args.quick,
         "model": "tiny (random weights), 2 prefill + 2 decode workers, tcp KV, 1 thread each",
         "duration_s": args.duration,
+        "rounds": args.rounds,
         "chaos_wall_s": round(chaos_wall, 1),
         "rate_per_s": args.rate,
         "kill_every_s": args.kill_every,
@@ -444,13 +471,15 @@ async def run(args: argparse.Namespace, stack: Stack, refs: list[Reference], tok
         **{k: main[k] for k in ("sent", "completed", "failed", "mismatched", "near_ties")},
         "migrations": sum(by_reason.values()),
         "migrations_by_reason": by_reason,
-        "migration_failures": delta(failures_2, failures_1),
+        "migration_failures": migration_failures,
         **{k: main[k] for k in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "itl_max_ms")},
         "baseline": {k: v for k, v in base.items() if k not in ("near_tie_list",)},
         "ttft_p50_ratio": ratio(main["ttft_p50_ms"], base["ttft_p50_ms"]),
         "ttft_p99_ratio": ratio(main["ttft_p99_ms"], base["ttft_p99_ms"]),
         "itl_p50_ratio": ratio(main["itl_p50_ms"], base["itl_p50_ms"]),
         "itl_p99_ratio": ratio(main["itl_p99_ms"], base["itl_p99_ms"]),
+        # Each round's chaos phase against the baseline just before it (same arrivals, minutes apart).
+        "round_ratios": rounds,
         "sigterm_exit_codes": chaos.exit_codes["SIGTERM"],
         "sigkill_exit_codes": chaos.exit_codes["SIGKILL"],
         "failures": main["failures"],
@@ -464,7 +493,15 @@ async def run(args: argparse.Namespace, stack: Stack, refs: list[Reference], tok
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=90.0, help="seconds of load per phase")
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=90.0,
+        help="seconds per phase, all rounds",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="baseline and chaos phases alternate this often"
+    )
     parser.add_argument("--rate", type=float, default=2.0, help="requests per second (Poisson arrivals)")
     parser.add_argument("--kill-every", type=float, default=10.0, help="seconds between kills")
     parser.add_argument(
@@ -474,7 +511,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke test: 10 s phases, a kill every 3 s")
     args = parser.parse_args()
     if args.quick:
-        args.duration, args.kill_every = 10.0, 3.0
+        args.duration, args.kill_every, args.rounds = 10.0, 3.0, 1
+    if args.rounds < 1 or args.duration / args.rounds <= args.kill_every:
+        parser.error("each round's chaos phase (--duration / --rounds) must be longer than --kill-every")
     model_dir = ensure_tiny_model()
     tokenizer = Tokenizer.from_dir(model_dir)
     with tempfile.TemporaryDirectory(prefix="kvrelay-chaos-") as tmp:

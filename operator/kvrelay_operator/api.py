@@ -199,6 +199,18 @@ class RouterSpec(CRModel):
     tolerations: list[Toleration] = Field(default_factory=list, description="Router tolerations.")
     env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables.")
     extra_args: list[str] = Field(default_factory=list, description="Extra router arguments.")
+    max_migrations: int = Field(
+        default=3,
+        ge=0,
+        le=10,
+        description="Times one stream may resume on another decode worker after losing its own; then it "
+        "ends with an error. 0 turns migration off.",
+    )
+    resume_via: Literal["prefill", "decode"] = Field(
+        default="prefill",
+        description="Who recomputes a resumed stream's KV: a prefill worker, relayed to the new decode "
+        "worker (default; keeps the decode batch running), or the new decode worker itself.",
+    )
 
 
 # ---------------------------------------------------------------- spec: KV transfer

@@ -216,6 +216,7 @@ def router_args(spec: api.DisaggregatedModelSpec, ctx: RenderContext, model_path
         "--host", "0.0.0.0", "--port", str(spec.router.port),
         "--discovery", "kubernetes", "--namespace", ctx.namespace, "--instance", ctx.name,
         "--grpc-port-name", "grpc",
+        "--max-migrations", str(spec.router.max_migrations), "--resume-via", spec.router.resume_via,
     ]  # fmt: skip
     if spec.router.api_key_secret is not None:
         args += ["--api-key-file", f"{API_KEY_DIR}/{spec.router.api_key_secret.key}"]

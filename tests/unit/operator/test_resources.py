@@ -346,3 +346,8 @@ def test_rendered_command_lines_parse_with_the_real_entrypoints() -> None:
         unknown == [] and args.discovery == "kubernetes" and args.instance == "m" and args.namespace == "ns"
     )
     assert args.api_key_file == "/var/run/secrets/kvrelay/api-key"
+    assert args.max_migrations == 3 and args.resume_via == "prefill"
+    args, _ = router_main.build_parser().parse_known_args(
+        container(render(spec(router={"maxMigrations": 0, "resumeVia": "decode"})), "router")["args"][2:]
+    )
+    assert args.max_migrations == 0 and args.resume_via == "decode"
