@@ -33,6 +33,7 @@ import openai
 import pytest
 from kvrelay_worker.entrypoint import build_parser as worker_parser
 from kvrelay_worker.model_store import ensure_tiny_model
+from kvrelay_worker.processes import stop_process
 from kvrelay_worker.tokenizer import Tokenizer
 from serve_helpers import WORKER_RE, ServeProcess, pid_alive, run_serve
 from worker_fixtures import WorkerProcess, metric_value, spawn_worker
@@ -44,7 +45,7 @@ MAX_NEAR_TIES = 2  # of 32 streams
 MAX_TOKENS = 320
 ERROR_BOUND_S = 10.0  # both decode workers gone: every stream has its error event this soon after the kill
 PROMPTS = [f"Numbers such as {i} appear in logs, question {i * 7}" for i in range(32)]
-# What a worker started without these flags uses (`kvrelay serve` and ensure_decode pass none of them).
+# What a worker started without these flags uses (`kvrelay serve` and Stack.ensure pass none of them).
 WORKER_DEFAULTS = worker_parser()
 EXIT_SLACK_S = 5.0  # a drained worker's teardown and interpreter exit, on a loaded 2-core machine
 # Per live worker, what must read 0 once no stream runs: blocks in use (a prefill worker's leased KV
@@ -64,6 +65,7 @@ class Stack:
     tokenizer: Tokenizer
     workers: dict[str, tuple[int, str, int]] = field(default_factory=dict)  # name -> pid, grpc, metrics
     respawned: list[WorkerProcess] = field(default_factory=list)
+    calm: tuple[list[Reference], list[Outcome]] | None = None  # _calm_run's, computed once
 
     @classmethod
     def of(cls, serve: ServeProcess) -> Stack:
@@ -116,25 +118,26 @@ class Stack:
         self.kill(name)
         return name
 
-    def ensure_decode(self, name: str) -> None:
-        """Start a fresh decode worker on `name`'s address unless it is alive and healthy in the router."""
+    def ensure(self, name: str) -> None:
+        """Start a fresh worker on `name`'s address unless it is alive and healthy in the router."""
         pid, address, _ = self.workers[name]
+        role = name.split("-")[0]
         if pid_alive(pid):  # e.g. paused a moment ago: the router's readiness checks take it back
-            self._wait_healthy(name, address)
+            self._wait_healthy(name, role, address)
             return
         port = address.rsplit(":", 1)[1]
         worker, ready = spawn_worker(
-            "decode", self.model_dir, "--grpc-port", port, "--served-model-name", self.serve.model,
+            role, self.model_dir, "--grpc-port", port, "--served-model-name", self.serve.model,
             kv_backend="tcp",
         )  # fmt: skip
         self.respawned.append(worker)
         assert ready.wait(180), f"respawned {name} did not start:\n{worker.log()}"
         self.workers[name] = (worker.proc.pid, address, worker.metrics_port)
-        self._wait_healthy(name, address)
+        self._wait_healthy(name, role, address)
 
-    def _wait_healthy(self, name: str, address: str) -> None:
+    def _wait_healthy(self, name: str, role: str, address: str) -> None:
         deadline = time.monotonic() + 30
-        while not self.health()["workers"]["decode"][address]["healthy"]:
+        while not self.health()["workers"][role][address]["healthy"]:
             assert time.monotonic() < deadline, f"the router did not take {name} back"
             time.sleep(0.1)
 
@@ -272,6 +275,18 @@ async def _streams(
         await client.close()
 
 
+async def _calm_run(stack: Stack, engine: Any) -> tuple[list[Reference], list[Outcome]]:
+    """The engine's greedy references for PROMPTS and one uninterrupted run of them as 32 streams (checked
+    against the references), computed once for the tests that compare a disturbed run with it."""
+    if stack.calm is None:
+        refs = _greedy_references(stack, engine, PROMPTS)
+        calm, _ = await _streams(stack, PROMPTS)
+        assert [o.error for o in calm] == [None] * 32
+        _check_greedy(stack.tokenizer, refs, [o.text for o in calm])
+        stack.calm = refs, calm
+    return stack.calm
+
+
 def _assert_no_kv_leaked(stack: Stack) -> float:
     """Wait until every live worker's KV cache is empty (KV_IN_USE all 0); fail after the longest a worker
     may legitimately hold KV. Returns the seconds waited."""
@@ -324,7 +339,7 @@ class _ExitWatch:
 
 def _exit_code(stack: Stack, name: str, pid: int, log_from: int, timeout_s: float = 5.0) -> int:
     """Exit code of the (gone) worker `name`: `kvrelay serve` logs its own children's (checked once a second);
-    one that ensure_decode respawned is this process's child."""
+    one that Stack.ensure respawned is this process's child."""
     respawned = next((w for w in stack.respawned if w.proc.pid == pid), None)
     if respawned is not None:
         return respawned.proc.wait(timeout_s)
@@ -343,12 +358,9 @@ async def test_decode_worker_sigterm_under_32_streams(stack: Stack, engine: Any)
     drain deadline; no client error, every text as without the signal."""
     from kvrelay_worker.server.app import STOP_GRACE_S
 
-    stack.ensure_decode("decode-0")
-    stack.ensure_decode("decode-1")
-    refs = _greedy_references(stack, engine, PROMPTS)
-    calm, _ = await _streams(stack, PROMPTS)
-    assert [o.error for o in calm] == [None] * 32
-    _check_greedy(stack.tokenizer, refs, [o.text for o in calm])
+    stack.ensure("decode-0")
+    stack.ensure("decode-1")
+    refs, calm = await _calm_run(stack, engine)
 
     # No --drain-seconds reaches the workers, so the default applies: far longer than these streams take,
     # so the victim must finish its own streams (the drain path) rather than hand them on at the deadline.
@@ -394,17 +406,14 @@ async def test_decode_worker_sigterm_under_32_streams(stack: Stack, engine: Any)
     assert migrations == {"draining": 0, "worker_lost": 0}, figures
     figures["kv_empty_after_s"] = round(_assert_no_kv_leaked(stack), 2)
     print(json.dumps(figures))
-    stack.ensure_decode(victim["name"])
+    stack.ensure(victim["name"])
 
 
 async def test_decode_worker_killed_under_32_streams(stack: Stack, engine: Any) -> None:
     """One of two decode workers SIGKILLed mid-stream: no client error, every text as without the kill."""
-    stack.ensure_decode("decode-0")
-    stack.ensure_decode("decode-1")
-    refs = _greedy_references(stack, engine, PROMPTS)
-    calm, _ = await _streams(stack, PROMPTS)
-    assert [o.error for o in calm] == [None] * 32
-    _check_greedy(stack.tokenizer, refs, [o.text for o in calm])
+    stack.ensure("decode-0")
+    stack.ensure("decode-1")
+    refs, calm = await _calm_run(stack, engine)
 
     before = stack.router_metric("kvrelay_router_migrations_total", reason="worker_lost")
     started = time.monotonic()
@@ -427,15 +436,15 @@ async def test_decode_worker_killed_under_32_streams(stack: Stack, engine: Any) 
              "near_ties": near_ties, "run_s": round(elapsed, 2), "kv_empty_after_s": round(kv_empty_s, 2)}
         )
     )  # fmt: skip
-    stack.ensure_decode(victim[0])
+    stack.ensure(victim[0])
 
 
 async def test_seeded_sampling_across_a_migration(stack: Stack, engine: Any) -> None:
     """temperature 1 with a seed: a resumed stream draws what the uninterrupted one drew."""
     from kvrelay_worker.engine.sampling_params import SamplingParams
 
-    stack.ensure_decode("decode-0")
-    stack.ensure_decode("decode-1")
+    stack.ensure("decode-0")
+    stack.ensure("decode-1")
     prompts = PROMPTS[:8]
     params = [{"temperature": 1.0, "seed": 1000 + i} for i in range(8)]
     calm, _ = await _streams(stack, prompts, params=params)
@@ -454,7 +463,7 @@ async def test_seeded_sampling_across_a_migration(stack: Stack, engine: Any) -> 
         for p in params
     ]
     assert [stack.tokenizer.decode(t) for t in engine.generate(ids, seeded)] == [o.text for o in calm]
-    stack.ensure_decode(victim[0])
+    stack.ensure(victim[0])
 
 
 async def test_resume_cost(stack: Stack) -> None:
@@ -466,7 +475,7 @@ async def test_resume_cost(stack: Stack) -> None:
 
     from kvrelay_worker.router.kserve import WorkerClient
 
-    stack.ensure_decode("decode-0")
+    stack.ensure("decode-0")
     prefill = WorkerClient(stack.workers["prefill-1"][1])
     decode = WorkerClient(stack.workers["decode-0"][1])
     greedy = {"temperature": 0.0, "ignore_eos": True}
@@ -542,11 +551,30 @@ async def test_resume_cost(stack: Stack) -> None:
     assert all(r["via_prefill_next_s"] < 30 and r["via_decode_next_s"] < 30 for r in rows)
 
 
+async def test_prefill_worker_lost_between_requests(stack: Stack) -> None:
+    """A prefill worker SIGKILLed while idle: until the router notices, a request may still pick it; that
+    request is retried on the other prefill worker, and none fails."""
+    stack.ensure("prefill-0")
+    stack.ensure("prefill-1")
+    stack.kill("prefill-1")
+    client = openai.AsyncOpenAI(base_url=stack.serve.base_url, api_key="none", max_retries=0, timeout=60)
+    try:
+        for i in range(4):
+            reply = await client.completions.create(
+                model=stack.serve.model, prompt=f"once more {i}", max_tokens=4, temperature=0
+            )
+            assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 4
+    finally:
+        await client.close()
+    assert stack.health()["workers"]["prefill"][stack.workers["prefill-1"][1]]["healthy"] is False
+    stack.ensure("prefill-1")
+
+
 async def test_prefill_killed_holding_unclaimed_kv(stack: Stack, engine: Any) -> None:
     """Decode workers paused, prefill-0 publishes KV then dies before anyone claims it: with the default
     failurePolicy `recompute` the decode workers recompute and the clients see nothing."""
-    stack.ensure_decode("decode-0")
-    stack.ensure_decode("decode-1")
+    stack.ensure("decode-0")
+    stack.ensure("decode-1")
     prompts = PROMPTS[:8]
     refs = _greedy_references(stack, engine, prompts)
     failures_before = stack.worker_metric_sum("decode", "kvrelay_kv_transfer_failures_total")
@@ -579,8 +607,8 @@ async def test_prefill_killed_holding_unclaimed_kv(stack: Stack, engine: Any) ->
 
 async def test_both_decode_workers_lost_then_one_back(stack: Stack) -> None:
     """No decode worker left: streams end with a clear error within ERROR_BOUND_S; then serving resumes."""
-    stack.ensure_decode("decode-0")
-    stack.ensure_decode("decode-1")
+    stack.ensure("decode-0")
+    stack.ensure("decode-1")
 
     def kill_both() -> None:
         stack.kill("decode-0")
@@ -594,11 +622,25 @@ async def test_both_decode_workers_lost_then_one_back(stack: Stack) -> None:
     client = openai.OpenAI(base_url=stack.serve.base_url, api_key="none", max_retries=0, timeout=60)
     with pytest.raises(openai.InternalServerError, match="no ready decode worker"):
         client.completions.create(model=stack.serve.model, prompt="anyone?", max_tokens=8)
-    stack.ensure_decode("decode-0")
+    stack.ensure("decode-0")
     reply = client.completions.create(
         model=stack.serve.model, prompt="back again", max_tokens=8, temperature=0
     )
     assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 8
+
+
+def test_serve_stops_without_waiting_for_an_open_stream(stack: Stack) -> None:
+    """Ctrl-C (SIGTERM) of `kvrelay serve` while a client still streams: it stops at once, not after the
+    generation (its workers' drain is cut short: nobody is left to read what they would keep)."""
+    client = openai.OpenAI(base_url=stack.serve.base_url, api_key="none", max_retries=0, timeout=60)
+    stream = iter(
+        client.completions.create(model=stack.serve.model, prompt="long", max_tokens=1900, stream=True)
+    )
+    next(stream)
+    started = time.monotonic()
+    code = stop_process(stack.serve.proc, grace_s=30)
+    assert time.monotonic() - started < 25, "serve waited for an open stream before stopping"
+    assert code in (0, 130, -signal.SIGTERM)
 
 
 async def test_prefill_killed_holding_unclaimed_kv_with_policy_fail(tmp_path: Path) -> None:

@@ -117,27 +117,29 @@ def _engine(model_dir: Path, max_num_seqs: int, dtype: str = "float32") -> Engin
     return Engine.from_dir(model_dir, config)
 
 
-@pytest.mark.parametrize("batch", [1, 16])
+# Batch 1 runs one sequence at a time (about a minute for all 16 on 2 cores): every other prompt
+# covers its kernels; batch 16 runs all of them.
+@pytest.mark.parametrize(("batch", "prompts"), [(1, CHAT_PROMPTS[::2]), (16, CHAT_PROMPTS)])
 def test_engine_greedy_matches_transformers(
-    batch: int, smollm2_dir: Path, chat_references: dict[str, Any], all_cores: None
+    batch: int, prompts: list[str], smollm2_dir: Path, chat_references: dict[str, Any], all_cores: None
 ) -> None:
-    """16 chat prompts, 64 greedy tokens each, through the paged engine at batch 1 and batch 16."""
+    """Chat prompts, 64 greedy tokens each, through the paged engine at batch 1 and batch 16."""
     engine = _engine(smollm2_dir, max_num_seqs=batch)
-    prompts = [chat_references[p][0] for p in CHAT_PROMPTS]
+    ids = [chat_references[p][0] for p in prompts]
     params = SamplingParams(max_tokens=64, ignore_eos=True)
     if batch == 1:
-        outputs = [engine.generate([ids], params)[0] for ids in prompts]
+        outputs = [engine.generate([one], params)[0] for one in ids]
     else:
-        outputs = engine.generate(prompts, params)
+        outputs = engine.generate(ids, params)
     verdicts = [
         compare_greedy(chat_references[p][1], out, NEAR_TIE_FP32)
-        for p, out in zip(CHAT_PROMPTS, outputs, strict=True)
+        for p, out in zip(prompts, outputs, strict=True)
     ]
-    bad = [(p, v.mismatch) for p, v in zip(CHAT_PROMPTS, verdicts, strict=True) if not v.ok]
+    bad = [(p, v.mismatch) for p, v in zip(prompts, verdicts, strict=True) if not v.ok]
     near_ties = [
-        (p, v.near_tie_at) for p, v in zip(CHAT_PROMPTS, verdicts, strict=True) if v.near_tie_at is not None
+        (p, v.near_tie_at) for p, v in zip(prompts, verdicts, strict=True) if v.near_tie_at is not None
     ]
-    print(f"batch {batch}: {sum(v.exact for v in verdicts)}/16 identical, near-ties {near_ties}")
+    print(f"batch {batch}: {sum(v.exact for v in verdicts)}/{len(prompts)} identical, near-ties {near_ties}")
     assert not bad, bad
     assert len(near_ties) <= MAX_NEAR_TIES, near_ties
     assert engine.scheduler.pool.num_free_blocks == engine.scheduler.pool.num_usable_blocks  # none leaked
