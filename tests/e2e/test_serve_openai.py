@@ -1,7 +1,8 @@
 """`kvrelay serve` (real router + prefill + decode processes, real KV relay) with the official openai client.
 
-Greedy outputs must equal the single-process engine's; bad requests get OpenAI errors; 32 concurrent
-streams all finish correctly; stopping serve leaves no worker behind.
+Greedy outputs must equal the single-process engine's; malformed and unsupported requests get OpenAI
+errors naming the param, and serving goes on; 32 concurrent streams all finish correctly; stopping serve
+leaves no worker behind.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -124,42 +126,188 @@ async def test_32_concurrent_streams(serve: ServeProcess, tokenizer, reference) 
     assert all(r[1] == "length" for r in results)
 
 
-def test_bad_requests_get_4xx_and_serving_continues(client: openai.OpenAI, serve: ServeProcess) -> None:
-    model = serve.model
-    chat_ok = [{"role": "user", "content": "hi"}]
-    bad: list[tuple[str, bytes | dict[str, object], int]] = [
-        ("/completions", b'{"model": "tiny", "prompt": ', 400),
-        ("/completions", b"null", 400),
-        ("/completions", {"model": "gpt-4", "prompt": "hi"}, 404),
-        ("/completions", {"model": model}, 400),
-        ("/completions", {"model": model, "prompt": "hi", "max_tokens": 5000}, 400),
-        ("/completions", {"model": model, "prompt": "hi " * 2100}, 400),
-        ("/completions", {"model": model, "prompt": "hi", "temperature": -0.5}, 400),
-        ("/completions", {"model": model, "prompt": "hi", "top_p": 2}, 400),
-        ("/completions", {"model": model, "prompt": "hi", "n": 3}, 400),
-        ("/completions", {"model": model, "prompt": "hi", "max_tokens": -1}, 400),
-        ("/completions", {"model": model, "prompt": [0, 100000]}, 400),
-        ("/completions", {"model": model, "prompt": "hi", "logprobs": 2}, 400),
-        ("/chat/completions", {"model": model, "messages": "hi"}, 400),
-        ("/chat/completions", {"model": model, "messages": [{"content": "no role"}]}, 400),
-        ("/chat/completions", {"model": model, "messages": chat_ok, "stop": ["1", "2", "3", "4", "5"]}, 400),
-        ("/chat/completions", {"model": model, "messages": chat_ok, "n": 2}, 400),
-    ]
+USER = [{"role": "user", "content": "hi"}]
+TOOL_CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+IMAGE = {"type": "image_url", "image_url": {"url": "http://example.invalid/x.png"}}
+TOOL = {"type": "function", "function": {"name": "f"}}
+BadBody = tuple[str, bytes | dict[str, object]]
+
+
+def comp(**fields: object) -> BadBody:
+    """A /completions body: a valid one with `fields` over it."""
+    return "/completions", {"model": "tiny", "prompt": "hi", **fields}
+
+
+def chat(**fields: object) -> BadBody:
+    return "/chat/completions", {"model": "tiny", "messages": USER, **fields}
+
+
+# (path, body, status, param, code), sent as raw HTTP, so wrong JSON types and broken bodies reach the router
+# as they are. The tiny model's context is 2048 tokens. None for param: the error names none; for code: any.
+MALFORMED: list[tuple[str, bytes | dict[str, object], int, str | None, str | None]] = [
+    ("/completions", b'{"model": "tiny", "prompt": ', 400, None, "invalid_json"),
+    ("/completions", b'{"model": "tiny", "prompt": "hi", "temperature": NaN}', 400, None, "invalid_json"),
+    ("/completions", b"", 400, None, "invalid_json"),
+    ("/completions", b"null", 400, None, None),
+    ("/completions", {"model": "tiny"}, 400, "prompt", "missing_required_parameter"),
+    (*comp(model="gpt-4"), 404, "model", "model_not_found"),
+    (*chat(model="tiny-2"), 404, "model", "model_not_found"),
+    (*comp(prompt=[]), 400, "prompt", "invalid_value"),
+    (*comp(prompt=[0, 100000]), 400, "prompt", "invalid_value"),
+    (*comp(prompt="hi " * 2100), 400, "prompt", "context_length_exceeded"),
+    (*chat(messages=[{"role": "user", "content": "hi " * 2100}]), 400, "messages", "context_length_exceeded"),
+    (*comp(max_tokens=5000), 400, "max_tokens", "context_length_exceeded"),
+    (*chat(max_completion_tokens=5000), 400, "max_completion_tokens", "context_length_exceeded"),
+    (*comp(max_tokens=-1), 400, "max_tokens", "invalid_value"),
+    (*comp(max_tokens=True), 400, "max_tokens", "invalid_type"),
+    (*comp(temperature=-0.5), 400, "temperature", "invalid_value"),
+    (*comp(temperature="0.7"), 400, "temperature", "invalid_type"),
+    (*comp(top_p=2), 400, "top_p", "invalid_value"),
+    (*comp(n=3), 400, "n", "unsupported_value"),
+    (*comp(n="2"), 400, "n", "invalid_type"),
+    (*comp(n=2.0), 400, "n", "invalid_type"),
+    (*comp(logprobs=2), 400, "logprobs", "unsupported_value"),
+    (*comp(echo=True), 400, "echo", "unsupported_value"),
+    (*comp(ignore_eos="true"), 400, "ignore_eos", "invalid_type"),
+    (*comp(min_tokens=4), 400, "min_tokens", "unknown_parameter"),
+    (*comp(stream_options={"include_usage": True}), 400, "stream_options", "invalid_value"),
+    (*chat(messages="hi"), 400, "messages", "invalid_type"),
+    (*chat(messages=[]), 400, "messages", None),
+    (*chat(messages=[{"content": "no role"}]), 400, "messages.0.role", "missing_required_parameter"),
+    (*chat(messages=[{"role": "user"}]), 400, "messages.0.content", "missing_required_parameter"),
+    (*chat(messages=[{"role": "system", "content": None}, *USER]), 400, "messages.0.content", None),
+    (*chat(messages=[{"role": "user", "content": 5}]), 400, "messages.0.content", "invalid_type"),
+    (*chat(messages=[{"role": "user", "content": [IMAGE]}]), 400, "messages.0.content", "unsupported_value"),
+    (
+        *chat(messages=[*USER, {"role": "assistant", "tool_calls": [TOOL_CALL]}]),
+        400,
+        "messages.1.tool_calls",
+        None,
+    ),
+    (
+        *chat(messages=[*USER, {"role": "tool", "content": "4", "tool_call_id": "c1"}]),
+        400,
+        "messages.1.role",
+        None,
+    ),
+    (*chat(messages=[{"role": "user", "content": "hi", "name": "ann"}]), 400, "messages.0.name", None),
+    (*chat(stream="yes"), 400, "stream", "invalid_type"),
+    (*chat(stream=True, stream_options={"include_usage": "yes"}), 400, "stream_options.include_usage", None),
+    (*chat(stop=["1", "2", "3", "4", "5"]), 400, "stop", "invalid_value"),
+    (*chat(n=2), 400, "n", "unsupported_value"),
+    (*chat(seed="1"), 400, "seed", "invalid_type"),
+    (*chat(response_format={"type": "json_object"}), 400, "response_format", "unsupported_value"),
+    (*chat(tool_choice="auto"), 400, "tool_choice", "unsupported_value"),
+    (*chat(tools=[TOOL]), 400, "tools", "unsupported_value"),
+    (*chat(logit_bias={"5": 10}), 400, "logit_bias", "unsupported_value"),
+    (*chat(presence_penalty=0.5), 400, "presence_penalty", "unsupported_value"),
+    (*chat(top_logprobs=2), 400, "top_logprobs", "unsupported_value"),
+    (*chat(repetition_penalty=1.2), 400, "repetition_penalty", "unknown_parameter"),
+    (*chat(reasoning_effort="high"), 400, "reasoning_effort", "unsupported_value"),
+    (*chat(audio={"voice": "alloy", "format": "wav"}), 400, "audio", "unsupported_parameter"),
+    (*chat(foo=1), 400, "foo", "unknown_parameter"),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param", "code"),
+    MALFORMED,
+    ids=[f"{i}-{m[3] or m[4]}" for i, m in enumerate(MALFORMED)],
+)
+def test_malformed_request_gets_an_openai_error(
+    serve: ServeProcess,
+    path: str,
+    body: bytes | dict[str, object],
+    status: int,
+    param: str | None,
+    code: str | None,
+) -> None:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
     with httpx.Client(base_url=serve.base_url, timeout=30) as http:
-        for path, body, status in bad:
-            content = body if isinstance(body, bytes) else json.dumps(body).encode()
-            resp = http.post(path, content=content, headers={"content-type": "application/json"})
-            assert resp.status_code == status, (path, body, resp.text)
-            error = resp.json()["error"]
-            assert error["message"] and error["type"] == "invalid_request_error", error
+        resp = http.post(path, content=content, headers={"content-type": "application/json"})
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert error["message"] and error["type"] == "invalid_request_error", error
+    assert error["param"] == param, error
+    if param is not None:
+        assert param in error["message"] or status == 404 or error["code"] == "context_length_exceeded", error
+    if code is not None:
+        assert error["code"] == code, error
+
+
+# The official client: the same refusals come back as its exception types, naming the param.
+SDK_REFUSED: list[tuple[str, dict[str, Any], type[openai.APIStatusError], str | None]] = [
+    ("completions", {"n": 2}, openai.BadRequestError, "n"),
+    ("completions", {"max_tokens": 4096}, openai.BadRequestError, "max_tokens"),
+    ("completions", {"model": "nope"}, openai.NotFoundError, "model"),
+    ("completions", {"stream": True, "presence_penalty": 1.0}, openai.BadRequestError, "presence_penalty"),
+    ("chat", {"response_format": {"type": "json_object"}}, openai.BadRequestError, "response_format"),
+    ("chat", {"stream": True, "logit_bias": {"5": 10}}, openai.BadRequestError, "logit_bias"),
+    ("chat", {"tools": [TOOL], "tool_choice": "auto"}, openai.BadRequestError, "tools"),
+    ("chat", {"messages": [{"role": "user"}]}, openai.BadRequestError, "messages.0.content"),
+    ("chat", {"extra_body": {"min_tokens": 4}}, openai.BadRequestError, "min_tokens"),
+    ("chat", {"extra_body": {"ignore_eos": "yes"}}, openai.BadRequestError, "ignore_eos"),
+    ("chat", {"logprobs": True, "top_logprobs": 2}, openai.BadRequestError, "logprobs"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kind", "kwargs", "error", "param"), SDK_REFUSED, ids=[f"{k}-{p}" for k, _, _, p in SDK_REFUSED]
+)
+def test_openai_client_gets_refusals_naming_the_param(
+    client: openai.OpenAI,
+    serve: ServeProcess,
+    kind: str,
+    kwargs: dict[str, Any],
+    error: type[openai.APIStatusError],
+    param: str | None,
+) -> None:
+    kwargs = {"model": serve.model, "max_tokens": 4, **kwargs}
+    with pytest.raises(error) as info:
+        if kind == "chat":
+            client.chat.completions.create(**{"messages": USER, **kwargs})
+        else:
+            client.completions.create(**{"prompt": "hi", **kwargs})
+    assert info.value.param == param, info.value.body
+    assert info.value.type == "invalid_request_error"
+
+
+def test_default_forms_of_unsupported_parameters_work(client: openai.OpenAI, serve: ServeProcess) -> None:
+    """What SDKs and harnesses send by default (n=1, logprobs=false, penalties 0...) is served."""
+    reply = client.chat.completions.create(
+        model=serve.model, messages=USER, max_tokens=4, max_completion_tokens=4, n=1, logprobs=False,
+        presence_penalty=0, frequency_penalty=0, logit_bias={}, response_format={"type": "text"},
+        tool_choice="none", seed=None, user="tester", temperature=1, stream=False,
+        extra_body={"ignore_eos": True, "top_k": 5},
+    )  # fmt: skip
+    assert reply.choices[0].finish_reason == "length" and reply.usage is not None
+    assert reply.usage.completion_tokens == 4
+    text_parts = [{"type": "text", "text": "where is "}, {"type": "text", "text": "the station?"}]
+    reply = client.chat.completions.create(
+        model=serve.model, messages=[{"role": "user", "content": text_parts}], max_tokens=4, temperature=0
+    )
+    plain = client.chat.completions.create(
+        model=serve.model,
+        messages=[{"role": "user", "content": "where is the station?"}],
+        max_tokens=4,
+        temperature=0,
+    )
+    assert reply.choices[0].message.content == plain.choices[0].message.content
+    reply = client.completions.create(
+        model=serve.model, prompt="hi", max_tokens=3, n=1, best_of=1, echo=False, logprobs=None, suffix=None
+    )
+    assert reply.choices[0].finish_reason == "length"
+
+
+def test_serving_goes_on_after_malformed_requests(client: openai.OpenAI, serve: ServeProcess) -> None:
+    """Runs after the malformed-request tests above (file order): the stack still answers normally."""
+    with httpx.Client(timeout=30) as http:
         assert http.get(serve.base_url.removesuffix("/v1") + "/health").status_code == 200
-    # The official client maps these to its exception types, too.
-    with pytest.raises(openai.NotFoundError):
-        client.completions.create(model="nope", prompt="x")
-    with pytest.raises(openai.BadRequestError):
-        client.completions.create(model=model, prompt="x", max_tokens=4096)
-    reply = client.completions.create(model=model, prompt="still serving", max_tokens=4, temperature=0)
+    reply = client.completions.create(model=serve.model, prompt="still serving", max_tokens=4, temperature=0)
     assert reply.choices[0].finish_reason == "length" and reply.choices[0].text
+    reply = client.chat.completions.create(model=serve.model, messages=USER, max_tokens=4, temperature=0)
+    assert reply.choices[0].finish_reason == "length" and reply.choices[0].message.content
 
 
 def test_models_and_metrics(serve: ServeProcess) -> None:

@@ -331,7 +331,7 @@ def create_app(
             check_token_ids(prompt, state.tokenizer.vocab_size)
             ids = prompt
         max_tokens = resolve_max_tokens(
-            req.max_tokens, len(ids), config.max_model_len, DEFAULT_COMPLETION_MAX_TOKENS
+            req.max_tokens, len(ids), config.max_model_len, DEFAULT_COMPLETION_MAX_TOKENS, "prompt"
         )
         return await _serve(state, request, req, "completion", ids, max_tokens, arrival)
 
@@ -347,9 +347,8 @@ def create_app(
             ids = state.tokenizer.encode_chat(messages)
         except jinja2.TemplateError as exc:
             raise bad_request(f"chat template rejected the messages: {exc}", param="messages") from None
-        max_tokens = resolve_max_tokens(
-            req.max_completion_tokens or req.max_tokens, len(ids), config.max_model_len, None
-        )
+        requested, param = req.requested_max_tokens()
+        max_tokens = resolve_max_tokens(requested, len(ids), config.max_model_len, None, "messages", param)
         return await _serve(state, request, req, "chat", ids, max_tokens, arrival)
 
     return app

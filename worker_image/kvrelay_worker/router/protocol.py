@@ -1,47 +1,184 @@
-"""OpenAI request models (pydantic) and the pure checks that turn a request into worker sampling params."""
+"""OpenAI request models (strict pydantic) and the pure checks that turn a request into sampling params.
+
+What the router accepts is spelled out here: `IMPLEMENTED` is what it honours, `REFUSED` what it answers
+with a 400 (unless sent in a form that changes nothing), and any other field is an unrecognized argument.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from kvrelay_worker.router.errors import OpenAIError, bad_request
 
 MAX_STOP_STRINGS = 4
 
+# What the router honours. Dotted names are fields of an object parameter. `user` is accepted and has no
+# effect on the output (OpenAI uses it for abuse monitoring); `top_k` and `ignore_eos` are vLLM extensions.
+_IMPLEMENTED_COMMON = (
+    "model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options",
+    "stream_options.include_usage", "user", "top_k", "ignore_eos",
+)  # fmt: skip
+IMPLEMENTED: dict[str, frozenset[str]] = {
+    "completions": frozenset({*_IMPLEMENTED_COMMON, "prompt"}),
+    "chat": frozenset({*_IMPLEMENTED_COMMON, "messages", "max_completion_tokens"}),
+}
+# Of a chat message, only these are honoured, and only these roles.
+IMPLEMENTED_MESSAGE_FIELDS = frozenset({"role", "content"})
+IMPLEMENTED_ROLES = frozenset({"system", "developer", "user", "assistant"})
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+
+@dataclass(frozen=True)
+class Refusal:
+    """A parameter the router does not implement: a 400 unless null or in `noop` (forms that do nothing)."""
+
+    message: str
+    noop: tuple[Any, ...] = ()
+    code: str = "unsupported_parameter"
+
+    def accepts(self, value: Any) -> bool:
+        # bool is an int in Python: False must not pass for 0, nor 1 for True.
+        return value is None or any(
+            value == v and isinstance(value, bool) == isinstance(v, bool) for v in self.noop
+        )
+
+
+def _value(message: str, *noop: Any) -> Refusal:
+    """A parameter whose default form works (and is accepted): other values are `unsupported_value`."""
+    return Refusal(message, noop, "unsupported_value")
+
+
+def _param(message: str) -> Refusal:
+    """A parameter the router has nothing for: any non-null value is `unsupported_parameter`."""
+    return Refusal(message)
+
+
+_REFUSED_COMMON: dict[str, Refusal] = {
+    "n": _value("only n=1 is supported", 1),
+    "presence_penalty": _value("penalties are not supported yet (only 0)", 0.0),
+    "frequency_penalty": _value("penalties are not supported yet (only 0)", 0.0),
+    "logit_bias": _value("logit_bias is not supported yet (only {})", {}),
+    "stream_options.include_obfuscation": _value("stream obfuscation is not implemented (only false)", False),
+}
+REFUSED: dict[str, dict[str, Refusal]] = {
+    "completions": {
+        **_REFUSED_COMMON,
+        "best_of": _value("only best_of=1 is supported", 1),
+        "echo": _value("echo is not supported yet (only false)", False),
+        # logprobs=0 is not "off" in this API: it asks for the sampled tokens' logprobs.
+        "logprobs": _value("logprobs are not supported yet"),
+        "suffix": _value("suffix is not supported (only '')", ""),
+    },
+    "chat": {
+        **_REFUSED_COMMON,
+        "logprobs": _value("logprobs are not supported yet (only false)", False),
+        "top_logprobs": _value("logprobs are not supported yet (only 0)", 0),
+        "tools": _value("tools are not supported yet (only [])", []),
+        "tool_choice": _value("tools are not supported yet (only 'none')", "none"),
+        "parallel_tool_calls": _value("tools are not supported yet (only true)", True),
+        "functions": _value("functions are not supported (only [])", []),
+        "function_call": _value("functions are not supported (only 'none')", "none"),
+        "response_format": _value(
+            "structured output is not supported yet (only {'type': 'text'})", {"type": "text"}
+        ),
+        "modalities": _value("only text output is supported (['text'])", ["text"]),
+        "audio": _param("audio output is not supported"),
+        "store": _value("stored completions are not supported (only false)", False),
+        "metadata": _value("metadata is for stored completions, which are not supported (only {})", {}),
+        "service_tier": _value("there is one service tier (only 'auto' or 'default')", "auto", "default"),
+        "reasoning_effort": _value("reasoning is not supported (only 'none')", "none"),
+        "verbosity": _param("verbosity is not supported"),
+        "prediction": _param("predicted outputs are not supported"),
+        "web_search_options": _param("web search is not supported"),
+        "moderation": _param("moderation is not supported"),
+        "prompt_cache_key": _param("prompt cache hints are not supported"),
+        "prompt_cache_options": _param("prompt cache hints are not supported"),
+        "prompt_cache_retention": _param("prompt cache hints are not supported"),
+        "safety_identifier": _param("safety_identifier is not supported"),
+    },
+}
+# Fields of a chat message the router refuses (param `messages.<i>.<field>`); roles `tool` and `function`
+# are refused as a whole (param `messages.<i>.role`).
+REFUSED_MESSAGE_FIELDS: dict[str, Refusal] = {
+    "tool_calls": _value("tool calls are not supported yet (only [])", []),
+    "tool_call_id": _param("tool messages are not supported yet (tools are not implemented)"),
+    "function_call": _param("function calls are not supported"),
+    "name": _param("message names are not supported (the chat template renders only role and content)"),
+    "refusal": _param("assistant refusals are not supported in messages"),
+    "audio": _param("audio is not supported"),
+}
+
+
+def _refuse(param: str, refusal: Refusal) -> OpenAIError:
+    what = "value for" if refusal.code == "unsupported_value" else "parameter"
+    return bad_request(f"Unsupported {what} '{param}': {refusal.message}.", param, refusal.code)
+
+
+def _invalid_type(expected: str, value: Any) -> PydanticCustomError:
+    return PydanticCustomError("invalid_type", "expected {expected}", {"expected": expected, "got": value})
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class _StrictModel(BaseModel):
+    """JSON types as given: no "yes" for a bool, no "2" or 2.0 for an int; unknown fields are refused."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_absent(cls, data: Any) -> Any:
+        """null for an optional field means 'not given', as in the OpenAI API (SDKs send it)."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()}
+
+
+class StreamOptions(_StrictModel):
     include_usage: bool = False
+    include_obfuscation: bool | None = None  # refused when true
 
 
-class _SamplingFields(BaseModel):
-    """Fields shared by completions and chat; unknown fields are ignored, as vLLM does."""
-
-    model_config = ConfigDict(extra="ignore")
+class _SamplingFields(_StrictModel):
+    """Fields shared by completions and chat, implemented or refused (see IMPLEMENTED and REFUSED)."""
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0, description="vLLM extension; 0 = off")
+    top_k: int = Field(default=0, ge=-1, description="vLLM extension; 0 or -1 (vLLM's spelling) = off")
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int = Field(default=1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
+    user: str | None = None
+    # Refused unless null or a no-op value (REFUSED); typed so a wrong type is still named.
+    n: int = Field(default=1, ge=1)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    user: str | None = None
+    logit_bias: dict[str, int] | None = None
 
-    @field_validator("stop")
+    @field_validator("stop", mode="plain")
     @classmethod
-    def _at_most_four_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
+    def _stop(cls, value: Any) -> str | list[str] | None:
+        if value == "":
+            raise ValueError("a stop sequence must not be empty")
+        if value is None or isinstance(value, str):
+            return value
+        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+            raise _invalid_type("a string or an array of strings", value)
+        if len(value) > MAX_STOP_STRINGS:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences are allowed, got {len(value)}")
+        if "" in value:  # it would match at once: refused rather than dropped
+            raise ValueError("a stop sequence must not be empty")
         return value
 
     def stop_strings(self) -> list[str]:
@@ -52,72 +189,209 @@ class _SamplingFields(BaseModel):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
+    best_of: int | None = Field(default=None, ge=1)
     echo: bool = False
-    best_of: int | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=5)
     suffix: str | None = None
 
+    @field_validator("prompt", mode="plain")
+    @classmethod
+    def _prompt(cls, value: Any) -> str | list[str] | list[int] | list[list[int]]:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and (
+            all(isinstance(p, str) for p in value)
+            or all(_is_token_id(t) for t in value)
+            or all(isinstance(p, list) and all(_is_token_id(t) for t in p) for p in value)
+        ):
+            if not value or any(isinstance(p, list) and not p for p in value):
+                raise ValueError("the prompt is empty")
+            return value
+        raise _invalid_type(
+            "a string, an array of strings, an array of token ids or an array of arrays of token ids", value
+        )
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+
+class ChatMessage(_StrictModel):
+    """One message; `content` is checked per role in `reject_unsupported` (after the refused fields)."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, str]] | None = None
+    # Refused (REFUSED_MESSAGE_FIELDS); typed loosely, since any non-null value is refused.
+    name: Any = None
+    tool_calls: Any = None
+    tool_call_id: Any = None
+    function_call: Any = None
+    refusal: Any = None
+    audio: Any = None
+
+    @field_validator("content", mode="plain")
+    @classmethod
+    def _text_content(cls, value: Any) -> str | list[dict[str, str]] | None:
+        if value == "":
+            raise ValueError("a stop sequence must not be empty")
+        if value is None or isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise _invalid_type("a string or an array of text parts", value)
+        if not value:
+            raise ValueError("content must not be an empty array")
+        for i, part in enumerate(value):
+            if not (
+                isinstance(part, dict)
+                and part.get("type") == "text"
+                and isinstance(part.get("text"), str)
+                and set(part) == {"type", "text"}
+            ):
+                raise PydanticCustomError(
+                    "unsupported_value",
+                    "part {i}: only text parts (type 'text', with a string 'text') are supported",
+                    {"i": i},
+                )
+        return value
 
     def text(self) -> str:
-        """Content as plain text; only `text` parts are supported."""
+        """Content as plain text (text parts joined)."""
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
-        parts = []
-        for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise bad_request("only text content parts are supported", param="messages")
-            parts.append(part["text"])
-        return "".join(parts)
+        return "".join(part["text"] for part in self.content)
 
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    # Refused unless null or a no-op value (REFUSED["chat"]).
     logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: Any = None
+    modalities: list[str] | None = None
+    audio: Any = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    reasoning_effort: str | None = None
+    verbosity: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    moderation: Any = None
+    prompt_cache_key: Any = None
+    prompt_cache_options: Any = None
+    prompt_cache_retention: Any = None
+    safety_identifier: Any = None
+
+    def requested_max_tokens(self) -> tuple[int | None, str]:
+        """The completion budget asked for and the param that asked (`max_completion_tokens` first)."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
+
+
+_TYPE_ERRORS = {
+    "bool_type": "a boolean",
+    "int_type": "an integer",
+    "float_type": "a number",
+    "string_type": "a string",
+    "list_type": "an array",
+    "dict_type": "an object",
+    "model_type": "an object",
+    "model_attributes_type": "an object",
+}
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    for kind, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string")):
+        if isinstance(value, kind):
+            return name
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def _error_from(error: ErrorDetails) -> OpenAIError:
+    """One pydantic error as OpenAI words it, naming the field (dotted: `messages.0.content`)."""
+    param = ".".join(str(p) for p in error["loc"]) or None
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return bad_request(f"Unrecognized request argument supplied: {param}", param, "unknown_parameter")
+    if kind == "missing":
+        return bad_request(f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
+    if kind in _TYPE_ERRORS or kind == "invalid_type":
+        ctx = error.get("ctx") or {}
+        expected = ctx.get("expected") if kind == "invalid_type" else _TYPE_ERRORS[kind]
+        got = _json_type(ctx.get("got") if kind == "invalid_type" else error["input"])
+        message = f"Invalid type for '{param}': expected {expected}, but got {got} instead."
+        return bad_request(message, param, "invalid_type")
+    if kind == "unsupported_value":
+        return bad_request(f"Unsupported value for '{param}': {error['msg']}.", param, kind)
+    detail = str(error["ctx"]["error"]) if kind == "value_error" else error["msg"]
+    return bad_request(f"Invalid value for '{param}': {detail}", param, "invalid_value")
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def parse_body(raw: bytes, model_cls: type[BaseModel]) -> Any:
     """Parse and validate a JSON body; every failure becomes a 400 with the offending `param`."""
     try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = json.loads(raw, parse_constant=_no_constants)  # NaN and Infinity are not JSON
+    except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request(f"request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise bad_request("request body must be a JSON object")
     try:
         return model_cls.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise bad_request(f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
+        raise _error_from(exc.errors()[0]) from None
+
+
+def _lookup(obj: Any, dotted: str) -> Any:
+    for name in dotted.split("."):
+        obj = getattr(obj, name, None)
+    return obj
 
 
 def reject_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
-    """Refuse features the router does not implement, rather than silently ignoring them."""
-    if req.n != 1:
-        raise bad_request("only n=1 is supported", param="n", code="unsupported_value")
-    if isinstance(req, CompletionRequest):
-        if req.best_of not in (None, 1):
-            raise bad_request("only best_of=1 is supported", param="best_of", code="unsupported_value")
-        if req.echo:
-            raise bad_request("echo is not supported", param="echo", code="unsupported_value")
-        if req.logprobs:
-            raise bad_request("logprobs are not supported", param="logprobs", code="unsupported_value")
-        if req.suffix:
-            raise bad_request("suffix is not supported", param="suffix", code="unsupported_value")
-    else:
-        if req.logprobs:
-            raise bad_request("logprobs are not supported", param="logprobs", code="unsupported_value")
-        if req.tools:
-            raise bad_request("tools are not supported", param="tools", code="unsupported_value")
-    if req.presence_penalty or req.frequency_penalty:
-        raise bad_request("presence/frequency penalties are not supported", param="presence_penalty")
+    """Refuse what the router does not implement (REFUSED), rather than silently ignoring it."""
+    kind = "completions" if isinstance(req, CompletionRequest) else "chat"
+    for name, refusal in REFUSED[kind].items():
+        if not refusal.accepts(_lookup(req, name)):
+            raise _refuse(name, refusal)
+    if req.stream_options is not None and not req.stream:
+        raise bad_request(
+            "stream_options is only allowed when stream is true", param="stream_options", code="invalid_value"
+        )
+    if isinstance(req, ChatCompletionRequest):
+        _check_messages(req.messages)
+        both = None not in (req.max_tokens, req.max_completion_tokens)
+        if both and req.max_tokens != req.max_completion_tokens:
+            raise bad_request(
+                "max_tokens and max_completion_tokens differ: give one of them",
+                param="max_tokens",
+                code="invalid_value",
+            )
+
+
+def _check_messages(messages: list[ChatMessage]) -> None:
+    for i, message in enumerate(messages):
+        if message.role not in IMPLEMENTED_ROLES:
+            raise bad_request(
+                f"Unsupported value for 'messages.{i}.role': {message.role} messages are not supported yet "
+                "(tools are not implemented).",
+                param=f"messages.{i}.role",
+                code="unsupported_value",
+            )
+        for name, refusal in REFUSED_MESSAGE_FIELDS.items():
+            if not refusal.accepts(getattr(message, name)):
+                raise _refuse(f"messages.{i}.{name}", refusal)
+        if message.content is None:
+            param = f"messages.{i}.content"
+            raise bad_request(f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
 
 
 def completion_prompt(req: CompletionRequest) -> str | list[int]:
@@ -133,16 +407,23 @@ def completion_prompt(req: CompletionRequest) -> str | list[int]:
 
 
 def resolve_max_tokens(
-    requested: int | None, num_prompt_tokens: int, max_model_len: int, default: int | None
+    requested: int | None,
+    num_prompt_tokens: int,
+    max_model_len: int,
+    default: int | None,
+    prompt_param: str = "prompt",
+    max_tokens_param: str = "max_tokens",
 ) -> int:
     """Check prompt + max_tokens against the context length; `default=None` means 'fill the context'."""
     if num_prompt_tokens == 0:
-        raise bad_request("the prompt is empty", param="prompt")
+        raise bad_request(
+            f"Invalid value for '{prompt_param}': the prompt is empty", prompt_param, "invalid_value"
+        )
     if num_prompt_tokens >= max_model_len:
         raise bad_request(
             f"This model's maximum context length is {max_model_len} tokens; the prompt has "
             f"{num_prompt_tokens} tokens, leaving no room to generate.",
-            param="messages",
+            param=prompt_param,
             code="context_length_exceeded",
         )
     room = max_model_len - num_prompt_tokens
@@ -152,8 +433,8 @@ def resolve_max_tokens(
         raise bad_request(
             f"This model's maximum context length is {max_model_len} tokens; you requested "
             f"{num_prompt_tokens + requested} tokens ({num_prompt_tokens} in the prompt, {requested} for "
-            "the completion). Reduce the prompt or max_tokens.",
-            param="max_tokens",
+            f"the completion). Reduce the prompt or {max_tokens_param}.",
+            param=max_tokens_param,
             code="context_length_exceeded",
         )
     return requested
@@ -162,7 +443,8 @@ def resolve_max_tokens(
 def check_token_ids(ids: list[int], vocab_size: int) -> None:
     bad = [t for t in ids if t < 0 or t >= vocab_size]
     if bad:
-        raise bad_request(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})", param="prompt")
+        message = f"Invalid value for 'prompt': token id {bad[0]} is outside the vocabulary [0, {vocab_size})"
+        raise bad_request(message, "prompt", "invalid_value")
 
 
 def check_model(name: str, served: str) -> None:
@@ -180,7 +462,7 @@ def sampling_params(
         "max_tokens": max_tokens,
         "temperature": req.temperature,
         "top_p": req.top_p,
-        "top_k": req.top_k,
+        "top_k": max(req.top_k, 0),
         "seed": req.seed,
         "stop_token_ids": stop_token_ids,
         "ignore_eos": req.ignore_eos,
