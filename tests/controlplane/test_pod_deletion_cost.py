@@ -252,6 +252,18 @@ def _ready(pod: dict[str, Any]) -> bool:
     )
 
 
+def _apply_and_wait_for_3_decode_pods(
+    kubectl, namespace: str, model: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Applies the model (decode replicas 3) and waits until its 3 decode pods are Ready (kwok runs them)."""
+    kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(model), check=True)
+    return wait_for(
+        lambda: (p := _live_decode_pods(kubectl, namespace)) and len(p) == 3
+        and all(map(_ready, p.values())) and p,
+        timeout=60, what="3 Ready decode pods",
+    )  # fmt: skip
+
+
 def _read_errors() -> float:
     labels = {"model": "tiny", "role": "decode", "step": "read"}
     return REGISTRY.get_sample_value("kvrelay_scale_down_victim_errors_total", labels) or 0.0
@@ -262,12 +274,7 @@ def test_scale_down_removes_the_least_loaded_pod(kubectl, kube, namespace, start
     tiny["spec"]["autoscaling"] = {"mode": "auto", "intervalSeconds": 3600}
     tiny["spec"]["decode"].update(replicas=3, minReplicas=1, maxReplicas=4)
     with start_operator() as runner:
-        kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(tiny), check=True)
-        pods = wait_for(
-            lambda: (p := _live_decode_pods(kubectl, namespace)) and len(p) == 3
-            and all(map(_ready, p.values())) and p,
-            timeout=60, what="3 Ready decode pods",
-        )  # fmt: skip
+        pods = _apply_and_wait_for_3_decode_pods(kubectl, namespace, tiny)
         # The autoscaler's own first decision (a hold: no Prometheus here) must not race ours.
         wait_for(lambda: (get_json(kubectl, "dm", "tiny", "-n", namespace)["status"].get("autoscaler") or {})
                  .get("lastDecisionTime"), timeout=30, what="the autoscaler's first decision")  # fmt: skip
@@ -308,12 +315,7 @@ def test_spec_scale_down_removes_the_least_loaded_pod(kubectl, namespace, start_
     tiny = yaml.safe_load(example("tiny.yaml"))
     tiny["spec"]["decode"].update(replicas=3)
     with start_operator():
-        kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(tiny), check=True)
-        pods = wait_for(
-            lambda: (p := _live_decode_pods(kubectl, namespace)) and len(p) == 3
-            and all(map(_ready, p.values())) and p,
-            timeout=60, what="3 Ready decode pods",
-        )  # fmt: skip
+        pods = _apply_and_wait_for_3_decode_pods(kubectl, namespace, tiny)
         busy, mid, idle = sorted(pods)
         loads.text = {
             busy: worker_metrics(running=4, waiting=0, kv_usage=0.5),
