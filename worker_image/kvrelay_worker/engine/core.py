@@ -25,6 +25,7 @@ from kvrelay_worker.engine.sampling_params import SamplingParams
 from kvrelay_worker.engine.scheduler import (
     KVTarget,
     RequestOutput,
+    RequestRefused,
     Scheduler,
     SchedulerConfig,
 )
@@ -90,7 +91,7 @@ class Engine:
             eos_token_ids if eos_token_ids is not None else model.config.eos_token_id,
             detokenize,
         )
-        self.runner = ModelRunner(model, self.kv_cache, config.block_size)
+        self.runner = ModelRunner(model, self.kv_cache, config.block_size, self.scheduler.eos_token_ids)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, config: EngineConfig) -> Engine:
@@ -123,8 +124,9 @@ class Engine:
         now: float,
         prefill_only: bool = False,
     ) -> None:
-        """Queue a request; raises RequestRefused if it can never fit."""
+        """Queue a request; raises RequestRefused if it can never fit or its params don't fit the model."""
         self._check_vocab(prompt_token_ids)
+        self._check_params(params, len(prompt_token_ids))
         request = Request(request_id, list(prompt_token_ids), params, now, prefill_only=prefill_only)
         self.scheduler.add_request(request)
 
@@ -144,6 +146,7 @@ class Engine:
         the prompt and first token are recomputed here.
         """
         self._check_vocab([*prompt_token_ids, first_token])
+        self._check_params(params, len(prompt_token_ids))
         request = Request(request_id, list(prompt_token_ids), params, now, output_token_ids=[first_token])
         if remote_kv:
             self.scheduler.add_remote_request(request)
@@ -161,12 +164,22 @@ class Engine:
         return self.scheduler.abort(request_id)
 
     def _check_vocab(self, token_ids: list[int]) -> None:
-        from kvrelay_worker.engine.scheduler import RequestRefused
-
         vocab = self.model.config.vocab_size
         bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
             raise RequestRefused(f"token ids {bad[:5]} outside the vocabulary [0, {vocab})")
+
+    def _check_params(self, params: SamplingParams, num_prompt_tokens: int) -> None:
+        """What SamplingParams can't check alone: logit_bias ids against the vocabulary, output_offset
+        against the prompt (whose last output_offset tokens are the earlier outputs)."""
+        vocab = self.model.config.vocab_size
+        bad = sorted(t for t in params.logit_bias if t >= vocab)
+        if bad:
+            raise RequestRefused(f"logit_bias token ids {bad[:5]} outside the vocabulary [0, {vocab})")
+        if params.output_offset > num_prompt_tokens:
+            raise RequestRefused(
+                f"output_offset {params.output_offset} exceeds the prompt's {num_prompt_tokens} tokens"
+            )
 
     # ---- the loop -------------------------------------------------------------------------------
     def step(self, now: float) -> StepResult:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import numpy as np
 import torch
 
@@ -17,8 +19,15 @@ from kvrelay_worker.model.llama import LlamaForCausalLM
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, kv_cache: torch.Tensor, block_size: int) -> None:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv_cache: torch.Tensor,
+        block_size: int,
+        eos_token_ids: Collection[int] = (),
+    ) -> None:
         self.model = model
+        self.eos_token_ids = eos_token_ids  # what min_tokens bans (with the request's stop ids)
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = kv_cache.device
@@ -79,7 +88,7 @@ class ModelRunner:
         self._last_tokens = None
         hidden = self.model(ids, pos, PagedAttention(self.kv_cache, batch, self.views))
         if not self.decode.same_batch:  # sampling params are per request: same tables, same requests
-            self._all_greedy = all(s.params.greedy for s in seqs)
+            self._all_greedy = all(s.params.greedy and not s.params.transforms_logits for s in seqs)
         if self._all_greedy and all(s.sample for s in seqs):  # one argmax, no per-row work
             self._last_ids = self.model.compute_logits(hidden).argmax(dim=-1)
             self._last_tokens = tokens = self._last_ids.tolist()
@@ -92,7 +101,14 @@ class ModelRunner:
         return self._sample(self.model.compute_logits(hidden), [seqs[i] for i in rows])
 
     def _sample(self, logits: torch.Tensor, seqs: list[ScheduledSeq]) -> dict[str, int]:
-        tokens = sample(logits, [s.params for s in seqs], [s.num_output_tokens for s in seqs])
+        tokens = sample(
+            logits,
+            [s.params for s in seqs],
+            [s.num_output_tokens for s in seqs],
+            [s.prompt_token_ids for s in seqs],
+            [s.output_token_ids for s in seqs],
+            self.eos_token_ids,
+        )
         return {s.request_id: t for s, t in zip(seqs, tokens, strict=True)}
 
     def _tensor(self, values: list[int]) -> torch.Tensor:

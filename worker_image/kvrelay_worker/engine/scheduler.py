@@ -44,6 +44,10 @@ class ScheduledSeq:
     sample: bool
     params: SamplingParams
     num_output_tokens: int
+    # the request's own lists, no copies: the sampler's token history (penalties, min_tokens); update()
+    # appends the sampled token only after the runner has used them
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
 
 
 @dataclass
@@ -94,7 +98,8 @@ def check_stop(
     p = request.params
     if token in p.stop_token_ids or (not p.ignore_eos and token in eos_token_ids):
         return RequestStatus.FINISHED_STOPPED
-    if p.stop and detokenize is not None:
+    # vLLM's min_tokens: no stop string either until then (the sampler bans EOS and stop ids)
+    if p.stop and detokenize is not None and p.output_offset + len(request.output_token_ids) > p.min_tokens:
         text = detokenize(request.output_token_ids)
         if any(s in text for s in p.stop):
             return RequestStatus.FINISHED_STOPPED
@@ -209,6 +214,8 @@ class Scheduler:
                     start + num_new == total,
                     request.params,
                     len(output),
+                    prompt,
+                    output,
                 )
             )
 
@@ -290,6 +297,8 @@ class Scheduler:
             sample=start + num_new == request.num_tokens,
             params=request.params,
             num_output_tokens=len(request.output_token_ids),
+            prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=request.output_token_ids,
         )
 
     def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[RequestOutput]:
