@@ -439,14 +439,20 @@ async def test_decode_worker_killed_under_32_streams(stack: Stack, engine: Any) 
     stack.ensure(victim[0])
 
 
-async def test_seeded_sampling_across_a_migration(stack: Stack, engine: Any) -> None:
-    """temperature 1 with a seed: a resumed stream draws what the uninterrupted one drew."""
+@pytest.mark.parametrize("penalties", [{}, {"presence_penalty": 1.0, "frequency_penalty": 0.5}])
+async def test_seeded_sampling_across_a_migration(
+    stack: Stack, engine: Any, penalties: dict[str, float]
+) -> None:
+    """temperature 1 with a seed (and penalties): a resumed stream draws what the uninterrupted one drew.
+
+    The penalties need no state in the router: the resumed worker counts the tokens already sent (the
+    tail of its input) as generated."""
     from kvrelay_worker.engine.sampling_params import SamplingParams
 
     stack.ensure("decode-0")
     stack.ensure("decode-1")
     prompts = PROMPTS[:8]
-    params = [{"temperature": 1.0, "seed": 1000 + i} for i in range(8)]
+    params = [{"temperature": 1.0, "seed": 1000 + i, **penalties} for i in range(8)]
     calm, _ = await _streams(stack, prompts, params=params)
     before = stack.router_metric("kvrelay_router_migrations_total", reason="worker_lost")
     victim: list[str] = []
@@ -458,10 +464,7 @@ async def test_seeded_sampling_across_a_migration(stack: Stack, engine: Any) -> 
     assert [o.text for o in killed] == [o.text for o in calm]
     # ... and both equal the single-process engine's seeded draws (a seed is a seed, wherever it runs).
     ids = [stack.tokenizer.encode(p) for p in prompts]
-    seeded = [
-        SamplingParams(max_tokens=MAX_TOKENS, temperature=1.0, seed=p["seed"], ignore_eos=True)
-        for p in params
-    ]
+    seeded = [SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, **p) for p in params]
     assert [stack.tokenizer.decode(t) for t in engine.generate(ids, seeded)] == [o.text for o in calm]
     stack.ensure(victim[0])
 

@@ -93,6 +93,70 @@ def test_chat_greedy_equals_engine(client: openai.OpenAI, serve: ServeProcess, t
     assert "".join(c.choices[0].delta.content or "" for c in stream) == want
 
 
+PENALIZED = [
+    {"presence_penalty": 1.5, "frequency_penalty": 0.5},
+    {"extra_body": {"repetition_penalty": 1.8}},
+    {"logit_bias": {"7": 100}, "extra_body": {"ignore_eos": True}},
+    {"temperature": 1.0, "seed": 11, "frequency_penalty": 2.0, "extra_body": {"repetition_penalty": 1.3}},
+]
+
+
+@pytest.mark.parametrize(
+    "fields", PENALIZED, ids=["presence-frequency", "repetition", "logit-bias", "seeded"]
+)
+def test_penalties_and_bias_through_the_relay_equal_the_engine(
+    client: openai.OpenAI, serve: ServeProcess, tokenizer: Tokenizer, model_dir: Path, fields: dict[str, Any]
+) -> None:
+    """Penalties and logit_bias through router, prefill, KV relay and decode give the single-process
+    engine's tokens for the same SamplingParams (and differ from the plain run: they did something)."""
+    from kvrelay_worker.engine.core import Engine, EngineConfig
+    from kvrelay_worker.engine.sampling_params import SamplingParams
+
+    prompt, max_tokens = "one two one two one two", 24
+    extra = fields.get("extra_body", {})
+    given = {k: v for k, v in fields.items() if k != "extra_body"}
+    reply = client.completions.create(
+        model=serve.model,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        **{"temperature": 0, **given},
+        extra_body=extra,
+    )
+    engine = Engine.from_dir(model_dir, EngineConfig())
+    bias = {int(k): v for k, v in given.pop("logit_bias", {}).items()}
+    params = SamplingParams(
+        max_tokens=max_tokens, **{"temperature": 0.0, **given}, **extra, logit_bias=bias,
+        stop_token_ids=[] if extra.get("ignore_eos") else tokenizer.eos_token_ids,
+    )  # fmt: skip
+    ids = tokenizer.encode(prompt)
+    (want,) = engine.generate([ids], params)
+    (plain,) = engine.generate([ids], params.model_copy(update={
+        "presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0, "logit_bias": {},
+    }))  # fmt: skip
+    assert want != plain, "the transform changed nothing: the test would not see it ignored"
+    assert reply.choices[0].text == tokenizer.decode(want)
+    if bias:
+        assert set(want) == {7}  # +100 makes token 7 the only choice
+
+
+def test_min_tokens_holds_off_the_stop_string(client: openai.OpenAI, serve: ServeProcess) -> None:
+    """A stop string found before min_tokens tokens does not end the request (vLLM's semantics)."""
+    prompt = "The relay carries the memory of a prompt"
+    free = client.completions.create(model=serve.model, prompt=prompt, max_tokens=16, temperature=0)
+    stop = free.choices[0].text.strip()[:2]  # occurs in the first token or two
+    assert stop, free
+    stopped = client.completions.create(
+        model=serve.model, prompt=prompt, max_tokens=16, temperature=0, stop=[stop]
+    )
+    assert stopped.choices[0].finish_reason == "stop" and stop not in stopped.choices[0].text
+    held = client.completions.create(
+        model=serve.model, prompt=prompt, max_tokens=16, temperature=0, stop=[stop],
+        extra_body={"min_tokens": 12},
+    )  # fmt: skip
+    assert held.usage is not None and held.usage.completion_tokens >= 12, held
+    assert stop in held.choices[0].text and free.choices[0].text.startswith(held.choices[0].text), held
+
+
 def test_seeded_sampling_is_reproducible(client: openai.OpenAI, serve: ServeProcess) -> None:
     def once() -> str:
         reply = client.completions.create(
@@ -169,7 +233,8 @@ MALFORMED: list[tuple[str, bytes | dict[str, object], int, str | None, str | Non
     (*comp(logprobs=2), 400, "logprobs", "unsupported_value"),
     (*comp(echo=True), 400, "echo", "unsupported_value"),
     (*comp(ignore_eos="true"), 400, "ignore_eos", "invalid_type"),
-    (*comp(min_tokens=4), 400, "min_tokens", "unknown_parameter"),
+    (*comp(min_tokens=40, max_tokens=8), 400, "min_tokens", "invalid_value"),
+    (*comp(use_beam_search=True), 400, "use_beam_search", "unknown_parameter"),
     (*comp(stream_options={"include_usage": True}), 400, "stream_options", "invalid_value"),
     (*chat(messages="hi"), 400, "messages", "invalid_type"),
     (*chat(messages=[]), 400, "messages", None),
@@ -199,10 +264,12 @@ MALFORMED: list[tuple[str, bytes | dict[str, object], int, str | None, str | Non
     (*chat(response_format={"type": "json_object"}), 400, "response_format", "unsupported_value"),
     (*chat(tool_choice="auto"), 400, "tool_choice", "unsupported_value"),
     (*chat(tools=[TOOL]), 400, "tools", "unsupported_value"),
-    (*chat(logit_bias={"5": 10}), 400, "logit_bias", "unsupported_value"),
-    (*chat(presence_penalty=0.5), 400, "presence_penalty", "unsupported_value"),
+    (*chat(logit_bias={"100000": 10}), 400, "logit_bias", "invalid_value"),  # outside the vocabulary
+    (*chat(logit_bias={"5": 101}), 400, "logit_bias", "invalid_value"),
+    (*chat(presence_penalty=2.5), 400, "presence_penalty", "invalid_value"),
+    (*chat(stop_token_ids=[1, "2"]), 400, "stop_token_ids.1", "invalid_type"),
     (*chat(top_logprobs=2), 400, "top_logprobs", "unsupported_value"),
-    (*chat(repetition_penalty=1.2), 400, "repetition_penalty", "unknown_parameter"),
+    (*chat(repetition_penalty=0), 400, "repetition_penalty", "invalid_value"),
     (*chat(reasoning_effort="high"), 400, "reasoning_effort", "unsupported_value"),
     (*chat(audio={"voice": "alloy", "format": "wav"}), 400, "audio", "unsupported_parameter"),
     (*chat(foo=1), 400, "foo", "unknown_parameter"),
@@ -241,12 +308,12 @@ SDK_REFUSED: list[tuple[str, dict[str, Any], type[openai.APIStatusError], str | 
     ("completions", {"n": 2}, openai.BadRequestError, "n"),
     ("completions", {"max_tokens": 4096}, openai.BadRequestError, "max_tokens"),
     ("completions", {"model": "nope"}, openai.NotFoundError, "model"),
-    ("completions", {"stream": True, "presence_penalty": 1.0}, openai.BadRequestError, "presence_penalty"),
+    ("completions", {"stream": True, "presence_penalty": 3.0}, openai.BadRequestError, "presence_penalty"),
     ("chat", {"response_format": {"type": "json_object"}}, openai.BadRequestError, "response_format"),
-    ("chat", {"stream": True, "logit_bias": {"5": 10}}, openai.BadRequestError, "logit_bias"),
+    ("chat", {"stream": True, "logit_bias": {"x": 10}}, openai.BadRequestError, "logit_bias"),
     ("chat", {"tools": [TOOL], "tool_choice": "auto"}, openai.BadRequestError, "tools"),
     ("chat", {"messages": [{"role": "user"}]}, openai.BadRequestError, "messages.0.content"),
-    ("chat", {"extra_body": {"min_tokens": 4}}, openai.BadRequestError, "min_tokens"),
+    ("chat", {"extra_body": {"min_tokens": -1}}, openai.BadRequestError, "min_tokens"),
     ("chat", {"extra_body": {"ignore_eos": "yes"}}, openai.BadRequestError, "ignore_eos"),
     ("chat", {"logprobs": True, "top_logprobs": 2}, openai.BadRequestError, "logprobs"),
 ]  # fmt: skip

@@ -18,6 +18,7 @@ from kvrelay_worker.router.protocol import (
     REFUSED_MESSAGE_FIELDS,
     ChatCompletionRequest,
     CompletionRequest,
+    check_sampling_ids,
     parse_body,
     reject_unsupported,
     resolve_max_tokens,
@@ -159,9 +160,9 @@ def test_missing_required_parameters() -> None:
 @pytest.mark.parametrize(
     ("kind", "fields", "param"),
     [
-        ("completions", {"min_tokens": 5}, "min_tokens"),
-        ("completions", {"repetition_penalty": 1.1}, "repetition_penalty"),
-        ("chat", {"stop_token_ids": [2]}, "stop_token_ids"),
+        ("completions", {"use_beam_search": True}, "use_beam_search"),  # vLLM extensions kvrelay lacks
+        ("completions", {"length_penalty": 1.1}, "length_penalty"),
+        ("chat", {"guided_json": {}}, "guided_json"),
         ("chat", {"foo": None}, "foo"),  # null does not make an unknown field known
         ("chat", {"messages": [{**USER, "foo": 1}]}, "messages.0.foo"),
         ("chat", {"stream": True, "stream_options": {"include_usage": True, "x": 1}}, "stream_options.x"),
@@ -255,7 +256,12 @@ SDK_PARAMS = {
     "chat": (chat_sdk.CompletionCreateParamsBase, chat_sdk.CompletionCreateParamsStreaming),
 }
 # Non-default values where the generic one would be a default (which is accepted as a no-op).
-OVERRIDES: dict[str, Any] = {"parallel_tool_calls": False, "response_format": {"type": "json_object"}}
+# Values the type alone does not make plausible: logit_bias keys are token ids.
+OVERRIDES: dict[str, Any] = {
+    "parallel_tool_calls": False,
+    "response_format": {"type": "json_object"},
+    "logit_bias": {"5": 2},
+}
 
 
 def sdk_hints(kind: str) -> dict[str, Any]:
@@ -380,15 +386,12 @@ def test_default_forms_of_refused_parameters_keep_working(kind: str, param: str,
         ("completions", {"suffix": "x"}, "unsupported_value"),
         ("chat", {"logprobs": True}, "unsupported_value"),
         ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "unsupported_value"),
-        ("chat", {"presence_penalty": 0.1}, "unsupported_value"),
-        ("chat", {"frequency_penalty": -0.1}, "unsupported_value"),
         (
             "chat",
             {"response_format": {"type": "json_schema", "json_schema": {"name": "s"}}},
             "unsupported_value",
         ),
         ("chat", {"tool_choice": "auto"}, "unsupported_value"),
-        ("chat", {"logit_bias": {"5": 10}}, "unsupported_value"),
         ("chat", {"top_logprobs": 3}, "unsupported_value"),
         ("chat", {"audio": {"voice": "alloy", "format": "wav"}}, "unsupported_parameter"),
         ("chat", {"safety_identifier": "u1"}, "unsupported_parameter"),
@@ -488,3 +491,47 @@ def test_top_k_minus_one_means_off_and_empty_stops_are_refused() -> None:
         assert err.value.param == "stop" and "empty" in str(err.value.body()), err.value.body()
     with pytest.raises(OpenAIError):
         parse_body(b'{"model": "m", "prompt": "x", "top_k": -2}', CompletionRequest)
+
+
+def test_penalties_bias_and_min_tokens_reach_the_workers_only_when_set() -> None:
+    """Implemented sampling fields go into the workers' SamplingParams; at their defaults they are left out
+    (a worker that predates them still serves), and bad values are 400s naming the field."""
+    plain = parse_body(b'{"model": "m", "prompt": "x"}', CompletionRequest)
+    assert set(sampling_params(plain, 8, [2])) == {
+        "max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos",
+    }  # fmt: skip
+    body = {
+        "model": "m", "prompt": "x", "presence_penalty": 0.5, "frequency_penalty": -0.25,
+        "repetition_penalty": 1.2, "logit_bias": {"7": -100, "9": 3}, "min_tokens": 3,
+        "stop_token_ids": [4, 2],
+    }  # fmt: skip
+    params = sampling_params(parse_body(json.dumps(body).encode(), CompletionRequest), 8, [2])
+    assert params["presence_penalty"] == 0.5 and params["frequency_penalty"] == -0.25
+    assert params["repetition_penalty"] == 1.2 and params["min_tokens"] == 3
+    assert params["logit_bias"] == {7: -100, 9: 3} and params["stop_token_ids"] == [2, 4]
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"logit_bias": {"x": 1}}, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"stop_token_ids": [-3]}, "stop_token_ids"),
+        ({"stop_token_ids": "2"}, "stop_token_ids"),
+    ]
+    for fields, param in bad:
+        with pytest.raises(OpenAIError) as err:
+            parse_body(json.dumps({"model": "m", "prompt": "x", **fields}).encode(), CompletionRequest)
+        assert err.value.param == param, err.value.body()
+    with pytest.raises(OpenAIError) as err:
+        sampling_params(
+            parse_body(b'{"model": "m", "prompt": "x", "min_tokens": 9}', CompletionRequest), 8, []
+        )
+    assert err.value.param == "min_tokens"
+    for fields, param in (
+        ({"logit_bias": {"600": 1}}, "logit_bias"),
+        ({"stop_token_ids": [512]}, "stop_token_ids"),
+    ):
+        req = parse_body(json.dumps({"model": "m", "prompt": "x", **fields}).encode(), CompletionRequest)
+        with pytest.raises(OpenAIError) as err:
+            check_sampling_ids(req, vocab_size=512)
+        assert err.value.param == param and "outside the vocabulary" in err.value.message

@@ -29,6 +29,7 @@ from kvrelay_worker.router.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     check_model,
+    check_sampling_ids,
     check_token_ids,
     completion_prompt,
     parse_body,
@@ -324,6 +325,7 @@ def create_app(
         req = parse_body(await request.body(), CompletionRequest)
         check_model(req.model, config.served_model_name)
         reject_unsupported(req)
+        check_sampling_ids(req, state.tokenizer.vocab_size)
         prompt = completion_prompt(req)
         if isinstance(prompt, str):
             ids = state.tokenizer.encode(prompt)
@@ -342,6 +344,7 @@ def create_app(
         req = parse_body(await request.body(), ChatCompletionRequest)
         check_model(req.model, config.served_model_name)
         reject_unsupported(req)
+        check_sampling_ids(req, state.tokenizer.vocab_size)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
             ids = state.tokenizer.encode_chat(messages)

@@ -18,10 +18,12 @@ from kvrelay_worker.router.errors import OpenAIError, bad_request
 MAX_STOP_STRINGS = 4
 
 # What the router honours. Dotted names are fields of an object parameter. `user` is accepted and has no
-# effect on the output (OpenAI uses it for abuse monitoring); `top_k` and `ignore_eos` are vLLM extensions.
+# effect on the output (OpenAI uses it for abuse monitoring); `top_k`, `ignore_eos`, `min_tokens`,
+# `repetition_penalty` and `stop_token_ids` are vLLM extensions (sent with the SDK's `extra_body`).
 _IMPLEMENTED_COMMON = (
     "model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options",
-    "stream_options.include_usage", "user", "top_k", "ignore_eos",
+    "stream_options.include_usage", "user", "presence_penalty", "frequency_penalty", "logit_bias",
+    "top_k", "ignore_eos", "min_tokens", "repetition_penalty", "stop_token_ids",
 )  # fmt: skip
 IMPLEMENTED: dict[str, frozenset[str]] = {
     "completions": frozenset({*_IMPLEMENTED_COMMON, "prompt"}),
@@ -59,9 +61,6 @@ def _param(message: str) -> Refusal:
 
 _REFUSED_COMMON: dict[str, Refusal] = {
     "n": _value("only n=1 is supported", 1),
-    "presence_penalty": _value("penalties are not supported yet (only 0)", 0.0),
-    "frequency_penalty": _value("penalties are not supported yet (only 0)", 0.0),
-    "logit_bias": _value("logit_bias is not supported yet (only {})", {}),
     "stream_options.include_obfuscation": _value("stream obfuscation is not implemented (only false)", False),
 }
 REFUSED: dict[str, dict[str, Refusal]] = {
@@ -160,11 +159,33 @@ class _SamplingFields(_StrictModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     user: str | None = None
-    # Refused unless null or a no-op value (REFUSED); typed so a wrong type is still named.
-    n: int = Field(default=1, ge=1)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, int] | None = None
+    logit_bias: dict[str, int] | None = None  # integer biases, as the API types them
+    # vLLM extensions
+    min_tokens: int = Field(default=0, ge=0, description="EOS, stop ids and stop strings wait this long")
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    stop_token_ids: list[int] | None = None
+    # Refused unless null or a no-op value (REFUSED); typed so a wrong type is still named.
+    n: int = Field(default=1, ge=1)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value: dict[str, int] | None) -> dict[str, int] | None:
+        # Keys are token ids written as strings (JSON object keys); checked against the vocabulary later.
+        for key, bias in (value or {}).items():
+            if not key.isdecimal():
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be between -100 and 100, got {bias} for {key}")
+        return value
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_ids(cls, value: list[int] | None) -> list[int] | None:
+        if value and min(value) < 0:
+            raise ValueError("stop_token_ids must be token ids (>= 0)")
+        return value
 
     @field_validator("stop", mode="plain")
     @classmethod
@@ -454,16 +475,53 @@ def check_model(name: str, served: str) -> None:
         )
 
 
+def check_sampling_ids(req: CompletionRequest | ChatCompletionRequest, vocab_size: int) -> None:
+    """Token ids in logit_bias and stop_token_ids must be in the vocabulary; min_tokens within max_tokens."""
+    for param, ids in (
+        ("logit_bias", [int(k) for k in req.logit_bias or {}]),
+        ("stop_token_ids", req.stop_token_ids),
+    ):
+        bad = [t for t in ids or () if t >= vocab_size]
+        if bad:
+            message = (
+                f"Invalid value for '{param}': token id {bad[0]} is outside the vocabulary [0, {vocab_size})"
+            )
+            raise bad_request(message, param=param, code="invalid_value")
+
+
 def sampling_params(
     req: CompletionRequest | ChatCompletionRequest, max_tokens: int, stop_token_ids: list[int]
 ) -> dict[str, Any]:
-    """The `SamplingParams` JSON sent to workers (docs/wire-contracts.md section 3)."""
-    return {
+    """The `SamplingParams` JSON sent to workers (docs/wire-contracts.md section 3).
+
+    Penalties, logit_bias and min_tokens are sent only when set: a worker that predates them still
+    takes requests that do not use them.
+    """
+    if req.min_tokens > max_tokens:
+        raise bad_request(
+            f"min_tokens ({req.min_tokens}) must not exceed max_tokens ({max_tokens})",
+            param="min_tokens",
+            code="invalid_value",
+        )
+    params: dict[str, Any] = {
         "max_tokens": max_tokens,
         "temperature": req.temperature,
         "top_p": req.top_p,
         "top_k": max(req.top_k, 0),
         "seed": req.seed,
-        "stop_token_ids": stop_token_ids,
+        "stop_token_ids": [
+            *stop_token_ids,
+            *(t for t in req.stop_token_ids or () if t not in stop_token_ids),
+        ],
         "ignore_eos": req.ignore_eos,
     }
+    optional = {
+        "presence_penalty": (req.presence_penalty, 0.0),
+        "frequency_penalty": (req.frequency_penalty, 0.0),
+        "repetition_penalty": (req.repetition_penalty, 1.0),
+        "min_tokens": (req.min_tokens, 0),
+    }
+    params |= {name: value for name, (value, default) in optional.items() if value != default}
+    if req.logit_bias:
+        params["logit_bias"] = {int(k): v for k, v in req.logit_bias.items()}
+    return params

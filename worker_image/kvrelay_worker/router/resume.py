@@ -20,7 +20,8 @@ class ResumeState:
     """One request's state across workers.
 
     `sampling` is the `SamplingParams` JSON as first sent (whole `max_tokens` budget, seed); every call
-    derives its own from it and the tokens generated so far. Grammar and penalty state would go here too.
+    derives its own from it and the tokens generated so far. Penalty state needs nothing more: a worker
+    counts the `output_offset` trailing input tokens as generated. Grammar state would go here too.
     """
 
     request_id: str
@@ -94,7 +95,10 @@ class ResumeState:
         self.generated_ids.append(token_id)
         if finish_reason == "stop" and token_id in self.eos_ids:
             return ""  # the EOS token ends the text; it is not part of it
-        return self.stop.feed(self.detokenizer.push(token_id))
+        text = self.detokenizer.push(token_id)
+        if len(self.generated_ids) < int(self.sampling.get("min_tokens", 0)):
+            return text  # as vLLM: no stop string ends a request before min_tokens tokens
+        return self.stop.feed(text)
 
     def tail(self) -> str:
         """At the end: the text held back (an incomplete character, a stop-string prefix that wasn't)."""
