@@ -314,7 +314,10 @@ class StreamingLoad:
             try:
                 text = _stream_text(self.client, prompt)
             except Exception as exc:  # every failure is the test's to report
-                self.failures.append(f"{prompt!r}: {type(exc).__name__}: {exc}")
+                cause = f" ({type(exc.__cause__).__name__}: {exc.__cause__})" if exc.__cause__ else ""
+                self.failures.append(
+                    f"{time.strftime('%H:%M:%S')} {prompt!r}: {type(exc).__name__}: {exc}{cause}"
+                )
                 continue
             if text != self.expected[prompt]:
                 self.failures.append(f"{prompt!r}: {text!r} != {self.expected[prompt]!r}")
@@ -440,13 +443,13 @@ def test_autoscaler_lowers_decode_under_load_and_the_least_loaded_pod_goes(
             )
             time.sleep(0.2)
         (victim,) = leaving or set(pods) - set(now)
-        assert load.done > 0 and not load.failures, load.failures[:3]
+        assert load.done > 0 and not load.failures, f"{load.failures[:3]}{served.logs()}"
         # Keep the load on while the victim drains, until its pod is gone from the API.
         wait_for(lambda: victim not in _decode_pods_now(served), timeout=150, interval=0.5,
                  what=f"pod {victim} gone after its drain{served.logs()}")  # fmt: skip
         done_at_removal = load.done
         time.sleep(2)
-    assert not load.failures, load.failures[:5]
+    assert not load.failures, f"{load.failures[:5]}{served.logs()}"
     assert load.done > done_at_removal, "requests stopped being served after the scale-down"
     assert set(costs_seen) == set(pods), f"deletion costs set on {costs_seen}, pods {set(pods)}"
     assert costs_seen[victim] == min(costs_seen.values(), key=int), (victim, costs_seen)

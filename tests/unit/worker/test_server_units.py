@@ -9,13 +9,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from kvrelay_worker.engine import EngineStats, KVTarget, SamplingParams
+from kvrelay_worker.engine import EngineStats, KVTarget, RequestOutput, SamplingParams, TokenLogprobs
 from kvrelay_worker.kv import KVMetrics
 from kvrelay_worker.kv.leases import Lease, LeaseTable
 from kvrelay_worker.server.codec import BadRequest, encode_bytes, infer_response, read_inputs, require
 from kvrelay_worker.server.engine_loop import EngineChannel, EngineFailed, EngineLoop
 from kvrelay_worker.server.kv_bridge import KVBridge
-from kvrelay_worker.server.servicer import parse_sampling
+from kvrelay_worker.server.servicer import parse_sampling, prompt_logprob_outputs, token_logprob_outputs
 from prometheus_client import CollectorRegistry
 from tritonclient.grpc import service_pb2 as pb
 
@@ -66,6 +66,33 @@ def test_infer_response_round_trip() -> None:
     assert resp.id == "r1" and [o.name for o in resp.outputs] == ["token_id", "kv_handle"]
     assert np.frombuffer(resp.raw_output_contents[0], dtype="<i8").tolist() == [42]
     assert resp.parameters["triton_final_response"].bool_param
+
+
+def test_logprob_tensors_have_the_contract_shapes() -> None:
+    """FP32 and INT64 outputs with explicit shapes; k = 0 gives [1, 0]; nothing when not asked."""
+    entry = TokenLogprobs(9, -0.5, (9, 3), (-0.5, -1.25))
+    arrays = token_logprob_outputs(SamplingParams(logprobs=2), entry)
+    prompt = [TokenLogprobs(t, -2.0, (), ()) for t in (4, 5, 6)]
+    out = RequestOutput("r", [9], False, prompt_logprobs=prompt)
+    arrays |= prompt_logprob_outputs(SamplingParams(prompt_logprobs=0), out)
+    resp = infer_response(_request(True), {"token_id": [9]}, arrays=arrays)
+    shapes = {o.name: (o.datatype, list(o.shape)) for o in resp.outputs}
+    assert shapes == {
+        "token_id": ("INT64", [1]),
+        "logprob": ("FP32", [1]),
+        "top_token_ids": ("INT64", [1, 2]),
+        "top_logprobs": ("FP32", [1, 2]),
+        "prompt_logprobs": ("FP32", [3]),
+        "prompt_top_token_ids": ("INT64", [3, 0]),
+        "prompt_top_logprobs": ("FP32", [3, 0]),
+    }
+    raw = dict(zip([o.name for o in resp.outputs], resp.raw_output_contents, strict=True))
+    assert np.frombuffer(raw["top_logprobs"], dtype="<f4").tolist() == [-0.5, -1.25]
+    assert np.frombuffer(raw["top_token_ids"], dtype="<i8").tolist() == [9, 3]
+    assert raw["prompt_top_logprobs"] == b""
+    assert (
+        token_logprob_outputs(SamplingParams(), None) == {} == prompt_logprob_outputs(SamplingParams(), out)
+    )
 
 
 class _CrashingEngine:

@@ -15,11 +15,13 @@ _EXPORTS = {
     "EngineStats": "core",
     "StepResult": "core",
     "Request": "request",
+    "TokenLogprobs": "request",
     "RequestStatus": "request",
     "SamplingParams": "sampling_params",
     "KVTarget": "scheduler",
     "RequestOutput": "scheduler",
     "RequestRefused": "scheduler",
+    "StepLogprobs": "scheduler",
 }
 
 __all__ = [
@@ -32,14 +34,16 @@ __all__ = [
     "RequestRefused",
     "RequestStatus",
     "SamplingParams",
+    "StepLogprobs",
     "StepResult",
+    "TokenLogprobs",
 ]
 
 if TYPE_CHECKING:
     from kvrelay_worker.engine.core import Engine, EngineConfig, EngineStats, StepResult
-    from kvrelay_worker.engine.request import Request, RequestStatus
+    from kvrelay_worker.engine.request import Request, RequestStatus, TokenLogprobs
     from kvrelay_worker.engine.sampling_params import SamplingParams
-    from kvrelay_worker.engine.scheduler import KVTarget, RequestOutput, RequestRefused
+    from kvrelay_worker.engine.scheduler import KVTarget, RequestOutput, RequestRefused, StepLogprobs
 
 
 def __getattr__(name: str) -> Any:

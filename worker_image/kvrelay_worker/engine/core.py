@@ -147,6 +147,8 @@ class Engine:
         """
         self._check_vocab([*prompt_token_ids, first_token])
         self._check_params(params, len(prompt_token_ids))
+        if params.prompt_logprobs is not None:  # the prompt was scored where it was prefilled
+            raise RequestRefused("prompt_logprobs is answered by the prefill model only")
         request = Request(request_id, list(prompt_token_ids), params, now, output_token_ids=[first_token])
         if remote_kv:
             self.scheduler.add_remote_request(request)
@@ -170,12 +172,15 @@ class Engine:
             raise RequestRefused(f"token ids {bad[:5]} outside the vocabulary [0, {vocab})")
 
     def _check_params(self, params: SamplingParams, num_prompt_tokens: int) -> None:
-        """What SamplingParams can't check alone: logit_bias ids against the vocabulary, output_offset
-        against the prompt (whose last output_offset tokens are the earlier outputs)."""
+        """What SamplingParams can't check alone: logit_bias ids and top-logprobs counts against the
+        vocabulary, output_offset against the prompt (whose last output_offset tokens are earlier outputs)."""
         vocab = self.model.config.vocab_size
         bad = sorted(t for t in params.logit_bias if t >= vocab)
         if bad:
             raise RequestRefused(f"logit_bias token ids {bad[:5]} outside the vocabulary [0, {vocab})")
+        top = max(params.logprobs or 0, params.prompt_logprobs or 0)
+        if top > vocab:
+            raise RequestRefused(f"{top} top logprobs asked of a vocabulary of {vocab}")
         if params.output_offset > num_prompt_tokens:
             raise RequestRefused(
                 f"output_offset {params.output_offset} exceeds the prompt's {num_prompt_tokens} tokens"
@@ -185,8 +190,8 @@ class Engine:
     def step(self, now: float) -> StepResult:
         """Schedule, run the model, apply results: one iteration of continuous batching."""
         out = self.scheduler.schedule(now)
-        sampled = self.runner.execute(out)
-        outputs = self.scheduler.update(out, sampled)
+        sampled, logprobs = self.runner.execute(out)
+        outputs = self.scheduler.update(out, sampled, logprobs)
         return StepResult(outputs, out.kv_targets, out.num_tokens, out.num_prompt_tokens)
 
     def has_work(self) -> bool:

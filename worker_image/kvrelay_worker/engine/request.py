@@ -1,4 +1,4 @@
-"""The request lifecycle: one ordered status enum and the mutable per-request record."""
+"""The request lifecycle: one ordered status enum, the mutable per-request record and its logprobs."""
 
 from __future__ import annotations
 
@@ -6,6 +6,20 @@ import enum
 from dataclasses import dataclass, field
 
 from kvrelay_worker.engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """One position's log_softmax of the model's raw logits: the token there and the top alternatives.
+
+    ``top_ids``/``top_logprobs`` hold the request's ``logprobs`` (or ``prompt_logprobs``) best tokens,
+    highest first.
+    """
+
+    token_id: int
+    logprob: float
+    top_ids: tuple[int, ...]
+    top_logprobs: tuple[float, ...]
 
 
 class RequestStatus(enum.IntEnum):
@@ -45,6 +59,9 @@ class Request:
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
     first_scheduled_time: float | None = None
+    # params.prompt_logprobs: positions 0.. of the prompt scored so far (entry i is token i + 1). Only
+    # grows: a preempted request recomputes its prompt but the runner skips the positions listed here
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

@@ -13,9 +13,13 @@ from kvrelay_worker.engine.paged_attention import (
     build_paged_batch,
     layer_views,
 )
+from kvrelay_worker.engine.request import TokenLogprobs
 from kvrelay_worker.engine.sampler import sample
-from kvrelay_worker.engine.scheduler import ScheduledSeq, SchedulerOutput
+from kvrelay_worker.engine.scheduler import ScheduledSeq, SchedulerOutput, StepLogprobs
 from kvrelay_worker.model.llama import LlamaForCausalLM
+
+# prompt positions scored per logits slab: bounds the [rows, vocab] fp32 buffer a long prompt needs
+PROMPT_LOGITS_ROWS = 256
 
 
 class ModelRunner:
@@ -34,18 +38,20 @@ class ModelRunner:
         self.views = layer_views(kv_cache)
         self.decode = DecodeBatchBuilder(block_size, kv_cache.shape[3], self.device)
         self._all_greedy = False  # of the decode builder's cached batch
+        self._wants_logprobs = False  # of the same batch: some request asked for logprobs
         # the last all-greedy decode step's sampled tokens, as a list and as the argmax tensor
         self._last_tokens: list[int] | None = None
         self._last_ids: torch.Tensor | None = None
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> dict[str, int]:
-        """Run one step; returns the sampled token of every sequence whose ``sample`` flag is set."""
+    def execute(self, out: SchedulerOutput) -> tuple[dict[str, int], StepLogprobs | None]:
+        """Run one step: the sampled token of every sequence whose ``sample`` flag is set, and the
+        logprobs of the requests that asked (None when none in the step did)."""
         seqs = out.seqs
         if not seqs:
             self.decode.reset()
             self._last_tokens = None
-            return {}
+            return {}, None
         if all(len(s.token_ids) == 1 for s in seqs):
             return self._execute_decode(seqs)
         self.decode.reset()
@@ -72,12 +78,13 @@ class ModelRunner:
             if s.sample:
                 rows.append(end - 1)
                 sampled.append(s)
+        logprobs = self._prompt_logprobs(hidden, seqs) if any(s.params.wants_logprobs for s in seqs) else None
         if not rows:
-            return {}
+            return {}, logprobs
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
-        return self._sample(logits, sampled)
+        return self._sample(logits, sampled, logprobs)
 
-    def _execute_decode(self, seqs: list[ScheduledSeq]) -> dict[str, int]:
+    def _execute_decode(self, seqs: list[ScheduledSeq]) -> tuple[dict[str, int], StepLogprobs | None]:
         """One token per sequence: the step metadata comes from the incremental decode builder."""
         batch, pos = self.decode.build([s.start_pos for s in seqs], [s.block_ids for s in seqs])
         input_ids = [s.token_ids[0] for s in seqs]
@@ -88,19 +95,27 @@ class ModelRunner:
         self._last_tokens = None
         hidden = self.model(ids, pos, PagedAttention(self.kv_cache, batch, self.views))
         if not self.decode.same_batch:  # sampling params are per request: same tables, same requests
-            self._all_greedy = all(s.params.greedy and not s.params.transforms_logits for s in seqs)
+            self._wants_logprobs = any(s.params.wants_logprobs for s in seqs)
+            self._all_greedy = not self._wants_logprobs and all(
+                s.params.greedy and not s.params.transforms_logits for s in seqs
+            )
         if self._all_greedy and all(s.sample for s in seqs):  # one argmax, no per-row work
             self._last_ids = self.model.compute_logits(hidden).argmax(dim=-1)
             self._last_tokens = tokens = self._last_ids.tolist()
-            return dict(zip([s.request_id for s in seqs], tokens, strict=True))
+            return dict(zip([s.request_id for s in seqs], tokens, strict=True)), None
+        # a one-token step may still be a prompt chunk (the budget's last token): score it if asked
+        logprobs = self._prompt_logprobs(hidden, seqs) if self._wants_logprobs else None
         rows = [i for i, s in enumerate(seqs) if s.sample]
         if not rows:
-            return {}
+            return {}, logprobs
         if len(rows) < len(seqs):
             hidden = hidden[torch.tensor(rows, device=self.device)]
-        return self._sample(self.model.compute_logits(hidden), [seqs[i] for i in rows])
+        return self._sample(self.model.compute_logits(hidden), [seqs[i] for i in rows], logprobs)
 
-    def _sample(self, logits: torch.Tensor, seqs: list[ScheduledSeq]) -> dict[str, int]:
+    def _sample(
+        self, logits: torch.Tensor, seqs: list[ScheduledSeq], logprobs: StepLogprobs | None
+    ) -> tuple[dict[str, int], StepLogprobs | None]:
+        """Draw one token per row of ``logits``; score the drawn tokens of the rows that asked."""
         tokens = sample(
             logits,
             [s.params for s in seqs],
@@ -109,8 +124,62 @@ class ModelRunner:
             [s.output_token_ids for s in seqs],
             self.eos_token_ids,
         )
-        return {s.request_id: t for s, t in zip(seqs, tokens, strict=True)}
+        if logprobs is not None:
+            asked = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+            if asked:
+                # ``logits`` is still the raw one (the sampler transforms copies): the model's distribution
+                at = torch.tensor(asked, device=self.device)
+                scored = _score(
+                    logits[at],
+                    [tokens[i] for i in asked],
+                    [seqs[i].params.logprobs or 0 for i in asked],
+                )
+                logprobs.sampled.update(zip([seqs[i].request_id for i in asked], scored, strict=True))
+        return {s.request_id: t for s, t in zip(seqs, tokens, strict=True)}, logprobs
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, seqs: list[ScheduledSeq]) -> StepLogprobs:
+        """Score the prompt positions this step computed for the requests with ``prompt_logprobs``.
+
+        Position ``q`` predicts prompt token ``q + 1``, so positions up to ``len(prompt) - 2`` count; those
+        a request already has (computed before a preemption) are skipped.
+        """
+        logprobs = StepLogprobs()
+        start_row = 0
+        for s in seqs:
+            n = len(s.token_ids)
+            k = s.params.prompt_logprobs
+            if k is not None:
+                lo = max(s.start_pos, len(s.prompt_logprobs))
+                hi = min(s.start_pos + n, len(s.prompt_token_ids) - 1)
+                if lo < hi:
+                    rows = start_row + lo - s.start_pos
+                    scored: list[TokenLogprobs] = []
+                    # slab by slab: a long prompt never holds [positions, vocab] fp32 logits at once
+                    for a in range(lo, hi, PROMPT_LOGITS_ROWS):
+                        b = min(a + PROMPT_LOGITS_ROWS, hi)
+                        logits = self.model.compute_logits(hidden[rows + a - lo : rows + b - lo])
+                        scored += _score(logits, s.prompt_token_ids[a + 1 : b + 1], [k] * (b - a))
+                    logprobs.prompt[s.request_id] = scored
+            start_row += n
+        return logprobs
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         t = torch.from_numpy(np.array(values, dtype=np.int64))
         return t if self.device.type == "cpu" else t.to(self.device, non_blocking=True)
+
+
+def _score(logits: torch.Tensor, token_ids: list[int], ks: list[int]) -> list[TokenLogprobs]:
+    """Row i: log_softmax (fp32) of ``logits[i]``, the logprob of ``token_ids[i]`` and its top ``ks[i]``."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    ids = torch.tensor(token_ids, device=logits.device).unsqueeze(1)
+    chosen = logprobs.gather(1, ids).squeeze(1).tolist()
+    k_max = max(ks)
+    top_ids: list[list[int]] = [[] for _ in ks]
+    top_vals: list[list[float]] = [[] for _ in ks]
+    if k_max:
+        top = torch.topk(logprobs, k_max, dim=-1)
+        top_ids, top_vals = top.indices.tolist(), top.values.tolist()
+    return [
+        TokenLogprobs(t, lp, tuple(i[:k]), tuple(v[:k]))
+        for t, lp, i, v, k in zip(token_ids, chosen, top_ids, top_vals, ks, strict=True)
+    ]

@@ -66,6 +66,21 @@ class SamplingParams(BaseModel):
         "tokens were generated, the output_offset ones included (the original request's value)",
     )
 
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=20,
+        description="per generated token: its logprob and this many top alternatives (log_softmax of the "
+        "raw logits, before every transform); None means off",
+    )
+    prompt_logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=20,
+        description="prefill only: each prompt token's logprob after the first, given the ones before it, "
+        "and this many top alternatives; None means off",
+    )
+
     @model_validator(mode="after")
     def _min_within_max(self) -> SamplingParams:
         # on a resume max_tokens is what is left but min_tokens the original: compare with the whole budget
@@ -92,6 +107,11 @@ class SamplingParams(BaseModel):
             or self.presence_penalty
             or self.frequency_penalty
         )
+
+    @property
+    def wants_logprobs(self) -> bool:
+        """``logprobs`` or ``prompt_logprobs`` set: the runner scores these rows beyond the draw."""
+        return self.logprobs is not None or self.prompt_logprobs is not None
 
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> SamplingParams:
         """pydantic's copy, without the cached ``transforms_logits`` (``update`` may change its inputs)."""

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvrelay_worker.engine.block_pool import BlockPool
-from kvrelay_worker.engine.request import Request, RequestStatus
+from kvrelay_worker.engine.request import Request, RequestStatus, TokenLogprobs
 from kvrelay_worker.engine.sampling_params import SamplingParams
 
 _RUNNING = RequestStatus.RUNNING
@@ -48,6 +48,17 @@ class ScheduledSeq:
     # appends the sampled token only after the runner has used them
     prompt_token_ids: list[int]
     output_token_ids: list[int]
+    # the request's prompt positions already scored (params.prompt_logprobs), no copy either: the runner
+    # scores only the ones past it, so a recompute after preemption reports none twice
+    prompt_logprobs: list[TokenLogprobs]
+
+
+@dataclass(slots=True)
+class StepLogprobs:
+    """What a step scored, for the requests that asked only (``SamplingParams.wants_logprobs``)."""
+
+    sampled: dict[str, TokenLogprobs] = field(default_factory=dict)  # request id -> its sampled token's
+    prompt: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # the next prompt positions'
 
 
 @dataclass
@@ -85,6 +96,10 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     arrival_time: float = 0.0
     first_scheduled_time: float | None = None
+    # params.logprobs: one entry per new token; params.prompt_logprobs: every prompt token's after the
+    # first, on the request's first output only
+    logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
 
 def check_stop(
@@ -106,6 +121,22 @@ def check_stop(
     if len(request.output_token_ids) >= p.max_tokens or request.num_tokens >= max_model_len:
         return RequestStatus.FINISHED_LENGTH
     return None
+
+
+def _attach_logprobs(result: RequestOutput, request: Request, logprobs: StepLogprobs) -> None:
+    """Give a request's output the logprobs it asked for: its new token's, and on its first output the
+    prompt's (complete by then: the prompt's last chunk ran in the step that sampled it)."""
+    p = request.params
+    if p.logprobs is not None:
+        result.logprobs = [logprobs.sampled[request.request_id]]
+    # the first output of this call; a decode request (prefill's token as its first) never asks
+    if p.prompt_logprobs is not None and len(request.output_token_ids) == 1:
+        if len(request.prompt_logprobs) != request.num_prompt_tokens - 1:  # a runner bug, not the client's
+            raise RuntimeError(
+                f"request {request.request_id}: {len(request.prompt_logprobs)} prompt logprobs for "
+                f"{request.num_prompt_tokens} prompt tokens"
+            )
+        result.prompt_logprobs = list(request.prompt_logprobs)
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:
@@ -216,6 +247,7 @@ class Scheduler:
                     len(output),
                     prompt,
                     output,
+                    request.prompt_logprobs,
                 )
             )
 
@@ -299,10 +331,16 @@ class Scheduler:
             num_output_tokens=len(request.output_token_ids),
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
+            prompt_logprobs=request.prompt_logprobs,
         )
 
-    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[RequestOutput]:
-        """Apply a step's results: advance computed counts, append sampled tokens, retire finished."""
+    def update(
+        self, out: SchedulerOutput, sampled: dict[str, int], logprobs: StepLogprobs | None = None
+    ) -> list[RequestOutput]:
+        """Apply a step's results: advance computed counts, append sampled tokens, retire finished.
+
+        ``logprobs``: the runner's scores for the requests that asked (None when none did this step).
+        """
         results: list[RequestOutput] = []
         requests = self.requests
         eos, max_len, detokenize = self.eos_token_ids, self.config.max_model_len, self.detokenize
@@ -311,6 +349,8 @@ class Scheduler:
             if request is None or request.status != _RUNNING:
                 continue  # aborted while the step ran
             request.num_computed_tokens += len(seq.token_ids)
+            if logprobs is not None and seq.request_id in logprobs.prompt:
+                request.prompt_logprobs.extend(logprobs.prompt[seq.request_id])
             if not seq.sample:
                 continue
             token = sampled[seq.request_id]
@@ -338,6 +378,8 @@ class Scheduler:
                         request.first_scheduled_time,
                     )
                 )
+                if logprobs is not None:
+                    _attach_logprobs(results[-1], request, logprobs)
                 continue
             status = check_stop(request, token, eos, max_len, detokenize)
             if status is not None:
@@ -370,6 +412,8 @@ class Scheduler:
                 results.append(RequestOutput(request.request_id, [token], False))
             results[-1].arrival_time = request.arrival_time
             results[-1].first_scheduled_time = request.first_scheduled_time
+            if logprobs is not None:
+                _attach_logprobs(results[-1], request, logprobs)
         return results
 
     # ---- release / abort --------------------------------------------------------------------

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -14,6 +15,10 @@ from kvrelay_worker.router.kserve import WorkerClient
 from kvrelay_worker.router.routing import WorkerLoad, choose_decode, choose_prefill
 
 log = logging.getLogger(__name__)
+
+# How long a removed worker's calls may keep its channel: the longest drain (drainSeconds <= 3600) and
+# a margin; a worker that is really gone ends its calls with an error long before.
+RETIRE_TIMEOUT_S = 3700.0
 
 Role = Literal["prefill", "decode"]
 
@@ -50,18 +55,20 @@ class RolePool:
 class WorkerPool:
     """Prefill and decode workers; addresses come from discovery, health from periodic readiness checks."""
 
-    def __init__(self, health_interval_s: float = 1.0) -> None:
+    def __init__(self, health_interval_s: float = 1.0, retire_timeout_s: float = RETIRE_TIMEOUT_S) -> None:
         self.roles: dict[Role, RolePool] = {"prefill": RolePool("prefill"), "decode": RolePool("decode")}
         self._health_interval_s = health_interval_s
+        self._retire_timeout_s = retire_timeout_s
         self._order = itertools.count()
         self._health_task: asyncio.Task[None] | None = None
+        self._retiring: dict[asyncio.Task[None], WorkerState] = {}
 
     async def set_addresses(self, role: Role, addresses: Sequence[str]) -> None:
-        """Apply a discovery update: add new workers (checked at once), drop and close vanished ones."""
+        """Apply a discovery update: add new workers (checked at once), retire vanished ones."""
         pool = self.roles[role]
         for address in list(pool.workers):
             if address not in addresses:
-                await pool.workers.pop(address).client.close()
+                self._retire(pool.workers.pop(address))
                 log.info("%s worker %s removed", role, address)
         new = [a for a in addresses if a not in pool.workers]
         for address in new:
@@ -75,6 +82,27 @@ class WorkerPool:
             level = logging.INFO if ready else logging.WARNING
             log.log(level, "worker %s is now %s", worker.client.address, "ready" if ready else "NOT ready")
         worker.healthy = ready
+
+    def _retire(self, worker: WorkerState) -> None:
+        """A worker gone from discovery gets no new calls, but the calls it has keep their channel until
+        they end: a draining pod leaves its EndpointSlice first and then finishes its streams, which
+        closing the channel now would cut."""
+        task = asyncio.get_running_loop().create_task(self._close_when_idle(worker))
+        self._retiring[task] = worker
+        task.add_done_callback(self._retiring.pop)
+
+    async def _close_when_idle(self, worker: WorkerState) -> None:
+        deadline = time.monotonic() + self._retire_timeout_s
+        try:
+            while (worker.running_sequences or worker.queued_prefill_tokens) and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+        finally:  # also when the pool closes
+            await worker.client.close()
+
+    @property
+    def retiring(self) -> list[str]:
+        """Addresses of removed workers whose calls have not ended yet."""
+        return [w.client.address for w in self._retiring.values()]
 
     def mark_down(self, worker: WorkerState) -> None:
         """A call failed as if the worker were gone: stop routing to it until a readiness check passes."""
@@ -99,6 +127,10 @@ class WorkerPool:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
+        for task in list(self._retiring):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         for pool in self.roles.values():
             for worker in pool.workers.values():
                 await worker.client.close()

@@ -73,12 +73,17 @@ def require(inputs: dict[str, Any], name: str, datatype: str, size: int | None =
     return value
 
 
+_DATATYPES = {np.dtype(np.int64): ("INT64", "<i8"), np.dtype(np.float32): ("FP32", "<f4")}
+
+
 def infer_response(
     req: pb.ModelInferRequest,
     int64_outputs: dict[str, list[int]],
     bytes_outputs: dict[str, list[bytes]] | None = None,
     params: dict[str, Any] | None = None,
+    arrays: dict[str, np.ndarray] | None = None,
 ) -> pb.ModelInferResponse:
+    """A ModelInferResponse: 1-D INT64 and BYTES outputs, then ``arrays`` (int64 or float32, any shape)."""
     resp = pb.ModelInferResponse(model_name=req.model_name, model_version="1", id=req.id)
     for name, values in int64_outputs.items():
         resp.outputs.add(name=name, datatype="INT64", shape=[len(values)])
@@ -86,6 +91,10 @@ def infer_response(
     for name, items in (bytes_outputs or {}).items():
         resp.outputs.add(name=name, datatype="BYTES", shape=[len(items)])
         resp.raw_output_contents.append(encode_bytes(items))
+    for name, array in (arrays or {}).items():
+        datatype, wire = _DATATYPES[array.dtype]
+        resp.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
+        resp.raw_output_contents.append(array.astype(wire, copy=False).tobytes())
     for key, value in (params or {}).items():
         if isinstance(value, bool):
             resp.parameters[key].bool_param = value

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import numpy as np
 from pydantic import ValidationError
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from kvrelay_worker.engine import Engine, RequestOutput, RequestRefused, SamplingParams
+from kvrelay_worker.engine import Engine, RequestOutput, RequestRefused, SamplingParams, TokenLogprobs
 from kvrelay_worker.kserve_models import DECODE_MODEL, PREFILL_MODEL
 from kvrelay_worker.metrics import WorkerMetrics
 from kvrelay_worker.server.codec import BadRequest, infer_response, read_inputs, require, stream_error
@@ -45,9 +46,23 @@ _INPUTS = {
         ("sampling", "BYTES", [1]),
     ],
 }
+# the logprob outputs come only when ``sampling`` asks (contract section 3)
+_TOKEN_LOGPROBS = [
+    ("logprob", "FP32", [1]),
+    ("top_token_ids", "INT64", [1, -1]),
+    ("top_logprobs", "FP32", [1, -1]),
+]
 _OUTPUTS = {
-    PREFILL_MODEL: [("token_id", "INT64", [1]), ("kv_handle", "BYTES", [1]), ("finish_reason", "BYTES", [1])],
-    DECODE_MODEL: [("token_id", "INT64", [1])],
+    PREFILL_MODEL: [
+        ("token_id", "INT64", [1]),
+        ("kv_handle", "BYTES", [1]),
+        ("finish_reason", "BYTES", [1]),
+        *_TOKEN_LOGPROBS,
+        ("prompt_logprobs", "FP32", [-1]),
+        ("prompt_top_token_ids", "INT64", [-1, -1]),
+        ("prompt_top_logprobs", "FP32", [-1, -1]),
+    ],
+    DECODE_MODEL: [("token_id", "INT64", [1]), *_TOKEN_LOGPROBS],
 }
 
 
@@ -66,6 +81,36 @@ def models_for_role(role: Role) -> list[str]:
     return {"prefill": [PREFILL_MODEL], "decode": [DECODE_MODEL], "colocated": [PREFILL_MODEL, DECODE_MODEL]}[
         role
     ]
+
+
+def logprob_arrays(entries: list[TokenLogprobs], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(logprobs FP32 [n], top ids INT64 [n, k], top logprobs FP32 [n, k]) of ``n`` scored positions."""
+    n = len(entries)
+    return (
+        np.array([e.logprob for e in entries], dtype=np.float32),
+        np.array([e.top_ids for e in entries], dtype=np.int64).reshape(n, k),
+        np.array([e.top_logprobs for e in entries], dtype=np.float32).reshape(n, k),
+    )
+
+
+def token_logprob_outputs(params: SamplingParams, entry: TokenLogprobs | None) -> dict[str, np.ndarray]:
+    """``logprob`` [1], ``top_token_ids`` and ``top_logprobs`` [1, k] of one generated token, if asked."""
+    if params.logprobs is None:
+        return {}
+    if entry is None:  # the engine scores every token of a request that asked: a bug, not the client's
+        raise RuntimeError("the engine returned a token without the logprobs the request asked for")
+    value, ids, tops = logprob_arrays([entry], params.logprobs)
+    return {"logprob": value, "top_token_ids": ids, "top_logprobs": tops}
+
+
+def prompt_logprob_outputs(params: SamplingParams, out: RequestOutput) -> dict[str, np.ndarray]:
+    """``prompt_logprobs`` [n-1], ``prompt_top_token_ids`` and ``prompt_top_logprobs`` [n-1, k], if asked."""
+    if params.prompt_logprobs is None:
+        return {}
+    if out.prompt_logprobs is None:
+        raise RuntimeError("the engine returned a first token without the prompt logprobs asked for")
+    value, ids, tops = logprob_arrays(out.prompt_logprobs, params.prompt_logprobs)
+    return {"prompt_logprobs": value, "prompt_top_token_ids": ids, "prompt_top_logprobs": tops}
 
 
 def parse_sampling(raw: list[bytes]) -> SamplingParams:
@@ -276,18 +321,26 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             self.channel.unsubscribe(rid)
         self._observe_first(out)
         token = out.new_token_ids[0]
+        arrays = {
+            **token_logprob_outputs(params, out.logprobs[0] if out.logprobs else None),
+            **prompt_logprob_outputs(params, out),
+        }
         if out.finished:
             return infer_response(
                 req,
                 {"token_id": [token]},
                 {"kv_handle": [b""], "finish_reason": [out.finish_reason.encode()]},
+                arrays=arrays,
             )
         if self.kv is None:
             self.channel.call_soon(self.engine.release, rid)
             raise BadRequest("this worker relays no KV cache")
         handle = self.kv.publish(rid, out)
         return infer_response(
-            req, {"token_id": [token]}, {"kv_handle": [handle.to_json()], "finish_reason": [b""]}
+            req,
+            {"token_id": [token]},
+            {"kv_handle": [handle.to_json()], "finish_reason": [b""]},
+            arrays=arrays,
         )
 
     def _abort_or_release(self, rid: str) -> None:
@@ -303,6 +356,8 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
         first = int(require(inputs, "first_token", "INT64", 1)[0])
         raw_handle = require(inputs, "kv_handle", "BYTES", 1)[0]
         params = parse_sampling(require(inputs, "sampling", "BYTES", 1))
+        if params.prompt_logprobs is not None:  # the prompt was scored where it was prefilled
+            raise BadRequest(f"prompt_logprobs is answered by the prefill model only ({PREFILL_MODEL})")
         empty_final = (
             "triton_enable_empty_final_response" in req.parameters
             and req.parameters["triton_enable_empty_final_response"].bool_param
@@ -347,7 +402,8 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
                     params_out: dict[str, Any] = {"triton_final_response": last}
                     if last:
                         params_out["finish_reason"] = item.finish_reason or "stop"
-                    await emit(infer_response(req, {"token_id": [token]}, params=params_out))
+                    arrays = token_logprob_outputs(params, item.logprobs[i] if item.logprobs else None)
+                    await emit(infer_response(req, {"token_id": [token]}, params=params_out, arrays=arrays))
                 if item.finished:
                     if empty_final:
                         await emit(
