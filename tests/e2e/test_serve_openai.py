@@ -19,6 +19,7 @@ import openai
 import pytest
 from kvrelay_worker.model_store import ensure_tiny_model
 from kvrelay_worker.tokenizer import Tokenizer
+from logprob_checks import check_position, ids_by_bytes, ids_by_name
 from serve_helpers import WORKER_RE, ServeProcess, run_serve
 
 pytestmark = pytest.mark.e2e
@@ -46,12 +47,17 @@ def tokenizer(model_dir: Path) -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def reference(model_dir: Path, tokenizer: Tokenizer):  # type: ignore[no-untyped-def]
-    """Greedy text from the single-process engine (no router, no KV relay) for given prompt ids."""
+def engine(model_dir: Path):  # type: ignore[no-untyped-def]
+    """The single-process engine (no router, no KV relay)."""
     from kvrelay_worker.engine.core import Engine, EngineConfig
-    from kvrelay_worker.engine.sampling_params import SamplingParams
 
-    engine = Engine.from_dir(model_dir, EngineConfig())
+    return Engine.from_dir(model_dir, EngineConfig())
+
+
+@pytest.fixture(scope="module")
+def reference(engine, tokenizer: Tokenizer):  # type: ignore[no-untyped-def]
+    """Greedy text from the single-process engine for given prompt ids."""
+    from kvrelay_worker.engine.sampling_params import SamplingParams
 
     def run(prompts: list[list[int]], max_tokens: int) -> list[str]:
         outs = engine.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0))
@@ -167,6 +173,149 @@ def test_seeded_sampling_is_reproducible(client: openai.OpenAI, serve: ServeProc
     assert once() == once()
 
 
+# --- logprobs: the API's against log_softmax of the engine's own logits ---------------------------------
+# Reference: one dense fp32 forward of the whole sequence (`full_forward_logits`); the API's come from a
+# paged prefill, the relayed KV and decode steps over the same weights, so they differ by float rounding
+# in a different order of operations only (measured on these prompts: printed by the tests, ~1e-6).
+LOGPROB_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def log_softmax(engine):  # type: ignore[no-untyped-def]
+    """ids -> [T, V]: log_softmax of the engine model's logits at every position (one dense forward)."""
+    import torch
+
+    def run(ids: list[int]) -> torch.Tensor:
+        with torch.inference_mode():
+            logits = engine.model.full_forward_logits(torch.tensor([ids]))[0].float()
+        return torch.log_softmax(logits, dim=-1)
+
+    return run
+
+
+def test_chat_logprobs_equal_the_engine(
+    client: openai.OpenAI, serve: ServeProcess, tokenizer, log_softmax
+) -> None:  # type: ignore[no-untyped-def]
+    """Greedy chat with logprobs and top_logprobs=5, streamed and not: every generated token's logprob
+    and its 5 alternatives are the engine's log_softmax; `bytes` spell the text."""
+    messages = [{"role": "user", "content": "where is the station?"}]
+    prompt = tokenizer.encode_chat(messages)
+    ids_of = ids_by_bytes(tokenizer)
+    kwargs: dict[str, Any] = {
+        "model": serve.model, "messages": messages, "max_tokens": 20, "temperature": 0,
+        "logprobs": True, "top_logprobs": 5,
+    }  # fmt: skip
+    reply = client.chat.completions.create(**kwargs)
+    content = reply.choices[0].logprobs.content
+    generated = [ids_of[bytes(e.bytes)] for e in content]
+    assert reply.usage is not None and len(generated) == reply.usage.completion_tokens
+    text = b"".join(
+        bytes(e.bytes) for e, t in zip(content, generated, strict=True) if not tokenizer.is_special(t)
+    )
+    assert text.decode("utf-8", "replace") == reply.choices[0].message.content
+    rows = log_softmax(prompt + generated)
+    worst = 0.0
+    for i, (token, entry) in enumerate(zip(generated, content, strict=True)):
+        row = rows[len(prompt) - 1 + i]
+        assert float(row[token]) >= float(row.max()) - 2 * LOGPROB_TOL  # greedy: the argmax
+        top = [(ids_of[bytes(t.bytes)], t.logprob) for t in entry.top_logprobs]
+        worst = max(worst, check_position(row, token, entry.logprob, top, 5, LOGPROB_TOL))
+    stream = client.chat.completions.create(**kwargs, stream=True)
+    streamed = [
+        e for c in stream if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content
+    ]
+    assert [bytes(e.bytes) for e in streamed] == [bytes(e.bytes) for e in content]
+    for a, b in zip(streamed, content, strict=True):
+        assert abs(a.logprob - b.logprob) <= LOGPROB_TOL
+    print(f"chat: {len(generated)} tokens, largest logprob difference from the engine {worst:.2g}")
+
+
+def test_completion_logprobs_and_echo_equal_the_engine(
+    client: openai.OpenAI, serve: ServeProcess, tokenizer, log_softmax
+) -> None:  # type: ignore[no-untyped-def]
+    """Completions with logprobs=3, echo or not, streamed or not: the prompt's tokens (echo; the first
+    with null) and the completion's, each with the engine's logprob and top 3 (+ the token itself)."""
+    prompt = "The relay carries the memory of a prompt"
+    ids = tokenizer.encode(prompt)
+    ids_of = ids_by_name(tokenizer)
+    kwargs: dict[str, Any] = {"model": serve.model, "prompt": prompt, "max_tokens": 12, "temperature": 0}
+    reply = client.completions.create(**kwargs, logprobs=3, echo=True)
+    choice, lp = reply.choices[0], reply.choices[0].logprobs
+    everything = [ids_of[name] for name in lp.tokens]
+    assert everything[: len(ids)] == ids and reply.usage is not None
+    assert len(everything) == len(ids) + reply.usage.completion_tokens
+    assert reply.usage.prompt_tokens == len(ids)
+    assert choice.text.startswith(prompt) and lp.text_offset[len(ids)] == len(prompt)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and lp.text_offset[0] == 0
+    rows = log_softmax(everything)
+    worst = 0.0
+    for i in range(1, len(everything)):
+        token, top = everything[i], [(ids_of[name], v) for name, v in lp.top_logprobs[i].items()]
+        alternatives = top[:3]  # the token itself comes last when it is not among them
+        assert len(top) == 3 or (len(top) == 4 and top[3][0] == token), top
+        worst = max(
+            worst, check_position(rows[i - 1], token, lp.token_logprobs[i], alternatives, 3, LOGPROB_TOL)
+        )
+    plain = client.completions.create(**kwargs, logprobs=3)
+    assert plain.choices[0].text == choice.text[len(prompt) :]
+    assert plain.choices[0].logprobs.tokens == lp.tokens[len(ids) :]
+    assert plain.choices[0].logprobs.text_offset == lp.text_offset[len(ids) :]
+    assert plain.choices[0].logprobs.token_logprobs == pytest.approx(
+        lp.token_logprobs[len(ids) :], abs=LOGPROB_TOL
+    )
+    chunks = list(client.completions.create(**kwargs, logprobs=3, echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    assert [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == lp.tokens
+    print(f"completion: {len(everything)} tokens, largest logprob difference from the engine {worst:.2g}")
+
+
+def test_echo_with_max_tokens_zero_scores_the_prompt(
+    client: openai.OpenAI, serve: ServeProcess, tokenizer, log_softmax
+) -> None:  # type: ignore[no-untyped-def]
+    """lm-evaluation-harness's loglikelihood request (token ids, echo, logprobs=1, max_tokens=0): the prompt
+    alone with its logprobs, nothing generated, no decode call, no KV left held on the prefill worker."""
+    context = tokenizer.encode("Trains leave the station on time because")
+    continuation = tokenizer.encode(" the drivers are careful", add_special_tokens=False)
+    ids = context + continuation
+    # Earlier requests may still hold KV there (one a stop string ended at its first token leaves its
+    # handle unclaimed until the lease expires), so: no more than before.
+    held_before = _worker_metric(serve, "prefill", "kvrelay_kv_cache_usage_ratio")
+    decoded_before = _worker_metric(serve, "decode", "kvrelay_generation_tokens_total")
+    for stream in (False, True):
+        kwargs: dict[str, Any] = {
+            "model": serve.model, "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 1,
+            "temperature": 0,
+        }  # fmt: skip
+        if stream:
+            chunks = list(client.completions.create(**kwargs, stream=True))
+            text = "".join(c.choices[0].text for c in chunks)
+            lp = chunks[0].choices[0].logprobs
+            assert chunks[-1].choices[0].finish_reason == "length"
+        else:
+            reply = client.completions.create(**kwargs)
+            text, lp = reply.choices[0].text, reply.choices[0].logprobs
+            assert reply.usage is not None and (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (
+                len(ids), 0,
+            )  # fmt: skip
+        assert text == tokenizer.decode(ids) and len(lp.tokens) == len(ids)
+        rows = log_softmax(ids)
+        want = [float(rows[i - 1, ids[i]]) for i in range(1, len(ids))]
+        assert lp.token_logprobs[0] is None
+        assert lp.token_logprobs[1:] == pytest.approx(want, abs=LOGPROB_TOL)
+        # the harness's score: the continuation's summed logprobs, and whether each token was the argmax
+        score = sum(lp.token_logprobs[len(context) :])
+        assert score == pytest.approx(sum(want[len(context) - 1 :]), abs=LOGPROB_TOL * len(continuation))
+        greedy = all(
+            t == max(top.values())
+            for t, top in zip(lp.token_logprobs[len(context) :], lp.top_logprobs[len(context) :], strict=True)
+        )
+        want_greedy = all(int(rows[i - 1].argmax()) == ids[i] for i in range(len(context), len(ids)))
+        assert greedy == want_greedy
+        # the max_tokens 1 prefill ended at its first token: its KV is freed, not held for a reader
+        assert _worker_metric(serve, "prefill", "kvrelay_kv_cache_usage_ratio") <= held_before
+    assert _worker_metric(serve, "decode", "kvrelay_generation_tokens_total") == decoded_before
+
+
 async def test_32_concurrent_streams(serve: ServeProcess, tokenizer, reference) -> None:  # type: ignore[no-untyped-def]
     prompts = [f"Numbers such as {i} appear in logs, question {i * 7}" for i in range(32)]
     wants = reference([tokenizer.encode(p) for p in prompts], 16)
@@ -230,8 +379,8 @@ MALFORMED: list[tuple[str, bytes | dict[str, object], int, str | None, str | Non
     (*comp(n=3), 400, "n", "unsupported_value"),
     (*comp(n="2"), 400, "n", "invalid_type"),
     (*comp(n=2.0), 400, "n", "invalid_type"),
-    (*comp(logprobs=2), 400, "logprobs", "unsupported_value"),
-    (*comp(echo=True), 400, "echo", "unsupported_value"),
+    (*comp(logprobs=6), 400, "logprobs", "invalid_value"),
+    (*comp(max_tokens=0), 400, "max_tokens", "invalid_value"),  # 0 only with echo
     (*comp(ignore_eos="true"), 400, "ignore_eos", "invalid_type"),
     (*comp(min_tokens=40, max_tokens=8), 400, "min_tokens", "invalid_value"),
     (*comp(use_beam_search=True), 400, "use_beam_search", "unknown_parameter"),
@@ -268,7 +417,7 @@ MALFORMED: list[tuple[str, bytes | dict[str, object], int, str | None, str | Non
     (*chat(logit_bias={"5": 101}), 400, "logit_bias", "invalid_value"),
     (*chat(presence_penalty=2.5), 400, "presence_penalty", "invalid_value"),
     (*chat(stop_token_ids=[1, "2"]), 400, "stop_token_ids.1", "invalid_type"),
-    (*chat(top_logprobs=2), 400, "top_logprobs", "unsupported_value"),
+    (*chat(top_logprobs=2), 400, "top_logprobs", "invalid_value"),  # only with logprobs=true
     (*chat(repetition_penalty=0), 400, "repetition_penalty", "invalid_value"),
     (*chat(reasoning_effort="high"), 400, "reasoning_effort", "unsupported_value"),
     (*chat(audio={"voice": "alloy", "format": "wav"}), 400, "audio", "unsupported_parameter"),
@@ -315,7 +464,7 @@ SDK_REFUSED: list[tuple[str, dict[str, Any], type[openai.APIStatusError], str | 
     ("chat", {"messages": [{"role": "user"}]}, openai.BadRequestError, "messages.0.content"),
     ("chat", {"extra_body": {"min_tokens": -1}}, openai.BadRequestError, "min_tokens"),
     ("chat", {"extra_body": {"ignore_eos": "yes"}}, openai.BadRequestError, "ignore_eos"),
-    ("chat", {"logprobs": True, "top_logprobs": 2}, openai.BadRequestError, "logprobs"),
+    ("chat", {"top_logprobs": 2}, openai.BadRequestError, "top_logprobs"),
 ]  # fmt: skip
 
 
@@ -392,18 +541,23 @@ def test_models_and_metrics(serve: ServeProcess) -> None:
         assert name in metrics
 
 
-def _decode_running(serve: ServeProcess) -> float:
-    """`kvrelay_requests_running` summed over the decode workers' own /metrics."""
+def _worker_metric(serve: ServeProcess, role: str, metric: str) -> float:
+    """`metric` summed over the `role` workers' own /metrics."""
     total = 0.0
     for line in serve.output:
-        if (m := WORKER_RE.search(line)) and m.group(1).startswith("decode"):
+        if (m := WORKER_RE.search(line)) and m.group(1).startswith(role):
             text = httpx.get(f"http://127.0.0.1:{m.group(4)}/metrics", timeout=10).text
             total += sum(
                 float(row.rsplit(" ", 1)[1])
                 for row in text.splitlines()
-                if row.startswith("kvrelay_requests_running{") and 'role="decode"' in row
+                if row.startswith(metric + "{") and f'role="{role}"' in row
             )
     return total
+
+
+def _decode_running(serve: ServeProcess) -> float:
+    """`kvrelay_requests_running` summed over the decode workers' own /metrics."""
+    return _worker_metric(serve, "decode", "kvrelay_requests_running")
 
 
 def test_client_disconnect_frees_the_decode_worker(serve: ServeProcess) -> None:

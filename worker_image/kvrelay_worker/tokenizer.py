@@ -6,6 +6,7 @@ The router uses this module, so it must never import torch.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -24,6 +25,33 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: vocabulary character -> the byte it stands for.
+
+    Printable bytes stand for themselves; the others are shifted to U+0100 and up, in byte order.
+    """
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars = {b: chr(b) for b in printable}
+    shifted = (b for b in range(256) if b not in chars)
+    chars |= {b: chr(256 + i) for i, b in enumerate(shifted)}
+    return {c: b for b, c in chars.items()}
+
+
+BYTE_LEVEL_ALPHABET = _byte_level_alphabet()
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _decoder_types(decoder: Any) -> set[str]:
+    """The decoder types of a tokenizer.json (a Sequence's members included)."""
+    if not isinstance(decoder, dict):
+        return set()
+    return {decoder.get("type", ""), *(t for d in decoder.get("decoders", ()) for t in _decoder_types(d))}
 
 
 def _token_content(value: Any) -> str | None:
@@ -47,6 +75,10 @@ class Tokenizer:
         self.eos_token = _token_content(config.get("eos_token"))
         self.eos_token_ids: list[int] = sorted(set(eos_token_ids))
         self.chat_template = self._pick_template(config.get("chat_template"))
+        # The decoder's JSON (its pickled state) says how vocabulary pieces map back to bytes.
+        self._decoders = _decoder_types(json.loads(hf.decoder.__getstate__()) if hf.decoder else None)
+        self._added = {i: (t.content, t.special) for i, t in hf.get_added_tokens_decoder().items()}
+        self._bytes: dict[int, bytes] = {}
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -94,6 +126,37 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def is_special(self, token_id: int) -> bool:
+        """A special token: `decode(skip_special_tokens=True)` leaves it out of the text."""
+        added = self._added.get(token_id)
+        return added is not None and added[1]
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for, even when they are part of a multi-byte character.
+
+        Byte-level BPE: each vocabulary character maps back to one byte (GPT-2's alphabet);
+        SentencePiece byte fallback: `<0xHH>` is that byte; added and special tokens: their text.
+        Other vocabularies: the UTF-8 of the token decoded on its own.
+        """
+        raw = self._bytes.get(token_id)
+        if raw is None:
+            raw = self._bytes[token_id] = self._raw_bytes(token_id)
+        return raw
+
+    def _raw_bytes(self, token_id: int) -> bytes:
+        if token_id in self._added:
+            return self._added[token_id][0].encode()
+        piece = self._hf.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if "ByteLevel" in self._decoders and all(c in BYTE_LEVEL_ALPHABET for c in piece):
+            return bytes(BYTE_LEVEL_ALPHABET[c] for c in piece)
+        if "ByteFallback" in self._decoders and (m := _BYTE_FALLBACK.fullmatch(piece)):
+            return bytes([int(m.group(1), 16)])
+        if "Metaspace" in self._decoders or "Replace" in self._decoders:
+            return piece.replace("\u2581", " ").encode()  # SentencePiece's word-boundary marker is a space
+        return self.decode([token_id], skip_special_tokens=False).encode()
 
     def render_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         """Render the chat template to the prompt text (special tokens such as BOS included by it)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import struct
 from collections.abc import AsyncIterator
@@ -78,6 +79,35 @@ def toy_generate(prompt: list[int], max_tokens: int, vocab: int) -> list[int]:
     return out
 
 
+def toy_logprobs(prev: int, token: int, k: int, vocab: int) -> tuple[float, list[tuple[int, float]]]:
+    """The stand-in model's logprob of `token` after `prev`, and its top k (its choice, then the next ids)."""
+    best = toy_next(prev, vocab)
+    top = [(2 + (best - 2 + j) % (vocab - 2), -0.25 - j) for j in range(k)]
+    logprob = -0.25 if token == best else -2.0 - ((prev * 31 + token) % 50) / 10
+    return logprob, top
+
+
+def _add_output(resp: pb.ModelInferResponse, name: str, dtype: str, array: np.ndarray) -> None:
+    resp.outputs.add(name=name, datatype=dtype, shape=list(array.shape))
+    resp.raw_output_contents.append(array.tobytes())
+
+
+def add_logprob_outputs(
+    resp: pb.ModelInferResponse, names: tuple[str, str, str], pairs: list[tuple[int, int]], k: int, vocab: int
+) -> None:
+    """The contract's logprob outputs for (prev, token) pairs: logprob [n], top ids and logprobs [n, k]."""
+    rows = [toy_logprobs(prev, token, k, vocab) for prev, token in pairs]
+    _add_output(resp, names[0], "FP32", np.asarray([lp for lp, _ in rows], np.float32))
+    ids = np.asarray([[i for i, _ in top] for _, top in rows], np.int64).reshape(len(rows), k)
+    lps = np.asarray([[lp for _, lp in top] for _, top in rows], np.float32).reshape(len(rows), k)
+    _add_output(resp, names[1], "INT64", ids)
+    _add_output(resp, names[2], "FP32", lps)
+
+
+TOKEN_OUTPUTS = ("logprob", "top_token_ids", "top_logprobs")
+PROMPT_OUTPUTS = ("prompt_logprobs", "prompt_top_token_ids", "prompt_top_logprobs")
+
+
 def _bytes_tensor(value: bytes) -> bytes:
     return struct.pack("<I", len(value)) + value
 
@@ -141,9 +171,10 @@ class _Servicer(pb_grpc.GRPCInferenceServiceServicer):
         except asyncio.CancelledError:
             self.state.prefill_cancelled += 1
             raise
-        first = toy_next(values["input_ids"][-1], self.state.vocab)
+        ids, vocab = values["input_ids"], self.state.vocab
+        first = toy_next(ids[-1], vocab)
         done = sampling["max_tokens"] == 1
-        handle = b"" if done else json.dumps({"prompt": values["input_ids"]}).encode()
+        handle = b"" if done else json.dumps({"prompt": ids}).encode()
         resp = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
         for name, dtype, raw in (
             ("token_id", "INT64", np.asarray([first], np.int64).tobytes()),
@@ -152,6 +183,11 @@ class _Servicer(pb_grpc.GRPCInferenceServiceServicer):
         ):
             resp.outputs.add(name=name, datatype=dtype, shape=[1])
             resp.raw_output_contents.append(raw)
+        if "logprobs" in sampling:
+            add_logprob_outputs(resp, TOKEN_OUTPUTS, [(ids[-1], first)], sampling["logprobs"], vocab)
+        if "prompt_logprobs" in sampling:
+            pairs = list(itertools.pairwise(ids))
+            add_logprob_outputs(resp, PROMPT_OUTPUTS, pairs, sampling["prompt_logprobs"], vocab)
         return resp
 
     async def ModelStreamInfer(
@@ -180,10 +216,14 @@ class _Servicer(pb_grpc.GRPCInferenceServiceServicer):
                         return
                     await context.abort(grpc.StatusCode.UNAVAILABLE, self.state.die_message)
                 await asyncio.sleep(self.state.token_delay_s)
+                prev = token
                 token = -1 if self.state.garbage_tokens else toy_next(token, self.state.vocab)
                 resp = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
                 resp.outputs.add(name="token_id", datatype="INT64", shape=[1])
                 resp.raw_output_contents.append(np.asarray([token], np.int64).tobytes())
+                if "logprobs" in sampling:
+                    k = sampling["logprobs"]
+                    add_logprob_outputs(resp, TOKEN_OUTPUTS, [(prev, token)], k, self.state.vocab)
                 if i == sampling["max_tokens"] - 2:
                     resp.parameters["triton_final_response"].bool_param = True
                     resp.parameters["finish_reason"].string_param = "length"

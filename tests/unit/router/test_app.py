@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import time
 from collections.abc import AsyncIterator
@@ -18,10 +19,11 @@ import uvicorn
 from kvrelay_worker.router.app import create_app
 from kvrelay_worker.router.config import RouterConfig
 from kvrelay_worker.router.discovery import StaticDiscovery
+from kvrelay_worker.router.logprobs import token_text
 from kvrelay_worker.tokenizer import Tokenizer
 from pydantic import SecretStr
 
-from .conftest import FakeWorker, run_fake_worker, toy_generate
+from .conftest import FakeWorker, run_fake_worker, toy_generate, toy_logprobs, toy_next
 
 MODEL = "toy"
 MAX_LEN = 128
@@ -198,7 +200,12 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, None),
     ("/v1/completions", {"model": MODEL, "prompt": [1, 99999]}, 400, None),
     ("/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, 400, "unsupported_value"),
-    ("/v1/completions", {"model": MODEL, "prompt": "hi", "echo": True}, 400, "unsupported_value"),
+    (
+        "/v1/completions",
+        {"model": MODEL, "prompt": "hi", "echo": False, "max_tokens": 0},
+        400,
+        "invalid_value",
+    ),
     ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400, None),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, None),
     (
@@ -396,3 +403,176 @@ async def test_api_key(tokenizer_dir: Path, tokenizer: Tokenizer) -> None:
         wrong = await stack.http.get("/v1/models", headers={"authorization": "Bearer nope"})
         assert wrong.status_code == 401
         assert (await stack.http.get("/health")).status_code == 200
+
+
+# --- logprobs --------------------------------------------------------------------------------------
+
+
+def want_logprobs(stack: Stack, prev: int, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    return toy_logprobs(prev, token, k, stack.tokenizer.vocab_size)
+
+
+async def test_chat_logprobs_streaming_and_not(stack: Stack) -> None:
+    """Each generated token: its logprob, bytes and top alternatives, as the worker reported them; the
+    stream's chunks carry their own tokens' entries, which add up to the non-streamed answer's."""
+    messages = [{"role": "user", "content": "hello"}]
+    ids = stack.tokenizer.encode_chat(messages)
+    tokens = toy_generate(ids, 8, stack.tokenizer.vocab_size)
+    reply = await stack.client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3
+    )
+    content = reply.choices[0].logprobs.content
+    assert [stack.tokenizer.token_bytes(t) for t in tokens] == [bytes(c.bytes) for c in content]
+    for prev, token, entry in zip([ids[-1], *tokens], tokens, content, strict=False):
+        logprob, top = want_logprobs(stack, prev, token, 3)
+        assert entry.logprob == pytest.approx(logprob)
+        assert [(stack.tokenizer.token_bytes(i), lp) for i, lp in top] == [
+            (bytes(t.bytes), pytest.approx(t.logprob)) for t in entry.top_logprobs
+        ]
+    assert reply.usage.completion_tokens == len(content) == 8
+    # every call of the request asked for them: the prefill and the decode
+    (prefill,) = [s for w in stack.prefill for s in w.sampling_seen]
+    assert prefill["logprobs"] == 3 and "prompt_logprobs" not in prefill
+    (decode,) = [w for w in stack.decode if w.decode_requests_seen]
+    assert decode.decode_requests_seen[-1]["sampling"]["logprobs"] == 3
+    chunks = [
+        c
+        async for c in await stack.client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3,
+            stream=True,
+        )
+    ]  # fmt: skip
+    assert chunks[0].choices[0].logprobs is None and chunks[-1].choices[0].logprobs is None
+    streamed = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in content]
+    for worker in stack.prefill:
+        worker.sampling_seen.clear()
+    plain = await stack.client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3)
+    assert plain.choices[0].logprobs is None
+    (prefill,) = [s for w in stack.prefill for s in w.sampling_seen]
+    assert "logprobs" not in prefill
+
+
+async def test_a_token_held_back_still_gets_its_chunk(stack: Stack) -> None:
+    """A token that is half of a character has no text yet, but its chunk carries its logprob."""
+    vocab = stack.tokenizer.vocab_size
+
+    def partial(t: int) -> bool:
+        return stack.tokenizer.token_bytes(t)[:1] in (b"\xe6", b"\xf0", b"\xe4")
+
+    start = next(t for t in range(2, vocab) if partial(toy_next(t, vocab)))
+    tokens = toy_generate([start], 6, vocab)
+    chunks = [
+        c
+        async for c in await stack.client.completions.create(
+            model=MODEL, prompt=[start], max_tokens=6, temperature=0, logprobs=0, stream=True
+        )
+    ]
+    held = chunks[0].choices[0]
+    assert held.text == "" and held.logprobs.tokens[0].startswith("bytes:\\x")
+    entries = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert len(entries) == 6
+    assert entries == [token_text(stack.tokenizer.token_bytes(t)) for t in tokens]
+
+
+async def test_completion_echo_with_prompt_logprobs(stack: Stack) -> None:
+    """echo + logprobs: the prompt's tokens first (the first with null logprobs), then the completion's;
+    the text is prompt + completion; offsets count characters from the prompt's start."""
+    prompt = "the quick brown"
+    ids = stack.tokenizer.encode(prompt)
+    tokens = toy_generate(ids, 5, stack.tokenizer.vocab_size)
+    completion = stack.tokenizer.decode(tokens)
+    reply = await stack.client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=5, temperature=0, logprobs=2, echo=True
+    )
+    choice = reply.choices[0]
+    assert choice.text == prompt + completion
+    lp = choice.logprobs
+    everything = [*ids, *tokens]
+    assert lp.tokens == [token_text(stack.tokenizer.token_bytes(t)) for t in everything]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for i in range(1, len(everything)):
+        logprob, top = want_logprobs(stack, everything[i - 1], everything[i], 2)
+        assert lp.token_logprobs[i] == pytest.approx(logprob)
+        names = {token_text(stack.tokenizer.token_bytes(t)): v for t, v in top}
+        names.setdefault(lp.tokens[i], logprob)
+        assert lp.top_logprobs[i] == pytest.approx(names)
+    assert lp.text_offset[0] == 0 and lp.text_offset[len(ids)] == len(prompt)
+    for offset, name in zip(lp.text_offset, lp.tokens, strict=True):
+        assert name.startswith("bytes:") or choice.text[offset : offset + len(name)] == name
+    assert reply.usage.prompt_tokens == len(ids) and reply.usage.completion_tokens == 5
+    (first_prefill,) = [s for w in stack.prefill for s in w.sampling_seen]
+    assert (first_prefill["logprobs"], first_prefill["prompt_logprobs"]) == (2, 2)
+    (decode,) = [r for w in stack.decode for r in w.decode_requests_seen]
+    assert "prompt_logprobs" not in decode["sampling"]
+    # streamed: the prompt's chunk, then the tokens' chunks; together the non-streamed answer
+    chunks = [
+        c
+        async for c in await stack.client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=5, temperature=0, logprobs=2, echo=True, stream=True
+        )
+    ]
+    assert chunks[0].choices[0].text == prompt and len(chunks[0].choices[0].logprobs.tokens) == len(ids)
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        streamed = [v for c in chunks if c.choices[0].logprobs for v in getattr(c.choices[0].logprobs, key)]
+        assert streamed == getattr(lp, key), key
+    # without echo: the completion's tokens alone, offsets still counted from the prompt's start
+    reply = await stack.client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=5, temperature=0, logprobs=2
+    )
+    assert reply.choices[0].text == completion and reply.choices[0].logprobs.tokens == lp.tokens[len(ids) :]
+    assert reply.choices[0].logprobs.text_offset == lp.text_offset[len(ids) :]
+
+
+async def test_echo_with_max_tokens_zero_is_the_prompt_alone(stack: Stack) -> None:
+    """lm-evaluation-harness scores text this way: one prefill (max_tokens 1, which ends the request at its
+    first token and so holds no KV), its token dropped, no decode call."""
+    ids = [5, 6, 7, 8]
+    for stream in (False, True):
+        kwargs = {"model": MODEL, "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 1}
+        if stream:
+            chunks = [c async for c in await stack.client.completions.create(**kwargs, stream=True)]
+            text = "".join(c.choices[0].text for c in chunks)
+            lp = chunks[0].choices[0].logprobs
+            finish = chunks[-1].choices[0].finish_reason
+        else:
+            reply = await stack.client.completions.create(**kwargs)
+            text, lp, finish = (
+                reply.choices[0].text,
+                reply.choices[0].logprobs,
+                reply.choices[0].finish_reason,
+            )
+            assert reply.usage.completion_tokens == 0 and reply.usage.prompt_tokens == 4
+        assert text == stack.tokenizer.decode(ids) and finish == "length"
+        assert len(lp.tokens) == 4 and lp.token_logprobs[0] is None
+        assert lp.token_logprobs[1:] == pytest.approx(
+            [want_logprobs(stack, a, b, 1)[0] for a, b in itertools.pairwise(ids)]
+        )
+    assert sum(w.decode_calls for w in stack.decode) == 0
+    seen = [s for w in stack.prefill for s in w.sampling_seen]
+    assert [(s["max_tokens"], s["prompt_logprobs"]) for s in seen] == [(1, 1), (1, 1)]
+    reply = await stack.client.completions.create(model=MODEL, prompt="hi", max_tokens=0, echo=True)
+    assert reply.choices[0].text == "hi" and reply.choices[0].logprobs is None
+
+
+async def test_logprobs_go_on_across_a_migration(stack: Stack) -> None:
+    """A decode worker lost mid-stream: the resumed request's tokens keep coming with their logprobs, each
+    token's once; the re-prefill asks logprobs (for the token it samples), never the prompt's."""
+    stack.decode[0].die_after = 3
+    stack.decode[1].die_after = None
+    ids = [9, 10, 11]
+    tokens = toy_generate(ids, 12, stack.tokenizer.vocab_size)
+    reply = await stack.client.completions.create(
+        model=MODEL, prompt=ids, max_tokens=12, temperature=0, logprobs=1, echo=True
+    )
+    lp = reply.choices[0].logprobs
+    everything = [*ids, *tokens]
+    assert lp.tokens == [token_text(stack.tokenizer.token_bytes(t)) for t in everything]
+    want = [want_logprobs(stack, a, b, 1)[0] for a, b in itertools.pairwise(everything)]
+    assert lp.token_logprobs[1:] == pytest.approx(want)
+    prefills = sorted(
+        (s for w in stack.prefill for s in w.sampling_seen), key=lambda s: s.get("output_offset", 0)
+    )
+    assert len(prefills) >= 2 and prefills[0]["prompt_logprobs"] == 1
+    assert all(s["logprobs"] == 1 and "prompt_logprobs" not in s for s in prefills[1:])

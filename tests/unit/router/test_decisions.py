@@ -84,7 +84,7 @@ def test_unsupported_features_are_refused() -> None:
         {"model": "m", "messages": [{"role": "user", "content": "x"}]}
     )
     reject_unsupported(chat)
-    for extra in ({"n": 3}, {"logprobs": True}, {"tools": [{"type": "function"}]}):
+    for extra in ({"n": 3}, {"top_logprobs": 2}, {"tools": [{"type": "function"}]}):
         bad = chat.model_copy(update=extra)
         with pytest.raises(OpenAIError):
             reject_unsupported(bad)

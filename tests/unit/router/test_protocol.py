@@ -262,6 +262,12 @@ OVERRIDES: dict[str, Any] = {
     "response_format": {"type": "json_object"},
     "logit_bias": {"5": 2},
 }
+# Fields an implemented parameter needs beside it (as the API requires too).
+COMPANIONS: dict[tuple[str, str], dict[str, Any]] = {
+    ("completions", "stream_options"): {"stream": True},
+    ("chat", "stream_options"): {"stream": True},
+    ("chat", "top_logprobs"): {"logprobs": True},
+}
 
 
 def sdk_hints(kind: str) -> dict[str, Any]:
@@ -306,7 +312,7 @@ def sdk_cases() -> list[tuple[str, str, dict[str, Any]]]:
             if name in BASE[kind]:
                 continue  # the required ones, present in every body; checked in the test below
             value = OVERRIDES.get(name, plausible(tp))
-            body = {**BASE[kind], name: value, **({"stream": True} if name == "stream_options" else {})}
+            body = {**BASE[kind], name: value, **COMPANIONS.get((kind, name), {})}
             fields = typing.get_type_hints(_unwrap_optional(tp)) if _is_typeddict_param(tp) else {}
             if name in IMPLEMENTED[kind] and fields:
                 for field, field_tp in fields.items():
@@ -381,10 +387,7 @@ def test_default_forms_of_refused_parameters_keep_working(kind: str, param: str,
     [
         ("completions", {"n": 2}, "unsupported_value"),
         ("completions", {"best_of": 2}, "unsupported_value"),
-        ("completions", {"echo": True}, "unsupported_value"),
-        ("completions", {"logprobs": 0}, "unsupported_value"),  # 0 asks for the sampled tokens' logprobs
         ("completions", {"suffix": "x"}, "unsupported_value"),
-        ("chat", {"logprobs": True}, "unsupported_value"),
         ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "unsupported_value"),
         (
             "chat",
@@ -392,7 +395,6 @@ def test_default_forms_of_refused_parameters_keep_working(kind: str, param: str,
             "unsupported_value",
         ),
         ("chat", {"tool_choice": "auto"}, "unsupported_value"),
-        ("chat", {"top_logprobs": 3}, "unsupported_value"),
         ("chat", {"audio": {"voice": "alloy", "format": "wav"}}, "unsupported_parameter"),
         ("chat", {"safety_identifier": "u1"}, "unsupported_parameter"),
     ],
@@ -535,3 +537,71 @@ def test_penalties_bias_and_min_tokens_reach_the_workers_only_when_set() -> None
         with pytest.raises(OpenAIError) as err:
             check_sampling_ids(req, vocab_size=512)
         assert err.value.param == param and "outside the vocabulary" in err.value.message
+
+
+def test_logprobs_validation() -> None:
+    """Chat: logprobs (bool) and top_logprobs (0..20, only with logprobs); completions: logprobs 0..5 and
+    echo; max_tokens 0 only with echo (the prompt's logprobs alone, as evaluation harnesses ask)."""
+    for body in (
+        {"logprobs": True},
+        {"logprobs": True, "top_logprobs": 0},
+        {"logprobs": True, "top_logprobs": 20},
+        {"logprobs": False},
+    ):
+        assert check("chat", {**BASE["chat"], **body}) is None, body
+    for body, param, code in (
+        ({"top_logprobs": 2}, "top_logprobs", "invalid_value"),  # OpenAI: logprobs must be true
+        ({"logprobs": False, "top_logprobs": 0}, "top_logprobs", "invalid_value"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_value"),
+        ({"logprobs": True, "top_logprobs": -1}, "top_logprobs", "invalid_value"),
+        ({"logprobs": 1}, "logprobs", "invalid_type"),
+        ({"max_tokens": 0, "logprobs": True}, "max_tokens", "invalid_value"),
+    ):
+        error = refused("chat", {**BASE["chat"], **body})
+        assert (error.param, error.code) == (param, code), (body, error.body())
+    for body in (
+        {"logprobs": 0},
+        {"logprobs": 5},
+        {"echo": True},
+        {"echo": True, "logprobs": 1, "max_tokens": 0},
+        {"echo": True, "max_tokens": 0},
+    ):
+        assert check("completions", {**BASE["completions"], **body}) is None, body
+    for body, param, code in (
+        ({"logprobs": 6}, "logprobs", "invalid_value"),  # OpenAI's bound
+        ({"logprobs": True}, "logprobs", "invalid_type"),
+        ({"echo": "true"}, "echo", "invalid_type"),
+        ({"max_tokens": 0}, "max_tokens", "invalid_value"),
+        ({"max_tokens": 0, "logprobs": 2}, "max_tokens", "invalid_value"),
+    ):
+        error = refused("completions", {**BASE["completions"], **body})
+        assert (error.param, error.code) == (param, code), (body, error.body())
+
+
+def test_logprobs_reach_the_workers_only_when_asked() -> None:
+    def params(kind: str, max_tokens: int = 8, **fields: Any) -> dict[str, Any]:
+        req = parse_body(json.dumps({**BASE[kind], **fields}).encode(), MODELS[kind])
+        return sampling_params(req, max_tokens, [2])
+
+    assert "logprobs" not in params("chat") and "logprobs" not in params("chat", logprobs=False)
+    assert params("chat", logprobs=True)["logprobs"] == 0
+    assert params("chat", logprobs=True, top_logprobs=7)["logprobs"] == 7
+    assert "prompt_logprobs" not in params("chat", logprobs=True)
+    assert params("completions", logprobs=0)["logprobs"] == 0
+    assert "prompt_logprobs" not in params("completions", logprobs=3)
+    assert "prompt_logprobs" not in params("completions", echo=True)  # echo alone needs no logprobs
+    echo = params("completions", echo=True, logprobs=3)
+    assert (echo["logprobs"], echo["prompt_logprobs"], echo["max_tokens"]) == (3, 3, 8)
+    # max_tokens 0: the prefill runs with 1 (its token is dropped); min_tokens still must fit the 0
+    assert params("completions", 0, echo=True, logprobs=1)["max_tokens"] == 1
+    with pytest.raises(OpenAIError) as err:
+        params("completions", 0, echo=True, min_tokens=1)
+    assert err.value.param == "min_tokens"
+
+
+def test_empty_message_content_is_accepted() -> None:
+    """An empty string is content (the API accepts it); only a missing or null content is refused."""
+    body = {"model": "m", "messages": [{"role": "system", "content": ""}, {"role": "user", "content": "hi"}]}
+    req = parse_body(json.dumps(body).encode(), ChatCompletionRequest)
+    reject_unsupported(req)
+    assert req.messages[0].content == ""

@@ -38,6 +38,26 @@ def test_resume_sends_prompt_plus_generated_tokens_at_their_position(tokenizer: 
     assert SAMPLING["max_tokens"] == 10  # the original is never modified
 
 
+def test_logprobs_are_asked_of_every_call_prompt_logprobs_of_the_first_prefill_only(
+    tokenizer: Tokenizer,
+) -> None:
+    """A resume's input holds generated tokens, whose logprobs the client already has: a re-prefill asks
+    `logprobs` (for the token it samples) but never `prompt_logprobs`; decode workers never get it."""
+    asked = {**SAMPLING, "logprobs": 3, "prompt_logprobs": 3}
+    state = ResumeState.start("r", [5, 6, 7], asked, tokenizer, [])
+    assert (state.logprobs, state.prompt_logprobs) == (3, 3)
+    assert "prompt_logprobs" not in state.sampling and asked["prompt_logprobs"] == 3  # a copy was kept
+    assert state.prefill_inputs() == ([5, 6, 7], asked)
+    state.advance(20, None)
+    assert state.decode_inputs() == ([5, 6, 7], 20, {**SAMPLING, "logprobs": 3})
+    state.advance(21, None)
+    ids, sampling = state.prefill_inputs()
+    assert ids == [5, 6, 7, 20, 21]
+    assert sampling == {**SAMPLING, "max_tokens": 8, "output_offset": 2, "logprobs": 3}
+    plain = ResumeState.start("r", [5], SAMPLING, tokenizer, [])
+    assert plain.logprobs is None and plain.prefill_inputs()[1] == SAMPLING
+
+
 def test_advance_ends_on_finish_budget_or_stop_string(tokenizer: Tokenizer) -> None:
     eos = tokenizer.eos_token_ids[0]
     state = ResumeState.start("r", [5], SAMPLING, tokenizer, [])

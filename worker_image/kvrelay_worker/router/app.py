@@ -9,7 +9,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import jinja2
@@ -21,7 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kvrelay_worker.router.config import RouterConfig
 from kvrelay_worker.router.discovery import Discovery
 from kvrelay_worker.router.errors import OpenAIError, bad_request
-from kvrelay_worker.router.generate import Event, Finished, TextDelta, generate
+from kvrelay_worker.router.generate import Event, Finished, PromptLogprobs, TextDelta, generate
+from kvrelay_worker.router.logprobs import TextOffsets, TokenLogprob, chat_logprobs, completion_logprobs
 from kvrelay_worker.router.metrics import RouterMetrics
 from kvrelay_worker.router.migration import MigrationPolicy
 from kvrelay_worker.router.pool import WorkerPool
@@ -32,6 +34,7 @@ from kvrelay_worker.router.protocol import (
     check_sampling_ids,
     check_token_ids,
     completion_prompt,
+    logprobs_asked,
     parse_body,
     reject_unsupported,
     resolve_max_tokens,
@@ -101,15 +104,74 @@ def _sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
+@dataclass
+class Answer:
+    """How one request's choice is written: chat or completion, the echoed prompt, logprobs.
+
+    Completions' `text_offset` counts characters from the start of the prompt, echoed or not (as
+    OpenAI's legacy API does), so calls must come in text order: the prompt, then the tokens.
+    """
+
+    kind: str
+    tokenizer: Tokenizer
+    logprobs: int | None  # alternatives per token; None: no logprobs
+    prompt_ids: list[int]
+    prompt_text: str = ""  # completions: the prompt as given (or decoded from its ids)
+    echo: bool = False
+    offsets: TextOffsets = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.offsets = TextOffsets(self.tokenizer, 0 if self.echo else len(self.prompt_text))
+
+    def token_logprobs(self, tokens: Sequence[TokenLogprob]) -> dict[str, Any] | None:
+        """The `logprobs` object for these generated tokens (null when not asked)."""
+        if self.logprobs is None:
+            return None
+        if self.kind == "chat":
+            return chat_logprobs(self.tokenizer, tokens)
+        return completion_logprobs(self.tokenizer, tokens, self.offsets)
+
+    def prompt(self, logprobs: Sequence[TokenLogprob] | None) -> dict[str, Any]:
+        """Choice fields of the echoed prompt: its text, and its tokens' logprobs (the first has none)."""
+        fields: dict[str, Any] = {"text": self.prompt_text, "logprobs": None}
+        if self.logprobs is not None:
+            entries = [self.prompt_ids[0], *(logprobs or ())]
+            fields["logprobs"] = completion_logprobs(self.tokenizer, entries, self.offsets)
+        self.offsets.restart(len(self.prompt_text))  # the prompt as given, whatever its tokens decode to
+        return fields
+
+    def delta(self, event: TextDelta) -> dict[str, Any]:
+        """Choice fields of one streamed delta: its text and its tokens' logprobs."""
+        text = {"delta": {"content": event.text}} if self.kind == "chat" else {"text": event.text}
+        return {**text, "logprobs": self.token_logprobs(event.logprobs)}
+
+    def whole(
+        self, prompt: Sequence[TokenLogprob] | None, text: str, tokens: Sequence[TokenLogprob]
+    ) -> dict[str, Any]:
+        """Choice fields of a non-streamed answer."""
+        if self.kind == "chat":
+            return {
+                "message": {"role": "assistant", "content": text},
+                "logprobs": self.token_logprobs(tokens),
+            }
+        if not self.echo:
+            return {"text": text, "logprobs": self.token_logprobs(tokens)}
+        head = self.prompt(prompt)
+        tail = self.token_logprobs(tokens)
+        logprobs = None if tail is None else {k: v + tail[k] for k, v in head["logprobs"].items()}
+        return {"text": head["text"] + text, "logprobs": logprobs}
+
+
 async def _stream_body(
     state: RouterState,
-    kind: str,
+    answer: Answer,
     request_id: str,
     first: Event,
     events: AsyncIterator[Event],
     include_usage: bool,
 ) -> AsyncIterator[bytes]:
     """SSE frames for one request; a failure mid-stream becomes an `{"error": ...}` event, never a hang."""
+    kind = answer.kind
     model, created = state.config.served_model_name, int(time.time())
     # With include_usage every chunk carries "usage": null and one last chunk the totals (OpenAI's shape).
     usage_null = {"usage": None} if include_usage else {}
@@ -122,11 +184,18 @@ async def _stream_body(
         if kind == "chat":
             yield frame(delta={"role": "assistant", "content": ""}, finish_reason=None)
         event: Event | None = first
+        if answer.echo:  # the prompt goes first, with its logprobs when asked
+            prompt = None
+            if isinstance(event, PromptLogprobs):
+                prompt, event = event.logprobs, await anext(events, None)
+            yield frame(**answer.prompt(prompt), finish_reason=None)
         while event is not None:
-            if isinstance(event, TextDelta):
-                if event.text:
-                    piece = {"delta": {"content": event.text}} if kind == "chat" else {"text": event.text}
-                    yield frame(**piece, finish_reason=None)
+            if isinstance(event, PromptLogprobs):
+                pass  # asked only with echo, and sent above
+            elif isinstance(event, TextDelta):
+                # A token whose text is held back still gets its chunk when its logprobs were asked.
+                if event.text or event.logprobs:
+                    yield frame(**answer.delta(event), finish_reason=None)
             else:
                 last = {"delta": {}} if kind == "chat" else {"text": ""}
                 yield frame(**last, finish_reason=event.finish_reason)
@@ -155,13 +224,26 @@ async def _stream_body(
         await events.aclose()
 
 
-async def _collect(events: AsyncIterator[Event]) -> tuple[str, Finished]:
+@dataclass
+class _Collected:
+    prompt: tuple[TokenLogprob, ...] | None
+    text: str
+    tokens: list[TokenLogprob]
+    done: Finished
+
+
+async def _collect(events: AsyncIterator[Event]) -> _Collected:
+    prompt: tuple[TokenLogprob, ...] | None = None
     parts: list[str] = []
+    tokens: list[TokenLogprob] = []
     async for event in events:
-        if isinstance(event, TextDelta):
+        if isinstance(event, PromptLogprobs):
+            prompt = event.logprobs
+        elif isinstance(event, TextDelta):
             parts.append(event.text)
+            tokens.extend(event.logprobs)
         else:
-            return "".join(parts), event
+            return _Collected(prompt, "".join(parts), tokens, event)
     raise OpenAIError(500, "generation ended without a finish", "server_error")
 
 
@@ -173,11 +255,15 @@ async def _serve(
     prompt_ids: list[int],
     max_tokens: int,
     arrival: float,
+    prompt_text: str = "",
 ) -> Response:
+    """Run one request; `max_tokens` 0 (completions with echo) answers with the prompt alone."""
     prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
     request_id = prefix + uuid.uuid4().hex
     stop_ids = [] if req.ignore_eos else state.tokenizer.eos_token_ids
     sampling = sampling_params(req, max_tokens, stop_ids)
+    echo = isinstance(req, CompletionRequest) and req.echo
+    answer = Answer(kind, state.tokenizer, logprobs_asked(req), prompt_ids, prompt_text, echo)
     state.metrics.prompt_tokens.inc(len(prompt_ids))
     events = generate(
         state.pool,
@@ -190,6 +276,7 @@ async def _serve(
         arrival,
         state.config.decode_idle_timeout_s,
         state.migration,
+        prompt_only=max_tokens == 0,
     )
     if req.stream:
         # Wait for the first token before answering 200, so a prefill failure is still a proper HTTP error.
@@ -199,18 +286,18 @@ async def _serve(
             await events.aclose()
             raise
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        body = _stream_body(state, kind, request_id, first, events, include_usage)
+        body = _stream_body(state, answer, request_id, first, events, include_usage)
         return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     try:
-        text, done = await _until_disconnect(request, _collect(events))
+        got = await _until_disconnect(request, _collect(events))
     finally:
         await events.aclose()
     state.metrics.request_done("success")
-    choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": done.finish_reason}
-    if kind == "chat":
-        choice["message"] = {"role": "assistant", "content": text}
-    else:
-        choice["text"] = text
+    choice = {
+        "index": 0,
+        **answer.whole(got.prompt, got.text, got.tokens),
+        "finish_reason": got.done.finish_reason,
+    }
     obj = "chat.completion" if kind == "chat" else "text_completion"
     return JSONResponse(
         {
@@ -219,7 +306,7 @@ async def _serve(
             "created": int(time.time()),
             "model": state.config.served_model_name,
             "choices": [choice],
-            "usage": _usage(done),
+            "usage": _usage(got.done),
         }
     )
 
@@ -335,7 +422,9 @@ def create_app(
         max_tokens = resolve_max_tokens(
             req.max_tokens, len(ids), config.max_model_len, DEFAULT_COMPLETION_MAX_TOKENS, "prompt"
         )
-        return await _serve(state, request, req, "completion", ids, max_tokens, arrival)
+        # Echoed, and where text offsets count from: the prompt as given (ids: decoded).
+        text = prompt if isinstance(prompt, str) else state.tokenizer.decode(ids)
+        return await _serve(state, request, req, "completion", ids, max_tokens, arrival, text)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

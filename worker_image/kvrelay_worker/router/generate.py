@@ -18,6 +18,7 @@ from typing import Any
 
 from kvrelay_worker.router.errors import OpenAIError, WorkerFailed, server_error
 from kvrelay_worker.router.kserve import DecodeToken, PrefillResult
+from kvrelay_worker.router.logprobs import TokenLogprob
 from kvrelay_worker.router.metrics import RouterMetrics
 from kvrelay_worker.router.migration import GiveUp, MigrationPolicy, decide, no_decode_worker
 from kvrelay_worker.router.pool import WorkerPool, WorkerState
@@ -30,7 +31,21 @@ PREFILL_ATTEMPTS = 2  # the first try plus one retry on another worker
 
 @dataclass(frozen=True)
 class TextDelta:
+    """Text to send now, and the logprobs of the tokens accepted with it (when asked).
+
+    A token whose text is held back (an incomplete character, a possible stop string) still comes
+    with its logprobs, in a delta whose text may be empty.
+    """
+
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """The prompt's tokens after the first, each given its prefix (asked with `prompt_logprobs`)."""
+
+    logprobs: tuple[TokenLogprob, ...]
 
 
 @dataclass(frozen=True)
@@ -40,7 +55,14 @@ class Finished:
     num_completion_tokens: int
 
 
-Event = TextDelta | Finished
+Event = PromptLogprobs | TextDelta | Finished
+
+
+def _delta(text: str, logprobs: TokenLogprob | None) -> TextDelta | None:
+    """The event for one accepted token: None when there is neither text nor a logprob to send."""
+    if logprobs is not None:
+        return TextDelta(text, (logprobs,))
+    return TextDelta(text) if text else None
 
 
 async def _prefill(
@@ -89,16 +111,32 @@ async def generate(
     arrival: float,
     decode_idle_timeout_s: float | None = None,
     migration: MigrationPolicy | None = None,
+    prompt_only: bool = False,
 ) -> AsyncIterator[Event]:
-    """Yield text deltas then one `Finished`; raises `OpenAIError` on failure. `arrival` is monotonic."""
+    """Yield the prompt's logprobs (when asked), text deltas, then one `Finished`; raises `OpenAIError`
+    on failure. `arrival` is monotonic.
+
+    `prompt_only` (echo with max_tokens 0): one prefill with max_tokens 1, for the prompt's logprobs;
+    its token is dropped and no decode worker is called.
+    """
     policy = migration or MigrationPolicy()
     state = ResumeState.start(request_id, prompt_ids, sampling, tokenizer, stop)
     first = await _prefill(pool, request_id, *state.prefill_inputs())
+    if first.prompt_logprobs is not None:
+        yield PromptLogprobs(first.prompt_logprobs)
+    if prompt_only:
+        if first.kv_handle:  # max_tokens 1 ends the request at its first token, which frees its KV
+            log.warning(
+                "request %s: a max_tokens 1 prefill kept KV (held until its lease expires)", request_id
+            )
+        yield Finished("length", len(prompt_ids), 0)
+        return
     last_token_at = time.monotonic()
     metrics.ttft.observe(last_token_at - arrival)
     metrics.generation_tokens.inc()
     # The first delta goes out even when empty, so the client sees the stream start at once.
-    yield TextDelta(state.advance(first.token_id, first.finish_reason or None))
+    text = state.advance(first.token_id, first.finish_reason or None)
+    yield TextDelta(text, (first.logprobs,) if first.logprobs else ())
 
     kv_handle, tried = first.kv_handle, []
     failed_at: float | None = None  # when the last decode failure was noticed, until the next token
@@ -123,8 +161,8 @@ async def generate(
                             metrics.resumed(via, now - failed_at)
                             failed_at = None
                     text = state.advance(token.token_id, token.finish_reason)
-                    if text:
-                        yield TextDelta(text)
+                    if delta := _delta(text, token.logprobs):
+                        yield delta
                     if state.done:
                         break  # the worker's final response, or a stop string matched here
             if not state.done:
@@ -152,8 +190,8 @@ async def generate(
                 last_token_at, failed_at = now, None
                 kv_handle, via = resumed.kv_handle, "prefill"
                 text = state.advance(resumed.token_id, resumed.finish_reason or None)
-                if text:
-                    yield TextDelta(text)
+                if delta := _delta(text, resumed.logprobs):
+                    yield delta
 
     tail = state.tail()
     if tail:
@@ -189,4 +227,4 @@ async def _relay_decode(
         await stream.aclose()
 
 
-__all__ = ["Event", "Finished", "OpenAIError", "TextDelta", "generate"]
+__all__ = ["Event", "Finished", "OpenAIError", "PromptLogprobs", "TextDelta", "generate"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +16,7 @@ from tritonclient.utils import InferenceServerException
 
 from kvrelay_worker.kserve_models import DECODE_MODEL, PREFILL_MODEL
 from kvrelay_worker.router.errors import WorkerFailed
+from kvrelay_worker.router.logprobs import TokenLogprob
 
 _DOWN_CODES = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED"}
 # A server-side CANCELLED is a worker stopping (our own cancellation raises CancelledError instead).
@@ -66,7 +67,31 @@ def _scalar_bytes(result: Any, name: str) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode()
 
 
-__all__ = ["DecodeToken", "PrefillResult", "WorkerClient", "WorkerFailed", "in_band_failure"]
+def _logprobs(result: Any, token_ids: Sequence[int], names: tuple[str, str, str]) -> list[TokenLogprob]:
+    """Per-token logprobs from the outputs `names` (logprob [n], top ids [n, k], top logprobs [n, k]).
+
+    Raises ValueError when they are missing or their shapes do not fit `token_ids`.
+    """
+    logprob, top_ids, top_logprobs = (result.as_numpy(name) for name in names)
+    n = len(token_ids)
+    if n == 0:
+        return []  # a one-token prompt: nothing before its first token to predict it from
+    if logprob is None or top_ids is None or top_logprobs is None:
+        raise ValueError(f"reply lacks {', '.join(names)} (asked for logprobs)")
+    logprob = logprob.reshape(-1)
+    if logprob.size != n or top_ids.shape != top_logprobs.shape or top_ids.size % n:
+        raise ValueError(f"{names[0]} has {logprob.size} values for {n} tokens, top shapes {top_ids.shape}")
+    top_ids, top_logprobs = top_ids.reshape(n, -1).tolist(), top_logprobs.reshape(n, -1).tolist()
+    return [
+        TokenLogprob(int(t), float(lp), tuple(zip(map(int, ids), map(float, lps), strict=True)))
+        for t, lp, ids, lps in zip(token_ids, logprob.tolist(), top_ids, top_logprobs, strict=True)
+    ]
+
+
+TOKEN_LOGPROB_OUTPUTS = ("logprob", "top_token_ids", "top_logprobs")
+PROMPT_LOGPROB_OUTPUTS = ("prompt_logprobs", "prompt_top_token_ids", "prompt_top_logprobs")
+
+__all__ = ["DecodeToken", "PrefillResult", "TokenLogprob", "WorkerClient", "WorkerFailed", "in_band_failure"]
 
 
 @dataclass(frozen=True)
@@ -74,12 +99,16 @@ class PrefillResult:
     token_id: int
     kv_handle: bytes  # JSON KVHandle; empty when finished at the first token
     finish_reason: str  # "" while unfinished
+    logprobs: TokenLogprob | None = None  # the first token's, when the sampling JSON asked `logprobs`
+    # input_ids[1:] given their prefix, when it asked `prompt_logprobs`
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
 class DecodeToken:
     token_id: int | None  # None on an empty final response
     finish_reason: str | None  # set on the final response
+    logprobs: TokenLogprob | None = None  # when the sampling JSON asked `logprobs`
 
 
 class WorkerClient:
@@ -109,10 +138,20 @@ class WorkerClient:
         token = result.as_numpy("token_id")
         if token is None or token.size != 1:
             raise WorkerFailed(f"prefill on {self.address}: reply has no token_id", worker_down=False)
+        token_id = int(token.reshape(-1)[0])
+        try:
+            first = _logprobs(result, [token_id], TOKEN_LOGPROB_OUTPUTS) if "logprobs" in sampling else None
+            prompt = None
+            if "prompt_logprobs" in sampling:
+                prompt = tuple(_logprobs(result, input_ids[1:], PROMPT_LOGPROB_OUTPUTS))
+        except ValueError as exc:
+            raise WorkerFailed(f"prefill on {self.address}: {exc}", worker_down=False) from None
         return PrefillResult(
-            token_id=int(token.reshape(-1)[0]),
+            token_id=token_id,
             kv_handle=_scalar_bytes(result, "kv_handle"),
             finish_reason=_scalar_bytes(result, "finish_reason").decode(),
+            logprobs=first[0] if first else None,
+            prompt_logprobs=prompt,
         )
 
     async def decode(
@@ -148,6 +187,7 @@ class WorkerClient:
             await done.wait()
 
         responses = self._client.stream_infer(requests())
+        with_logprobs = "logprobs" in sampling
         try:
             while True:
                 try:
@@ -167,12 +207,24 @@ class WorkerClient:
                 token = result.as_numpy("token_id")
                 token_id = int(token.reshape(-1)[0]) if token is not None and token.size else None
                 finish = params["finish_reason"].string_param if "finish_reason" in params else None
-                yield DecodeToken(token_id, (finish or "stop") if final else None)
+                logprobs = None
+                if with_logprobs and token_id is not None:
+                    try:
+                        (logprobs,) = _logprobs(result, [token_id], TOKEN_LOGPROB_OUTPUTS)
+                    except ValueError as exc:
+                        raise WorkerFailed(f"decode on {self.address}: {exc}", False) from None
+                yield DecodeToken(token_id, (finish or "stop") if final else None, logprobs)
                 if final:
                     return
             raise WorkerFailed(f"decode on {self.address}: stream ended without a final response", True)
         except grpc.aio.AioRpcError as exc:
             raise _from_grpc(exc, f"decode on {self.address}") from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # our request is being cancelled (the client went away)
+            # Nobody cancelled us: grpc.aio cancels the calls of a channel closed under them.
+            raise WorkerFailed(f"decode on {self.address}: channel closed under the stream", True) from None
         finally:
             done.set()
             responses.cancel()

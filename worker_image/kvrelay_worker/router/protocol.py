@@ -26,9 +26,12 @@ _IMPLEMENTED_COMMON = (
     "top_k", "ignore_eos", "min_tokens", "repetition_penalty", "stop_token_ids",
 )  # fmt: skip
 IMPLEMENTED: dict[str, frozenset[str]] = {
-    "completions": frozenset({*_IMPLEMENTED_COMMON, "prompt"}),
-    "chat": frozenset({*_IMPLEMENTED_COMMON, "messages", "max_completion_tokens"}),
+    "completions": frozenset({*_IMPLEMENTED_COMMON, "prompt", "logprobs", "echo"}),
+    "chat": frozenset(
+        {*_IMPLEMENTED_COMMON, "messages", "max_completion_tokens", "logprobs", "top_logprobs"}
+    ),
 }
+MAX_TOP_LOGPROBS = {"completions": 5, "chat": 20}  # OpenAI's bounds
 # Of a chat message, only these are honoured, and only these roles.
 IMPLEMENTED_MESSAGE_FIELDS = frozenset({"role", "content"})
 IMPLEMENTED_ROLES = frozenset({"system", "developer", "user", "assistant"})
@@ -67,15 +70,10 @@ REFUSED: dict[str, dict[str, Refusal]] = {
     "completions": {
         **_REFUSED_COMMON,
         "best_of": _value("only best_of=1 is supported", 1),
-        "echo": _value("echo is not supported yet (only false)", False),
-        # logprobs=0 is not "off" in this API: it asks for the sampled tokens' logprobs.
-        "logprobs": _value("logprobs are not supported yet"),
         "suffix": _value("suffix is not supported (only '')", ""),
     },
     "chat": {
         **_REFUSED_COMMON,
-        "logprobs": _value("logprobs are not supported yet (only false)", False),
-        "top_logprobs": _value("logprobs are not supported yet (only 0)", 0),
         "tools": _value("tools are not supported yet (only [])", []),
         "tool_choice": _value("tools are not supported yet (only 'none')", "none"),
         "parallel_tool_calls": _value("tools are not supported yet (only true)", True),
@@ -210,9 +208,13 @@ class _SamplingFields(_StrictModel):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    best_of: int | None = Field(default=None, ge=1)
+    # 0 only with echo: the prompt's logprobs and no completion (how evaluation harnesses score text)
+    max_tokens: int | None = Field(default=None, ge=0)
     echo: bool = False
-    logprobs: int | None = Field(default=None, ge=0, le=5)
+    # 0 is not "off" in this API: it asks for the chosen tokens' logprobs, with no alternatives
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS["completions"])
+    # Refused unless null or a no-op value (REFUSED["completions"]).
+    best_of: int | None = Field(default=None, ge=1)
     suffix: str | None = None
 
     @field_validator("prompt", mode="plain")
@@ -249,8 +251,6 @@ class ChatMessage(_StrictModel):
     @field_validator("content", mode="plain")
     @classmethod
     def _text_content(cls, value: Any) -> str | list[dict[str, str]] | None:
-        if value == "":
-            raise ValueError("a stop sequence must not be empty")
         if value is None or isinstance(value, str):
             return value
         if not isinstance(value, list):
@@ -281,9 +281,9 @@ class ChatMessage(_StrictModel):
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    # Refused unless null or a no-op value (REFUSED["chat"]).
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS["chat"])
+    # Refused unless null or a no-op value (REFUSED["chat"]).
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
@@ -387,7 +387,19 @@ def reject_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
         raise bad_request(
             "stream_options is only allowed when stream is true", param="stream_options", code="invalid_value"
         )
+    if isinstance(req, CompletionRequest) and req.max_tokens == 0 and not req.echo:
+        raise bad_request(
+            "Invalid value for 'max_tokens': it must be at least 1 (0 only with echo, for the prompt alone)",
+            param="max_tokens",
+            code="invalid_value",
+        )
     if isinstance(req, ChatCompletionRequest):
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request(
+                "Invalid value for 'top_logprobs': 'logprobs' must be true when 'top_logprobs' is given",
+                param="top_logprobs",
+                code="invalid_value",
+            )
         _check_messages(req.messages)
         both = None not in (req.max_tokens, req.max_completion_tokens)
         if both and req.max_tokens != req.max_completion_tokens:
@@ -489,13 +501,21 @@ def check_sampling_ids(req: CompletionRequest | ChatCompletionRequest, vocab_siz
             raise bad_request(message, param=param, code="invalid_value")
 
 
+def logprobs_asked(req: CompletionRequest | ChatCompletionRequest) -> int | None:
+    """Top alternatives wanted per generated token (0: the token's own logprob only); None: no logprobs."""
+    if isinstance(req, ChatCompletionRequest):
+        return (req.top_logprobs or 0) if req.logprobs else None
+    return req.logprobs
+
+
 def sampling_params(
     req: CompletionRequest | ChatCompletionRequest, max_tokens: int, stop_token_ids: list[int]
 ) -> dict[str, Any]:
     """The `SamplingParams` JSON sent to workers (docs/wire-contracts.md section 3).
 
-    Penalties, logit_bias and min_tokens are sent only when set: a worker that predates them still
-    takes requests that do not use them.
+    Penalties, logit_bias, min_tokens and logprobs are sent only when set: a worker that predates them
+    still takes requests that do not use them. `max_tokens` 0 (echo alone) runs the prefill with 1,
+    whose token is dropped; with logprobs it also asks the prompt's (`prompt_logprobs`).
     """
     if req.min_tokens > max_tokens:
         raise bad_request(
@@ -504,7 +524,7 @@ def sampling_params(
             code="invalid_value",
         )
     params: dict[str, Any] = {
-        "max_tokens": max_tokens,
+        "max_tokens": max(max_tokens, 1),
         "temperature": req.temperature,
         "top_p": req.top_p,
         "top_k": max(req.top_k, 0),
@@ -524,4 +544,8 @@ def sampling_params(
     params |= {name: value for name, (value, default) in optional.items() if value != default}
     if req.logit_bias:
         params["logit_bias"] = {int(k): v for k, v in req.logit_bias.items()}
+    if (logprobs := logprobs_asked(req)) is not None:
+        params["logprobs"] = logprobs
+        if isinstance(req, CompletionRequest) and req.echo:
+            params["prompt_logprobs"] = logprobs
     return params

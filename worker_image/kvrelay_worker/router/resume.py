@@ -22,6 +22,8 @@ class ResumeState:
     `sampling` is the `SamplingParams` JSON as first sent (whole `max_tokens` budget, seed); every call
     derives its own from it and the tokens generated so far. Penalty state needs nothing more: a worker
     counts the `output_offset` trailing input tokens as generated. Grammar state would go here too.
+    `logprobs` is asked of every call (each reports the tokens it samples), `prompt_logprobs` only of
+    the first prefill: a resume's input holds generated tokens, whose logprobs the client already has.
     """
 
     request_id: str
@@ -36,6 +38,8 @@ class ResumeState:
     finish_reason: str | None = None  # stop | length once a worker ended the request
     migrations: int = 0
     last_failure: str | None = None
+    logprobs: int | None = None  # top alternatives per generated token; None: no logprobs
+    prompt_logprobs: int | None = None  # top alternatives per prompt token (echo); None: none
 
     @classmethod
     def start(
@@ -47,13 +51,17 @@ class ResumeState:
         stop: Sequence[str],
     ) -> ResumeState:
         eos = frozenset() if sampling.get("ignore_eos") else frozenset(tokenizer.eos_token_ids)
+        base = dict(sampling)
+        logprobs, prompt_logprobs = base.pop("logprobs", None), base.pop("prompt_logprobs", None)
         return cls(
             request_id,
             list(prompt_ids),
-            dict(sampling),
+            base,
             IncrementalDetokenizer(tokenizer),
             StopStringMatcher(stop),
             eos,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
 
     @property
@@ -73,11 +81,16 @@ class ResumeState:
         params = {**self.sampling, "max_tokens": int(self.sampling["max_tokens"]) - offset}
         if offset:  # sent only when set: a worker that predates the field still takes fresh requests
             params["output_offset"] = offset
+        if self.logprobs is not None:  # likewise
+            params["logprobs"] = self.logprobs
         return params
 
     def prefill_inputs(self) -> tuple[list[int], dict[str, Any]]:
         """(input_ids, sampling) for a prefill worker: it samples the token at `position`."""
-        return self.prompt_ids + self.generated_ids, self._sampling_from(self.position)
+        params = self._sampling_from(self.position)
+        if self.prompt_logprobs is not None and not self.generated_ids:
+            params["prompt_logprobs"] = self.prompt_logprobs
+        return self.prompt_ids + self.generated_ids, params
 
     def decode_inputs(self) -> tuple[list[int], int, dict[str, Any]]:
         """(input_ids, first_token, sampling) for a decode worker going on after the last generated token."""
