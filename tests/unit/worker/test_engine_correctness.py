@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from engine_testing import count_preemptions
 from kvrelay_worker.engine import SamplingParams
 from kvrelay_worker.model import LlamaForCausalLM
 
@@ -58,15 +59,7 @@ def test_preemption_under_block_pressure_keeps_tokens_exact(make_engine, prompts
     prompts, refs, max_tokens = prompts_and_refs
     # 40 usable blocks of 4 tokens: the 16-wide batch cannot all fit, so requests are preempted.
     engine = make_engine(num_blocks=41, block_size=4, max_num_seqs=16, max_batch_tokens=128)
-    preempted = 0
-    orig = engine.scheduler._preempt
-
-    def counting(request, out):
-        nonlocal preempted
-        preempted += 1
-        orig(request, out)
-
-    engine.scheduler._preempt = counting
+    preempted = count_preemptions(engine)
     outs = engine.generate(prompts[:20], [SamplingParams(max_tokens=n) for n in max_tokens[:20]])
-    assert preempted > 0
+    assert preempted[0] > 0
     assert outs == refs[:20]

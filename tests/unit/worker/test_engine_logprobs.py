@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from engine_testing import count_preemptions
 from kvrelay_worker.engine import RequestOutput, RequestRefused, SamplingParams, TokenLogprobs
 from kvrelay_worker.engine.scheduler import SchedulerOutput
 from kvrelay_worker.model import LlamaForCausalLM
@@ -163,20 +164,12 @@ def test_logprobs_under_block_pressure(make_engine, tiny_model) -> None:
     and each token scored exactly once."""
     prompts = _prompts(tiny_model, 14, longest=60)
     engine = make_engine(num_blocks=33, block_size=4, max_num_seqs=14, max_batch_tokens=48)
-    preempted = 0
-    orig = engine.scheduler._preempt
-
-    def counting(request, out):
-        nonlocal preempted
-        preempted += 1
-        orig(request, out)
-
-    engine.scheduler._preempt = counting
+    preempted = count_preemptions(engine)
     for i, prompt in enumerate(prompts):
         p = SamplingParams(max_tokens=8, ignore_eos=True, prompt_logprobs=1, logprobs=1)
         engine.add_request(str(i), prompt, p, 0.0)
     outputs = _run(engine)
-    assert preempted > 0
+    assert preempted[0] > 0
     tol = _tol(tiny_model)
     for i, prompt in enumerate(prompts):
         outs = outputs[str(i)]
