@@ -508,10 +508,12 @@ def main() -> None:
         "--max-tokens", type=int, default=1500, help="long enough that streams (~2 s) are running at kills"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="smoke test: 10 s phases, a kill every 3 s")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke test: 10 s phases, a kill every 3 s, 500 tokens"
+    )
     args = parser.parse_args()
-    if args.quick:
-        args.duration, args.kill_every, args.rounds = 10.0, 3.0, 1
+    if args.quick:  # streams of ~1 s still overlap every kill at 2 requests/s
+        args.duration, args.kill_every, args.rounds, args.max_tokens = 10.0, 3.0, 1, 500
     if args.rounds < 1 or args.duration / args.rounds <= args.kill_every:
         parser.error("each round's chaos phase (--duration / --rounds) must be longer than --kill-every")
     model_dir = ensure_tiny_model()

@@ -88,6 +88,53 @@ def test_completions_greedy_equals_engine(
     assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == len(tokenizer.encode(prompt))
 
 
+def test_completions_batch_equals_single_requests_and_engine(
+    client: openai.OpenAI, serve: ServeProcess, tokenizer, reference
+) -> None:  # type: ignore[no-untyped-def]
+    """A list of prompts (strings, or token-id arrays): choice i is prompt i's own greedy completion."""
+    texts = ["The relay carries the memory", "Once upon a time", "Numbers such as 7 appear"]
+    for prompts in (texts, [tokenizer.encode("the station is"), tokenizer.encode("a quiet morning")]):
+        ids = [p if isinstance(p, list) else tokenizer.encode(p) for p in prompts]
+        want = reference(ids, 12)
+        single = [
+            client.completions.create(model=serve.model, prompt=p, max_tokens=12, temperature=0)
+            .choices[0]
+            .text
+            for p in prompts
+        ]
+        assert single == want
+        reply = client.completions.create(model=serve.model, prompt=prompts, max_tokens=12, temperature=0)
+        assert [c.index for c in reply.choices] == list(range(len(prompts)))
+        assert [c.text for c in reply.choices] == want
+        assert reply.usage is not None and reply.usage.prompt_tokens == sum(len(i) for i in ids)
+        assert reply.usage.completion_tokens == 12 * len(prompts)
+        assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+        stream = client.completions.create(
+            model=serve.model, prompt=prompts, max_tokens=12, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        )  # fmt: skip
+        chunks = list(stream)
+        streamed = ["" for _ in prompts]
+        for chunk in chunks[:-1]:
+            (choice,) = chunk.choices
+            streamed[choice.index] += choice.text
+        assert streamed == want
+        assert chunks[-1].choices == [] and chunks[-1].usage == reply.usage
+
+
+def test_completions_batch_bad_prompt_or_too_many_is_a_400(serve: ServeProcess) -> None:
+    url = serve.base_url + "/completions"
+    for prompt, message in (
+        (["fine", "also fine", ""], "prompt 2: "),
+        ([[5, 6], [0, 100000]], "prompt 1: "),
+        (["hi"] * 65, "at most 64 prompts"),
+    ):
+        resp = httpx.post(url, json={"model": serve.model, "prompt": prompt, "max_tokens": 2}, timeout=30)
+        assert resp.status_code == 400, resp.text
+        error = resp.json()["error"]
+        assert (error["param"], error["code"]) == ("prompt", "invalid_value") and message in error["message"]
+
+
 def test_chat_greedy_equals_engine(client: openai.OpenAI, serve: ServeProcess, tokenizer, reference) -> None:  # type: ignore[no-untyped-def]
     messages = [{"role": "user", "content": "where is the station?"}]
     want = reference([tokenizer.encode_chat(messages)], 20)[0]

@@ -199,7 +199,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, None),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, None),
     ("/v1/completions", {"model": MODEL, "prompt": [1, 99999]}, 400, None),
-    ("/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, 400, "unsupported_value"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["a"] * 65}, 400, "invalid_value"),  # over the bound
     (
         "/v1/completions",
         {"model": MODEL, "prompt": "hi", "echo": False, "max_tokens": 0},
@@ -576,3 +576,96 @@ async def test_logprobs_go_on_across_a_migration(stack: Stack) -> None:
     )
     assert len(prefills) >= 2 and prefills[0]["prompt_logprobs"] == 1
     assert all(s["logprobs"] == 1 and "prompt_logprobs" not in s for s in prefills[1:])
+
+
+async def test_completion_batch_one_choice_per_prompt(stack: Stack) -> None:
+    """A list of prompts: choice i is prompt i's own completion, usage sums over all, streamed or not."""
+    texts = ["the quick brown fox", "héllo wörld", "stop here"]
+    for prompts in (texts, [[5, 6, 7], [8, 9]]):
+        ids = [p if isinstance(p, list) else stack.tokenizer.encode(p) for p in prompts]
+        want = [stack.expected(i, 6) for i in ids]
+        reply = await stack.client.completions.create(
+            model=MODEL, prompt=prompts, max_tokens=6, temperature=0
+        )
+        assert [c.index for c in reply.choices] == list(range(len(prompts)))
+        assert [c.text for c in reply.choices] == want
+        assert reply.usage.prompt_tokens == sum(len(i) for i in ids)
+        assert reply.usage.completion_tokens == 6 * len(prompts)
+        assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+        events = await stack.client.completions.create(
+            model=MODEL, prompt=prompts, max_tokens=6, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        )  # fmt: skip
+        chunks = [c async for c in events]
+        streamed = ["" for _ in prompts]
+        finishes: list[str | None] = [None for _ in prompts]
+        for chunk in chunks[:-1]:
+            (choice,) = chunk.choices
+            streamed[choice.index] += choice.text
+            finishes[choice.index] = choice.finish_reason or finishes[choice.index]
+        assert streamed == want and finishes == ["length"] * len(prompts)
+        assert chunks[-1].choices == [] and chunks[-1].usage == reply.usage
+    assert sum(w.prefill_calls for w in stack.prefill) == 2 * (len(texts) + 2)  # each its own request
+
+
+async def test_completion_batch_echo_and_logprobs_per_choice(stack: Stack) -> None:
+    prompts = ["the quick", "the lazy dog"]
+    reply = await stack.client.completions.create(
+        model=MODEL, prompt=prompts, max_tokens=3, temperature=0, logprobs=1, echo=True
+    )
+    for prompt, choice in zip(prompts, reply.choices, strict=True):
+        ids = stack.tokenizer.encode(prompt)
+        assert choice.text == prompt + stack.expected(ids, 3)  # its own prompt echoed
+        assert len(choice.logprobs.tokens) == len(ids) + 3 and choice.logprobs.token_logprobs[0] is None
+        assert choice.logprobs.text_offset[len(ids)] == len(prompt)
+
+
+async def test_completion_batch_bad_prompt_is_a_400_before_any_generation(stack: Stack) -> None:
+    for prompt, param, code in (
+        (["fine", ""], "prompt", "invalid_value"),
+        ([[5, 6], [7, 99999]], "prompt", "invalid_value"),
+        (["fine", "hi " * 200], "prompt", "context_length_exceeded"),
+        (["a"] * 65, "prompt", "invalid_value"),
+    ):
+        resp = await stack.http.post("/v1/completions", json={"model": MODEL, "prompt": prompt})
+        assert resp.status_code == 400, resp.text
+        error = resp.json()["error"]
+        assert (error["param"], error["code"]) == (param, code), error
+        assert error["message"].startswith("prompt 1: ") or "at most 64 prompts" in error["message"]
+    assert sum(w.prefill_calls for w in stack.prefill) == 0
+    ok = await stack.client.completions.create(model=MODEL, prompt=["a"] * 64, max_tokens=1)
+    assert [c.index for c in ok.choices] == list(range(64))
+
+
+async def test_completion_batch_one_failure_fails_the_request_and_cancels_the_rest(stack: Stack) -> None:
+    """One prompt's decode fails (refused in band, so no migration): the whole request fails as a single
+    one would, and the other prompts' decode calls are cancelled."""
+    prompts = [[5, 6, 7], list(range(10, 20)), list(range(30, 40))]
+    for worker in stack.decode:
+        worker.token_delay_s = 0.05
+        worker.die_in_band = True
+    for stream in (False, True):
+        dies = {len(prompts[0]) + 1 + 3}  # the short prompt's fourth decode step; the others never get there
+        for worker in stack.decode:
+            worker.die_at_len = dies
+            worker.decode_calls = worker.cancelled = 0
+        started = time.monotonic()
+        if stream:
+            events = await stack.client.completions.create(
+                model=MODEL, prompt=prompts, max_tokens=30, temperature=0, stream=True
+            )
+            with pytest.raises(openai.APIError, match="decode worker died"):
+                async for _ in events:
+                    pass
+        else:
+            with pytest.raises(openai.APIStatusError, match="decode worker died") as info:
+                await stack.client.completions.create(
+                    model=MODEL, prompt=prompts, max_tokens=30, temperature=0
+                )
+            assert info.value.status_code == 500
+        deadline = time.monotonic() + 10
+        while sum(w.cancelled for w in stack.decode) < 2:
+            assert time.monotonic() < deadline, "the other prompts' decode calls were not cancelled"
+            await asyncio.sleep(0.05)
+        assert sum(w.decode_calls for w in stack.decode) == 3
+        assert time.monotonic() - started < 1.5  # not left to run their 30 tokens (1.5 s each)

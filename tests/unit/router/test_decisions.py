@@ -6,9 +6,10 @@ import pytest
 from kvrelay_worker.router.discovery import addresses_from_slices, role_selector
 from kvrelay_worker.router.errors import OpenAIError
 from kvrelay_worker.router.protocol import (
+    MAX_PROMPTS,
     ChatCompletionRequest,
     CompletionRequest,
-    completion_prompt,
+    completion_prompts,
     parse_body,
     reject_unsupported,
     resolve_max_tokens,
@@ -94,12 +95,15 @@ def test_completion_prompt_forms() -> None:
     def make(prompt: object) -> CompletionRequest:
         return CompletionRequest.model_validate({"model": "m", "prompt": prompt})
 
-    assert completion_prompt(make("hi")) == "hi"
-    assert completion_prompt(make([1, 2])) == [1, 2]
-    assert completion_prompt(make([[1, 2]])) == [1, 2]
-    assert completion_prompt(make(["only"])) == "only"
-    with pytest.raises(OpenAIError):
-        completion_prompt(make([[1], [2]]))
+    assert completion_prompts(make("hi")) == ["hi"]
+    assert completion_prompts(make([1, 2])) == [[1, 2]]
+    assert completion_prompts(make([[1, 2]])) == [[1, 2]]
+    assert completion_prompts(make(["only"])) == ["only"]
+    assert completion_prompts(make([[1], [2]])) == [[1], [2]]
+    assert completion_prompts(make(["a"] * MAX_PROMPTS)) == ["a"] * MAX_PROMPTS
+    with pytest.raises(OpenAIError) as info:
+        completion_prompts(make(["a"] * (MAX_PROMPTS + 1)))
+    assert (info.value.param, info.value.code) == ("prompt", "invalid_value")
 
 
 def test_addresses_from_endpointslices() -> None:

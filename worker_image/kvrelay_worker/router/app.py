@@ -33,7 +33,7 @@ from kvrelay_worker.router.protocol import (
     check_model,
     check_sampling_ids,
     check_token_ids,
-    completion_prompt,
+    completion_prompts,
     logprobs_asked,
     parse_body,
     reject_unsupported,
@@ -81,23 +81,66 @@ class RouterState:
         self.created = int(time.time())
 
 
-def _chunk(kind: str, request_id: str, model: str, created: int, **choice: Any) -> dict[str, Any]:
+def _chunk(
+    kind: str, request_id: str, model: str, created: int, index: int = 0, **choice: Any
+) -> dict[str, Any]:
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
     return {
         "id": request_id,
         "object": obj,
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "logprobs": None, **choice}],
+        "choices": [{"index": index, "logprobs": None, **choice}],
     }
 
 
-def _usage(done: Finished) -> dict[str, int]:
-    return {
-        "prompt_tokens": done.num_prompt_tokens,
-        "completion_tokens": done.num_completion_tokens,
-        "total_tokens": done.num_prompt_tokens + done.num_completion_tokens,
-    }
+def _usage(dones: Sequence[Finished]) -> dict[str, int]:
+    """Usage of a request: summed over its prompts (a completions batch has several)."""
+    prompt = sum(d.num_prompt_tokens for d in dones)
+    completion = sum(d.num_completion_tokens for d in dones)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _gather(awaitables: Sequence[Awaitable[T]]) -> list[T]:
+    """All results in order; the first failure cancels the rest (asyncio.gather would leave them running)."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        return [task.result() for task in tasks]
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+
+
+async def _merged(streams: Sequence[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Items of several streams as they come, each with its stream's index; a failure ends them all."""
+    pending = {asyncio.ensure_future(anext(s)): i for i, s in enumerate(streams)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=pending.__getitem__):
+                i = pending.pop(task)
+                try:
+                    item = task.result()
+                except StopAsyncIteration:
+                    continue
+                yield i, item
+                pending[asyncio.ensure_future(anext(streams[i]))] = i
+    finally:
+        for task in pending:
+            task.cancel()
+        for task in pending:
+            with contextlib.suppress(BaseException):
+                await task
+        for stream in streams:
+            with contextlib.suppress(BaseException):
+                await stream.aclose()  # type: ignore[attr-defined]
 
 
 def _sse(payload: dict[str, Any]) -> bytes:
@@ -162,55 +205,64 @@ class Answer:
         return {"text": head["text"] + text, "logprobs": logprobs}
 
 
-async def _stream_body(
-    state: RouterState,
-    answer: Answer,
-    request_id: str,
-    first: Event,
-    events: AsyncIterator[Event],
-    include_usage: bool,
-) -> AsyncIterator[bytes]:
-    """SSE frames for one request; a failure mid-stream becomes an `{"error": ...}` event, never a hang."""
-    kind = answer.kind
-    model, created = state.config.served_model_name, int(time.time())
-    # With include_usage every chunk carries "usage": null and one last chunk the totals (OpenAI's shape).
-    usage_null = {"usage": None} if include_usage else {}
-
-    def frame(**choice: Any) -> bytes:
-        return _sse({**_chunk(kind, request_id, model, created, **choice), **usage_null})
-
-    status = "cancelled"
+async def _choice_chunks(
+    answer: Answer, first: Event, events: AsyncIterator[Event]
+) -> AsyncIterator[dict[str, Any] | Finished]:
+    """One choice's streamed fields in order, then its `Finished` (for usage); closes `events` when done."""
     try:
-        if kind == "chat":
-            yield frame(delta={"role": "assistant", "content": ""}, finish_reason=None)
+        if answer.kind == "chat":
+            yield {"delta": {"role": "assistant", "content": ""}, "finish_reason": None}
         event: Event | None = first
         if answer.echo:  # the prompt goes first, with its logprobs when asked
             prompt = None
             if isinstance(event, PromptLogprobs):
                 prompt, event = event.logprobs, await anext(events, None)
-            yield frame(**answer.prompt(prompt), finish_reason=None)
+            yield {**answer.prompt(prompt), "finish_reason": None}
         while event is not None:
             if isinstance(event, PromptLogprobs):
                 pass  # asked only with echo, and sent above
             elif isinstance(event, TextDelta):
                 # A token whose text is held back still gets its chunk when its logprobs were asked.
                 if event.text or event.logprobs:
-                    yield frame(**answer.delta(event), finish_reason=None)
+                    yield {**answer.delta(event), "finish_reason": None}
             else:
-                last = {"delta": {}} if kind == "chat" else {"text": ""}
-                yield frame(**last, finish_reason=event.finish_reason)
-                if include_usage:
-                    totals = {
-                        **_chunk(kind, request_id, model, created),
-                        "choices": [],
-                        "usage": _usage(event),
-                    }
-                    yield _sse(totals)
-                yield b"data: [DONE]\n\n"
-                status = "success"
+                last = {"delta": {}} if answer.kind == "chat" else {"text": ""}
+                yield {**last, "finish_reason": event.finish_reason}
+                yield event
                 return
             event = await anext(events, None)
         raise OpenAIError(500, "generation ended without a finish", "server_error")
+    finally:
+        await events.aclose()
+
+
+async def _stream_body(
+    state: RouterState,
+    kind: str,
+    request_id: str,
+    choices: list[AsyncIterator[dict[str, Any] | Finished]],
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
+    """SSE frames for one request, its choices' chunks interleaved as they come; a failure mid-stream
+    becomes an `{"error": ...}` event (the other choices cancelled), never a hang."""
+    model, created = state.config.served_model_name, int(time.time())
+    # With include_usage every chunk carries "usage": null and one last chunk the totals (OpenAI's shape).
+    usage_null = {"usage": None} if include_usage else {}
+    merged = _merged(choices)
+    finished: list[Finished] = []
+    status = "cancelled"
+    try:
+        async for index, item in merged:
+            if isinstance(item, Finished):
+                finished.append(item)
+            else:
+                yield _sse({**_chunk(kind, request_id, model, created, index, **item), **usage_null})
+        if len(finished) != len(choices):
+            raise OpenAIError(500, "generation ended without a finish", "server_error")
+        if include_usage:
+            yield _sse({**_chunk(kind, request_id, model, created), "choices": [], "usage": _usage(finished)})
+        yield b"data: [DONE]\n\n"
+        status = "success"
     except OpenAIError as exc:
         status = "server_error"
         log.warning("request %s failed mid-stream: %s", request_id, exc.message)
@@ -221,7 +273,7 @@ async def _stream_body(
         yield _sse(OpenAIError(500, f"internal error: {exc}", "server_error").body())
     finally:
         state.metrics.request_done(status)
-        await events.aclose()
+        await merged.aclose()
 
 
 @dataclass
@@ -247,57 +299,73 @@ async def _collect(events: AsyncIterator[Event]) -> _Collected:
     raise OpenAIError(500, "generation ended without a finish", "server_error")
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt to generate from: its ids, its text (completions: echoed, offsets count from it), budget."""
+
+    ids: list[int]
+    max_tokens: int
+    text: str = ""
+
+
 async def _serve(
     state: RouterState,
     request: Request,
     req: CompletionRequest | ChatCompletionRequest,
     kind: str,
-    prompt_ids: list[int],
-    max_tokens: int,
+    prompts: list[Prompt],
     arrival: float,
-    prompt_text: str = "",
 ) -> Response:
-    """Run one request; `max_tokens` 0 (completions with echo) answers with the prompt alone."""
+    """Run one request, one choice per prompt, all at once; `max_tokens` 0 (echo) answers with the prompt."""
     prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
     request_id = prefix + uuid.uuid4().hex
     stop_ids = [] if req.ignore_eos else state.tokenizer.eos_token_ids
-    sampling = sampling_params(req, max_tokens, stop_ids)
+    # All sampling checks first: no prompt starts generating if another one's parameters are refused.
+    samplings = [sampling_params(req, p.max_tokens, stop_ids) for p in prompts]
     echo = isinstance(req, CompletionRequest) and req.echo
-    answer = Answer(kind, state.tokenizer, logprobs_asked(req), prompt_ids, prompt_text, echo)
-    state.metrics.prompt_tokens.inc(len(prompt_ids))
-    events = generate(
-        state.pool,
-        state.tokenizer,
-        state.metrics,
-        request_id,
-        prompt_ids,
-        sampling,
-        req.stop_strings(),
-        arrival,
-        state.config.decode_idle_timeout_s,
-        state.migration,
-        prompt_only=max_tokens == 0,
-    )
+    answers = [Answer(kind, state.tokenizer, logprobs_asked(req), p.ids, p.text, echo) for p in prompts]
+    streams: list[AsyncIterator[Event]] = []
+    for i, (p, sampling) in enumerate(zip(prompts, samplings, strict=True)):
+        state.metrics.prompt_tokens.inc(len(p.ids))
+        # Each prompt is its own worker request (routing, KV relay, migration), under its own id.
+        worker_request_id = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+        streams.append(
+            generate(
+                state.pool,
+                state.tokenizer,
+                state.metrics,
+                worker_request_id,
+                p.ids,
+                sampling,
+                req.stop_strings(),
+                arrival,
+                state.config.decode_idle_timeout_s,
+                state.migration,
+                prompt_only=p.max_tokens == 0,
+            )
+        )
     if req.stream:
-        # Wait for the first token before answering 200, so a prefill failure is still a proper HTTP error.
+        # Wait for every first token before answering 200, so a prefill failure is still a proper HTTP error.
         try:
-            first = await _until_disconnect(request, anext(events))
+            firsts = await _until_disconnect(request, _gather([anext(e) for e in streams]))
         except BaseException:
-            await events.aclose()
+            for events in streams:
+                await events.aclose()
             raise
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        body = _stream_body(state, answer, request_id, first, events, include_usage)
+        choices = [_choice_chunks(a, f, e) for a, f, e in zip(answers, firsts, streams, strict=True)]
+        body = _stream_body(state, kind, request_id, choices, include_usage)
         return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     try:
-        got = await _until_disconnect(request, _collect(events))
+        got = await _until_disconnect(request, _gather([_collect(e) for e in streams]))
     finally:
-        await events.aclose()
+        for events in streams:
+            await events.aclose()
     state.metrics.request_done("success")
-    choice = {
-        "index": 0,
-        **answer.whole(got.prompt, got.text, got.tokens),
-        "finish_reason": got.done.finish_reason,
-    }
+    choices_json = [
+        {"index": i, **answer.whole(g.prompt, g.text, g.tokens), "finish_reason": g.done.finish_reason}
+        for i, (answer, g) in enumerate(zip(answers, got, strict=True))
+    ]
     obj = "chat.completion" if kind == "chat" else "text_completion"
     return JSONResponse(
         {
@@ -305,10 +373,25 @@ async def _serve(
             "object": obj,
             "created": int(time.time()),
             "model": state.config.served_model_name,
-            "choices": [choice],
-            "usage": _usage(got.done),
+            "choices": choices_json,
+            "usage": _usage([g.done for g in got]),
         }
     )
+
+
+def _completion_prompt(state: RouterState, req: CompletionRequest, prompt: str | list[int]) -> Prompt:
+    """One completions prompt checked (vocabulary, context length) and tokenized."""
+    if isinstance(prompt, str):
+        ids = state.tokenizer.encode(prompt)
+    else:
+        check_token_ids(prompt, state.tokenizer.vocab_size)
+        ids = prompt
+    max_tokens = resolve_max_tokens(
+        req.max_tokens, len(ids), state.config.max_model_len, DEFAULT_COMPLETION_MAX_TOKENS, "prompt"
+    )
+    # Echoed, and where text offsets count from: the prompt as given (ids: decoded).
+    text = prompt if isinstance(prompt, str) else state.tokenizer.decode(ids)
+    return Prompt(ids, max_tokens, text)
 
 
 def _check_api_key(config: RouterConfig, request: Request) -> None:
@@ -413,18 +496,19 @@ def create_app(
         check_model(req.model, config.served_model_name)
         reject_unsupported(req)
         check_sampling_ids(req, state.tokenizer.vocab_size)
-        prompt = completion_prompt(req)
-        if isinstance(prompt, str):
-            ids = state.tokenizer.encode(prompt)
-        else:
-            check_token_ids(prompt, state.tokenizer.vocab_size)
-            ids = prompt
-        max_tokens = resolve_max_tokens(
-            req.max_tokens, len(ids), config.max_model_len, DEFAULT_COMPLETION_MAX_TOKENS, "prompt"
-        )
-        # Echoed, and where text offsets count from: the prompt as given (ids: decoded).
-        text = prompt if isinstance(prompt, str) else state.tokenizer.decode(ids)
-        return await _serve(state, request, req, "completion", ids, max_tokens, arrival, text)
+        given = completion_prompts(req)
+        prompts = []
+        for i, prompt in enumerate(given):
+            try:
+                prompts.append(_completion_prompt(state, req, prompt))
+            except OpenAIError as exc:
+                if len(given) == 1:
+                    raise
+                # Which prompt of the list: all are checked before any of them starts generating.
+                raise OpenAIError(
+                    exc.status, f"prompt {i}: {exc.message}", exc.type, exc.param, exc.code
+                ) from None
+        return await _serve(state, request, req, "completion", prompts, arrival)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -441,6 +525,6 @@ def create_app(
             raise bad_request(f"chat template rejected the messages: {exc}", param="messages") from None
         requested, param = req.requested_max_tokens()
         max_tokens = resolve_max_tokens(requested, len(ids), config.max_model_len, None, "messages", param)
-        return await _serve(state, request, req, "chat", ids, max_tokens, arrival)
+        return await _serve(state, request, req, "chat", [Prompt(ids, max_tokens)], arrival)
 
     return app

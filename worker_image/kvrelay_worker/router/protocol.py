@@ -16,6 +16,9 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 from kvrelay_worker.router.errors import OpenAIError, bad_request
 
 MAX_STOP_STRINGS = 4
+# A completions batch runs each prompt as its own request, all at once: the bound keeps one HTTP request
+# from taking the whole worker pool (and its queues) from everyone else.
+MAX_PROMPTS = 64
 
 # What the router honours. Dotted names are fields of an object parameter. `user` is accepted and has no
 # effect on the output (OpenAI uses it for abuse monitoring); `top_k`, `ignore_eos`, `min_tokens`,
@@ -427,16 +430,20 @@ def _check_messages(messages: list[ChatMessage]) -> None:
             raise bad_request(f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
 
 
-def completion_prompt(req: CompletionRequest) -> str | list[int]:
-    """The single prompt of a completion request: text or token ids (batches are refused)."""
+def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
+    """The prompts of a completion request, each text or token ids (OpenAI's batch form is a list of them)."""
     prompt = req.prompt
     if isinstance(prompt, str):
-        return prompt
+        return [prompt]
     if prompt and all(isinstance(p, int) for p in prompt):
-        return list(prompt)  # type: ignore[arg-type]
-    if len(prompt) == 1:
-        return prompt[0]  # type: ignore[return-value]
-    raise bad_request("only one prompt per request is supported", param="prompt", code="unsupported_value")
+        return [list(prompt)]  # type: ignore[arg-type]
+    if len(prompt) > MAX_PROMPTS:
+        raise bad_request(
+            f"Invalid value for 'prompt': at most {MAX_PROMPTS} prompts per request, got {len(prompt)}",
+            param="prompt",
+            code="invalid_value",
+        )
+    return list(prompt)  # type: ignore[arg-type]
 
 
 def resolve_max_tokens(
