@@ -78,6 +78,11 @@ class OperatorConfig(BaseModel):
     pod_metrics_timeout_seconds: float = Field(
         default=1.0, gt=0, description="Timeout of each /metrics read before a scale-down."
     )
+    deletion_cost_settle_seconds: float = Field(
+        default=2.0,
+        ge=0,
+        description="Pause between marking pods with deletion costs and lowering replicas (see handlers).",
+    )
 
     @classmethod
     def from_env(cls) -> OperatorConfig:
@@ -470,8 +475,8 @@ def _maybe_mark_victims(
     """Before a scale-down, sets each of the role's pods' deletion cost (victims.py); returns the pods
     expected to go. Best effort: a failure is logged and counted, and the scale-down goes ahead.
 
-    The annotations are written before the Deployment is patched: the ReplicaSet controller then
-    picks from pods whose costs its informer has already seen (two controller hops later).
+    The annotations are written, then a short pause, then the Deployment is patched, so that the
+    ReplicaSet controller's pod informer has seen the costs when it picks.
     """
     if num_removed <= 0:
         return []
@@ -487,12 +492,20 @@ def _maybe_mark_victims(
         log.warning("%s/%s: load of pod %s unknown (lowest deletion cost): %s", namespace, name, pod, why)
         VICTIM_ERRORS.labels(served, role, "read").inc()
     plan = plan_deletion_costs(pods, loads, num_removed)
+    annotated = 0
     for pod, cost in plan.changed.items():
         try:
             state.kube.annotate_pod(namespace, pod, {DELETION_COST: str(cost)})
+            annotated += 1
         except Exception as exc:  # e.g. 403 where the chart's pod-deletion-cost grant is off
             log.warning("%s/%s: cannot set %s on pod %s: %s", namespace, name, DELETION_COST, pod, exc)
             VICTIM_ERRORS.labels(served, role, "annotate").inc()
+    if annotated:
+        # The ReplicaSet controller reads pods and ReplicaSets from separate watches, with no order
+        # between them: under load it saw the lower replica count before the new costs (CI: costs
+        # 0/1/2 set, the cost-2 pod removed) and picked by its other rules. A pause before the
+        # scale-down lets its pod watch catch up; scale-downs are rare, the pause is cheap.
+        time.sleep(state.config.deletion_cost_settle_seconds)
     log.info("%s/%s %s: deletion costs %s; expected to go: %s", namespace, name, role, plan.costs,
              plan.victims)  # fmt: skip
     return plan.victims

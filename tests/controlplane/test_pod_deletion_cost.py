@@ -314,7 +314,7 @@ def test_spec_scale_down_removes_the_least_loaded_pod(kubectl, namespace, start_
     """Lowering spec.decode.replicas by hand (autoscaling off) marks the victims the same way."""
     tiny = yaml.safe_load(example("tiny.yaml"))
     tiny["spec"]["decode"].update(replicas=3)
-    with start_operator():
+    with start_operator() as runner:
         pods = _apply_and_wait_for_3_decode_pods(kubectl, namespace, tiny)
         busy, mid, idle = sorted(pods)
         loads.text = {
@@ -324,9 +324,19 @@ def test_spec_scale_down_removes_the_least_loaded_pod(kubectl, namespace, start_
         }
         patch = {"spec": {"decode": {"replicas": 2}}}
         kubectl("patch", "dm", "tiny", "-n", namespace, "--type=merge", "-p", json.dumps(patch), check=True)
-        left = wait_for(lambda: (p := _live_decode_pods(kubectl, namespace)) and len(p) == 2 and p,
-                        timeout=30, what="decode scaled to 2")  # fmt: skip
-        assert set(left) == {busy, mid}, f"removed {set(pods) - set(left)}, not {idle}"
+        costs: dict[str, str | None] = {}  # the last deletion cost seen on each pod, for a failure message
+
+        def scaled_to_2() -> dict[str, dict[str, Any]] | None:
+            live = _live_decode_pods(kubectl, namespace)
+            costs.update(
+                {n: (p["metadata"].get("annotations") or {}).get(DELETION_COST) for n, p in live.items()}
+            )
+            return live if len(live) == 2 else None
+
+        left = wait_for(scaled_to_2, timeout=30, what="decode scaled to 2")
+        assert set(left) == {busy, mid}, (
+            f"removed {set(pods) - set(left)}, not {idle}; costs seen {costs}\n{runner.output[-3000:]}"
+        )
         wanted = f"decode scaled 3 -> 2 (spec.decode.replicas); least loaded first: {idle}"
 
         def scaled_messages() -> list[str]:
