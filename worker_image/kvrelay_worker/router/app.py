@@ -9,7 +9,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -111,11 +111,17 @@ async def _gather(awaitables: Sequence[Awaitable[T]]) -> list[T]:
                 raise task.exception()  # type: ignore[misc]
         return [task.result() for task in tasks]
     finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        await _cancel_all(tasks)
+
+
+async def _cancel_all(tasks: Iterable[asyncio.Future[Any]]) -> None:
+    """Cancel the tasks and wait until each has ended, whatever it ended with."""
+    tasks = list(tasks)
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(BaseException):
+            await task
 
 
 async def _merged(streams: Sequence[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
@@ -133,11 +139,7 @@ async def _merged(streams: Sequence[AsyncIterator[T]]) -> AsyncIterator[tuple[in
                 yield i, item
                 pending[asyncio.ensure_future(anext(streams[i]))] = i
     finally:
-        for task in pending:
-            task.cancel()
-        for task in pending:
-            with contextlib.suppress(BaseException):
-                await task
+        await _cancel_all(pending)
         for stream in streams:
             with contextlib.suppress(BaseException):
                 await stream.aclose()  # type: ignore[attr-defined]
