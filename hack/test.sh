@@ -33,4 +33,5 @@ ruff format --check .
 if [[ -f .importlinter ]]; then lint-imports; fi
 
 echo "== tests" >&2
-exec python -m pytest -ra "${@:-tests}"
+# --durations: the slowest tests, so that a slow CI run says where its time went.
+exec python -m pytest -ra --durations=30 "${@:-tests}"

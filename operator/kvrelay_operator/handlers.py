@@ -86,11 +86,21 @@ class OperatorConfig(BaseModel):
 
     @classmethod
     def from_env(cls) -> OperatorConfig:
-        """Reads KVRELAY_WORKER_IMAGE, KVRELAY_PROMETHEUS_URL and KVRELAY_POD_METRICS_URL."""
+        """Reads KVRELAY_WORKER_IMAGE, KVRELAY_PROMETHEUS_URL, KVRELAY_POD_METRICS_URL and, for slow
+        clusters, KVRELAY_POD_METRICS_TIMEOUT_SECONDS and KVRELAY_DELETION_COST_SETTLE_SECONDS."""
+        timings = {
+            field: float(os.environ[env])
+            for field, env in (
+                ("pod_metrics_timeout_seconds", "KVRELAY_POD_METRICS_TIMEOUT_SECONDS"),
+                ("deletion_cost_settle_seconds", "KVRELAY_DELETION_COST_SETTLE_SECONDS"),
+            )
+            if os.environ.get(env)
+        }
         return cls(
             default_image=os.environ.get("KVRELAY_WORKER_IMAGE", DEFAULT_WORKER_IMAGE),
             prometheus_url=os.environ.get("KVRELAY_PROMETHEUS_URL") or None,
             pod_metrics_url=os.environ.get("KVRELAY_POD_METRICS_URL") or DEFAULT_URL_TEMPLATE,
+            **timings,
         )
 
 

@@ -289,10 +289,9 @@ def test_hand_scaled_deployment_is_restored(kubectl, namespace, operator) -> Non
     kubectl("delete", "deployment", "tiny-prefill", "-n", namespace, "--wait=false", check=True)
     wait_for(lambda: deployment(kubectl, namespace, "tiny-prefill")["metadata"]["uid"] != old_uid, timeout=30,
              what="prefill Deployment re-created")  # fmt: skip
-    events = get_json(kubectl, "events", "-n", namespace, "--field-selector", "involvedObject.name=tiny")[
-        "items"
-    ]
-    assert "ChildRecreated" in {e["reason"] for e in events}
+    selector = ("--field-selector", "involvedObject.name=tiny,reason=ChildRecreated")
+    wait_for(lambda: get_json(kubectl, "events", "-n", namespace, *selector)["items"], timeout=15,
+             what="a ChildRecreated event")  # fmt: skip
 
 
 def test_autoscaler_status_drives_replicas(kubectl, kube, namespace, operator) -> None:
@@ -349,9 +348,10 @@ def test_child_refused_by_the_api_server_is_reported_not_retried(kubectl, namesp
 
         condition = wait_for(degraded, timeout=30, what="Degraded=True")
         assert condition["reason"] == "ApplyRefused" and "A=B" in condition["message"]
-        events = get_json(kubectl, "events", "-n", namespace, "--field-selector", "reason=ApplyRefused")[
-            "items"
-        ]
+        # kopf posts events from a queue of its own: the event may trail the status a little.
+        selector = ("--field-selector", "reason=ApplyRefused")
+        events = wait_for(lambda: get_json(kubectl, "events", "-n", namespace, *selector)["items"],
+                          timeout=15, what="an ApplyRefused event")  # fmt: skip
         assert len(events) == 1 and events[0]["involvedObject"]["name"] == "bad"
         assert model(kubectl, namespace, "bad")["status"]["phase"] == "Degraded"
     assert "failed permanently" in runner.output  # kopf stops retrying a spec that can never apply

@@ -41,6 +41,16 @@ def test_an_autoscaler_that_cannot_import_stops_the_operator(
 
 def test_operator_config_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KVRELAY_WORKER_IMAGE", "reg/w:9")
-    monkeypatch.delenv("KVRELAY_PROMETHEUS_URL", raising=False)
+    timings = ("KVRELAY_POD_METRICS_TIMEOUT_SECONDS", "KVRELAY_DELETION_COST_SETTLE_SECONDS")
+    for unset in ("KVRELAY_PROMETHEUS_URL", *timings):
+        monkeypatch.delenv(unset, raising=False)
     config = handlers.OperatorConfig.from_env()
     assert config.default_image == "reg/w:9" and config.prometheus_url is None
+    assert config.pod_metrics_timeout_seconds == 1.0 and config.deletion_cost_settle_seconds == 2.0
+    monkeypatch.setenv("KVRELAY_POD_METRICS_TIMEOUT_SECONDS", "5")
+    monkeypatch.setenv("KVRELAY_DELETION_COST_SETTLE_SECONDS", "0.5")
+    config = handlers.OperatorConfig.from_env()
+    assert config.pod_metrics_timeout_seconds == 5.0 and config.deletion_cost_settle_seconds == 0.5
+    monkeypatch.setenv("KVRELAY_POD_METRICS_TIMEOUT_SECONDS", "0")  # must be > 0: refused, not ignored
+    with pytest.raises(ValueError, match="pod_metrics_timeout_seconds"):
+        handlers.OperatorConfig.from_env()
