@@ -133,6 +133,12 @@ class WorkerRoleSpec(CRModel):
     )
     env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables.")
     extra_args: list[str] = Field(default_factory=list, description="Extra kvrelay-worker arguments.")
+    prefix_caching: bool = Field(
+        default=True,
+        description="Keep the KV of full prompt blocks after a request ends and reuse it for later requests "
+        "with the same prefix (shared system prompts, multi-turn chat); least recently used blocks are "
+        "evicted when memory runs short. Off: every prompt is computed from scratch.",
+    )
     drain_seconds: int = Field(
         default=120,
         ge=5,
@@ -210,6 +216,14 @@ class RouterSpec(CRModel):
         default="prefill",
         description="Who recomputes a resumed stream's KV: a prefill worker, relayed to the new decode "
         "worker (default; keeps the decode batch running), or the new decode worker itself.",
+    )
+    prefix_weight: float = Field(
+        default=1.0,
+        ge=0,
+        le=100,
+        description="Prefix-aware prefill routing: a prompt goes to the prefill worker with the fewest "
+        "queued prompt tokens minus this weight times the prompt tokens that worker likely holds in its "
+        "prefix cache (each router's own record of what it sent where). 0 routes by queued tokens only.",
     )
 
 

@@ -201,6 +201,8 @@ def worker_args(
     ]  # fmt: skip
     if spec.model.dtype != "auto":
         args += ["--dtype", spec.model.dtype]
+    if not role_spec.prefix_caching:
+        args.append("--no-enable-prefix-caching")
     if role == "prefill":
         args += ["--max-batch-tokens", str(spec.prefill.max_tokens_per_batch)]
     else:
@@ -217,6 +219,7 @@ def router_args(spec: api.DisaggregatedModelSpec, ctx: RenderContext, model_path
         "--discovery", "kubernetes", "--namespace", ctx.namespace, "--instance", ctx.name,
         "--grpc-port-name", "grpc",
         "--max-migrations", str(spec.router.max_migrations), "--resume-via", spec.router.resume_via,
+        "--prefix-weight", str(spec.router.prefix_weight),
     ]  # fmt: skip
     if spec.router.api_key_secret is not None:
         args += ["--api-key-file", f"{API_KEY_DIR}/{spec.router.api_key_secret.key}"]

@@ -33,7 +33,9 @@ def model_dir() -> Path:
 @pytest.fixture(scope="module")
 def serve(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator[ServeProcess]:
     with run_serve(
-        ["--model", "tiny", "--prefill", "1", "--decode", "1"], tmp_path_factory.mktemp("logs")
+        # two prefill workers: prefix-aware routing has a choice to make
+        ["--model", "tiny", "--prefill", "2", "--decode", "1"],
+        tmp_path_factory.mktemp("logs"),
     ) as s:
         yield s
     assert s.proc.returncode in (0, 130, -15), "\n".join(s.output[-20:])
@@ -48,10 +50,11 @@ def tokenizer(model_dir: Path) -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def engine(model_dir: Path):  # type: ignore[no-untyped-def]
-    """The single-process engine (no router, no KV relay)."""
+    """The single-process engine (no router, no KV relay, no prefix cache): the served stack, with its
+    prefix caches and prefix-aware routing on, must match it."""
     from kvrelay_worker.engine.core import Engine, EngineConfig
 
-    return Engine.from_dir(model_dir, EngineConfig())
+    return Engine.from_dir(model_dir, EngineConfig(enable_prefix_caching=False))
 
 
 @pytest.fixture(scope="module")
@@ -588,18 +591,58 @@ def test_models_and_metrics(serve: ServeProcess) -> None:
         assert name in metrics
 
 
-def _worker_metric(serve: ServeProcess, role: str, metric: str) -> float:
-    """`metric` summed over the `role` workers' own /metrics."""
-    total = 0.0
+def _per_worker_metric(serve: ServeProcess, role: str, metric: str) -> dict[str, float]:
+    """`metric` from each `role` worker's own /metrics, by worker name."""
+    values = {}
     for line in serve.output:
         if (m := WORKER_RE.search(line)) and m.group(1).startswith(role):
             text = httpx.get(f"http://127.0.0.1:{m.group(4)}/metrics", timeout=10).text
-            total += sum(
+            values[m.group(1)] = sum(
                 float(row.rsplit(" ", 1)[1])
                 for row in text.splitlines()
                 if row.startswith(metric + "{") and f'role="{role}"' in row
             )
-    return total
+    return values
+
+
+def _worker_metric(serve: ServeProcess, role: str, metric: str) -> float:
+    """`metric` summed over the `role` workers' own /metrics."""
+    return sum(_per_worker_metric(serve, role, metric).values())
+
+
+def _router_metric(serve: ServeProcess, sample: str) -> float:
+    text = httpx.get(serve.base_url.removesuffix("/v1") + "/metrics", timeout=10).text
+    return sum(float(row.rsplit(" ", 1)[1]) for row in text.splitlines() if row.startswith(sample))
+
+
+def test_a_conversation_reuses_its_prefix_on_the_prefill_worker_that_holds_it(
+    client: openai.OpenAI, serve: ServeProcess, tokenizer, reference
+) -> None:  # type: ignore[no-untyped-def]
+    """Multi-turn chat over two prefill workers: each turn goes where the conversation's KV is cached,
+    computes only what is new, and answers exactly as the engine without any cache does."""
+    hits = "kvrelay_prefix_cache_hits_total"
+    routed_by_prefix = 'kvrelay_router_prefill_routing_total{model="tiny",reason="prefix"}'
+    system = {"role": "system", "content": "You answer questions about trains, stations and timetables. " * 3}
+    messages = [system, {"role": "user", "content": "When does the first train leave?"}]
+    previous = 0  # the last turn's prompt length: its full blocks are cached where it was prefilled
+    for turn in range(3):
+        before = _per_worker_metric(serve, "prefill", hits)
+        by_prefix = _router_metric(serve, routed_by_prefix)
+        prompt = tokenizer.encode_chat(messages)
+        want = reference([prompt], 12)[0]
+        reply = client.chat.completions.create(
+            model=serve.model, messages=messages, max_tokens=12, temperature=0
+        )
+        assert reply.choices[0].message.content == want, f"turn {turn}"
+        gained = {name: v - before[name] for name, v in _per_worker_metric(serve, "prefill", hits).items()}
+        if turn:  # one worker, routed there by prefix, found the last turn's prompt cached
+            assert _router_metric(serve, routed_by_prefix) == by_prefix + 1
+            assert min(gained.values()) == 0 and max(gained.values()) >= 16 * (previous // 16), gained
+        previous = len(prompt)
+        messages += [
+            {"role": "assistant", "content": reply.choices[0].message.content},
+            {"role": "user", "content": f"And train number {turn + 2}?"},
+        ]
 
 
 def _decode_running(serve: ServeProcess) -> float:

@@ -188,7 +188,7 @@ async def _run_router(
         router_argv += ["--api-key-file", args.api_key_file]
     if args.max_model_len:
         router_argv += ["--max-model-len", str(args.max_model_len)]
-    config = config_from_args(build_parser().parse_args(router_argv))
+    config = config_from_args(build_parser().parse_args(router_argv + list(args.router_arg)))
 
     from kvrelay_worker.router.app import create_app
 
@@ -305,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-dir", help="worker logs (default: ~/.cache/kvrelay/logs/serve-<time>)")
     s.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for workers")
     s.add_argument("--worker-arg", action="append", default=[], help="extra flag passed to every worker")
+    s.add_argument(
+        "--router-arg", action="append", default=[], help="extra router flag (--router-arg=--prefix-weight=0)"
+    )
     i = sub.add_parser(
         "import-gguf", help="convert a llama.cpp GGUF file into a checkpoint directory", add_help=False
     )

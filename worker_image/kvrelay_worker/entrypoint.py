@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--num-blocks", type=int, default=1024, help="KV cache blocks (block 0 is reserved)")
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the KV of full prompt blocks after a request ends and reuse it for a later request "
+        "with the same prefix (evicted least recently used first when blocks run short)",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
@@ -93,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine=EngineConfig(
             num_blocks=args.num_blocks,
             block_size=args.block_size,
+            enable_prefix_caching=args.enable_prefix_caching,
             max_num_seqs=args.max_num_seqs,
             max_batch_tokens=args.max_batch_tokens,
             max_model_len=args.max_model_len,

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from kvrelay_worker.engine.core import EngineStats
 
 T = TypeVar("T")
 _LABELS = ("model", "role")
@@ -24,6 +27,10 @@ class _Families:
     waiting: Gauge
     queued_prefill_tokens: Gauge
     kv_cache_usage: Gauge
+    prefix_cache_queries: Counter
+    prefix_cache_hits: Counter
+    prefix_cache_evictions: Counter
+    prefix_cache_blocks: Gauge
 
 
 def _make(registry: CollectorRegistry) -> _Families:
@@ -52,6 +59,27 @@ def _make(registry: CollectorRegistry) -> _Families:
             "kvrelay_queued_prefill_tokens", "Prompt tokens queued, not yet computed."
         ),
         kv_cache_usage=gauge("kvrelay_kv_cache_usage_ratio", "Fraction of KV cache blocks in use, 0..1."),
+        prefix_cache_queries=Counter(
+            "kvrelay_prefix_cache_queries",
+            "Tokens of admitted requests looked up in the prefix cache.",
+            _LABELS,
+            registry=registry,
+        ),
+        prefix_cache_hits=Counter(
+            "kvrelay_prefix_cache_hits",
+            "Looked-up tokens whose KV was found cached (not computed).",
+            _LABELS,
+            registry=registry,
+        ),
+        prefix_cache_evictions=Counter(
+            "kvrelay_prefix_cache_evictions",
+            "Cached KV blocks handed out for other KV.",
+            _LABELS,
+            registry=registry,
+        ),
+        prefix_cache_blocks=gauge(
+            "kvrelay_prefix_cache_blocks", "KV blocks in the prefix cache (in use or free)."
+        ),
     )
 
 
@@ -88,11 +116,19 @@ class WorkerMetrics:
         self.waiting = f.waiting.labels(*labels)
         self.queued_prefill_tokens = f.queued_prefill_tokens.labels(*labels)
         self.kv_cache_usage = f.kv_cache_usage.labels(*labels)
+        self.prefix_cache_queries = f.prefix_cache_queries.labels(*labels)
+        self.prefix_cache_hits = f.prefix_cache_hits.labels(*labels)
+        self.prefix_cache_evictions = f.prefix_cache_evictions.labels(*labels)
+        self.prefix_cache_blocks = f.prefix_cache_blocks.labels(*labels)
+        self._evictions_seen = 0
 
-    def set_stats(
-        self, running: int, waiting: int, queued_prefill_tokens: int, kv_cache_usage: float
-    ) -> None:
-        self.running.set(running)
-        self.waiting.set(waiting)
-        self.queued_prefill_tokens.set(queued_prefill_tokens)
-        self.kv_cache_usage.set(kv_cache_usage)
+    def set_stats(self, stats: EngineStats) -> None:
+        """The gauges from the engine's latest stats; evictions as a counter of the engine's total."""
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.queued_prefill_tokens.set(stats.num_queued_prefill_tokens)
+        self.kv_cache_usage.set(stats.kv_cache_usage)
+        self.prefix_cache_blocks.set(stats.num_cached_blocks)
+        if stats.num_cache_evictions > self._evictions_seen:
+            self.prefix_cache_evictions.inc(stats.num_cache_evictions - self._evictions_seen)
+            self._evictions_seen = stats.num_cache_evictions

@@ -331,14 +331,15 @@ def test_rendered_command_lines_parse_with_the_real_entrypoints() -> None:
         model={"source": "/models/x", "dtype": "bfloat16"},
         router={"apiKeySecret": {"name": "k"}},
         kvTransfer={"timeoutSeconds": 7, "leaseSeconds": 45},
-        decode={"drainSeconds": 300},
+        decode={"drainSeconds": 300, "prefixCaching": False},
     )
     children = render(s)
-    for role, drain in (("prefill", 120), ("decode", 300)):
+    for role, drain, caching in (("prefill", 120, True), ("decode", 300, False)):
         args, unknown = entrypoint.build_parser().parse_known_args(container(children, role)["args"])
         assert unknown == [] and args.role == role and args.model == "/models/x" and args.host == "0.0.0.0"
         assert args.grpc_port == 8001 and args.metrics_port == 9090 and args.dtype == "bfloat16"
         assert args.kv_fetch_timeout_s == 7 and args.kv_lease_s == 45 and args.drain_seconds == drain
+        assert args.enable_prefix_caching is caching  # on by default, off per role
     router_argv = container(children, "router")["args"]
     assert router_argv[:2] == ["--role", "router"]
     args, unknown = router_main.build_parser().parse_known_args(router_argv[2:])
@@ -346,8 +347,9 @@ def test_rendered_command_lines_parse_with_the_real_entrypoints() -> None:
         unknown == [] and args.discovery == "kubernetes" and args.instance == "m" and args.namespace == "ns"
     )
     assert args.api_key_file == "/var/run/secrets/kvrelay/api-key"
-    assert args.max_migrations == 3 and args.resume_via == "prefill"
+    assert args.max_migrations == 3 and args.resume_via == "prefill" and args.prefix_weight == 1.0
+    router = {"maxMigrations": 0, "resumeVia": "decode", "prefixWeight": 0}
     args, _ = router_main.build_parser().parse_known_args(
-        container(render(spec(router={"maxMigrations": 0, "resumeVia": "decode"})), "router")["args"][2:]
+        container(render(spec(router=router)), "router")["args"][2:]
     )
-    assert args.max_migrations == 0 and args.resume_via == "decode"
+    assert args.max_migrations == 0 and args.resume_via == "decode" and args.prefix_weight == 0.0

@@ -185,7 +185,8 @@ def _run(engine, now: float = 0.0) -> int:
 
 def test_steps_count_the_prompt_tokens_they_compute(make_engine, reference) -> None:
     """What `kvrelay_prompt_tokens_computed_total` counts: chunked prefill and recompute, not relayed KV."""
-    engine = make_engine(num_blocks=32, block_size=4, max_batch_tokens=4)  # 11 tokens in chunks 4, 4, 3
+    # 11 tokens in chunks 4, 4, 3; no prefix cache here (the next test counts with it)
+    engine = make_engine(num_blocks=32, block_size=4, max_batch_tokens=4, enable_prefix_caching=False)
     engine.add_request("p", PROMPT, SamplingParams(max_tokens=3), now=0.0)
     assert _run(engine) == len(PROMPT)
     first = reference(PROMPT, 1)[0]
@@ -199,3 +200,24 @@ def test_steps_count_the_prompt_tokens_they_compute(make_engine, reference) -> N
     assert _run(engine) == len(PROMPT)
     engine.add_decode_request("empty", PROMPT, first, SamplingParams(max_tokens=3), now=0.0, remote_kv=False)
     assert _run(engine) == len(PROMPT)
+
+
+def test_a_cached_prefix_is_not_computed_again(make_engine, reference) -> None:
+    """With the prefix cache, a prompt seen before computes only what follows its cached full blocks,
+    and the output is the same."""
+    engine = make_engine(num_blocks=32, block_size=4, max_batch_tokens=4)
+    outputs = engine.generate([PROMPT], SamplingParams(max_tokens=3))
+    step_query = step_hit = 0
+    computed = 0
+    engine.add_request("again", PROMPT, SamplingParams(max_tokens=3), now=0.0)
+    tokens: list[int] = []
+    while engine.has_work():
+        step = engine.step(0.0)
+        computed += step.num_prompt_tokens
+        step_query += step.num_cache_query_tokens
+        step_hit += step.num_cache_hit_tokens
+        tokens += [t for o in step.outputs for t in o.new_token_ids]
+    assert tokens == outputs[0] == reference(PROMPT, 3)
+    # 11 prompt tokens: the two full blocks (8 tokens) were cached, the last 3 are computed
+    assert (step_query, step_hit, computed) == (len(PROMPT), 8, len(PROMPT) - 8)
+    assert engine.stats().num_cached_blocks >= 2 and engine.stats().kv_cache_usage == 0.0

@@ -43,6 +43,8 @@ class EngineConfig(BaseModel):
     max_model_len: int | None = Field(None, ge=2, description="default: the model's max_position_embeddings")
     device: str = "cpu"
     dtype: str | None = Field(None, description="float32 | bfloat16 | float16; default by device")
+    enable_prefix_caching: bool = Field(True, description="keep and reuse the KV of full prompt blocks")
+    cache_salt: str = Field("", description="extra key in every block hash (the dtype is always in it)")
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,11 @@ class EngineStats:
     num_queued_prefill_tokens: int
     kv_cache_usage: float
     num_held: int
+    # prefix cache: blocks registered (in use or free); since start: evictions, tokens looked up, hits
+    num_cached_blocks: int = 0
+    num_cache_evictions: int = 0
+    num_cache_query_tokens: int = 0
+    num_cache_hit_tokens: int = 0
 
 
 @dataclass
@@ -62,6 +69,8 @@ class StepResult:
     kv_targets: list[KVTarget] = field(default_factory=list)
     num_tokens: int = 0
     num_prompt_tokens: int = 0  # prompt tokens this step computed (KV read from a relay excluded)
+    num_cache_query_tokens: int = 0  # prefix cache: tokens of the requests admitted this step
+    num_cache_hit_tokens: int = 0  # of those, found cached
 
 
 class Engine:
@@ -87,6 +96,8 @@ class Engine:
                 max_num_seqs=config.max_num_seqs,
                 max_batch_tokens=config.max_batch_tokens,
                 max_model_len=self.max_model_len,
+                enable_prefix_caching=config.enable_prefix_caching,
+                cache_salt=f"{config.cache_salt}|{self.dtype}",
             ),
             eos_token_ids if eos_token_ids is not None else model.config.eos_token_id,
             detokenize,
@@ -192,7 +203,14 @@ class Engine:
         out = self.scheduler.schedule(now)
         sampled, logprobs = self.runner.execute(out)
         outputs = self.scheduler.update(out, sampled, logprobs)
-        return StepResult(outputs, out.kv_targets, out.num_tokens, out.num_prompt_tokens)
+        return StepResult(
+            outputs,
+            out.kv_targets,
+            out.num_tokens,
+            out.num_prompt_tokens,
+            out.num_cache_query_tokens,
+            out.num_cache_hit_tokens,
+        )
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -205,6 +223,10 @@ class Engine:
             num_queued_prefill_tokens=s.num_queued_prefill_tokens,
             kv_cache_usage=s.pool.usage,
             num_held=s.num_held,
+            num_cached_blocks=s.pool.num_cached_blocks,
+            num_cache_evictions=s.pool.num_evictions,
+            num_cache_query_tokens=s.num_cache_query_tokens,
+            num_cache_hit_tokens=s.num_cache_hit_tokens,
         )
 
     def status(self, request_id: str) -> RequestStatus | None:

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from kvrelay_worker.engine.sampling_params import SamplingParams
+from kvrelay_worker.prefix_hash import BlockHash
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,10 @@ class Request:
     # params.prompt_logprobs: positions 0.. of the prompt scored so far (entry i is token i + 1). Only
     # grows: a preempted request recomputes its prompt but the runner skips the positions listed here
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # prefix cache: the chained hashes of the full blocks of prompt + output computed so far (tokens
+    # never change, so they outlive preemption), and how many of ``block_ids`` are in the cache
+    block_hashes: list[BlockHash] = field(default_factory=list)
+    num_registered_blocks: int = 0
 
     @property
     def num_tokens(self) -> int:

@@ -5,6 +5,11 @@ its prompt), then admit waiting requests while the token budget, the sequence li
 blocks allow, chunking the last prompt to fit. The model runner gets a ``SchedulerOutput`` and
 hands sampled tokens back to ``update``. Prefill, decode and local recompute are the same rule:
 compute ``num_tokens - num_computed_tokens`` tokens and sample once all of them have KV.
+
+With the prefix cache on, a request admitted without blocks first takes the longest run of cached
+full blocks that matches its tokens (``BlockPool.lookup``) and starts computing after them; a block
+joins the cache once its KV is computed (``update``). At least one token is always computed: its
+logits are what the step samples.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass, field
 from kvrelay_worker.engine.block_pool import BlockPool
 from kvrelay_worker.engine.request import Request, RequestStatus, TokenLogprobs
 from kvrelay_worker.engine.sampling_params import SamplingParams
+from kvrelay_worker.prefix_hash import chain_hashes, root_hash
 
 _RUNNING = RequestStatus.RUNNING
 
@@ -31,6 +37,8 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_batch_tokens: int = 2048
     max_model_len: int = 2048
+    enable_prefix_caching: bool = True
+    cache_salt: str = ""  # mixed into every block hash: what else changes the KV (model, dtype)
 
 
 @dataclass(slots=True)
@@ -77,6 +85,9 @@ class SchedulerOutput:
     preempted: list[str] = field(default_factory=list)
     # prompt positions computed this step (prefill chunks, recomputes); not the KV read from a relay
     num_prompt_tokens: int = 0
+    # prefix cache, per admission: the tokens looked up, and those found cached (not computed)
+    num_cache_query_tokens: int = 0
+    num_cache_hit_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -154,6 +165,9 @@ class Scheduler:
     ) -> None:
         self.config = config
         self.pool = BlockPool(config.num_blocks)
+        self._root_hash = root_hash(config.cache_salt)
+        self.num_cache_query_tokens = 0  # since start: tokens looked up in the prefix cache
+        self.num_cache_hit_tokens = 0  # of those, found cached
         self.eos_token_ids = frozenset(eos_token_ids or [])
         self.detokenize = detokenize
         self.requests: dict[str, Request] = {}
@@ -253,8 +267,8 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._grow(request, num_new):
+            num_new = self._admit_blocks(request, budget, out)
+            if num_new is None:
                 if not self.running and self._reclaim_from_waiting(request, out):
                     continue  # nothing runs to free blocks: waiting requests gave theirs back
                 break  # wait for blocks to free up; FIFO keeps long prompts from starving
@@ -285,6 +299,58 @@ class Scheduler:
             request.block_ids = ids
             self.fetching[request.request_id] = request
             out.kv_targets.append(KVTarget(request.request_id, list(ids), request.num_prompt_tokens))
+
+    def _admit_blocks(self, request: Request, budget: int, out: SchedulerOutput) -> int | None:
+        """Give a request about to run the blocks for its next ``num_new`` tokens (returned): cached
+        prefix blocks first when it has none, then fresh ones. None, changing nothing, if too few are free."""
+        block_size = self.config.block_size
+        hits: list[int] = []
+        lookup = (
+            self.config.enable_prefix_caching
+            and not request.block_ids
+            and request.params.prompt_logprobs is None  # a cached prefix would leave positions unscored
+        )
+        if lookup:
+            # the last token is always computed, so a block holding it is never taken from the cache
+            hits = self.pool.lookup(self._hashes(request, (request.num_tokens - 1) // block_size))
+        start = len(hits) * block_size if lookup else request.num_computed_tokens
+        num_new = min(request.num_tokens - start, budget)
+        extra = blocks_needed(start + num_new, block_size) - len(hits) - len(request.block_ids)
+        if extra > self.pool.num_free_after_touch(hits):
+            return None
+        if hits:
+            self.pool.touch(hits)
+            request.block_ids = list(hits)
+            request.num_registered_blocks = len(hits)
+            request.num_computed_tokens = start
+        if extra > 0:
+            ids = self.pool.allocate(extra)
+            assert ids is not None  # checked above
+            request.block_ids.extend(ids)
+        if lookup:
+            out.num_cache_query_tokens += request.num_tokens
+            out.num_cache_hit_tokens += start
+            self.num_cache_query_tokens += request.num_tokens
+            self.num_cache_hit_tokens += start
+        return num_new
+
+    def _hashes(self, request: Request, num_blocks: int) -> list[bytes]:
+        """The request's first ``num_blocks`` block hashes, extending its chain as needed."""
+        have = request.block_hashes
+        if len(have) < num_blocks:
+            bs = self.config.block_size
+            tokens = request.token_ids(len(have) * bs, num_blocks * bs)
+            have.extend(chain_hashes(tokens, bs, have[-1] if have else self._root_hash))
+        return have[:num_blocks]
+
+    def _register_computed_blocks(self, request: Request) -> None:
+        """Put the request's blocks whose KV is now complete into the prefix cache."""
+        full = request.num_computed_tokens // self.config.block_size
+        hashes = self._hashes(request, full)
+        pool, block_ids = self.pool, request.block_ids
+        for b in range(request.num_registered_blocks, full):
+            pool.register(block_ids[b], hashes[b])
+        request.num_registered_blocks = full
 
     def _grow(self, request: Request, num_new: int) -> bool:
         """Make the block table cover ``num_computed + num_new`` tokens; False if blocks ran out."""
@@ -344,11 +410,14 @@ class Scheduler:
         results: list[RequestOutput] = []
         requests = self.requests
         eos, max_len, detokenize = self.eos_token_ids, self.config.max_model_len, self.detokenize
+        caching, block_size = self.config.enable_prefix_caching, self.config.block_size
         for seq in out.seqs:
             request = requests.get(seq.request_id)
             if request is None or request.status != _RUNNING:
                 continue  # aborted while the step ran
             request.num_computed_tokens += len(seq.token_ids)
+            if caching and request.num_computed_tokens >= (request.num_registered_blocks + 1) * block_size:
+                self._register_computed_blocks(request)
             if logprobs is not None and seq.request_id in logprobs.prompt:
                 request.prompt_logprobs.extend(logprobs.prompt[seq.request_id])
             if not seq.sample:
@@ -450,6 +519,7 @@ class Scheduler:
         if request.block_ids:
             self.pool.free(request.block_ids)
             request.block_ids = []
+            request.num_registered_blocks = 0
 
     # ---- introspection ------------------------------------------------------------------------
     def has_work(self) -> bool:

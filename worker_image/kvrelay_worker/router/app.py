@@ -27,6 +27,7 @@ from kvrelay_worker.router.logprobs import TextOffsets, TokenLogprob, chat_logpr
 from kvrelay_worker.router.metrics import RouterMetrics
 from kvrelay_worker.router.migration import MigrationPolicy
 from kvrelay_worker.router.pool import WorkerPool
+from kvrelay_worker.router.prefix_index import PrefixIndex
 from kvrelay_worker.router.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -414,7 +415,11 @@ def create_app(
     pool: WorkerPool | None = None,
 ) -> FastAPI:
     """Build the router app; discovery feeds the pool's worker addresses while the app runs."""
-    pool = pool or WorkerPool(config.health_interval_s)
+    if pool is None:
+        prefix = (
+            PrefixIndex(config.kv_block_size, config.prefix_index_blocks) if config.prefix_weight else None
+        )
+        pool = WorkerPool(config.health_interval_s, prefix=prefix, prefix_weight=config.prefix_weight)
     state = RouterState(config, tokenizer or Tokenizer.from_dir(config.model_dir), pool)
 
     @contextlib.asynccontextmanager

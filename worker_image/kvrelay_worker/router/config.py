@@ -43,6 +43,15 @@ class RouterConfig(BaseModel):
     max_migrations: int = Field(
         default=3, ge=0, description="times one request may resume on another decode worker before it fails"
     )
+    prefix_weight: float = Field(
+        default=1.0,
+        ge=0,
+        description="prefill routing: queued tokens one likely-cached prompt token is worth (0: off)",
+    )
+    kv_block_size: int = Field(default=16, ge=1, description="the workers' KV block size (prefix hashes)")
+    prefix_index_blocks: int = Field(
+        default=1024, ge=1, description="blocks remembered per prefill worker (about its KV cache size)"
+    )
     resume_via: Literal["prefill", "decode"] = Field(
         default="prefill",
         description="who recomputes a resumed request's KV: a prefill worker (relayed) or the decode worker",

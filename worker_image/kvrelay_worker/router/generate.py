@@ -66,15 +66,18 @@ def _delta(text: str, logprobs: TokenLogprob | None) -> TextDelta | None:
 
 
 async def _prefill(
-    pool: WorkerPool, request_id: str, prompt_ids: list[int], sampling: dict[str, Any]
+    pool: WorkerPool, metrics: RouterMetrics, request_id: str, prompt_ids: list[int], sampling: dict[str, Any]
 ) -> PrefillResult:
-    """Call the least-loaded prefill worker; on failure retry once on another one."""
+    """Call the prefill worker that reaches the first token soonest (its queue, the prefix it likely
+    holds: routing.choose_prefill); on failure retry once on another one."""
     tried: list[str] = []
     last_error: WorkerFailed | None = None
     for _ in range(PREFILL_ATTEMPTS):
-        worker = pool.roles["prefill"].choose(exclude=tried)
-        if worker is None:
+        choice = pool.roles["prefill"].choose_for_prompt(prompt_ids, exclude=tried)
+        if choice is None:
             break
+        worker = choice.worker
+        metrics.routed_prefill(choice.cached_prefix_tokens)
         tried.append(worker.client.address)
         worker.queued_prefill_tokens += len(prompt_ids)
         try:
@@ -90,11 +93,13 @@ async def _prefill(
     raise server_error(f"prefill failed after {len(tried)} attempt(s): {last_error}", code="prefill_failed")
 
 
-async def _resume_prefill(pool: WorkerPool, state: ResumeState) -> PrefillResult | None:
+async def _resume_prefill(
+    pool: WorkerPool, metrics: RouterMetrics, state: ResumeState
+) -> PrefillResult | None:
     """Prefill prompt + generated tokens for a resume; None (recompute on decode) if no prefill worker can."""
     input_ids, sampling = state.prefill_inputs()
     try:
-        return await _prefill(pool, state.request_id, input_ids, sampling)
+        return await _prefill(pool, metrics, state.request_id, input_ids, sampling)
     except OpenAIError as exc:
         log.warning("resume of %s: %s; the decode worker recomputes instead", state.request_id, exc.message)
         return None
@@ -121,7 +126,7 @@ async def generate(
     """
     policy = migration or MigrationPolicy()
     state = ResumeState.start(request_id, prompt_ids, sampling, tokenizer, stop)
-    first = await _prefill(pool, request_id, *state.prefill_inputs())
+    first = await _prefill(pool, metrics, request_id, *state.prefill_inputs())
     if first.prompt_logprobs is not None:
         yield PromptLogprobs(first.prompt_logprobs)
     if prompt_only:
@@ -182,7 +187,7 @@ async def generate(
             )  # fmt: skip
             failed_at = time.monotonic()
             kv_handle, via = b"", "decode"  # an empty handle: the decode worker recomputes
-            if policy.resume_via == "prefill" and (resumed := await _resume_prefill(pool, state)):
+            if policy.resume_via == "prefill" and (resumed := await _resume_prefill(pool, metrics, state)):
                 now = time.monotonic()
                 metrics.itl.observe(now - last_token_at)
                 metrics.generation_tokens.inc()

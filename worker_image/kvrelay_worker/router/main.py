@@ -70,6 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
         default="prefill",
         help="a resumed request's KV is recomputed by a prefill worker and relayed, or by the decode worker",
     )
+    p.add_argument(
+        "--prefix-weight",
+        type=float,
+        default=1.0,
+        help="prefill routing: a prompt goes to the worker with the fewest queued tokens minus this weight "
+        "times the prompt tokens it likely holds in its prefix cache (0: fewest queued tokens only)",
+    )
+    p.add_argument("--kv-block-size", type=int, default=16, help="the workers' --block-size (prefix hashes)")
+    p.add_argument(
+        "--prefix-index-blocks",
+        type=int,
+        default=1024,
+        help="prefix blocks remembered per prefill worker, least recently routed forgotten first (about the "
+        "worker's --num-blocks)",
+    )
     p.add_argument("--log-level", default="info")
     return p
 
@@ -93,6 +108,9 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         decode_idle_timeout_s=args.decode_idle_timeout,
         max_migrations=args.max_migrations,
         resume_via=args.resume_via,
+        prefix_weight=args.prefix_weight,
+        kv_block_size=args.kv_block_size,
+        prefix_index_blocks=args.prefix_index_blocks,
     )
 
 

@@ -65,6 +65,24 @@ class RouterMetrics:
             registry=self.registry,
         )
 
+        self.prefill_routing = Counter(
+            "kvrelay_router_prefill_routing",
+            "Prefill worker choices: `prefix` if the chosen one likely held some of the prompt, else `load`",
+            ["model", "reason"],
+            registry=self.registry,
+        )
+        self.routed_prefix_tokens = Counter(
+            "kvrelay_router_prefix_hit_tokens",
+            "Prompt tokens the chosen prefill worker likely held (the router's estimate)",
+            ["model"],
+            registry=self.registry,
+        ).labels(model)
+
+    def routed_prefill(self, cached_prefix_tokens: int) -> None:
+        """One prefill worker chosen, holding (by the router's estimate) this many of the prompt's tokens."""
+        self.prefill_routing.labels(self.model, "prefix" if cached_prefix_tokens else "load").inc()
+        self.routed_prefix_tokens.inc(cached_prefix_tokens)
+
     def request_done(self, status: str) -> None:
         """status: success | client_error | server_error | cancelled."""
         self.requests.labels(self.model, status).inc()

@@ -8,10 +8,11 @@ import itertools
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from kvrelay_worker.router.kserve import WorkerClient
+from kvrelay_worker.router.prefix_index import PrefixIndex
 from kvrelay_worker.router.routing import WorkerLoad, choose_decode, choose_prefill
 
 log = logging.getLogger(__name__)
@@ -42,21 +43,63 @@ class RolePool:
     role: Role
     workers: dict[str, WorkerState] = field(default_factory=dict)
     turns: Iterator[int] = field(default_factory=itertools.count)
+    # prefill: where prompts' prefixes are likely cached, and how much a cached token weighs against a
+    # queued one (routing.choose_prefill); None: least queued only
+    prefix: PrefixIndex | None = None
+    prefix_weight: float = 1.0
 
     def loads(self) -> list[WorkerLoad]:
         return [w.load() for w in self.workers.values()]
 
     def choose(self, exclude: Sequence[str] = ()) -> WorkerState | None:
-        pick = choose_prefill if self.role == "prefill" else choose_decode
-        address = pick(self.loads(), exclude, next(self.turns))
+        """Decode: the worker with the fewest streams (prefill: see ``choose_for_prompt``)."""
+        address = choose_decode(self.loads(), exclude, next(self.turns))
         return self.workers[address] if address is not None else None
+
+    def choose_for_prompt(self, prompt_ids: Sequence[int], exclude: Sequence[str] = ()) -> Choice | None:
+        """Prefill: the worker for this prompt, with the prompt tokens it likely holds already; the
+        prompt is then recorded as sent there."""
+        if self.prefix is None:
+            address = choose_prefill(self.loads(), exclude, next(self.turns))
+            return Choice(self.workers[address], 0) if address is not None else None
+        hashes = self.prefix.hashes(prompt_ids)
+        loads = [
+            replace(w.load(), cached_prefix_tokens=self.prefix.cached_tokens(a, hashes))
+            for a, w in self.workers.items()
+        ]
+        address = choose_prefill(loads, exclude, next(self.turns), self.prefix_weight)
+        if address is None:
+            return None
+        cached = self.prefix.cached_tokens(address, hashes)
+        self.prefix.record(address, hashes)
+        return Choice(self.workers[address], cached)
+
+    def forget(self, address: str) -> None:
+        """What the router guessed about a worker's cache no longer holds (it left, restarted or failed)."""
+        if self.prefix is not None:
+            self.prefix.forget(address)
+
+
+@dataclass(frozen=True)
+class Choice:
+    worker: WorkerState
+    cached_prefix_tokens: int  # the router's estimate; the worker measures the real hits
 
 
 class WorkerPool:
     """Prefill and decode workers; addresses come from discovery, health from periodic readiness checks."""
 
-    def __init__(self, health_interval_s: float = 1.0, retire_timeout_s: float = RETIRE_TIMEOUT_S) -> None:
-        self.roles: dict[Role, RolePool] = {"prefill": RolePool("prefill"), "decode": RolePool("decode")}
+    def __init__(
+        self,
+        health_interval_s: float = 1.0,
+        retire_timeout_s: float = RETIRE_TIMEOUT_S,
+        prefix: PrefixIndex | None = None,
+        prefix_weight: float = 1.0,
+    ) -> None:
+        self.roles: dict[Role, RolePool] = {
+            "prefill": RolePool("prefill", prefix=prefix, prefix_weight=prefix_weight),
+            "decode": RolePool("decode"),
+        }
         self._health_interval_s = health_interval_s
         self._retire_timeout_s = retire_timeout_s
         self._order = itertools.count()
@@ -69,6 +112,7 @@ class WorkerPool:
         for address in list(pool.workers):
             if address not in addresses:
                 self._retire(pool.workers.pop(address))
+                pool.forget(address)
                 log.info("%s worker %s removed", role, address)
         new = [a for a in addresses if a not in pool.workers]
         for address in new:
@@ -81,6 +125,8 @@ class WorkerPool:
         if ready != worker.healthy:
             level = logging.INFO if ready else logging.WARNING
             log.log(level, "worker %s is now %s", worker.client.address, "ready" if ready else "NOT ready")
+            if not ready:  # it may come back restarted, its cache empty
+                self.roles["prefill"].forget(worker.client.address)
         worker.healthy = ready
 
     def _retire(self, worker: WorkerState) -> None:
@@ -109,6 +155,7 @@ class WorkerPool:
         if worker.healthy:
             log.warning("worker %s marked down after a failed call", worker.client.address)
         worker.healthy = False
+        self.roles["prefill"].forget(worker.client.address)
 
     async def check_all(self) -> None:
         workers = [w for pool in self.roles.values() for w in pool.workers.values()]

@@ -15,6 +15,7 @@ class WorkerLoad:
     queued_prefill_tokens: int = 0  # prompt tokens of prefill calls in flight (prefill role)
     running_sequences: int = 0  # decode streams in flight (decode role)
     order: int = 0  # stable position; breaks ties so idle workers are used round-robin
+    cached_prefix_tokens: int = 0  # of the prompt being routed, what this worker likely holds (prefill)
 
 
 def _eligible(loads: Sequence[WorkerLoad], exclude: Collection[str]) -> list[WorkerLoad]:
@@ -31,14 +32,21 @@ def _rotation(loads: Sequence[WorkerLoad], turn: int) -> dict[str, int]:
     return {w.address: (rank - turn) % len(ranked) for rank, w in enumerate(ranked)}
 
 
-def choose_prefill(loads: Sequence[WorkerLoad], exclude: Collection[str] = (), turn: int = 0) -> str | None:
-    """Least queued prefill tokens wins; ties rotate with `turn`. None when no healthy worker is left."""
+def choose_prefill(
+    loads: Sequence[WorkerLoad], exclude: Collection[str] = (), turn: int = 0, prefix_weight: float = 0.0
+) -> str | None:
+    """The worker that would reach this prompt's first token soonest: fewest prompt tokens queued there,
+    minus ``prefix_weight`` x the tokens of this prompt it already holds (it computes only the rest).
+    Weight 0: least queued. Ties rotate with `turn`. None when no healthy worker is left."""
     candidates = _eligible(loads, exclude)
     if not candidates:
         return None
     place = _rotation(loads, turn)
-    best = min(candidates, key=lambda w: (w.queued_prefill_tokens, place[w.address]))
-    return best.address
+
+    def cost(w: WorkerLoad) -> tuple[float, int]:
+        return (w.queued_prefill_tokens - prefix_weight * w.cached_prefix_tokens, place[w.address])
+
+    return min(candidates, key=cost).address
 
 
 def choose_decode(loads: Sequence[WorkerLoad], exclude: Collection[str] = (), turn: int = 0) -> str | None:
