@@ -25,8 +25,11 @@ class Serve:
 
 
 @contextlib.contextmanager
-def launch_serve(args: Sequence[str], timeout_s: float = 300) -> Iterator[Serve]:
-    """`kvrelay serve --port 0 ...` as a child process; SIGTERM (which stops its workers) on exit."""
+def launch_serve(
+    args: Sequence[str], timeout_s: float = 300, log_lines: list[str] | None = None
+) -> Iterator[Serve]:
+    """`kvrelay serve --port 0 ...` as a child process; SIGTERM (which stops its workers) on exit.
+    ``log_lines`` collects what serve printed up to its URL line (worker pids and ports)."""
     code = "from kvrelay_worker.cli import main; main()"
     proc = subprocess.Popen(
         [sys.executable, "-c", code, "serve", "--port", "0", *args],
@@ -37,6 +40,8 @@ def launch_serve(args: Sequence[str], timeout_s: float = 300) -> Iterator[Serve]
         deadline = time.monotonic() + timeout_s
         assert proc.stdout is not None
         for line in proc.stdout:
+            if log_lines is not None:
+                log_lines.append(line)
             if m := WORKER_RE.search(line):
                 serve.workers[m.group(1)] = m.group(3)
             if m := URL_RE.search(line):

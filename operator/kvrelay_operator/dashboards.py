@@ -203,12 +203,55 @@ def pools() -> DashboardSpec:
             unit="s",
         ),
     )
+    # Rates over looked-up tokens; `> 0` drops a role that looked nothing up (0/0 is no answer, not NaN).
+    hits = f"sum by (role) (rate(kvrelay_prefix_cache_hits_total{{{MODEL}}}[{RATE}]))"
+    queries = f"sum by (role) (rate(kvrelay_prefix_cache_queries_total{{{MODEL}}}[{RATE}]))"
+    routed_hits = f"sum(rate(kvrelay_router_prefix_hit_tokens_total{{{ROUTER}}}[{RATE}]))"
+    routed_prompts = f"sum(rate(kvrelay_prompt_tokens_total{{{ROUTER}}}[{RATE}]))"
+    prefix = (
+        PanelSpec(
+            "Prefix cache hit rate",
+            "Share of looked-up prompt tokens whose KV a worker found in its prefix cache (not computed), "
+            "per role, and the share the router expected when it chose the prefill worker.",
+            (
+                Query(f"{hits} / ({queries} > 0)", "{{role}}"),
+                Query(f"{routed_hits} / ({routed_prompts} > 0)", "router estimate"),
+            ),
+            unit="percentunit",
+            width=8,
+        ),
+        PanelSpec(
+            "Cached blocks and evictions",
+            "KV blocks held by the prefix cache (in use or free), and cached blocks evicted per second.",
+            (
+                Query(f"sum by (role) (kvrelay_prefix_cache_blocks{{{MODEL}}})", "cached {{role}}"),
+                Query(
+                    f"sum by (role) (rate(kvrelay_prefix_cache_evictions_total{{{MODEL}}}[{RATE}]))",
+                    "evicted/s {{role}}",
+                ),
+            ),
+            width=8,
+        ),
+        PanelSpec(
+            "Prefill routing decisions",
+            "Why the router chose each prefill worker: `prefix` (it likely held part of the prompt) or "
+            "`load` (fewest queued tokens).",
+            (
+                Query(
+                    f"sum by (reason) (rate(kvrelay_router_prefill_routing_total{{{ROUTER}}}[{RATE}]))",
+                    "{{reason}}",
+                ),
+            ),
+            unit="reqps",
+            width=8,
+        ),
+    )
     return DashboardSpec(
         "kvrelay-pools.json",
         "kvrelay-pools",
         "kvrelay / Pools",
-        "Prefill and decode pools: size, ratio, backlog and KV-cache pressure.",
-        (("Size", size), ("Load", load)),
+        "Prefill and decode pools: size, ratio, backlog, KV-cache pressure and prefix reuse.",
+        (("Size", size), ("Load", load), ("Prefix cache", prefix)),
         annotations=(SCALING_ANNOTATION,),
     )
 

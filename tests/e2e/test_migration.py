@@ -402,8 +402,10 @@ async def test_decode_worker_sigterm_under_32_streams(stack: Stack, engine: Any)
         "near_ties": near_ties, "run_s": round(elapsed, 2),
     }  # fmt: skip
     assert code == 0, figures
-    # A drained worker never looks lost, and with a deadline this far off it hands nothing on either.
-    assert migrations == {"draining": 0, "worker_lost": 0}, figures
+    # A drained worker never looks lost, and with a deadline this far off it hands nothing on at the deadline:
+    # it was gone long before it. ("draining" refusals may happen: on a loaded machine a stream's decode call
+    # can reach the victim just after the signal, and the router rightly sends it elsewhere.)
+    assert migrations["worker_lost"] == 0 and exit_s < drain_s / 2, figures
     figures["kv_empty_after_s"] = round(_assert_no_kv_leaked(stack), 2)
     print(json.dumps(figures))
     stack.ensure(victim["name"])

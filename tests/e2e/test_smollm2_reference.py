@@ -20,6 +20,7 @@ from smollm2_reference import (
     LOGIT_TOL_FP32,
     NEAR_TIE_FP32,
     compare_greedy,
+    hf_greedy,
     hf_logits,
 )
 
@@ -143,3 +144,37 @@ def test_engine_greedy_matches_transformers(
     assert not bad, bad
     assert len(near_ties) <= MAX_NEAR_TIES, near_ties
     assert engine.scheduler.pool.num_free_blocks == engine.scheduler.pool.num_usable_blocks  # none leaked
+    if batch == 1:  # one after another, each finds the chat template's default system prompt cached
+        assert engine.stats().num_cache_hit_tokens >= 16 * (len(prompts) - 1)
+
+
+def test_a_second_turn_reuses_the_first_and_still_matches_transformers(
+    hf_smollm2: Any, smollm2_dir: Path, chat_references: dict[str, Any], all_cores: None
+) -> None:
+    """The prefix cache on the real checkpoint: turn 2 resends turn 1's prompt and answer; the engine
+    computes only what follows the cached blocks and still matches transformers' own greedy run."""
+    model, tokenizer = hf_smollm2
+    engine = _engine(smollm2_dir, max_num_seqs=1)
+    question = CHAT_PROMPTS[0]
+    ids1, ref1 = chat_references[question]
+    out1 = engine.generate([ids1], SamplingParams(max_tokens=64, ignore_eos=True))[0]
+    assert compare_greedy(ref1, out1, NEAR_TIE_FP32).ok
+    history = [
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": tokenizer.decode(out1, skip_special_tokens=True)},
+        {"role": "user", "content": "Now say that in one sentence."},
+    ]
+    rendered = tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
+    ids2 = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    ref2 = hf_greedy(model, ids2, 32)
+    hits_before = engine.stats().num_cache_hit_tokens
+    out2 = engine.generate([ids2], SamplingParams(max_tokens=32, ignore_eos=True))[0]
+    verdict = compare_greedy(ref2, out2, NEAR_TIE_FP32)
+    assert verdict.ok, verdict.mismatch
+    # Turn 1 computed its prompt and 63 of its 64 answer tokens; turn 2 shares them up to where the
+    # re-rendered answer differs (at the latest, the template's end-of-turn marker).
+    turn1 = [*ids1, *out1]
+    common = next((i for i, (a, b) in enumerate(zip(turn1, ids2, strict=False)) if a != b), len(ids2))
+    reused = engine.stats().num_cache_hit_tokens - hits_before
+    assert reused == min(common, len(turn1) - 1, len(ids2) - 1) // 16 * 16, (reused, common, len(ids1))
+    assert reused >= len(ids1) // 16 * 16 > 0

@@ -1,0 +1,304 @@
+"""Prefix caching and prefix-aware routing on a public trace with real prefix structure.
+
+Workload: a window of consecutive requests of the Mooncake FAST'25 trace (`synthetic_trace.jsonl`,
+Apache-2.0, Qin et al., FAST 2025). Its `hash_ids` name 512-token blocks with prefix semantics (one
+id = one block after one particular prefix). Scaled to this CPU: every id becomes a fixed block of
+``--block-tokens`` (16) token ids drawn from a generator seeded by the id, so equal ids are equal
+tokens; prompts are capped at ``--max-blocks`` blocks (a prefix of the ids, so the structure holds);
+outputs are the trace's length / 32, 1..16 tokens, with ignore_eos. Requests are sent open-loop at the
+trace's timestamps divided by ``--speedup`` to `kvrelay serve --model tiny` with 2 prefill workers and
+1 decode worker, as completions with token-id prompts, streamed (TTFT = first chunk).
+
+Settings, each on a fresh stack (one JSON line each, ratios against (a) from the same run):
+  (a) no cache     -- workers --no-enable-prefix-caching, router --prefix-weight 0
+  (b) cache + least-queued routing -- router --prefix-weight 0
+  (c) cache + prefix-aware routing -- the defaults
+and a multi-turn chat load on (c)'s defaults: N conversations x M turns over one shared system prompt,
+each turn resending the whole history (earlier prompts, the answers as text re-encoded, a new question).
+
+Hit rate = prefix-cache hit tokens / looked-up tokens on the prefill workers (their own /metrics);
+prefill tokens computed = their kvrelay_prompt_tokens_computed_total. The upper bound is the window's
+own: an infinite cache, empty at the start, one worker; given twice, for a cache that may reuse every
+block and for one that always computes the block holding the prompt's last token, as kvrelay's (and
+vLLM's) engine does (the step samples from that token's logits).
+
+    python bench/prefix_cache.py [--window 2000] [--start 0] [--speedup 8] [--settings a,b,c,multi]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+from router_common import launch_serve, quantile
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+from sim.traces import traces_dir  # noqa: E402
+
+TINY_VOCAB = 512  # the tiny model's; token ids 5.. avoid its special tokens
+METRICS_RE = re.compile(r"worker (\S+) pid=\d+ grpc=\S+ metrics=:(\d+)")
+SETTINGS = {
+    "a": ("no cache", ["--worker-arg=--no-enable-prefix-caching", "--router-arg=--prefix-weight=0"]),
+    "b": ("cache + least-queued routing", ["--router-arg=--prefix-weight=0"]),
+    "c": ("cache + prefix-aware routing", []),
+}
+
+
+@dataclass(frozen=True)
+class TraceRequest:
+    at_s: float  # arrival, trace time
+    hash_ids: tuple[int, ...]
+    max_tokens: int
+
+
+def load_window(path: Path, start: int, count: int, max_blocks: int) -> tuple[list[TraceRequest], int]:
+    """``count`` consecutive rows from ``start``; (requests, how many prompts were capped)."""
+    rows = []
+    with path.open() as f:
+        for i, line in enumerate(f):
+            if i >= start + count:
+                break
+            if i >= start:
+                rows.append(json.loads(line))
+    t0 = rows[0]["timestamp"]
+    capped = sum(len(r["hash_ids"]) > max_blocks for r in rows)
+    requests = [
+        TraceRequest(
+            (r["timestamp"] - t0) / 1000.0,
+            tuple(r["hash_ids"][:max_blocks]),
+            max(1, min(16, round(r["output_length"] / 32))),
+        )
+        for r in rows
+    ]
+    return requests, capped
+
+
+def block_tokens(hash_id: int, n: int) -> list[int]:
+    rng = random.Random(hash_id)
+    return [rng.randrange(5, TINY_VOCAB) for _ in range(n)]
+
+
+def ideal_hit_rate(requests: list[TraceRequest], last_block_computed: bool) -> float:
+    """Hit tokens / prompt tokens with an infinite cache, empty at the start, on one worker."""
+    seen: set[int] = set()
+    hit = total = 0
+    for r in requests:
+        n = 0
+        for h in r.hash_ids:
+            if h not in seen:
+                break
+            n += 1
+        if last_block_computed:
+            n = min(n, len(r.hash_ids) - 1)
+        hit += n
+        total += len(r.hash_ids)
+        seen.update(r.hash_ids)
+    return hit / total
+
+
+def worker_counters(ports: dict[str, int], role: str) -> dict[str, float]:
+    """Prefix-cache and prompt counters summed over the `role` workers' /metrics."""
+    names = ("kvrelay_prefix_cache_queries_total", "kvrelay_prefix_cache_hits_total",
+             "kvrelay_prompt_tokens_computed_total")  # fmt: skip
+    out = dict.fromkeys(names, 0.0)
+    per_worker_hits = {}
+    for name, port in ports.items():
+        if not name.startswith(role):
+            continue
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+        for row in text.splitlines():
+            for metric in names:
+                if row.startswith(metric + "{"):
+                    out[metric] += float(row.rsplit(" ", 1)[1])
+                    if metric == "kvrelay_prefix_cache_hits_total":
+                        per_worker_hits[name] = float(row.rsplit(" ", 1)[1])
+    out["per_worker_hits"] = per_worker_hits  # type: ignore[assignment]
+    return out
+
+
+async def timed_completion(
+    client: openai.AsyncOpenAI, model: str, prompt: list[int], max_tokens: int
+) -> tuple[float, str]:
+    """(TTFT seconds, text) of one streamed completion."""
+    start = time.perf_counter()
+    ttft = None
+    text = []
+    stream = await client.completions.create(
+        model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    async for chunk in stream:
+        if ttft is None and chunk.choices:
+            ttft = time.perf_counter() - start
+        if chunk.choices:
+            text.append(chunk.choices[0].text)
+    return (ttft if ttft is not None else time.perf_counter() - start), "".join(text)
+
+
+async def replay(client: openai.AsyncOpenAI, model: str, requests: list[TraceRequest], block: int,
+                 speedup: float) -> tuple[list[float], float, int]:  # fmt: skip
+    """Open loop at trace time / speedup; (TTFTs, wall seconds, failures)."""
+    ttfts: list[float] = []
+    failures = 0
+
+    async def one(r: TraceRequest, t0: float) -> None:
+        nonlocal failures
+        await asyncio.sleep(max(0.0, t0 + r.at_s / speedup - time.perf_counter()))
+        prompt = [t for h in r.hash_ids for t in block_tokens(h, block)]
+        try:
+            ttft, _ = await timed_completion(client, model, prompt, r.max_tokens)
+            ttfts.append(ttft)
+        except openai.APIError as exc:
+            failures += 1
+            print(f"request failed: {exc}", file=sys.stderr)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(r, t0) for r in requests))
+    return ttfts, time.perf_counter() - t0, failures
+
+
+async def multi_turn(
+    client: openai.AsyncOpenAI, model: str, conversations: int, turns: int
+) -> tuple[list[float], int]:
+    """N conversations in parallel, M turns each, over one shared system prompt; (TTFTs, prompt tokens)."""
+    rng = random.Random(7)
+    system = [rng.randrange(5, TINY_VOCAB) for _ in range(128)]
+    ttfts: list[float] = []
+    sent = 0
+    from kvrelay_worker.model_store import ensure_tiny_model
+    from kvrelay_worker.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(ensure_tiny_model())
+
+    async def conversation(c: int) -> None:
+        nonlocal sent
+        crng = random.Random(1000 + c)
+        history = list(system)
+        for _ in range(turns):
+            history += [crng.randrange(5, TINY_VOCAB) for _ in range(24)]  # the user's next message
+            ttft, answer = await timed_completion(client, model, history, 16)
+            ttfts.append(ttft)
+            sent += len(history)
+            history += tokenizer.encode(answer)  # the client sends the answer back as text
+
+    await asyncio.gather(*(conversation(c) for c in range(conversations)))
+    return ttfts, sent
+
+
+def _summary(ttfts: list[float]) -> dict[str, float]:
+    return {
+        "p50_ms": round(statistics.median(ttfts) * 1e3, 2),
+        "p99_ms": round(quantile(ttfts, 0.99) * 1e3, 2),
+    }
+
+
+async def run_setting(key: str, args: argparse.Namespace, requests: list[TraceRequest]) -> dict[str, object]:
+    name, extra = SETTINGS.get(key, ("multi-turn chat, cache + prefix-aware routing", []))
+    serve_args = ["--model", "tiny", "--prefill", "2", "--decode", "1",
+                  f"--worker-arg=--num-blocks={args.num_blocks}",
+                  f"--router-arg=--prefix-index-blocks={args.num_blocks}", *extra]  # fmt: skip
+    lines: list[str] = []
+    with launch_serve(serve_args, log_lines=lines) as serve:
+        ports = {m.group(1): int(m.group(2)) for line in lines if (m := METRICS_RE.search(line))}
+        http = httpx.AsyncClient(limits=httpx.Limits(max_connections=4096, max_keepalive_connections=256),
+                                 timeout=httpx.Timeout(900.0))  # fmt: skip
+        client = openai.AsyncOpenAI(
+            base_url=serve.base_url, api_key="unused", max_retries=0, http_client=http
+        )
+        before = worker_counters(ports, "prefill")
+        try:
+            if key == "multi":
+                t0 = time.perf_counter()
+                ttfts, _ = await multi_turn(client, serve.model, args.conversations, args.turns)
+                wall, failures, n = time.perf_counter() - t0, 0, len(ttfts)
+            else:
+                ttfts, wall, failures = await replay(
+                    client, serve.model, requests, args.block_tokens, args.speedup
+                )
+                n = len(requests)
+        finally:
+            await client.close()
+        after = worker_counters(ports, "prefill")
+    delta = {k: after[k] - before[k] for k in after if k != "per_worker_hits"}
+    queries = delta["kvrelay_prefix_cache_queries_total"]
+    return {
+        "bench": "prefix_cache",
+        "setting": key,
+        "name": name,
+        "requests": n,
+        "failed": failures,
+        "prefill_tokens_computed": int(delta["kvrelay_prompt_tokens_computed_total"]),
+        "hit_rate": round(delta["kvrelay_prefix_cache_hits_total"] / queries, 4) if queries else 0.0,
+        "hits_per_prefill_worker": {k: int(v) for k, v in after["per_worker_hits"].items()},
+        "ttft": _summary(ttfts) if ttfts else {},
+        "throughput_req_s": round(n / wall, 2),
+        "wall_s": round(wall, 1),
+    }
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    path = traces_dir(BENCH_DIR.parent) / "synthetic_trace.jsonl"
+    requests, capped = load_window(path, args.start, args.window, args.max_blocks)
+    window = {
+        "trace": "Mooncake FAST25 synthetic_trace.jsonl",
+        "rows": f"{args.start}-{args.start + len(requests) - 1}",
+        "span_s": round(requests[-1].at_s, 1),
+        "speedup": args.speedup,
+        "block_tokens": args.block_tokens,
+        "prompt_tokens_mean": round(
+            statistics.mean(len(r.hash_ids) for r in requests) * args.block_tokens, 1
+        ),
+        "capped_prompts": capped,
+        "ideal_hit_rate": round(ideal_hit_rate(requests, last_block_computed=False), 4),
+        "ideal_hit_rate_last_block_computed": round(ideal_hit_rate(requests, last_block_computed=True), 4),
+        "num_blocks_per_worker": args.num_blocks,
+        "cpu_count": os.cpu_count(),
+    }
+    baseline: dict[str, object] | None = None
+    for key in args.settings.split(","):
+        line = await run_setting(key, args, requests)
+        if key != "multi":
+            line["window"] = window
+            line["gap_to_bound"] = round(window["ideal_hit_rate_last_block_computed"] - line["hit_rate"], 4)
+            if baseline is None and key == "a":
+                baseline = line
+            if baseline is not None:
+                line["ratio_vs_no_cache"] = {
+                    "prefill_tokens_computed": round(
+                        line["prefill_tokens_computed"] / max(1, baseline["prefill_tokens_computed"]), 4
+                    ),
+                    "ttft_p50": round(line["ttft"]["p50_ms"] / baseline["ttft"]["p50_ms"], 4),
+                }
+        else:
+            line.update(conversations=args.conversations, turns=args.turns)
+        print(json.dumps(line), flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--window", type=int, default=2000, help="consecutive trace rows")
+    p.add_argument("--start", type=int, default=0, help="first row of the window")
+    p.add_argument("--speedup", type=float, default=8.0, help="trace time / this = replay time")
+    p.add_argument("--block-tokens", type=int, default=16, help="tokens per trace block (512 in the trace)")
+    p.add_argument("--max-blocks", type=int, default=120, help="prompt cap in blocks (tiny's 2,048 context)")
+    p.add_argument("--num-blocks", type=int, default=32768, help="KV blocks per worker (8 KiB each for tiny)")
+    p.add_argument("--settings", default="a,b,c,multi", help="a, b, c (see above) and multi, in order")
+    p.add_argument("--conversations", type=int, default=16)
+    p.add_argument("--turns", type=int, default=8)
+    asyncio.run(main_async(p.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
