@@ -38,7 +38,7 @@ from kvrelay_operator import api, resources
 from kvrelay_operator.apply import ApplyError, ChildApplier
 from kvrelay_operator.kube import PROMETHEUS_OPERATOR_GROUP_VERSION, KubeClient
 from kvrelay_operator.pod_load import DEFAULT_URL_TEMPLATE, PodLoadReader
-from kvrelay_operator.replicas import target_replicas
+from kvrelay_operator.replicas import replicas_set_by_others, target_replicas
 from kvrelay_operator.status import (
     DeploymentState,
     PodScheduling,
@@ -339,7 +339,10 @@ def on_deployment_event(
     target = target_replicas(spec, status, role)  # type: ignore[arg-type]
     live = (body.get("spec") or {}).get("replicas")
     adjust = _unchanged
-    if live != target:
+    # Only a value someone else wrote is drift. Replicas the operator wrote itself that differ from the
+    # target are its own change in progress: restoring them here would lower a pool before the
+    # reconcile (or the autoscaler) has marked the pods that should go.
+    if live != target and replicas_set_by_others(body, resources.FIELD_MANAGER):
         _apply_deployment(state, parent, role)
         message = f"Deployment {meta['name']} was scaled to {live} outside the operator; restored to {target}"
         kopf.event(parent, type="Warning", reason="ReplicasRestored", message=message)

@@ -6,6 +6,9 @@ it as desiredReplicas and the handlers compare live Deployments against it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from kvrelay_operator import api
 
 
@@ -25,3 +28,17 @@ def target_replicas(
     ):
         return max(role_spec.min_replicas, min(role_spec.max_replicas, role_status.desired_replicas))
     return role_spec.replicas
+
+
+def replicas_set_by_others(deployment: Mapping[str, Any], field_manager: str) -> bool:
+    """Whether someone other than ``field_manager`` last set the Deployment's spec.replicas (``kubectl
+    scale``, an HPA, an edit), from its managedFields.
+
+    A Deployment whose replicas differ from the target but were set by the operator itself is not drift:
+    the operator has a change of its own to make (a scale-down marks its victims first) and makes it.
+    """
+    for entry in (deployment.get("metadata") or {}).get("managedFields") or []:
+        fields = (entry.get("fieldsV1") or {}).get("f:spec") or {}
+        if entry.get("manager") != field_manager and "f:replicas" in fields:
+            return True
+    return False

@@ -353,3 +353,18 @@ def test_rendered_command_lines_parse_with_the_real_entrypoints() -> None:
         container(render(spec(router=router)), "router")["args"][2:]
     )
     assert args.max_migrations == 0 and args.resume_via == "decode" and args.prefix_weight == 0.0
+
+
+def test_replicas_are_drift_only_when_someone_else_set_them() -> None:
+    """managedFields as the API server writes them: the operator's apply, then `kubectl scale`."""
+    spec_replicas = {"fieldsV1": {"f:spec": {"f:replicas": {}}}}
+    ours = {"manager": resources.FIELD_MANAGER, "operation": "Apply", **spec_replicas}
+    scaled = {"manager": "kubectl", "operation": "Update", "subresource": "scale", **spec_replicas}
+    status = {"manager": "kube-controller-manager", "operation": "Update", "subresource": "status",
+              "fieldsV1": {"f:status": {"f:replicas": {}}}}  # fmt: skip
+
+    def by_others(*entries: dict[str, Any]) -> bool:
+        deployment = {"metadata": {"managedFields": list(entries)}}
+        return replicas.replicas_set_by_others(deployment, resources.FIELD_MANAGER)
+
+    assert not by_others(ours, status) and by_others(scaled, status) and not by_others()
