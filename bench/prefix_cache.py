@@ -13,8 +13,9 @@ Settings, each on a fresh stack (one JSON line each, ratios against (a) from the
   (a) no cache     -- workers --no-enable-prefix-caching, router --prefix-weight 0
   (b) cache + least-queued routing -- router --prefix-weight 0
   (c) cache + prefix-aware routing -- the defaults
-and a multi-turn chat load on (c)'s defaults: N conversations x M turns over one shared system prompt,
-each turn resending the whole history (earlier prompts, the answers as text re-encoded, a new question).
+and a multi-turn chat load on (c)'s defaults (on (c)'s stack when it follows (c)): N conversations x M
+turns over one shared system prompt, each turn resending the whole history (earlier prompts, the
+answers as text re-encoded, a new question).
 
 Hit rate = prefix-cache hit tokens / looked-up tokens on the prefill workers (their own /metrics);
 prefill tokens computed = their kvrelay_prompt_tokens_computed_total. The upper bound is the window's
@@ -170,31 +171,55 @@ async def replay(client: openai.AsyncOpenAI, model: str, requests: list[TraceReq
 
 
 async def multi_turn(
-    client: openai.AsyncOpenAI, model: str, conversations: int, turns: int
-) -> tuple[list[float], int]:
-    """N conversations in parallel, M turns each, over one shared system prompt; (TTFTs, prompt tokens)."""
+    client: openai.AsyncOpenAI, model: str, args: argparse.Namespace
+) -> tuple[list[float], list[list[int]]]:
+    """N conversations over one shared system prompt, M turns each; users arrive ``--stagger-s`` apart
+    and think ``--think-s`` between an answer and their next message. (TTFTs, prompts in sending order.)"""
     rng = random.Random(7)
     system = [rng.randrange(5, TINY_VOCAB) for _ in range(128)]
     ttfts: list[float] = []
-    sent = 0
+    sent: list[list[int]] = []
     from kvrelay_worker.model_store import ensure_tiny_model
     from kvrelay_worker.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_dir(ensure_tiny_model())
 
     async def conversation(c: int) -> None:
-        nonlocal sent
         crng = random.Random(1000 + c)
         history = list(system)
-        for _ in range(turns):
+        await asyncio.sleep(c * args.stagger_s)
+        for turn in range(args.turns):
+            if turn:
+                await asyncio.sleep(args.think_s)
             history += [crng.randrange(5, TINY_VOCAB) for _ in range(24)]  # the user's next message
+            sent.append(list(history))
             ttft, answer = await timed_completion(client, model, history, 16)
             ttfts.append(ttft)
-            sent += len(history)
             history += tokenizer.encode(answer)  # the client sends the answer back as text
 
-    await asyncio.gather(*(conversation(c) for c in range(conversations)))
+    await asyncio.gather(*(conversation(c) for c in range(args.conversations)))
     return ttfts, sent
+
+
+def ideal_prompt_hit_rate(prompts: list[list[int]], block: int) -> float:
+    """The bound for prompts in sending order: an infinite cache, empty at the start, one worker, the block
+    holding each prompt's last token computed. Only prompts are cached: an answer's KV is computed on a
+    decode worker, so the next turn's prefill computes it again."""
+    from kvrelay_worker.prefix_hash import chain_hashes, root_hash
+
+    seen: set[bytes] = set()
+    hit = total = 0
+    for prompt in prompts:
+        hashes = chain_hashes(prompt, block, root_hash(""))
+        n = 0
+        for h in hashes[: (len(prompt) - 1) // block]:
+            if h not in seen:
+                break
+            n += 1
+        hit += n * block
+        total += len(prompt)
+        seen.update(hashes)
+    return hit / total
 
 
 def _summary(ttfts: list[float]) -> dict[str, float]:
@@ -204,35 +229,58 @@ def _summary(ttfts: list[float]) -> dict[str, float]:
     }
 
 
-async def run_setting(key: str, args: argparse.Namespace, requests: list[TraceRequest]) -> dict[str, object]:
-    name, extra = SETTINGS.get(key, ("multi-turn chat, cache + prefix-aware routing", []))
-    serve_args = ["--model", "tiny", "--prefill", "2", "--decode", "1",
-                  f"--worker-arg=--num-blocks={args.num_blocks}",
-                  f"--router-arg=--prefix-index-blocks={args.num_blocks}", *extra]  # fmt: skip
+def serve_args(key: str, args: argparse.Namespace) -> list[str]:
+    extra = SETTINGS[key][1] if key in SETTINGS else SETTINGS["c"][1]  # multi-turn runs on (c)'s settings
+    return ["--model", "tiny", "--prefill", "2", "--decode", "1",
+            f"--worker-arg=--num-blocks={args.num_blocks}",
+            f"--router-arg=--prefix-index-blocks={args.num_blocks}", *extra]  # fmt: skip
+
+
+async def run_stack(
+    keys: list[str], args: argparse.Namespace, requests: list[TraceRequest]
+) -> list[dict[str, object]]:
+    """One fresh `kvrelay serve` for settings that share its flags (c, then multi), run in turn."""
     lines: list[str] = []
-    with launch_serve(serve_args, log_lines=lines) as serve:
+    results = []
+    with launch_serve(serve_args(keys[0], args), log_lines=lines) as serve:
         ports = {m.group(1): int(m.group(2)) for line in lines if (m := METRICS_RE.search(line))}
         http = httpx.AsyncClient(limits=httpx.Limits(max_connections=4096, max_keepalive_connections=256),
                                  timeout=httpx.Timeout(900.0))  # fmt: skip
         client = openai.AsyncOpenAI(
             base_url=serve.base_url, api_key="unused", max_retries=0, http_client=http
         )
-        before = worker_counters(ports, "prefill")
         try:
-            if key == "multi":
-                t0 = time.perf_counter()
-                ttfts, _ = await multi_turn(client, serve.model, args.conversations, args.turns)
-                wall, failures, n = time.perf_counter() - t0, 0, len(ttfts)
-            else:
-                ttfts, wall, failures = await replay(
-                    client, serve.model, requests, args.block_tokens, args.speedup
+            for key in keys:
+                before = worker_counters(ports, "prefill")
+                if key == "multi":
+                    t0 = time.perf_counter()
+                    ttfts, prompts = await multi_turn(client, serve.model, args)
+                    wall, failures, n = time.perf_counter() - t0, 0, len(ttfts)
+                else:
+                    ttfts, wall, failures = await replay(
+                        client, serve.model, requests, args.block_tokens, args.speedup
+                    )
+                    n = len(requests)
+                results.append(
+                    _line(key, before, worker_counters(ports, "prefill"), ttfts, wall, failures, n)
                 )
-                n = len(requests)
+                if key == "multi":
+                    bound = ideal_prompt_hit_rate(prompts, args.block_tokens)
+                    results[-1]["ideal_hit_rate_last_block_computed"] = round(bound, 4)
         finally:
             await client.close()
-        after = worker_counters(ports, "prefill")
+    return results
+
+
+def _line(
+    key: str, before: dict, after: dict, ttfts: list[float], wall: float, failures: int, n: int
+) -> dict[str, object]:
     delta = {k: after[k] - before[k] for k in after if k != "per_worker_hits"}
     queries = delta["kvrelay_prefix_cache_queries_total"]
+    per_worker = {
+        k: int(v - before["per_worker_hits"].get(k, 0.0)) for k, v in after["per_worker_hits"].items()
+    }
+    name = SETTINGS[key][0] if key in SETTINGS else "multi-turn chat, cache + prefix-aware routing"
     return {
         "bench": "prefix_cache",
         "setting": key,
@@ -241,7 +289,7 @@ async def run_setting(key: str, args: argparse.Namespace, requests: list[TraceRe
         "failed": failures,
         "prefill_tokens_computed": int(delta["kvrelay_prompt_tokens_computed_total"]),
         "hit_rate": round(delta["kvrelay_prefix_cache_hits_total"] / queries, 4) if queries else 0.0,
-        "hits_per_prefill_worker": {k: int(v) for k, v in after["per_worker_hits"].items()},
+        "hits_per_prefill_worker": per_worker,
         "ttft": _summary(ttfts) if ttfts else {},
         "throughput_req_s": round(n / wall, 2),
         "wall_s": round(wall, 1),
@@ -267,23 +315,39 @@ async def main_async(args: argparse.Namespace) -> None:
         "cpu_count": os.cpu_count(),
     }
     baseline: dict[str, object] | None = None
-    for key in args.settings.split(","):
-        line = await run_setting(key, args, requests)
-        if key != "multi":
-            line["window"] = window
-            line["gap_to_bound"] = round(window["ideal_hit_rate_last_block_computed"] - line["hit_rate"], 4)
-            if baseline is None and key == "a":
-                baseline = line
-            if baseline is not None:
-                line["ratio_vs_no_cache"] = {
-                    "prefill_tokens_computed": round(
-                        line["prefill_tokens_computed"] / max(1, baseline["prefill_tokens_computed"]), 4
-                    ),
-                    "ttft_p50": round(line["ttft"]["p50_ms"] / baseline["ttft"]["p50_ms"], 4),
-                }
+    keys = args.settings.split(",")
+    stacks: list[list[str]] = []  # consecutive settings with the same flags share one stack
+    for key in keys:
+        if stacks and serve_args(stacks[-1][-1], args) == serve_args(key, args):
+            stacks[-1].append(key)
         else:
-            line.update(conversations=args.conversations, turns=args.turns)
-        print(json.dumps(line), flush=True)
+            stacks.append([key])
+    for group in stacks:
+        for line in await run_stack(group, args, requests):
+            key = str(line["setting"])
+            _finish(line, key, window, baseline, args)
+            if key == "a" and baseline is None:
+                baseline = line
+            print(json.dumps(line), flush=True)
+
+
+def _finish(line: dict, key: str, window: dict, baseline: dict | None, args: argparse.Namespace) -> None:
+    """A trace setting's line gets the window, its bound and the ratios against (a) from this run; the
+    multi-turn line its shape."""
+    if key == "multi":
+        line.update(conversations=args.conversations, turns=args.turns, stagger_s=args.stagger_s,
+                    think_s=args.think_s)  # fmt: skip
+        return
+    line["window"] = window
+    line["gap_to_bound"] = round(window["ideal_hit_rate_last_block_computed"] - line["hit_rate"], 4)
+    base = line if key == "a" and baseline is None else baseline
+    if base is not None:
+        line["ratio_vs_no_cache"] = {
+            "prefill_tokens_computed": round(
+                line["prefill_tokens_computed"] / max(1, base["prefill_tokens_computed"]), 4
+            ),
+            "ttft_p50": round(line["ttft"]["p50_ms"] / base["ttft"]["p50_ms"], 4),
+        }
 
 
 def main() -> None:
@@ -296,6 +360,8 @@ def main() -> None:
     p.add_argument("--num-blocks", type=int, default=32768, help="KV blocks per worker (8 KiB each for tiny)")
     p.add_argument("--settings", default="a,b,c,multi", help="a, b, c (see above) and multi, in order")
     p.add_argument("--conversations", type=int, default=16)
+    p.add_argument("--stagger-s", type=float, default=0.25, help="multi-turn: seconds between users' starts")
+    p.add_argument("--think-s", type=float, default=0.5, help="multi-turn: a user's pause between turns")
     p.add_argument("--turns", type=int, default=8)
     asyncio.run(main_async(p.parse_args()))
 
