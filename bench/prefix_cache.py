@@ -37,6 +37,7 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,22 +92,31 @@ def block_tokens(hash_id: int, n: int) -> list[int]:
     return [rng.randrange(5, TINY_VOCAB) for _ in range(n)]
 
 
-def ideal_hit_rate(requests: list[TraceRequest], last_block_computed: bool) -> float:
-    """Hit tokens / prompt tokens with an infinite cache, empty at the start, on one worker."""
-    seen: set[int] = set()
+def ideal_hit_rate(
+    prompts: Sequence[tuple[Sequence[Hashable], int]], block: int, last_block_computed: bool = True
+) -> float:
+    """Hit tokens / prompt tokens with an infinite cache, empty at the start, on one worker.
+
+    ``prompts``: in arrival order, each its full blocks' prefix keys (the trace's hash ids, or block
+    hashes) and its length in tokens. ``last_block_computed``: the block holding a prompt's last token is
+    never taken from the cache (kvrelay's and vLLM's engines compute it: the step samples its logits)."""
+    seen: set[Hashable] = set()
     hit = total = 0
-    for r in requests:
+    for keys, num_tokens in prompts:
+        usable = keys[: (num_tokens - 1) // block] if last_block_computed else keys
         n = 0
-        for h in r.hash_ids:
-            if h not in seen:
+        for key in usable:
+            if key not in seen:
                 break
             n += 1
-        if last_block_computed:
-            n = min(n, len(r.hash_ids) - 1)
-        hit += n
-        total += len(r.hash_ids)
-        seen.update(r.hash_ids)
+        hit += n * block
+        total += num_tokens
+        seen.update(keys)
     return hit / total
+
+
+def trace_prompts(requests: list[TraceRequest], block: int) -> list[tuple[Sequence[Hashable], int]]:
+    return [(r.hash_ids, len(r.hash_ids) * block) for r in requests]
 
 
 def worker_counters(ports: dict[str, int], role: str) -> dict[str, float]:
@@ -201,25 +211,12 @@ async def multi_turn(
     return ttfts, sent
 
 
-def ideal_prompt_hit_rate(prompts: list[list[int]], block: int) -> float:
-    """The bound for prompts in sending order: an infinite cache, empty at the start, one worker, the block
-    holding each prompt's last token computed. Only prompts are cached: an answer's KV is computed on a
-    decode worker, so the next turn's prefill computes it again."""
+def chat_prompts(prompts: list[list[int]], block: int) -> list[tuple[Sequence[Hashable], int]]:
+    """Token prompts as ``ideal_hit_rate`` takes them. Only prompts are cached: an answer's KV is computed
+    on a decode worker, so the next turn's prefill computes it again."""
     from kvrelay_worker.prefix_hash import chain_hashes, root_hash
 
-    seen: set[bytes] = set()
-    hit = total = 0
-    for prompt in prompts:
-        hashes = chain_hashes(prompt, block, root_hash(""))
-        n = 0
-        for h in hashes[: (len(prompt) - 1) // block]:
-            if h not in seen:
-                break
-            n += 1
-        hit += n * block
-        total += len(prompt)
-        seen.update(hashes)
-    return hit / total
+    return [(chain_hashes(p, block, root_hash("")), len(p)) for p in prompts]
 
 
 def _summary(ttfts: list[float]) -> dict[str, float]:
@@ -265,7 +262,7 @@ async def run_stack(
                     _line(key, before, worker_counters(ports, "prefill"), ttfts, wall, failures, n)
                 )
                 if key == "multi":
-                    bound = ideal_prompt_hit_rate(prompts, args.block_tokens)
+                    bound = ideal_hit_rate(chat_prompts(prompts, args.block_tokens), args.block_tokens)
                     results[-1]["ideal_hit_rate_last_block_computed"] = round(bound, 4)
         finally:
             await client.close()
@@ -299,6 +296,7 @@ def _line(
 async def main_async(args: argparse.Namespace) -> None:
     path = traces_dir(BENCH_DIR.parent) / "synthetic_trace.jsonl"
     requests, capped = load_window(path, args.start, args.window, args.max_blocks)
+    block = args.block_tokens
     window = {
         "trace": "Mooncake FAST25 synthetic_trace.jsonl",
         "rows": f"{args.start}-{args.start + len(requests) - 1}",
@@ -309,8 +307,8 @@ async def main_async(args: argparse.Namespace) -> None:
             statistics.mean(len(r.hash_ids) for r in requests) * args.block_tokens, 1
         ),
         "capped_prompts": capped,
-        "ideal_hit_rate": round(ideal_hit_rate(requests, last_block_computed=False), 4),
-        "ideal_hit_rate_last_block_computed": round(ideal_hit_rate(requests, last_block_computed=True), 4),
+        "ideal_hit_rate": round(ideal_hit_rate(trace_prompts(requests, block), block, False), 4),
+        "ideal_hit_rate_last_block_computed": round(ideal_hit_rate(trace_prompts(requests, block), block), 4),
         "num_blocks_per_worker": args.num_blocks,
         "cpu_count": os.cpu_count(),
     }

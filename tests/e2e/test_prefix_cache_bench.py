@@ -15,7 +15,7 @@ pytestmark = pytest.mark.e2e
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO_ROOT / "bench"))
-from prefix_cache import TraceRequest, ideal_hit_rate  # noqa: E402
+from prefix_cache import TraceRequest, chat_prompts, ideal_hit_rate, trace_prompts  # noqa: E402
 
 
 def test_the_bound_is_the_longest_seen_prefix_of_each_request() -> None:
@@ -25,8 +25,14 @@ def test_the_bound_is_the_longest_seen_prefix_of_each_request() -> None:
         TraceRequest(0.2, (1, 2, 3), 1),  # all 3, or 2 when the last block is always computed
         TraceRequest(0.3, (9, 2, 3), 1),  # a known id after an unknown one is other KV: nothing
     ]
-    assert ideal_hit_rate(requests, last_block_computed=False) == pytest.approx(5 / 12)
-    assert ideal_hit_rate(requests, last_block_computed=True) == pytest.approx(4 / 12)
+    prompts = trace_prompts(requests, 16)
+    assert ideal_hit_rate(prompts, 16, last_block_computed=False) == pytest.approx(5 / 12)
+    assert ideal_hit_rate(prompts, 16, last_block_computed=True) == pytest.approx(4 / 12)
+    # token prompts: the same rule over their block hashes, counted in tokens (a partial block never hits)
+    system = list(range(100, 132))  # 2 blocks
+    chat = chat_prompts([[*system, 1, 2], [*system, 1, 2, 3, 4], [*system]], 16)
+    # 0 of 34, then 32 of 36, then 16 of 32 (the second block holds the last token)
+    assert ideal_hit_rate(chat, 16) == pytest.approx((32 + 16) / (34 + 36 + 32))
 
 
 def test_small_window_with_prefix_aware_routing_and_multi_turn() -> None:

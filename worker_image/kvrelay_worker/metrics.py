@@ -120,15 +120,19 @@ class WorkerMetrics:
         self.prefix_cache_hits = f.prefix_cache_hits.labels(*labels)
         self.prefix_cache_evictions = f.prefix_cache_evictions.labels(*labels)
         self.prefix_cache_blocks = f.prefix_cache_blocks.labels(*labels)
-        self._evictions_seen = 0
+        # the engine's prefix-cache totals already counted: the counters grow by the difference
+        self._cache_totals_seen = (0, 0, 0)
 
     def set_stats(self, stats: EngineStats) -> None:
-        """The gauges from the engine's latest stats; evictions as a counter of the engine's total."""
+        """Gauges from the engine's latest stats; the prefix-cache counters from its running totals."""
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.queued_prefill_tokens.set(stats.num_queued_prefill_tokens)
         self.kv_cache_usage.set(stats.kv_cache_usage)
         self.prefix_cache_blocks.set(stats.num_cached_blocks)
-        if stats.num_cache_evictions > self._evictions_seen:
-            self.prefix_cache_evictions.inc(stats.num_cache_evictions - self._evictions_seen)
-            self._evictions_seen = stats.num_cache_evictions
+        totals = (stats.num_cache_query_tokens, stats.num_cache_hit_tokens, stats.num_cache_evictions)
+        counters = (self.prefix_cache_queries, self.prefix_cache_hits, self.prefix_cache_evictions)
+        for counter, total, seen in zip(counters, totals, self._cache_totals_seen, strict=True):
+            if total > seen:
+                counter.inc(total - seen)
+        self._cache_totals_seen = totals

@@ -22,11 +22,9 @@ def root_hash(salt: str) -> BlockHash:
     return hashlib.sha256(b"kvrelay-prefix\0" + salt.encode()).digest()[:16]
 
 
-def chain_hashes(
-    token_ids: Sequence[int], block_size: int, parent: BlockHash, num_blocks: int | None = None
-) -> list[BlockHash]:
-    """Hashes of the full blocks of ``token_ids`` (at most ``num_blocks``), each chained on ``parent``."""
-    n = len(token_ids) // block_size if num_blocks is None else min(num_blocks, len(token_ids) // block_size)
+def chain_hashes(token_ids: Sequence[int], block_size: int, parent: BlockHash) -> list[BlockHash]:
+    """Hashes of the full blocks of ``token_ids``, the first chained on ``parent``."""
+    n = len(token_ids) // block_size
     fmt = f"<{block_size}I"
     out: list[BlockHash] = []
     for b in range(n):

@@ -207,17 +207,18 @@ def test_a_cached_prefix_is_not_computed_again(make_engine, reference) -> None:
     and the output is the same."""
     engine = make_engine(num_blocks=32, block_size=4, max_batch_tokens=4)
     outputs = engine.generate([PROMPT], SamplingParams(max_tokens=3))
-    step_query = step_hit = 0
+    before = engine.stats()
     computed = 0
     engine.add_request("again", PROMPT, SamplingParams(max_tokens=3), now=0.0)
     tokens: list[int] = []
     while engine.has_work():
         step = engine.step(0.0)
         computed += step.num_prompt_tokens
-        step_query += step.num_cache_query_tokens
-        step_hit += step.num_cache_hit_tokens
         tokens += [t for o in step.outputs for t in o.new_token_ids]
     assert tokens == outputs[0] == reference(PROMPT, 3)
+    after = engine.stats()
+    queried = after.num_cache_query_tokens - before.num_cache_query_tokens
+    hit = after.num_cache_hit_tokens - before.num_cache_hit_tokens
     # 11 prompt tokens: the two full blocks (8 tokens) were cached, the last 3 are computed
-    assert (step_query, step_hit, computed) == (len(PROMPT), 8, len(PROMPT) - 8)
+    assert (queried, hit, computed) == (len(PROMPT), 8, len(PROMPT) - 8)
     assert engine.stats().num_cached_blocks >= 2 and engine.stats().kv_cache_usage == 0.0

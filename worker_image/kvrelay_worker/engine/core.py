@@ -69,8 +69,6 @@ class StepResult:
     kv_targets: list[KVTarget] = field(default_factory=list)
     num_tokens: int = 0
     num_prompt_tokens: int = 0  # prompt tokens this step computed (KV read from a relay excluded)
-    num_cache_query_tokens: int = 0  # prefix cache: tokens of the requests admitted this step
-    num_cache_hit_tokens: int = 0  # of those, found cached
 
 
 class Engine:
@@ -203,14 +201,7 @@ class Engine:
         out = self.scheduler.schedule(now)
         sampled, logprobs = self.runner.execute(out)
         outputs = self.scheduler.update(out, sampled, logprobs)
-        return StepResult(
-            outputs,
-            out.kv_targets,
-            out.num_tokens,
-            out.num_prompt_tokens,
-            out.num_cache_query_tokens,
-            out.num_cache_hit_tokens,
-        )
+        return StepResult(outputs, out.kv_targets, out.num_tokens, out.num_prompt_tokens)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()

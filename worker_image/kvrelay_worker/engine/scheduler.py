@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from kvrelay_worker.engine.block_pool import BlockPool
 from kvrelay_worker.engine.request import Request, RequestStatus, TokenLogprobs
 from kvrelay_worker.engine.sampling_params import SamplingParams
-from kvrelay_worker.prefix_hash import chain_hashes, root_hash
+from kvrelay_worker.prefix_hash import BlockHash, chain_hashes, root_hash
 
 _RUNNING = RequestStatus.RUNNING
 
@@ -85,9 +85,6 @@ class SchedulerOutput:
     preempted: list[str] = field(default_factory=list)
     # prompt positions computed this step (prefill chunks, recomputes); not the KV read from a relay
     num_prompt_tokens: int = 0
-    # prefix cache, per admission: the tokens looked up, and those found cached (not computed)
-    num_cache_query_tokens: int = 0
-    num_cache_hit_tokens: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -267,7 +264,7 @@ class Scheduler:
 
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            num_new = self._admit_blocks(request, budget, out)
+            num_new = self._admit_blocks(request, budget)
             if num_new is None:
                 if not self.running and self._reclaim_from_waiting(request, out):
                     continue  # nothing runs to free blocks: waiting requests gave theirs back
@@ -300,7 +297,7 @@ class Scheduler:
             self.fetching[request.request_id] = request
             out.kv_targets.append(KVTarget(request.request_id, list(ids), request.num_prompt_tokens))
 
-    def _admit_blocks(self, request: Request, budget: int, out: SchedulerOutput) -> int | None:
+    def _admit_blocks(self, request: Request, budget: int) -> int | None:
         """Give a request about to run the blocks for its next ``num_new`` tokens (returned): cached
         prefix blocks first when it has none, then fresh ones. None, changing nothing, if too few are free."""
         block_size = self.config.block_size
@@ -328,13 +325,11 @@ class Scheduler:
             assert ids is not None  # checked above
             request.block_ids.extend(ids)
         if lookup:
-            out.num_cache_query_tokens += request.num_tokens
-            out.num_cache_hit_tokens += start
             self.num_cache_query_tokens += request.num_tokens
             self.num_cache_hit_tokens += start
         return num_new
 
-    def _hashes(self, request: Request, num_blocks: int) -> list[bytes]:
+    def _hashes(self, request: Request, num_blocks: int) -> list[BlockHash]:
         """The request's first ``num_blocks`` block hashes, extending its chain as needed."""
         have = request.block_hashes
         if len(have) < num_blocks:

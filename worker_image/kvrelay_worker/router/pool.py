@@ -59,20 +59,16 @@ class RolePool:
     def choose_for_prompt(self, prompt_ids: Sequence[int], exclude: Sequence[str] = ()) -> Choice | None:
         """Prefill: the worker for this prompt, with the prompt tokens it likely holds already; the
         prompt is then recorded as sent there."""
-        if self.prefix is None:
-            address = choose_prefill(self.loads(), exclude, next(self.turns))
-            return Choice(self.workers[address], 0) if address is not None else None
-        hashes = self.prefix.hashes(prompt_ids)
-        loads = [
-            replace(w.load(), cached_prefix_tokens=self.prefix.cached_tokens(a, hashes))
-            for a, w in self.workers.items()
-        ]
-        address = choose_prefill(loads, exclude, next(self.turns), self.prefix_weight)
+        index = self.prefix
+        hashes = index.hashes(prompt_ids) if index is not None else []
+        cached = {a: index.cached_tokens(a, hashes) for a in self.workers} if index is not None else {}
+        loads = [replace(w.load(), cached_prefix_tokens=cached.get(a, 0)) for a, w in self.workers.items()]
+        address = choose_prefill(loads, exclude, next(self.turns), self.prefix_weight if index else 0.0)
         if address is None:
             return None
-        cached = self.prefix.cached_tokens(address, hashes)
-        self.prefix.record(address, hashes)
-        return Choice(self.workers[address], cached)
+        if index is not None:
+            index.record(address, hashes)
+        return Choice(self.workers[address], cached.get(address, 0))
 
     def forget(self, address: str) -> None:
         """What the router guessed about a worker's cache no longer holds (it left, restarted or failed)."""

@@ -150,9 +150,6 @@ class EngineLoop:
                 self.metrics.generation_tokens.inc(sum(len(o.new_token_ids) for o in result.outputs))
                 if result.num_prompt_tokens:
                     self.metrics.prompt_tokens_computed.inc(result.num_prompt_tokens)
-                if result.num_cache_query_tokens:
-                    self.metrics.prefix_cache_queries.inc(result.num_cache_query_tokens)
-                    self.metrics.prefix_cache_hits.inc(result.num_cache_hit_tokens)
             # Gauges first: a client that has its last token and then scrapes /metrics sees this step.
             self._publish_stats()
             if result.outputs or result.kv_targets:
