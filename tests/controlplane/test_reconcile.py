@@ -264,6 +264,10 @@ def test_spec_edit_rolls_children_and_restart_writes_nothing(
 def test_hand_scaled_deployment_is_restored(kubectl, namespace, operator) -> None:
     kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(TINY), check=True)
     wait_for(lambda: deployment(kubectl, namespace, "tiny-decode"), timeout=30, what="decode Deployment")
+    # The creation's reconcile writes its status when it ends (kopf's patch, whole conditions list): an
+    # edit made before that would have its DriftCorrected condition replaced (noted in the issue).
+    wait_for(lambda: (model(kubectl, namespace, "tiny").get("status") or {}).get("observedGeneration"),
+             timeout=30, what="the creation reconciled")  # fmt: skip
     kubectl("scale", "deployment/tiny-decode", "-n", namespace, "--replicas=5", check=True)
     wait_for(lambda: deployment(kubectl, namespace, "tiny-decode")["spec"]["replicas"] == 1, timeout=30,
              what="replicas restored to 1")  # fmt: skip
