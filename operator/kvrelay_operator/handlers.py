@@ -515,9 +515,10 @@ def _maybe_mark_victims(
             VICTIM_ERRORS.labels(served, role, "annotate").inc()
     if annotated:
         # The ReplicaSet controller reads pods and ReplicaSets from separate watches, with no order
-        # between them: under load it saw the lower replica count before the new costs (CI: costs
-        # 0/1/2 set, the cost-2 pod removed) and picked by its other rules. A pause before the
-        # scale-down lets its pod watch catch up; scale-downs are rare, the pause is cheap.
+        # between them, so under load it could see the lower replica count before the new costs and
+        # pick by its other rules. A pause before the scale-down lets its pod watch catch up;
+        # scale-downs are rare, the pause is cheap. (The wrong victims CI once showed came from the
+        # Deployment handler lowering replicas on its own, fixed in on_deployment_event.)
         time.sleep(state.config.deletion_cost_settle_seconds)
     log.info("%s/%s %s: deletion costs %s; expected to go: %s", namespace, name, role, plan.costs,
              plan.victims)  # fmt: skip

@@ -320,10 +320,8 @@ class Scheduler:
             request.block_ids = list(hits)
             request.num_registered_blocks = len(hits)
             request.num_computed_tokens = start
-        if extra > 0:
-            ids = self.pool.allocate(extra)
-            assert ids is not None  # checked above
-            request.block_ids.extend(ids)
+        grown = self._grow(request, num_new)
+        assert grown  # the free blocks were counted above
         if lookup:
             self.num_cache_query_tokens += request.num_tokens
             self.num_cache_hit_tokens += start
