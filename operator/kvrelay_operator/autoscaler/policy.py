@@ -307,31 +307,6 @@ def _slo_violated(metrics: MetricsSample, config: PolicyConfig) -> dict[Role, bo
     }
 
 
-def reason_code(reason: str) -> str:
-    """Deprecated: the `ReasonCode` a reason text was given, guessed from its words.
-
-    Metric labels come from `RoleDecision.code`; this parser is left only for
-    tests/unit/charts/test_alerts.py and goes once that test checks `BOUND_CODES` instead.
-    """
-    if "GPU budget" in reason:
-        return "gpu_budget"
-    if "ratio m" in reason:
-        return "ratio_bound"
-    if "clamped to" in reason:
-        return "replica_bounds"
-    if reason.startswith("hold: ") and "metrics" in reason:
-        return "no_metrics"
-    if "above SLO" in reason:
-        return "slo_violation"
-    if reason.startswith("hold: ") and "loading" in reason:
-        return "replicas_loading"
-    if reason.startswith("hold: "):
-        return "cooldown"
-    if reason.startswith(("up: ", "down: ")):
-        return "load"
-    return "steady"
-
-
 def prefill_replicas_needed(
     demand_tokens_per_second: float,
     capacity_tokens_per_second: float,

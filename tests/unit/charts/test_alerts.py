@@ -77,20 +77,9 @@ def test_prometheusrule_and_plain_file_carry_the_same_rules(render: Render) -> N
 
 
 def test_limited_reason_regex_matches_exactly_the_bound_codes() -> None:
-    from kvrelay_operator.autoscaler.policy import reason_code
+    from kvrelay_operator.autoscaler.types import BOUND_CODES, ReasonCode
 
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     regex = re.compile(values["alerts"]["limitedReasonRegex"])  # PromQL anchors =~ at both ends
-    texts = {
-        "up: load needs 3, GPU budget 8": True,
-        "up: load needs 9, ratio max 2.0": True,
-        "up: TTFT above SLO, clamped to [1, 4]": True,
-        "up: TTFT above SLO with no replica loading": False,
-        "up: load needs 3 (have 2, 0 loading)": False,
-        "hold: no fresh metrics": False,
-        "hold: cooldown": False,
-        "steady": False,
-    }
-    for text, limited in texts.items():
-        code = reason_code(text)
-        assert bool(regex.fullmatch(code)) is limited, f"{text!r} -> {code!r}"
+    for code in ReasonCode:
+        assert bool(regex.fullmatch(code.value)) is (code in BOUND_CODES), code
