@@ -222,7 +222,6 @@ def reconcile(
     body: kopf.Body,
     meta: kopf.Meta,
     memo: kopf.Memo,
-    patch: kopf.Patch,
     reason: str,
     deployments_by_model: kopf.Index,
     pods_by_model: kopf.Index,
@@ -242,17 +241,13 @@ def reconcile(
         if exc.refused:  # the API refuses the child itself: retrying cannot help
             message = f"a child was refused by the API server ({exc.status}): {exc.detail}"[:1000]
             kopf.event(body, type="Warning", reason="ApplyRefused", message=message)
-            conditions = set_condition(
-                parsed_status.conditions,
-                "Degraded",
-                "True",
-                "ApplyRefused",
-                message,
-                _now(),
-                meta.get("generation"),
-            )
-            degraded = parsed_status.model_copy(update={"conditions": conditions, "phase": "Degraded"})
-            state.kube.patch_status(namespace, name, status_merge_patch(parsed_status, degraded))
+
+            def degrade(current: api.DisaggregatedModelStatus) -> api.DisaggregatedModelStatus:
+                conditions = set_condition(current.conditions, "Degraded", "True", "ApplyRefused", message,
+                                           _now(), meta.get("generation"))  # fmt: skip
+                return current.model_copy(update={"conditions": conditions, "phase": "Degraded"})
+
+            _write_status(state, dict(body), lambda parent: degrade(_parse_status(parent)))
             raise kopf.PermanentError(message) from exc
         raise kopf.TemporaryError(f"applying children failed: {exc.status} {exc.reason}", delay=5) from exc
     if changed:
@@ -270,13 +265,19 @@ def reconcile(
         if response.get("kind") == "Deployment":
             role = response["metadata"]["labels"][resources.LABEL_ROLE]
             deployments[role] = DeploymentState.from_body(response)
-    new = compute_status(
-        parsed_spec, parsed_status, deployments, generation, resources.router_endpoint(parsed_spec, ctx),
-        _now(), observed_generation=generation, unschedulable=_unschedulable(pods_by_model, namespace, name),
-    )  # fmt: skip
-    diff = status_merge_patch(parsed_status, new)
-    if diff:  # an empty {"status": {}} would still be sent as a PATCH
-        patch.setdefault("status", {}).update(diff)
+    endpoint = resources.router_endpoint(parsed_spec, ctx)
+    unschedulable = _unschedulable(pods_by_model, namespace, name)
+
+    def reconciled(parent: dict[str, Any]) -> api.DisaggregatedModelStatus:
+        # The spec and generation handled here, over whatever status the model has now: a condition
+        # the mirror wrote meanwhile (DriftCorrected) is kept. A newer spec gets its own reconcile.
+        return compute_status(parsed_spec, _parse_status(parent), deployments, generation, endpoint, _now(),
+                              observed_generation=generation, unschedulable=unschedulable)  # fmt: skip
+
+    # Not kopf's end-of-handler patch: that one is unconditional, computed from the status this
+    # handler started with, and replaces the whole conditions list.
+    if not _write_status(state, dict(body), reconciled):
+        raise kopf.TemporaryError("the model's status kept changing while it was written", delay=1)
 
 
 def _parent_for(
@@ -375,35 +376,55 @@ def _mirror_status(
     deployments_by_model: kopf.Index,
     pods_by_model: kopf.Index,
 ) -> None:
-    """Patches the parent's status with what its children's current states say (if anything changed).
+    """Patches the parent's status with what its children's current states say (if anything changed)."""
+    meta = parent["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
 
-    The patch is conditional on the parent's resourceVersion: the parent from the index may be older
-    than a status another handler (or the autoscaler) just wrote, and a merge patch replaces the
-    whole conditions list. On a conflict the parent is re-read and the status recomputed.
+    def mirrored(current: dict[str, Any]) -> api.DisaggregatedModelStatus:
+        spec, status = _parse(current.get("spec") or {}, current.get("status") or {})
+        ctx = _ctx(state, name, namespace, current["metadata"]["uid"], False)
+        return compute_status(
+            spec, adjust(status), _deployment_states(deployments_by_model, namespace, name),
+            current["metadata"].get("generation") or 0, resources.router_endpoint(spec, ctx), _now(),
+            unschedulable=_unschedulable(pods_by_model, namespace, name),
+        )  # fmt: skip
+
+    if not _write_status(state, parent, mirrored):
+        # Someone else keeps writing it: each of those writes is a watch event that mirrors again.
+        log.info("status of %s/%s kept changing under the mirror; the next event mirrors it", namespace, name)
+
+
+def _parse_status(parent: dict[str, Any]) -> api.DisaggregatedModelStatus:
+    return _parse(parent.get("spec") or {}, parent.get("status") or {})[1]
+
+
+def _write_status(
+    state: OperatorState,
+    parent: dict[str, Any],
+    recompute: Callable[[dict[str, Any]], api.DisaggregatedModelStatus],
+    attempts: int = 5,
+) -> bool:
+    """Patches the parent's status to ``recompute(parent)``, conditional on its resourceVersion; False
+    when it kept changing for ``attempts`` tries.
+
+    A merge patch replaces the whole conditions list, and the parent at hand (from an event or the
+    index) may be older than a status another handler or the autoscaler just wrote. So the write
+    names the version it was computed from, and on a conflict the parent is re-read and recomputed.
     """
     meta = parent["metadata"]
     namespace, name = meta["namespace"], meta["name"]
-    for _ in range(5):
-        spec, status = _parse(parent.get("spec") or {}, parent.get("status") or {})
-        ctx = _ctx(state, name, namespace, parent["metadata"]["uid"], False)
-        deployments = _deployment_states(deployments_by_model, namespace, name)
-        new = compute_status(
-            spec, adjust(status), deployments, parent["metadata"].get("generation") or 0,
-            resources.router_endpoint(spec, ctx), _now(),
-            unschedulable=_unschedulable(pods_by_model, namespace, name),
-        )  # fmt: skip
-        diff = status_merge_patch(status, new)
-        if not diff:
-            return
+    for _ in range(attempts):
+        diff = status_merge_patch(_parse_status(parent), recompute(parent))
+        if not diff:  # an empty {"status": {}} would still be sent as a PATCH
+            return True
         try:
             state.kube.patch_status(namespace, name, diff, parent["metadata"].get("resourceVersion"))
-            return
+            return True
         except ApiException as exc:
             if exc.status != 409:
                 raise
             parent = state.kube.get_model(namespace, name)
-    # Someone else keeps writing it: each of those writes is a watch event that mirrors again.
-    log.info("status of %s/%s kept changing under the mirror; the next event mirrors it", namespace, name)
+    return False
 
 
 @kopf.on.event("", "v1", "pods", labels=CHILD_LABELS)

@@ -263,11 +263,9 @@ def test_spec_edit_rolls_children_and_restart_writes_nothing(
 
 def test_hand_scaled_deployment_is_restored(kubectl, namespace, operator) -> None:
     kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(TINY), check=True)
+    # Scaled as soon as it exists, while the creation's reconcile may still be writing its status:
+    # the DriftCorrected condition must survive that write (conditional on resourceVersion).
     wait_for(lambda: deployment(kubectl, namespace, "tiny-decode"), timeout=30, what="decode Deployment")
-    # The creation's reconcile writes its status when it ends (kopf's patch, whole conditions list): an
-    # edit made before that would have its DriftCorrected condition replaced (noted in the issue).
-    wait_for(lambda: (model(kubectl, namespace, "tiny").get("status") or {}).get("observedGeneration"),
-             timeout=30, what="the creation reconciled")  # fmt: skip
     kubectl("scale", "deployment/tiny-decode", "-n", namespace, "--replicas=5", check=True)
     wait_for(lambda: deployment(kubectl, namespace, "tiny-decode")["spec"]["replicas"] == 1, timeout=30,
              what="replicas restored to 1")  # fmt: skip
@@ -296,6 +294,36 @@ def test_hand_scaled_deployment_is_restored(kubectl, namespace, operator) -> Non
     selector = ("--field-selector", "involvedObject.name=tiny,reason=ChildRecreated")
     wait_for(lambda: get_json(kubectl, "events", "-n", namespace, *selector)["items"], timeout=15,
              what="a ChildRecreated event")  # fmt: skip
+
+
+def test_status_write_keeps_a_condition_written_since_the_model_was_read(kubectl, kube, namespace) -> None:
+    """A handler's status write names the version it computed from; on a conflict it re-reads and
+    recomputes, so a condition another writer added meanwhile is kept (a merge patch replaces lists)."""
+    from kvrelay_operator.status import set_condition, status_merge_patch
+
+    kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(TINY), check=True)
+    stale = kube.get_model(namespace, "tiny")  # what a handler read when it started
+    stale_status = handlers._parse_status(stale)
+    at = "2026-01-01T00:00:00Z"
+    drift = set_condition([], "DriftCorrected", "True", "ReplicasRestored", "restored", at, 1)
+    written = [c.model_dump(by_alias=True, exclude_none=True, mode="json") for c in drift]
+    kube.patch_status(namespace, "tiny", {"conditions": written})  # another writer, after that read
+
+    def ready_false(parent: dict[str, Any]) -> Any:
+        current = handlers._parse_status(parent)
+        conditions = set_condition(current.conditions, "Ready", "False", "Pending", "waiting",
+                                   "2026-01-01T00:00:01Z", 1)  # fmt: skip
+        return current.model_copy(update={"conditions": conditions})
+
+    state = handlers.OperatorState(kube, handlers.OperatorConfig())
+    assert handlers._write_status(state, stale, ready_false)
+    types = {c["type"] for c in model(kubectl, namespace, "tiny")["status"]["conditions"]}
+    assert types == {"DriftCorrected", "Ready"}
+    # What an unconditional patch from the stale read does (kopf's end-of-handler patch did this):
+    # the list it sends replaces the condition written since. This is the failure the above avoids.
+    kube.patch_status(namespace, "tiny", status_merge_patch(stale_status, ready_false(stale)))
+    types = {c["type"] for c in model(kubectl, namespace, "tiny")["status"]["conditions"]}
+    assert types == {"Ready"}
 
 
 def test_autoscaler_status_drives_replicas(kubectl, kube, namespace, operator) -> None:
