@@ -9,10 +9,14 @@ Per-role autoscaling bounds are `spec.prefill.minReplicas/maxReplicas` and
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from kubernetes.utils import parse_quantity
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from pydantic.alias_generators import to_camel
+
+from kvrelay_operator import formats
 
 GROUP = "kvrelay.dev"
 VERSION = "v1alpha1"
@@ -28,7 +32,28 @@ WORKER_ROLES: tuple[WorkerRole, ...] = ("prefill", "decode")
 ROLES: tuple[Role, ...] = ("prefill", "decode", "router")
 
 # A Kubernetes quantity: users write both `cpu: 4` and `memory: 16Gi`.
-Quantity = Annotated[int | str, Field(json_schema_extra={"x-kubernetes-int-or-string": True})]
+Quantity = Annotated[
+    Annotated[int, Field(ge=0)] | Annotated[str, StringConstraints(pattern=formats.QUANTITY, max_length=64)],
+    Field(json_schema_extra={"x-kubernetes-int-or-string": True}),
+]
+ResourceName = Annotated[str, StringConstraints(pattern=formats.RESOURCE_NAME, max_length=253)]
+LabelKey = Annotated[str, StringConstraints(pattern=formats.LABEL_KEY, max_length=317)]
+LabelValue = Annotated[str, StringConstraints(pattern=formats.LABEL_VALUE, max_length=63)]
+
+
+def cel(*rules: tuple[str, str]) -> ConfigDict:
+    """Model config that puts CEL rules (rule, message) on the model's schema wherever it is used."""
+    return ConfigDict(
+        json_schema_extra={"x-kubernetes-validations": [{"rule": r, "message": m} for r, m in rules]}
+    )
+
+
+def _is_device(resource: str) -> bool:
+    return resource.endswith("/gpu") or resource.startswith("rdma/")
+
+
+# The same rule in CEL: GPUs and RDMA devices come from tensorParallel and kvTransfer.rdma.
+_NO_DEVICES = "!(k.endsWith('/gpu') || k.startsWith('rdma/'))"
 
 
 class CRModel(BaseModel):
@@ -48,7 +73,9 @@ class ModelSpec(CRModel):
     source: str = Field(
         min_length=1,
         max_length=512,
-        description="Checkpoint: a Hugging Face repo id (org/name), pvc://<claim>/<path>, "
+        pattern=formats.MODEL_SOURCE,
+        description="Checkpoint: a Hugging Face repo id (org/name), pvc://<claim>/<path> (claim: a "
+        "PersistentVolumeClaim name; path: inside it, may be empty, no `..`), "
         "or an absolute path inside the worker image. A pvc or image path ending in .gguf "
         "(a llama.cpp GGUF file) is converted by an init container (kvrelay import-gguf) "
         "into a checkpoint on an emptyDir before the workers and the router start.",
@@ -73,14 +100,52 @@ class ModelSpec(CRModel):
 
 
 class ResourceRequirements(CRModel):
-    """Container resources; GPUs are added from tensorParallel and must not be set here."""
+    """Container resources; GPUs come from tensorParallel and RDMA devices from kvTransfer.rdma, so
+    neither may be set here."""
 
-    requests: dict[str, Quantity] = Field(default_factory=dict, description="Resource requests.")
-    limits: dict[str, Quantity] = Field(default_factory=dict, description="Resource limits.")
+    # has(): an omitted map is absent, not empty, when the rule runs (the CRD's default is {}).
+    model_config = cel(
+        (f"(!has(self.requests) || self.requests.all(k, {_NO_DEVICES})) && "
+         f"(!has(self.limits) || self.limits.all(k, {_NO_DEVICES}))",
+         "GPUs come from tensorParallel and RDMA devices from kvTransfer.rdma: remove */gpu and rdma/* "
+         "from resources"),
+        ("!has(self.requests) || !has(self.limits) || self.requests.all(k, !(k in self.limits) || "
+         "quantity(string(self.requests[k])).compareTo(quantity(string(self.limits[k]))) <= 0)",
+         "each resource request must be <= its limit"),
+    )  # fmt: skip
+
+    requests: dict[ResourceName, Quantity] = Field(
+        default_factory=dict, max_length=32, description="Resource requests (cpu, memory, ...)."
+    )
+    limits: dict[ResourceName, Quantity] = Field(
+        default_factory=dict, max_length=32, description="Resource limits (cpu, memory, ...)."
+    )
+
+    @model_validator(mode="after")
+    def _no_devices_and_requests_within_limits(self) -> ResourceRequirements:
+        devices = sorted(k for k in {*self.requests, *self.limits} if _is_device(k))
+        if devices:
+            raise ValueError(
+                f"{', '.join(devices)} in resources: GPUs come from tensorParallel and RDMA devices "
+                "from kvTransfer.rdma"
+            )
+        for name, request in self.requests.items():
+            if name in self.limits and parse_quantity(request) > parse_quantity(self.limits[name]):
+                raise ValueError(f"{name} request {request} is above its limit {self.limits[name]}")
+        return self
 
 
 class Toleration(CRModel):
-    """A pod toleration, as in core/v1."""
+    """A pod toleration, as in core/v1 (and refused where core/v1 would refuse the pod)."""
+
+    model_config = cel(
+        ("has(self.key) && self.key != '' || self.operator == 'Exists'",
+         "a toleration without a key must use operator Exists"),
+        ("self.operator != 'Exists' || !has(self.value) || self.value == ''",
+         "a toleration with operator Exists takes no value"),
+        ("!has(self.tolerationSeconds) || has(self.effect) && self.effect == 'NoExecute'",
+         "tolerationSeconds needs effect NoExecute"),
+    )  # fmt: skip
 
     key: str | None = Field(default=None, description="Taint key; empty with Exists matches all.")
     operator: Literal["Exists", "Equal"] = Field(default="Equal", description="Exists or Equal.")
@@ -90,11 +155,23 @@ class Toleration(CRModel):
     )
     toleration_seconds: int | None = Field(default=None, description="How long NoExecute is tolerated.")
 
+    @model_validator(mode="after")
+    def _as_core_v1_requires(self) -> Toleration:
+        if not self.key and self.operator != "Exists":
+            raise ValueError("a toleration without a key must use operator Exists")
+        if self.operator == "Exists" and self.value:
+            raise ValueError("a toleration with operator Exists takes no value")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds needs effect NoExecute")
+        return self
+
 
 class EnvVar(CRModel):
     """A literal environment variable."""
 
-    name: str = Field(min_length=1, max_length=253, description="Variable name.")
+    name: str = Field(
+        min_length=1, max_length=253, pattern=formats.ENV_NAME, description="Variable name (no '=')."
+    )
     value: str = Field(default="", description="Variable value.")
 
 
@@ -116,8 +193,10 @@ class WorkerRoleSpec(CRModel):
     resources: ResourceRequirements = Field(
         default_factory=ResourceRequirements, description="CPU/memory; GPUs come from tensorParallel."
     )
-    node_selector: dict[str, str] = Field(
-        default_factory=dict, description="Node pool placement: node labels this role's pods need."
+    node_selector: dict[LabelKey, LabelValue] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Node pool placement: node labels this role's pods need.",
     )
     tolerations: list[Toleration] = Field(
         default_factory=list, description="Tolerations for this role's node pool taints."
@@ -183,8 +262,14 @@ class DecodeSpec(WorkerRoleSpec):
 class SecretKeyRef(CRModel):
     """A key in a Secret of the resource's namespace."""
 
-    name: str = Field(min_length=1, max_length=253, description="Secret name.")
-    key: str = Field(default="api-key", min_length=1, description="Key in the Secret.")
+    name: str = Field(min_length=1, max_length=253, pattern=formats.DNS_SUBDOMAIN, description="Secret name.")
+    key: str = Field(
+        default="api-key",
+        min_length=1,
+        max_length=253,
+        pattern=formats.CONFIG_KEY,
+        description="Key in the Secret.",
+    )
 
 
 class RouterSpec(CRModel):
@@ -201,7 +286,9 @@ class RouterSpec(CRModel):
     resources: ResourceRequirements = Field(
         default_factory=ResourceRequirements, description="Router CPU/memory."
     )
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Router node placement.")
+    node_selector: dict[LabelKey, LabelValue] = Field(
+        default_factory=dict, max_length=64, description="Router node placement."
+    )
     tolerations: list[Toleration] = Field(default_factory=list, description="Router tolerations.")
     env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables.")
     extra_args: list[str] = Field(default_factory=list, description="Extra router arguments.")
@@ -234,7 +321,11 @@ class RDMASpec(CRModel):
     """RDMA device plugin resource the workers request when transport is rdma."""
 
     resource_name: str = Field(
-        default="rdma/ib", min_length=1, description="Extended resource name of the RDMA device plugin."
+        default="rdma/ib",
+        min_length=1,
+        max_length=253,
+        pattern=formats.EXTENDED_RESOURCE_NAME,
+        description="Extended resource name of the RDMA device plugin (domain/name).",
     )
     count: int = Field(default=1, ge=1, le=16, description="RDMA devices per worker pod.")
     net_devices: str | None = Field(
@@ -252,9 +343,15 @@ class KVTransferSpec(CRModel):
     rdma: RDMASpec = Field(default_factory=RDMASpec, description="RDMA devices (used when transport=rdma).")
     port: int = Field(default=5600, ge=1024, le=65535, description="Worker KV control port.")
     lease_seconds: int = Field(
-        default=30, ge=1, le=3600, description="How long a prefill worker holds KV blocks for a reader."
+        default=30,
+        ge=1,
+        le=3600,
+        description="How long a prefill worker holds KV blocks for a reader; longer than timeoutSeconds, "
+        "or a transfer still within its deadline finds its blocks freed.",
     )
-    timeout_seconds: int = Field(default=10, ge=1, le=600, description="Per-transfer timeout.")
+    timeout_seconds: int = Field(
+        default=10, ge=1, le=600, description="Per-transfer timeout (< leaseSeconds)."
+    )
     failure_policy: Literal["recompute", "fail"] = Field(
         default="recompute", description="On a failed transfer: recompute the prompt on decode, or fail."
     )
@@ -263,6 +360,11 @@ class KVTransferSpec(CRModel):
     def _rdma_needs_nixl(self) -> KVTransferSpec:
         if self.transport == "rdma" and self.backend != "nixl":
             raise ValueError("transport rdma needs backend nixl")
+        if self.lease_seconds <= self.timeout_seconds:
+            raise ValueError(
+                f"leaseSeconds ({self.lease_seconds}) must be > timeoutSeconds ({self.timeout_seconds}): "
+                "the prefill worker must hold the KV until the transfer's deadline has passed"
+            )
         return self
 
 
@@ -318,9 +420,25 @@ class AutoscalingSpec(CRModel):
         default=300, ge=0, le=86400, description="Wait after any scale before scaling down."
     )
     prometheus_url: str | None = Field(
-        default=None, description="Prometheus base URL; defaults to the operator's --prometheus-url."
+        default=None,
+        max_length=2048,
+        pattern=formats.HTTP_URL,
+        description="Prometheus base URL (http or https); defaults to the operator's --prometheus-url.",
     )
     profile: ProfileSpec = Field(default_factory=ProfileSpec, description="Per-replica throughput seeds.")
+
+    @model_validator(mode="after")
+    def _cooldowns_span_an_interval(self) -> AutoscalingSpec:
+        for field, value in (
+            ("scaleUpCooldownSeconds", self.scale_up_cooldown_seconds),
+            ("scaleDownCooldownSeconds", self.scale_down_cooldown_seconds),
+        ):
+            if 0 < value < self.interval_seconds:
+                raise ValueError(
+                    f"{field} ({value}) is shorter than intervalSeconds ({self.interval_seconds}), so it "
+                    "would have no effect: set it to 0 or to at least intervalSeconds"
+                )
+        return self
 
 
 class MonitoringSpec(CRModel):
@@ -337,7 +455,11 @@ class DisaggregatedModelSpec(CRModel):
 
     model: ModelSpec = Field(description="The checkpoint to serve.")
     image: str | None = Field(
-        default=None, max_length=512, description="Worker image; defaults to the operator's --worker-image."
+        default=None,
+        max_length=512,
+        pattern=formats.IMAGE,
+        description="Worker image ([registry[:port]/]repository[:tag][@digest]); defaults to the operator's "
+        "--worker-image.",
     )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         default="IfNotPresent", description="Pull policy of the worker image."
@@ -395,6 +517,22 @@ CEL_RULES: list[tuple[str, str, str, str | None]] = [
     ),
     ("autoscaling.ratio", "self.min <= self.max", "ratio.min must be <= ratio.max", ".min"),
     (
+        "kvTransfer",
+        "self.leaseSeconds > self.timeoutSeconds",
+        "leaseSeconds must be > timeoutSeconds: the prefill worker must hold the KV until the transfer's "
+        "deadline has passed",
+        ".leaseSeconds",
+    ),
+    *[
+        (
+            "autoscaling",
+            f"self.{field} == 0 || self.{field} >= self.intervalSeconds",
+            f"{field} shorter than intervalSeconds has no effect: set it to 0 or to at least intervalSeconds",
+            f".{field}",
+        )
+        for field in ("scaleUpCooldownSeconds", "scaleDownCooldownSeconds")
+    ],
+    (
         "",
         "self.kvTransfer.backend != 'nixl' || self.decode.tensorParallel >= self.prefill.tensorParallel",
         "decode.tensorParallel must be >= prefill.tensorParallel with kvTransfer.backend nixl",
@@ -409,6 +547,25 @@ CEL_RULES: list[tuple[str, str, str, str | None]] = [
         ".autoscaling.gpuBudget",
     ),
 ]
+
+
+# Rules on the whole object (the only place CEL sees metadata.name).
+_MAX_NAME = formats.MAX_NAME_LENGTH
+ROOT_CEL_RULES: list[tuple[str, str]] = [
+    (
+        f"self.metadata.name.size() <= {_MAX_NAME} && self.metadata.name.matches('{formats.NAME}')",
+        f"metadata.name must be a DNS-1035 label of at most {_MAX_NAME} characters (a lowercase letter "
+        f"first, then letters, digits or '-'): its Services are named <name>{formats.LONGEST_CHILD_SUFFIX} "
+        "and the like, and a Service name is at most 63 characters",
+    ),
+]
+
+
+def name_problem(name: str) -> str | None:
+    """Why a DisaggregatedModel may not have this name (the root CEL rule, in Python), or None."""
+    if len(name) <= formats.MAX_NAME_LENGTH and re.fullmatch(formats.NAME, name):
+        return None
+    return ROOT_CEL_RULES[0][1]
 
 
 # ---------------------------------------------------------------- status

@@ -15,11 +15,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from kvrelay_operator import api
+from kvrelay_operator import api, formats
 
 CRD_FILENAME = f"{api.GROUP}_{api.PLURAL}.yaml"
 _DROP_KEYS = {"title", "additionalProperties", "$defs"}
 _OPTIONAL = "x-kvrelay-optional"  # internal marker, removed before output
+_VALUE_CHECKS = {"pattern", "maxLength", "minLength", "minimum", "maximum"}
 
 
 def _resolve(node: Any, defs: dict[str, Any]) -> Any:
@@ -48,10 +49,27 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
         types = {b.get("type") for b in branches}
         if types == {"integer", "string"}:
             node["x-kubernetes-int-or-string"] = True
+            # The branches' value checks move onto the node: a pattern applies to strings only, a
+            # minimum to numbers only (how Kubernetes' own resource.Quantity schema does it).
+            for branch in branches:
+                node.update({k: v for k, v in branch.items() if k in _VALUE_CHECKS})
         elif len(branches) == 1:
             node = {**branches[0], **node}
         else:
             raise ValueError(f"cannot express anyOf {branches} structurally")
+    # Pydantic writes a map's key pattern as patternProperties and its key length as propertyNames.
+    # A CRD schema has neither: the values take additionalProperties and CEL checks the keys.
+    keys = node.pop("propertyNames", None) or {}
+    if pattern_properties := node.pop("patternProperties", None):
+        ((key_pattern, value_schema),) = pattern_properties.items()
+        node["additionalProperties"], keys = value_schema, {**keys, "pattern": key_pattern}
+    if keys:
+        checks = [f"k.size() <= {keys['maxLength']}"] if "maxLength" in keys else []
+        checks += [f"k.matches(r'{keys['pattern']}')"] if "pattern" in keys else []
+        what = formats.KEY_FORMATS.get(keys.get("pattern", ""), f"at most {keys.get('maxLength')} characters")
+        message = f"each key must be {what}"
+        check = {"rule": f"self.all(k, {' && '.join(checks)})", "message": message}
+        node["x-kubernetes-validations"] = [*node.get("x-kubernetes-validations", []), check]
     preserve = node.get("x-kubernetes-preserve-unknown-fields", False)
     if preserve and node.get("type") is None:
         node["type"] = "object"
@@ -182,6 +200,9 @@ def render_crd() -> dict[str, Any]:
                             "decode worker pools, a KV cache relay between them and an OpenAI router.",
                             "type": "object",
                             "required": ["spec"],
+                            "x-kubernetes-validations": [
+                                {"rule": rule, "message": message} for rule, message in api.ROOT_CEL_RULES
+                            ],
                             "properties": {
                                 "apiVersion": {"type": "string", "description": "API version."},
                                 "kind": {"type": "string", "description": "Kind."},

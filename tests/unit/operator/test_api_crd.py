@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import yaml
-from kvrelay_operator import api, crd
+from kvrelay_operator import api, crd, formats
 from pydantic import ValidationError
 
 REPO = Path(__file__).resolve().parents[3]
@@ -76,9 +76,9 @@ def test_schema_is_structural() -> None:
     spec_props = schema["properties"]["spec"]["properties"]
     assert spec_props["prefill"]["properties"]["tensorParallel"]["minimum"] == 1
     assert spec_props["kvTransfer"]["properties"]["backend"]["enum"] == ["nixl", "tcp"]
-    assert spec_props["prefill"]["properties"]["resources"]["properties"]["limits"][
-        "additionalProperties"
-    ] == {"x-kubernetes-int-or-string": True}
+    quantity = spec_props["prefill"]["properties"]["resources"]["properties"]["limits"]["additionalProperties"]
+    assert quantity["x-kubernetes-int-or-string"] is True and "type" not in quantity
+    assert quantity["pattern"] == formats.QUANTITY and quantity["minimum"] == 0
     # Optional nested models are not defaulted into existence; required ones have no default.
     assert "default" not in spec_props["router"]["properties"]["apiKeySecret"]
     assert "default" not in spec_props["model"]

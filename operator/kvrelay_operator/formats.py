@@ -1,0 +1,69 @@
+"""String formats a DisaggregatedModel's fields must have, as regular expressions.
+
+Each is written once and used twice: as the CRD schema's `pattern` (the API server refuses a bad
+value at admission, in the field's own name) and by pydantic in the operator. The grammars are
+Kubernetes' and the OCI distribution spec's; the expressions are ours.
+"""
+
+from __future__ import annotations
+
+# resource.Quantity as Kubernetes serialises it: a decimal number, then a binary (Ki..Ei) or decimal
+# (n, u, m, k, M, G, T, P, E) suffix or an exponent. No sign: requests and limits cannot be negative.
+QUANTITY = (
+    r"^(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+    r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+
+# A DNS-1123 label (Service names, label values' strictest form) and subdomain (most object names).
+_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+DNS_SUBDOMAIN = rf"^{_LABEL}(\.{_LABEL})*$"
+# A resource name in requests/limits: `cpu`, `memory`, `hugepages-2Mi`, `example.com/foo`.
+RESOURCE_NAME = rf"^({_LABEL}(\.{_LABEL})*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+# An extended resource (device plugin): always domain-prefixed.
+EXTENDED_RESOURCE_NAME = rf"^{_LABEL}(\.{_LABEL})*/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+# A label key (optional DNS prefix, then a name of at most 63 characters) and a label value.
+LABEL_KEY = rf"^({_LABEL}(\.{_LABEL})*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{{0,61}}[A-Za-z0-9])?$"
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
+# A key in a Secret or ConfigMap.
+CONFIG_KEY = r"^[-._a-zA-Z0-9]+$"
+# An environment variable name: printable ASCII without '=' (what Kubernetes accepts since 1.34).
+ENV_NAME = r"^[!-<>-~][ -<>-~]*$"
+
+# An image reference (OCI distribution grammar): [registry[:port]/]repository[:tag][@digest].
+# The registry is told from the first path component by a dot, a port or `localhost`; the
+# repository's components are lowercase.
+_HOST_PART = r"[a-zA-Z0-9]([-a-zA-Z0-9]*[a-zA-Z0-9])?"
+_REGISTRY = rf"(localhost(:[0-9]+)?|{_HOST_PART}(\.{_HOST_PART})+(:[0-9]+)?|{_HOST_PART}:[0-9]+)"
+_PATH_PART = r"[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*"
+IMAGE = (
+    rf"^({_REGISTRY}/)?{_PATH_PART}(/{_PATH_PART})*"
+    r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
+    r"(@[A-Za-z][A-Za-z0-9]*([-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?$"
+)
+
+# A model source, one of three schemes (resources.py reads it the same way):
+# - a Hugging Face repo id, `org/name` or a bare legacy `name` (letters, digits, `-`, `_`, `.`);
+# - `pvc://<claim>/<path inside it>` (the path may be empty: the claim's root is the checkpoint);
+# - an absolute path inside the worker image.
+# No `..` path segment in either path: it would leave the claim or the model directory. (Written
+# without look-arounds: the API server's RE2 and pydantic's Rust regex have none.)
+_HF_PART = r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?"
+_SEGMENT = r"([^/\s.][^/\s]*|\.([^/\s.][^/\s]*)?|\.\.[^/\s]+)"  # any path segment but `..`
+_PATH = rf"{_SEGMENT}(/{_SEGMENT})*/?"
+MODEL_SOURCE = rf"^(({_HF_PART}/)?{_HF_PART}|pvc://{_LABEL}(\.{_LABEL})*(/({_PATH})?)?|/{_PATH})$"
+
+# An http(s) URL with a host.
+HTTP_URL = r"^https?://[^\s/?#@]+(:[0-9]+)?([/?#]\S*)?$"
+
+# A DisaggregatedModel's name: its Services are `<name>-prefill|decode|router`, and a Service name is
+# a DNS-1035 label (a letter first, at most 63 characters). "-prefill" is the longest suffix (8).
+LONGEST_CHILD_SUFFIX = "-prefill"
+MAX_NAME_LENGTH = 63 - len(LONGEST_CHILD_SUFFIX)
+NAME = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+
+
+# What a key of a map must be, in words, for the API server's message (the key's pattern is CEL there).
+KEY_FORMATS = {
+    RESOURCE_NAME: "a resource name (cpu, memory, hugepages-2Mi, example.com/foo)",
+    LABEL_KEY: "a label key ([DNS-subdomain prefix/]name, the name at most 63 characters)",
+}
