@@ -208,7 +208,7 @@ class WorkerRoleSpec(CRModel):
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
     shm_size: str = Field(
-        default="8Gi", pattern=r"^[0-9]+(Ki|Mi|Gi|Ti)?$", description="Size of the memory-backed /dev/shm."
+        default="8Gi", pattern=formats.BINARY_SIZE, description="Size of the memory-backed /dev/shm."
     )
     env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables.")
     extra_args: list[str] = Field(default_factory=list, description="Extra kvrelay-worker arguments.")
@@ -447,7 +447,7 @@ class MonitoringSpec(CRModel):
     pod_monitor: Literal["auto", "enabled", "disabled"] = Field(
         default="auto", description="auto renders a PodMonitor when the Prometheus Operator CRDs exist."
     )
-    interval: str = Field(default="15s", pattern=r"^[0-9]+(ms|s|m)$", description="Scrape interval.")
+    interval: str = Field(default="15s", pattern=formats.DURATION, description="Scrape interval.")
 
 
 class DisaggregatedModelSpec(CRModel):

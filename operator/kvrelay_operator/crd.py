@@ -20,6 +20,7 @@ from kvrelay_operator import api, formats
 CRD_FILENAME = f"{api.GROUP}_{api.PLURAL}.yaml"
 _DROP_KEYS = {"title", "additionalProperties", "$defs"}
 _OPTIONAL = "x-kvrelay-optional"  # internal marker, removed before output
+_RULE_NOTES = "x-kvrelay-rule-notes"  # internal: messages of cross-field rules, for descriptions
 _VALUE_CHECKS = {"pattern", "maxLength", "minLength", "minimum", "maximum"}
 
 
@@ -66,8 +67,8 @@ def _structural(node: dict[str, Any]) -> dict[str, Any]:
     if keys:
         checks = [f"k.size() <= {keys['maxLength']}"] if "maxLength" in keys else []
         checks += [f"k.matches(r'{keys['pattern']}')"] if "pattern" in keys else []
-        what = formats.KEY_FORMATS.get(keys.get("pattern", ""), f"at most {keys.get('maxLength')} characters")
-        message = f"each key must be {what}"
+        length = f"at most {keys.get('maxLength')} characters"
+        message = f"each key must be {formats.PATTERN_NAMES.get(keys.get('pattern', ''), length)}"
         check = {"rule": f"self.all(k, {' && '.join(checks)})", "message": message}
         node["x-kubernetes-validations"] = [*node.get("x-kubernetes-validations", []), check]
     preserve = node.get("x-kubernetes-preserve-unknown-fields", False)
@@ -153,13 +154,68 @@ def _add_cel_rules(spec_schema: dict[str, Any]) -> None:
         entry: dict[str, Any] = {"rule": rule, "message": message}
         if field_path:
             entry["fieldPath"] = field_path
+            # The field the rule names states it in its own description (see _document_checks).
+            field = node
+            for part in filter(None, field_path.split(".")):
+                field = field["properties"][part]
+            field.setdefault(_RULE_NOTES, []).append(message)
+        else:
+            node.setdefault(_RULE_NOTES, []).append(message)
         node.setdefault("x-kubernetes-validations", []).append(entry)
+
+
+def _checks_in_words(node: dict[str, Any]) -> list[str]:
+    """What the API server checks on one node's own value, in words (enums are shown by explain)."""
+    words = []
+    low, high = node.get("minimum"), node.get("maximum")
+    low_word = f"more than {low}" if node.get("exclusiveMinimum") else f"at least {low}"
+    high_word = f"less than {high}" if node.get("exclusiveMaximum") else f"at most {high}"
+    if (
+        low is not None
+        and high is not None
+        and not node.get("exclusiveMinimum")
+        and not node.get("exclusiveMaximum")
+    ):
+        words.append(f"{low} to {high}")
+    else:
+        words += [w for w, bound in ((low_word, low), (high_word, high)) if bound is not None]
+    if node.get("minLength", 0) > 0:
+        words.append(f"at least {node['minLength']} character(s)")
+    if "maxLength" in node:
+        words.append(f"at most {node['maxLength']} characters")
+    if "pattern" in node:
+        words.append(formats.PATTERN_NAMES.get(node["pattern"], f"matching {node['pattern']}"))
+    if "maxProperties" in node:
+        words.append(f"at most {node['maxProperties']} entries")
+    values = node.get("additionalProperties")
+    if isinstance(values, dict) and (value_words := _checks_in_words(values)):
+        words.append(f"each value {', '.join(value_words)}")
+    # The models' own CEL rules (cel() in api.py); cross-field rules say where they apply.
+    cross = _cross_rule_messages()
+    own = [r["message"] for r in node.get("x-kubernetes-validations", []) if r["message"] not in cross]
+    return words + own + node.pop(_RULE_NOTES, [])
+
+
+def _cross_rule_messages() -> set[str]:
+    return {message for _path, _rule, message, _field in api.CEL_RULES}
+
+
+def _document_checks(node: dict[str, Any]) -> None:
+    """Appends "Admission: ..." to each described field's description, so `kubectl explain` lists
+    every check the API server makes on it (generated from the schema itself, so never stale)."""
+    for prop in node.get("properties", {}).values():
+        _document_checks(prop)
+    if isinstance(node.get("items"), dict):
+        _document_checks(node["items"])
+    if "description" in node and (words := _checks_in_words(node)):
+        node["description"] = f"{node['description']}\nAdmission: {'; '.join(words)}."
 
 
 def render_crd() -> dict[str, Any]:
     """The CRD manifest as a dict."""
     spec_schema = model_schema(api.DisaggregatedModelSpec)
     _add_cel_rules(spec_schema)
+    _document_checks(spec_schema)
     status_schema = model_schema(api.DisaggregatedModelStatus)
     status_schema["description"] = "Observed state, written by the operator."
     columns = [
@@ -197,7 +253,8 @@ def render_crd() -> dict[str, Any]:
                     "schema": {
                         "openAPIV3Schema": {
                             "description": "DisaggregatedModel serves one LLM with separate prefill and "
-                            "decode worker pools, a KV cache relay between them and an OpenAI router.",
+                            "decode worker pools, a KV cache relay between them and an OpenAI router."
+                            f"\nAdmission: {'; '.join(m for _rule, m in api.ROOT_CEL_RULES)}.",
                             "type": "object",
                             "required": ["spec"],
                             "x-kubernetes-validations": [

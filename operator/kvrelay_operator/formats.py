@@ -52,6 +52,10 @@ _SEGMENT = r"([^/\s.][^/\s]*|\.([^/\s.][^/\s]*)?|\.\.[^/\s]+)"  # any path segme
 _PATH = rf"{_SEGMENT}(/{_SEGMENT})*/?"
 MODEL_SOURCE = rf"^(({_HF_PART}/)?{_HF_PART}|pvc://{_LABEL}(\.{_LABEL})*(/({_PATH})?)?|/{_PATH})$"
 
+# A memory size in binary units (shmSize) and a Prometheus duration (scrape interval).
+BINARY_SIZE = r"^[0-9]+(Ki|Mi|Gi|Ti)?$"
+DURATION = r"^[0-9]+(ms|s|m)$"
+
 # An http(s) URL with a host.
 HTTP_URL = r"^https?://[^\s/?#@]+(:[0-9]+)?([/?#]\S*)?$"
 
@@ -62,8 +66,19 @@ MAX_NAME_LENGTH = 63 - len(LONGEST_CHILD_SUFFIX)
 NAME = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
 
-# What a key of a map must be, in words, for the API server's message (the key's pattern is CEL there).
-KEY_FORMATS = {
+# Each pattern in words, for the API server's messages and the CRD's descriptions (`kubectl explain`).
+PATTERN_NAMES = {
+    QUANTITY: "a quantity (4, 500m, 16Gi, 1e3; not negative)",
+    DNS_SUBDOMAIN: "a DNS-1123 subdomain (lowercase letters, digits, '-' and '.')",
     RESOURCE_NAME: "a resource name (cpu, memory, hugepages-2Mi, example.com/foo)",
+    EXTENDED_RESOURCE_NAME: "an extended resource name (domain/name, e.g. rdma/ib)",
     LABEL_KEY: "a label key ([DNS-subdomain prefix/]name, the name at most 63 characters)",
+    LABEL_VALUE: "a label value (at most 63 letters, digits, '-', '_' or '.', alphanumeric at both ends)",
+    CONFIG_KEY: "a Secret key (letters, digits, '-', '_' and '.')",
+    ENV_NAME: "printable ASCII without '='",
+    IMAGE: "an image reference ([registry[:port]/]repository[:tag][@digest], repository lowercase)",
+    MODEL_SOURCE: "a Hugging Face repo id, pvc://<claim>[/<path>] or an absolute path, without '..'",
+    HTTP_URL: "an http or https URL with a host",
+    BINARY_SIZE: "a size in bytes or Ki, Mi, Gi, Ti (8Gi)",
+    DURATION: "a duration in ms, s or m (15s)",
 }

@@ -26,6 +26,8 @@ def test_crds_apply_and_explain(kubectl, crds) -> None:
     assert "Replicas, unless autoscaling.mode is auto" in text
     kv = explain("dm.spec.kvTransfer.failurePolicy")
     assert "recompute the prompt on decode, or fail" in kv and "recompute" in kv
+    lease = explain("dm.spec.kvTransfer.leaseSeconds")  # the admission checks are in the docs
+    assert "Admission: 1 to 3600; leaseSeconds must be > timeoutSeconds" in " ".join(lease.split())
     status = explain("dm.status.autoscaler")
     assert "lastDecisionTime" in status and "Metric values the decision used." in status
 

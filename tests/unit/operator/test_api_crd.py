@@ -76,7 +76,8 @@ def test_schema_is_structural() -> None:
     spec_props = schema["properties"]["spec"]["properties"]
     assert spec_props["prefill"]["properties"]["tensorParallel"]["minimum"] == 1
     assert spec_props["kvTransfer"]["properties"]["backend"]["enum"] == ["nixl", "tcp"]
-    quantity = spec_props["prefill"]["properties"]["resources"]["properties"]["limits"]["additionalProperties"]
+    limits = spec_props["prefill"]["properties"]["resources"]["properties"]["limits"]
+    quantity = limits["additionalProperties"]
     assert quantity["x-kubernetes-int-or-string"] is True and "type" not in quantity
     assert quantity["pattern"] == formats.QUANTITY and quantity["minimum"] == 0
     # Optional nested models are not defaulted into existence; required ones have no default.
@@ -95,6 +96,26 @@ def test_every_field_has_a_description() -> None:
     for path, node in _walk(schema):
         if path.split(".")[-2:-1] == ["properties"]:  # a named property, not a map's value schema
             assert node.get("description"), f"{path} lacks a description"
+
+
+def test_every_check_is_stated_in_its_fields_description() -> None:
+    # `kubectl explain` shows descriptions only: each field's admission checks are written into it.
+    root = crd.render_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    assert "metadata.name must be a DNS-1035 label of at most 55 characters" in root["description"]
+    checks = {"minimum", "maximum", "pattern", "maxLength", "maxProperties"}
+    for path, node in _walk(root["properties"]["spec"]):
+        # A rule with a fieldPath is stated on the field it names, not on the object holding it.
+        rules = [r for r in node.get("x-kubernetes-validations", []) if "fieldPath" not in r]
+        if "description" in node and (checks & set(node) or rules):
+            assert "\nAdmission: " in node["description"], path
+        assert not any(key.startswith("x-kvrelay") for key in node), path
+    spec_props = root["properties"]["spec"]["properties"]
+    lease = spec_props["kvTransfer"]["properties"]["leaseSeconds"]["description"]
+    assert lease.endswith("Admission: 1 to 3600; leaseSeconds must be > timeoutSeconds: the prefill worker "
+                          "must hold the KV until the transfer's deadline has passed.")  # fmt: skip
+    assert "an image reference" in spec_props["image"]["description"]
+    resources = spec_props["decode"]["properties"]["resources"]["description"]
+    assert "GPUs come from tensorParallel" in resources
 
 
 def test_cel_rules_land_on_their_objects() -> None:
