@@ -415,9 +415,20 @@ class AutoscalingSpec(CRModel):
         default=None, ge=1, le=100000, description="Most GPUs prefill and decode may use together."
     )
     interval_seconds: int = Field(default=30, ge=5, le=3600, description="Seconds between decisions.")
-    scale_up_cooldown_seconds: int = Field(default=60, ge=0, le=86400, description="Wait after a scale up.")
+    scale_up_cooldown_seconds: int | None = Field(
+        default=None,
+        ge=0,
+        le=86400,
+        description="Wait after a scale up before the next one; unset: 60 s, or intervalSeconds if longer. "
+        "0, or at least intervalSeconds: a decision is made only every intervalSeconds, so a shorter wait "
+        "would have no effect.",
+    )
     scale_down_cooldown_seconds: int = Field(
-        default=300, ge=0, le=86400, description="Wait after any scale before scaling down."
+        default=300,
+        ge=0,
+        le=86400,
+        description="Wait after any scale before scaling down (lengthened while a pool flaps, so it acts "
+        "even when shorter than intervalSeconds).",
     )
     prometheus_url: str | None = Field(
         default=None,
@@ -428,17 +439,21 @@ class AutoscalingSpec(CRModel):
     profile: ProfileSpec = Field(default_factory=ProfileSpec, description="Per-replica throughput seeds.")
 
     @model_validator(mode="after")
-    def _cooldowns_span_an_interval(self) -> AutoscalingSpec:
-        for field, value in (
-            ("scaleUpCooldownSeconds", self.scale_up_cooldown_seconds),
-            ("scaleDownCooldownSeconds", self.scale_down_cooldown_seconds),
-        ):
-            if 0 < value < self.interval_seconds:
-                raise ValueError(
-                    f"{field} ({value}) is shorter than intervalSeconds ({self.interval_seconds}), so it "
-                    "would have no effect: set it to 0 or to at least intervalSeconds"
-                )
+    def _cooldown_spans_an_interval(self) -> AutoscalingSpec:
+        value = self.scale_up_cooldown_seconds
+        if value is not None and 0 < value < self.interval_seconds:
+            raise ValueError(
+                f"scaleUpCooldownSeconds ({value}) is shorter than intervalSeconds "
+                f"({self.interval_seconds}), so it would have no effect: set it to 0, to at least "
+                "intervalSeconds, or leave it unset"
+            )
         return self
+
+    def scale_up_cooldown(self) -> int:
+        """The scale-up cooldown in effect: the one set, else 60 s or one interval if longer."""
+        if self.scale_up_cooldown_seconds is not None:
+            return self.scale_up_cooldown_seconds
+        return max(60, self.interval_seconds)
 
 
 class MonitoringSpec(CRModel):
@@ -523,15 +538,14 @@ CEL_RULES: list[tuple[str, str, str, str | None]] = [
         "deadline has passed",
         ".leaseSeconds",
     ),
-    *[
-        (
-            "autoscaling",
-            f"self.{field} == 0 || self.{field} >= self.intervalSeconds",
-            f"{field} shorter than intervalSeconds has no effect: set it to 0 or to at least intervalSeconds",
-            f".{field}",
-        )
-        for field in ("scaleUpCooldownSeconds", "scaleDownCooldownSeconds")
-    ],
+    (
+        "autoscaling",
+        "!has(self.scaleUpCooldownSeconds) || self.scaleUpCooldownSeconds == 0 || "
+        "self.scaleUpCooldownSeconds >= self.intervalSeconds",
+        "scaleUpCooldownSeconds shorter than intervalSeconds has no effect: set it to 0, to at least "
+        "intervalSeconds, or leave it unset",
+        ".scaleUpCooldownSeconds",
+    ),
     (
         "",
         "self.kvTransfer.backend != 'nixl' || self.decode.tensorParallel >= self.prefill.tensorParallel",

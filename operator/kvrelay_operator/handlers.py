@@ -43,6 +43,7 @@ from kvrelay_operator.status import (
     DeploymentState,
     PodScheduling,
     compute_status,
+    condition_events,
     set_condition,
     status_merge_patch,
     unschedulable_by_role,
@@ -239,8 +240,8 @@ def reconcile(
         changed = state.applier.apply_changed(namespace, name, children, fresh=reason == "create")
     except ApplyError as exc:
         if exc.refused:  # the API refuses the child itself: retrying cannot help
+            # The Degraded condition's Warning Event (reason ApplyRefused) comes with the status write.
             message = f"a child was refused by the API server ({exc.status}): {exc.detail}"[:1000]
-            kopf.event(body, type="Warning", reason="ApplyRefused", message=message)
 
             def degrade(current: api.DisaggregatedModelStatus) -> api.DisaggregatedModelStatus:
                 conditions = set_condition(current.conditions, "Degraded", "True", "ApplyRefused", message,
@@ -414,16 +415,21 @@ def _write_status(
     meta = parent["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     for _ in range(attempts):
-        diff = status_merge_patch(_parse_status(parent), recompute(parent))
+        before = _parse_status(parent)
+        after = recompute(parent)
+        diff = status_merge_patch(before, after)
         if not diff:  # an empty {"status": {}} would still be sent as a PATCH
             return True
         try:
             state.kube.patch_status(namespace, name, diff, parent["metadata"].get("resourceVersion"))
-            return True
         except ApiException as exc:
             if exc.status != 409:
                 raise
             parent = state.kube.get_model(namespace, name)
+            continue
+        for event_type, reason, message in condition_events(before, after):
+            kopf.event(parent, type=event_type, reason=reason, message=message[:1000])
+        return True
     return False
 
 

@@ -12,11 +12,14 @@ import asyncio
 import importlib
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 log = logging.getLogger("kvrelay_operator")
 
@@ -43,6 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lease-name", default="kvrelay-operator")
     parser.add_argument("--lease-namespace", default=os.environ.get("POD_NAMESPACE", "default"))
     parser.add_argument("--lease-duration", type=int, default=15, help="seconds")
+    parser.add_argument(
+        "--lease-retry-period",
+        type=float,
+        default=1.0,
+        help="seconds between a standby's tries for the Lease (and the leader's renewals)",
+    )
+    parser.add_argument(
+        "--shutdown-timeout", type=float, default=20.0, help="seconds kopf may take to stop on SIGTERM"
+    )
     parser.add_argument("--log-level", default="INFO")
     return parser
 
@@ -84,8 +96,13 @@ def run_kopf(args: argparse.Namespace, stop_flag: threading.Event | None = None)
 
 
 def run_with_lease(args: argparse.Namespace) -> None:
-    """Blocks until this replica holds the Lease, runs kopf, exits when the Lease is lost."""
-    from kubernetes import config
+    """Blocks until this replica holds the Lease, runs kopf, exits when the Lease is lost.
+
+    SIGTERM/SIGINT (a rolling update, a drain) hand over at once: kopf's handlers stop, the Lease is
+    released while still held (renewed meanwhile, so no one else acts until kopf has stopped), and the
+    process exits 0. A standby then takes the Lease at its next try, not after the lease duration.
+    """
+    from kubernetes import client, config
     from kubernetes.leaderelection import electionconfig, leaderelection
     from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
 
@@ -102,13 +119,63 @@ def run_with_lease(args: argparse.Namespace) -> None:
         os._exit(1)  # a deposed leader must not act; the pod restarts as a follower
 
     lock = LeaseLock(args.lease_name, args.lease_namespace, identity)
+    leading, kopf_done = threading.Event(), threading.Event()
+
+    def lead() -> None:
+        leading.set()
+        try:
+            run_kopf(args, stop)
+        finally:
+            kopf_done.set()
+
     election = electionconfig.Config(
         lock, lease_duration=args.lease_duration, renew_deadline=max(2, args.lease_duration * 2 // 3),
-        retry_period=max(1, args.lease_duration // 5), onstarted_leading=lambda: run_kopf(args, stop),
-        onstopped_leading=lost,
+        retry_period=args.lease_retry_period, onstarted_leading=lead, onstopped_leading=lost,
     )  # fmt: skip
+    elector = leaderelection.LeaderElection(election)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        # Runs on the main thread, which is otherwise in the library's acquire or renew loop.
+        if not leading.is_set():
+            log.info("signal %d as a follower: exiting", signum)
+            os._exit(0)
+        log.info("signal %d: stopping kopf, then releasing the Lease", signum)
+        stop.set()
+        deadline = time.monotonic() + args.shutdown_timeout
+        while not kopf_done.wait(timeout=min(1.0, args.lease_retry_period)):
+            if time.monotonic() > deadline:
+                log.error("kopf did not stop in %ss: exiting, Lease not released", args.shutdown_timeout)
+                os._exit(1)
+            if not elector.try_acquire_or_renew():  # keep the Lease until kopf has let go
+                log.error("lost the Lease while stopping")
+                os._exit(1)
+        released = release_lease(client.CoordinationV1Api(), args.lease_namespace, args.lease_name, identity)
+        log.info("stopped; Lease %s", "released" if released else "not ours any more")
+        logging.shutdown()  # os._exit skips it: flush the log lines above
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     log.info("waiting for the Lease %s/%s as %s", args.lease_namespace, args.lease_name, identity)
-    leaderelection.LeaderElection(election).run()
+    elector.run()
+
+
+def release_lease(coordination: Any, namespace: str, name: str, identity: str) -> bool:
+    """Clears the Lease's holder if it is still `identity` (conditional on the version read)."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        lease = coordination.read_namespaced_lease(name, namespace)
+        if lease.spec.holder_identity != identity:
+            return False
+        # No holder: a waiting candidate takes the Lease at its next try (kubernetes' Python client
+        # and client-go both treat an empty holder as free), instead of waiting out the duration.
+        lease.spec.holder_identity = None
+        coordination.replace_namespaced_lease(name, namespace, lease)
+        return True
+    except ApiException as exc:
+        log.warning("could not release the Lease: %s %s", exc.status, exc.reason)
+        return False
 
 
 def main(argv: Sequence[str] | None = None) -> int:

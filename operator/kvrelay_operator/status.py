@@ -185,6 +185,30 @@ def compute_status(
     return new
 
 
+# Conditions whose turn to a bad state is announced by a Warning Event, and their good state.
+_WATCHED = {"Degraded": "False", "PodsScheduled": "True"}
+
+
+def condition_events(
+    before: api.DisaggregatedModelStatus, after: api.DisaggregatedModelStatus
+) -> list[tuple[str, str, str]]:
+    """(type, reason, message) of the Events a status write should post: a Warning when a watched
+    condition turns bad or its message changes (another failure), a Normal one when it recovers."""
+    old = {c.type: c for c in before.conditions}
+    events = []
+    for cond in after.conditions:
+        good = _WATCHED.get(cond.type)
+        if good is None:
+            continue
+        prev = old.get(cond.type)
+        changed = prev is None or (prev.status, prev.message) != (cond.status, cond.message)
+        if cond.status != good and changed:
+            events.append(("Warning", cond.reason, cond.message))
+        elif cond.status == good and prev is not None and prev.status != good:
+            events.append(("Normal", cond.reason, f"{cond.type}: {cond.reason} (was {prev.reason})"))
+    return events
+
+
 def _scaling_limited(
     spec: api.DisaggregatedModelSpec,
     status: api.DisaggregatedModelStatus,

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +34,7 @@ def _cr(name: str) -> str:
 class OperatorProcess:
     """A `python -m kvrelay_operator.main` child process with its log in a file."""
 
-    def __init__(self, namespace: str, log: Path) -> None:
+    def __init__(self, namespace: str, log: Path, lease_seconds: int = LEASE_SECONDS) -> None:
         self.port = free_port()
         self.metrics_port = free_port()
         self.log = log
@@ -45,7 +47,7 @@ class OperatorProcess:
             "--lease-namespace",
             namespace,
             "--lease-duration",
-            str(LEASE_SECONDS),
+            str(lease_seconds),
             "--liveness",
             f"http://127.0.0.1:{self.port}/healthz",
             "--metrics-port",
@@ -77,8 +79,11 @@ class OperatorProcess:
 
 
 @pytest.fixture
-def two_operators(namespace: str, tmp_path: Path) -> Iterator[list[OperatorProcess]]:
-    procs = [OperatorProcess(namespace, tmp_path / f"operator-{i}.log") for i in range(2)]
+def two_operators(
+    namespace: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[list[OperatorProcess]]:
+    seconds = getattr(request, "param", LEASE_SECONDS)
+    procs = [OperatorProcess(namespace, tmp_path / f"operator-{i}.log", seconds) for i in range(2)]
     try:
         yield procs
     finally:
@@ -116,3 +121,43 @@ def test_only_the_lease_holder_acts(kubectl, namespace, two_operators) -> None:
         lambda: get_json(kubectl, "deployment", "b-decode", "-n", namespace), timeout=60, what="b's children"
     )
     assert follower.proc.poll() is None
+
+
+@pytest.mark.parametrize("two_operators", [15], indirect=True)  # the chart's lease duration
+def test_sigterm_hands_the_lease_over_at_once(kubectl, namespace, two_operators) -> None:
+    """A rolling update: the leader stops kopf, releases the Lease and exits 0; the standby leads
+    within 2 s of that, not after the 15 s lease duration."""
+    from kubernetes import client, config
+
+    config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
+    leases = client.CoordinationV1Api()
+
+    def holder() -> str | None:
+        try:
+            return leases.read_namespaced_lease("kvrelay-operator", namespace).spec.holder_identity
+        except client.ApiException:
+            return None
+
+    first = wait_for(holder, timeout=60, what="a Lease holder")
+    wait_for(lambda: all(p.identity() for p in two_operators), timeout=30, what="both identities logged")
+    leader = next(p for p in two_operators if p.identity() == first)
+    follower = next(p for p in two_operators if p is not leader)
+    wait_for(leader.live, timeout=30, what="the leader's liveness endpoint")
+
+    signalled = time.monotonic()
+    leader.proc.send_signal(signal.SIGTERM)
+    assert leader.proc.wait(timeout=30) == 0, leader.log.read_text()[-2000:]
+    exited = time.monotonic()
+    second = wait_for(lambda: (h := holder()) != first and h, timeout=20, interval=0.05, what="new holder")
+    leads = time.monotonic()
+    assert second == follower.identity()
+    assert "Lease released" in leader.log.read_text()
+    handover = {"sigterm_to_exit_s": round(exited - signalled, 2),
+                "exit_to_new_leader_s": round(leads - exited, 2)}  # fmt: skip
+    print(json.dumps(handover))
+    assert handover["exit_to_new_leader_s"] < 2.0, handover
+    wait_for(follower.live, timeout=30, what="the new leader running kopf")
+    kubectl("apply", "-n", namespace, "-f", "-", stdin=_cr("c"), check=True)
+    wait_for(
+        lambda: get_json(kubectl, "deployment", "c-decode", "-n", namespace), timeout=60, what="c's children"
+    )

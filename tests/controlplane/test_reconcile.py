@@ -370,7 +370,9 @@ def test_autoscaler_status_drives_replicas(kubectl, kube, namespace, operator) -
 def test_child_refused_by_the_api_server_is_reported_not_retried(kubectl, namespace, start_operator) -> None:
     bad = json.loads(json.dumps(TINY))
     bad["metadata"]["name"] = "bad"
-    bad["spec"]["prefill"]["env"] = [{"name": "A=B", "value": "x"}]  # the CRD allows it, core/v1 not
+    # spec.<role>.affinity is core/v1 Affinity, kept opaque by the CRD: core/v1 refuses an empty term list.
+    required = {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}}
+    bad["spec"]["prefill"]["affinity"] = {"nodeAffinity": required}
     with start_operator() as runner:
         kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(bad), check=True)
 
@@ -379,7 +381,7 @@ def test_child_refused_by_the_api_server_is_reported_not_retried(kubectl, namesp
             return next((c for c in conditions if c["type"] == "Degraded" and c["status"] == "True"), None)
 
         condition = wait_for(degraded, timeout=30, what="Degraded=True")
-        assert condition["reason"] == "ApplyRefused" and "A=B" in condition["message"]
+        assert condition["reason"] == "ApplyRefused" and "nodeSelectorTerms" in condition["message"]
         # kopf posts events from a queue of its own: the event may trail the status a little.
         selector = ("--field-selector", "reason=ApplyRefused")
         events = wait_for(lambda: get_json(kubectl, "events", "-n", namespace, *selector)["items"],
@@ -387,3 +389,38 @@ def test_child_refused_by_the_api_server_is_reported_not_retried(kubectl, namesp
         assert len(events) == 1 and events[0]["involvedObject"]["name"] == "bad"
         assert model(kubectl, namespace, "bad")["status"]["phase"] == "Degraded"
     assert "failed permanently" in runner.output  # kopf stops retrying a spec that can never apply
+
+
+def test_quota_refusal_shows_in_status_and_an_event_and_clears(kubectl, namespace, operator) -> None:
+    """A failure only the controllers meet (the quota admission refusing a pod) reaches the model."""
+    quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "two-pods"},
+             "spec": {"hard": {"pods": "2"}}}  # fmt: skip
+    kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(quota), check=True)
+
+    # The quota admission refuses every pod until the quota controller has computed its usage.
+    def used() -> Any:
+        return get_json(kubectl, "resourcequota", "two-pods", "-n", namespace).get("status", {}).get("used")
+
+    wait_for(used, timeout=30, what="quota usage computed")
+    kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(TINY), check=True)  # 3 pods
+
+    def condition(type_: str) -> dict[str, Any]:
+        conditions = model(kubectl, namespace, "tiny").get("status", {}).get("conditions", [])
+        return next((c for c in conditions if c["type"] == type_), {})
+
+    degraded = wait_for(lambda: condition("Degraded").get("status") == "True" and condition("Degraded"),
+                        timeout=60, what="Degraded=True")  # fmt: skip
+    assert degraded["reason"] == "ChildFailing"
+    assert "exceeded quota: two-pods" in degraded["message"]  # the API server's own words
+    selector = ("--field-selector", "involvedObject.name=tiny,reason=ChildFailing")
+    events = wait_for(lambda: get_json(kubectl, "events", "-n", namespace, *selector)["items"], timeout=15,
+                      what="a ChildFailing event")  # fmt: skip
+    assert events[0]["type"] == "Warning" and "exceeded quota" in events[0]["message"]
+    assert model(kubectl, namespace, "tiny")["status"]["phase"] == "Degraded"
+
+    kubectl("delete", "resourcequota", "two-pods", "-n", namespace, check=True)
+    wait_for(lambda: condition("Degraded").get("status") == "False", timeout=120, what="Degraded cleared")
+    wait_for(lambda: condition("Ready").get("status") == "True", timeout=60, what="Ready")
+    recovered = ("--field-selector", "involvedObject.name=tiny,reason=AsExpected")
+    wait_for(lambda: get_json(kubectl, "events", "-n", namespace, *recovered)["items"], timeout=15,
+             what="a Normal event saying it recovered")  # fmt: skip

@@ -117,8 +117,9 @@ VALID = {
     "node-selector": {"model": MODEL, "prefill": {"nodeSelector": {
         "node.kubernetes.io/instance-type": "p5.48xlarge", "pool": ""}}},
     "timings": {"model": MODEL, "kvTransfer": {"leaseSeconds": 11, "timeoutSeconds": 10},
-                "autoscaling": {"intervalSeconds": 60, "scaleUpCooldownSeconds": 0,
+                "autoscaling": {"intervalSeconds": 600, "scaleUpCooldownSeconds": 0,
                                 "scaleDownCooldownSeconds": 60, "prometheusUrl": "https://prom.example.com/x"}},
+    "long-interval-default-cooldown": {"model": MODEL, "autoscaling": {"intervalSeconds": 3600}},
 }  # fmt: skip
 
 

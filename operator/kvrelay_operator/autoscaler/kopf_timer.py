@@ -88,7 +88,7 @@ def policy_config(spec: api.DisaggregatedModelSpec) -> PolicyConfig:
         ratio_max=auto.ratio.max,
         gpu_budget=auto.gpu_budget,
         interval_seconds=float(auto.interval_seconds),
-        scale_up_cooldown_seconds=float(auto.scale_up_cooldown_seconds),
+        scale_up_cooldown_seconds=float(auto.scale_up_cooldown()),
         scale_down_cooldown_seconds=float(auto.scale_down_cooldown_seconds),
         # Scale-down evidence spans six decisions (180 s at the default 30 s interval).
         scale_down_window_seconds=6.0 * auto.interval_seconds,

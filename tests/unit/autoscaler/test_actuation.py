@@ -25,7 +25,7 @@ from kvrelay_operator.autoscaler.types import (
 def make_spec(**autoscaling: object) -> api.DisaggregatedModelSpec:
     return api.DisaggregatedModelSpec.model_validate(
         {
-            "model": {"source": "hf://meta-llama/Llama-3.1-8B", "servedName": "llama"},
+            "model": {"source": "meta-llama/Llama-3.1-8B", "servedName": "llama"},
             "prefill": {"minReplicas": 1, "maxReplicas": 6, "tensorParallel": 1},
             "decode": {"replicas": 3, "minReplicas": 2, "maxReplicas": 9, "tensorParallel": 2},
             "autoscaling": {

@@ -156,3 +156,17 @@ def test_examples_validate(example: Path) -> None:
     for doc in models:
         assert doc["apiVersion"] == api.API_VERSION
         api.DisaggregatedModelSpec.model_validate(doc["spec"])
+
+
+@pytest.mark.parametrize(
+    ("autoscaling", "cooldown"),
+    [({}, 60), ({"intervalSeconds": 600}, 600), ({"scaleUpCooldownSeconds": 0}, 0),
+     ({"intervalSeconds": 60, "scaleUpCooldownSeconds": 90}, 90)],
+)  # fmt: skip
+def test_an_unset_scale_up_cooldown_spans_one_interval(autoscaling: dict[str, Any], cooldown: int) -> None:
+    assert spec(autoscaling=autoscaling).autoscaling.scale_up_cooldown() == cooldown
+
+
+def test_a_scale_up_cooldown_shorter_than_the_interval_is_refused() -> None:
+    with pytest.raises(ValidationError, match=r"scaleUpCooldownSeconds \(30\) is shorter than interval"):
+        spec(autoscaling={"intervalSeconds": 60, "scaleUpCooldownSeconds": 30})
