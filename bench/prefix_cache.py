@@ -10,18 +10,22 @@ trace's timestamps divided by ``--speedup`` to `kvrelay serve --model tiny` with
 1 decode worker, as completions with token-id prompts, streamed (TTFT = first chunk).
 
 Settings, each on a fresh stack (one JSON line each, ratios against (a) from the same run):
-  (a) no cache     -- workers --no-enable-prefix-caching, router --prefix-weight 0
-  (b) cache + least-queued routing -- router --prefix-weight 0
+  (a) no cache     -- workers --no-enable-prefix-caching, router --prefix-weight 0 --decode-prefix-weight 0
+  (b) cache + least-loaded routing -- router --prefix-weight 0 --decode-prefix-weight 0
   (c) cache + prefix-aware routing -- the defaults
 and a multi-turn chat load on (c)'s defaults (on (c)'s stack when it follows (c)): N conversations x M
 turns over one shared system prompt, each turn resending the whole history (earlier prompts, the
-answers as text re-encoded, a new question).
+answers as text re-encoded, a new question); multi-lb is the same load on (b)'s flags (caches on,
+both routers least-loaded), to see what routing adds with `--decode 2`.
 
 Hit rate = prefix-cache hit tokens / looked-up tokens on the prefill workers (their own /metrics);
 prefill tokens computed = their kvrelay_prompt_tokens_computed_total. The upper bound is the window's
 own: an infinite cache, empty at the start, one worker; given twice, for a cache that may reuse every
 block and for one that always computes the block holding the prompt's last token, as kvrelay's (and
 vLLM's) engine does (the step samples from that token's logits).
+
+The decode side is reported too: its hit rate (prompt tokens the decode worker already held, so the
+relay did not move them) and the KV bytes relayed (kvrelay_kv_transfer_bytes_total, reader side).
 
     python bench/prefix_cache.py [--window 2000] [--start 0] [--speedup 8] [--settings a,b,c,multi]
 """
@@ -51,9 +55,21 @@ from sim.traces import traces_dir  # noqa: E402
 
 TINY_VOCAB = 512  # the tiny model's; token ids 5.. avoid its special tokens
 METRICS_RE = re.compile(r"worker (\S+) pid=\d+ grpc=\S+ metrics=:(\d+)")
+# Multi-turn loads and the trace setting whose flags they run with.
+MULTI = {"multi": "c", "multi-lb": "b"}
 SETTINGS = {
-    "a": ("no cache", ["--worker-arg=--no-enable-prefix-caching", "--router-arg=--prefix-weight=0"]),
-    "b": ("cache + least-queued routing", ["--router-arg=--prefix-weight=0"]),
+    "a": (
+        "no cache",
+        [
+            "--worker-arg=--no-enable-prefix-caching",
+            "--router-arg=--prefix-weight=0",
+            "--router-arg=--decode-prefix-weight=0",
+        ],
+    ),
+    "b": (
+        "cache + least-loaded routing",
+        ["--router-arg=--prefix-weight=0", "--router-arg=--decode-prefix-weight=0"],
+    ),
     "c": ("cache + prefix-aware routing", []),
 }
 
@@ -122,7 +138,7 @@ def trace_prompts(requests: list[TraceRequest], block: int) -> list[tuple[Sequen
 def worker_counters(ports: dict[str, int], role: str) -> dict[str, float]:
     """Prefix-cache and prompt counters summed over the `role` workers' /metrics."""
     names = ("kvrelay_prefix_cache_queries_total", "kvrelay_prefix_cache_hits_total",
-             "kvrelay_prompt_tokens_computed_total")  # fmt: skip
+             "kvrelay_prompt_tokens_computed_total", "kvrelay_kv_transfer_bytes_total")  # fmt: skip
     out = dict.fromkeys(names, 0.0)
     per_worker_hits = {}
     for name, port in ports.items():
@@ -227,8 +243,8 @@ def _summary(ttfts: list[float]) -> dict[str, float]:
 
 
 def serve_args(key: str, args: argparse.Namespace) -> list[str]:
-    extra = SETTINGS[key][1] if key in SETTINGS else SETTINGS["c"][1]  # multi-turn runs on (c)'s settings
-    return ["--model", "tiny", "--prefill", "2", "--decode", "1",
+    extra = SETTINGS[MULTI.get(key, key)][1]  # multi-turn runs on (c)'s settings, or (b)'s
+    return ["--model", "tiny", "--prefill", "2", "--decode", str(args.decode),
             f"--worker-arg=--num-blocks={args.num_blocks}",
             f"--router-arg=--prefix-index-blocks={args.num_blocks}", *extra]  # fmt: skip
 
@@ -249,7 +265,8 @@ async def run_stack(
         try:
             for key in keys:
                 before = worker_counters(ports, "prefill")
-                if key == "multi":
+                decode_before = worker_counters(ports, "decode")
+                if key in MULTI:
                     t0 = time.perf_counter()
                     ttfts, prompts = await multi_turn(client, serve.model, args)
                     wall, failures, n = time.perf_counter() - t0, 0, len(ttfts)
@@ -261,7 +278,8 @@ async def run_stack(
                 results.append(
                     _line(key, before, worker_counters(ports, "prefill"), ttfts, wall, failures, n)
                 )
-                if key == "multi":
+                results[-1].update(_decode_side(decode_before, worker_counters(ports, "decode")))
+                if key in MULTI:
                     bound = ideal_hit_rate(chat_prompts(prompts, args.block_tokens), args.block_tokens)
                     results[-1]["ideal_hit_rate_last_block_computed"] = round(bound, 4)
         finally:
@@ -277,7 +295,7 @@ def _line(
     per_worker = {
         k: int(v - before["per_worker_hits"].get(k, 0.0)) for k, v in after["per_worker_hits"].items()
     }
-    name = SETTINGS[key][0] if key in SETTINGS else "multi-turn chat, cache + prefix-aware routing"
+    name = f"multi-turn chat, {SETTINGS[MULTI[key]][0]}" if key in MULTI else SETTINGS[key][0]
     return {
         "bench": "prefix_cache",
         "setting": key,
@@ -291,6 +309,14 @@ def _line(
         "throughput_req_s": round(n / wall, 2),
         "wall_s": round(wall, 1),
     }
+
+
+def _decode_side(before: dict, after: dict) -> dict[str, object]:
+    """What the decode workers' own prefix caches saved the relay."""
+    queries = after["kvrelay_prefix_cache_queries_total"] - before["kvrelay_prefix_cache_queries_total"]
+    hits = after["kvrelay_prefix_cache_hits_total"] - before["kvrelay_prefix_cache_hits_total"]
+    relayed = after["kvrelay_kv_transfer_bytes_total"] - before["kvrelay_kv_transfer_bytes_total"]
+    return {"decode_hit_rate": round(hits / queries, 4) if queries else 0.0, "kv_bytes_relayed": int(relayed)}
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -332,7 +358,7 @@ async def main_async(args: argparse.Namespace) -> None:
 def _finish(line: dict, key: str, window: dict, baseline: dict | None, args: argparse.Namespace) -> None:
     """A trace setting's line gets the window, its bound and the ratios against (a) from this run; the
     multi-turn line its shape."""
-    if key == "multi":
+    if key in MULTI:
         line.update(conversations=args.conversations, turns=args.turns, stagger_s=args.stagger_s,
                     think_s=args.think_s)  # fmt: skip
         return
@@ -356,7 +382,10 @@ def main() -> None:
     p.add_argument("--block-tokens", type=int, default=16, help="tokens per trace block (512 in the trace)")
     p.add_argument("--max-blocks", type=int, default=120, help="prompt cap in blocks (tiny's 2,048 context)")
     p.add_argument("--num-blocks", type=int, default=32768, help="KV blocks per worker (8 KiB each for tiny)")
-    p.add_argument("--settings", default="a,b,c,multi", help="a, b, c (see above) and multi, in order")
+    p.add_argument(
+        "--settings", default="a,b,c,multi", help="a, b, c, multi and multi-lb (see above), in order"
+    )
+    p.add_argument("--decode", type=int, default=1, help="decode workers")
     p.add_argument("--conversations", type=int, default=16)
     p.add_argument("--stagger-s", type=float, default=0.25, help="multi-turn: seconds between users' starts")
     p.add_argument("--think-s", type=float, default=0.5, help="multi-turn: a user's pause between turns")

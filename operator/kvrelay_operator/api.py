@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from kubernetes.utils import parse_quantity
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from pydantic.alias_generators import to_camel
 
@@ -129,8 +128,9 @@ class ResourceRequirements(CRModel):
                 f"{', '.join(devices)} in resources: GPUs come from tensorParallel and RDMA devices "
                 "from kvTransfer.rdma"
             )
+        value = formats.quantity_value
         for name, request in self.requests.items():
-            if name in self.limits and parse_quantity(request) > parse_quantity(self.limits[name]):
+            if name in self.limits and value(request) > value(self.limits[name]):
                 raise ValueError(f"{name} request {request} is above its limit {self.limits[name]}")
         return self
 
@@ -311,6 +311,15 @@ class RouterSpec(CRModel):
         description="Prefix-aware prefill routing: a prompt goes to the prefill worker with the fewest "
         "queued prompt tokens minus this weight times the prompt tokens that worker likely holds in its "
         "prefix cache (each router's own record of what it sent where). 0 routes by queued tokens only.",
+    )
+    decode_prefix_weight: float = Field(
+        default=2.0,
+        ge=0,
+        le=100,
+        description="Prefix-aware decode routing: a stream goes to the decode worker with the fewest running "
+        "streams minus this weight times the share of its prompt that worker likely holds (it then fetches "
+        "only the rest over the KV relay): a worker holding the whole prompt counts as running this many "
+        "fewer streams. Each router's own record of what it sent where. 0 routes by running streams only.",
     )
 
 

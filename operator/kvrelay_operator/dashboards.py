@@ -233,13 +233,17 @@ def pools() -> DashboardSpec:
             width=8,
         ),
         PanelSpec(
-            "Prefill routing decisions",
-            "Why the router chose each prefill worker: `prefix` (it likely held part of the prompt) or "
-            "`load` (fewest queued tokens).",
+            "Routing decisions",
+            "Why the router chose each worker: `prefix` (it likely held part of the prompt) or `load` "
+            "(prefill: fewest queued tokens; decode: fewest running streams).",
             (
                 Query(
                     f"sum by (reason) (rate(kvrelay_router_prefill_routing_total{{{ROUTER}}}[{RATE}]))",
-                    "{{reason}}",
+                    "prefill {{reason}}",
+                ),
+                Query(
+                    f"sum by (reason) (rate(kvrelay_router_decode_routing_total{{{ROUTER}}}[{RATE}]))",
+                    "decode {{reason}}",
                 ),
             ),
             unit="reqps",

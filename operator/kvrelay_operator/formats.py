@@ -7,6 +7,8 @@ Kubernetes' and the OCI distribution spec's; the expressions are ours.
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 # resource.Quantity as Kubernetes serialises it: a decimal number, then a binary (Ki..Ei) or decimal
 # (n, u, m, k, M, G, T, P, E) suffix or an exponent. No sign: requests and limits cannot be negative.
 QUANTITY = (
@@ -82,3 +84,25 @@ PATTERN_NAMES = {
     BINARY_SIZE: "a size in bytes or Ki, Mi, Gi, Ti (8Gi)",
     DURATION: "a duration in ms, s or m (15s)",
 }
+
+
+_SUFFIXES = {
+    **{k: Decimal(1024) ** (i + 1) for i, k in enumerate(("Ki", "Mi", "Gi", "Ti", "Pi", "Ei"))},
+    **{k: Decimal(10) ** e for k, e in (("n", -9), ("u", -6), ("m", -3), ("", 0), ("k", 3), ("M", 6),
+                                        ("G", 9), ("T", 12), ("P", 15), ("E", 18))},
+}  # fmt: skip
+
+
+def quantity_value(quantity: int | str) -> Decimal:
+    """The number a QUANTITY-shaped value stands for (16Gi -> 17179869184, 500m -> 0.5, 1e3 -> 1000).
+
+    Kept here rather than taken from the kubernetes client, whose import pulls in the API client that
+    this pure layer must not depend on (see .importlinter).
+    """
+    text = str(quantity)
+    for suffix in ("Ki", "Mi", "Gi", "Ti", "Pi", "Ei"):
+        if text.endswith(suffix):
+            return Decimal(text[: -len(suffix)]) * _SUFFIXES[suffix]
+    if text[-1:] in _SUFFIXES:  # a decimal suffix (an exponent always ends in a digit)
+        return Decimal(text[:-1]) * _SUFFIXES[text[-1]]
+    return Decimal(text)  # a plain number, or one with an exponent (1e3, 2E6)

@@ -220,6 +220,7 @@ def router_args(spec: api.DisaggregatedModelSpec, ctx: RenderContext, model_path
         "--grpc-port-name", "grpc",
         "--max-migrations", str(spec.router.max_migrations), "--resume-via", spec.router.resume_via,
         "--prefix-weight", str(spec.router.prefix_weight),
+        "--decode-prefix-weight", str(spec.router.decode_prefix_weight),
     ]  # fmt: skip
     if spec.router.api_key_secret is not None:
         args += ["--api-key-file", f"{API_KEY_DIR}/{spec.router.api_key_secret.key}"]

@@ -52,3 +52,5 @@ def test_small_window_with_prefix_aware_routing_and_multi_turn() -> None:
     assert chat["setting"] == "multi" and chat["requests"] == 6 and chat["failed"] == 0, chat
     # turns 2 and 3 resend the whole history: most of their prompt is cached on the worker it went to
     assert 0.3 < chat["hit_rate"] <= chat["ideal_hit_rate_last_block_computed"] + 1e-9, chat
+    # the decode worker held each conversation's last turn: the relay moved only the new tail
+    assert chat["decode_hit_rate"] > 0.3 and chat["kv_bytes_relayed"] > 0, chat

@@ -619,7 +619,8 @@ def test_a_conversation_reuses_its_prefix_on_the_prefill_worker_that_holds_it(
     client: openai.OpenAI, serve: ServeProcess, tokenizer, reference
 ) -> None:  # type: ignore[no-untyped-def]
     """Multi-turn chat over two prefill workers: each turn goes where the conversation's KV is cached,
-    computes only what is new, and answers exactly as the engine without any cache does."""
+    computes only what is new, and answers exactly as the engine without any cache does. The decode
+    worker, which holds the last turn (its prompt relayed, its answer computed), reads only the rest."""
     hits = "kvrelay_prefix_cache_hits_total"
     routed_by_prefix = 'kvrelay_router_prefill_routing_total{model="tiny",reason="prefix"}'
     system = {"role": "system", "content": "You answer questions about trains, stations and timetables. " * 3}
@@ -627,6 +628,7 @@ def test_a_conversation_reuses_its_prefix_on_the_prefill_worker_that_holds_it(
     previous = 0  # the last turn's prompt length: its full blocks are cached where it was prefilled
     for turn in range(3):
         before = _per_worker_metric(serve, "prefill", hits)
+        decode_before = _worker_metric(serve, "decode", hits)
         by_prefix = _router_metric(serve, routed_by_prefix)
         prompt = tokenizer.encode_chat(messages)
         want = reference([prompt], 12)[0]
@@ -638,6 +640,8 @@ def test_a_conversation_reuses_its_prefix_on_the_prefill_worker_that_holds_it(
         if turn:  # one worker, routed there by prefix, found the last turn's prompt cached
             assert _router_metric(serve, routed_by_prefix) == by_prefix + 1
             assert min(gained.values()) == 0 and max(gained.values()) >= 16 * (previous // 16), gained
+            # the one decode worker held the last turn's prompt: those blocks were not relayed again
+            assert _worker_metric(serve, "decode", hits) - decode_before >= 16 * (previous // 16)
         previous = len(prompt)
         messages += [
             {"role": "assistant", "content": reply.choices[0].message.content},

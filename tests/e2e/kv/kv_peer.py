@@ -118,7 +118,9 @@ class Peer:
                 self._freeze_after_claim(cmd["freeze_pid"])
             try:
                 self.loop.run_until_complete(
-                    self.transport.fetch(handle, cmd["dst_block_ids"], cmd["timeout_s"])
+                    self.transport.fetch(
+                        handle, cmd["dst_block_ids"], cmd["timeout_s"], cmd.get("skip_blocks", 0)
+                    )
                 )
             except KVTransferError as err:
                 return {
@@ -135,6 +137,8 @@ class Peer:
         if op == "flush_logs":  # the test reads UCX's log (which transport moved the data) after this
             flush_c_streams()
             return {"ok": True}
+        if op == "digest":  # what some of this peer's blocks hold now
+            return {"digest": blocks_digest(self.cache, cmd["block_ids"])}
         if op == "status":
             blocks, nbytes = self.transport.leases.held()
             return {"released": self.released, "held_blocks": blocks, "held_bytes": nbytes}

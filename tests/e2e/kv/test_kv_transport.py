@@ -93,3 +93,31 @@ def test_tensor_parallel_readers_get_their_head_slices(
         assert len(status["released"]) == done + 4
         assert status["held_blocks"] == 0
     assert_read_over_pinned_transport(flavour, readers)
+
+
+@pytest.mark.parametrize("flavour", ["nixl-cma", "nixl-tcp", "tcp"])
+def test_a_reader_holding_the_leading_blocks_reads_only_the_rest(pool: Any, flavour: str) -> None:
+    """A decode worker's prefix cache holds the first blocks: it reads the others, and a claim that
+    reads nothing (the cache holds them all) still lets the holder free the blocks at once."""
+    holder, reader = pool(flavour, seed=SEED), pool(flavour)
+    before = len(holder.call(op="status")["released"])
+    rng = random.Random(f"skip-{flavour}")
+    src_ids = rng.sample(range(1, NUM_BLOCKS), 12)
+    free = sorted(set(range(1, NUM_BLOCKS)) - set(src_ids))
+    cases = [(5, rng.sample(free, 7)), (11, rng.sample(free, 1)), (12, [])]
+    others = sorted(set(free) - {b for _, ids in cases for b in ids})
+    others_before = reader.call(op="digest", block_ids=others)["digest"]
+    for i, (skip, dst_ids) in enumerate(cases):
+        tokens = 12 * LAYOUT["block_size"]
+        handle = holder.call(op="publish", request_id=f"s{i}", block_ids=src_ids, num_tokens=tokens)["handle"]
+        reply = reader.call(op="fetch", handle=handle, dst_block_ids=dst_ids, skip_blocks=skip, timeout_s=20)
+        assert reply["ok"], reply
+        assert reply["digest"] == expected_digest(SEED, 1, 0, src_ids[skip:]), f"skip {skip} differs"
+    assert reader.call(op="digest", block_ids=others)["digest"] == others_before  # nothing else written
+    status = wait_all_released(holder, before + len(cases))  # well before the 30 s lease
+    assert (status["held_blocks"], status["held_bytes"]) == (0, 0)
+    # Skipping more blocks than the handle holds is refused, naming the bound.
+    two = 2 * LAYOUT["block_size"]
+    handle = holder.call(op="publish", request_id="bad", block_ids=src_ids[:2], num_tokens=two)["handle"]
+    reply = reader.call(op="fetch", handle=handle, dst_block_ids=[], skip_blocks=3, timeout_s=5)
+    assert not reply["ok"] and reply["reason"] == "bad_request", reply

@@ -38,6 +38,8 @@ def test_defaults_fill_every_section() -> None:
         ({"prefill": {"replicaz": 1}}, "replicaz"),
         ({"decode": {"drainSeconds": 4}}, "drainSeconds"),
         ({"prefill": {"drainSeconds": 3601}}, "drainSeconds"),
+        ({"router": {"decodePrefixWeight": -1}}, "decodePrefixWeight"),
+        ({"router": {"decodePrefixWeight": 101}}, "decodePrefixWeight"),
     ],
 )
 def test_invalid_specs_name_the_problem(over: dict[str, Any], needle: str) -> None:
@@ -84,6 +86,10 @@ def test_schema_is_structural() -> None:
     assert "default" not in spec_props["router"]["properties"]["apiKeySecret"]
     assert "default" not in spec_props["model"]
     assert spec_props["prefill"]["default"]["replicas"] == 1
+    router = spec_props["router"]
+    assert router["default"]["prefixWeight"] == 1.0 and router["default"]["decodePrefixWeight"] == 2.0
+    w = router["properties"]["decodePrefixWeight"]
+    assert (w["type"], w["default"], w["minimum"], w["maximum"]) == ("number", 2.0, 0, 100)
     for role in ("prefill", "decode"):  # the API server refuses a drain out of bounds at admission
         drain = spec_props[role]["properties"]["drainSeconds"]
         bounds = (drain["type"], drain["default"], drain["minimum"], drain["maximum"])
@@ -170,3 +176,13 @@ def test_an_unset_scale_up_cooldown_spans_one_interval(autoscaling: dict[str, An
 def test_a_scale_up_cooldown_shorter_than_the_interval_is_refused() -> None:
     with pytest.raises(ValidationError, match=r"scaleUpCooldownSeconds \(30\) is shorter than interval"):
         spec(autoscaling={"intervalSeconds": 60, "scaleUpCooldownSeconds": 30})
+
+
+QUANTITIES = ["16Gi", "500m", "1e3", "2E6", "4", 4, "1.5", ".5", "3E", "1k", "7Ki", "12n"]
+
+
+@pytest.mark.parametrize("value", QUANTITIES)
+def test_quantities_read_as_the_kubernetes_client_reads_them(value: int | str) -> None:
+    from kubernetes.utils import parse_quantity  # the reference; the operator's pure layer may not import it
+
+    assert formats.quantity_value(value) == parse_quantity(value)

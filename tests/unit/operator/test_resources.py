@@ -348,11 +348,13 @@ def test_rendered_command_lines_parse_with_the_real_entrypoints() -> None:
     )
     assert args.api_key_file == "/var/run/secrets/kvrelay/api-key"
     assert args.max_migrations == 3 and args.resume_via == "prefill" and args.prefix_weight == 1.0
-    router = {"maxMigrations": 0, "resumeVia": "decode", "prefixWeight": 0}
+    assert args.decode_prefix_weight == 2.0
+    router = {"maxMigrations": 0, "resumeVia": "decode", "prefixWeight": 0, "decodePrefixWeight": 0.5}
     args, _ = router_main.build_parser().parse_known_args(
         container(render(spec(router=router)), "router")["args"][2:]
     )
     assert args.max_migrations == 0 and args.resume_via == "decode" and args.prefix_weight == 0.0
+    assert args.decode_prefix_weight == 0.5
 
 
 def test_replicas_are_drift_only_when_someone_else_set_them() -> None:

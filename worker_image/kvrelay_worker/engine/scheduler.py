@@ -71,11 +71,16 @@ class StepLogprobs:
 
 @dataclass
 class KVTarget:
-    """Blocks allocated for a remote-KV request; the KV relay reads the prompt's KV into them."""
+    """Blocks allocated for a remote-KV request; the KV relay reads the prompt's KV into them.
+
+    The prompt's first ``skip_blocks`` blocks were found in this worker's prefix cache: the relay
+    reads only the rest, into ``block_ids`` (empty when the cache held the whole prompt).
+    """
 
     request_id: str
     block_ids: list[int]
     num_tokens: int
+    skip_blocks: int = 0
 
 
 @dataclass
@@ -189,11 +194,17 @@ class Scheduler:
         self.pending_remote.append(request)
 
     def remote_kv_done(self, request_id: str, ok: bool) -> None:
-        """The KV relay finished reading (``ok``) or failed; on failure the request recomputes."""
+        """The KV relay finished reading (``ok``) or failed; on failure the request recomputes what
+        its cached prefix does not cover."""
         request = self.fetching.pop(request_id, None)
         if request is None:
             return
-        request.num_computed_tokens = request.num_prompt_tokens if ok else 0
+        if ok:
+            request.num_computed_tokens = request.num_prompt_tokens
+            if self.config.enable_prefix_caching:
+                self._register_computed_blocks(request)
+        else:
+            request.num_computed_tokens = request.num_registered_blocks * self.config.block_size
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
 
@@ -284,18 +295,29 @@ class Scheduler:
     def _allocate_remote(self, out: SchedulerOutput) -> None:
         """Give fetch targets to pending remote-KV requests, keeping one free block per running
         request so fetches never starve the batch that is already decoding."""
+        block_size = self.config.block_size
         while self.pending_remote and len(self.fetching) < self.config.max_num_seqs:
             request = self.pending_remote[0]
-            need = blocks_needed(request.num_prompt_tokens, self.config.block_size)
-            if self.pool.num_free_blocks - need < len(self.running):
+            hits: list[int] = []
+            if self.config.enable_prefix_caching:
+                # Every full prompt block may come from the cache: the relay brings the prompt's KV,
+                # nothing of the prompt is computed here.
+                hits = self.pool.lookup(self._hashes(request, request.num_prompt_tokens // block_size))
+            need = blocks_needed(request.num_prompt_tokens, block_size) - len(hits)
+            if self.pool.num_free_after_touch(hits) - need < len(self.running):
                 return
+            self.pool.touch(hits)
             ids = self.pool.allocate(need)
-            if ids is None:
-                return
+            assert ids is not None  # the free blocks were counted above
             self.pending_remote.popleft()
-            request.block_ids = ids
+            request.block_ids = hits + ids
+            request.num_registered_blocks = len(hits)
+            if self.config.enable_prefix_caching:
+                self.num_cache_query_tokens += request.num_prompt_tokens
+                self.num_cache_hit_tokens += len(hits) * block_size
             self.fetching[request.request_id] = request
-            out.kv_targets.append(KVTarget(request.request_id, list(ids), request.num_prompt_tokens))
+            target = KVTarget(request.request_id, list(ids), request.num_prompt_tokens, skip_blocks=len(hits))
+            out.kv_targets.append(target)
 
     def _admit_blocks(self, request: Request, budget: int) -> int | None:
         """Give a request about to run the blocks for its next ``num_new`` tokens (returned): cached

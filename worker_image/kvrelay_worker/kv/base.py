@@ -57,6 +57,7 @@ class Fetch:
     dst_block_ids: list[int]
     deadline: float  # monotonic seconds
     cancel: threading.Event
+    skip_blocks: int = 0  # leading handle blocks the reader already holds (its prefix cache)
 
 
 class KVTransport(ABC):
@@ -211,13 +212,15 @@ class KVTransport(ABC):
         )
         return handle
 
-    def _validate_claim(self, req: dict[str, Any]) -> tuple[Lease, KVLayout]:
-        """Refuse forged, foreign, incompatible, unknown or expired handles; hold the blocks."""
+    def _validate_claim(self, req: dict[str, Any]) -> tuple[Lease, KVLayout, list[int]]:
+        """Refuse forged, foreign, incompatible, unknown or expired handles; hold the blocks. Returns
+        the lease, the reader's layout and the held blocks to serve (past the reader's cached ones)."""
         try:
             handle = KVHandle.model_validate(req["handle"])
             reader_rank = int(req["reader_rank"])
             reader_tp = int(req["reader_tp_size"])
             dst_block_ids = [int(b) for b in req["dst_block_ids"]]
+            skip = int(req.get("skip_blocks", 0))
             deadline_s = float(req["deadline_s"])
         except (KeyError, TypeError, ValueError) as exc:
             raise KVTransferError("bad_request", f"malformed claim: {exc}") from exc
@@ -238,11 +241,15 @@ class KVTransport(ABC):
         lease = self.leases.claim(
             handle.handle_id, reader_rank, readers_per_holder_rank(self.layout, reader_tp), now, hold
         )
-        if len(dst_block_ids) != len(lease.block_ids):
+        if not 0 <= skip <= len(lease.block_ids):
+            raise KVTransferError("bad_request", f"skip_blocks {skip} outside 0..{len(lease.block_ids)}")
+        served = lease.block_ids[skip:]
+        if len(dst_block_ids) != len(served):
             raise KVLayoutMismatch(
-                f"{len(lease.block_ids)} blocks (holder) != {len(dst_block_ids)} destination blocks (reader)"
+                f"{len(served)} blocks (holder, {skip} skipped) != {len(dst_block_ids)} destination blocks "
+                "(reader)"
             )
-        return lease, reader_layout
+        return lease, reader_layout, served
 
     def _serve_connection(self, sock: socket.socket) -> None:
         while True:
@@ -253,8 +260,8 @@ class KVTransport(ABC):
             op = req.get("op")
             try:
                 if op == "claim":
-                    lease, reader_layout = self._validate_claim(req)
-                    self._serve_claim(sock, req, lease, reader_layout)
+                    lease, reader_layout, served = self._validate_claim(req)
+                    self._serve_claim(sock, req, lease, reader_layout, served)
                 else:
                     self._serve_other(sock, req)
             except KVTransferError as err:
@@ -270,11 +277,15 @@ class KVTransport(ABC):
                 self._stop.wait(0.1)
 
     # ---------------------------------------------------------------- reader side
-    async def fetch(self, handle: KVHandle, dst_block_ids: list[int], timeout_s: float) -> None:
+    async def fetch(
+        self, handle: KVHandle, dst_block_ids: list[int], timeout_s: float, skip_blocks: int = 0
+    ) -> None:
         """Copy the handle's blocks (this rank's head slice) into `dst_block_ids`, or raise KVTransferError.
 
-        Never takes longer than `timeout_s` (plus one poll interval); on any failure or cancel the
-        destination blocks are no longer written when this returns.
+        `skip_blocks`: the first blocks of the handle are not read (the reader's prefix cache holds
+        them); `dst_block_ids` receives the rest, and may be empty: the claim then only tells the
+        holder it may free the blocks. Never takes longer than `timeout_s` (plus one poll interval);
+        on any failure or cancel the destination blocks are no longer written when this returns.
         """
         started = time.monotonic()
         deadline = started + timeout_s
@@ -292,13 +303,17 @@ class KVTransport(ABC):
             src_rank, _ = source_rank(handle.layout, self.layout, self.tp_rank)
             holder = handle.rank(src_rank)
             dst = list(dst_block_ids)
+            if not 0 <= skip_blocks <= len(holder.block_ids):
+                raise KVTransferError(
+                    "bad_request", f"skip_blocks {skip_blocks} outside 0..{len(holder.block_ids)}"
+                )
 
             def work() -> int:  # planning thousands of runs stays off the event loop too
                 runs = plan_runs(
-                    handle.layout, holder.num_blocks_total, holder.block_ids, self.layout, self.num_blocks,
-                    self.tp_rank, dst,
+                    handle.layout, holder.num_blocks_total, holder.block_ids[skip_blocks:], self.layout,
+                    self.num_blocks, self.tp_rank, dst,
                 )  # fmt: skip
-                return self._fetch_blocking(Fetch(handle, holder, runs, dst, deadline, cancel))
+                return self._fetch_blocking(Fetch(handle, holder, runs, dst, deadline, cancel, skip_blocks))
 
             fut = asyncio.get_running_loop().run_in_executor(self._pool, work)
             try:
@@ -319,15 +334,16 @@ class KVTransport(ABC):
         self.metrics.transfer_seconds.observe(time.monotonic() - started)
         self.metrics.transfer_bytes.inc(nbytes)
 
-    def claim_request(self, handle: KVHandle, dst_block_ids: list[int], deadline: float) -> dict[str, Any]:
+    def claim_request(self, job: Fetch) -> dict[str, Any]:
         return {
             "op": "claim",
-            "handle": handle.model_dump(mode="json"),
+            "handle": job.handle.model_dump(mode="json"),
             "reader_rank": self.tp_rank,
             "reader_tp_size": self.layout.tp_size,
             "reader_num_blocks": self.num_blocks,
-            "dst_block_ids": dst_block_ids,
-            "deadline_s": max(deadline - time.monotonic(), 0.0),
+            "dst_block_ids": job.dst_block_ids,
+            "skip_blocks": job.skip_blocks,
+            "deadline_s": max(job.deadline - time.monotonic(), 0.0),
         }
 
     def open_claim(
@@ -408,9 +424,14 @@ class KVTransport(ABC):
 
     @abstractmethod
     def _serve_claim(
-        self, sock: socket.socket, req: dict[str, Any], lease: Lease, reader_layout: KVLayout
+        self,
+        sock: socket.socket,
+        req: dict[str, Any],
+        lease: Lease,
+        reader_layout: KVLayout,
+        served: list[int],
     ) -> None:
-        """Holder: answer a validated claim (and, for tcp, stream the runs)."""
+        """Holder: answer a validated claim for the held blocks `served` (and, for tcp, stream the runs)."""
 
     def _serve_other(self, sock: socket.socket, req: dict[str, Any]) -> None:
         raise KVTransferError("bad_request", f"unknown op {req.get('op')!r}")

@@ -138,13 +138,18 @@ class NixlTransport(KVTransport):
 
     # ---------------------------------------------------------------- holder
     def _serve_claim(
-        self, sock: socket.socket, req: dict[str, Any], lease: Lease, reader_layout: KVLayout
+        self,
+        sock: socket.socket,
+        req: dict[str, Any],
+        lease: Lease,
+        reader_layout: KVLayout,
+        served: list[int],
     ) -> None:
         deadline = time.monotonic() + max(float(req["deadline_s"]), _ACTIVE_WINDOW_S)
         with self._inflight_lock:
             self._inflight[(lease.handle.handle_id, int(req["reader_rank"]))] = deadline
         # The reader plans and reads the runs itself; the holder only states how many bytes it serves.
-        nbytes = len(lease.block_ids) * reader_layout.block_bytes_local()
+        nbytes = len(served) * reader_layout.block_bytes_local()
         reply: dict[str, Any] = {"ok": True, "nbytes": nbytes}
         if req.get("want_metadata"):
             reply["metadata_b64"] = base64.b64encode(self._metadata).decode()
@@ -179,13 +184,14 @@ class NixlTransport(KVTransport):
         peer = holder.agent_name
         with self._peer_lock:
             known = peer in self._peers
-        req = self.claim_request(handle, job.dst_block_ids, deadline)
+        req = self.claim_request(job)
         req["want_metadata"] = not known
         total = int(job.runs[:, 2].sum())
+        reads = len(job.runs) > 0  # none when the reader's prefix cache holds every block
         sock, pooled = self.send_claim(holder.endpoint, req, deadline)
         xfer = None
         try:
-            if known:
+            if known and reads:
                 # The READ overlaps the claim's round trip. Safe: blocks stay held from publish until
                 # the lease ends or the claim's hold does, so if the claim succeeds they were held
                 # during the whole READ; if it fails, what landed in our blocks is never used.
@@ -197,9 +203,10 @@ class NixlTransport(KVTransport):
             if int(reply["nbytes"]) != total:
                 mismatch = f"{reply['nbytes']} bytes (holder) != {total} (reader)"
                 raise KVTransferError("layout_mismatch", mismatch)
-            if xfer is None:
+            if xfer is None and reads:
                 xfer = self._start_read(job)
-            self._finish_read(holder, xfer, deadline, cancel)
+            if xfer is not None:
+                self._finish_read(holder, xfer, deadline, cancel)
         except KVTransferError as err:
             if xfer is not None:  # cancel it before its peer may be unloaded below
                 self._release_xfer(handle, xfer)

@@ -56,10 +56,15 @@ class TcpTransport(KVTransport):
 
     # ---------------------------------------------------------------- holder
     def _serve_claim(
-        self, sock: socket.socket, req: dict[str, Any], lease: Lease, reader_layout: KVLayout
+        self,
+        sock: socket.socket,
+        req: dict[str, Any],
+        lease: Lease,
+        reader_layout: KVLayout,
+        served: list[int],
     ) -> None:
         runs = plan_runs(
-            self.layout, self.num_blocks, lease.block_ids, reader_layout, int(req["reader_num_blocks"]),
+            self.layout, self.num_blocks, served, reader_layout, int(req["reader_num_blocks"]),
             int(req["reader_rank"]), [int(b) for b in req["dst_block_ids"]],
         )  # fmt: skip
         nbytes = int(runs[:, 2].sum())
@@ -78,7 +83,7 @@ class TcpTransport(KVTransport):
     # ---------------------------------------------------------------- reader
     def _fetch_blocking(self, job: Fetch) -> int:
         holder, runs, deadline, cancel = job.holder, job.runs, job.deadline, job.cancel
-        request = self.claim_request(job.handle, job.dst_block_ids, deadline)
+        request = self.claim_request(job)
         sock, reply = self.open_claim(holder.endpoint, request, deadline, cancel)
         try:
             total = int(runs[:, 2].sum())

@@ -408,6 +408,11 @@ def _check_api_key(config: RouterConfig, request: Request) -> None:
         )
 
 
+def _prefix_index(config: RouterConfig, weight: float) -> PrefixIndex | None:
+    """One role's record of what its workers likely cache; none when its weight turns it off."""
+    return PrefixIndex(config.kv_block_size, config.prefix_index_blocks) if weight else None
+
+
 def create_app(
     config: RouterConfig,
     discovery: Discovery,
@@ -416,10 +421,13 @@ def create_app(
 ) -> FastAPI:
     """Build the router app; discovery feeds the pool's worker addresses while the app runs."""
     if pool is None:
-        prefix = (
-            PrefixIndex(config.kv_block_size, config.prefix_index_blocks) if config.prefix_weight else None
+        pool = WorkerPool(
+            config.health_interval_s,
+            prefix=_prefix_index(config, config.prefix_weight),
+            prefix_weight=config.prefix_weight,
+            decode_prefix=_prefix_index(config, config.decode_prefix_weight),
+            decode_prefix_weight=config.decode_prefix_weight,
         )
-        pool = WorkerPool(config.health_interval_s, prefix=prefix, prefix_weight=config.prefix_weight)
     state = RouterState(config, tokenizer or Tokenizer.from_dir(config.model_dir), pool)
 
     @contextlib.asynccontextmanager

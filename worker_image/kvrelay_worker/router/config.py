@@ -48,9 +48,14 @@ class RouterConfig(BaseModel):
         ge=0,
         description="prefill routing: queued tokens one likely-cached prompt token is worth (0: off)",
     )
+    decode_prefix_weight: float = Field(
+        default=2.0,
+        ge=0,
+        description="decode routing: running streams a worker holding the whole input is worth (0: off)",
+    )
     kv_block_size: int = Field(default=16, ge=1, description="the workers' KV block size (prefix hashes)")
     prefix_index_blocks: int = Field(
-        default=1024, ge=1, description="blocks remembered per prefill worker (about its KV cache size)"
+        default=1024, ge=1, description="blocks remembered per worker and role (about its KV cache size)"
     )
     resume_via: Literal["prefill", "decode"] = Field(
         default="prefill",

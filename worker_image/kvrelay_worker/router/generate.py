@@ -146,12 +146,17 @@ async def generate(
     kv_handle, tried = first.kv_handle, []
     failed_at: float | None = None  # when the last decode failure was noticed, until the next token
     via = policy.resume_via
+    decode = pool.roles["decode"]
     while not state.done:
-        worker = pool.roles["decode"].choose(exclude=tried)
-        if worker is None:
+        # By the input it is given (the prompt; on a resume, also the tokens generated before): a decode
+        # worker still holding its leading blocks fetches only the rest.
+        choice = decode.choose_for_stream(state.decode_inputs()[0], exclude=tried)
+        if choice is None:
             if state.migrations:
                 metrics.migration_failed("no_worker")
             raise no_decode_worker(state.migrations, state.last_failure)
+        worker = choice.worker
+        metrics.routed_decode(choice.cached_prefix_tokens)
         tried.append(worker.client.address)
         try:
             relay = _relay_decode(pool, worker, state, kv_handle, decode_idle_timeout_s)
@@ -172,6 +177,8 @@ async def generate(
                         break  # the worker's final response, or a stop string matched here
             if not state.done:
                 raise server_error(f"decode stream from {worker.client.address} ended without a finish")
+            # It caches the output's blocks too: a next turn that resends this answer finds them there.
+            decode.record(worker.client.address, _computed_ids(state))
         except WorkerFailed as exc:
             decision = decide(exc, state.migrations, policy)
             if isinstance(decision, GiveUp):
@@ -202,6 +209,12 @@ async def generate(
     if tail:
         yield TextDelta(tail)
     yield Finished(state.final_reason(), len(prompt_ids), len(state.generated_ids))
+
+
+def _computed_ids(state: ResumeState) -> list[int]:
+    """The tokens whose KV the decode worker that finished the stream holds: all but the last generated
+    one, which it sampled and never ran through the model."""
+    return state.prompt_ids + state.generated_ids[:-1]
 
 
 async def _relay_decode(

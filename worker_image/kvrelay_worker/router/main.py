@@ -77,13 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="prefill routing: a prompt goes to the worker with the fewest queued tokens minus this weight "
         "times the prompt tokens it likely holds in its prefix cache (0: fewest queued tokens only)",
     )
+    p.add_argument(
+        "--decode-prefix-weight",
+        type=float,
+        default=2.0,
+        help="decode routing: a stream goes to the decode worker with the fewest running streams minus this "
+        "weight times the share of its input that worker likely holds; a worker holding the whole prompt "
+        "counts as running W fewer streams (0: fewest running streams only)",
+    )
     p.add_argument("--kv-block-size", type=int, default=16, help="the workers' --block-size (prefix hashes)")
     p.add_argument(
         "--prefix-index-blocks",
         type=int,
         default=1024,
-        help="prefix blocks remembered per prefill worker, least recently routed forgotten first (about the "
-        "worker's --num-blocks)",
+        help="prefix blocks remembered per worker (prefill and decode each), least recently routed forgotten "
+        "first (about the worker's --num-blocks)",
     )
     p.add_argument("--log-level", default="info")
     return p
@@ -109,6 +117,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         max_migrations=args.max_migrations,
         resume_via=args.resume_via,
         prefix_weight=args.prefix_weight,
+        decode_prefix_weight=args.decode_prefix_weight,
         kv_block_size=args.kv_block_size,
         prefix_index_blocks=args.prefix_index_blocks,
     )

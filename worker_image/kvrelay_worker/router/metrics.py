@@ -77,11 +77,28 @@ class RouterMetrics:
             ["model"],
             registry=self.registry,
         ).labels(model)
+        self.decode_routing = Counter(
+            "kvrelay_router_decode_routing",
+            "Decode worker choices: `prefix` if the chosen one likely held some of the input, else `load`",
+            ["model", "reason"],
+            registry=self.registry,
+        )
+        self.decode_prefix_tokens = Counter(
+            "kvrelay_router_decode_prefix_hit_tokens",
+            "Input tokens the chosen decode worker likely held (the router's estimate)",
+            ["model"],
+            registry=self.registry,
+        ).labels(model)
 
     def routed_prefill(self, cached_prefix_tokens: int) -> None:
         """One prefill worker chosen, holding (by the router's estimate) this many of the prompt's tokens."""
         self.prefill_routing.labels(self.model, "prefix" if cached_prefix_tokens else "load").inc()
         self.routed_prefix_tokens.inc(cached_prefix_tokens)
+
+    def routed_decode(self, cached_prefix_tokens: int) -> None:
+        """One decode worker chosen, holding (by the router's estimate) this many of the input tokens."""
+        self.decode_routing.labels(self.model, "prefix" if cached_prefix_tokens else "load").inc()
+        self.decode_prefix_tokens.inc(cached_prefix_tokens)
 
     def request_done(self, status: str) -> None:
         """status: success | client_error | server_error | cancelled."""

@@ -11,9 +11,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from kvrelay_worker.prefix_hash import BlockHash
 from kvrelay_worker.router.kserve import WorkerClient
 from kvrelay_worker.router.prefix_index import PrefixIndex
-from kvrelay_worker.router.routing import WorkerLoad, choose_decode, choose_prefill
+from kvrelay_worker.router.routing import WorkerLoad, cached_fraction, choose_decode, choose_prefill
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,9 @@ class RolePool:
     role: Role
     workers: dict[str, WorkerState] = field(default_factory=dict)
     turns: Iterator[int] = field(default_factory=itertools.count)
-    # prefill: where prompts' prefixes are likely cached, and how much a cached token weighs against a
-    # queued one (routing.choose_prefill); None: least queued only
+    # Where streams' leading blocks are likely cached, and what holding them is worth (each role its own
+    # index). Prefill: queued tokens per cached prompt token (routing.choose_prefill); decode: running
+    # streams per whole input held (routing.choose_decode). None: load alone decides.
     prefix: PrefixIndex | None = None
     prefix_weight: float = 1.0
 
@@ -59,15 +61,45 @@ class RolePool:
     def choose_for_prompt(self, prompt_ids: Sequence[int], exclude: Sequence[str] = ()) -> Choice | None:
         """Prefill: the worker for this prompt, with the prompt tokens it likely holds already; the
         prompt is then recorded as sent there."""
-        index = self.prefix
-        hashes = index.hashes(prompt_ids) if index is not None else []
-        cached = {a: index.cached_tokens(a, hashes) for a in self.workers} if index is not None else {}
+        hashes, cached = self._estimate(prompt_ids)
         loads = [replace(w.load(), cached_prefix_tokens=cached.get(a, 0)) for a, w in self.workers.items()]
-        address = choose_prefill(loads, exclude, next(self.turns), self.prefix_weight if index else 0.0)
+        weight = self.prefix_weight if self.prefix is not None else 0.0
+        return self._chosen(choose_prefill(loads, exclude, next(self.turns), weight), hashes, cached)
+
+    def choose_for_stream(self, token_ids: Sequence[int], exclude: Sequence[str] = ()) -> Choice | None:
+        """Decode: the worker for a stream over these input tokens (fewest streams, less the share of the
+        input it likely holds), with its estimate; the input is then recorded as sent there."""
+        hashes, cached = self._estimate(token_ids)
+        loads = [
+            replace(
+                w.load(),
+                cached_prefix_tokens=cached.get(a, 0),
+                cached_prefix_fraction=cached_fraction(cached.get(a, 0), len(token_ids)),
+            )
+            for a, w in self.workers.items()
+        ]
+        weight = self.prefix_weight if self.prefix is not None else 0.0
+        return self._chosen(choose_decode(loads, exclude, next(self.turns), weight), hashes, cached)
+
+    def record(self, address: str, token_ids: Sequence[int]) -> None:
+        """The worker at ``address`` now holds these tokens' KV (a stream it finished: input and output)."""
+        if self.prefix is not None:
+            self.prefix.record(address, self.prefix.hashes(token_ids))
+
+    def _estimate(self, token_ids: Sequence[int]) -> tuple[list[BlockHash], dict[str, int]]:
+        """The tokens' block hashes and, per worker, how many leading tokens it likely holds."""
+        index = self.prefix
+        if index is None:
+            return [], {}
+        hashes = index.hashes(token_ids)
+        return hashes, {a: index.cached_tokens(a, hashes) for a in self.workers}
+
+    def _chosen(self, address: str | None, hashes: list[BlockHash], cached: dict[str, int]) -> Choice | None:
+        """The choice for ``address`` (None: no worker), its blocks recorded as sent there."""
         if address is None:
             return None
-        if index is not None:
-            index.record(address, hashes)
+        if self.prefix is not None:
+            self.prefix.record(address, hashes)
         return Choice(self.workers[address], cached.get(address, 0))
 
     def forget(self, address: str) -> None:
@@ -91,10 +123,13 @@ class WorkerPool:
         retire_timeout_s: float = RETIRE_TIMEOUT_S,
         prefix: PrefixIndex | None = None,
         prefix_weight: float = 1.0,
+        decode_prefix: PrefixIndex | None = None,
+        decode_prefix_weight: float = 2.0,
     ) -> None:
+        # Separate indexes: a prompt prefilled on one worker says nothing about a decode worker's cache.
         self.roles: dict[Role, RolePool] = {
             "prefill": RolePool("prefill", prefix=prefix, prefix_weight=prefix_weight),
-            "decode": RolePool("decode"),
+            "decode": RolePool("decode", prefix=decode_prefix, prefix_weight=decode_prefix_weight),
         }
         self._health_interval_s = health_interval_s
         self._retire_timeout_s = retire_timeout_s
@@ -122,7 +157,7 @@ class WorkerPool:
             level = logging.INFO if ready else logging.WARNING
             log.log(level, "worker %s is now %s", worker.client.address, "ready" if ready else "NOT ready")
             if not ready:  # it may come back restarted, its cache empty
-                self.roles["prefill"].forget(worker.client.address)
+                self._forget(worker.client.address)
         worker.healthy = ready
 
     def _retire(self, worker: WorkerState) -> None:
@@ -151,7 +186,12 @@ class WorkerPool:
         if worker.healthy:
             log.warning("worker %s marked down after a failed call", worker.client.address)
         worker.healthy = False
-        self.roles["prefill"].forget(worker.client.address)
+        self._forget(worker.client.address)
+
+    def _forget(self, address: str) -> None:
+        """Drop the cache estimates for ``address`` in every role (the process there may restart empty)."""
+        for pool in self.roles.values():
+            pool.forget(address)
 
     async def check_all(self) -> None:
         workers = [w for pool in self.roles.values() for w in pool.workers.values()]

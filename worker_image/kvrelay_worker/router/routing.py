@@ -16,6 +16,7 @@ class WorkerLoad:
     running_sequences: int = 0  # decode streams in flight (decode role)
     order: int = 0  # stable position; breaks ties so idle workers are used round-robin
     cached_prefix_tokens: int = 0  # of the prompt being routed, what this worker likely holds (prefill)
+    cached_prefix_fraction: float = 0.0  # the same as a share of the stream's input tokens, 0..1 (decode)
 
 
 def _eligible(loads: Sequence[WorkerLoad], exclude: Collection[str]) -> list[WorkerLoad]:
@@ -49,11 +50,25 @@ def choose_prefill(
     return min(candidates, key=cost).address
 
 
-def choose_decode(loads: Sequence[WorkerLoad], exclude: Collection[str] = (), turn: int = 0) -> str | None:
-    """Fewest running sequences wins; ties rotate with `turn`. None when no healthy worker is left."""
+def choose_decode(
+    loads: Sequence[WorkerLoad], exclude: Collection[str] = (), turn: int = 0, prefix_weight: float = 0.0
+) -> str | None:
+    """Fewest running streams, less ``prefix_weight`` x the share of the input it likely holds: a decode
+    worker that already holds the whole prompt counts as if it ran W fewer streams (it fetches only the
+    blocks it lacks). Weight 0: fewest streams. Ties rotate with `turn`. None: no healthy worker left."""
     candidates = _eligible(loads, exclude)
     if not candidates:
         return None
     place = _rotation(loads, turn)
-    best = min(candidates, key=lambda w: (w.running_sequences, place[w.address]))
-    return best.address
+
+    def cost(w: WorkerLoad) -> tuple[float, int]:
+        return (w.running_sequences - prefix_weight * w.cached_prefix_fraction, place[w.address])
+
+    return min(candidates, key=cost).address
+
+
+def cached_fraction(cached_tokens: int, num_tokens: int) -> float:
+    """The share of a stream's input tokens a worker likely holds, in [0, 1] (0 for an empty input)."""
+    if num_tokens <= 0:
+        return 0.0
+    return min(1.0, max(0.0, cached_tokens / num_tokens))

@@ -129,7 +129,7 @@ class KVBridge:
             if self._is_local(handle):
                 await self.channel.call(self._copy_local, self.transport, handle, target)
             else:
-                await self.transport.fetch(handle, target.block_ids, self.fetch_timeout_s)
+                await self.transport.fetch(handle, target.block_ids, self.fetch_timeout_s, target.skip_blocks)
         except KVTransferError as exc:
             log.warning("KV fetch for %s failed (%s), policy %s", target.request_id, exc, self.failure_policy)
             if self.failure_policy == "fail":
@@ -151,12 +151,14 @@ class KVBridge:
                 handle.handle_id, LOCAL_READER_RANK, 1, now, now + LOCAL_CLAIM_HOLD_S
             )
             try:
-                if len(lease.block_ids) != len(target.block_ids):
+                held = lease.block_ids[target.skip_blocks :]  # the rest this worker's prefix cache holds
+                if len(held) != len(target.block_ids):
                     raise KVLayoutMismatch(
-                        f"{len(lease.block_ids)} blocks (holder) != {len(target.block_ids)} blocks (reader)"
+                        f"{len(held)} blocks (holder) != {len(target.block_ids)} blocks (reader)"
                     )
-                kv_cache = self.engine.kv_cache
-                kv_cache[:, :, target.block_ids] = kv_cache[:, :, lease.block_ids]
+                if held:
+                    kv_cache = self.engine.kv_cache
+                    kv_cache[:, :, target.block_ids] = kv_cache[:, :, held]
             finally:
                 transport.leases.reader_done(handle.handle_id, LOCAL_READER_RANK)
         except KVTransferError as exc:
