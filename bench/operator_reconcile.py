@@ -4,7 +4,7 @@ Everything is observed from outside the operator: the API server's own request c
 (`apiserver_request_total` on its /metrics), the children it serves and their resourceVersions.
 
 Figures, printed as one JSON line:
-- create_to_children_s_median: time from a CR's create to all 12 children present, median of N;
+- create_to_children_s_median: time from a CR's create to all 15 children present, median of N;
 - noop_writes_per_reconcile: API writes per reconcile after an operator restart with nothing
   changed (API server counts; must be 0, and no child's resourceVersion may move), vs a naive
   operator that server-side applies every child on every reconcile (baseline measured in the
@@ -39,11 +39,12 @@ from kopf.testing import KopfRunner  # noqa: E402
 from kvrelay_operator import api, apply, handlers, resources  # noqa: E402
 from kvrelay_operator.kube import CHILD_KINDS, KubeClient  # noqa: E402
 
-NUM_CHILDREN = 12  # 3 x (Deployment, Service, PDB), router SA + Role + RoleBinding
-CHILD_KIND_NAMES = ("Service", "Deployment", "PodDisruptionBudget", "ServiceAccount", "Role", "RoleBinding")
+NUM_CHILDREN = 15  # 3 x (Deployment, Service, PDB, NetworkPolicy), router SA + Role + RoleBinding
+CHILD_KIND_NAMES = ("Service", "Deployment", "PodDisruptionBudget", "ServiceAccount", "Role", "RoleBinding",
+                    "NetworkPolicy")  # fmt: skip
 # configmaps: no longer a child, kept so that a stray write would show.
 OUR_RESOURCES = {"configmaps", "services", "serviceaccounts", "deployments", "poddisruptionbudgets", "roles",
-                 "rolebindings", api.PLURAL, "events"}  # fmt: skip
+                 "rolebindings", "networkpolicies", api.PLURAL, "events"}  # fmt: skip
 NAIVE_SAMPLE = 50  # models the naive re-apply baseline is timed on
 WRITE_VERBS = {"POST", "PUT", "PATCH", "APPLY", "DELETE"}
 METRIC_RE = re.compile(r"^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<value>\S+)$")

@@ -474,6 +474,94 @@ class MonitoringSpec(CRModel):
     interval: str = Field(default="15s", pattern=formats.DURATION, description="Scrape interval.")
 
 
+# ---------------------------------------------------------------- spec: network policy
+
+
+class LabelSelectorRequirement(CRModel):
+    """One matchExpressions entry of a label selector, as in meta/v1."""
+
+    model_config = cel(
+        ("self.operator in ['In', 'NotIn'] ? has(self.values) && self.values.size() > 0 : "
+         "!has(self.values) || self.values.size() == 0",
+         "operators In and NotIn need values; Exists and DoesNotExist take none"),
+    )  # fmt: skip
+
+    key: LabelKey = Field(description="Label key.")
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(description="How the key is matched.")
+    values: list[LabelValue] | None = Field(
+        default=None, max_length=64, description="Values for In and NotIn."
+    )
+
+    @model_validator(mode="after")
+    def _values_fit_operator(self) -> LabelSelectorRequirement:
+        if (self.operator in ("In", "NotIn")) != bool(self.values):
+            raise ValueError("operators In and NotIn need values; Exists and DoesNotExist take none")
+        return self
+
+
+class LabelSelector(CRModel):
+    """A meta/v1 label selector; empty selects everything."""
+
+    match_labels: dict[LabelKey, LabelValue] | None = Field(
+        default=None, max_length=64, description="Labels the object must carry."
+    )
+    match_expressions: list[LabelSelectorRequirement] | None = Field(
+        default=None, max_length=16, description="Label requirements, all of which must hold."
+    )
+
+
+class IPBlock(CRModel):
+    """A range of IP addresses (for sources outside the cluster's pods)."""
+
+    cidr: str = Field(max_length=64, pattern=formats.CIDR, description="The range, e.g. 10.0.0.0/8.")
+    except_: list[Annotated[str, StringConstraints(max_length=64, pattern=formats.CIDR)]] | None = Field(
+        default=None, alias="except", max_length=16, description="Ranges within cidr to leave out."
+    )
+
+
+class NetworkPeer(CRModel):
+    """A NetworkPolicy peer as in networking/v1: pods (podSelector in this namespace, namespaceSelector
+    for whole namespaces, both for pods in those namespaces) or an ipBlock."""
+
+    model_config = cel(
+        ("has(self.ipBlock) ? !has(self.podSelector) && !has(self.namespaceSelector) : "
+         "has(self.podSelector) || has(self.namespaceSelector)",
+         "a peer is an ipBlock, or a podSelector and/or a namespaceSelector"),
+    )  # fmt: skip
+
+    pod_selector: LabelSelector | None = Field(default=None, description="Pods, by label.")
+    namespace_selector: LabelSelector | None = Field(default=None, description="Namespaces, by label.")
+    ip_block: IPBlock | None = Field(default=None, description="IP addresses.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> NetworkPeer:
+        selectors = self.pod_selector is not None or self.namespace_selector is not None
+        if (self.ip_block is not None) == selectors:
+            raise ValueError("a peer is an ipBlock, or a podSelector and/or a namespaceSelector")
+        return self
+
+
+class NetworkPolicySpec(CRModel):
+    """NetworkPolicies around the model's pods (ingress only)."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Render one NetworkPolicy per role. Worker gRPC: from the model's own router pods only. "
+        "Between the model's own prefill and decode pods: every TCP port (the KV control port, and the "
+        "ephemeral ports NIXL/UCX over TCP uses). Worker metrics port: from the operator and the "
+        "monitoring peers the chart names. Router port: from anywhere, or routerFrom. Egress is not "
+        "restricted. Only a CNI that implements NetworkPolicy (Calico, Cilium, ...) enforces them, and "
+        "RDMA verbs, CMA and shared memory bypass the CNI. false: no policies (existing ones are deleted).",
+    )
+    router_from: list[NetworkPeer] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=16,
+        description="Who may reach the router's port (the OpenAI API, guarded by the API key, and its "
+        "/metrics); unset: anyone. The chart's monitoring peers keep access to /metrics either way.",
+    )
+
+
 class DisaggregatedModelSpec(CRModel):
     """Spec of a DisaggregatedModel: one model served by prefill and decode pools and a router."""
 
@@ -494,6 +582,9 @@ class DisaggregatedModelSpec(CRModel):
     kv_transfer: KVTransferSpec = Field(default_factory=KVTransferSpec, description="KV cache relay.")
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, description="SLO autoscaler.")
     monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec, description="Metrics scraping.")
+    network_policy: NetworkPolicySpec = Field(
+        default_factory=NetworkPolicySpec, description="NetworkPolicies around the model's pods."
+    )
 
     @model_validator(mode="after")
     def _cross_field(self) -> DisaggregatedModelSpec:

@@ -10,12 +10,17 @@ applied is skipped, so an unchanged spec sends no writes:
   handful of LISTs, not N per kind.
 
 Any API error drops what is known of that model, so the next attempt re-reads the live children.
+
+Children of PRUNED_KINDS that are known (applied, or found live) but no longer rendered are deleted:
+a spec switch (spec.networkPolicy.enabled) can turn them off while the model lives on, so the
+garbage collector, which removes children only with their parent, would never do it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -26,7 +31,11 @@ from kubernetes.client.exceptions import ApiException
 from kvrelay_operator import api, resources
 from kvrelay_operator.kube import CHILD_KINDS, KubeClient
 
+log = logging.getLogger(__name__)
 HASH_ANNOTATION = f"{api.GROUP}/applied-hash"
+# Kinds deleted when no longer rendered; always looked up on a resume, rendered or not. The chart
+# grants `delete` on these alone.
+PRUNED_KINDS = ("NetworkPolicy",)
 LIVE_CACHE_SECONDS = 10.0  # how long one namespace-wide LIST of children answers resume lookups
 
 ModelKey = tuple[str, str]  # (namespace, model name)
@@ -45,6 +54,11 @@ class ApplyError(Exception):
     def refused(self) -> bool:
         """400/422: the child is invalid, so retrying cannot help."""
         return self.status in (400, 422)
+
+    @property
+    def namespace_terminating(self) -> bool:
+        """403 because the namespace is being deleted: nothing may be created in it any more."""
+        return self.status == 403 and "being terminated" in self.detail
 
     @classmethod
     def from_api(cls, exc: ApiException) -> ApplyError:
@@ -81,6 +95,11 @@ def fingerprint(manifest: dict[str, Any]) -> str:
     return digest
 
 
+def stale_children(known: Iterable[str], rendered: set[str]) -> list[str]:
+    """`Kind/name` keys of PRUNED_KINDS children that are known but no longer rendered, sorted."""
+    return sorted(k for k in known if k not in rendered and k.partition("/")[0] in PRUNED_KINDS)
+
+
 class ChildApplier:
     """Applies children through one KubeClient; thread-safe (kopf runs sync handlers in threads)."""
 
@@ -97,7 +116,8 @@ class ChildApplier:
     def apply_changed(
         self, namespace: str, name: str, children: Iterable[dict[str, Any]], fresh: bool = False
     ) -> dict[str, dict[str, Any]]:
-        """Applies the children whose content changed; returns `Kind/name` -> the API's response.
+        """Applies the children whose content changed and deletes stale ones (stale_children); returns
+        `Kind/name` -> the API's response for each child applied.
 
         `fresh` (a just-created parent) skips looking up live children: there are none of its uid.
         The in-memory fingerprints win even then: kopf may run the create handler twice when a
@@ -109,13 +129,17 @@ class ChildApplier:
             known = dict(self._applied.get(key) or {})
             cached = key in self._applied
         if not cached and not fresh:
-            known = self._live_fingerprints(namespace, name, {c["kind"] for c in hashed})
+            kinds = {c["kind"] for c in hashed} | set(PRUNED_KINDS)
+            known = self._live_fingerprints(namespace, name, kinds)
         changed: dict[str, dict[str, Any]] = {}
         for child in hashed:
             ckey, print_ = child_key(child), fingerprint(child)
             if known.get(ckey) != print_:
                 changed[ckey] = self._apply(key, child)
             known[ckey] = print_
+        for ckey in stale_children(known, {child_key(c) for c in hashed}):
+            self._delete(key, ckey)
+            del known[ckey]
         with self._lock:
             self._applied[key] = known
         return changed
@@ -135,6 +159,17 @@ class ChildApplier:
             with self._lock:
                 self._applied.pop(key, None)
             raise ApplyError.from_api(exc) from exc
+
+    def _delete(self, key: ModelKey, ckey: str) -> None:
+        kind, _, child = ckey.partition("/")
+        try:
+            self._kube.delete(CHILD_KINDS[kind], kind, key[0], child)
+        except ApiException as exc:
+            if exc.status != 404:  # already gone is what we wanted
+                with self._lock:
+                    self._applied.pop(key, None)
+                raise ApplyError.from_api(exc) from exc
+        log.info("%s/%s: deleted %s, which the spec no longer renders", key[0], key[1], ckey)
 
     def _live_fingerprints(self, namespace: str, name: str, kinds: Iterable[str]) -> dict[str, str]:
         """Fingerprints of one model's live children, from namespace-wide LISTs shared by all models."""

@@ -187,6 +187,10 @@ def _checks_in_words(node: dict[str, Any]) -> list[str]:
         words.append(formats.PATTERN_NAMES.get(node["pattern"], f"matching {node['pattern']}"))
     if "maxProperties" in node:
         words.append(f"at most {node['maxProperties']} entries")
+    if node.get("minItems", 0) > 0:
+        words.append(f"at least {node['minItems']} item(s)")
+    if "maxItems" in node:
+        words.append(f"at most {node['maxItems']} items")
     values = node.get("additionalProperties")
     if isinstance(values, dict) and (value_words := _checks_in_words(values)):
         words.append(f"each value {', '.join(value_words)}")

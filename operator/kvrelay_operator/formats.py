@@ -61,6 +61,10 @@ DURATION = r"^[0-9]+(ms|s|m)$"
 # An http(s) URL with a host.
 HTTP_URL = r"^https?://[^\s/?#@]+(:[0-9]+)?([/?#]\S*)?$"
 
+# An IPv4 or IPv6 CIDR, by shape only (the API server checks the address when it admits the
+# NetworkPolicy; CEL's isCIDR needs Kubernetes 1.31 and the chart supports 1.30).
+CIDR = r"^(([0-9]{1,3}\.){3}[0-9]{1,3}/[0-9]{1,2}|[0-9a-fA-F.]*:[0-9a-fA-F:.]*/[0-9]{1,3})$"
+
 # A DisaggregatedModel's name: its Services are `<name>-prefill|decode|router`, and a Service name is
 # a DNS-1035 label (a letter first, at most 63 characters). "-prefill" is the longest suffix (8).
 LONGEST_CHILD_SUFFIX = "-prefill"
@@ -81,6 +85,7 @@ PATTERN_NAMES = {
     IMAGE: "an image reference ([registry[:port]/]repository[:tag][@digest], repository lowercase)",
     MODEL_SOURCE: "a Hugging Face repo id, pvc://<claim>[/<path>] or an absolute path, without '..'",
     HTTP_URL: "an http or https URL with a host",
+    CIDR: "an IPv4 or IPv6 CIDR (10.0.0.0/8, fd00::/8)",
     BINARY_SIZE: "a size in bytes or Ki, Mi, Gi, Ti (8Gi)",
     DURATION: "a duration in ms, s or m (15s)",
 }

@@ -84,11 +84,16 @@ class OperatorConfig(BaseModel):
         ge=0,
         description="Pause between marking pods with deletion costs and lowering replicas (see handlers).",
     )
+    network_policy: resources.NetworkPolicyConfig = Field(
+        default_factory=resources.NetworkPolicyConfig,
+        description="Who the models' NetworkPolicies let in besides their own pods (the operator, scrapers).",
+    )
 
     @classmethod
     def from_env(cls) -> OperatorConfig:
-        """Reads KVRELAY_WORKER_IMAGE, KVRELAY_PROMETHEUS_URL, KVRELAY_POD_METRICS_URL and, for slow
-        clusters, KVRELAY_POD_METRICS_TIMEOUT_SECONDS and KVRELAY_DELETION_COST_SETTLE_SECONDS."""
+        """Reads KVRELAY_WORKER_IMAGE, KVRELAY_PROMETHEUS_URL, KVRELAY_POD_METRICS_URL, the network
+        policy settings (resources.NetworkPolicyConfig.from_env) and, for slow clusters,
+        KVRELAY_POD_METRICS_TIMEOUT_SECONDS and KVRELAY_DELETION_COST_SETTLE_SECONDS."""
         timings = {
             field: float(os.environ[env])
             for field, env in (
@@ -101,6 +106,7 @@ class OperatorConfig(BaseModel):
             default_image=os.environ.get("KVRELAY_WORKER_IMAGE", DEFAULT_WORKER_IMAGE),
             prometheus_url=os.environ.get("KVRELAY_PROMETHEUS_URL") or None,
             pod_metrics_url=os.environ.get("KVRELAY_POD_METRICS_URL") or DEFAULT_URL_TEMPLATE,
+            network_policy=resources.NetworkPolicyConfig.from_env(os.environ),
             **timings,
         )
 
@@ -131,14 +137,24 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+class UnreadableSpec(ValueError):
+    """A spec the API server accepted and this operator cannot read: the CRD is newer than the
+    operator (a field it does not know), or older than the rules it checks."""
+
+
 def _parse(
     spec: dict[str, Any], status: dict[str, Any]
 ) -> tuple[api.DisaggregatedModelSpec, api.DisaggregatedModelStatus]:
     try:
         parsed = api.DisaggregatedModelSpec.model_validate(dict(spec))
     except ValidationError as exc:
-        # The API server validates too, so this means a spec no operator version can serve.
-        raise kopf.PermanentError(f"invalid spec: {exc}") from exc
+        problems = "; ".join(
+            f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False)
+        )
+        raise UnreadableSpec(
+            f"this operator cannot read the spec ({problems}); the API server accepted it, so the CRD "
+            "and the operator are different versions: upgrade the operator (or roll the CRD back)"
+        ) from exc
     return parsed, api.DisaggregatedModelStatus.model_validate(dict(status or {}))
 
 
@@ -147,7 +163,7 @@ def _ctx(
 ) -> resources.RenderContext:
     return resources.RenderContext(
         name=name, namespace=namespace, uid=uid, default_image=state.config.default_image,
-        pod_monitor_available=monitoring,
+        pod_monitor_available=monitoring, network_policy=state.config.network_policy,
     )  # fmt: skip
 
 
@@ -230,7 +246,11 @@ def reconcile(
 ) -> None:
     """Render -> apply changed children -> patch status."""
     state = _state(memo)
-    parsed_spec, parsed_status = _parse(dict(spec), dict(status))
+    try:
+        parsed_spec, parsed_status = _parse(dict(spec), dict(status))
+    except UnreadableSpec as exc:
+        _report_unreadable(state, dict(body), str(exc), meta.get("generation"))
+        raise kopf.PermanentError(str(exc)) from exc  # this generation can never apply; a new one can
     ctx = _ctx(state, name, namespace, uid, state.pod_monitor_available())
     children = resources.render_children(parsed_spec, parsed_status, ctx)
     # A spec edit that lowers replicas picks its victims the way the autoscaler's scale-downs do.
@@ -239,6 +259,11 @@ def reconcile(
     try:
         changed = state.applier.apply_changed(namespace, name, children, fresh=reason == "create")
     except ApplyError as exc:
+        if exc.namespace_terminating:
+            # Nothing can be created there any more, and the model goes with the namespace: a retry
+            # would only keep kopf from handling the deletion (and releasing its finalizer).
+            log.info("%s/%s: namespace is being deleted; not reconciling", namespace, name)
+            return
         if exc.refused:  # the API refuses the child itself: retrying cannot help
             # The Degraded condition's Warning Event (reason ApplyRefused) comes with the status write.
             message = f"a child was refused by the API server ({exc.status}): {exc.detail}"[:1000]
@@ -251,6 +276,8 @@ def reconcile(
             _write_status(state, dict(body), lambda parent: degrade(_parse_status(parent)))
             raise kopf.PermanentError(message) from exc
         raise kopf.TemporaryError(f"applying children failed: {exc.status} {exc.reason}", delay=5) from exc
+    log.info("%s/%s generation %s (%s): applied %d of %d children%s", namespace, name, meta.get("generation"),
+             reason, len(changed), len(children), f": {', '.join(changed)}" if changed else "")  # fmt: skip
     if changed:
         verb = "Created" if reason == "create" else "Updated"
         kopf.event(
@@ -331,9 +358,19 @@ def on_deployment_event(
     parent = _parent_for(models_by_name, namespace, instance, _owner_uid(meta))
     if parent is None:
         return
-    spec, status = _parse(parent.get("spec") or {}, parent.get("status") or {})
+    try:
+        spec, status = _parse(parent.get("spec") or {}, parent.get("status") or {})
+    except UnreadableSpec:
+        return  # the reconcile reports it (SpecNotUnderstood); rendering children needs the spec
     if event.get("type") == "DELETED":
-        _apply_deployment(state, parent, role)
+        try:
+            _apply_deployment(state, parent, role)
+        except ApplyError as exc:
+            if not exc.namespace_terminating:
+                raise
+            # The namespace is going (it takes the model with it): nothing is re-created, nothing said.
+            log.info("%s/%s: namespace being deleted; %s not re-created", namespace, instance, meta["name"])
+            return
         kopf.event(
             parent, type="Warning", reason="ChildRecreated", message=f"Deployment {meta['name']} re-created"
         )
@@ -390,13 +427,31 @@ def _mirror_status(
             unschedulable=_unschedulable(pods_by_model, namespace, name),
         )  # fmt: skip
 
-    if not _write_status(state, parent, mirrored):
+    try:
+        written = _write_status(state, parent, mirrored)
+    except UnreadableSpec:
+        return  # the reconcile reports it (SpecNotUnderstood); nothing can be mirrored without the spec
+    if not written:
         # Someone else keeps writing it: each of those writes is a watch event that mirrors again.
         log.info("status of %s/%s kept changing under the mirror; the next event mirrors it", namespace, name)
 
 
 def _parse_status(parent: dict[str, Any]) -> api.DisaggregatedModelStatus:
-    return _parse(parent.get("spec") or {}, parent.get("status") or {})[1]
+    return api.DisaggregatedModelStatus.model_validate(dict(parent.get("status") or {}))
+
+
+def _report_unreadable(
+    state: OperatorState, body: dict[str, Any], message: str, generation: int | None
+) -> None:
+    """Degraded=True/SpecNotUnderstood (with its Warning Event) for a spec this operator cannot read."""
+
+    def degrade(parent: dict[str, Any]) -> api.DisaggregatedModelStatus:
+        current = _parse_status(parent)
+        conditions = set_condition(current.conditions, "Degraded", "True", "SpecNotUnderstood",
+                                   message[:1000], _now(), generation)  # fmt: skip
+        return current.model_copy(update={"conditions": conditions, "phase": "Degraded"})
+
+    _write_status(state, body, degrade)
 
 
 def _write_status(
@@ -473,7 +528,10 @@ def on_model_event(
     if (spec_dict.get("autoscaling") or {}).get("mode") != "auto":
         return  # replicas then come from spec only, which the update handler applies
     state = _state(memo)
-    spec, status = _parse(spec_dict, body.get("status") or {})
+    try:
+        spec, status = _parse(spec_dict, body.get("status") or {})
+    except UnreadableSpec:
+        return  # the reconcile reports it (SpecNotUnderstood)
     states = _deployment_states(deployments_by_model, namespace, name)
     for role in api.WORKER_ROLES:
         current = states.get(role)

@@ -1,5 +1,5 @@
 """The operator's only Kubernetes API client: server-side apply, label-selected lists, status patches,
-pod annotations.
+pod annotations, deletes of children a spec switch turned off.
 
 Thin on purpose (raw paths over the official client's ApiClient) so one code path serves every
 child kind, including CRD kinds such as PodMonitor; it counts requests for the benchmarks.
@@ -28,6 +28,7 @@ PLURALS = {
     "Role": "roles",
     "RoleBinding": "rolebindings",
     "PodMonitor": "podmonitors",
+    "NetworkPolicy": "networkpolicies",
     "Pod": "pods",
     api.KIND: api.PLURAL,
 }
@@ -40,6 +41,7 @@ CHILD_KINDS: dict[str, str] = {
     "Role": "rbac.authorization.k8s.io/v1",
     "RoleBinding": "rbac.authorization.k8s.io/v1",
     "PodMonitor": "monitoring.coreos.com/v1",
+    "NetworkPolicy": "networking.k8s.io/v1",
 }
 PROMETHEUS_OPERATOR_GROUP_VERSION = "monitoring.coreos.com/v1"
 
@@ -104,6 +106,10 @@ class KubeClient:
         )
         query = {"fieldManager": FIELD_MANAGER, "force": "true"}
         return self._call("PATCH", path, query, body=manifest, content_type="application/apply-patch+yaml")
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any]:
+        """DELETE one namespaced object (a child its spec no longer renders: apply.PRUNED_KINDS)."""
+        return self._call("DELETE", f"{collection_path(api_version, kind, namespace)}/{name}")
 
     def create(self, manifest: dict[str, Any], namespace: str) -> dict[str, Any]:
         """POST a new object (tests and benchmarks create DisaggregatedModels this way)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,45 @@ STARTUP_PERIOD_S, STARTUP_FAILURES = 10, 180
 # torch/CUDA; SIGKILL must not land in that, or clients see a reset instead of the drain status.
 DRAIN_EXIT_MARGIN_S = 15
 UCX_TLS_BY_TRANSPORT = {"rdma": "rc,ud,sm,self,cuda_copy,cuda_ipc,gdr_copy", "tcp": "tcp,sm,self,cuda_copy"}
+# Set by the API server on every Namespace (Kubernetes 1.21+): selects one namespace by its name.
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+# The chart's operator pod labels (charts/kvrelay/templates/_helpers.tpl, kvrelay.operatorSelectorLabels)
+# less the release name, which only the chart knows (it passes the full set: OPERATOR_POD_LABELS_ENV).
+DEFAULT_OPERATOR_POD_LABELS = {LABEL_NAME: "kvrelay-operator", "app.kubernetes.io/component": "operator"}
+DEFAULT_METRICS_FROM = [{"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: "monitoring"}}}]
+OPERATOR_NAMESPACE_ENV = "POD_NAMESPACE"
+OPERATOR_POD_LABELS_ENV = "KVRELAY_OPERATOR_POD_LABELS"
+METRICS_FROM_ENV = "KVRELAY_NETWORK_POLICY_METRICS_FROM"
+
+
+class NetworkPolicyConfig(BaseModel):
+    """Operator-wide inputs of the models' NetworkPolicies: where the operator runs, who scrapes."""
+
+    operator_namespace: str | None = Field(
+        default=None, description="The operator's namespace; None: its pods are matched in any namespace."
+    )
+    operator_pod_labels: dict[str, str] = Field(
+        default_factory=lambda: dict(DEFAULT_OPERATOR_POD_LABELS),
+        min_length=1,
+        description="Labels of the operator's pods (it reads each worker's /metrics before a scale-down).",
+    )
+    metrics_from: list[api.NetworkPeer] = Field(
+        default_factory=lambda: [api.NetworkPeer.model_validate(p) for p in DEFAULT_METRICS_FROM],
+        description="Peers that may scrape the workers' metrics port and the router's /metrics.",
+    )
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> NetworkPolicyConfig:
+        """From POD_NAMESPACE and the JSON in KVRELAY_OPERATOR_POD_LABELS and
+        KVRELAY_NETWORK_POLICY_METRICS_FROM (set by the chart); an unset variable keeps the default."""
+        found: dict[str, Any] = {}
+        if env.get(OPERATOR_NAMESPACE_ENV):
+            found["operator_namespace"] = env[OPERATOR_NAMESPACE_ENV]
+        if env.get(OPERATOR_POD_LABELS_ENV):
+            found["operator_pod_labels"] = json.loads(env[OPERATOR_POD_LABELS_ENV])
+        if env.get(METRICS_FROM_ENV):
+            found["metrics_from"] = json.loads(env[METRICS_FROM_ENV]) or []  # null: none
+        return cls.model_validate(found)
 
 
 class RenderContext(BaseModel):
@@ -49,6 +89,9 @@ class RenderContext(BaseModel):
     uid: str = Field(description="Its uid, for ownerReferences.")
     default_image: str = Field(description="Worker image when spec.image is unset.")
     pod_monitor_available: bool = Field(default=False, description="Prometheus Operator CRDs exist.")
+    network_policy: NetworkPolicyConfig = Field(
+        default_factory=NetworkPolicyConfig, description="Operator-wide inputs of the NetworkPolicies."
+    )
 
 
 def child_name(name: str, role: str) -> str:
@@ -541,6 +584,85 @@ def _pod_monitor(spec: api.DisaggregatedModelSpec, ctx: RenderContext) -> dict[s
     }
 
 
+# ---------------------------------------------------------------- NetworkPolicies (spec.networkPolicy)
+# Ingress only. Restricting egress as well would cut DNS, model downloads (Hugging Face) and the
+# router's API server watch unless each got its own rule. Kubelet probes come from the node, which
+# the common CNIs (Calico, Cilium) let through to its own pods whatever the policies say.
+
+
+def _tcp(port: int | None = None) -> dict[str, Any]:
+    """A NetworkPolicy port entry; without a port number it opens every TCP port."""
+    return {"protocol": "TCP"} if port is None else {"protocol": "TCP", "port": port}
+
+
+def _own_pods(ctx: RenderContext, role: str) -> dict[str, Any]:
+    """The model's own pods of one role; no namespaceSelector: in the policy's (the model's) namespace."""
+    return {"podSelector": {"matchLabels": selector_labels(ctx.name, role)}}
+
+
+def operator_peer(config: NetworkPolicyConfig) -> dict[str, Any]:
+    """The operator's pods: in its namespace when known, else in any namespace."""
+    namespaces = (
+        {"matchLabels": {NAMESPACE_NAME_LABEL: config.operator_namespace}}
+        if config.operator_namespace
+        else {}
+    )
+    return {"namespaceSelector": namespaces, "podSelector": {"matchLabels": dict(config.operator_pod_labels)}}
+
+
+def _peers(peers: list[api.NetworkPeer]) -> list[dict[str, Any]]:
+    return [p.model_dump(by_alias=True, exclude_none=True) for p in peers]
+
+
+def _network_policy(ctx: RenderContext, role: str, ingress: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(ctx, child_name(ctx.name, role), role),
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(ctx.name, role)},
+            "policyTypes": ["Ingress"],
+            "ingress": ingress,
+        },
+    }
+
+
+def _worker_network_policy(ctx: RenderContext, role: api.WorkerRole) -> dict[str, Any]:
+    """gRPC from the model's router; all TCP from the other worker role; metrics from the operator
+    and the monitoring peers."""
+    other = "decode" if role == "prefill" else "prefill"
+    config = ctx.network_policy
+    return _network_policy(ctx, role, [
+        {"from": [_own_pods(ctx, "router")], "ports": [_tcp(GRPC_PORT)]},
+        # Both ways between the model's prefill and decode pods: the decode pod dials the prefill
+        # pod's KV control port (spec.kvTransfer.port), and NIXL/UCX over TCP then opens connections
+        # on ephemeral ports chosen at run time, in either direction, which no port list can name.
+        {"from": [_own_pods(ctx, other)], "ports": [_tcp()]},
+        # The operator reads each worker's /metrics before a scale-down (pod_load.py) on this port.
+        {"from": [operator_peer(config), *_peers(config.metrics_from)], "ports": [_tcp(METRICS_PORT)]},
+    ])  # fmt: skip
+
+
+def _router_network_policy(spec: api.DisaggregatedModelSpec, ctx: RenderContext) -> dict[str, Any]:
+    """The router's port from anywhere (the public API, guarded by the API key) or from routerFrom."""
+    rule: dict[str, Any] = {"ports": [_tcp(spec.router.port)]}
+    if spec.network_policy.router_from is not None:
+        # The router serves /metrics on the same port: the monitoring peers keep it.
+        rule["from"] = _peers(spec.network_policy.router_from) + _peers(ctx.network_policy.metrics_from)
+    # A rule without `from` admits every source.
+    return _network_policy(ctx, "router", [rule])
+
+
+def network_policies(spec: api.DisaggregatedModelSpec, ctx: RenderContext) -> list[dict[str, Any]]:
+    """One NetworkPolicy per role, or none when spec.networkPolicy.enabled is false."""
+    if not spec.network_policy.enabled:
+        return []
+    return [
+        *(_worker_network_policy(ctx, r) for r in api.WORKER_ROLES),
+        _router_network_policy(spec, ctx),
+    ]
+
+
 def wants_pod_monitor(spec: api.DisaggregatedModelSpec, available: bool) -> bool:
     """auto follows the presence of the Prometheus Operator CRDs; enabled/disabled force it."""
     mode = spec.monitoring.pod_monitor
@@ -563,7 +685,8 @@ def render_children(
 ) -> list[dict[str, Any]]:
     """Every child manifest of one DisaggregatedModel, in apply order."""
     config_hash = model_config_hash(spec, ctx)
-    children: list[dict[str, Any]] = []
+    # Policies first: a new model's pods are never created before the policies that select them.
+    children: list[dict[str, Any]] = network_policies(spec, ctx)
     for role in api.WORKER_ROLES:
         children.append(_worker_service(ctx, role, spec.kv_transfer.port))
         children.append(_worker_deployment(spec, status, ctx, role, config_hash))

@@ -190,6 +190,8 @@ ALLOWED = [
     ("patch", "services", MODEL_NS),
     ("create", "poddisruptionbudgets.policy", MODEL_NS),
     ("patch", "podmonitors.monitoring.coreos.com", MODEL_NS),
+    ("patch", "networkpolicies.networking.k8s.io", MODEL_NS),
+    ("delete", "networkpolicies.networking.k8s.io", MODEL_NS),  # spec.networkPolicy.enabled=false
     ("create", "events", MODEL_NS),
     ("list", "customresourcedefinitions.apiextensions.k8s.io", None),
     ("watch", "endpointslices.discovery.k8s.io", MODEL_NS),
@@ -207,6 +209,7 @@ REFUSED = [
     ("update", "leases.coordination.k8s.io/someone-else", RELEASE_NS),
     ("delete", "customresourcedefinitions.apiextensions.k8s.io", None),
     ("delete", "deployments.apps", MODEL_NS),
+    ("deletecollection", "networkpolicies.networking.k8s.io", MODEL_NS),
 ]
 
 
@@ -247,6 +250,7 @@ def test_operator_writes_succeed_as_the_service_account(helm_cluster: Cluster) -
     children = resources.render_children(spec, DisaggregatedModelStatus(), ctx)
     kinds = {c["kind"] for c in children}
     assert {"Deployment", "Service", "Role", "RoleBinding", "ServiceAccount", "PodMonitor"} <= kinds
+    assert "NetworkPolicy" in kinds
     manifest = "\n---\n".join(json.dumps(c) for c in children)
     # Server-side apply, as the operator does; the Role works only because the SA holds its grants.
     helm_cluster.as_operator(

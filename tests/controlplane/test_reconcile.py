@@ -21,7 +21,9 @@ from kvrelay_operator import handlers
 pytestmark = pytest.mark.controlplane
 
 LABELS = "app.kubernetes.io/name=kvrelay"
-CHILD_KINDS = "configmaps,services,deployments,poddisruptionbudgets,serviceaccounts,roles,rolebindings"
+CHILD_KINDS = (
+    "configmaps,services,deployments,poddisruptionbudgets,serviceaccounts,roles,rolebindings,networkpolicies"
+)
 OWNER = {"apiVersion": "kvrelay.dev/v1alpha1", "kind": "DisaggregatedModel", "controller": True,
          "blockOwnerDeletion": True}  # fmt: skip
 
@@ -50,7 +52,8 @@ def pods(kubectl, namespace: str, instance: str, role: str) -> list[dict[str, An
 EXPECTED_CHILDREN = {
     "ServiceAccount/llama-3-8b-router", "Role/llama-3-8b-router",
     "RoleBinding/llama-3-8b-router",
-    *(f"{kind}/llama-3-8b-{role}" for kind in ("Deployment", "Service", "PodDisruptionBudget")
+    *(f"{kind}/llama-3-8b-{role}"
+      for kind in ("Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy")
       for role in ("prefill", "decode", "router")),
 }  # fmt: skip
 
@@ -59,7 +62,7 @@ def test_valid_cr_yields_children_and_status(kubectl, namespace, operator) -> No
     kubectl("apply", "-n", namespace, "-f", "-", stdin=example("llama-3-8b.yaml"), check=True)
     found = wait_for(
         lambda: (c := children(kubectl, namespace, "llama-3-8b")) and set(c) == EXPECTED_CHILDREN and c,
-        timeout=30, what="all 12 children",
+        timeout=30, what="all 15 children",
     )  # fmt: skip
     parent = model(kubectl, namespace, "llama-3-8b")
     for key, child in found.items():
@@ -89,7 +92,7 @@ def test_valid_cr_yields_children_and_status(kubectl, namespace, operator) -> No
         selector = "involvedObject.name=llama-3-8b,reason=Created"
         return get_json(kubectl, "events", "-n", namespace, "--field-selector", selector)["items"]
 
-    assert "applied 12 children" in wait_for(created_event, timeout=30, what="Created event")[0]["message"]
+    assert "applied 15 children" in wait_for(created_event, timeout=30, what="Created event")[0]["message"]
 
     def settled() -> dict[str, Any] | None:
         status = model(kubectl, namespace, "llama-3-8b").get("status") or {}
@@ -229,7 +232,7 @@ def test_spec_edit_rolls_children_and_restart_writes_nothing(
         wait_settled(kubectl, namespace, "tiny")
 
     before_restart = versions(kubectl, namespace, "tiny")
-    assert len(before_restart) == 13  # 12 children + the model
+    assert len(before_restart) == 16  # 15 children + the model
     requests_before = apiserver_requests(cluster)
     so_far, audit_offset = cluster.writes()
     # The filter below would see the operator: its writes so far are in the audit log, under its agent.

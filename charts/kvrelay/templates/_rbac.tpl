@@ -24,6 +24,11 @@ Children are written with server-side apply and garbage-collected through ownerR
 - apiGroups: ["monitoring.coreos.com"]
   resources: ["podmonitors"]
   verbs: ["get", "list", "watch", "create", "patch"]
+# Each model's NetworkPolicies (spec.networkPolicy), applied like the children above, and the one
+# kind also deleted: spec.networkPolicy.enabled=false turns them off while the model lives on.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # Each model's router gets its own ServiceAccount and a Role to read EndpointSlices (below); the
 # operator may create such Roles only because it holds the same EndpointSlice grant itself, so
 # no escalate/bind verbs are needed.

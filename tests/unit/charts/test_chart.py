@@ -12,7 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from chart_helpers import CHART, EXAMPLES, MONITORING_API, ROOT, Render, by_kind, helm_template
-from kvrelay_operator import resources
+from kvrelay_operator import apply, resources
 from kvrelay_operator.api import DisaggregatedModelSpec, DisaggregatedModelStatus
 
 VALUE_SETS = [None, *EXAMPLES]
@@ -157,6 +157,7 @@ KIND_TO_RESOURCE = {
     "Role": ("rbac.authorization.k8s.io", "roles"),
     "RoleBinding": ("rbac.authorization.k8s.io", "rolebindings"),
     "PodMonitor": ("monitoring.coreos.com", "podmonitors"),
+    "NetworkPolicy": ("networking.k8s.io", "networkpolicies"),
 }
 # Server-side apply is a patch (plus create for a new object); kopf lists and watches children.
 CHILD_VERBS = {"get", "list", "watch", "create", "patch"}
@@ -179,7 +180,7 @@ def test_rbac_covers_every_child_the_operator_writes(render: Render) -> None:
     (cluster_role,) = by_kind(render(), "ClusterRole")
     grants = _grants(cluster_role["rules"])
     kinds = operator_child_kinds()
-    assert {"Deployment", "Service", "PodMonitor"} <= kinds
+    assert {"Deployment", "Service", "PodMonitor", "NetworkPolicy"} <= kinds
     for kind in sorted(kinds):
         assert kind in KIND_TO_RESOURCE, f"operator now writes {kind}: add it to the chart's ClusterRole"
         group, resource = KIND_TO_RESOURCE[kind]
@@ -212,9 +213,10 @@ def test_rbac_is_least_privilege(render: Render) -> None:
     assert not {g for g in grants if g[1] in forbidden}
     assert ("kvrelay.dev", "disaggregatedmodels", "delete") not in grants
     assert ("apiextensions.k8s.io", "customresourcedefinitions", "create") not in grants
-    assert not {
-        g for g in grants if g[2] in {"escalate", "bind", "impersonate", "delete", "deletecollection"}
-    }
+    assert not {g for g in grants if g[2] in {"escalate", "bind", "impersonate", "deletecollection"}}
+    # The one delete: NetworkPolicies that spec.networkPolicy.enabled=false turns off (apply.PRUNED_KINDS).
+    assert {g for g in grants if g[2] == "delete"} == {("networking.k8s.io", "networkpolicies", "delete")}
+    assert {KIND_TO_RESOURCE[k] for k in apply.PRUNED_KINDS} == {("networking.k8s.io", "networkpolicies")}
     (role,) = by_kind(manifests, "Role")  # only the Lease Role when watching every namespace
     assert role["metadata"]["namespace"] == "kvrelay-system"
     assert {g[:2] for g in _grants(role["rules"])} == {("coordination.k8s.io", "leases")}
@@ -223,6 +225,46 @@ def test_rbac_is_least_privilege(render: Render) -> None:
         assert binding["subjects"] == [
             {"kind": "ServiceAccount", "name": sa_name, "namespace": "kvrelay-system"}
         ]
+
+
+def _operator_env(manifests: list[dict]) -> dict[str, str]:
+    """The operator container's literal env (downward-API entries as their field path)."""
+    (deploy,) = by_kind(manifests, "Deployment")
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e.get("value", (e.get("valueFrom") or {}).get("fieldRef", {}).get("fieldPath"))
+            for e in container["env"]}  # fmt: skip
+
+
+def test_operator_learns_who_may_reach_the_models_metrics_ports(render: Render) -> None:
+    manifests = render()
+    env = _operator_env(manifests)
+    assert env[resources.OPERATOR_NAMESPACE_ENV] == "metadata.namespace"  # the release namespace
+    config = resources.NetworkPolicyConfig.from_env(
+        {**env, resources.OPERATOR_NAMESPACE_ENV: "kvrelay-system"}
+    )
+    # The policies' operator peer selects exactly the chart's operator pods.
+    (deploy,) = by_kind(manifests, "Deployment")
+    assert config.operator_pod_labels == deploy["spec"]["selector"]["matchLabels"]
+    assert config.operator_pod_labels.items() <= deploy["spec"]["template"]["metadata"]["labels"].items()
+    assert resources.operator_peer(config)["namespaceSelector"] == {
+        "matchLabels": {"kubernetes.io/metadata.name": "kvrelay-system"}
+    }
+    assert [p.model_dump(by_alias=True, exclude_none=True) for p in config.metrics_from] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
+    # The operator's own default is the chart's default.
+    assert resources.NetworkPolicyConfig().metrics_from == config.metrics_from
+    custom = [{"podSelector": {"matchLabels": {"app": "prometheus"}}, "namespaceSelector": {}},
+              {"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}}]  # fmt: skip
+    for metrics_from, want in ((custom, custom), ([], []), (None, [])):
+        env = _operator_env(render("--set-json", f"networkPolicy.metricsFrom={json.dumps(metrics_from)}"))
+        parsed = resources.NetworkPolicyConfig.from_env(env).metrics_from
+        assert [p.model_dump(by_alias=True, exclude_none=True) for p in parsed] == want
+
+
+def test_values_schema_refuses_a_malformed_metrics_peer(helm: Path) -> None:
+    with pytest.raises(AssertionError, match="metricsFrom"):
+        helm_template(helm, "--set-json", 'networkPolicy.metricsFrom=[{"namespace": "monitoring"}]')
 
 
 def _pod_verbs(manifests: list[dict]) -> set[str]:

@@ -25,6 +25,14 @@ def test_defaults_fill_every_section() -> None:
     assert s.model.max_model_len == 4096 and s.monitoring.pod_monitor == "auto"
 
 
+def router_from(*peers: dict[str, Any]) -> dict[str, Any]:
+    return {"networkPolicy": {"routerFrom": list(peers)}}
+
+
+def pods_where(**requirement: Any) -> dict[str, Any]:
+    return {"podSelector": {"matchExpressions": [requirement]}}
+
+
 @pytest.mark.parametrize(
     ("over", "needle"),
     [
@@ -40,11 +48,32 @@ def test_defaults_fill_every_section() -> None:
         ({"prefill": {"drainSeconds": 3601}}, "drainSeconds"),
         ({"router": {"decodePrefixWeight": -1}}, "decodePrefixWeight"),
         ({"router": {"decodePrefixWeight": 101}}, "decodePrefixWeight"),
+        ({"networkPolicy": {"routerFrom": []}}, "routerFrom"),
+        (router_from({}), "a peer is an ipBlock, or a podSelector"),
+        (router_from({"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}}), "a peer is an ipBlock, or a"),
+        (router_from({"ipBlock": {"cidr": "10.0.0.0"}}), "cidr"),
+        (router_from(pods_where(key="app", operator="In")), "operators In and NotIn need values"),
+        (
+            router_from(pods_where(key="a", operator="Exists", values=["x"])),
+            "Exists and DoesNotExist take none",
+        ),
     ],
 )
 def test_invalid_specs_name_the_problem(over: dict[str, Any], needle: str) -> None:
     with pytest.raises(ValidationError, match="(?s)" + needle.replace("(", r"\(").replace(")", r"\)")):
         spec(**over)
+
+
+def test_network_policy_is_on_by_default_and_router_peers_read_as_networking_v1() -> None:
+    assert spec().network_policy.enabled is True and spec().network_policy.router_from is None
+    peers = [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}},
+             {"namespaceSelector": {"matchLabels": {"team": "a"}}, "podSelector": {}},
+             {"podSelector": {"matchExpressions": [{"key": "app", "operator": "In", "values": ["x"]}]}},
+             {"ipBlock": {"cidr": "fd00::/8"}}]  # fmt: skip
+    s = spec(networkPolicy={"enabled": False, "routerFrom": peers})
+    assert not s.network_policy.enabled
+    dumped = [p.model_dump(by_alias=True, exclude_none=True) for p in s.network_policy.router_from or []]
+    assert dumped == peers
 
 
 def test_tcp_backend_allows_smaller_decode_tp() -> None:

@@ -31,6 +31,12 @@ class RecordingKube:
         self.objects[key] = json.loads(json.dumps(manifest))
         return self.objects[key]
 
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any]:
+        self.requests["DELETE"] += 1
+        if (namespace, f"{kind}/{name}") not in self.objects:
+            raise ApiException(status=404, reason="Not Found")
+        return self.objects.pop((namespace, f"{kind}/{name}"))
+
     def list(self, api_version: str, kind: str, namespace: str, label_selector: str) -> list[dict[str, Any]]:
         self.requests["GET"] += 1
         name, _, value = label_selector.partition("=")
@@ -87,11 +93,12 @@ def test_after_a_restart_live_children_answer_and_one_list_per_kind_serves_all_m
     after = apply.ChildApplier(kube, clock=lambda: now[0])  # type: ignore[arg-type]
     changed = {name: set(after.apply_changed("ns", name, children(name))) for name in ("a", "b", "c")}
     assert changed == {"a": set(), "b": {"Deployment/b-decode"}, "c": set()}
-    assert kube.requests == {"GET": 2, "PATCH": 1}  # Deployments + Services, once for three models
+    # Deployments + Services + NetworkPolicies (always looked up: PRUNED_KINDS), once for three models.
+    assert kube.requests == {"GET": 3, "PATCH": 1}
 
     now[0] += apply.LIVE_CACHE_SECONDS + 1
     after.apply_changed("ns", "d", children("d"))  # a later resume re-reads
-    assert kube.requests["GET"] == 4
+    assert kube.requests["GET"] == 6
 
 
 @pytest.mark.parametrize(("status", "refused"), [(422, True), (400, True), (500, False), (409, False)])
@@ -108,4 +115,60 @@ def test_api_errors_are_classified_and_forget_what_was_applied(status: int, refu
     kube.requests.clear()
     # Forgotten: the next attempt compares against the live children again.
     assert set(applier.apply_changed("ns", "m", children("m", replicas=2))) == {"Deployment/m-decode"}
-    assert kube.requests == {"GET": 2, "PATCH": 1}
+    assert kube.requests == {"GET": 3, "PATCH": 1}
+
+
+def policy(name: str) -> dict[str, Any]:
+    meta = {"name": f"{name}-decode", "namespace": "ns", "labels": resources.labels(name, "decode")}
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": meta,
+            "spec": {"podSelector": {}}}  # fmt: skip
+
+
+def test_a_network_policy_no_longer_rendered_is_deleted() -> None:
+    kube = RecordingKube()
+    applier = apply.ChildApplier(kube)  # type: ignore[arg-type]
+    applier.apply_changed("ns", "m", [*children("m"), policy("m")], fresh=True)
+    applier.apply_changed("ns", "o", [*children("o"), policy("o")], fresh=True)
+    kube.requests.clear()
+    assert applier.apply_changed("ns", "m", children("m")) == {}  # the switch turned off: nothing to apply
+    assert kube.requests == {"DELETE": 1}
+    assert ("ns", "NetworkPolicy/m-decode") not in kube.objects
+    assert ("ns", "NetworkPolicy/o-decode") in kube.objects, "another model's policy stays"
+    assert applier.apply_changed("ns", "m", children("m")) == {}
+    assert kube.requests == {"DELETE": 1}, "deleted once, then forgotten"
+    # Back on: applied again.
+    assert set(applier.apply_changed("ns", "m", [*children("m"), policy("m")])) == {"NetworkPolicy/m-decode"}
+
+
+def test_a_network_policy_turned_off_while_the_operator_was_away_is_deleted_on_resume() -> None:
+    kube = RecordingKube()
+    apply.ChildApplier(kube).apply_changed("ns", "m", [*children("m"), policy("m")], fresh=True)  # type: ignore[arg-type]
+    kube.requests.clear()
+    after = apply.ChildApplier(kube)  # type: ignore[arg-type]
+    assert after.apply_changed("ns", "m", children("m")) == {}
+    assert kube.requests == {"GET": 3, "DELETE": 1}
+    assert ("ns", "NetworkPolicy/m-decode") not in kube.objects
+    # Only PRUNED_KINDS go: a Service no longer rendered is left to the garbage collector.
+    assert apply.stale_children(["Service/m-decode", "NetworkPolicy/m-x"], set()) == ["NetworkPolicy/m-x"]
+
+
+def test_deleting_a_policy_already_gone_is_fine_and_other_errors_forget() -> None:
+    kube = RecordingKube()
+    applier = apply.ChildApplier(kube)  # type: ignore[arg-type]
+    applier.apply_changed("ns", "m", [*children("m"), policy("m")], fresh=True)
+    del kube.objects[("ns", "NetworkPolicy/m-decode")]  # deleted by hand meanwhile: 404
+    assert applier.apply_changed("ns", "m", children("m")) == {}
+    applier.apply_changed("ns", "m", [*children("m"), policy("m")])
+    delete = kube.delete
+
+    def forbidden(*args: str) -> dict[str, Any]:
+        raise ApiException(status=403, reason="Forbidden")
+
+    kube.delete = forbidden  # type: ignore[method-assign]
+    with pytest.raises(apply.ApplyError) as raised:
+        applier.apply_changed("ns", "m", children("m"))
+    assert raised.value.status == 403 and not raised.value.refused
+    kube.delete, kube.requests = delete, Counter()  # type: ignore[method-assign]
+    # Forgotten: the next attempt compares against the live children, and deletes then.
+    assert applier.apply_changed("ns", "m", children("m")) == {}
+    assert kube.requests == {"GET": 3, "DELETE": 1}

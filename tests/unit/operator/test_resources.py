@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib
+import json
 import pathlib
 import re
 from typing import Any
 
+import kubernetes_validate
 import pytest
 from kvrelay_operator import api, replicas, resources
 from kvrelay_operator.resources import RenderContext
@@ -41,6 +43,7 @@ def test_children_set_owners_and_labels() -> None:
         [(k, f"m-{r}") for r in ("prefill", "decode", "router") for k in ("Deployment", "Service")]
         + [("PodDisruptionBudget", f"m-{r}") for r in ("prefill", "decode", "router")]
         + [("ServiceAccount", "m-router"), ("Role", "m-router"), ("RoleBinding", "m-router")]
+        + [("NetworkPolicy", f"m-{r}") for r in ("prefill", "decode", "router")]
     )
     for child in children:
         meta = child["metadata"]
@@ -285,6 +288,127 @@ def test_pod_monitor_only_when_wanted() -> None:
     assert ("PodMonitor", "m") in by_kind_name(render(spec(monitoring={"podMonitor": "enabled"})))
     forced_off = spec(monitoring={"podMonitor": "disabled"})
     assert ("PodMonitor", "m") not in by_kind_name(render(forced_off, pod_monitor_available=True))
+
+
+# ---------------------------------------------------------------- NetworkPolicies
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a matchLabels-only label selector selects an object with these labels."""
+    assert set(selector) <= {"matchLabels"}, "the operator's own selectors use matchLabels only"
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def pod_labels(children: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """Role -> the pod template labels of its Deployment."""
+    return {
+        c["metadata"]["labels"]["kvrelay.dev/role"]: c["spec"]["template"]["metadata"]["labels"]
+        for c in children
+        if c["kind"] == "Deployment"
+    }
+
+
+def policies(children: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Role -> the spec of its NetworkPolicy."""
+    return {
+        c["metadata"]["labels"]["kvrelay.dev/role"]: c["spec"]
+        for c in children
+        if c["kind"] == "NetworkPolicy"
+    }
+
+
+def admitted(rule: dict[str, Any], pods: dict[str, dict[str, str]]) -> set[str]:
+    """Which of these pods (name -> labels, all in the model's namespace) a rule's `from` admits."""
+    same_namespace = [p["podSelector"] for p in rule["from"] if set(p) == {"podSelector"}]
+    return {name for name, labels in pods.items() if any(selects(s, labels) for s in same_namespace)}
+
+
+def test_network_policies_select_each_roles_pods_and_admit_only_their_peers() -> None:
+    mine, other = render(spec()), render(spec(), name="o", uid="uid-2")
+    # Pods of both models of this namespace, by role ("o-" for the other model).
+    pods = {**pod_labels(mine), **{f"o-{r}": labels for r, labels in pod_labels(other).items()}}
+    for role, policy in policies(mine).items():
+        assert policy["policyTypes"] == ["Ingress"], "egress stays open (DNS, model downloads, API server)"
+        assert {name for name, labels in pods.items() if selects(policy["podSelector"], labels)} == {role}
+    prefill, decode, router = (policies(mine)[r] for r in ("prefill", "decode", "router"))
+    for policy, other_role in ((prefill, "decode"), (decode, "prefill")):
+        grpc, kv, metrics = policy["ingress"]
+        assert admitted(grpc, pods) == {"router"}
+        assert admitted(kv, pods) == {other_role} and kv["ports"] == [{"protocol": "TCP"}]  # every TCP port
+        assert admitted(metrics, pods) == set(), "no pod of the namespace reaches the metrics port"
+        assert metrics["from"] == [
+            {"namespaceSelector": {},
+             "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kvrelay-operator",
+                                             "app.kubernetes.io/component": "operator"}}},
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
+        ]  # fmt: skip
+    (public,) = router["ingress"]
+    assert "from" not in public, "the router's port is open to every source (the API key guards it)"
+
+
+def test_network_policy_ports_are_the_containers_ports() -> None:
+    children = render(spec(router={"port": 9000}, kvTransfer={"port": 5700}))
+    for role in ("prefill", "decode"):
+        ports = {p["name"]: p["containerPort"] for p in container(children, role)["ports"]}
+        grpc, kv, metrics = policies(children)[role]["ingress"]
+        assert grpc["ports"] == [{"protocol": "TCP", "port": ports["grpc"]}]
+        assert metrics["ports"] == [{"protocol": "TCP", "port": ports["metrics"]}]
+        assert ports["kv"] == 5700 and kv["ports"] == [{"protocol": "TCP"}]  # the KV port among them
+        assert {p["protocol"] for p in container(children, role)["ports"]} == {"TCP"}
+    (public,) = policies(children)["router"]["ingress"]
+    assert public["ports"] == [
+        {"protocol": "TCP", "port": container(children, "router")["ports"][0]["containerPort"]}
+    ]
+    assert public["ports"][0]["port"] == 9000
+
+
+def test_network_policies_off_when_disabled() -> None:
+    assert not policies(render(spec(networkPolicy={"enabled": False})))
+    assert len(render(spec(networkPolicy={"enabled": False}))) == len(render(spec())) - 3
+
+
+def test_router_from_narrows_the_router_and_monitoring_keeps_its_metrics() -> None:
+    peer = {"namespaceSelector": {"matchLabels": {"team": "a"}}, "podSelector": {}}
+    block = {"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}}
+    (public,) = policies(render(spec(networkPolicy={"routerFrom": [peer, block]})))["router"]["ingress"]
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    assert public["from"] == [peer, block, monitoring]
+
+
+def test_operator_settings_place_the_operator_and_monitoring_peers() -> None:
+    operator_labels = {"app.kubernetes.io/name": "x-operator", "app.kubernetes.io/instance": "x"}
+    config = resources.NetworkPolicyConfig.from_env({
+        "POD_NAMESPACE": "kvrelay-system",
+        "KVRELAY_OPERATOR_POD_LABELS": json.dumps(operator_labels),
+        "KVRELAY_NETWORK_POLICY_METRICS_FROM": "[]",
+    })  # fmt: skip
+    for role in ("prefill", "decode"):
+        _, _, metrics = policies(render(spec(), network_policy=config))[role]["ingress"]
+        # Never an empty `from`: that would admit every source. The operator is always there.
+        assert metrics["from"] == [
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kvrelay-system"}},
+             "podSelector": {"matchLabels": operator_labels}}
+        ]  # fmt: skip
+    (public,) = policies(
+        render(spec(networkPolicy={"routerFrom": [{"podSelector": {}}]}), network_policy=config)
+    )["router"]["ingress"]
+    assert public["from"] == [{"podSelector": {}}]
+    assert resources.NetworkPolicyConfig.from_env({}) == resources.NetworkPolicyConfig()
+    with pytest.raises(ValueError, match="a peer is an ipBlock"):
+        resources.NetworkPolicyConfig.from_env({"KVRELAY_NETWORK_POLICY_METRICS_FROM": "[{}]"})
+
+
+@pytest.mark.parametrize("k8s_version", ["1.30.0", kubernetes_validate.latest_version()])
+def test_network_policies_are_valid_networking_v1(k8s_version: str) -> None:
+    narrowed = spec(networkPolicy={"routerFrom": [
+        {"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}},
+        {"namespaceSelector": {"matchExpressions": [{"key": "team", "operator": "Exists"}]},
+         "podSelector": {}},
+    ]})  # fmt: skip
+    for s in (spec(), narrowed):
+        for child in render(s):
+            if child["kind"] == "NetworkPolicy":
+                kubernetes_validate.validate(child, k8s_version, strict=True)
 
 
 def test_image_default_and_override() -> None:
