@@ -25,6 +25,8 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import random
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -286,21 +288,25 @@ def reconcile(
     for message in scaled_down:
         kopf.event(body, type="Normal", reason="Scaled", message=message[:1000])
     generation = meta.get("generation") or 0
-    # Deployments just applied are described by the apply response, fresher than the index: the
-    # status written here then agrees with what the mirror computes from their watch events.
-    deployments = states
-    for response in changed.values():
-        if response.get("kind") == "Deployment":
-            role = response["metadata"]["labels"][resources.LABEL_ROLE]
-            deployments[role] = DeploymentState.from_body(response)
+    applied = {
+        response["metadata"]["labels"][resources.LABEL_ROLE]: DeploymentState.from_body(response)
+        for response in changed.values()
+        if response.get("kind") == "Deployment"
+    }
     endpoint = resources.router_endpoint(parsed_spec, ctx)
-    unschedulable = _unschedulable(pods_by_model, namespace, name)
 
     def reconciled(parent: dict[str, Any]) -> api.DisaggregatedModelStatus:
         # The spec and generation handled here, over whatever status the model has now: a condition
         # the mirror wrote meanwhile (DriftCorrected) is kept. A newer spec gets its own reconcile.
+        # The Deployments as the index has them now (read again on every attempt, as the mirror does),
+        # except one just applied that the index has not seen yet: then the apply response.
+        deployments = _deployment_states(deployments_by_model, namespace, name)
+        for role, response in applied.items():
+            if role not in deployments or deployments[role].generation < response.generation:
+                deployments[role] = response
         return compute_status(parsed_spec, _parse_status(parent), deployments, generation, endpoint, _now(),
-                              observed_generation=generation, unschedulable=unschedulable)  # fmt: skip
+                              observed_generation=generation,
+                              unschedulable=_unschedulable(pods_by_model, namespace, name))  # fmt: skip
 
     # Not kopf's end-of-handler patch: that one is unconditional, computed from the status this
     # handler started with, and replaces the whole conditions list.
@@ -458,7 +464,7 @@ def _write_status(
     state: OperatorState,
     parent: dict[str, Any],
     recompute: Callable[[dict[str, Any]], api.DisaggregatedModelStatus],
-    attempts: int = 5,
+    attempts: int = 8,
 ) -> bool:
     """Patches the parent's status to ``recompute(parent)``, conditional on its resourceVersion; False
     when it kept changing for ``attempts`` tries.
@@ -469,19 +475,66 @@ def _write_status(
     """
     meta = parent["metadata"]
     namespace, name = meta["namespace"], meta["name"]
-    for _ in range(attempts):
+    with _status_lock(namespace, name):
+        return _write_status_locked(state, parent, recompute, attempts)
+
+
+_STATUS_LOCKS: dict[tuple[str, str], threading.Lock] = {}
+# The model as this process last wrote it. A parent from an event or the index may predate that write
+# (the watch lags it): diffed against such a parent, a status equal to what the parent holds looks
+# unchanged, the write is skipped, and the newer stored status that another thread wrote stays.
+_LAST_WRITTEN: dict[tuple[str, str], dict[str, Any]] = {}
+_STATUS_LOCKS_GUARD = threading.Lock()
+
+
+def _status_lock(namespace: str, name: str) -> threading.Lock:
+    """One lock per model: its reconcile and the mirrors of its children's events run in parallel
+    threads, and conflicting conditional writes among them could each give up, leaving the status
+    behind the children until some later event. Serialised, the last one to run writes what it saw."""
+    with _STATUS_LOCKS_GUARD:
+        return _STATUS_LOCKS.setdefault((namespace, name), threading.Lock())
+
+
+def _fresher(parent: dict[str, Any], written: dict[str, Any] | None) -> dict[str, Any]:
+    """The newer of two copies of a model, by resourceVersion (etcd revisions: integers in practice;
+    if either is not, the parent at hand)."""
+    if written is None or written["metadata"].get("uid") != parent["metadata"].get("uid"):
+        return parent
+    try:
+        newer = int(written["metadata"]["resourceVersion"]) > int(parent["metadata"]["resourceVersion"])
+    except (KeyError, TypeError, ValueError):
+        return parent
+    return written if newer else parent
+
+
+def _write_status_locked(
+    state: OperatorState,
+    parent: dict[str, Any],
+    recompute: Callable[[dict[str, Any]], api.DisaggregatedModelStatus],
+    attempts: int,
+) -> bool:
+    meta = parent["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    parent = _fresher(parent, _LAST_WRITTEN.get((namespace, name)))
+    for attempt in range(attempts):
         before = _parse_status(parent)
         after = recompute(parent)
         diff = status_merge_patch(before, after)
         if not diff:  # an empty {"status": {}} would still be sent as a PATCH
             return True
         try:
-            state.kube.patch_status(namespace, name, diff, parent["metadata"].get("resourceVersion"))
+            version = parent["metadata"].get("resourceVersion")
+            written = state.kube.patch_status(namespace, name, diff, version)
         except ApiException as exc:
             if exc.status != 409:
                 raise
+            # Several writers (the reconcile, the mirror of each child's events, the autoscaler) may
+            # race on one model: a short random pause lets one of them finish instead of all retrying
+            # in step until the attempts run out.
+            time.sleep(random.uniform(0, 0.05 * (attempt + 1)))
             parent = state.kube.get_model(namespace, name)
             continue
+        _LAST_WRITTEN[(namespace, name)] = written
         for event_type, reason, message in condition_events(before, after):
             kopf.event(parent, type=event_type, reason=reason, message=message[:1000])
         return True
