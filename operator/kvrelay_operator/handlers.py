@@ -575,6 +575,11 @@ def on_model_event(
     **_: Any,
 ) -> None:
     """Applies replica targets that changed through status (the autoscaler's desiredReplicas)."""
+    if event.get("type") == "DELETED":
+        with _STATUS_LOCKS_GUARD:  # nothing writes its status any more
+            _STATUS_LOCKS.pop((namespace, name), None)
+            _LAST_WRITTEN.pop((namespace, name), None)
+        return
     if event.get("type") not in ("MODIFIED", None) or body.get("metadata", {}).get("deletionTimestamp"):
         return
     spec_dict = body.get("spec") or {}

@@ -17,7 +17,7 @@ async def test_removed_worker_is_not_chosen_but_keeps_its_calls_until_they_end()
     worker = pool.roles["decode"].workers[address]
     worker.healthy, worker.running_sequences = True, 1  # one stream in flight on it
     await pool.set_addresses("decode", [])
-    assert pool.roles["decode"].choose() is None  # no new calls go to it
+    assert pool.roles["decode"].choose_for_stream([1, 2, 3]) is None  # no new calls go to it
     await asyncio.sleep(0.5)
     assert pool.retiring == [address]  # ... but the stream still has its channel
     worker.running_sequences = 0

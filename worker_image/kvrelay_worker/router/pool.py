@@ -53,11 +53,6 @@ class RolePool:
     def loads(self) -> list[WorkerLoad]:
         return [w.load() for w in self.workers.values()]
 
-    def choose(self, exclude: Sequence[str] = ()) -> WorkerState | None:
-        """Decode: the worker with the fewest streams (prefill: see ``choose_for_prompt``)."""
-        address = choose_decode(self.loads(), exclude, next(self.turns))
-        return self.workers[address] if address is not None else None
-
     def choose_for_prompt(self, prompt_ids: Sequence[int], exclude: Sequence[str] = ()) -> Choice | None:
         """Prefill: the worker for this prompt, with the prompt tokens it likely holds already; the
         prompt is then recorded as sent there."""
