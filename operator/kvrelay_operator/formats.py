@@ -18,13 +18,16 @@ QUANTITY = (
 
 # A DNS-1123 label (Service names, label values' strictest form) and subdomain (most object names).
 _LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
-DNS_SUBDOMAIN = rf"^{_LABEL}(\.{_LABEL})*$"
+_SUBDOMAIN = rf"{_LABEL}(\.{_LABEL})*"
+DNS_SUBDOMAIN = rf"^{_SUBDOMAIN}$"
+# A qualified name's name part (after an optional DNS prefix and '/').
+_QUALIFIED = r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?"
 # A resource name in requests/limits: `cpu`, `memory`, `hugepages-2Mi`, `example.com/foo`.
-RESOURCE_NAME = rf"^({_LABEL}(\.{_LABEL})*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+RESOURCE_NAME = rf"^({_SUBDOMAIN}/)?{_QUALIFIED}$"
 # An extended resource (device plugin): always domain-prefixed.
-EXTENDED_RESOURCE_NAME = rf"^{_LABEL}(\.{_LABEL})*/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+EXTENDED_RESOURCE_NAME = rf"^{_SUBDOMAIN}/{_QUALIFIED}$"
 # A label key (optional DNS prefix, then a name of at most 63 characters) and a label value.
-LABEL_KEY = rf"^({_LABEL}(\.{_LABEL})*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{{0,61}}[A-Za-z0-9])?$"
+LABEL_KEY = rf"^({_SUBDOMAIN}/)?[A-Za-z0-9]([-A-Za-z0-9_.]{{0,61}}[A-Za-z0-9])?$"
 LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
 # A key in a Secret or ConfigMap.
 CONFIG_KEY = r"^[-._a-zA-Z0-9]+$"
@@ -52,7 +55,7 @@ IMAGE = (
 _HF_PART = r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?"
 _SEGMENT = r"([^/\s.][^/\s]*|\.([^/\s.][^/\s]*)?|\.\.[^/\s]+)"  # any path segment but `..`
 _PATH = rf"{_SEGMENT}(/{_SEGMENT})*/?"
-MODEL_SOURCE = rf"^(({_HF_PART}/)?{_HF_PART}|pvc://{_LABEL}(\.{_LABEL})*(/({_PATH})?)?|/{_PATH})$"
+MODEL_SOURCE = rf"^(({_HF_PART}/)?{_HF_PART}|pvc://{_SUBDOMAIN}(/({_PATH})?)?|/{_PATH})$"
 
 # A memory size in binary units (shmSize) and a Prometheus duration (scrape interval).
 BINARY_SIZE = r"^[0-9]+(Ki|Mi|Gi|Ti)?$"

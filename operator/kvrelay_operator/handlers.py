@@ -251,7 +251,7 @@ def reconcile(
     try:
         parsed_spec, parsed_status = _parse(dict(spec), dict(status))
     except UnreadableSpec as exc:
-        _report_unreadable(state, dict(body), str(exc), meta.get("generation"))
+        _write_status(state, dict(body), _degraded("SpecNotUnderstood", str(exc), meta.get("generation")))
         raise kopf.PermanentError(str(exc)) from exc  # this generation can never apply; a new one can
     ctx = _ctx(state, name, namespace, uid, state.pod_monitor_available())
     children = resources.render_children(parsed_spec, parsed_status, ctx)
@@ -269,13 +269,7 @@ def reconcile(
         if exc.refused:  # the API refuses the child itself: retrying cannot help
             # The Degraded condition's Warning Event (reason ApplyRefused) comes with the status write.
             message = f"a child was refused by the API server ({exc.status}): {exc.detail}"[:1000]
-
-            def degrade(current: api.DisaggregatedModelStatus) -> api.DisaggregatedModelStatus:
-                conditions = set_condition(current.conditions, "Degraded", "True", "ApplyRefused", message,
-                                           _now(), meta.get("generation"))  # fmt: skip
-                return current.model_copy(update={"conditions": conditions, "phase": "Degraded"})
-
-            _write_status(state, dict(body), lambda parent: degrade(_parse_status(parent)))
+            _write_status(state, dict(body), _degraded("ApplyRefused", message, meta.get("generation")))
             raise kopf.PermanentError(message) from exc
         raise kopf.TemporaryError(f"applying children failed: {exc.status} {exc.reason}", delay=5) from exc
     log.info("%s/%s generation %s (%s): applied %d of %d children%s", namespace, name, meta.get("generation"),
@@ -446,18 +440,19 @@ def _parse_status(parent: dict[str, Any]) -> api.DisaggregatedModelStatus:
     return api.DisaggregatedModelStatus.model_validate(dict(parent.get("status") or {}))
 
 
-def _report_unreadable(
-    state: OperatorState, body: dict[str, Any], message: str, generation: int | None
-) -> None:
-    """Degraded=True/SpecNotUnderstood (with its Warning Event) for a spec this operator cannot read."""
+def _degraded(
+    reason: str, message: str, generation: int | None
+) -> Callable[[dict[str, Any]], api.DisaggregatedModelStatus]:
+    """A _write_status recompute: Degraded=True for `reason` (its Warning Event comes with the write)
+    over whatever status the model has."""
 
     def degrade(parent: dict[str, Any]) -> api.DisaggregatedModelStatus:
         current = _parse_status(parent)
-        conditions = set_condition(current.conditions, "Degraded", "True", "SpecNotUnderstood",
-                                   message[:1000], _now(), generation)  # fmt: skip
+        conditions = set_condition(current.conditions, "Degraded", "True", reason, message[:1000], _now(),
+                                   generation)  # fmt: skip
         return current.model_copy(update={"conditions": conditions, "phase": "Degraded"})
 
-    _write_status(state, body, degrade)
+    return degrade
 
 
 def _write_status(
@@ -556,7 +551,7 @@ def on_pod_event(
     parent = next(iter(models_by_name.get((namespace, instance), [])), None)
     if parent is None or parent["metadata"].get("deletionTimestamp"):
         return
-    status = api.DisaggregatedModelStatus.model_validate(dict(parent.get("status") or {}))
+    status = _parse_status(parent)
     scheduled = next((c for c in status.conditions if c.type == "PodsScheduled"), None)
     wanted = unschedulable_message(_unschedulable(pods_by_model, namespace, instance))
     if scheduled is not None and scheduled.message == wanted:
