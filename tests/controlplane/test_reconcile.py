@@ -202,7 +202,7 @@ def test_spec_edit_rolls_children_and_restart_writes_nothing(
 ) -> None:
     with start_operator():
         kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(TINY), check=True)
-        wait_for(lambda: len(children(kubectl, namespace, "tiny")) == 12, timeout=30, what="children")
+        wait_for(lambda: len(children(kubectl, namespace, "tiny")) == 15, timeout=30, what="children")
         before = deployment(kubectl, namespace, "tiny-decode")
         edited = json.loads(json.dumps(TINY))
         edited["spec"]["image"] = "registry.example/kvrelay:2"
