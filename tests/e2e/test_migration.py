@@ -231,11 +231,12 @@ async def _streams(
     async def one(i: int) -> Outcome:
         parts: list[str] = []
         finish = None
-        extra = (params or [{}] * len(prompts))[i]
+        extra = dict((params or [{}] * len(prompts))[i])
+        body = {"ignore_eos": True, **extra.pop("extra_body", {})}
         try:
             stream = await client.completions.create(
                 model=stack.serve.model, prompt=prompts[i], max_tokens=MAX_TOKENS, stream=True,
-                **{"temperature": 0, **extra}, extra_body={"ignore_eos": True},
+                **{"temperature": 0, **extra}, extra_body=body,
             )  # fmt: skip
             async for chunk in stream:
                 parts.append(chunk.choices[0].text)
@@ -468,6 +469,44 @@ async def test_seeded_sampling_across_a_migration(
     ids = [stack.tokenizer.encode(p) for p in prompts]
     seeded = [SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, **p) for p in params]
     assert [stack.tokenizer.decode(t) for t in engine.generate(ids, seeded)] == [o.text for o in calm]
+    stack.ensure(victim[0])
+
+
+async def test_structured_output_across_a_migration(stack: Stack, engine: Any) -> None:
+    """A grammar-constrained, seeded, penalized stream whose decode worker is SIGKILLed: the resumed worker
+    replays the output so far into a new matcher, so the text still matches the grammar and equals the
+    uninterrupted run's (grammar and penalty state travel as the request's own tokens)."""
+    from kvrelay_worker.engine.sampling_params import SamplingParams
+    from kvrelay_worker.router.structured import structured_outputs_grammar
+
+    stack.ensure("decode-0")
+    stack.ensure("decode-1")
+    regex = "([a-z]{2,8} ){60}[a-z]{1,8}[.]"  # long enough to be mid-stream at the kill, then EOS
+    prompts = PROMPTS[:6]
+    params = [
+        {"temperature": 1.0, "seed": 500 + i, "presence_penalty": 0.5,
+         "extra_body": {"ignore_eos": False, "structured_outputs": {"regex": regex}}}
+        for i in range(6)
+    ]  # fmt: skip
+    calm, _ = await _streams(stack, prompts, params=params)
+    assert all(re.fullmatch(regex, o.text) for o in calm), [
+        (o.text, o.finish) for o in calm if not re.fullmatch(regex, o.text)
+    ]
+    assert [o.finish for o in calm] == ["stop"] * 6
+    before = stack.router_metric("kvrelay_router_migrations_total", reason="worker_lost")
+    victim: list[str] = []
+    killed, _ = await _streams(
+        stack, prompts, kill=lambda: victim.append(stack.kill_busiest_decode()), params=params
+    )
+    assert [o.error for o in killed] == [None] * 6
+    assert stack.router_metric("kvrelay_router_migrations_total", reason="worker_lost") > before
+    assert [o.text for o in killed] == [o.text for o in calm]
+    grammar = structured_outputs_grammar({"regex": regex})
+    same = {"max_tokens": MAX_TOKENS, "temperature": 1.0, "presence_penalty": 0.5, "grammar": grammar}
+    seeded = [SamplingParams(seed=500 + i, **same) for i in range(6)]
+    ids = [stack.tokenizer.encode(p) for p in prompts]
+    outs = engine.generate(ids, seeded)
+    assert [stack.tokenizer.decode(t) for t in outs] == [o.text for o in calm]
     stack.ensure(victim[0])
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,7 +131,7 @@ def test_completions_batch_bad_prompt_or_too_many_is_a_400(serve: ServeProcess) 
     for prompt, message in (
         (["fine", "also fine", ""], "prompt 2: "),
         ([[5, 6], [0, 100000]], "prompt 1: "),
-        (["hi"] * 65, "at most 64 prompts"),
+        (["hi"] * 65, "at most 64 choices"),
     ):
         resp = httpx.post(url, json={"model": serve.model, "prompt": prompt, "max_tokens": 2}, timeout=30)
         assert resp.status_code == 400, resp.text
@@ -393,6 +394,10 @@ USER = [{"role": "user", "content": "hi"}]
 TOOL_CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
 IMAGE = {"type": "image_url", "image_url": {"url": "http://example.invalid/x.png"}}
 TOOL = {"type": "function", "function": {"name": "f"}}
+ASSISTANT_CALL = {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]}
+TOOL_ANSWER = {"role": "tool", "content": "4", "tool_call_id": "c1"}
+OBJEKT = {"type": "objekt"}  # not a JSON Schema type
+BAD_ARGS = {**TOOL_CALL, "function": {"name": "f", "arguments": "not json"}}
 BadBody = tuple[str, bytes | dict[str, object]]
 
 
@@ -426,7 +431,9 @@ MALFORMED: list[tuple[str, bytes | dict[str, object], int, str | None, str | Non
     (*comp(temperature=-0.5), 400, "temperature", "invalid_value"),
     (*comp(temperature="0.7"), 400, "temperature", "invalid_type"),
     (*comp(top_p=2), 400, "top_p", "invalid_value"),
-    (*comp(n=3), 400, "n", "unsupported_value"),
+    (*comp(n=17), 400, "n", "invalid_value"),  # MAX_N
+    (*comp(n=0), 400, "n", "invalid_value"),
+    (*comp(prompt=["a"] * 9, n=8), 400, "prompt", "invalid_value"),  # 72 choices > MAX_PROMPTS
     (*comp(n="2"), 400, "n", "invalid_type"),
     (*comp(n=2.0), 400, "n", "invalid_type"),
     (*comp(logprobs=6), 400, "logprobs", "invalid_value"),
@@ -435,6 +442,8 @@ MALFORMED: list[tuple[str, bytes | dict[str, object], int, str | None, str | Non
     (*comp(min_tokens=40, max_tokens=8), 400, "min_tokens", "invalid_value"),
     (*comp(use_beam_search=True), 400, "use_beam_search", "unknown_parameter"),
     (*comp(stream_options={"include_usage": True}), 400, "stream_options", "invalid_value"),
+    (*comp(stream=True, stream_options={"continuous_usage_stats": True}), 400,
+     "stream_options.continuous_usage_stats", "invalid_value"),  # needs include_usage
     (*chat(messages="hi"), 400, "messages", "invalid_type"),
     (*chat(messages=[]), 400, "messages", None),
     (*chat(messages=[{"content": "no role"}]), 400, "messages.0.role", "missing_required_parameter"),
@@ -442,27 +451,60 @@ MALFORMED: list[tuple[str, bytes | dict[str, object], int, str | None, str | Non
     (*chat(messages=[{"role": "system", "content": None}, *USER]), 400, "messages.0.content", None),
     (*chat(messages=[{"role": "user", "content": 5}]), 400, "messages.0.content", "invalid_type"),
     (*chat(messages=[{"role": "user", "content": [IMAGE]}]), 400, "messages.0.content", "unsupported_value"),
-    (
-        *chat(messages=[*USER, {"role": "assistant", "tool_calls": [TOOL_CALL]}]),
-        400,
-        "messages.1.tool_calls",
-        None,
-    ),
-    (
-        *chat(messages=[*USER, {"role": "tool", "content": "4", "tool_call_id": "c1"}]),
-        400,
-        "messages.1.role",
-        None,
-    ),
+    # an assistant call never answered by a tool message
+    (*chat(messages=[*USER, {"role": "assistant", "tool_calls": [TOOL_CALL]}]),
+     400, "messages.1.tool_calls", None),
+    # a tool message answering no earlier call, or naming none
+    (*chat(messages=[*USER, {"role": "tool", "content": "4", "tool_call_id": "c1"}]),
+     400, "messages.1.tool_call_id", None),
+    (*chat(messages=[*USER, ASSISTANT_CALL, {"role": "tool", "content": "4"}]),
+     400, "messages.2.tool_call_id", None),
+    (*chat(messages=[*USER, {**ASSISTANT_CALL, "tool_calls": [BAD_ARGS]}, TOOL_ANSWER]), 400,
+     "messages.1.tool_calls.0.function.arguments", "invalid_value"),
+    (*chat(messages=[{"role": "function", "content": "x"}]), 400, "messages.0.role", "unsupported_value"),
+    (*chat(messages=[{"role": "user", "content": "x", "tool_calls": [TOOL_CALL]}]),
+     400, "messages.0.tool_calls", None),
     (*chat(messages=[{"role": "user", "content": "hi", "name": "ann"}]), 400, "messages.0.name", None),
     (*chat(stream="yes"), 400, "stream", "invalid_type"),
     (*chat(stream=True, stream_options={"include_usage": "yes"}), 400, "stream_options.include_usage", None),
     (*chat(stop=["1", "2", "3", "4", "5"]), 400, "stop", "invalid_value"),
-    (*chat(n=2), 400, "n", "unsupported_value"),
+    (*chat(n="2"), 400, "n", "invalid_type"),
     (*chat(seed="1"), 400, "seed", "invalid_type"),
-    (*chat(response_format={"type": "json_object"}), 400, "response_format", "unsupported_value"),
-    (*chat(tool_choice="auto"), 400, "tool_choice", "unsupported_value"),
-    (*chat(tools=[TOOL]), 400, "tools", "unsupported_value"),
+    (*chat(response_format="json"), 400, "response_format", "invalid_type"),
+    (*chat(response_format={"type": "yaml"}), 400, "response_format.type", "invalid_value"),
+    (*chat(response_format={"type": "json_schema"}),
+     400, "response_format.json_schema", "missing_required_parameter"),
+    (*chat(response_format={"type": "json_schema", "json_schema": {"schema": {}}}), 400,
+     "response_format.json_schema.name", "missing_required_parameter"),
+    (*chat(response_format={"type": "json_schema", "json_schema": {"name": "a b"}}), 400,
+     "response_format.json_schema.name", "invalid_value"),
+    (*chat(response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": OBJEKT}}), 400,
+     "response_format.json_schema.schema", "invalid_value"),
+    (*chat(response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": {}, "x": 1}}), 400,
+     "response_format.json_schema.x", "unknown_parameter"),
+    (*chat(response_format={"type": "json_object"}, ignore_eos=True), 400, "ignore_eos", "invalid_value"),
+    (*comp(response_format={"type": "json_object"}), 400, "response_format", "unknown_parameter"),
+    (*chat(structured_outputs={"regex": "a["}), 400, "structured_outputs.regex", "invalid_value"),
+    (*chat(structured_outputs={"regex": "a", "choice": ["a"]}), 400, "structured_outputs", "invalid_value"),
+    (*chat(structured_outputs={"jsonpath": "$"}), 400, "structured_outputs.jsonpath", "unknown_parameter"),
+    (*comp(structured_outputs={"grammar": "start: undefined_rule"}),
+     400, "structured_outputs.grammar", "invalid_value"),
+    (*comp(structured_outputs={"choice": []}), 400, "structured_outputs.choice", "invalid_type"),
+    (*chat(tool_choice="auto"), 400, "tool_choice", "invalid_value"),  # no tools
+    (*chat(tools=[TOOL], tool_choice="sometimes"), 400, "tool_choice", "invalid_value"),
+    (*chat(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "g"}}), 400,
+     "tool_choice.function.name", "invalid_value"),  # an unknown tool
+    (*chat(tools=[{"type": "retrieval"}]), 400, "tools.0", "invalid_value"),
+    (*chat(tools=[TOOL, TOOL]), 400, "tools.1.function.name", "invalid_value"),  # defined twice
+    (*chat(tools=[{"type": "function", "function": {"name": "get weather"}}]),
+     400, "tools.0.function.name", None),
+    (*chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]), 400,
+     "tools.0.function.parameters", "invalid_value"),
+    (*chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {"properties": 3}}}]), 400,
+     "tools.0.function.parameters", "invalid_value"),  # not a JSON Schema
+    (*chat(tools=[TOOL], tool_choice="required", response_format={"type": "json_object"}), 400,
+     "response_format", "invalid_value"),
+    (*chat(tools=[TOOL], parallel_tool_calls="no"), 400, "parallel_tool_calls", "invalid_type"),
     (*chat(logit_bias={"100000": 10}), 400, "logit_bias", "invalid_value"),  # outside the vocabulary
     (*chat(logit_bias={"5": 101}), 400, "logit_bias", "invalid_value"),
     (*chat(presence_penalty=2.5), 400, "presence_penalty", "invalid_value"),
@@ -472,7 +514,7 @@ MALFORMED: list[tuple[str, bytes | dict[str, object], int, str | None, str | Non
     (*chat(reasoning_effort="high"), 400, "reasoning_effort", "unsupported_value"),
     (*chat(audio={"voice": "alloy", "format": "wav"}), 400, "audio", "unsupported_parameter"),
     (*chat(foo=1), 400, "foo", "unknown_parameter"),
-]
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -504,13 +546,15 @@ def test_malformed_request_gets_an_openai_error(
 
 # The official client: the same refusals come back as its exception types, naming the param.
 SDK_REFUSED: list[tuple[str, dict[str, Any], type[openai.APIStatusError], str | None]] = [
-    ("completions", {"n": 2}, openai.BadRequestError, "n"),
+    ("completions", {"n": 17}, openai.BadRequestError, "n"),
     ("completions", {"max_tokens": 4096}, openai.BadRequestError, "max_tokens"),
     ("completions", {"model": "nope"}, openai.NotFoundError, "model"),
     ("completions", {"stream": True, "presence_penalty": 3.0}, openai.BadRequestError, "presence_penalty"),
-    ("chat", {"response_format": {"type": "json_object"}}, openai.BadRequestError, "response_format"),
+    ("chat", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": OBJEKT}}},
+     openai.BadRequestError, "response_format.json_schema.schema"),
     ("chat", {"stream": True, "logit_bias": {"x": 10}}, openai.BadRequestError, "logit_bias"),
-    ("chat", {"tools": [TOOL], "tool_choice": "auto"}, openai.BadRequestError, "tools"),
+    ("chat", {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     openai.BadRequestError, "tool_choice.function.name"),
     ("chat", {"messages": [{"role": "user"}]}, openai.BadRequestError, "messages.0.content"),
     ("chat", {"extra_body": {"min_tokens": -1}}, openai.BadRequestError, "min_tokens"),
     ("chat", {"extra_body": {"ignore_eos": "yes"}}, openai.BadRequestError, "ignore_eos"),
@@ -667,3 +711,113 @@ def test_client_disconnect_frees_the_decode_worker(serve: ServeProcess) -> None:
     while _decode_running(serve) != 0:
         assert time.monotonic() < deadline, "the decode worker kept generating for a client that left"
         time.sleep(0.2)
+
+
+def test_n_choices_are_seeded_per_choice_and_share_one_prefill(
+    client: openai.OpenAI, serve: ServeProcess
+) -> None:
+    """n=4: choice j draws with seed + j (so it equals an n=1 request with that seed), the prompt is
+    counted once in usage, and the followers find the leader's prompt blocks in the prefill cache."""
+    hits = "kvrelay_prefix_cache_hits_total"
+    prompt = "Timetables for the early trains and the late buses, " * 4
+    probe = client.completions.create(model=serve.model, prompt=prompt, max_tokens=1)
+    assert probe.usage is not None
+    num_prompt = probe.usage.prompt_tokens
+    before = _worker_metric(serve, "prefill", hits)
+    reply = client.completions.create(
+        model=serve.model, prompt=prompt, max_tokens=8, temperature=1.0, seed=40, n=4
+    )
+    gained = _worker_metric(serve, "prefill", hits) - before
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    texts = [c.text for c in reply.choices]
+    assert len(set(texts)) > 1, texts  # four draws, not one answer four times
+    singles = [
+        client.completions.create(
+            model=serve.model, prompt=prompt, max_tokens=8, temperature=1.0, seed=40 + j
+        )
+        .choices[0]
+        .text
+        for j in range(4)
+    ]
+    assert texts == singles
+    assert reply.usage is not None and reply.usage.prompt_tokens == num_prompt
+    assert reply.usage.completion_tokens == 4 * 8
+    # the three followers each found the leader's full prompt blocks cached (16-token blocks)
+    assert gained >= 3 * 16 * (num_prompt // 16), (gained, num_prompt)
+
+
+def test_n_choices_stream_and_batch(client: openai.OpenAI, serve: ServeProcess) -> None:
+    chunks = list(client.chat.completions.create(
+        model=serve.model, messages=USER, max_tokens=6, temperature=1.0, seed=3, n=3, stream=True,
+        stream_options={"include_usage": True},
+    ))  # fmt: skip
+    finished = {
+        c.choices[0].index: c.choices[0].finish_reason
+        for c in chunks
+        if c.choices and c.choices[0].finish_reason
+    }
+    assert finished == {0: "length", 1: "length", 2: "length"}
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 18
+    whole = client.chat.completions.create(
+        model=serve.model, messages=USER, max_tokens=6, temperature=1.0, seed=3, n=3
+    )
+    streamed = [
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+        for i in range(3)
+    ]
+    assert streamed == [c.message.content for c in whole.choices]
+    # a batch of 2 prompts x n=2: choice i * n + j is prompt i's j-th
+    batch = client.completions.create(
+        model=serve.model, prompt=["one", "two"], max_tokens=4, temperature=1.0, seed=9, n=2
+    )
+    alone = [
+        client.completions.create(model=serve.model, prompt=p, max_tokens=4, temperature=1.0, seed=9, n=2)
+        for p in ("one", "two")
+    ]
+    assert [c.text for c in batch.choices] == [c.text for a in alone for c in a.choices]
+
+
+def test_structured_output_on_the_tiny_model(client: openai.OpenAI, serve: ServeProcess) -> None:
+    """A random-weight model writes gibberish; constrained, through prefill + relay + decode, it writes
+    exactly what the grammar allows, streaming or not, with any seed."""
+    import jsonschema
+
+    properties = {"id": {"type": "integer", "minimum": 0, "maximum": 999}, "ok": {"type": "boolean"}}
+    schema = {
+        "type": "object",
+        "properties": properties,
+        "required": ["id", "ok"],
+        "additionalProperties": False,
+    }
+    response_format = {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}}
+    for seed in range(4):
+        reply = client.chat.completions.create(
+            model=serve.model,
+            messages=USER,
+            max_tokens=60,
+            temperature=1.0,
+            seed=seed,
+            response_format=response_format,
+        )
+        assert reply.choices[0].finish_reason == "stop", reply
+        jsonschema.validate(json.loads(reply.choices[0].message.content or ""), schema)
+    stream = client.completions.create(
+        model=serve.model, prompt="hi", max_tokens=40, temperature=1.0, seed=5, stream=True,
+        extra_body={"structured_outputs": {"regex": "[A-Z][a-z]{3,6}( [a-z]{2,5}){2}[.!]"}},
+    )  # fmt: skip
+    text = "".join(c.choices[0].text for c in stream)
+    assert re.fullmatch(r"[A-Z][a-z]{3,6}( [a-z]{2,5}){2}[.!]", text), text
+
+
+def test_continuous_usage_stats_as_benchmark_clients_ask(serve: ServeProcess) -> None:
+    """vLLM's `continuous_usage_stats` (GuideLLM sends it): usage on every chunk, counting up to the total."""
+    body = {
+        "model": serve.model, "prompt": "hi", "max_tokens": 12, "stream": True, "n": 2, "ignore_eos": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }  # fmt: skip
+    with httpx.stream("POST", serve.base_url + "/completions", json=body, timeout=60) as resp:
+        assert resp.status_code == 200
+        chunks = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: {")]
+    counts = [c["usage"]["completion_tokens"] for c in chunks]
+    assert all(c["usage"]["prompt_tokens"] == chunks[-1]["usage"]["prompt_tokens"] for c in chunks)
+    assert counts == sorted(counts) and counts[-1] == 24 and counts[0] < 24, counts

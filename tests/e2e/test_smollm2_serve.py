@@ -8,6 +8,7 @@ must equal transformers' greedy text (near-ties per shared/notes/token-equality.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -169,3 +170,182 @@ def test_echo_logprobs_equal_transformers(serve: ServeProcess, hf_smollm2: Any, 
             worst, check_position(row, everything[i], lp.token_logprobs[i], top[:5], 5, LOGPROB_TOL_FP32)
         )
     print(f"echo: {len(everything)} tokens, largest logprob difference from transformers {worst:.2g}")
+
+
+# --- structured output and tool calls on the real checkpoint: the outputs' meaning is checked ---------
+
+COUNTRY = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 40},
+        "capital": {"type": "string", "maxLength": 40},
+        "continent": {"enum": ["Africa", "Asia", "Europe", "North America", "South America", "Oceania"]},
+        "landlocked": {"type": "boolean"},
+    },
+    "required": ["name", "capital", "continent", "landlocked"],
+    "additionalProperties": False,
+}
+COUNTRIES = ["France", "Japan", "Kenya", "Peru", "Canada", "Austria"]
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 40},
+                "unit": {"enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "Get the local time in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}}},
+    },
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_json_schema_answers_validate(serve: ServeProcess, stream: bool) -> None:
+    """response_format json_schema: every answer, greedy and sampled, parses and validates, and the
+    greedy answers name the country asked about (the grammar leaves the model's knowledge alone)."""
+    import jsonschema
+
+    client = openai.OpenAI(base_url=serve.base_url, api_key="none", max_retries=0, timeout=300)
+    response_format = {
+        "type": "json_schema",
+        "json_schema": {"name": "country", "schema": COUNTRY, "strict": True},
+    }
+    named = 0
+    for i, country in enumerate(COUNTRIES):
+        kwargs: dict[str, Any] = {
+            "model": serve.model,
+            "messages": [{"role": "user", "content": f"Describe {country} as JSON."}],
+            "max_tokens": 150,
+            "response_format": response_format,
+            **({"temperature": 0} if i % 2 == 0 else {"temperature": 1.0, "seed": i}),
+        }
+        if stream:
+            chunks = list(client.chat.completions.create(stream=True, **kwargs))
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        else:
+            reply = client.chat.completions.create(**kwargs)
+            text, finish = reply.choices[0].message.content or "", [reply.choices[0].finish_reason]
+        assert finish == ["stop"], (country, text)
+        answer = json.loads(text)
+        jsonschema.validate(answer, COUNTRY)
+        named += i % 2 == 0 and country.lower() in answer["name"].lower()
+    assert named >= 2, "greedy answers should mostly name the country asked about"
+
+
+CAT = "Give me a JSON object with the name and age of a cat named Tom."
+
+
+def test_json_object_and_extension_constraints(serve: ServeProcess) -> None:
+    client = openai.OpenAI(base_url=serve.base_url, api_key="none", max_retries=0, timeout=300)
+    reply = client.chat.completions.create(
+        model=serve.model,
+        messages=[{"role": "user", "content": CAT}],
+        max_tokens=200,
+        temperature=0,
+        response_format={"type": "json_object"},
+    )
+    assert reply.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(reply.choices[0].message.content or ""), dict)
+    reply = client.chat.completions.create(
+        model=serve.model,
+        messages=[{"role": "user", "content": "In which year was the Eiffel Tower finished?"}],
+        max_tokens=10,
+        temperature=0,
+        extra_body={"structured_outputs": {"regex": "1[0-9]{3}"}},
+    )
+    assert reply.choices[0].message.content == "1889"
+    reply = client.completions.create(
+        model=serve.model,
+        prompt="The colour of a clear daytime sky is",
+        max_tokens=5,
+        temperature=0,
+        extra_body={"structured_outputs": {"choice": [" blue", " green", " red"]}},
+    )
+    assert reply.choices[0].text == " blue"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    "tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}]
+)
+def test_forced_tool_calls_parse_and_validate(serve: ServeProcess, stream: bool, tool_choice: Any) -> None:
+    """tool_choice required or named: the call is grammar-constrained, so it always parses into
+    `tool_calls` whose arguments validate against the tool's parameters; then the tool's answer goes
+    back as a `tool` message and the model answers in text."""
+    import jsonschema
+
+    client = openai.OpenAI(base_url=serve.base_url, api_key="none", max_retries=0, timeout=300)
+    messages: list[dict[str, Any]] = [
+        {"role": "user", "content": "What is the weather like in Paris right now?"}
+    ]
+    kwargs: dict[str, Any] = {
+        "model": serve.model, "max_tokens": 120, "temperature": 0,
+        "tools": [WEATHER_TOOL, TIME_TOOL], "tool_choice": tool_choice,
+    }  # fmt: skip
+    if stream:
+        chunks = list(client.chat.completions.create(messages=messages, stream=True, **kwargs))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        calls = [(t.id, t.function.name, t.function.arguments) for d in deltas for t in d.tool_calls or ()]
+        indexes = [t.index for d in deltas for t in d.tool_calls or ()]
+        assert indexes == list(range(len(calls)))
+        content = "".join(d.content or "" for d in deltas)
+        finish = chunks[-1].choices[0].finish_reason
+    else:
+        reply = client.chat.completions.create(messages=messages, **kwargs)
+        message = reply.choices[0].message
+        calls = [(t.id, t.function.name, t.function.arguments) for t in message.tool_calls or ()]
+        content, finish = message.content or "", reply.choices[0].finish_reason
+    assert finish == "tool_calls" and calls and not content.strip(), (finish, calls, content)
+    if isinstance(tool_choice, dict):
+        assert len(calls) == 1
+    for _, name, arguments in calls:
+        tool = {"get_weather": WEATHER_TOOL, "get_time": TIME_TOOL}[name]
+        jsonschema.validate(json.loads(arguments), tool["function"]["parameters"])
+    assert any(name == "get_weather" and "paris" in arguments.lower() for _, name, arguments in calls), calls
+    call_id, name, arguments = calls[0]
+    messages += [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}]},
+        {"role": "tool", "tool_call_id": call_id, "content": json.dumps({"temperature": 18, "sky": "sunny"})},
+    ]  # fmt: skip
+    for later in calls[1:]:  # every call is answered, as the API requires
+        messages.append({"role": "tool", "tool_call_id": later[0], "content": "{}"})
+        messages[-3]["tool_calls"].append(
+            {"id": later[0], "type": "function", "function": {"name": later[1], "arguments": later[2]}}
+        )
+    reply = client.chat.completions.create(
+        model=serve.model, messages=messages, max_tokens=60, temperature=0,
+        tools=[WEATHER_TOOL, TIME_TOOL], tool_choice="none",
+    )  # fmt: skip
+    text = reply.choices[0].message.content or ""
+    assert reply.choices[0].message.tool_calls is None and text.strip(), reply
+    assert "18" in text or "sunny" in text.lower(), text
+
+
+def test_auto_tool_choice_without_a_call_answers_in_text(serve: ServeProcess) -> None:
+    """tool_choice auto (the default with tools): an answer that calls nothing is plain content."""
+    client = openai.OpenAI(base_url=serve.base_url, api_key="none", max_retries=0, timeout=300)
+    reply = client.chat.completions.create(
+        model=serve.model, messages=[{"role": "user", "content": "Say hello."}], max_tokens=30,
+        temperature=0, tools=[WEATHER_TOOL],
+    )  # fmt: skip
+    message = reply.choices[0].message
+    if message.tool_calls:  # allowed, but then it is a well-formed call
+        assert reply.choices[0].finish_reason == "tool_calls"
+        json.loads(message.tool_calls[0].function.arguments)
+    else:
+        assert message.content and "<tool_call>" not in message.content

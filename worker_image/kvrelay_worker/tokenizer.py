@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from jinja2 import meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -84,6 +85,8 @@ class Tokenizer:
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         env.filters["tojson"] = lambda v, indent=None: json.dumps(v, ensure_ascii=False, indent=indent)
         self._template = env.from_string(self.chat_template)
+        # a template that reads `tools` renders them itself; others get kvrelay's format (router/tools.py)
+        self.template_takes_tools = "tools" in meta.find_undeclared_variables(env.parse(self.chat_template))
 
     @staticmethod
     def _pick_template(raw: Any) -> str:
@@ -158,20 +161,32 @@ class Tokenizer:
             return piece.replace("\u2581", " ").encode()  # SentencePiece's word-boundary marker is a space
         return self.decode([token_id], skip_special_tokens=False).encode()
 
-    def render_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """Render the chat template to the prompt text (special tokens such as BOS included by it)."""
+    def render_chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[dict[str, Any]] | None = None,
+    ) -> str:
+        """Render the chat template to the prompt text (special tokens such as BOS included by it);
+        ``tools`` (OpenAI signatures) only for a template that takes them."""
+        extra = {"tools": list(tools)} if tools else {}
         return self._template.render(
             messages=list(messages),
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",
+            **extra,
         )
 
     def encode_chat(
-        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[dict[str, Any]] | None = None,
     ) -> list[int]:
         """Token ids of a chat prompt; the template already writes BOS, so none is added (as HF does)."""
-        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+        text = self.render_chat(messages, add_generation_prompt, tools)
+        return self.encode(text, add_special_tokens=False)
 
 
 class IncrementalDetokenizer:

@@ -195,7 +195,7 @@ BAD_REQUESTS = [
     ),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": 3}, 400, None),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 0}, 400, None),
-    ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 2}, 400, "unsupported_value"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 17}, 400, "invalid_value"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, None),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, None),
     ("/v1/completions", {"model": MODEL, "prompt": [1, 99999]}, 400, None),
@@ -631,7 +631,7 @@ async def test_completion_batch_bad_prompt_is_a_400_before_any_generation(stack:
         assert resp.status_code == 400, resp.text
         error = resp.json()["error"]
         assert (error["param"], error["code"]) == (param, code), error
-        assert error["message"].startswith("prompt 1: ") or "at most 64 prompts" in error["message"]
+        assert error["message"].startswith("prompt 1: ") or "at most 64 choices" in error["message"]
     assert sum(w.prefill_calls for w in stack.prefill) == 0
     ok = await stack.client.completions.create(model=MODEL, prompt=["a"] * 64, max_tokens=1)
     assert [c.index for c in ok.choices] == list(range(64))

@@ -85,7 +85,7 @@ def test_unsupported_features_are_refused() -> None:
         {"model": "m", "messages": [{"role": "user", "content": "x"}]}
     )
     reject_unsupported(chat)
-    for extra in ({"n": 3}, {"top_logprobs": 2}, {"tools": [{"type": "function"}]}):
+    for extra in ({"functions": [{"name": "f"}]}, {"top_logprobs": 2}, {"store": True}):
         bad = chat.model_copy(update=extra)
         with pytest.raises(OpenAIError):
             reject_unsupported(bad)

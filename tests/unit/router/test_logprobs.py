@@ -125,7 +125,7 @@ def test_answer_echo_streamed_and_whole_agree() -> None:
     assert lp["text_offset"] == [0, 2, 8, 9]
     streamed = answer()
     head = streamed.prompt(prompt)
-    parts = [streamed.delta(TextDelta("!", tokens[:1])), streamed.delta(TextDelta("", tokens[1:]))]
+    parts = [*streamed.delta(TextDelta("!", tokens[:1])), *streamed.delta(TextDelta("", tokens[1:]))]
     assert head["text"] + "".join(p["text"] for p in parts) == whole["text"]
     merged = {k: [*head["logprobs"][k], *(v for p in parts for v in p["logprobs"][k])] for k in lp}
     assert merged == lp
@@ -148,7 +148,7 @@ def test_answer_without_echo_offsets_count_from_the_prompt() -> None:
     assert plain.whole(None, "", []) == {"text": "Hi", "logprobs": None}
     chat = Answer("chat", NAMES, None, [1])  # type: ignore[arg-type]
     assert chat.whole(None, "ok", [])["logprobs"] is None
-    assert chat.delta(TextDelta("ok"))["logprobs"] is None
+    assert chat.delta(TextDelta("ok"))[0]["logprobs"] is None
 
 
 def test_tokenizer_maps_ids_to_their_bytes(tokenizer: Tokenizer) -> None:

@@ -183,27 +183,51 @@ def test_unknown_fields_are_unrecognized(kind: str, fields: dict[str, Any], para
 @pytest.mark.parametrize("content", ["missing", None])
 def test_every_message_needs_content(role: str, content: str | None) -> None:
     message: dict[str, Any] = {"role": role} if content == "missing" else {"role": role, "content": content}
-    error = refused("chat", {**BASE["chat"], "messages": [USER, message]})
-    assert (error.param, error.code) == ("messages.1.content", "missing_required_parameter")
-    assert error.message == "Missing required parameter: 'messages.1.content'."
+    messages = [USER, *_answered_call(message)]
+    error = refused("chat", {**BASE["chat"], "messages": messages})
+    at = len(messages) - 1
+    assert (error.param, error.code) == (f"messages.{at}.content", "missing_required_parameter")
+    assert error.message == f"Missing required parameter: 'messages.{at}.content'."
 
 
-def test_assistant_tool_calls_are_not_supported_yet() -> None:
-    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
-    error = refused("chat", {**BASE["chat"], "messages": [USER, {"role": "assistant", "tool_calls": [call]}]})
-    assert error.param == "messages.1.tool_calls" and "tool calls are not supported yet" in error.message
+CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+CALL_TURN = {"role": "assistant", "content": None, "tool_calls": [CALL]}
+
+
+def _answered_call(message: dict[str, Any]) -> list[dict[str, Any]]:
+    """A tool message after the assistant call it answers (tool_call_id c1); other messages alone."""
+    return [CALL_TURN, {**message, "tool_call_id": "c1"}] if message["role"] == "tool" else [message]
+
+
+def test_assistant_tool_calls_must_be_answered_by_tool_messages() -> None:
+    answer = {"role": "tool", "content": "4", "tool_call_id": "c1"}
+    assert check("chat", {**BASE["chat"], "messages": [USER, CALL_TURN, answer]}) is None
+    error = refused("chat", {**BASE["chat"], "messages": [USER, CALL_TURN]})
+    assert error.param == "messages.1.tool_calls" and "no answer to c1" in error.message
+    error = refused("chat", {**BASE["chat"], "messages": [USER, CALL_TURN, USER, answer]})
+    assert error.param == "messages.1.tool_calls"  # the answer must come right after the call
     # null and [] are what SDKs send back for an assistant turn without calls.
     for empty in (None, []):
         message = {"role": "assistant", "content": "ok", "tool_calls": empty, "refusal": None}
         assert check("chat", {**BASE["chat"], "messages": [USER, message, USER]}) is None
 
 
-@pytest.mark.parametrize("role", ["tool", "function"])
-def test_tool_and_function_messages_are_refused(role: str) -> None:
-    message = {"role": role, "content": "42", "tool_call_id": "c1"}
+def test_deprecated_function_messages_are_refused() -> None:
+    message = {"role": "function", "content": "42", "name": "f"}
     error = refused("chat", {**BASE["chat"], "messages": [USER, message]})
     assert (error.param, error.code) == ("messages.1.role", "unsupported_value")
-    assert "not supported yet" in error.message
+    assert "deprecated function role" in error.message
+
+
+def test_a_tool_message_answers_an_earlier_call() -> None:
+    error = refused(
+        "chat", {**BASE["chat"], "messages": [USER, {"role": "tool", "content": "4", "tool_call_id": "c9"}]}
+    )
+    assert (error.param, error.code) == ("messages.1.tool_call_id", "invalid_value")
+    error = refused(
+        "chat", {**BASE["chat"], "messages": [USER, {"role": "user", "content": "4", "tool_call_id": "c1"}]}
+    )
+    assert error.param == "messages.1.tool_call_id"
 
 
 def test_content_parts() -> None:
@@ -385,16 +409,9 @@ def test_default_forms_of_refused_parameters_keep_working(kind: str, param: str,
 @pytest.mark.parametrize(
     ("kind", "fields", "code"),
     [
-        ("completions", {"n": 2}, "unsupported_value"),
         ("completions", {"best_of": 2}, "unsupported_value"),
         ("completions", {"suffix": "x"}, "unsupported_value"),
-        ("chat", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "unsupported_value"),
-        (
-            "chat",
-            {"response_format": {"type": "json_schema", "json_schema": {"name": "s"}}},
-            "unsupported_value",
-        ),
-        ("chat", {"tool_choice": "auto"}, "unsupported_value"),
+        ("chat", {"functions": [{"name": "f"}]}, "unsupported_value"),
         ("chat", {"audio": {"voice": "alloy", "format": "wav"}}, "unsupported_parameter"),
         ("chat", {"safety_identifier": "u1"}, "unsupported_parameter"),
     ],
@@ -435,13 +452,22 @@ MESSAGE_CASES = message_cases()
 def test_every_sdk_message_field_is_implemented_or_refused(
     role: str, field: str, message: dict[str, Any]
 ) -> None:
-    error = check("chat", {**BASE["chat"], "messages": [USER, message]})
+    if field == "tool_calls":  # valid calls, answered (plausible() writes no JSON arguments)
+        messages = [
+            USER,
+            {**message, "tool_calls": [CALL]},
+            {"role": "tool", "content": "4", "tool_call_id": "c1"},
+        ]
+    else:
+        messages = [USER, *_answered_call(message)]
+    error = check("chat", {**BASE["chat"], "messages": messages})
+    at = messages.index(message) if message in messages else 1
     if role not in IMPLEMENTED_ROLES:
-        assert error is not None and error.param == "messages.1.role", error and error.body()
+        assert error is not None and error.param == f"messages.{at}.role", error and error.body()
     elif field in IMPLEMENTED_MESSAGE_FIELDS:
         assert error is None, error.body()
     else:
-        assert error is not None and error.param == f"messages.1.{field}", error and error.body()
+        assert error is not None and error.param.startswith(f"messages.{at}.{field}"), error and error.body()
         assert field in REFUSED_MESSAGE_FIELDS
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, Field
 
+from kvrelay_worker.engine.grammar import GrammarCompiler, GrammarRefused
 from kvrelay_worker.engine.paged_attention import allocate_kv_cache
 from kvrelay_worker.engine.request import Request, RequestStatus
 from kvrelay_worker.engine.runner import ModelRunner
@@ -78,6 +79,7 @@ class Engine:
         config: EngineConfig,
         eos_token_ids: list[int] | None = None,
         detokenize=None,
+        tokenizer_json: Path | None = None,
     ) -> None:
         self.model = model
         self.config = config
@@ -101,6 +103,7 @@ class Engine:
             detokenize,
         )
         self.runner = ModelRunner(model, self.kv_cache, config.block_size, self.scheduler.eos_token_ids)
+        self.grammars = GrammarCompiler(tokenizer_json, model.config.vocab_size, self.scheduler.eos_token_ids)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, config: EngineConfig) -> Engine:
@@ -122,7 +125,7 @@ class Engine:
             def detokenize(ids: list[int]) -> str:
                 return tok.decode(ids[-32:])  # stop strings only need the recent tail
 
-        return cls(model, config, sorted(eos), detokenize)
+        return cls(model, config, sorted(eos), detokenize, tok_file if tok_file.is_file() else None)
 
     # ---- request API ---------------------------------------------------------------------------
     def add_request(
@@ -137,6 +140,7 @@ class Engine:
         self._check_vocab(prompt_token_ids)
         self._check_params(params, len(prompt_token_ids))
         request = Request(request_id, list(prompt_token_ids), params, now, prefill_only=prefill_only)
+        request.matcher = self._matcher(params, prompt_token_ids, [])
         self.scheduler.add_request(request)
 
     def add_decode_request(
@@ -159,6 +163,7 @@ class Engine:
         if params.prompt_logprobs is not None:  # the prompt was scored where it was prefilled
             raise RequestRefused("prompt_logprobs is answered by the prefill model only")
         request = Request(request_id, list(prompt_token_ids), params, now, output_token_ids=[first_token])
+        request.matcher = self._matcher(params, prompt_token_ids, [first_token])
         if remote_kv:
             self.scheduler.add_remote_request(request)
         else:
@@ -173,6 +178,17 @@ class Engine:
 
     def abort(self, request_id: str) -> bool:
         return self.scheduler.abort(request_id)
+
+    def _matcher(self, params: SamplingParams, prompt: list[int], outputs: list[int]) -> object | None:
+        """The grammar's matcher, fed what the request generated so far: the last ``output_offset`` prompt
+        tokens (a resumed request's earlier output) and ``outputs``. None without a grammar."""
+        if params.grammar is None:
+            return None
+        earlier = prompt[len(prompt) - params.output_offset :] if params.output_offset else []
+        try:
+            return self.grammars.matcher(params.grammar, [*earlier, *outputs])
+        except GrammarRefused as exc:
+            raise RequestRefused(str(exc)) from None
 
     def _check_vocab(self, token_ids: list[int]) -> None:
         vocab = self.model.config.vocab_size

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvrelay_worker.engine.sampling_params import SamplingParams
 from kvrelay_worker.prefix_hash import BlockHash
@@ -67,6 +68,8 @@ class Request:
     # never change, so they outlive preemption), and how many of ``block_ids`` are in the cache
     block_hashes: list[BlockHash] = field(default_factory=list)
     num_registered_blocks: int = 0
+    # params.grammar: the llguidance matcher, fed every output token (``engine/grammar.py``)
+    matcher: Any = None
 
     @property
     def num_tokens(self) -> int:

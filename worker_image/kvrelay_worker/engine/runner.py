@@ -7,6 +7,7 @@ from collections.abc import Collection
 import numpy as np
 import torch
 
+from kvrelay_worker.engine.grammar import allowed_tokens
 from kvrelay_worker.engine.paged_attention import (
     DecodeBatchBuilder,
     PagedAttention,
@@ -97,7 +98,7 @@ class ModelRunner:
         if not self.decode.same_batch:  # sampling params are per request: same tables, same requests
             self._wants_logprobs = any(s.params.wants_logprobs for s in seqs)
             self._all_greedy = not self._wants_logprobs and all(
-                s.params.greedy and not s.params.transforms_logits for s in seqs
+                s.params.greedy and not s.params.transforms_logits and s.matcher is None for s in seqs
             )
         if self._all_greedy and all(s.sample for s in seqs):  # one argmax, no per-row work
             self._last_ids = self.model.compute_logits(hidden).argmax(dim=-1)
@@ -116,6 +117,8 @@ class ModelRunner:
         self, logits: torch.Tensor, seqs: list[ScheduledSeq], logprobs: StepLogprobs | None
     ) -> tuple[dict[str, int], StepLogprobs | None]:
         """Draw one token per row of ``logits``; score the drawn tokens of the rows that asked."""
+        vocab = logits.shape[-1]
+        allowed = [None if s.matcher is None else allowed_tokens(s.matcher, vocab, self.device) for s in seqs]
         tokens = sample(
             logits,
             [s.params for s in seqs],
@@ -123,6 +126,7 @@ class ModelRunner:
             [s.prompt_token_ids for s in seqs],
             [s.output_token_ids for s in seqs],
             self.eos_token_ids,
+            allowed,
         )
         if logprobs is not None:
             asked = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]

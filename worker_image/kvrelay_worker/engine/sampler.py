@@ -1,5 +1,5 @@
-"""Token sampling: logit transforms (bias, min_tokens, penalties), then greedy or temperature, top-k,
-top-p, with a per-request seed."""
+"""Token sampling: logit transforms (bias, min_tokens, penalties), the grammar's mask, then greedy or
+temperature, top-k, top-p, with a per-request seed."""
 
 from __future__ import annotations
 
@@ -36,18 +36,21 @@ def sample(
     prompts: Sequence[Sequence[int]] | None = None,
     outputs: Sequence[Sequence[int]] | None = None,
     eos_token_ids: Collection[int] = (),
+    allowed: Sequence[torch.Tensor | None] | None = None,
 ) -> list[int]:
     """One token per row of ``logits`` [B, V] (fp32); ``steps`` are the rows' output-token counts so far.
 
     A row's logits go through, in this order: ``logit_bias``; the ``min_tokens`` ban (EOS unless
     ``ignore_eos``, and ``stop_token_ids``, at -inf); ``repetition_penalty``; ``presence_penalty`` and
-    ``frequency_penalty``; then greedy argmax, or temperature, top-k, top-p and the draw (see
-    ``transform_logits``). ``prompts``/``outputs`` (each row's prompt and output token ids, so
-    ``len(outputs[i]) == steps[i]``) are read only for rows with ``SamplingParams.transforms_logits``.
+    ``frequency_penalty``; the grammar's mask (``allowed``: a bool [V] per row, None for a free row);
+    then greedy argmax, or temperature, top-k, top-p and the draw (see ``transform_logits``).
+    ``prompts``/``outputs`` (each row's prompt and output token ids, so ``len(outputs[i]) == steps[i]``)
+    are read only for rows with ``SamplingParams.transforms_logits``.
 
     A seeded request draws from a generator seeded with (seed, output index), so its tokens do not
     depend on which other requests share the batch, on preemption and recompute, or on a migration.
     """
+    raw = logits
     rows = [i for i, p in enumerate(params) if p.transforms_logits]
     if rows:
         if prompts is None or outputs is None:
@@ -65,6 +68,8 @@ def sample(
                 eos_token_ids,
             )
             logits = logits.index_copy(0, at, sub)
+    if allowed is not None and any(a is not None for a in allowed):
+        logits = _mask(logits, raw, allowed)
     tokens = logits.argmax(dim=-1).tolist()
     if all(p.greedy for p in params):
         return tokens
@@ -156,6 +161,23 @@ def transform_logits(
         freq = torch.tensor([p.frequency_penalty for p in params], dtype=dtype, device=device)[rows]
         pres = torch.tensor([p.presence_penalty for p in params], dtype=dtype, device=device)[rows]
         out[at] = out[at] - (freq * count + pres)  # every entry here occurs: count > 0
+    return out
+
+
+def _mask(logits: torch.Tensor, raw: torch.Tensor, allowed: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """``logits`` with each constrained row's disallowed tokens at -inf (a copy).
+
+    When the transforms left nothing the grammar allows (min_tokens bans EOS, the one token a finished
+    grammar allows), the grammar wins: that row is masked from the raw logits instead.
+    """
+    out = logits.clone() if logits is raw else logits
+    for r, mask in enumerate(allowed):
+        if mask is None:
+            continue
+        row = out[r].masked_fill(~mask, float("-inf"))
+        if not torch.isfinite(row).any():
+            row = raw[r].masked_fill(~mask, float("-inf"))
+        out[r] = row
     return out
 
 

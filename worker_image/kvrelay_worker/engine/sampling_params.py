@@ -81,6 +81,19 @@ class SamplingParams(BaseModel):
         "and this many top alternatives; None means off",
     )
 
+    grammar: str | None = Field(
+        None,
+        description="an llguidance grammar (JSON, as LLMatcher.grammar_from_json_schema/_regex/_lark write "
+        "it): every sampled token is masked to what it allows, the first one on the prefill worker",
+    )
+
+    @model_validator(mode="after")
+    def _grammar_can_end(self) -> SamplingParams:
+        # a finished grammar allows only EOS: a request that ignores EOS could never end inside it
+        if self.grammar is not None and self.ignore_eos:
+            raise ValueError("grammar and ignore_eos cannot be combined: the grammar ends on EOS")
+        return self
+
     @model_validator(mode="after")
     def _min_within_max(self) -> SamplingParams:
         # on a resume max_tokens is what is left but min_tokens the original: compare with the whole budget

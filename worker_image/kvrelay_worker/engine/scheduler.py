@@ -14,14 +14,18 @@ logits are what the step samples.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvrelay_worker.engine.block_pool import BlockPool
 from kvrelay_worker.engine.request import Request, RequestStatus, TokenLogprobs
 from kvrelay_worker.engine.sampling_params import SamplingParams
 from kvrelay_worker.prefix_hash import BlockHash, chain_hashes, root_hash
+
+log = logging.getLogger(__name__)
 
 _RUNNING = RequestStatus.RUNNING
 
@@ -59,6 +63,7 @@ class ScheduledSeq:
     # the request's prompt positions already scored (params.prompt_logprobs), no copy either: the runner
     # scores only the ones past it, so a recompute after preemption reports none twice
     prompt_logprobs: list[TokenLogprobs]
+    matcher: Any = None  # params.grammar: the request's matcher; the runner masks the sampled row by it
 
 
 @dataclass(slots=True)
@@ -270,6 +275,7 @@ class Scheduler:
                     prompt,
                     output,
                     request.prompt_logprobs,
+                    request.matcher,
                 )
             )
 
@@ -413,6 +419,7 @@ class Scheduler:
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
             prompt_logprobs=request.prompt_logprobs,
+            matcher=request.matcher,
         )
 
     def update(
@@ -440,6 +447,16 @@ class Scheduler:
             token = sampled[seq.request_id]
             output = request.output_token_ids
             output.append(token)
+            if request.matcher is not None and not request.matcher.consume_token(token):
+                # the mask allowed it, so only a matcher bug gets here: end the request, never emit past it
+                error = request.matcher.get_error()
+                log.error("request %s: grammar refused token %d: %s", request.request_id, token, error)
+                self._finish(request, RequestStatus.FINISHED_ABORTED)
+                output.pop()
+                results.append(
+                    RequestOutput(request.request_id, [], True, "abort", None, request.num_prompt_tokens)
+                )
+                continue
             # check_stop inline for the common case: no stop token, no stop string, room left
             p = request.params
             if (

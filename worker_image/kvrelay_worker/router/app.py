@@ -13,15 +13,15 @@ from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import jinja2
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kvrelay_worker.router.chat import chat_prompt
 from kvrelay_worker.router.config import RouterConfig
 from kvrelay_worker.router.discovery import Discovery
-from kvrelay_worker.router.errors import OpenAIError, bad_request
+from kvrelay_worker.router.errors import OpenAIError
 from kvrelay_worker.router.generate import Event, Finished, PromptLogprobs, TextDelta, generate
 from kvrelay_worker.router.logprobs import TextOffsets, TokenLogprob, chat_logprobs, completion_logprobs
 from kvrelay_worker.router.metrics import RouterMetrics
@@ -41,12 +41,15 @@ from kvrelay_worker.router.protocol import (
     resolve_max_tokens,
     sampling_params,
 )
+from kvrelay_worker.router.structured import structured_outputs_grammar
+from kvrelay_worker.router.tools import Tool, ToolCall, ToolCallParser
 from kvrelay_worker.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DISCONNECT_POLL_S = 0.2
+USAGE_SO_FAR = "_completion_tokens"  # a streamed choice's token count, taken off before the chunk is sent
 
 
 class ClientGone(Exception):
@@ -95,9 +98,8 @@ def _chunk(
     }
 
 
-def _usage(dones: Sequence[Finished]) -> dict[str, int]:
-    """Usage of a request: summed over its prompts (a completions batch has several)."""
-    prompt = sum(d.num_prompt_tokens for d in dones)
+def _usage(prompt: int, dones: Sequence[Finished]) -> dict[str, int]:
+    """Usage of a request: its prompts' tokens (each counted once, whatever `n`), its choices' tokens."""
     completion = sum(d.num_completion_tokens for d in dones)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -164,10 +166,17 @@ class Answer:
     prompt_ids: list[int]
     prompt_text: str = ""  # completions: the prompt as given (or decoded from its ids)
     echo: bool = False
+    tools: Sequence[Tool] | None = None  # chat: parse the answer for calls to these
     offsets: TextOffsets = field(init=False)
+    parser: ToolCallParser | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.offsets = TextOffsets(self.tokenizer, 0 if self.echo else len(self.prompt_text))
+        self.parser = ToolCallParser(self.tools) if self.tools else None
+
+    def finish_reason(self, reason: str | None) -> str | None:
+        """OpenAI's `tool_calls` when the answer ended (not cut) after calling tools."""
+        return "tool_calls" if self.parser and self.parser.calls and reason == "stop" else reason
 
     def token_logprobs(self, tokens: Sequence[TokenLogprob]) -> dict[str, Any] | None:
         """The `logprobs` object for these generated tokens (null when not asked)."""
@@ -186,20 +195,51 @@ class Answer:
         self.offsets.restart(len(self.prompt_text))  # the prompt as given, whatever its tokens decode to
         return fields
 
-    def delta(self, event: TextDelta) -> dict[str, Any]:
-        """Choice fields of one streamed delta: its text and its tokens' logprobs."""
-        text = {"delta": {"content": event.text}} if self.kind == "chat" else {"text": event.text}
-        return {**text, "logprobs": self.token_logprobs(event.logprobs)}
+    def delta(self, event: TextDelta) -> list[dict[str, Any]]:
+        """Choice fields of one streamed delta: its text and its tokens' logprobs, then any tool call it
+        completed (empty when a parser holds the text back and no logprobs were asked)."""
+        if self.parser is None:
+            text = {"delta": {"content": event.text}} if self.kind == "chat" else {"text": event.text}
+            return (
+                [{**text, "logprobs": self.token_logprobs(event.logprobs)}]
+                if event.text or event.logprobs
+                else []
+            )
+        content, calls = self.parser.feed(event.text)
+        return self._tool_deltas(content, calls, event.logprobs)
+
+    def _tool_deltas(
+        self, content: str, calls: list[ToolCall], logprobs: Sequence[TokenLogprob] = ()
+    ) -> list[dict[str, Any]]:
+        out = []
+        if content or logprobs:
+            out.append({"delta": {"content": content}, "logprobs": self.token_logprobs(logprobs)})
+        first = len(self.parser.calls) - len(calls) if self.parser else 0
+        out += [
+            {"delta": {"tool_calls": [{"index": first + k, **call.as_json()}]}, "logprobs": None}
+            for k, call in enumerate(calls)
+        ]
+        return out
+
+    def last_deltas(self) -> list[dict[str, Any]]:
+        """What a tool-call parser still held at the end of the answer."""
+        if self.parser is None:
+            return []
+        return self._tool_deltas(*self.parser.finish())
 
     def whole(
         self, prompt: Sequence[TokenLogprob] | None, text: str, tokens: Sequence[TokenLogprob]
     ) -> dict[str, Any]:
         """Choice fields of a non-streamed answer."""
         if self.kind == "chat":
-            return {
-                "message": {"role": "assistant", "content": text},
-                "logprobs": self.token_logprobs(tokens),
-            }
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if self.parser is not None:
+                head, _ = self.parser.feed(text)
+                tail, _ = self.parser.finish()
+                message["content"] = (head + tail).strip() or None if self.parser.calls else head + tail
+                if self.parser.calls:
+                    message["tool_calls"] = [c.as_json() for c in self.parser.calls]
+            return {"message": message, "logprobs": self.token_logprobs(tokens)}
         if not self.echo:
             return {"text": text, "logprobs": self.token_logprobs(tokens)}
         head = self.prompt(prompt)
@@ -226,11 +266,13 @@ async def _choice_chunks(
                 pass  # asked only with echo, and sent above
             elif isinstance(event, TextDelta):
                 # A token whose text is held back still gets its chunk when its logprobs were asked.
-                if event.text or event.logprobs:
-                    yield {**answer.delta(event), "finish_reason": None}
+                for fields in answer.delta(event):
+                    yield {**fields, "finish_reason": None, USAGE_SO_FAR: event.completion_tokens}
             else:
+                for fields in answer.last_deltas():
+                    yield {**fields, "finish_reason": None}
                 last = {"delta": {}} if answer.kind == "chat" else {"text": ""}
-                yield {**last, "finish_reason": event.finish_reason}
+                yield {**last, "finish_reason": answer.finish_reason(event.finish_reason)}
                 yield event
                 return
             event = await anext(events, None)
@@ -245,6 +287,8 @@ async def _stream_body(
     request_id: str,
     choices: list[AsyncIterator[dict[str, Any] | Finished]],
     include_usage: bool,
+    prompt_tokens: int,
+    continuous_usage: bool = False,
 ) -> AsyncIterator[bytes]:
     """SSE frames for one request, its choices' chunks interleaved as they come; a failure mid-stream
     becomes an `{"error": ...}` event (the other choices cancelled), never a hang."""
@@ -253,17 +297,25 @@ async def _stream_body(
     usage_null = {"usage": None} if include_usage else {}
     merged = _merged(choices)
     finished: list[Finished] = []
+    so_far = [0] * len(choices)  # completion tokens per choice, for continuous usage stats
     status = "cancelled"
     try:
         async for index, item in merged:
             if isinstance(item, Finished):
                 finished.append(item)
-            else:
-                yield _sse({**_chunk(kind, request_id, model, created, index, **item), **usage_null})
+                continue
+            so_far[index] = max(so_far[index], item.pop(USAGE_SO_FAR, 0))
+            usage = usage_null
+            if continuous_usage:
+                completion = sum(so_far)
+                usage = {"usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                                   "total_tokens": prompt_tokens + completion}}  # fmt: skip
+            yield _sse({**_chunk(kind, request_id, model, created, index, **item), **usage})
         if len(finished) != len(choices):
             raise OpenAIError(500, "generation ended without a finish", "server_error")
         if include_usage:
-            yield _sse({**_chunk(kind, request_id, model, created), "choices": [], "usage": _usage(finished)})
+            usage = _usage(prompt_tokens, finished)
+            yield _sse({**_chunk(kind, request_id, model, created), "choices": [], "usage": usage})
         yield b"data: [DONE]\n\n"
         status = "success"
     except OpenAIError as exc:
@@ -311,6 +363,37 @@ class Prompt:
     text: str = ""
 
 
+def _after_first(
+    leader: AsyncIterator[Event], followers: list[AsyncIterator[Event]]
+) -> list[AsyncIterator[Event]]:
+    """The `n` choices of one prompt: the followers start once the leader has its first token.
+
+    By then the leader's prefill has put the prompt's full blocks in the prefill worker's prefix cache,
+    so the followers (routed there by prefix affinity) compute only the prompt's last partial block: one
+    prefill, `n` decodes, whose decode workers share the prompt's blocks the same way.
+    """
+    started = asyncio.Event()
+
+    async def lead() -> AsyncIterator[Event]:
+        try:
+            async for event in leader:
+                started.set()
+                yield event
+        finally:
+            started.set()
+            await leader.aclose()
+
+    async def follow(stream: AsyncIterator[Event]) -> AsyncIterator[Event]:
+        try:
+            await started.wait()
+            async for event in stream:
+                yield event
+        finally:
+            await stream.aclose()
+
+    return [lead(), *(follow(f) for f in followers)]
+
+
 async def _serve(
     state: RouterState,
     request: Request,
@@ -318,35 +401,52 @@ async def _serve(
     kind: str,
     prompts: list[Prompt],
     arrival: float,
+    grammar: str | None = None,
+    tools: Sequence[Tool] | None = None,
 ) -> Response:
-    """Run one request, one choice per prompt, all at once; `max_tokens` 0 (echo) answers with the prompt."""
+    """Run one request, `n` choices per prompt, all at once; `max_tokens` 0 (echo) answers with the prompt.
+
+    Choice `i * n + j` is prompt i's j-th; with a `seed`, choice j draws with `seed + j` (the same seed
+    for all would give `n` copies of one answer).
+    """
     prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
     request_id = prefix + uuid.uuid4().hex
+    n = req.n
     stop_ids = [] if req.ignore_eos else state.tokenizer.eos_token_ids
     # All sampling checks first: no prompt starts generating if another one's parameters are refused.
-    samplings = [sampling_params(req, p.max_tokens, stop_ids) for p in prompts]
+    samplings = [sampling_params(req, p.max_tokens, stop_ids, grammar) for p in prompts]
     echo = isinstance(req, CompletionRequest) and req.echo
-    answers = [Answer(kind, state.tokenizer, logprobs_asked(req), p.ids, p.text, echo) for p in prompts]
+    asked = logprobs_asked(req)
+    answers = [
+        Answer(kind, state.tokenizer, asked, p.ids, p.text, echo, tools) for p in prompts for _ in range(n)
+    ]
+    single = len(answers) == 1
     streams: list[AsyncIterator[Event]] = []
     for i, (p, sampling) in enumerate(zip(prompts, samplings, strict=True)):
         state.metrics.prompt_tokens.inc(len(p.ids))
-        # Each prompt is its own worker request (routing, KV relay, migration), under its own id.
-        worker_request_id = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-        streams.append(
-            generate(
-                state.pool,
-                state.tokenizer,
-                state.metrics,
-                worker_request_id,
-                p.ids,
-                sampling,
-                req.stop_strings(),
-                arrival,
-                state.config.decode_idle_timeout_s,
-                state.migration,
-                prompt_only=p.max_tokens == 0,
+        choices = []
+        for j in range(n):
+            seeded = (
+                sampling if j == 0 or sampling["seed"] is None else {**sampling, "seed": sampling["seed"] + j}
             )
-        )
+            # Each choice is its own worker request (routing, KV relay, migration), under its own id.
+            choices.append(
+                generate(
+                    state.pool,
+                    state.tokenizer,
+                    state.metrics,
+                    request_id if single else f"{request_id}-{i * n + j}",
+                    p.ids,
+                    seeded,
+                    req.stop_strings(),
+                    arrival,
+                    state.config.decode_idle_timeout_s,
+                    state.migration,
+                    prompt_only=p.max_tokens == 0,
+                )
+            )
+        streams += choices if n == 1 else _after_first(choices[0], choices[1:])
+    prompt_tokens = sum(len(p.ids) for p in prompts)
     if req.stream:
         # Wait for every first token before answering 200, so a prefill failure is still a proper HTTP error.
         try:
@@ -355,9 +455,11 @@ async def _serve(
             for events in streams:
                 await events.aclose()
             raise
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        options = req.stream_options
+        include_usage = bool(options and options.include_usage)
+        continuous = bool(options and options.continuous_usage_stats)
         choices = [_choice_chunks(a, f, e) for a, f, e in zip(answers, firsts, streams, strict=True)]
-        body = _stream_body(state, kind, request_id, choices, include_usage)
+        body = _stream_body(state, kind, request_id, choices, include_usage, prompt_tokens, continuous)
         return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     try:
         got = await _until_disconnect(request, _gather([_collect(e) for e in streams]))
@@ -366,7 +468,11 @@ async def _serve(
             await events.aclose()
     state.metrics.request_done("success")
     choices_json = [
-        {"index": i, **answer.whole(g.prompt, g.text, g.tokens), "finish_reason": g.done.finish_reason}
+        {
+            "index": i,
+            **answer.whole(g.prompt, g.text, g.tokens),
+            "finish_reason": answer.finish_reason(g.done.finish_reason),
+        }
         for i, (answer, g) in enumerate(zip(answers, got, strict=True))
     ]
     obj = "chat.completion" if kind == "chat" else "text_completion"
@@ -377,7 +483,7 @@ async def _serve(
             "created": int(time.time()),
             "model": state.config.served_model_name,
             "choices": choices_json,
-            "usage": _usage([g.done for g in got]),
+            "usage": _usage(prompt_tokens, [g.done for g in got]),
         }
     )
 
@@ -523,7 +629,8 @@ def create_app(
                 raise OpenAIError(
                     exc.status, f"prompt {i}: {exc.message}", exc.type, exc.param, exc.code
                 ) from None
-        return await _serve(state, request, req, "completion", prompts, arrival)
+        grammar = structured_outputs_grammar(req.structured_outputs)
+        return await _serve(state, request, req, "completion", prompts, arrival, grammar)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -533,13 +640,12 @@ def create_app(
         check_model(req.model, config.served_model_name)
         reject_unsupported(req)
         check_sampling_ids(req, state.tokenizer.vocab_size)
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        try:
-            ids = state.tokenizer.encode_chat(messages)
-        except jinja2.TemplateError as exc:
-            raise bad_request(f"chat template rejected the messages: {exc}", param="messages") from None
+        chat = chat_prompt(req, state.tokenizer)
         requested, param = req.requested_max_tokens()
-        max_tokens = resolve_max_tokens(requested, len(ids), config.max_model_len, None, "messages", param)
-        return await _serve(state, request, req, "chat", [Prompt(ids, max_tokens)], arrival)
+        max_tokens = resolve_max_tokens(
+            requested, len(chat.ids), config.max_model_len, None, "messages", param
+        )
+        prompts = [Prompt(chat.ids, max_tokens)]
+        return await _serve(state, request, req, "chat", prompts, arrival, chat.grammar, chat.tools)
 
     return app

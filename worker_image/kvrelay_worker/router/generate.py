@@ -39,6 +39,7 @@ class TextDelta:
 
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()
+    completion_tokens: int = 0  # generated so far, this delta's included (continuous usage stats)
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,11 @@ class Finished:
 Event = PromptLogprobs | TextDelta | Finished
 
 
-def _delta(text: str, logprobs: TokenLogprob | None) -> TextDelta | None:
+def _delta(text: str, logprobs: TokenLogprob | None, generated: int) -> TextDelta | None:
     """The event for one accepted token: None when there is neither text nor a logprob to send."""
     if logprobs is not None:
-        return TextDelta(text, (logprobs,))
-    return TextDelta(text) if text else None
+        return TextDelta(text, (logprobs,), generated)
+    return TextDelta(text, (), generated) if text else None
 
 
 async def _prefill(
@@ -141,7 +142,7 @@ async def generate(
     metrics.generation_tokens.inc()
     # The first delta goes out even when empty, so the client sees the stream start at once.
     text = state.advance(first.token_id, first.finish_reason or None)
-    yield TextDelta(text, (first.logprobs,) if first.logprobs else ())
+    yield TextDelta(text, (first.logprobs,) if first.logprobs else (), len(state.generated_ids))
 
     kv_handle, tried = first.kv_handle, []
     failed_at: float | None = None  # when the last decode failure was noticed, until the next token
@@ -171,7 +172,7 @@ async def generate(
                             metrics.resumed(via, now - failed_at)
                             failed_at = None
                     text = state.advance(token.token_id, token.finish_reason)
-                    if delta := _delta(text, token.logprobs):
+                    if delta := _delta(text, token.logprobs, len(state.generated_ids)):
                         yield delta
                     if state.done:
                         break  # the worker's final response, or a stop string matched here
@@ -202,12 +203,12 @@ async def generate(
                 last_token_at, failed_at = now, None
                 kv_handle, via = resumed.kv_handle, "prefill"
                 text = state.advance(resumed.token_id, resumed.finish_reason or None)
-                if delta := _delta(text, resumed.logprobs):
+                if delta := _delta(text, resumed.logprobs, len(state.generated_ids)):
                     yield delta
 
     tail = state.tail()
     if tail:
-        yield TextDelta(tail)
+        yield TextDelta(tail, (), len(state.generated_ids))
     yield Finished(state.final_reason(), len(prompt_ids), len(state.generated_ids))
 
 

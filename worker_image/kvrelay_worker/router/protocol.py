@@ -19,25 +19,33 @@ MAX_STOP_STRINGS = 4
 # A completions batch runs each prompt as its own request, all at once: the bound keeps one HTTP request
 # from taking the whole worker pool (and its queues) from everyone else.
 MAX_PROMPTS = 64
+# `n` choices per prompt at most: each is a decode sequence holding its own KV (the prompt's full blocks
+# are shared through the prefix cache); prompts x n is bounded by MAX_PROMPTS as well
+MAX_N = 16
 
 # What the router honours. Dotted names are fields of an object parameter. `user` is accepted and has no
 # effect on the output (OpenAI uses it for abuse monitoring); `top_k`, `ignore_eos`, `min_tokens`,
-# `repetition_penalty` and `stop_token_ids` are vLLM extensions (sent with the SDK's `extra_body`).
+# `repetition_penalty`, `stop_token_ids` and `structured_outputs` are vLLM extensions (sent with the SDK's
+# `extra_body`).
 _IMPLEMENTED_COMMON = (
     "model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options",
-    "stream_options.include_usage", "user", "presence_penalty", "frequency_penalty", "logit_bias",
-    "top_k", "ignore_eos", "min_tokens", "repetition_penalty", "stop_token_ids",
+    "stream_options.include_usage", "stream_options.continuous_usage_stats",
+    "user", "presence_penalty", "frequency_penalty", "logit_bias",
+    "top_k", "ignore_eos", "min_tokens", "repetition_penalty", "stop_token_ids", "n",
+    "structured_outputs",
 )  # fmt: skip
 IMPLEMENTED: dict[str, frozenset[str]] = {
     "completions": frozenset({*_IMPLEMENTED_COMMON, "prompt", "logprobs", "echo"}),
-    "chat": frozenset(
-        {*_IMPLEMENTED_COMMON, "messages", "max_completion_tokens", "logprobs", "top_logprobs"}
-    ),
-}
+    "chat": frozenset({
+        *_IMPLEMENTED_COMMON, "messages", "max_completion_tokens", "logprobs", "top_logprobs",
+        "response_format", "tools", "tool_choice", "parallel_tool_calls",
+    }),
+}  # fmt: skip
 MAX_TOP_LOGPROBS = {"completions": 5, "chat": 20}  # OpenAI's bounds
-# Of a chat message, only these are honoured, and only these roles.
-IMPLEMENTED_MESSAGE_FIELDS = frozenset({"role", "content"})
-IMPLEMENTED_ROLES = frozenset({"system", "developer", "user", "assistant"})
+# Of a chat message, only these are honoured (`tool_calls` on assistant turns, `tool_call_id` on tool
+# turns), and only these roles.
+IMPLEMENTED_MESSAGE_FIELDS = frozenset({"role", "content", "tool_calls", "tool_call_id"})
+IMPLEMENTED_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
 
 @dataclass(frozen=True)
@@ -66,7 +74,6 @@ def _param(message: str) -> Refusal:
 
 
 _REFUSED_COMMON: dict[str, Refusal] = {
-    "n": _value("only n=1 is supported", 1),
     "stream_options.include_obfuscation": _value("stream obfuscation is not implemented (only false)", False),
 }
 REFUSED: dict[str, dict[str, Refusal]] = {
@@ -77,14 +84,8 @@ REFUSED: dict[str, dict[str, Refusal]] = {
     },
     "chat": {
         **_REFUSED_COMMON,
-        "tools": _value("tools are not supported yet (only [])", []),
-        "tool_choice": _value("tools are not supported yet (only 'none')", "none"),
-        "parallel_tool_calls": _value("tools are not supported yet (only true)", True),
-        "functions": _value("functions are not supported (only [])", []),
-        "function_call": _value("functions are not supported (only 'none')", "none"),
-        "response_format": _value(
-            "structured output is not supported yet (only {'type': 'text'})", {"type": "text"}
-        ),
+        "functions": _value("the deprecated functions API is not supported: use tools (only [])", []),
+        "function_call": _value("the deprecated functions API is not supported: use tool_choice", "none"),
         "modalities": _value("only text output is supported (['text'])", ["text"]),
         "audio": _param("audio output is not supported"),
         "store": _value("stored completions are not supported (only false)", False),
@@ -101,12 +102,10 @@ REFUSED: dict[str, dict[str, Refusal]] = {
         "safety_identifier": _param("safety_identifier is not supported"),
     },
 }
-# Fields of a chat message the router refuses (param `messages.<i>.<field>`); roles `tool` and `function`
-# are refused as a whole (param `messages.<i>.role`).
+# Fields of a chat message the router refuses (param `messages.<i>.<field>`); role `function` is refused
+# as a whole (param `messages.<i>.role`).
 REFUSED_MESSAGE_FIELDS: dict[str, Refusal] = {
-    "tool_calls": _value("tool calls are not supported yet (only [])", []),
-    "tool_call_id": _param("tool messages are not supported yet (tools are not implemented)"),
-    "function_call": _param("function calls are not supported"),
+    "function_call": _param("the deprecated function_call is not supported: use tool_calls"),
     "name": _param("message names are not supported (the chat template renders only role and content)"),
     "refusal": _param("assistant refusals are not supported in messages"),
     "audio": _param("audio is not supported"),
@@ -144,6 +143,8 @@ class _StrictModel(BaseModel):
 class StreamOptions(_StrictModel):
     include_usage: bool = False
     include_obfuscation: bool | None = None  # refused when true
+    # vLLM's extension (GuideLLM sends it): every chunk carries the usage so far; needs include_usage
+    continuous_usage_stats: bool = False
 
 
 class _SamplingFields(_StrictModel):
@@ -167,8 +168,9 @@ class _SamplingFields(_StrictModel):
     min_tokens: int = Field(default=0, ge=0, description="EOS, stop ids and stop strings wait this long")
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
     stop_token_ids: list[int] | None = None
-    # Refused unless null or a no-op value (REFUSED); typed so a wrong type is still named.
-    n: int = Field(default=1, ge=1)
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    # vLLM's extension: exactly one of json / regex / choice / grammar (router/structured.py)
+    structured_outputs: dict[str, Any] | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -238,15 +240,40 @@ class CompletionRequest(_SamplingFields):
         )
 
 
+class CalledFunction(_StrictModel):
+    name: str
+    arguments: str  # JSON text, as the API writes it
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, value: str) -> str:
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            raise ValueError("must be a JSON object written as a string") from None
+        if not isinstance(parsed, dict):
+            raise ValueError("must be a JSON object written as a string")
+        return value
+
+
+class AssistantToolCall(_StrictModel):
+    """A call an earlier assistant turn made (sent back in the next request's history)."""
+
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessage(_StrictModel):
     """One message; `content` is checked per role in `reject_unsupported` (after the refused fields)."""
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[dict[str, str]] | None = None
     # Refused (REFUSED_MESSAGE_FIELDS); typed loosely, since any non-null value is refused.
+    tool_calls: list[AssistantToolCall] | None = None
+    tool_call_id: str | None = None
+    # Refused (REFUSED_MESSAGE_FIELDS); typed loosely, since any non-null value is refused.
     name: Any = None
-    tool_calls: Any = None
-    tool_call_id: Any = None
     function_call: Any = None
     refusal: Any = None
     audio: Any = None
@@ -286,13 +313,14 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS["chat"])
-    # Refused unless null or a no-op value (REFUSED["chat"]).
+    # checked by router/tools.py and router/structured.py, which name the offending field
     tools: list[Any] | None = None
     tool_choice: Any = None
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: bool = True
+    response_format: Any = None
+    # Refused unless null or a no-op value (REFUSED["chat"]).
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: Any = None
     modalities: list[str] | None = None
     audio: Any = None
     store: bool | None = None
@@ -390,6 +418,13 @@ def reject_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
         raise bad_request(
             "stream_options is only allowed when stream is true", param="stream_options", code="invalid_value"
         )
+    options = req.stream_options
+    if options is not None and options.continuous_usage_stats and not options.include_usage:
+        raise bad_request(
+            "Invalid value for 'stream_options.continuous_usage_stats': it needs include_usage true",
+            param="stream_options.continuous_usage_stats",
+            code="invalid_value",
+        )
     if isinstance(req, CompletionRequest) and req.max_tokens == 0 and not req.echo:
         raise bad_request(
             "Invalid value for 'max_tokens': it must be at least 1 (0 only with echo, for the prompt alone)",
@@ -414,20 +449,70 @@ def reject_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
 
 
 def _check_messages(messages: list[ChatMessage]) -> None:
+    """Each message on its own first (role, fields, content), then how tool calls and answers pair up."""
     for i, message in enumerate(messages):
-        if message.role not in IMPLEMENTED_ROLES:
+        _check_message(i, message)
+    call_ids: set[str] = set()  # of the assistant turns so far: a tool message answers one of them
+    for i, message in enumerate(messages):
+        if message.tool_calls:
+            # as OpenAI: every call is answered by the tool messages right after it
+            answered = {m.tool_call_id for m in _takewhile_tool(messages[i + 1 :])}
+            missing = [c.id for c in message.tool_calls if c.id not in answered]
+            if missing:
+                param = f"messages.{i}.tool_calls"
+                raise bad_request(
+                    f"Invalid value for '{param}': an assistant message with tool_calls must be followed by "
+                    f"tool messages answering each call; no answer to {', '.join(missing)}",
+                    param,
+                    "invalid_value",
+                )
+            call_ids.update(c.id for c in message.tool_calls)
+        if message.tool_call_id is not None and message.tool_call_id not in call_ids:
+            param = f"messages.{i}.tool_call_id"
             raise bad_request(
-                f"Unsupported value for 'messages.{i}.role': {message.role} messages are not supported yet "
-                "(tools are not implemented).",
-                param=f"messages.{i}.role",
-                code="unsupported_value",
+                f"Invalid value for '{param}': {message.tool_call_id!r} answers no tool call of an earlier "
+                "assistant message",
+                param,
+                "invalid_value",
             )
-        for name, refusal in REFUSED_MESSAGE_FIELDS.items():
-            if not refusal.accepts(getattr(message, name)):
-                raise _refuse(f"messages.{i}.{name}", refusal)
-        if message.content is None:
-            param = f"messages.{i}.content"
+
+
+def _check_message(i: int, message: ChatMessage) -> None:
+    if message.role not in IMPLEMENTED_ROLES:
+        raise bad_request(
+            f"Unsupported value for 'messages.{i}.role': the deprecated {message.role} role is not "
+            "supported (use tool).",
+            param=f"messages.{i}.role",
+            code="unsupported_value",
+        )
+    for name, refusal in REFUSED_MESSAGE_FIELDS.items():
+        if not refusal.accepts(getattr(message, name)):
+            raise _refuse(f"messages.{i}.{name}", refusal)
+    if message.tool_calls is not None and message.role != "assistant":
+        raise bad_request(
+            f"Invalid value for 'messages.{i}.tool_calls': only assistant messages make tool calls",
+            f"messages.{i}.tool_calls",
+            "invalid_value",
+        )
+    if (message.tool_call_id is None) == (message.role == "tool"):
+        param = f"messages.{i}.tool_call_id"
+        if message.role == "tool":
             raise bad_request(f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
+        raise bad_request(
+            f"Invalid value for '{param}': only tool messages answer a tool call", param, "invalid_value"
+        )
+    if message.content is None and not message.tool_calls:
+        param = f"messages.{i}.content"
+        raise bad_request(f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
+
+
+def _takewhile_tool(messages: list[ChatMessage]) -> list[ChatMessage]:
+    out = []
+    for m in messages:
+        if m.role != "tool":
+            break
+        out.append(m)
+    return out
 
 
 def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
@@ -437,9 +522,10 @@ def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
         return [prompt]
     if prompt and all(isinstance(p, int) for p in prompt):
         return [list(prompt)]  # type: ignore[arg-type]
-    if len(prompt) > MAX_PROMPTS:
+    if len(prompt) * req.n > MAX_PROMPTS:
         raise bad_request(
-            f"Invalid value for 'prompt': at most {MAX_PROMPTS} prompts per request, got {len(prompt)}",
+            f"Invalid value for 'prompt': at most {MAX_PROMPTS} choices per request (prompts x n), got "
+            f"{len(prompt)} x {req.n}",
             param="prompt",
             code="invalid_value",
         )
@@ -516,7 +602,10 @@ def logprobs_asked(req: CompletionRequest | ChatCompletionRequest) -> int | None
 
 
 def sampling_params(
-    req: CompletionRequest | ChatCompletionRequest, max_tokens: int, stop_token_ids: list[int]
+    req: CompletionRequest | ChatCompletionRequest,
+    max_tokens: int,
+    stop_token_ids: list[int],
+    grammar: str | None = None,
 ) -> dict[str, Any]:
     """The `SamplingParams` JSON sent to workers (docs/wire-contracts.md section 3).
 
@@ -524,6 +613,13 @@ def sampling_params(
     still takes requests that do not use them. `max_tokens` 0 (echo alone) runs the prefill with 1,
     whose token is dropped; with logprobs it also asks the prompt's (`prompt_logprobs`).
     """
+    if grammar is not None and req.ignore_eos:
+        raise bad_request(
+            "ignore_eos cannot be combined with structured output or a forced tool call: the grammar ends "
+            "the answer on EOS",
+            param="ignore_eos",
+            code="invalid_value",
+        )
     if req.min_tokens > max_tokens:
         raise bad_request(
             f"min_tokens ({req.min_tokens}) must not exceed max_tokens ({max_tokens})",
@@ -551,6 +647,8 @@ def sampling_params(
     params |= {name: value for name, (value, default) in optional.items() if value != default}
     if req.logit_bias:
         params["logit_bias"] = {int(k): v for k, v in req.logit_bias.items()}
+    if grammar is not None:
+        params["grammar"] = grammar
     if (logprobs := logprobs_asked(req)) is not None:
         params["logprobs"] = logprobs
         if isinstance(req, CompletionRequest) and req.echo:
