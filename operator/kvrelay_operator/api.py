@@ -66,8 +66,32 @@ class CRModel(BaseModel):
 # ---------------------------------------------------------------- spec: model
 
 
+class ModelCache(CRModel):
+    """A shared volume the operator fills once with the checkpoint (a Job), mounted read-only by every pod."""
+
+    size: Quantity = Field(description="Capacity of the cache claim (the checkpoint plus headroom).")
+    storage_class_name: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=formats.DNS_SUBDOMAIN,
+        description="StorageClass of the claim; it must offer ReadWriteMany (pods of every pool on any "
+        "node mount it). Default: the cluster's default class.",
+    )
+
+
+_CACHE_NEEDS_A_REPO = (
+    "model.cache applies to Hugging Face sources: a pvc:// or image path is already read in place; "
+    "remove cache or use a repo id"
+)
+
+
 class ModelSpec(CRModel):
     """Which checkpoint to serve and how."""
+
+    model_config = cel(
+        ("!has(self.cache) || !(self.source.startsWith('pvc://') || self.source.startsWith('/'))",
+         _CACHE_NEEDS_A_REPO),
+    )  # fmt: skip
 
     source: str = Field(
         min_length=1,
@@ -93,6 +117,19 @@ class ModelSpec(CRModel):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto", description="Weights and KV cache dtype; auto takes the checkpoint's."
     )
+    cache: ModelCache | None = Field(
+        default=None,
+        description="Download the checkpoint once into a ReadWriteMany PersistentVolumeClaim (a Job) that "
+        "every worker and the router mount read-only, instead of once per pod. Pools start when the "
+        "first fill completes; a new source or revision is filled alongside while pods keep serving "
+        "the last complete one. If the fill fails, pods fall back to downloading it themselves.",
+    )
+
+    @model_validator(mode="after")
+    def _cache_needs_a_repo(self) -> ModelSpec:
+        if self.cache is not None and self.source.startswith(("pvc://", "/")):
+            raise ValueError(_CACHE_NEEDS_A_REPO)
+        return self
 
 
 # ---------------------------------------------------------------- spec: pod plumbing
@@ -726,6 +763,17 @@ class AutoscalerStatus(StatusModel):
     inputs: dict[str, float] = Field(default_factory=dict, description="Metric values the decision used.")
 
 
+class ModelCacheStatus(StatusModel):
+    """Where the model cache stands: the checkpoint the spec asks for, and the last one filled."""
+
+    key: str = Field(description="Cache key of the spec's source and revision (a directory on the claim).")
+    phase: Literal["Filling", "Ready", "Failed"] = Field(description="The fill Job of `key`.")
+    ready_key: str | None = Field(
+        default=None, description="The last key whose fill completed: what the pods mount and serve."
+    )
+    message: str | None = Field(default=None, description="Why the fill failed (the Job's own message).")
+
+
 class DisaggregatedModelStatus(StatusModel):
     """Observed state, written by the operator."""
 
@@ -739,3 +787,4 @@ class DisaggregatedModelStatus(StatusModel):
     router: RoleStatus | None = Field(default=None, description="Router replicas.")
     router_endpoint: str | None = Field(default=None, description="In-cluster URL of the OpenAI API.")
     autoscaler: AutoscalerStatus | None = Field(default=None, description="Last autoscaler decision.")
+    model_cache: ModelCacheStatus | None = Field(default=None, description="spec.model.cache's fill state.")

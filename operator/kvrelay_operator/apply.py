@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 HASH_ANNOTATION = f"{api.GROUP}/applied-hash"
 # Kinds deleted when no longer rendered; always looked up on a resume, rendered or not. The chart
 # grants `delete` on these alone.
-PRUNED_KINDS = ("NetworkPolicy",)
+# A Job of an older model cache fill and the claim of a removed cache go as well.
+PRUNED_KINDS = ("NetworkPolicy", "Job", "PersistentVolumeClaim")
 LIVE_CACHE_SECONDS = 10.0  # how long one namespace-wide LIST of children answers resume lookups
 
 ModelKey = tuple[str, str]  # (namespace, model name)

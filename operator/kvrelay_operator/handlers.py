@@ -44,12 +44,15 @@ from kvrelay_operator.replicas import replicas_set_by_others, target_replicas
 from kvrelay_operator.status import (
     DeploymentState,
     PodScheduling,
+    cache_status_for_spec,
+    cache_status_from_job,
     compute_status,
     condition_events,
     set_condition,
     status_merge_patch,
     unschedulable_by_role,
     unschedulable_message,
+    with_model_cache,
 )
 from kvrelay_operator.victims import DELETION_COST, WorkerPod, plan_deletion_costs
 
@@ -253,7 +256,11 @@ def reconcile(
     except UnreadableSpec as exc:
         _write_status(state, dict(body), _degraded("SpecNotUnderstood", str(exc), meta.get("generation")))
         raise kopf.PermanentError(str(exc)) from exc  # this generation can never apply; a new one can
-    ctx = _ctx(state, name, namespace, uid, state.pod_monitor_available())
+    try:
+        monitoring = state.pod_monitor_available()
+    except ApiException as exc:
+        raise _retry_soon("checking for the PodMonitor API", exc) from exc
+    ctx = _ctx(state, name, namespace, uid, monitoring)
     children = resources.render_children(parsed_spec, parsed_status, ctx)
     # A spec edit that lowers replicas picks its victims the way the autoscaler's scale-downs do.
     states = _deployment_states(deployments_by_model, namespace, name)
@@ -304,8 +311,18 @@ def reconcile(
 
     # Not kopf's end-of-handler patch: that one is unconditional, computed from the status this
     # handler started with, and replaces the whole conditions list.
-    if not _write_status(state, dict(body), reconciled):
+    try:
+        written = _write_status(state, dict(body), reconciled)
+    except ApiException as exc:
+        raise _retry_soon("writing status", exc) from exc
+    if not written:
         raise kopf.TemporaryError("the model's status kept changing while it was written", delay=1)
+
+
+def _retry_soon(what: str, exc: ApiException) -> kopf.TemporaryError:
+    """A failed API call (the API server restarting, etcd unavailable: status 0 or 5xx) is retried
+    in 5 s, like a failed apply; raised as is, kopf would log a traceback and wait 60 s."""
+    return kopf.TemporaryError(f"{what} failed: {exc.status} {exc.reason}", delay=5)
 
 
 def _parent_for(
@@ -387,6 +404,58 @@ def on_deployment_event(
         kopf.event(parent, type="Warning", reason="ReplicasRestored", message=message)
         adjust = _drift_corrected(message, _now())
     _mirror_status(state, parent, adjust, deployments_by_model, pods_by_model)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
+def on_job_event(
+    event: kopf.RawEvent,
+    namespace: str,
+    meta: kopf.Meta,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    models_by_name: kopf.Index,
+    **_: Any,
+) -> None:
+    """A model cache fill Job moved: record it in the parent's status (ModelCacheReady) and apply the
+    children again, so pools waiting for the first fill start and pods move to a newly filled key."""
+    state = _state(memo)
+    instance, key = meta["labels"][resources.LABEL_INSTANCE], meta["labels"].get(resources.LABEL_CACHE_KEY)
+    parent = _parent_for(models_by_name, namespace, instance, _owner_uid(meta))
+    if parent is None or key is None:
+        return
+    try:
+        spec, status = _parse(parent.get("spec") or {}, parent.get("status") or {})
+    except UnreadableSpec:
+        return
+    if spec.model.cache is None or resources.cache_key(spec.model) != key:
+        return  # the fill of an older source or revision, on its way out
+    ctx = _ctx(state, instance, namespace, parent["metadata"]["uid"], state.pod_monitor_available())
+    if event.get("type") == "DELETED":
+        # deleted by hand (or lost): the fill is re-created unless it is pruned for a newer one
+        job = next(c for c in resources.model_cache_children(spec, ctx) if c["kind"] == "Job")
+        if job["metadata"]["name"] == meta["name"]:
+            state.applier.apply_one(namespace, instance, job)
+            log.info("%s/%s: model cache Job %s re-created", namespace, instance, meta["name"])
+        return
+    generation = parent["metadata"].get("generation")
+
+    def recorded(current: dict[str, Any]) -> api.DisaggregatedModelStatus:
+        now = _parse_status(current)
+        cache = cache_status_for_spec(spec, now.model_cache)
+        if cache is None:  # spec.model.cache is set, so never
+            return now
+        return with_model_cache(now, cache_status_from_job(cache, dict(body)), _now(), generation)
+
+    if not _write_status(state, dict(parent), recorded):
+        raise kopf.TemporaryError("the model's status kept changing while it was written", delay=1)
+    fresh = _parse_status(_fresher(dict(parent), _LAST_WRITTEN.get((namespace, instance))))
+    if fresh.model_cache != status.model_cache:
+        changed = state.applier.apply_changed(
+            namespace, instance, resources.render_children(spec, fresh, ctx)
+        )
+        log.info("%s/%s: model cache %s %s; applied %d children%s", namespace, instance, key,
+                 fresh.model_cache.phase if fresh.model_cache else "gone", len(changed),
+                 f": {', '.join(changed)}" if changed else "")  # fmt: skip
 
 
 StatusAdjustment = Callable[[api.DisaggregatedModelStatus], api.DisaggregatedModelStatus]

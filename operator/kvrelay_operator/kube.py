@@ -13,6 +13,7 @@ import threading
 from collections import Counter, deque
 from typing import Any
 
+import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
@@ -29,6 +30,8 @@ PLURALS = {
     "RoleBinding": "rolebindings",
     "PodMonitor": "podmonitors",
     "NetworkPolicy": "networkpolicies",
+    "PersistentVolumeClaim": "persistentvolumeclaims",
+    "Job": "jobs",
     "Pod": "pods",
     api.KIND: api.PLURAL,
 }
@@ -42,6 +45,8 @@ CHILD_KINDS: dict[str, str] = {
     "RoleBinding": "rbac.authorization.k8s.io/v1",
     "PodMonitor": "monitoring.coreos.com/v1",
     "NetworkPolicy": "networking.k8s.io/v1",
+    "PersistentVolumeClaim": "v1",
+    "Job": "batch/v1",
 }
 PROMETHEUS_OPERATOR_GROUP_VERSION = "monitoring.coreos.com/v1"
 
@@ -92,8 +97,13 @@ class KubeClient:
             method=method, resource_path=path, query_params=list((query or {}).items()) or None,
             header_params=headers, body=body, auth_settings=["BearerToken"],
         )  # fmt: skip
-        response = self._api.call_api(method, url, header_params=headers, body=body, _request_timeout=30)
-        response.read()
+        try:
+            response = self._api.call_api(method, url, header_params=headers, body=body, _request_timeout=30)
+            response.read()
+        except urllib3.exceptions.HTTPError as exc:
+            # No answer (the API server restarting, a connection reset, a timeout): status 0, as the
+            # official client reports TLS failures, so that callers handle every failed call as one kind.
+            raise ApiException(status=0, reason=f"API server unreachable: {exc}") from exc
         if not 200 <= response.status < 300:
             raise ApiException(status=response.status, reason=response.reason, body=response.data)
         return json.loads(response.data) if response.data else {}
@@ -108,8 +118,10 @@ class KubeClient:
         return self._call("PATCH", path, query, body=manifest, content_type="application/apply-patch+yaml")
 
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any]:
-        """DELETE one namespaced object (a child its spec no longer renders: apply.PRUNED_KINDS)."""
-        return self._call("DELETE", f"{collection_path(api_version, kind, namespace)}/{name}")
+        """DELETE one namespaced object (a child its spec no longer renders: apply.PRUNED_KINDS); its
+        dependents go too (a Job's pods: batch/v1 would orphan them by default)."""
+        path = f"{collection_path(api_version, kind, namespace)}/{name}"
+        return self._call("DELETE", path, {"propagationPolicy": "Background"})
 
     def create(self, manifest: dict[str, Any], namespace: str) -> dict[str, Any]:
         """POST a new object (tests and benchmarks create DisaggregatedModels this way)."""

@@ -16,7 +16,10 @@ def target_replicas(
     spec: api.DisaggregatedModelSpec, status: api.DisaggregatedModelStatus, role: api.Role
 ) -> int:
     """Replicas the reconciler applies: in mode auto the autoscaler's status.<role>.desiredReplicas
-    (clamped to min/max) when set, else spec.<role>.replicas."""
+    (clamped to min/max) when set, else spec.<role>.replicas; 0 for every role while a model cache
+    is filled for the first time (nothing to load yet)."""
+    if waiting_for_model_cache(spec, status):
+        return 0
     if role == "router":
         return spec.router.replicas
     role_spec: api.WorkerRoleSpec = getattr(spec, role)
@@ -28,6 +31,15 @@ def target_replicas(
     ):
         return max(role_spec.min_replicas, min(role_spec.max_replicas, role_status.desired_replicas))
     return role_spec.replicas
+
+
+def waiting_for_model_cache(spec: api.DisaggregatedModelSpec, status: api.DisaggregatedModelStatus) -> bool:
+    """spec.model.cache set, no fill ever completed and none failed (a failure falls back to per-pod
+    downloads): the pools wait at 0 replicas."""
+    if spec.model.cache is None:
+        return False
+    cache = status.model_cache
+    return cache is None or (cache.ready_key is None and cache.phase != "Failed")
 
 
 def replicas_set_by_others(deployment: Mapping[str, Any], field_manager: str) -> bool:

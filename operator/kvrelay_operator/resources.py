@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from kvrelay_operator import api
-from kvrelay_operator.replicas import target_replicas
+from kvrelay_operator.replicas import target_replicas, waiting_for_model_cache
 
 APP_NAME = "kvrelay"
 FIELD_MANAGER = "kvrelay-operator"
@@ -23,6 +23,8 @@ LABEL_NAME = "app.kubernetes.io/name"
 LABEL_INSTANCE = "app.kubernetes.io/instance"
 LABEL_ROLE = f"{api.GROUP}/role"
 CONFIG_HASH_ANNOTATION = f"{api.GROUP}/config-hash"
+LABEL_CACHE_KEY = f"{api.GROUP}/model-cache-key"
+CACHE_ROLE = "model-cache"  # the fill Job's pods; no NetworkPolicy selects them (they reach the hub)
 
 GRPC_PORT = 8001
 METRICS_PORT = 9090
@@ -167,8 +169,31 @@ class _ModelStorage:
     init: dict[str, Any] | None = None
 
 
-def _model_volume(spec: api.DisaggregatedModelSpec) -> _ModelStorage:
-    """The pod storage for the model source: pvc://claim/path, an image path, or a Hugging Face repo id.
+def cache_key(model: api.ModelSpec) -> str:
+    """The model cache's directory for a source and revision: a new one is filled alongside the old."""
+    return hashlib.sha256(f"{model.source}@{model.revision or ''}".encode()).hexdigest()[:12]
+
+
+def cache_claim_name(name: str) -> str:
+    return f"{name}-model-cache"
+
+
+def _cached_key(spec: api.DisaggregatedModelSpec, status: api.DisaggregatedModelStatus) -> str | None:
+    """The cache directory pods read: the last completed fill, or the one being filled first (the
+    pools are at 0 replicas meanwhile); None without a cache, or after a first fill failed."""
+    if spec.model.cache is None:
+        return None
+    cache = status.model_cache
+    if cache is not None and cache.ready_key is not None:
+        return cache.ready_key
+    return cache_key(spec.model) if waiting_for_model_cache(spec, status) else None
+
+
+def _model_volume(
+    spec: api.DisaggregatedModelSpec, status: api.DisaggregatedModelStatus, ctx: RenderContext
+) -> _ModelStorage:
+    """The pod storage for the model source: the model cache claim, pvc://claim/path, an image path, or a
+    Hugging Face repo id.
 
     A pvc or image path ending in .gguf is converted by an init container (`kvrelay import-gguf`) into
     a checkpoint directory on an emptyDir of its own, which the main container mounts read-only.
@@ -178,6 +203,10 @@ def _model_volume(spec: api.DisaggregatedModelSpec) -> _ModelStorage:
     def model_mount() -> dict[str, Any]:
         return {"name": "model", "mountPath": MODEL_ROOT}
 
+    if (key := _cached_key(spec, status)) is not None:
+        claim = {"claimName": cache_claim_name(ctx.name), "readOnly": True}
+        volume = {"name": "model", "persistentVolumeClaim": claim}
+        return _ModelStorage([volume], [{**model_mount(), "readOnly": True}], f"{MODEL_ROOT}/{key}")
     if source.startswith("pvc://"):
         claim, _, path = source.removeprefix("pvc://").partition("/")
         volume = {"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
@@ -411,7 +440,7 @@ def _worker_deployment(
     role_spec: api.WorkerRoleSpec = getattr(spec, role)
     kv = spec.kv_transfer
     rdma = kv.backend == "nixl" and kv.transport == "rdma"
-    storage = _model_volume(spec)
+    storage = _model_volume(spec, status, ctx)
     image = spec.image or ctx.default_image
     extra_resources = {GPU_RESOURCE: role_spec.tensor_parallel}
     if rdma:
@@ -459,11 +488,14 @@ def _worker_deployment(
 
 
 def _router_deployment(
-    spec: api.DisaggregatedModelSpec, ctx: RenderContext, config_hash: str
+    spec: api.DisaggregatedModelSpec,
+    status: api.DisaggregatedModelStatus,
+    ctx: RenderContext,
+    config_hash: str,
 ) -> dict[str, Any]:
     router = spec.router
     # The router reads the tokenizer and config.json from --model, so it gets the same model storage.
-    storage = _model_volume(spec)
+    storage = _model_volume(spec, status, ctx)
     image = spec.image or ctx.default_image
     mounts = list(storage.mounts)
     volumes = list(storage.volumes)
@@ -497,7 +529,7 @@ def _router_deployment(
         pod["nodeSelector"] = dict(router.node_selector)
     if router.tolerations:
         pod["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in router.tolerations]
-    return _deployment(ctx, "router", router.replicas, pod, config_hash, gpu=False)
+    return _deployment(ctx, "router", target_replicas(spec, status, "router"), pod, config_hash, gpu=False)
 
 
 def _worker_service(ctx: RenderContext, role: str, kv_port: int) -> dict[str, Any]:
@@ -680,6 +712,56 @@ def model_config_hash(spec: api.DisaggregatedModelSpec, ctx: RenderContext) -> s
     return hashlib.sha256(config_json.encode()).hexdigest()[:16]
 
 
+def model_cache_children(spec: api.DisaggregatedModelSpec, ctx: RenderContext) -> list[dict[str, Any]]:
+    """spec.model.cache: the ReadWriteMany claim and the Job that downloads the checkpoint into it.
+
+    The Job writes into the directory of the source's cache key and is named after a hash of its whole
+    template (a Job's template is immutable): a new image or revision makes a new Job, which the pruning
+    of stale children replaces the old one with. `hf download` skips files already there.
+    """
+    cache = spec.model.cache
+    if cache is None:
+        return []
+    claim_spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteMany"],
+        "resources": {"requests": {"storage": str(cache.size)}},
+    }
+    if cache.storage_class_name:
+        claim_spec["storageClassName"] = cache.storage_class_name
+    claim = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _meta(ctx, cache_claim_name(ctx.name), None),
+        "spec": claim_spec,
+    }
+    key = cache_key(spec.model)
+    download = ["hf", "download", spec.model.source, "--local-dir", f"{MODEL_ROOT}/{key}"]
+    if spec.model.revision:
+        download += ["--revision", spec.model.revision]
+    image = spec.image or ctx.default_image
+    pod = {
+        "restartPolicy": "OnFailure",
+        "securityContext": _pod_security(),
+        "containers": [
+            {"name": "fill", "image": image, "imagePullPolicy": spec.image_pull_policy, "command": download,
+             "env": _env([], CACHE_ROLE), "volumeMounts": [{"name": "model", "mountPath": MODEL_ROOT}],
+             "securityContext": _security(False)}
+        ],
+        "volumes": [{"name": "model", "persistentVolumeClaim": {"claimName": cache_claim_name(ctx.name)}}],
+    }  # fmt: skip
+    template = {"metadata": {"labels": {**labels(ctx.name, CACHE_ROLE), LABEL_CACHE_KEY: key}}, "spec": pod}
+    digest = hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:6]
+    meta = _meta(ctx, f"{ctx.name}-c{digest}", CACHE_ROLE)  # as long as the -prefill suffix: fits 63
+    meta["labels"][LABEL_CACHE_KEY] = key
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": meta,
+        "spec": {"backoffLimit": 4, "template": template},
+    }
+    return [claim, job]
+
+
 def render_children(
     spec: api.DisaggregatedModelSpec, status: api.DisaggregatedModelStatus, ctx: RenderContext
 ) -> list[dict[str, Any]]:
@@ -687,13 +769,14 @@ def render_children(
     config_hash = model_config_hash(spec, ctx)
     # Policies first: a new model's pods are never created before the policies that select them.
     children: list[dict[str, Any]] = network_policies(spec, ctx)
+    children += model_cache_children(spec, ctx)
     for role in api.WORKER_ROLES:
         children.append(_worker_service(ctx, role, spec.kv_transfer.port))
         children.append(_worker_deployment(spec, status, ctx, role, config_hash))
         children.append(_pdb(ctx, role))
     children += _router_rbac(ctx)
     children.append(_router_service(spec, ctx))
-    children.append(_router_deployment(spec, ctx, config_hash))
+    children.append(_router_deployment(spec, status, ctx, config_hash))
     children.append(_pdb(ctx, "router"))
     if wants_pod_monitor(spec, ctx.pod_monitor_available):
         children.append(_pod_monitor(spec, ctx))

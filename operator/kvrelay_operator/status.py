@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 
 from kvrelay_operator import api
 from kvrelay_operator.replicas import target_replicas
+from kvrelay_operator.resources import cache_key
 
 ConditionStatus = Literal["True", "False", "Unknown"]
 
@@ -127,6 +128,7 @@ def compute_status(
     """
     unschedulable = unschedulable or {}
     new = status.model_copy(deep=True)
+    new.model_cache = cache_status_for_spec(spec, status.model_cache)
     if observed_generation is not None:
         new.observed_generation = observed_generation
     new.router_endpoint = router_endpoint
@@ -178,6 +180,7 @@ def compute_status(
     else:
         conds = set_condition(conds, "PodsScheduled", "True", "AllScheduled", "", now, gen)
     conds = _scaling_limited(spec, status, conds, now, gen)
+    conds = _model_cache_condition(new.model_cache, conds, now, gen)
     new.conditions = sorted(conds, key=lambda c: c.type)
     new.phase = (
         "Degraded" if failing else "Ready" if not waiting else "Progressing" if deployments else "Pending"
@@ -185,8 +188,67 @@ def compute_status(
     return new
 
 
+def cache_status_for_spec(
+    spec: api.DisaggregatedModelSpec, current: api.ModelCacheStatus | None
+) -> api.ModelCacheStatus | None:
+    """The model cache's state once the spec is read: a new source or revision starts Filling its own
+    key, keeping the last completed one (the pods serve it meanwhile); no cache, no state."""
+    if spec.model.cache is None:
+        return None
+    key = cache_key(spec.model)
+    if current is not None and current.key == key:
+        return current
+    return api.ModelCacheStatus(key=key, phase="Filling", ready_key=current.ready_key if current else None)
+
+
+def cache_status_from_job(current: api.ModelCacheStatus, job: dict[str, Any]) -> api.ModelCacheStatus:
+    """The cache state after an event of the fill Job of ``current.key``: Complete -> Ready (pods now
+    serve this key), Failed -> Failed with the Job's own message, else Filling."""
+    conditions = {c.get("type"): c for c in (job.get("status") or {}).get("conditions") or []}
+    if (conditions.get("Complete") or {}).get("status") == "True":
+        return current.model_copy(update={"phase": "Ready", "ready_key": current.key, "message": None})
+    failed = conditions.get("Failed") or {}
+    if failed.get("status") == "True":
+        message = f"{failed.get('reason', 'Failed')}: {failed.get('message', '')}".strip(": ")
+        return current.model_copy(update={"phase": "Failed", "message": message[:1000]})
+    return current.model_copy(update={"phase": "Filling", "message": None})
+
+
+def with_model_cache(
+    status: api.DisaggregatedModelStatus, cache: api.ModelCacheStatus, now: str, gen: int | None
+) -> api.DisaggregatedModelStatus:
+    """``status`` with the model cache state and its ModelCacheReady condition (a fill Job's event)."""
+    conditions = sorted(
+        _model_cache_condition(cache, list(status.conditions), now, gen), key=lambda c: c.type
+    )
+    return status.model_copy(update={"model_cache": cache, "conditions": conditions})
+
+
+def _model_cache_condition(
+    cache: api.ModelCacheStatus | None, conds: list[api.Condition], now: str, gen: int | None
+) -> list[api.Condition]:
+    """ModelCacheReady: True once the spec's checkpoint is in the cache; why not, otherwise."""
+    if cache is None:
+        return [c for c in conds if c.type != "ModelCacheReady"]
+    serving = f"; pods serve {cache.ready_key} meanwhile" if cache.ready_key not in (None, cache.key) else ""
+    if cache.phase == "Ready":
+        return set_condition(
+            conds, "ModelCacheReady", "True", "Filled", f"checkpoint {cache.key} cached", now, gen
+        )
+    if cache.phase == "Failed":
+        fallback = serving or "; pods download the checkpoint themselves"
+        message = f"filling {cache.key} failed: {cache.message or 'the Job failed'}{fallback}"
+        return set_condition(conds, "ModelCacheReady", "False", "FillFailed", message, now, gen)
+    waiting = serving or "; the pools start when it completes"
+    return set_condition(
+        conds, "ModelCacheReady", "False", "Filling", f"filling {cache.key}{waiting}", now, gen
+    )
+
+
 # Conditions whose turn to a bad state is announced by a Warning Event, and their good state.
-_WATCHED = {"Degraded": "False", "PodsScheduled": "True"}
+_WATCHED = {"Degraded": "False", "PodsScheduled": "True", "ModelCacheReady": "True"}
+# Not-good states that are progress, not trouble: no Warning for them.
+_EXPECTED_REASONS = {"Filling"}
 
 
 def condition_events(
@@ -202,7 +264,7 @@ def condition_events(
             continue
         prev = old.get(cond.type)
         changed = prev is None or (prev.status, prev.message) != (cond.status, cond.message)
-        if cond.status != good and changed:
+        if cond.status != good and changed and cond.reason not in _EXPECTED_REASONS:
             events.append(("Warning", cond.reason, cond.message))
         elif cond.status == good and prev is not None and prev.status != good:
             events.append(("Normal", cond.reason, f"{cond.type}: {cond.reason} (was {prev.reason})"))
@@ -241,6 +303,11 @@ def status_merge_patch(
     before = old.model_dump(by_alias=True, exclude_none=True, mode="json")
     after = new.model_dump(by_alias=True, exclude_none=True, mode="json")
     patch: dict[str, Any] = {}
+    old_cache, new_cache = before.pop("modelCache", None), after.pop("modelCache", None)
+    if old_cache != new_cache:
+        # explicit nulls for what went away (a merge patch keeps keys it does not name): no stale message
+        removed = {k: None for k in old_cache or {} if k not in (new_cache or {})}
+        patch["modelCache"] = None if new_cache is None else {**removed, **new_cache}
     for key, value in after.items():
         previous = before.get(key)
         if previous == value:

@@ -821,3 +821,9 @@ def test_continuous_usage_stats_as_benchmark_clients_ask(serve: ServeProcess) ->
     counts = [c["usage"]["completion_tokens"] for c in chunks]
     assert all(c["usage"]["prompt_tokens"] == chunks[-1]["usage"]["prompt_tokens"] for c in chunks)
     assert counts == sorted(counts) and counts[-1] == 24 and counts[0] < 24, counts
+
+
+def test_responses_api_is_a_clear_404(client: openai.OpenAI, serve: ServeProcess) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        client.responses.create(model=serve.model, input="hi")
+    assert info.value.code == "not_implemented" and "/v1/chat/completions" in info.value.message

@@ -29,6 +29,14 @@ Children are written with server-side apply and garbage-collected through ownerR
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# spec.model.cache: the model's cache claim and the Job that fills it, applied like the children
+# above and deleted when no longer rendered (the cache removed; a fill Job replaced by a newer one).
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # Each model's router gets its own ServiceAccount and a Role to read EndpointSlices (below); the
 # operator may create such Roles only because it holds the same EndpointSlice grant itself, so
 # no escalate/bind verbs are needed.

@@ -158,17 +158,21 @@ KIND_TO_RESOURCE = {
     "RoleBinding": ("rbac.authorization.k8s.io", "rolebindings"),
     "PodMonitor": ("monitoring.coreos.com", "podmonitors"),
     "NetworkPolicy": ("networking.k8s.io", "networkpolicies"),
+    "PersistentVolumeClaim": ("", "persistentvolumeclaims"),
+    "Job": ("batch", "jobs"),
 }
 # Server-side apply is a patch (plus create for a new object); kopf lists and watches children.
 CHILD_VERBS = {"get", "list", "watch", "create", "patch"}
 
 
 def operator_child_kinds() -> set[str]:
-    """Kinds resources.render_children writes for the repo's example models (PodMonitor forced on)."""
+    """Kinds resources.render_children writes for the repo's example models (PodMonitor forced on), and
+    for one with spec.model.cache (its claim and fill Job)."""
     kinds: set[str] = set()
-    for path in sorted((ROOT / "examples").glob("*.yaml")):
-        cr = yaml.safe_load(path.read_text())
-        spec = DisaggregatedModelSpec.model_validate(cr["spec"])
+    specs = [yaml.safe_load(path.read_text())["spec"] for path in sorted((ROOT / "examples").glob("*.yaml"))]
+    cached = {**specs[0], "model": {"source": "org/model", "cache": {"size": "10Gi"}}}
+    for raw in [*specs, cached]:
+        spec = DisaggregatedModelSpec.model_validate(raw)
         ctx = resources.RenderContext(
             name="m", namespace="ns", uid="u", default_image="img", pod_monitor_available=True
         )
@@ -214,9 +218,15 @@ def test_rbac_is_least_privilege(render: Render) -> None:
     assert ("kvrelay.dev", "disaggregatedmodels", "delete") not in grants
     assert ("apiextensions.k8s.io", "customresourcedefinitions", "create") not in grants
     assert not {g for g in grants if g[2] in {"escalate", "bind", "impersonate", "deletecollection"}}
-    # The one delete: NetworkPolicies that spec.networkPolicy.enabled=false turns off (apply.PRUNED_KINDS).
-    assert {g for g in grants if g[2] == "delete"} == {("networking.k8s.io", "networkpolicies", "delete")}
-    assert {KIND_TO_RESOURCE[k] for k in apply.PRUNED_KINDS} == {("networking.k8s.io", "networkpolicies")}
+    # Deletes only of the kinds the operator prunes (apply.PRUNED_KINDS): NetworkPolicies turned off, model
+    # cache Jobs replaced by newer fills, a cache claim whose cache was removed.
+    pruned = {KIND_TO_RESOURCE[k] for k in apply.PRUNED_KINDS}
+    assert {g for g in grants if g[2] == "delete"} == {(*r, "delete") for r in pruned}
+    assert pruned == {
+        ("networking.k8s.io", "networkpolicies"),
+        ("", "persistentvolumeclaims"),
+        ("batch", "jobs"),
+    }
     (role,) = by_kind(manifests, "Role")  # only the Lease Role when watching every namespace
     assert role["metadata"]["namespace"] == "kvrelay-system"
     assert {g[:2] for g in _grants(role["rules"])} == {("coordination.k8s.io", "leases")}

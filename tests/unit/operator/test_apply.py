@@ -57,6 +57,10 @@ def children(name: str, replicas: int = 1, image: str = "img:1") -> list[dict[st
     ]  # fmt: skip
 
 
+# LISTs a resume sends per namespace: the rendered kinds here (Deployment, Service) and every pruned kind
+LISTS = 2 + len(apply.PRUNED_KINDS)
+
+
 def test_hash_changes_with_content_and_fingerprint_with_replicas() -> None:
     deployment = children("m")[0]
     a = apply.with_hash(deployment)
@@ -93,12 +97,12 @@ def test_after_a_restart_live_children_answer_and_one_list_per_kind_serves_all_m
     after = apply.ChildApplier(kube, clock=lambda: now[0])  # type: ignore[arg-type]
     changed = {name: set(after.apply_changed("ns", name, children(name))) for name in ("a", "b", "c")}
     assert changed == {"a": set(), "b": {"Deployment/b-decode"}, "c": set()}
-    # Deployments + Services + NetworkPolicies (always looked up: PRUNED_KINDS), once for three models.
-    assert kube.requests == {"GET": 3, "PATCH": 1}
+    # Deployments + Services + the PRUNED_KINDS (always looked up), once for three models.
+    assert kube.requests == {"GET": LISTS, "PATCH": 1}
 
     now[0] += apply.LIVE_CACHE_SECONDS + 1
     after.apply_changed("ns", "d", children("d"))  # a later resume re-reads
-    assert kube.requests["GET"] == 6
+    assert kube.requests["GET"] == 2 * LISTS
 
 
 @pytest.mark.parametrize(("status", "refused"), [(422, True), (400, True), (500, False), (409, False)])
@@ -115,7 +119,7 @@ def test_api_errors_are_classified_and_forget_what_was_applied(status: int, refu
     kube.requests.clear()
     # Forgotten: the next attempt compares against the live children again.
     assert set(applier.apply_changed("ns", "m", children("m", replicas=2))) == {"Deployment/m-decode"}
-    assert kube.requests == {"GET": 3, "PATCH": 1}
+    assert kube.requests == {"GET": LISTS, "PATCH": 1}
 
 
 def policy(name: str) -> dict[str, Any]:
@@ -146,7 +150,7 @@ def test_a_network_policy_turned_off_while_the_operator_was_away_is_deleted_on_r
     kube.requests.clear()
     after = apply.ChildApplier(kube)  # type: ignore[arg-type]
     assert after.apply_changed("ns", "m", children("m")) == {}
-    assert kube.requests == {"GET": 3, "DELETE": 1}
+    assert kube.requests == {"GET": LISTS, "DELETE": 1}
     assert ("ns", "NetworkPolicy/m-decode") not in kube.objects
     # Only PRUNED_KINDS go: a Service no longer rendered is left to the garbage collector.
     assert apply.stale_children(["Service/m-decode", "NetworkPolicy/m-x"], set()) == ["NetworkPolicy/m-x"]
@@ -171,4 +175,4 @@ def test_deleting_a_policy_already_gone_is_fine_and_other_errors_forget() -> Non
     kube.delete, kube.requests = delete, Counter()  # type: ignore[method-assign]
     # Forgotten: the next attempt compares against the live children, and deletes then.
     assert applier.apply_changed("ns", "m", children("m")) == {}
-    assert kube.requests == {"GET": 3, "DELETE": 1}
+    assert kube.requests == {"GET": LISTS, "DELETE": 1}

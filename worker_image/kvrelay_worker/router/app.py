@@ -609,6 +609,19 @@ def create_app(
         }
         return JSONResponse({"object": "list", "data": [card]})
 
+    @app.api_route("/v1/responses", methods=["GET", "POST"])
+    @app.api_route("/v1/responses/{rest:path}", methods=["GET", "POST", "DELETE"])
+    async def responses(request: Request) -> Response:
+        # Said plainly rather than a bare 404: clients probing for the newer API fall back to chat.
+        _check_api_key(config, request)
+        raise OpenAIError(
+            404,
+            "The Responses API (/v1/responses) is not implemented; use /v1/chat/completions.",
+            "invalid_request_error",
+            None,
+            "not_implemented",
+        )
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         arrival = time.monotonic()
