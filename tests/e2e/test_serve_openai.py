@@ -823,7 +823,76 @@ def test_continuous_usage_stats_as_benchmark_clients_ask(serve: ServeProcess) ->
     assert counts == sorted(counts) and counts[-1] == 24 and counts[0] < 24, counts
 
 
-def test_responses_api_is_a_clear_404(client: openai.OpenAI, serve: ServeProcess) -> None:
-    with pytest.raises(openai.NotFoundError) as info:
-        client.responses.create(model=serve.model, input="hi")
-    assert info.value.code == "not_implemented" and "/v1/chat/completions" in info.value.message
+def test_responses_api_is_the_chat_path(client: openai.OpenAI, serve: ServeProcess) -> None:
+    """/v1/responses with the official client: the same answer as the chat request it becomes, streamed
+    or not, with the Response's usage, status and lifecycle events."""
+    kwargs: dict[str, Any] = {"model": serve.model, "temperature": 0}
+    chat = client.chat.completions.create(
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi there"}],
+        max_tokens=12, **kwargs,
+    )  # fmt: skip
+    reply = client.responses.create(
+        instructions="Be brief.", input="hi there", max_output_tokens=12, **kwargs
+    )
+    assert reply.output_text == chat.choices[0].message.content
+    assert reply.usage is not None and chat.usage is not None
+    assert (reply.usage.input_tokens, reply.usage.output_tokens) == (chat.usage.prompt_tokens, 12)
+    assert reply.status == "incomplete" and reply.incomplete_details.reason == "max_output_tokens"
+    parts = [{"type": "input_text", "text": "hi "}, {"type": "input_text", "text": "there"}]
+    listed = client.responses.create(
+        instructions="Be brief.", input=[{"role": "user", "content": parts}], max_output_tokens=12, **kwargs
+    )
+    assert listed.output_text == reply.output_text
+    stream = client.responses.create(
+        instructions="Be brief.", input="hi there", max_output_tokens=12, stream=True, **kwargs
+    )
+    events = list(stream)
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]  # fmt: skip
+    done = ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
+    assert kinds[-4:] == [*done, "response.incomplete"]
+    assert [e.sequence_number for e in events] == list(range(1, len(events) + 1))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == reply.output_text == events[-1].response.output_text
+
+
+RESPONSES_MALFORMED: list[tuple[dict[str, Any], str, str]] = [
+    ({"previous_response_id": "resp_1"}, "previous_response_id", "unsupported_parameter"),
+    ({"store": True}, "store", "unsupported_value"),
+    ({"reasoning": {"effort": "high"}}, "reasoning", "unsupported_parameter"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+     "input.0.content.0", "unsupported_value"),
+    ({"input": [{"type": "web_search_call"}]}, "input.0.type", "unsupported_value"),
+    ({"input": [{"role": "wizard", "content": "x"}]}, "input.0.role", "invalid_value"),
+    # the answer to a call no earlier item made
+    ({"input": [{"type": "function_call_output", "call_id": "c1", "output": "4"}]}, "input.0",
+     "invalid_value"),
+    ({"tools": [{"type": "web_search"}]}, "tools.0.type", "unsupported_value"),
+    ({"tools": [{"type": "function", "name": "bad name"}]}, "tools.0.name", "invalid_value"),
+    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "objekt"}}}},
+     "text.format.schema", "invalid_value"),
+    ({"text": {"format": {"type": "yaml"}}}, "text.format.type", "invalid_value"),
+    ({"max_output_tokens": 0}, "max_output_tokens", "invalid_value"),
+    ({"max_output_tokens": 5000}, "max_output_tokens", "context_length_exceeded"),
+    ({"temperature": "hot"}, "temperature", "invalid_type"),
+    ({"stream": "yes"}, "stream", "invalid_type"),
+    ({"input": 5}, "input", "invalid_type"),
+    ({"frequency_penalty": 1}, "frequency_penalty", "unknown_parameter"),  # not a Responses parameter
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "code"), RESPONSES_MALFORMED, ids=[m[1] for m in RESPONSES_MALFORMED]
+)
+def test_malformed_responses_request_names_the_field(
+    serve: ServeProcess, fields: dict[str, Any], param: str, code: str
+) -> None:
+    body = {"model": serve.model, "input": "hi", **fields}
+    resp = httpx.post(serve.base_url + "/responses", json=body, timeout=30)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert (error["param"], error["code"]) == (param, code), error
+    assert param in error["message"] or code == "context_length_exceeded", error
+    resp = httpx.get(serve.base_url + "/responses/resp_123", timeout=30)
+    assert resp.status_code == 404 and resp.json()["error"]["code"] == "not_found"

@@ -349,3 +349,33 @@ def test_auto_tool_choice_without_a_call_answers_in_text(serve: ServeProcess) ->
         json.loads(message.tool_calls[0].function.arguments)
     else:
         assert message.content and "<tool_call>" not in message.content
+
+
+def test_responses_api_tool_round_trip_and_json_format(serve: ServeProcess) -> None:
+    """/v1/responses as agent SDKs use it: a forced function call comes back as a function_call item
+    whose arguments validate, its output goes back as a function_call_output item, and a json_schema
+    text format gives schema-valid JSON."""
+    import jsonschema
+
+    client = openai.OpenAI(base_url=serve.base_url, api_key="none", max_retries=0, timeout=300)
+    flat = [{"type": "function", **WEATHER_TOOL["function"]}]
+    question = {"role": "user", "content": "What is the weather like in Paris right now?"}
+    reply = client.responses.create(
+        model=serve.model, input=[question], tools=flat, tool_choice="required", temperature=0,
+        parallel_tool_calls=False,
+    )  # fmt: skip
+    (call,) = reply.output
+    assert call.type == "function_call" and call.name == "get_weather" and reply.status == "completed"
+    jsonschema.validate(json.loads(call.arguments), WEATHER_TOOL["function"]["parameters"])
+    followup = client.responses.create(
+        model=serve.model, tools=flat, tool_choice="none", temperature=0, max_output_tokens=60,
+        input=[question, {"type": "function_call", "call_id": call.call_id, "name": call.name,
+                          "arguments": call.arguments},
+               {"type": "function_call_output", "call_id": call.call_id, "output": '{"sky": "sunny"}'}],
+    )  # fmt: skip
+    assert followup.output_text.strip() and all(o.type == "message" for o in followup.output)
+    answer = client.responses.create(
+        model=serve.model, input=f"Describe {COUNTRIES[0]} as JSON.", temperature=0, max_output_tokens=150,
+        text={"format": {"type": "json_schema", "name": "country", "schema": COUNTRY, "strict": True}},
+    )  # fmt: skip
+    jsonschema.validate(json.loads(answer.output_text), COUNTRY)

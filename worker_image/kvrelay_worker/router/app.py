@@ -41,6 +41,8 @@ from kvrelay_worker.router.protocol import (
     resolve_max_tokens,
     sampling_params,
 )
+from kvrelay_worker.router.responses import ResponseWriter, renamed, to_chat
+from kvrelay_worker.router.responses import parse_request as parse_response_request
 from kvrelay_worker.router.structured import structured_outputs_grammar
 from kvrelay_worker.router.tools import Tool, ToolCall, ToolCallParser
 from kvrelay_worker.tokenizer import Tokenizer
@@ -488,6 +490,88 @@ async def _serve(
     )
 
 
+async def _serve_response(state: RouterState, request: Request, raw: bytes, arrival: float) -> Response:
+    """One `/v1/responses` request: checked and run as the chat request it is, written as a Response."""
+    req = parse_response_request(raw)
+    check_model(req.model, state.config.served_model_name)
+    chat_req, origins = to_chat(req)
+    try:
+        check_sampling_ids(chat_req, state.tokenizer.vocab_size)
+        chat = chat_prompt(chat_req, state.tokenizer)
+        requested, param = chat_req.requested_max_tokens()
+        max_tokens = resolve_max_tokens(
+            requested, len(chat.ids), state.config.max_model_len, None, "messages", param
+        )
+        sampling = sampling_params(chat_req, max_tokens, state.tokenizer.eos_token_ids, chat.grammar)
+    except OpenAIError as exc:
+        raise renamed(exc, origins) from None
+    state.metrics.prompt_tokens.inc(len(chat.ids))
+    worker_request_id = "resp-" + uuid.uuid4().hex
+    events = generate(
+        state.pool, state.tokenizer, state.metrics, worker_request_id, chat.ids, sampling, [], arrival,
+        state.config.decode_idle_timeout_s, state.migration,
+    )  # fmt: skip
+    writer = ResponseWriter(req, state.config.served_model_name)
+    parser = ToolCallParser(chat.tools) if chat.tools else None
+
+    def split(text: str, final: bool = False) -> tuple[str, list[ToolCall]]:
+        if parser is None:
+            return text, []
+        content, calls = parser.feed(text)
+        if final:
+            tail, more = parser.finish()
+            content, calls = content + tail, calls + more
+        return content, calls
+
+    if not req.stream:
+        try:
+            got = await _until_disconnect(request, _collect(events))
+        finally:
+            await events.aclose()
+        content, calls = split(got.text, final=True)
+        writer.text(content.strip() if calls else content)
+        writer.calls(calls)
+        state.metrics.request_done("success")
+        return JSONResponse(
+            writer.whole(got.done.finish_reason, len(chat.ids), got.done.num_completion_tokens)
+        )
+    try:  # the first token before the 200, so a prefill failure is still an HTTP error
+        first = await _until_disconnect(request, anext(events))
+    except BaseException:
+        await events.aclose()
+        raise
+
+    async def body() -> AsyncIterator[bytes]:
+        status = "cancelled"
+        try:
+            for frame in writer.start():
+                yield frame
+            event: Event | None = first
+            while event is not None:
+                if isinstance(event, TextDelta):
+                    content, calls = split(event.text)
+                    for frame in [*writer.text(content), *writer.calls(calls)]:
+                        yield frame
+                elif isinstance(event, Finished):
+                    content, calls = split("", final=True)
+                    frames = [*writer.text(content), *writer.calls(calls)]
+                    frames += writer.finish(event.finish_reason, len(chat.ids), event.num_completion_tokens)
+                    for frame in frames:
+                        yield frame
+                    status = "success"
+                    return
+                event = await anext(events, None)
+            raise OpenAIError(500, "generation ended without a finish", "server_error")
+        except OpenAIError as exc:
+            status = "server_error"
+            yield _sse({"type": "error", "code": exc.code, "message": exc.message, "param": exc.param})
+        finally:
+            state.metrics.request_done(status)
+            await events.aclose()
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
 def _completion_prompt(state: RouterState, req: CompletionRequest, prompt: str | list[int]) -> Prompt:
     """One completions prompt checked (vocabulary, context length) and tokenized."""
     if isinstance(prompt, str):
@@ -609,18 +693,20 @@ def create_app(
         }
         return JSONResponse({"object": "list", "data": [card]})
 
-    @app.api_route("/v1/responses", methods=["GET", "POST"])
-    @app.api_route("/v1/responses/{rest:path}", methods=["GET", "POST", "DELETE"])
+    @app.post("/v1/responses")
     async def responses(request: Request) -> Response:
-        # Said plainly rather than a bare 404: clients probing for the newer API fall back to chat.
+        arrival = time.monotonic()
+        _check_api_key(config, request)
+        return await _serve_response(state, request, await request.body(), arrival)
+
+    @app.api_route("/v1/responses/{rest:path}", methods=["GET", "POST", "DELETE"])
+    async def stored_responses(request: Request) -> Response:
+        # Retrieve, cancel, delete, input items: all about stored responses, and none is stored.
         _check_api_key(config, request)
         raise OpenAIError(
-            404,
-            "The Responses API (/v1/responses) is not implemented; use /v1/chat/completions.",
-            "invalid_request_error",
-            None,
-            "not_implemented",
-        )
+            404, "Responses are not stored, so there is none to retrieve, cancel or delete.",
+            "invalid_request_error", None, "not_found",
+        )  # fmt: skip
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

@@ -63,61 +63,63 @@ class Refusal:
         )
 
 
-def _value(message: str, *noop: Any) -> Refusal:
+def noop_only(message: str, *noop: Any) -> Refusal:
     """A parameter whose default form works (and is accepted): other values are `unsupported_value`."""
     return Refusal(message, noop, "unsupported_value")
 
 
-def _param(message: str) -> Refusal:
+def never(message: str) -> Refusal:
     """A parameter the router has nothing for: any non-null value is `unsupported_parameter`."""
     return Refusal(message)
 
 
 _REFUSED_COMMON: dict[str, Refusal] = {
-    "stream_options.include_obfuscation": _value("stream obfuscation is not implemented (only false)", False),
+    "stream_options.include_obfuscation": noop_only(
+        "stream obfuscation is not implemented (only false)", False
+    ),
 }
 REFUSED: dict[str, dict[str, Refusal]] = {
     "completions": {
         **_REFUSED_COMMON,
-        "best_of": _value("only best_of=1 is supported", 1),
-        "suffix": _value("suffix is not supported (only '')", ""),
+        "best_of": noop_only("only best_of=1 is supported", 1),
+        "suffix": noop_only("suffix is not supported (only '')", ""),
     },
     "chat": {
         **_REFUSED_COMMON,
-        "functions": _value("the deprecated functions API is not supported: use tools (only [])", []),
-        "function_call": _value("the deprecated functions API is not supported: use tool_choice", "none"),
-        "modalities": _value("only text output is supported (['text'])", ["text"]),
-        "audio": _param("audio output is not supported"),
-        "store": _value("stored completions are not supported (only false)", False),
-        "metadata": _value("metadata is for stored completions, which are not supported (only {})", {}),
-        "service_tier": _value("there is one service tier (only 'auto' or 'default')", "auto", "default"),
-        "reasoning_effort": _value("reasoning is not supported (only 'none')", "none"),
-        "verbosity": _param("verbosity is not supported"),
-        "prediction": _param("predicted outputs are not supported"),
-        "web_search_options": _param("web search is not supported"),
-        "moderation": _param("moderation is not supported"),
-        "prompt_cache_key": _param("prompt cache hints are not supported"),
-        "prompt_cache_options": _param("prompt cache hints are not supported"),
-        "prompt_cache_retention": _param("prompt cache hints are not supported"),
-        "safety_identifier": _param("safety_identifier is not supported"),
+        "functions": noop_only("the deprecated functions API is not supported: use tools (only [])", []),
+        "function_call": noop_only("the deprecated functions API is not supported: use tool_choice", "none"),
+        "modalities": noop_only("only text output is supported (['text'])", ["text"]),
+        "audio": never("audio output is not supported"),
+        "store": noop_only("stored completions are not supported (only false)", False),
+        "metadata": noop_only("metadata is for stored completions, which are not supported (only {})", {}),
+        "service_tier": noop_only("there is one service tier (only 'auto' or 'default')", "auto", "default"),
+        "reasoning_effort": noop_only("reasoning is not supported (only 'none')", "none"),
+        "verbosity": never("verbosity is not supported"),
+        "prediction": never("predicted outputs are not supported"),
+        "web_search_options": never("web search is not supported"),
+        "moderation": never("moderation is not supported"),
+        "prompt_cache_key": never("prompt cache hints are not supported"),
+        "prompt_cache_options": never("prompt cache hints are not supported"),
+        "prompt_cache_retention": never("prompt cache hints are not supported"),
+        "safety_identifier": never("safety_identifier is not supported"),
     },
 }
 # Fields of a chat message the router refuses (param `messages.<i>.<field>`); role `function` is refused
 # as a whole (param `messages.<i>.role`).
 REFUSED_MESSAGE_FIELDS: dict[str, Refusal] = {
-    "function_call": _param("the deprecated function_call is not supported: use tool_calls"),
-    "name": _param("message names are not supported (the chat template renders only role and content)"),
-    "refusal": _param("assistant refusals are not supported in messages"),
-    "audio": _param("audio is not supported"),
+    "function_call": never("the deprecated function_call is not supported: use tool_calls"),
+    "name": never("message names are not supported (the chat template renders only role and content)"),
+    "refusal": never("assistant refusals are not supported in messages"),
+    "audio": never("audio is not supported"),
 }
 
 
-def _refuse(param: str, refusal: Refusal) -> OpenAIError:
+def refusal_error(param: str, refusal: Refusal) -> OpenAIError:
     what = "value for" if refusal.code == "unsupported_value" else "parameter"
     return bad_request(f"Unsupported {what} '{param}': {refusal.message}.", param, refusal.code)
 
 
-def _invalid_type(expected: str, value: Any) -> PydanticCustomError:
+def invalid_type(expected: str, value: Any) -> PydanticCustomError:
     return PydanticCustomError("invalid_type", "expected {expected}", {"expected": expected, "got": value})
 
 
@@ -125,7 +127,7 @@ def _is_token_id(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-class _StrictModel(BaseModel):
+class StrictModel(BaseModel):
     """JSON types as given: no "yes" for a bool, no "2" or 2.0 for an int; unknown fields are refused."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
@@ -140,14 +142,14 @@ class _StrictModel(BaseModel):
         return {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()}
 
 
-class StreamOptions(_StrictModel):
+class StreamOptions(StrictModel):
     include_usage: bool = False
     include_obfuscation: bool | None = None  # refused when true
     # vLLM's extension (GuideLLM sends it): every chunk carries the usage so far; needs include_usage
     continuous_usage_stats: bool = False
 
 
-class _SamplingFields(_StrictModel):
+class _SamplingFields(StrictModel):
     """Fields shared by completions and chat, implemented or refused (see IMPLEMENTED and REFUSED)."""
 
     model: str
@@ -198,7 +200,7 @@ class _SamplingFields(_StrictModel):
         if value is None or isinstance(value, str):
             return value
         if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-            raise _invalid_type("a string or an array of strings", value)
+            raise invalid_type("a string or an array of strings", value)
         if len(value) > MAX_STOP_STRINGS:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences are allowed, got {len(value)}")
         if "" in value:  # it would match at once: refused rather than dropped
@@ -235,12 +237,12 @@ class CompletionRequest(_SamplingFields):
             if not value or any(isinstance(p, list) and not p for p in value):
                 raise ValueError("the prompt is empty")
             return value
-        raise _invalid_type(
+        raise invalid_type(
             "a string, an array of strings, an array of token ids or an array of arrays of token ids", value
         )
 
 
-class CalledFunction(_StrictModel):
+class CalledFunction(StrictModel):
     name: str
     arguments: str  # JSON text, as the API writes it
 
@@ -256,7 +258,7 @@ class CalledFunction(_StrictModel):
         return value
 
 
-class AssistantToolCall(_StrictModel):
+class AssistantToolCall(StrictModel):
     """A call an earlier assistant turn made (sent back in the next request's history)."""
 
     id: str
@@ -264,7 +266,7 @@ class AssistantToolCall(_StrictModel):
     function: CalledFunction
 
 
-class ChatMessage(_StrictModel):
+class ChatMessage(StrictModel):
     """One message; `content` is checked per role in `reject_unsupported` (after the refused fields)."""
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
@@ -284,7 +286,7 @@ class ChatMessage(_StrictModel):
         if value is None or isinstance(value, str):
             return value
         if not isinstance(value, list):
-            raise _invalid_type("a string or an array of text parts", value)
+            raise invalid_type("a string or an array of text parts", value)
         if not value:
             raise ValueError("content must not be an empty array")
         for i, part in enumerate(value):
@@ -413,7 +415,7 @@ def reject_unsupported(req: CompletionRequest | ChatCompletionRequest) -> None:
     kind = "completions" if isinstance(req, CompletionRequest) else "chat"
     for name, refusal in REFUSED[kind].items():
         if not refusal.accepts(_lookup(req, name)):
-            raise _refuse(name, refusal)
+            raise refusal_error(name, refusal)
     if req.stream_options is not None and not req.stream:
         raise bad_request(
             "stream_options is only allowed when stream is true", param="stream_options", code="invalid_value"
@@ -487,7 +489,7 @@ def _check_message(i: int, message: ChatMessage) -> None:
         )
     for name, refusal in REFUSED_MESSAGE_FIELDS.items():
         if not refusal.accepts(getattr(message, name)):
-            raise _refuse(f"messages.{i}.{name}", refusal)
+            raise refusal_error(f"messages.{i}.{name}", refusal)
     if message.tool_calls is not None and message.role != "assistant":
         raise bad_request(
             f"Invalid value for 'messages.{i}.tool_calls': only assistant messages make tool calls",
