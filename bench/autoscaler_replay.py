@@ -8,7 +8,10 @@ against what any policy could do (clairvoyant, reversal-limited and causal step 
 default (and with `--quick`, for CI) only the synthetic staircase is replayed (~20 s); `--full`
 replays every trace (~5-10 min of CPU).
 
-    python bench/autoscaler_replay.py [--quick | --full] [--trace NAME ...]
+    python bench/autoscaler_replay.py [--quick | --full] [--trace NAME ...] [--plot DIR]
+
+`--plot DIR` also writes DIR/<trace>.png per trace: offered load, replicas per role for kvrelay and
+each baseline, and the rolling in-SLO share, on one time axis.
 
 Traces come from `$KVRELAY_TRACES_DIR` or `../shared/traces` (see its README for sources).
 """
@@ -28,6 +31,7 @@ from sim.controllers import HpaController, KvrelayController, SlaPlannerControll
 from sim.model import ReplicaModel  # noqa: E402
 from sim.replay import (  # noqa: E402
     Scenario,
+    Timeline,
     causal_step_bound,
     minute_sizes,
     oracle_vs_peak,
@@ -71,8 +75,9 @@ def scenarios(quick: bool, only: list[str] | None) -> list[Scenario]:
     return out
 
 
-def run_trace(scenario: Scenario) -> list[dict[str, object]]:
-    """All policies on one trace, plus ratios against the baselines of the same run."""
+def run_trace(scenario: Scenario, plot_dir: Path | None = None) -> list[dict[str, object]]:
+    """All policies on one trace, plus ratios against the baselines of the same run; with ``plot_dir``,
+    also its picture."""
     model = scenario.model
     peak = static_sizes(scenario, "peak")
     mean = static_sizes(scenario, "mean")
@@ -92,6 +97,8 @@ def run_trace(scenario: Scenario) -> list[dict[str, object]]:
     results.append(_timed(scenario, sla, initial))
     results.append(_timed(scenario, HpaController(model, 1, scenario.max_replicas), initial))
     results.append(_timed(scenario, KvrelayController(scenario.policy_config()), initial))
+    if plot_dir is not None:
+        _plot(scenario, results, initial, plot_dir)
     peak_hours = float(results[0]["gpu_hours"])  # type: ignore[arg-type]
     sla_hours = float(results[2]["gpu_hours"])  # type: ignore[arg-type]
     for r in results:
@@ -113,6 +120,32 @@ def run_trace(scenario: Scenario) -> list[dict[str, object]]:
     if bound is not None:
         kv["causal_bound_gpu_hours_vs_peak"] = round(bound, 3)
     return results
+
+
+def _plot(
+    scenario: Scenario, results: list[dict[str, object]], initial: tuple[int, int], plot_dir: Path
+) -> None:
+    """Replays each policy once more, recording its timeline (the statics at the sizes chosen above)."""
+    from sim.plot import plot_trace
+
+    model = scenario.model
+    controllers: dict[str, object] = {
+        "static_peak": StaticController("static_peak", *results[0]["replicas"]),  # type: ignore[misc]
+        "static_mean": StaticController("static_mean_best_split", *results[1]["replicas"]),  # type: ignore[misc]
+        "sla_planner": SlaPlannerController(
+            model, scenario.ttft_slo_seconds, scenario.itl_slo_seconds, 1, scenario.max_replicas
+        ),
+        "hpa": HpaController(model, 1, scenario.max_replicas),
+        "kvrelay": KvrelayController(scenario.policy_config()),
+    }
+    timelines: dict[str, Timeline] = {}
+    for name, controller in controllers.items():
+        start = tuple(results[0]["replicas"]) if name == "static_peak" else initial  # type: ignore[arg-type]
+        start = tuple(results[1]["replicas"]) if name == "static_mean" else start  # type: ignore[arg-type]
+        timelines[name] = Timeline()
+        run(scenario, controller, start, timelines[name])  # type: ignore[arg-type]
+    path = plot_trace(plot_dir / f"{scenario.trace.name}.png", scenario.trace, timelines)
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def meets_targets(result: dict[str, object]) -> bool:
@@ -175,9 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="only the staircase (the default; CI, < 60 s)")
     parser.add_argument("--full", action="store_true", help="every trace: synthetic, Azure and Mooncake")
     parser.add_argument("--trace", action="append", help="only traces whose name contains this")
+    parser.add_argument("--plot", type=Path, metavar="DIR", help="also write one PNG per trace into DIR")
     args = parser.parse_args(argv)
     for scenario in scenarios(not args.full, args.trace):
-        for result in run_trace(scenario):
+        for result in run_trace(scenario, args.plot):
             print(json.dumps(result), flush=True)
     return 0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import simpy
 from kvrelay_operator.autoscaler.policy import decode_replicas_needed, prefill_replicas_needed
@@ -168,15 +168,35 @@ def causal_step_bound(scenario: Scenario) -> float | None:
     return replica_seconds / (max(needs) * scenario.trace.duration_seconds)
 
 
-def run(scenario: Scenario, controller: Controller, initial: tuple[int, int]) -> dict[str, object]:
-    """Replay open-loop; return the figures of one JSON line."""
+@dataclass
+class Timeline:
+    """What one policy did over a replay, for the pictures: replicas per role at each control step, and
+    each request's arrival time and whether it met both SLOs."""
+
+    times: list[float] = field(default_factory=list)
+    replicas: dict[str, list[int]] = field(default_factory=lambda: {"prefill": [], "decode": []})
+    arrivals: list[float] = field(default_factory=list)
+    in_slo: list[bool] = field(default_factory=list)
+
+
+def run(
+    scenario: Scenario, controller: Controller, initial: tuple[int, int], timeline: Timeline | None = None
+) -> dict[str, object]:
+    """Replay open-loop; return the figures of one JSON line (and fill ``timeline`` when given)."""
     env = simpy.Environment()
     cluster = Cluster(env, scenario.model, *initial)
     scraper = Scraper(cluster, scenario.quantile)
     end = scenario.trace.duration_seconds + _TAIL_SECONDS
     events: dict[str, list[tuple[float, int]]] = {"prefill": [], "decode": []}
 
+    def record() -> None:
+        if timeline is not None:
+            timeline.times.append(env.now)
+            for role in ("prefill", "decode"):
+                timeline.replicas[role].append(len(cluster.active(role)))
+
     def control():
+        record()
         while True:
             yield env.timeout(scenario.interval_seconds)
             snapshot = scraper.snapshot()
@@ -186,10 +206,14 @@ def run(scenario: Scenario, controller: Controller, initial: tuple[int, int]) ->
                 if num != have:
                     events[role].append((env.now, 1 if num > have else -1))
                     cluster.scale_to(role, num)
+            record()
 
     env.process(cluster.arrivals(scenario.trace.requests))
     env.process(control())
     env.run(until=end)
+    if timeline is not None:
+        timeline.arrivals = [r.arrival for r in cluster.requests]
+        timeline.in_slo = [_meets(r, scenario) for r in cluster.requests]
     return _score(scenario, controller.name, cluster, events, end)
 
 
