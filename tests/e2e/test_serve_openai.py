@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import yaml
 from kvrelay_worker.model_store import ensure_tiny_model
 from kvrelay_worker.tokenizer import Tokenizer
 from logprob_checks import check_position, ids_by_bytes, ids_by_name
@@ -896,3 +899,56 @@ def test_malformed_responses_request_names_the_field(
     assert param in error["message"] or code == "context_length_exceeded", error
     resp = httpx.get(serve.base_url + "/responses/resp_123", timeout=30)
     assert resp.status_code == 404 and resp.json()["error"]["code"] == "not_found"
+
+
+def _profile(serve: ServeProcess, tmp_path: Path, *extra: str) -> tuple[int, str, str]:
+    command = [sys.executable, "-c", "from kvrelay_worker.cli import main; main()", "profile", "--url",
+               serve.base_url, "--prompt-tokens", "64,256", "--contexts", "64", "--decode-tokens", "12",
+               "--max-concurrency", "8", "--min-requests", "4", *extra]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_kvrelay_profile_measures_the_stack_and_writes_a_valid_patch(
+    serve: ServeProcess, tmp_path: Path
+) -> None:
+    """`kvrelay profile` against the running stack (2 prefill workers, 1 decode): every level is measured
+    through the API, the seeds are the worst length's best within-SLO figure per ready replica, and the
+    patch is a valid spec.autoscaling.profile."""
+    from kvrelay_operator import api
+
+    out = tmp_path / "profile.yaml"
+    code, stdout, stderr = _profile(serve, tmp_path, "--ttft-slo", "2", "--itl-slo", "0.5", "--out", str(out))
+    assert code == 0, stderr
+    result = json.loads(stdout.splitlines()[0])
+    assert result["replicas"] == {"prefill": 2, "decode": 1}
+    points = result["points"]
+    assert {(p["role"], p["length"]) for p in points} == {("prefill", 64), ("prefill", 256), ("decode", 64)}
+    for role, replicas in (("prefill", 2), ("decode", 1)):
+        best = {}
+        for p in points:
+            if p["role"] == role and p["within_slo"]:
+                best[p["length"]] = max(best.get(p["length"], 0.0), p["tokens_per_second"])
+        key = f"{role}TokensPerSecond"
+        assert result["patch"]["spec"]["autoscaling"]["profile"][key] == round(
+            min(best.values()) / replicas, 1
+        )
+    patch = yaml.safe_load(out.read_text())
+    assert patch == result["patch"]
+    spec = api.DisaggregatedModelSpec.model_validate({"model": {"source": "org/m"}, **patch["spec"]})
+    assert (
+        spec.autoscaling.profile.prefill_tokens_per_second
+        == patch["spec"]["autoscaling"]["profile"]["prefillTokensPerSecond"]
+    )
+    # An SLO nothing can meet: no seed, a clear message, exit 1; an unreachable stack: exit 2.
+    code, stdout, _ = _profile(serve, tmp_path, "--ttft-slo", "0.000001", "--itl-slo", "0.5")
+    assert code == 1 and "met the SLO at no load level" in stdout
+    code, _, stderr = _profile(
+        ServeProcess(serve.proc, base_url="http://127.0.0.1:9/v1"),
+        tmp_path,
+        "--ttft-slo",
+        "1",
+        "--itl-slo",
+        "1",
+    )
+    assert code == 2 and "ConnectError" in stderr

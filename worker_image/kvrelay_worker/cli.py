@@ -308,6 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--router-arg", action="append", default=[], help="extra router flag (--router-arg=--prefix-weight=0)"
     )
+    prof = sub.add_parser(
+        "profile",
+        help="measure what one prefill and one decode replica sustain within the SLOs "
+        "(spec.autoscaling.profile)",
+    )
+    from kvrelay_worker.profile import add_arguments
+
+    add_arguments(prof)
     i = sub.add_parser(
         "import-gguf", help="convert a llama.cpp GGUF file into a checkpoint directory", add_help=False
     )
@@ -324,6 +332,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         sys.exit(serve(args))
+    if args.command == "profile":
+        from kvrelay_worker.profile import main as profile_main
+
+        sys.exit(profile_main(args))
 
 
 if __name__ == "__main__":
