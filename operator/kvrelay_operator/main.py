@@ -104,7 +104,6 @@ def run_with_lease(args: argparse.Namespace) -> None:
     """
     from kubernetes import client, config
     from kubernetes.leaderelection import electionconfig, leaderelection
-    from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
 
     try:
         config.load_incluster_config()
@@ -118,7 +117,7 @@ def run_with_lease(args: argparse.Namespace) -> None:
         stop.set()
         os._exit(1)  # a deposed leader must not act; the pod restarts as a follower
 
-    lock = LeaseLock(args.lease_name, args.lease_namespace, identity)
+    lock = lease_lock(args.lease_name, args.lease_namespace, identity)
     leading, kopf_done = threading.Event(), threading.Event()
 
     def lead() -> None:
@@ -157,7 +156,63 @@ def run_with_lease(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     log.info("waiting for the Lease %s/%s as %s", args.lease_namespace, args.lease_name, identity)
-    elector.run()
+    try:
+        elector.run()
+    except Exception:
+        # Ending only this thread would leave kopf running in its own, with the Lease no longer renewed.
+        log.exception("leader election failed: exiting")
+        logging.shutdown()
+        os._exit(1)
+
+
+def lease_lock(name: str, namespace: str, identity: str) -> Any:
+    """The kubernetes client's LeaseLock, except that an API server it cannot reach (restarting, a
+    connection reset) is a failed try, as an API error is.
+
+    The library's lock catches only ApiException: anything else raised out of its renew loop ended
+    the main thread while kopf ran on in its own, a process that neither renewed the Lease nor
+    stopped. Now the loop retries until its renew deadline, as after any failed renewal, and only
+    then stops leading (onstopped_leading: the process exits). Each failed try is logged, and so is
+    the first answer after them."""
+    from kubernetes.client.exceptions import ApiException
+    from kubernetes.leaderelection.resourcelock.leaselock import LeaseLock
+    from urllib3.exceptions import HTTPError
+
+    class TolerantLeaseLock(LeaseLock):  # type: ignore[misc]
+        unreachable_since: float | None = None
+
+        def _unreachable(self, what: str, exc: Exception) -> ApiException:
+            log.warning("cannot reach the API server to %s the Lease: %s", what, exc)
+            if self.unreachable_since is None:
+                self.unreachable_since = time.monotonic()
+            return ApiException(status=0, reason=f"API server unreachable: {exc}")
+
+        def get(self, name: str, namespace: str) -> tuple[bool, Any]:
+            try:
+                found = super().get(name, namespace)
+            except HTTPError as exc:
+                return False, self._unreachable("read", exc)
+            if self.unreachable_since is not None:
+                log.info("the API server answers again, %.1fs after it could not be reached",
+                         time.monotonic() - self.unreachable_since)  # fmt: skip
+                self.unreachable_since = None
+            return found
+
+        def create(self, name: str, namespace: str, election_record: Any) -> bool:
+            try:
+                return super().create(name, namespace, election_record)
+            except HTTPError as exc:
+                self._unreachable("create", exc)
+                return False
+
+        def update(self, name: str, namespace: str, updated_record: Any) -> bool:
+            try:
+                return super().update(name, namespace, updated_record)
+            except HTTPError as exc:
+                self._unreachable("renew", exc)
+                return False
+
+    return TolerantLeaseLock(name, namespace, identity)
 
 
 def release_lease(coordination: Any, namespace: str, name: str, identity: str) -> bool:

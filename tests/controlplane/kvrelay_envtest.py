@@ -60,6 +60,51 @@ class ControlPlane:
         events = [json.loads(line) for line in data[: end - since].splitlines() if line.strip()]
         return events, end
 
+    def restart_apiserver(self, down_s: float, *, kill: bool = False, timeout_s: float = 90.0) -> float:
+        """Stops kube-apiserver (SIGTERM, or SIGKILL with `kill`: a crash), keeps it down `down_s`
+        seconds, then starts it again with the same command line (port, certs, etcd, audit log);
+        returns the seconds from that start until it answered /readyz.
+
+        After SIGTERM it refuses new connections at once but keeps open watches until they end, so
+        with clients watching it is SIGKILLed when the 10 s grace runs out."""
+        self._restart("kube-apiserver", down_s, kill)
+        started = time.monotonic()
+        self._wait_apiserver_ready(timeout_s)
+        return time.monotonic() - started
+
+    def restart_etcd(self, down_s: float, *, kill: bool = False, timeout_s: float = 90.0) -> float:
+        """Stops etcd (SIGTERM, or SIGKILL with `kill`), keeps it down `down_s` seconds (the API server
+        stays up; requests that need etcd fail or wait meanwhile), then starts it again on the same
+        ports and data dir, so what it stored persists; returns the seconds from that start until
+        etcd answered /health and the API server /readyz."""
+        etcd = self._restart("etcd", down_s, kill)
+        started = time.monotonic()
+        _wait_http(f"{_flag(etcd, '--listen-client-urls')}/health", timeout_s, etcd,
+                   log=self.workdir / "etcd.log")  # fmt: skip
+        self._wait_apiserver_ready(timeout_s)
+        return time.monotonic() - started
+
+    def _restart(self, name: str, down_s: float, kill: bool) -> subprocess.Popen[bytes]:
+        """Stops the component `name`, sleeps `down_s`, runs its command line again (appending to its
+        log) and puts the new process in the old one's place in `processes`, which it returns."""
+        index = next(i for i, proc in enumerate(self.processes) if _component(proc) == name)
+        old = self.processes[index]
+        if kill:
+            old.kill()
+            old.wait(timeout=10)
+        else:
+            _stop(old)
+        time.sleep(down_s)
+        with (self.workdir / f"{name}.log").open("ab") as out:
+            new = subprocess.Popen(old.args, stdout=out, stderr=subprocess.STDOUT)
+        self.processes[index] = new
+        return new
+
+    def _wait_apiserver_ready(self, timeout_s: float) -> None:
+        apiserver = next(proc for proc in self.processes if _component(proc) == "kube-apiserver")
+        _wait_http(f"{self.server}/readyz", timeout_s, apiserver, self.token, self.tls_context(),
+                   self.workdir / "kube-apiserver.log")  # fmt: skip
+
     def tls_context(self) -> ssl.SSLContext:
         """A client TLS context that trusts exactly this control plane's CA."""
         return ssl.create_default_context(cafile=str(self.ca_file))
@@ -93,6 +138,17 @@ class ControlPlane:
             # The Status body says why; HTTPError's own text only has the code.
             exc.msg = f"{exc.msg}: {exc.read().decode(errors='replace')[:2000]}"
             raise
+
+
+def _component(proc: subprocess.Popen[bytes]) -> str:
+    """The binary's name of a process start_logged started (e.g. kube-apiserver)."""
+    return Path(str(proc.args[0])).name
+
+
+def _flag(proc: subprocess.Popen[bytes], name: str) -> str:
+    """The value of a `--name=value` argument of a process's command line."""
+    prefix = f"{name}="
+    return next(str(arg)[len(prefix) :] for arg in proc.args if str(arg).startswith(prefix))
 
 
 def _missing(path: Path, names: tuple[str, ...]) -> list[str]:
