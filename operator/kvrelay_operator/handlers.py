@@ -590,13 +590,25 @@ def _write_status_locked(
             version = parent["metadata"].get("resourceVersion")
             written = state.kube.patch_status(namespace, name, diff, version)
         except ApiException as exc:
-            if exc.status != 409:
+            if exc.status == 409:
+                # Several writers (the reconcile, the mirror of each child's events, the autoscaler) may
+                # race on one model: a short random pause lets one of them finish instead of all retrying
+                # in step until the attempts run out.
+                time.sleep(random.uniform(0, 0.05 * (attempt + 1)))
+            elif exc.status == 0 or exc.status >= 500:
+                # No answer or a server error (an API server or etcd restarting): an event handler's
+                # failure is not retried by kopf, so the mirror of a child's event would be lost.
+                log.warning(
+                    "%s/%s: status write failed (%s %s), retrying", namespace, name, exc.status, exc.reason
+                )
+                time.sleep(0.25 * (attempt + 1))
+            else:
                 raise
-            # Several writers (the reconcile, the mirror of each child's events, the autoscaler) may
-            # race on one model: a short random pause lets one of them finish instead of all retrying
-            # in step until the attempts run out.
-            time.sleep(random.uniform(0, 0.05 * (attempt + 1)))
-            parent = state.kube.get_model(namespace, name)
+            try:
+                parent = state.kube.get_model(namespace, name)
+            except ApiException as read_error:
+                if read_error.status not in (0, 500, 502, 503, 504):
+                    raise
             continue
         _LAST_WRITTEN[(namespace, name)] = written
         for event_type, reason, message in condition_events(before, after):
