@@ -26,6 +26,7 @@ import datetime
 import logging
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -48,6 +49,7 @@ from kvrelay_operator.status import (
     cache_status_from_job,
     compute_status,
     condition_events,
+    container_errors_by_role,
     set_condition,
     status_merge_patch,
     unschedulable_by_role,
@@ -192,6 +194,14 @@ def _unschedulable(pods_by_model: kopf.Index, namespace: str, name: str) -> dict
     return unschedulable_by_role([PodScheduling.model_validate(pod) for pod in store])
 
 
+_STUCK_IN_MESSAGE = re.compile(r"\d+ pods? failing: ")  # as container_errors_by_role words it
+
+
+def _container_errors(pods_by_model: kopf.Index, namespace: str, name: str) -> dict[str, str]:
+    store = pods_by_model.get((namespace, name), [])
+    return container_errors_by_role([PodScheduling.model_validate(pod) for pod in store])
+
+
 @kopf.index("", "v1", "pods", labels=CHILD_LABELS)
 def pods_by_model(meta: kopf.Meta, body: kopf.Body, namespace: str, **_: Any) -> dict[Any, Any]:
     """(namespace, model name) -> PodScheduling of each of its pods (for the scheduler's reasons)."""
@@ -307,7 +317,8 @@ def reconcile(
                 deployments[role] = response
         return compute_status(parsed_spec, _parse_status(parent), deployments, generation, endpoint, _now(),
                               observed_generation=generation,
-                              unschedulable=_unschedulable(pods_by_model, namespace, name))  # fmt: skip
+                              unschedulable=_unschedulable(pods_by_model, namespace, name),
+                              container_errors=_container_errors(pods_by_model, namespace, name))  # fmt: skip
 
     # Not kopf's end-of-handler patch: that one is unconditional, computed from the status this
     # handler started with, and replaces the whole conditions list.
@@ -494,6 +505,7 @@ def _mirror_status(
             spec, adjust(status), _deployment_states(deployments_by_model, namespace, name),
             current["metadata"].get("generation") or 0, resources.router_endpoint(spec, ctx), _now(),
             unschedulable=_unschedulable(pods_by_model, namespace, name),
+            container_errors=_container_errors(pods_by_model, namespace, name),
         )  # fmt: skip
 
     try:
@@ -627,15 +639,20 @@ def on_pod_event(
     pods_by_model: kopf.Index,
     **_: Any,
 ) -> None:
-    """Mirrors scheduling failures (and their end) of a model's pods into its status."""
+    """Mirrors scheduling failures and stuck containers (and their end) of a model's pods into its status."""
     instance = (meta.get("labels") or {}).get(resources.LABEL_INSTANCE)
     parent = next(iter(models_by_name.get((namespace, instance), [])), None)
     if parent is None or parent["metadata"].get("deletionTimestamp"):
         return
     status = _parse_status(parent)
     scheduled = next((c for c in status.conditions if c.type == "PodsScheduled"), None)
+    degraded = next((c for c in status.conditions if c.type == "Degraded"), None)
     wanted = unschedulable_message(_unschedulable(pods_by_model, namespace, instance))
-    if scheduled is not None and scheduled.message == wanted:
+    stuck = _container_errors(pods_by_model, namespace, instance)
+    said = degraded is not None and all(f"{role}: {why}" in degraded.message for role, why in stuck.items())
+    # a stuck container that Degraded does not name yet, or Degraded naming one that is no longer stuck
+    cleared = degraded is not None and not stuck and _STUCK_IN_MESSAGE.search(degraded.message) is not None
+    if scheduled is not None and scheduled.message == wanted and said and not cleared:
         return  # most pod events (starts, readiness) change nothing here; Deployment events cover them
     _mirror_status(_state(memo), parent, _unchanged, deployments_by_model, pods_by_model)
 

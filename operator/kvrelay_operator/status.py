@@ -61,13 +61,25 @@ def set_condition(
     return [c for c in conditions if c.type != type_] + [new]
 
 
+# A container waiting for one of these will not start by itself: a missing Secret or ConfigMap, an image
+# that cannot be pulled, a crash loop. The kubelet's message says which.
+STUCK_REASONS = frozenset({
+    "CreateContainerConfigError", "CreateContainerError", "ErrImagePull", "ImagePullBackOff",
+    "InvalidImageName", "CrashLoopBackOff", "RunContainerError",
+})  # fmt: skip
+
+
 class PodScheduling(BaseModel):
-    """Whether one worker or router pod is placed, and the scheduler's words when it is not."""
+    """Whether one worker or router pod is placed (the scheduler's words when not), and whether a
+    container of it is stuck (the kubelet's words)."""
 
     role: str = Field(description="The pod's kvrelay.dev/role label.")
     pod: str = Field(description="Pod name.")
     unschedulable: str | None = Field(
         default=None, description="PodScheduled=False/Unschedulable message, else None."
+    )
+    container_error: str | None = Field(
+        default=None, description="The first container waiting for a STUCK_REASONS reason, with its message."
     )
 
     @classmethod
@@ -79,7 +91,16 @@ class PodScheduling(BaseModel):
             not_placed = cond.get("type") == "PodScheduled" and cond.get("status") == "False"
             if not_placed and cond.get("reason") == "Unschedulable":
                 message = cond.get("message") or "Unschedulable"
-        return cls(role=role, pod=meta.get("name") or "", unschedulable=message)
+        stuck = None
+        for container in [
+            *(status.get("initContainerStatuses") or []),
+            *(status.get("containerStatuses") or []),
+        ]:
+            waiting = (container.get("state") or {}).get("waiting") or {}
+            if stuck is None and waiting.get("reason") in STUCK_REASONS:
+                detail = f": {waiting['message']}" if waiting.get("message") else ""
+                stuck = f"container {container.get('name')}: {waiting['reason']}{detail}"
+        return cls(role=role, pod=meta.get("name") or "", unschedulable=message, container_error=stuck)
 
 
 def unschedulable_by_role(pods: list[PodScheduling]) -> dict[str, str]:
@@ -93,6 +114,20 @@ def unschedulable_by_role(pods: list[PodScheduling]) -> dict[str, str]:
         first = min(group, key=lambda p: p.pod)
         noun = "pod" if len(group) == 1 else "pods"
         out[role] = f"{len(group)} {noun} unschedulable: {first.unschedulable}"
+    return out
+
+
+def container_errors_by_role(pods: list[PodScheduling]) -> dict[str, str]:
+    """role -> "N pod(s) failing: <the kubelet's words for the first, by name>"."""
+    stuck: dict[str, list[PodScheduling]] = {}
+    for pod in pods:
+        if pod.container_error is not None:
+            stuck.setdefault(pod.role, []).append(pod)
+    out = {}
+    for role, group in sorted(stuck.items()):
+        first = min(group, key=lambda p: p.pod)
+        noun = "pod" if len(group) == 1 else "pods"
+        out[role] = f"{len(group)} {noun} failing: {first.pod}: {first.container_error}"
     return out
 
 
@@ -120,11 +155,13 @@ def compute_status(
     now: str,
     observed_generation: int | None = None,
     unschedulable: dict[str, str] | None = None,
+    container_errors: dict[str, str] | None = None,
 ) -> api.DisaggregatedModelStatus:
     """The status the operator wants, from the spec, current status and child Deployment states.
 
     `observed_generation` is set by the reconcile path only; the mirror path keeps the current one.
-    `unschedulable` (role -> why, from unschedulable_by_role) explains replicas the scheduler cannot place.
+    `unschedulable` (role -> why, from unschedulable_by_role) explains replicas the scheduler cannot place;
+    `container_errors` (container_errors_by_role) pods whose containers cannot start: both Degraded.
     """
     unschedulable = unschedulable or {}
     new = status.model_copy(deep=True)
@@ -159,6 +196,7 @@ def compute_status(
         if reason is not None:
             failing.append(f"{role}: {reason}")
 
+    failing += [f"{role}: {why}" for role, why in (container_errors or {}).items()]
     conds = list(status.conditions)
     gen = generation  # the spec generation these conditions describe (same value on both paths)
     if waiting:

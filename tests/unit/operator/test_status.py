@@ -190,3 +190,27 @@ def test_a_pod_still_being_scheduled_is_not_unschedulable() -> None:
     waiting = {"metadata": {"name": "p"}, "status": {"conditions": [gated]}}
     assert PodScheduling.from_body(waiting, "decode").unschedulable is None
     assert PodScheduling.from_body({"metadata": {"name": "p"}}, "decode").unschedulable is None
+
+
+def test_stuck_containers_make_the_model_degraded_with_the_kubelets_words() -> None:
+    from kvrelay_operator.status import PodScheduling, container_errors_by_role
+
+    waiting = {"waiting": {"reason": "CreateContainerConfigError", "message": 'secret "api-key" not found'}}
+    pod = {
+        "metadata": {"name": "m-router-abc"},
+        "status": {"containerStatuses": [{"name": "router", "state": waiting}]},
+    }
+    running = {"metadata": {"name": "m-router-def"}, "status": {"containerStatuses": [
+        {"name": "router", "state": {"running": {}}},
+        {"name": "side", "state": {"waiting": {"reason": "ContainerCreating"}}},  # progress, not stuck
+    ]}}  # fmt: skip
+    pods = [PodScheduling.from_body(pod, "router"), PodScheduling.from_body(running, "router")]
+    errors = container_errors_by_role(pods)
+    why = 'container router: CreateContainerConfigError: secret "api-key" not found'
+    assert errors == {"router": f"1 pod failing: m-router-abc: {why}"}
+    init = {"metadata": {"name": "m-decode-x"}, "status": {"initContainerStatuses": [
+        {"name": "download-model", "state": {"waiting": {"reason": "ImagePullBackOff"}}}]}}  # fmt: skip
+    assert (
+        PodScheduling.from_body(init, "decode").container_error
+        == "container download-model: ImagePullBackOff"
+    )
