@@ -1,7 +1,9 @@
-"""The operator at scale: N DisaggregatedModels over several namespaces under one cluster-wide
-`kvrelay-operator` process, on a real kube-apiserver + etcd with kube-controller-manager,
-kube-scheduler and kwok nodes, so that every model's pods are created, scheduled and go Ready
-(kwok plays the kubelet; nobody writes a status by hand) and every model can reach phase Ready.
+"""The operator at scale: N DisaggregatedModels in several namespaces under one operator process.
+
+One cluster-wide `kvrelay-operator` process (leader election on, as the chart runs it), on a real
+kube-apiserver + etcd with kube-controller-manager, kube-scheduler and kwok nodes, so that every
+model's pods are created, scheduled and go Ready (kwok plays the kubelet; nobody writes a status by
+hand) and every model can reach phase Ready.
 
 Who sent what is told from outside the operator: its writes from the API server's audit log, by user
 agent (kopf's `kopf/...` and the operator's Kubernetes client `OpenAPI-Generator/...`; the bench's
@@ -12,13 +14,18 @@ VmRSS and /proc/<pid>/stat utime + stime.
 
 Figures, printed as one JSON line:
 - stages: models are created in stages up to each milestone (default 1, 100, N); per stage
-  `children_present_s` (first create -> all 15 children of every model listed, counted with one
-  label-selected, metadata-only LIST per namespace and kind, polled every second),
+  `children_present_s` (first create -> all 15 children of every model listed, counted with
+  label-selected, metadata-only LISTs per namespace and kind, polled every POLL_S),
   `ready_s` (-> every model's status.phase Ready: its Deployments' pods are all Ready),
-  `settled_s` (-> the API server served nothing more for the models' kinds, pods and ReplicaSets
-  and the operator's CPU went idle), `operator_writes_per_model` / `operator_reads_per_model`
-  (requests the operator sent for that stage's new models), `operator_writes` (by verb and
-  resource), then `rss_mib` and `cpu_s` (the operator's, cumulative) once settled;
+  `settled_s` (-> the API server served nothing more for the models' kinds, pods, ReplicaSets and
+  EndpointSlices and the operator's CPU went idle), `operator_writes_per_model` /
+  `operator_reads_per_model` (requests the operator sent for that stage's new models, Lease
+  renewals left out), `operator_writes` (by verb and resource; "(kopf)" marks kopf's own: its
+  annotations, Events, the autoscaler timer's status patch), `creations_processed` (kopf's
+  "Creation is processed" records so far: more than the models means create handlers ran twice),
+  `operator_cpu_s`, `neighbours_cpu_s` (etcd, kube-apiserver, controllers, kwok, Prometheus),
+  `host_busy_cpu_s` and `others_on_host_cpu_s` (what processes outside this run took), then the
+  operator's `rss_mib`, `cpu_s` (cumulative), threads and open fds once settled;
 - rss_mib_at / cpu_s_at: the same keyed by model count (0 = started, idle, no model);
   rss_marginal_kib_per_model: RSS growth from the second-last to the last milestone, per model;
 - noop_*: the operator restarted with nothing changed: `noop_writes` must be 0 (Lease renewals,
@@ -28,18 +35,23 @@ Figures, printed as one JSON line:
   `noop_settled_s`, `noop_reads_per_model`, `noop_cpu_s` and `noop_rss_mib` of the new process;
 - autoscaler_*: `spec.autoscaling.mode: auto` patched into every model (default interval 30 s),
   Prometheus a real, empty one (no series: every decision holds, and says why in status):
-  `autoscaler_enable_writes_per_model` and `autoscaler_first_decision_s` (patch -> every model has
-  a decision), then a steady window of `autoscaler_window_s`: operator writes in it (by verb and
-  resource) and per model per hour, `autoscaler_decisions_per_model_per_hour` (status writes of
-  decisions; 120 expected at 30 s), Prometheus queries per decision, the operator's CPU seconds
-  per model per hour and CPU share, its RSS, threads and open file descriptors at the end, and
-  a sample model's `status.autoscaler.reason`.
+  `autoscaler_enable_writes_per_model`, `autoscaler_models_decided` and
+  `autoscaler_first_decision_s` (patch -> every model has a decision; null if not all did within
+  --first-decision-timeout), then a window of `autoscaler_window_s`: the operator's writes in it
+  (by verb and resource) and per model per hour, `autoscaler_decisions_per_model_per_hour` (the
+  timer's status patches; 120 if it keeps up with a 30 s interval), Prometheus queries per
+  decision and per second, the operator's CPU seconds per model per hour and CPU share, its RSS,
+  threads, open fds and TCP connections to Prometheus by state, and a sample model's
+  `status.autoscaler.reason`. The operator holds one Prometheus connection per autoscaled model,
+  and Prometheus serves 512 at most by default (--web.max-connections): past that, reads wait
+  for a connection to free up; --prometheus-max-connections raises it to measure the timer's own
+  cost.
 
     python bench/operator_scale.py [--models 1000] [--namespaces 10] [--milestones 1,100] \
         [--autoscaler-window 180] [--prometheus-max-connections N] [--no-pods] [--workdir DIR]
 
 --no-pods runs no controllers, scheduler or kwok (as operator_reconcile.py): children only, no
-pods, so no model goes Ready (ready_s is null) and the operator watches no pod.
+pod, so no model goes Ready (ready_s is null).
 
 Needs KUBEBUILDER_ASSETS with kube-controller-manager and kube-scheduler, kwok
 (hack/build-controlplane.sh), prometheus on PATH (hack/install-prometheus.sh).
