@@ -5,6 +5,7 @@ Time is passed in (`now`); nothing here reads the clock or talks to the API.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -103,32 +104,30 @@ class PodScheduling(BaseModel):
         return cls(role=role, pod=meta.get("name") or "", unschedulable=message, container_error=stuck)
 
 
-def unschedulable_by_role(pods: list[PodScheduling]) -> dict[str, str]:
-    """role -> "N pod(s) unschedulable: <the scheduler's message for the first, by name>"."""
+def _by_role(pods: list[PodScheduling], problem: Callable[[PodScheduling], str | None]) -> dict[str, str]:
+    """role -> "N pod(s) <problem of the first, by name>", over the pods that have a problem."""
     stuck: dict[str, list[PodScheduling]] = {}
     for pod in pods:
-        if pod.unschedulable is not None:
+        if problem(pod) is not None:
             stuck.setdefault(pod.role, []).append(pod)
     out = {}
     for role, group in sorted(stuck.items()):
         first = min(group, key=lambda p: p.pod)
         noun = "pod" if len(group) == 1 else "pods"
-        out[role] = f"{len(group)} {noun} unschedulable: {first.unschedulable}"
+        out[role] = f"{len(group)} {noun} {problem(first)}"
     return out
+
+
+def unschedulable_by_role(pods: list[PodScheduling]) -> dict[str, str]:
+    """role -> "N pod(s) unschedulable: <the scheduler's message for the first, by name>"."""
+    return _by_role(pods, lambda p: None if p.unschedulable is None else f"unschedulable: {p.unschedulable}")
 
 
 def container_errors_by_role(pods: list[PodScheduling]) -> dict[str, str]:
-    """role -> "N pod(s) failing: <the kubelet's words for the first, by name>"."""
-    stuck: dict[str, list[PodScheduling]] = {}
-    for pod in pods:
-        if pod.container_error is not None:
-            stuck.setdefault(pod.role, []).append(pod)
-    out = {}
-    for role, group in sorted(stuck.items()):
-        first = min(group, key=lambda p: p.pod)
-        noun = "pod" if len(group) == 1 else "pods"
-        out[role] = f"{len(group)} {noun} failing: {first.pod}: {first.container_error}"
-    return out
+    """role -> "N pod(s) failing: <pod>: <the kubelet's words for the first, by name>"."""
+    return _by_role(
+        pods, lambda p: None if p.container_error is None else f"failing: {p.pod}: {p.container_error}"
+    )
 
 
 def unschedulable_message(unschedulable: dict[str, str]) -> str:
