@@ -516,7 +516,7 @@ class ResponseWriter:
 
     def whole(self, finish_reason: str | None, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
         """The non-streamed Response (the items were added with text() and calls())."""
-        self.finish(finish_reason, prompt_tokens, completion_tokens)
+        self._close_message()  # its events are for streaming: only the item's final form is kept
         status = "incomplete" if finish_reason == "length" else "completed"
         return self.response(status, _usage(prompt_tokens, completion_tokens))
 
