@@ -182,6 +182,9 @@ async def _run_router(
     from kvrelay_worker.router.main import build_parser, config_from_args, make_discovery
 
     router_argv = ["--model", str(model), "--served-model-name", served_name, "--host", args.host]
+    # Nothing scales a local pool up, so holding a request for a ready worker would only delay its 503
+    # (--router-arg=--max-wait-seconds=N turns it on).
+    router_argv += ["--max-wait-seconds", "0"]
     router_argv += [f"--prefill={w.grpc_address}" for w in workers if w.role == "prefill"]
     router_argv += [f"--decode={w.grpc_address}" for w in workers if w.role == "decode"]
     if args.api_key_file:

@@ -37,6 +37,24 @@ def test_migration_flags(tokenizer_dir: Path) -> None:
         parse(tokenizer_dir, "--max-migrations", "-1")
 
 
+def test_hold_flags_and_their_environment(tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KVRELAY_MAX_WAITING_REQUESTS", raising=False)
+    monkeypatch.delenv("KVRELAY_MAX_WAIT_SECONDS", raising=False)
+    config = parse(tokenizer_dir)
+    assert (config.max_waiting_requests, config.max_wait_s) == (256, 60.0)
+    monkeypatch.setenv("KVRELAY_MAX_WAITING_REQUESTS", "8")
+    monkeypatch.setenv("KVRELAY_MAX_WAIT_SECONDS", "2.5")
+    assert (parse(tokenizer_dir).max_waiting_requests, parse(tokenizer_dir).max_wait_s) == (8, 2.5)
+    config = parse(tokenizer_dir, "--max-waiting-requests", "3", "--max-wait-seconds", "0")
+    assert (config.max_waiting_requests, config.max_wait_s) == (3, 0.0)  # flags win over the environment
+    monkeypatch.setenv("KVRELAY_MAX_WAIT_SECONDS", "soon")
+    with pytest.raises(SystemExit):  # argparse: invalid float value: 'soon'
+        parse(tokenizer_dir)
+    monkeypatch.delenv("KVRELAY_MAX_WAIT_SECONDS")
+    with pytest.raises(ValueError, match="max_wait_s"):
+        parse(tokenizer_dir, "--max-wait-seconds", "-1")
+
+
 def test_api_key_from_env_or_secret_file(
     tokenizer_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -23,6 +23,7 @@ from kvrelay_worker.router.config import RouterConfig
 from kvrelay_worker.router.discovery import Discovery
 from kvrelay_worker.router.errors import OpenAIError
 from kvrelay_worker.router.generate import Event, Finished, PromptLogprobs, TextDelta, generate
+from kvrelay_worker.router.hold import HoldPolicy, WaitingRoom
 from kvrelay_worker.router.logprobs import TextOffsets, TokenLogprob, chat_logprobs, completion_logprobs
 from kvrelay_worker.router.metrics import RouterMetrics
 from kvrelay_worker.router.migration import MigrationPolicy
@@ -84,6 +85,9 @@ class RouterState:
         self.pool = pool
         self.metrics = RouterMetrics(config.served_model_name)
         self.migration = MigrationPolicy(config.max_migrations, config.resume_via)
+        self.waiting_room = WaitingRoom(
+            pool, HoldPolicy(config.max_waiting_requests, config.max_wait_s), self.metrics
+        )
         self.created = int(time.time())
 
 
@@ -445,6 +449,7 @@ async def _serve(
                     state.config.decode_idle_timeout_s,
                     state.migration,
                     prompt_only=p.max_tokens == 0,
+                    waiting_room=state.waiting_room,
                 )
             )
         streams += choices if n == 1 else _after_first(choices[0], choices[1:])
@@ -509,7 +514,7 @@ async def _serve_response(state: RouterState, request: Request, raw: bytes, arri
     worker_request_id = "resp-" + uuid.uuid4().hex
     events = generate(
         state.pool, state.tokenizer, state.metrics, worker_request_id, chat.ids, sampling, [], arrival,
-        state.config.decode_idle_timeout_s, state.migration,
+        state.config.decode_idle_timeout_s, state.migration, waiting_room=state.waiting_room,
     )  # fmt: skip
     writer = ResponseWriter(req, state.config.served_model_name)
     parser = ToolCallParser(chat.tools) if chat.tools else None
@@ -637,7 +642,7 @@ def create_app(
     async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
         if request.url.path.startswith("/v1/") and exc.status != 401:
             state.metrics.request_done("client_error" if exc.status < 500 else "server_error")
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -676,6 +681,15 @@ def create_app(
             {"status": "ok" if ready else "unavailable", "workers": workers},
             status_code=200 if ready else 503,
         )
+
+    @app.get("/ready")
+    async def accepting() -> JSONResponse:
+        # The router's readiness probe: it takes requests once every role has a ready worker, or at
+        # once when it holds requests for one (a role scaled to zero must not take the router away).
+        missing = state.waiting_room.missing(("prefill", "decode"))
+        holding = state.waiting_room.policy.enabled
+        body = {"status": "ok" if not missing or holding else "unavailable", "no_ready_worker": missing}
+        return JSONResponse(body, status_code=200 if not missing or holding else 503)
 
     @app.get("/metrics")
     async def metrics() -> Response:

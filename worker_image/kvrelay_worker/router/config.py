@@ -57,6 +57,17 @@ class RouterConfig(BaseModel):
     prefix_index_blocks: int = Field(
         default=1024, ge=1, description="blocks remembered per worker and role (about its KV cache size)"
     )
+    max_waiting_requests: int = Field(
+        default=256,
+        ge=0,
+        description="requests held at once while a role they need has no ready worker; more get a 503",
+    )
+    max_wait_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="how long a request is held for a ready worker of every role it needs before a 503 "
+        "no_ready_replicas (0: no holding, a 503 at once)",
+    )
     resume_via: Literal["prefill", "decode"] = Field(
         default="prefill",
         description="who recomputes a resumed request's KV: a prefill worker (relayed) or the decode worker",

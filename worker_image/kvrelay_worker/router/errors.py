@@ -15,6 +15,7 @@ class OpenAIError(Exception):
         type_: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -22,6 +23,7 @@ class OpenAIError(Exception):
         self.type = type_
         self.param = param
         self.code = code
+        self.headers = headers or {}  # HTTP headers of the error response (a 503's Retry-After)
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -31,9 +33,11 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return OpenAIError(400, message, "invalid_request_error", param, code)
 
 
-def server_error(message: str, code: str | None = None, status: int = 500) -> OpenAIError:
+def server_error(
+    message: str, code: str | None = None, status: int = 500, headers: dict[str, str] | None = None
+) -> OpenAIError:
     return OpenAIError(
-        status, message, "server_error" if status == 500 else "service_unavailable", None, code
+        status, message, "server_error" if status == 500 else "service_unavailable", None, code, headers
     )
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvrelay_worker.router.errors import OpenAIError, WorkerFailed, server_error
+from kvrelay_worker.router.hold import WaitingRoom
 from kvrelay_worker.router.kserve import DecodeToken, PrefillResult
 from kvrelay_worker.router.logprobs import TokenLogprob
 from kvrelay_worker.router.metrics import RouterMetrics
@@ -118,15 +119,21 @@ async def generate(
     decode_idle_timeout_s: float | None = None,
     migration: MigrationPolicy | None = None,
     prompt_only: bool = False,
+    waiting_room: WaitingRoom | None = None,
 ) -> AsyncIterator[Event]:
     """Yield the prompt's logprobs (when asked), text deltas, then one `Finished`; raises `OpenAIError`
     on failure. `arrival` is monotonic.
 
     `prompt_only` (echo with max_tokens 0): one prefill with max_tokens 1, for the prompt's logprobs;
-    its token is dropped and no decode worker is called.
+    its token is dropped and no decode worker is called. `waiting_room`: held there first while a role
+    the request needs has no ready worker (scale to zero).
     """
     policy = migration or MigrationPolicy()
     state = ResumeState.start(request_id, prompt_ids, sampling, tokenizer, stop)
+    if waiting_room is not None:
+        # Both roles before the prefill: a prompt's KV must not sit in a prefill worker, its lease
+        # running, while the request waits for a decode worker to start.
+        await waiting_room.until_ready(("prefill",) if prompt_only else ("prefill", "decode"))
     first = await _prefill(pool, metrics, request_id, *state.prefill_inputs())
     if first.prompt_logprobs is not None:
         yield PromptLogprobs(first.prompt_logprobs)

@@ -16,6 +16,8 @@ from kvrelay_worker.router.discovery import Discovery, EndpointSliceDiscovery, S
 log = logging.getLogger("kvrelay.router")
 API_KEY_ENV = "KVRELAY_API_KEY"
 API_KEY_FILE_ENV = "KVRELAY_API_KEY_FILE"
+MAX_WAITING_ENV = "KVRELAY_MAX_WAITING_REQUESTS"
+MAX_WAIT_ENV = "KVRELAY_MAX_WAIT_SECONDS"
 GRACEFUL_SHUTDOWN_S = 10
 
 
@@ -85,6 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
         "weight times the share of its input that worker likely holds; a worker holding the whole prompt "
         "counts as running W fewer streams (0: fewest running streams only)",
     )
+    # String defaults go through `type` like a given flag, so a bad environment value is a clear error.
+    p.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=os.environ.get(MAX_WAITING_ENV, "256"),
+        help="scale to zero: requests held at once while a role they need (prefill, decode) has no ready "
+        f"worker; one more gets a 503 no_ready_replicas with Retry-After (or set {MAX_WAITING_ENV})",
+    )
+    p.add_argument(
+        "--max-wait-seconds",
+        type=float,
+        default=os.environ.get(MAX_WAIT_ENV, "60"),
+        help="scale to zero: how long a request is held for a ready worker of every role it needs before "
+        f"a 503 no_ready_replicas with Retry-After; 0: no holding, a 503 at once (or set {MAX_WAIT_ENV})",
+    )
     p.add_argument("--kv-block-size", type=int, default=16, help="the workers' --block-size (prefix hashes)")
     p.add_argument(
         "--prefix-index-blocks",
@@ -116,6 +133,8 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         decode_idle_timeout_s=args.decode_idle_timeout,
         max_migrations=args.max_migrations,
         resume_via=args.resume_via,
+        max_waiting_requests=args.max_waiting_requests,
+        max_wait_s=args.max_wait_seconds,
         prefix_weight=args.prefix_weight,
         decode_prefix_weight=args.decode_prefix_weight,
         kv_block_size=args.kv_block_size,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Token latencies on CPU range from sub-millisecond to seconds; TTFT up to a minute under load.
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _RESUME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# A held request waits for a pod to start: a process on CPU in seconds, a GPU model load in minutes.
+_REPLICA_WAIT_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
 class RouterMetrics:
@@ -87,6 +89,30 @@ class RouterMetrics:
             "kvrelay_router_decode_prefix_hit_tokens",
             "Input tokens the chosen decode worker likely held (the router's estimate)",
             ["model"],
+            registry=self.registry,
+        ).labels(model)
+
+        self.waiting_for_replicas = Gauge(
+            "kvrelay_router_requests_waiting_for_replicas",
+            "Requests held because a role they need has no ready worker (scaled to zero or starting)",
+            ["model", "role"],
+            registry=self.registry,
+        )
+        for role in ("prefill", "decode"):
+            # Exported at 0 from the start: with both pools at zero these are the model's only fresh
+            # series, which the autoscaler reads to know its metrics are current.
+            self.waiting_for_replicas.labels(model, role).set(0)
+        self.replica_wait_refusals = Counter(
+            "kvrelay_router_replica_wait_refusals_total",
+            "Held requests answered 503 no_ready_replicas: the hold queue was full, or the wait timed out",
+            ["model", "reason"],
+            registry=self.registry,
+        )
+        self.replica_wait = Histogram(
+            "kvrelay_router_replica_wait_seconds",
+            "How long a held request waited until every role it needs had a ready worker (served ones only)",
+            ["model"],
+            buckets=_REPLICA_WAIT_BUCKETS,
             registry=self.registry,
         ).labels(model)
 

@@ -131,6 +131,8 @@ class WorkerPool:
         self._order = itertools.count()
         self._health_task: asyncio.Task[None] | None = None
         self._retiring: dict[asyncio.Task[None], WorkerState] = {}
+        # Set, then replaced by a fresh one, each time a worker turns ready: what held requests wait on.
+        self._turned_ready = asyncio.Event()
 
     async def set_addresses(self, role: Role, addresses: Sequence[str]) -> None:
         """Apply a discovery update: add new workers (checked at once), retire vanished ones."""
@@ -153,7 +155,10 @@ class WorkerPool:
             log.log(level, "worker %s is now %s", worker.client.address, "ready" if ready else "NOT ready")
             if not ready:  # it may come back restarted, its cache empty
                 self._forget(worker.client.address)
-        worker.healthy = ready
+        was_ready, worker.healthy = worker.healthy, ready
+        if ready and not was_ready:
+            self._turned_ready.set()
+            self._turned_ready = asyncio.Event()
 
     def _retire(self, worker: WorkerState) -> None:
         """A worker gone from discovery gets no new calls, but the calls it has keep their channel until
@@ -215,4 +220,13 @@ class WorkerPool:
             pool.workers.clear()
 
     def ready(self) -> bool:
-        return all(any(w.healthy for w in pool.workers.values()) for pool in self.roles.values())
+        return all(self.has_ready(role) for role in self.roles)
+
+    def has_ready(self, role: Role) -> bool:
+        """Whether `role` has a worker that passed its last readiness check (and no call failed since)."""
+        return any(w.healthy for w in self.roles[role].workers.values())
+
+    async def wait_turned_ready(self, timeout_s: float) -> None:
+        """Return once some worker turns ready, or after `timeout_s`, whichever comes first."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._turned_ready.wait(), timeout_s)
