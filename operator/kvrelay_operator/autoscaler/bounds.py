@@ -52,7 +52,8 @@ def apply_ratio_bounds(
     """The prefill:decode ratio within [ratio_min, ratio_max]; True when it cut a role.
 
     The short side is raised first (up to its max): a ratio bound must never cost SLO headroom;
-    the long side comes down only as far as the raised side cannot follow.
+    the long side comes down only as far as the raised side cannot follow. A role at zero has no
+    ratio to keep: only an idle model's roles get there (scale_to_zero.py), and load brings both up.
     """
     out = dict(proposed)
     p, d = out["prefill"].replicas, out["decode"].replicas
@@ -64,7 +65,7 @@ def apply_ratio_bounds(
         out = _moved_by_ratio(out, {"prefill": new_p, "decode": new_d}, f"ratio max {config.ratio_max}")
         cut = cut or new_p < p
         p, d = new_p, new_d
-    if config.ratio_min is not None and d > 0 and p / d < config.ratio_min:
+    if config.ratio_min is not None and p > 0 and d > 0 and p / d < config.ratio_min:
         new_p = min(math.ceil(d * config.ratio_min - 1e-9), p_max)
         new_d = min(d, math.floor(new_p / config.ratio_min + 1e-9))
         out = _moved_by_ratio(out, {"prefill": new_p, "decode": new_d}, f"ratio min {config.ratio_min}")

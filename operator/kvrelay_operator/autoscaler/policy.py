@@ -1,6 +1,6 @@
 """The SLO autoscaling policy: `decide(snapshot, state, config, now) -> (Decision, new_state)`.
 
-Pure: no clock, no I/O, no kubernetes/kopf/torch. One decision reads as four phases:
+Pure: no clock, no I/O, no kubernetes/kopf/torch. One decision reads as five phases:
 
     metrics usable? --no--> hold what runs (ReasonCode.NO_METRICS)
         |
@@ -9,6 +9,8 @@ Pure: no clock, no I/O, no kubernetes/kopf/torch. One decision reads as four pha
     needs      (_replicas_needed) replicas the SLOs need: up now, down only for a proven window
         |
     stabilise  (stabilize.py)     fast up, proven N-1 down, cooldowns, step caps, flap damping
+        |
+    zero       (scale_to_zero.py) minReplicas 0: up from zero on load, to zero after an idle window
         |
     bounds     (bounds.py)        per-role min/max, prefill:decode ratio, GPU budget
         |
@@ -24,6 +26,7 @@ from kvrelay_operator.autoscaler.bounds import apply_bounds, within_limits
 from kvrelay_operator.autoscaler.estimators import kv_cache_replicas, mean_prompt_tokens
 from kvrelay_operator.autoscaler.load import Load, estimate_load
 from kvrelay_operator.autoscaler.queueing import servers_for_wait
+from kvrelay_operator.autoscaler.scale_to_zero import last_load_at, to_and_from_zero, with_zero_pools
 from kvrelay_operator.autoscaler.stabilize import (
     RoleNeed,
     advance_role_state,
@@ -54,6 +57,7 @@ def decide(
     snapshot: Snapshot, state: PolicyState, config: PolicyConfig, now: float
 ) -> tuple[Decision, PolicyState]:
     """Decide desired prefill and decode replicas from one metrics snapshot (phases: module docstring)."""
+    snapshot = with_zero_pools(snapshot)
     metrics = snapshot.metrics
     problem = _metrics_problem(metrics, config, now)
     if problem is not None or metrics is None:
@@ -77,11 +81,14 @@ def decide(
         role: stabilize(role, snapshot.role(role), roles_state[role], config, now, needs.role(role))
         for role in ROLES
     }
+    # scale to zero (minReplicas 0): up from zero on load, down to zero after an idle window
+    proposed = to_and_from_zero(proposed, snapshot, metrics, load.history, state, config, now, metrics_since)
     # bounds
     bounded, limited = apply_bounds(proposed, needs.up, config)
 
     decision = _decision(snapshot, metrics, load, sizing, needs, bounded, limited, now)
-    return decision, _next_state(snapshot, metrics, load, needs, roles_state, decision, metrics_since, now)
+    new_state = _next_state(snapshot, metrics, load, needs, roles_state, decision, metrics_since, now)
+    return decision, new_state.model_copy(update={"last_load_at": last_load_at(state, metrics, now)})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,9 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from kvrelay_operator.autoscaler.types import MetricsSample
 
 # A gauge every worker exports on every scrape: its newest sample time is the age of what
-# Prometheus knows about the pools. (One name only: timestamp() drops names, and series of two
-# names with equal labels would collide.)
+# Prometheus knows about the pools. With both pools scaled to zero no worker exports anything, so
+# the router's hold gauge (exported from its start, at 0 for both roles) proves freshness then; a
+# pool that has ready replicas but no series still holds the policy (its rates are missing).
 _FRESHNESS_SERIES = "kvrelay_requests_running"
+_ROUTER_FRESHNESS_SERIES = "kvrelay_router_requests_waiting_for_replicas"
 
 
 class QuerySpec(BaseModel):
@@ -50,8 +52,17 @@ def build_queries(spec: QuerySpec) -> dict[str, str]:
     def gauge(name: str, role: str, agg: str = "sum") -> str:
         return f'{agg}({name}{{{m},role="{role}"}})'
 
+    def held(role: str) -> str:
+        # The most held in the window, summed over routers: a request held between two decisions
+        # (refused at its timeout, or served once a replica came) still counts as load.
+        return f'sum(max_over_time(kvrelay_router_requests_waiting_for_replicas{{{m},role="{role}"}}[{w}]))'
+
     return {
-        "observed_at": f"max(timestamp({_FRESHNESS_SERIES}{{{m}}}))",
+        # `or` keeps both sides' series (after timestamp() drops the names, a duplicate label set
+        # on the right is dropped, never an error): the newest sample of either.
+        "observed_at": (
+            f"max(timestamp({_FRESHNESS_SERIES}{{{m}}}) or timestamp({_ROUTER_FRESHNESS_SERIES}{{{m}}}))"
+        ),
         "ttft_seconds": quantile("kvrelay_time_to_first_token_seconds"),
         "itl_seconds": quantile("kvrelay_inter_token_latency_seconds"),
         "request_rate": rate("kvrelay_requests_total"),
@@ -67,6 +78,8 @@ def build_queries(spec: QuerySpec) -> dict[str, str]:
             f" / sum(rate(kvrelay_kv_transfer_seconds_count{{{m}}}[{w}]))"
         ),
         "prefill_busy_seconds_per_second": rate("kvrelay_prefill_seconds_sum", "prefill"),
+        "prefill_requests_waiting_for_replicas": held("prefill"),
+        "decode_requests_waiting_for_replicas": held("decode"),
     }
 
 
@@ -82,7 +95,7 @@ def parse_scalar(result: Any) -> float | None:
 
 
 def to_sample(values: Mapping[str, float | None], window_seconds: float) -> MetricsSample | None:
-    """Build the sample, or None when no worker series exists at all."""
+    """Build the sample, or None when no worker or router series exists at all."""
     observed_at = values.get("observed_at")
     if observed_at is None:
         return None

@@ -38,6 +38,17 @@ class MetricsSample(_Frozen):
     prefill_busy_seconds_per_second: float | None = Field(
         None, ge=0, description="rate(prefill_seconds_sum) summed over the prefill pool (busy replicas)."
     )
+    prefill_requests_waiting_for_replicas: float | None = Field(
+        None, ge=0, description="Requests the router held for a ready prefill replica in the window (most)."
+    )
+    decode_requests_waiting_for_replicas: float | None = Field(
+        None, ge=0, description="Requests the router held for a ready decode replica in the window (most)."
+    )
+
+    def waiting_for_replicas(self, role: Role) -> float:
+        """Requests held at the router for a ready replica of `role` (scaled to zero); 0 when unknown."""
+        value = getattr(self, f"{role}_requests_waiting_for_replicas")
+        return value or 0.0
 
 
 class RoleReplicas(_Frozen):
@@ -208,6 +219,11 @@ class PolicyState(_Frozen):
     metrics_since: float | None = Field(
         None, description="Start of the current unbroken run of usable metrics (scale-down needs a window)."
     )
+    last_load_at: float | None = Field(
+        None,
+        description="Last decision that saw any load (requests held, queued or running, tokens made): "
+        "a role goes to zero only a whole scale-down window after it.",
+    )
 
     def role(self, role: Role) -> RoleState:
         """The remembered state of `role`."""
@@ -217,9 +233,9 @@ class PolicyState(_Frozen):
 class ReasonCode(StrEnum):
     """Why a role has the replicas it has, in few words: the `reason` label of decisions_total.
 
-    The phase that had the last word sets it (stabilise, then bounds); `RoleDecision.reason` says
-    the same for humans, with the numbers. Alerts match the bound codes (`limitedReasonRegex` in
-    the chart's values), so a value never changes.
+    The phase that had the last word sets it (stabilise, scale to zero, then bounds);
+    `RoleDecision.reason` says the same for humans, with the numbers. Alerts match the bound codes
+    (`limitedReasonRegex` in the chart's values), so a value never changes.
     """
 
     NO_METRICS = "no_metrics"  # metrics missing or stale: hold what runs
@@ -231,6 +247,8 @@ class ReasonCode(StrEnum):
     REPLICA_BOUNDS = "replica_bounds"  # clamped to the role's min/max replicas
     RATIO_BOUND = "ratio_bound"  # moved by the prefill:decode ratio bounds
     GPU_BUDGET = "gpu_budget"  # cut to fit the GPU budget
+    REQUESTS_WAITING = "requests_waiting"  # up from zero: requests wait at the router (scale_to_zero.py)
+    IDLE = "idle"  # down to zero, or kept there: no load for a whole scale-down window
 
 
 # Codes that say a bound cut or moved what stabilise proposed (the chart's alert matches these).

@@ -41,6 +41,8 @@ def test_codes_are_the_stable_label_values() -> None:
         "replica_bounds",
         "ratio_bound",
         "gpu_budget",
+        "requests_waiting",
+        "idle",
     }
     assert str(ReasonCode.GPU_BUDGET) == "gpu_budget"  # a StrEnum: str() is the label itself
 
