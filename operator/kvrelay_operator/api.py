@@ -341,6 +341,23 @@ class RouterSpec(CRModel):
         description="Who recomputes a resumed stream's KV: a prefill worker, relayed to the new decode "
         "worker (default; keeps the decode batch running), or the new decode worker itself.",
     )
+    max_waiting_requests: int = Field(
+        default=256,
+        ge=0,
+        le=100000,
+        description="Scale to zero: requests the router holds at once while prefill or decode has no ready "
+        "replica (a role scaled to zero, or its pods still starting); one more gets a 503 "
+        "no_ready_replicas with Retry-After.",
+    )
+    max_wait_seconds: int = Field(
+        default=60,
+        ge=0,
+        le=3600,
+        description="Scale to zero: how long the router holds a request for a ready replica of each role it "
+        "needs before a 503 no_ready_replicas with Retry-After; set it above the time a replica takes to "
+        "start (the autoscaler sees held requests and scales a role at zero up). 0: no holding, a 503 at "
+        "once.",
+    )
     prefix_weight: float = Field(
         default=1.0,
         ge=0,

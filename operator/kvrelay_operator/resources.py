@@ -293,6 +293,8 @@ def router_args(spec: api.DisaggregatedModelSpec, ctx: RenderContext, model_path
         "--max-migrations", str(spec.router.max_migrations), "--resume-via", spec.router.resume_via,
         "--prefix-weight", str(spec.router.prefix_weight),
         "--decode-prefix-weight", str(spec.router.decode_prefix_weight),
+        "--max-waiting-requests", str(spec.router.max_waiting_requests),
+        "--max-wait-seconds", str(spec.router.max_wait_seconds),
     ]  # fmt: skip
     if spec.router.api_key_secret is not None:
         args += ["--api-key-file", f"{API_KEY_DIR}/{spec.router.api_key_secret.key}"]
@@ -400,8 +402,11 @@ def _worker_probes() -> dict[str, Any]:
 
 
 def _router_probes() -> dict[str, Any]:
+    # /ready answers 200 once every role has a ready worker, or at once while the router holds requests
+    # for one (a role scaled to zero must not take the router out of its Service). Liveness is /metrics:
+    # workers being away is no reason to restart the router.
     return _probes(
-        {"httpGet": {"path": "/health", "port": "http"}}, {"httpGet": {"path": "/health", "port": "http"}}
+        {"httpGet": {"path": "/ready", "port": "http"}}, {"httpGet": {"path": "/metrics", "port": "http"}}
     )
 
 

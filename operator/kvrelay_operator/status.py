@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from kvrelay_operator import api
-from kvrelay_operator.replicas import target_replicas
+from kvrelay_operator.replicas import target_replicas, waiting_for_model_cache
 from kvrelay_operator.resources import cache_key
 
 ConditionStatus = Literal["True", "False", "Unknown"]
@@ -198,8 +198,14 @@ def compute_status(
     failing += [f"{role}: {why}" for role, why in (container_errors or {}).items()]
     conds = list(status.conditions)
     gen = generation  # the spec generation these conditions describe (same value on both paths)
+    asleep = scaled_to_zero(spec, status)
     if waiting:
         conds = set_condition(conds, "Ready", "False", "WaitingForReplicas", "; ".join(waiting), now, gen)
+    elif asleep:
+        # Serving: a request is held at the router while the role starts again (or answered 503 at
+        # once when holding is off), so Ready stays True and the message says why a pool is empty.
+        message = scaled_to_zero_message(spec, asleep)
+        conds = set_condition(conds, "Ready", "True", "ScaledToZero", message, now, gen)
     else:
         conds = set_condition(conds, "Ready", "True", "AllReplicasReady", "all roles ready", now, gen)
     if rolling or waiting:
@@ -223,6 +229,27 @@ def compute_status(
         "Degraded" if failing else "Ready" if not waiting else "Progressing" if deployments else "Pending"
     )
     return new
+
+
+def scaled_to_zero(spec: api.DisaggregatedModelSpec, status: api.DisaggregatedModelStatus) -> list[str]:
+    """Worker roles the operator runs at zero replicas (the autoscaler's scale to zero, or the spec's
+    replicas 0); not while the pools wait for a first model cache fill (that has its own condition)."""
+    if waiting_for_model_cache(spec, status):
+        return []
+    return [role for role in api.WORKER_ROLES if target_replicas(spec, status, role) == 0]
+
+
+def scaled_to_zero_message(spec: api.DisaggregatedModelSpec, roles: list[str]) -> str:
+    """The Ready condition's message while `roles` are at zero: what a client sees meanwhile."""
+    names = " and ".join(roles)
+    wait = spec.router.max_wait_seconds
+    if wait > 0:
+        seen = f"requests wait at the router (up to {wait} s) until a replica is ready"
+        if spec.autoscaling.mode == "auto":
+            seen += "; the autoscaler scales up on held requests"
+    else:
+        seen = "requests get a 503 at once (router.maxWaitSeconds is 0)"
+    return f"all roles ready; {names} scaled to zero: {seen}"
 
 
 def cache_status_for_spec(

@@ -473,12 +473,20 @@ def test_rendered_command_lines_parse_with_the_real_entrypoints() -> None:
     assert args.api_key_file == "/var/run/secrets/kvrelay/api-key"
     assert args.max_migrations == 3 and args.resume_via == "prefill" and args.prefix_weight == 1.0
     assert args.decode_prefix_weight == 2.0
-    router = {"maxMigrations": 0, "resumeVia": "decode", "prefixWeight": 0, "decodePrefixWeight": 0.5}
+    assert (int(args.max_waiting_requests), float(args.max_wait_seconds)) == (256, 60.0)
+    router = {"maxMigrations": 0, "resumeVia": "decode", "prefixWeight": 0, "decodePrefixWeight": 0.5,
+              "maxWaitingRequests": 8, "maxWaitSeconds": 0}  # fmt: skip
     args, _ = router_main.build_parser().parse_known_args(
         container(render(spec(router=router)), "router")["args"][2:]
     )
     assert args.max_migrations == 0 and args.resume_via == "decode" and args.prefix_weight == 0.0
     assert args.decode_prefix_weight == 0.5
+    assert (args.max_waiting_requests, args.max_wait_seconds) == (8, 0.0)
+    # The router takes requests (and holds them) while a pool is at zero; workers away never restart it.
+    probes = container(children, "router")
+    assert probes["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
+    assert probes["startupProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
+    assert probes["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "http"}
 
 
 def test_replicas_are_drift_only_when_someone_else_set_them() -> None:

@@ -57,6 +57,37 @@ def test_all_ready_is_ready() -> None:
     assert out.decode == api.RoleStatus(replicas=2, ready_replicas=2, desired_replicas=2)
 
 
+def test_a_role_scaled_to_zero_keeps_the_model_ready_and_says_what_clients_see() -> None:
+    auto = {"mode": "auto", "prometheusUrl": "http://p:9090"}
+    s = spec(autoscaling=auto, decode={"replicas": 1, "minReplicas": 0})
+    asleep = api.DisaggregatedModelStatus(decode=api.RoleStatus(desired_replicas=0))
+    deployments = {"prefill": ready(1), "decode": ready(0), "router": ready(1)}
+    out = compute_status(s, asleep, deployments, 2, ENDPOINT, NOW)
+    c = conditions(out)
+    assert out.phase == "Ready" and out.decode is not None and out.decode.desired_replicas == 0
+    assert (c["Ready"].status, c["Ready"].reason) == ("True", "ScaledToZero")
+    assert (c["Degraded"].status, c["Progressing"].status) == ("False", "False")
+    assert c["Ready"].message == (
+        "all roles ready; decode scaled to zero: requests wait at the router (up to 60 s) until a replica "
+        "is ready; the autoscaler scales up on held requests"
+    )
+    # Waking up: the replica asked for is not ready yet; nothing is Degraded meanwhile.
+    waking = api.DisaggregatedModelStatus(decode=api.RoleStatus(desired_replicas=1))
+    out = compute_status(s, waking, {**deployments, "decode": ready(1, 0)}, 2, ENDPOINT, NOW)
+    c = conditions(out)
+    assert (c["Ready"].reason, c["Degraded"].status) == ("WaitingForReplicas", "False")
+    assert "decode 0/1 ready" in c["Ready"].message
+    # Both roles at zero by hand, holding off: the message says so.
+    off = spec(prefill={"replicas": 0, "minReplicas": 0}, decode={"replicas": 0, "minReplicas": 0},
+               router={"maxWaitSeconds": 0})  # fmt: skip
+    both = {"prefill": ready(0), "decode": ready(0), "router": ready(1)}
+    c = conditions(compute_status(off, api.DisaggregatedModelStatus(), both, 1, ENDPOINT, NOW))
+    assert c["Ready"].message == (
+        "all roles ready; prefill and decode scaled to zero: requests get a 503 at once "
+        "(router.maxWaitSeconds is 0)"
+    )
+
+
 def test_missing_and_unready_roles_are_named() -> None:
     out = compute_status(
         spec(decode={"replicas": 4}),
