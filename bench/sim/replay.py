@@ -17,6 +17,7 @@ from sim.model import ReplicaModel
 from sim.traces import Trace
 
 _TAIL_SECONDS = 120.0
+REVERSAL_WINDOW_SECONDS = 3600.0
 _VIOLATION_BIN_SECONDS = 10.0
 # A profile is measured at one generic point, not tuned to a trace (learning must fix the rest).
 _PROFILE_PROMPT_TOKENS = 2048
@@ -34,6 +35,7 @@ class Scenario:
     interval_seconds: float = 30.0
     min_replicas: int = 1
     max_replicas: int = 64
+    real: bool = False  # a recorded trace (the bar applies), not a synthetic shape
 
     def policy_config(self) -> PolicyConfig:
         """kvrelay's config as a user would write it from a profile at one generic point."""
@@ -177,6 +179,8 @@ class Timeline:
     replicas: dict[str, list[int]] = field(default_factory=lambda: {"prefill": [], "decode": []})
     arrivals: list[float] = field(default_factory=list)
     in_slo: list[bool] = field(default_factory=list)
+    ttft_ok: list[bool] = field(default_factory=list)
+    itl_ok: list[bool] = field(default_factory=list)
 
 
 def run(
@@ -214,7 +218,25 @@ def run(
     if timeline is not None:
         timeline.arrivals = [r.arrival for r in cluster.requests]
         timeline.in_slo = [_meets(r, scenario) for r in cluster.requests]
+        timeline.ttft_ok = [
+            (t := r.ttft()) is not None and t <= scenario.ttft_slo_seconds for r in cluster.requests
+        ]
+        timeline.itl_ok = [
+            (t := r.itl()) is not None and t <= scenario.itl_slo_seconds for r in cluster.requests
+        ]
     return _score(scenario, controller.name, cluster, events, end)
+
+
+def reversal_times(events: list[tuple[float, int]]) -> list[float]:
+    """Times of the scale events that go against the one before them."""
+    return [b[0] for a, b in itertools.pairwise(events) if a[1] != b[1]]
+
+
+def max_in_window(times: list[float], window: float) -> int:
+    """Most of `times` inside any window of `window` seconds (the bar's "per hour", held over every
+    hour of the run rather than averaged: a rate over a 58-minute trace would count two reversals
+    as 2.07 per hour, and one over a long trace would hide a flapping hour among calm ones)."""
+    return max((sum(1 for t in times if start <= t < start + window) for start in times), default=0)
 
 
 def _meets(req: SimRequest, scenario: Scenario) -> bool:
@@ -247,9 +269,10 @@ def _score(
     }
     for role in ("prefill", "decode"):
         signs = [s for _, s in events[role]]
-        reversals = sum(1 for a, b in itertools.pairwise(signs) if a != b)
+        turns = reversal_times(events[role])
         out[f"{role}_scale_events_per_hour"] = round(len(signs) / hours, 2)
-        out[f"{role}_reversals_per_hour"] = round(reversals / hours, 2)
+        out[f"{role}_reversals_per_hour"] = round(len(turns) / hours, 2)
+        out[f"{role}_max_reversals_in_an_hour"] = max_in_window(turns, REVERSAL_WINDOW_SECONDS)
     out["violation_seconds_after_steps"] = _violation_after_steps(scenario, reqs, ok)
     return out
 

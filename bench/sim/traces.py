@@ -38,8 +38,11 @@ def traces_dir(repo_root: Path) -> Path:
     return Path(env) if env else (repo_root / ".." / "shared" / "traces").resolve()
 
 
-def load_azure_conv(path: Path, copies: int = 1, seed: int = 0, limit_seconds: float | None = None) -> Trace:
-    """Azure LLM inference trace 2023 (conversation); `copies` superposes jittered copies."""
+def load_azure_conv(
+    path: Path, copies: int = 1, seed: int = 0, limit_seconds: float | None = None, kind: str = "conv"
+) -> Trace:
+    """Azure LLM inference trace 2023 (`kind` conv or code: same columns); `copies` superposes
+    jittered copies."""
     rows: list[Request] = []
     start: datetime | None = None
     with path.open() as f:
@@ -50,7 +53,7 @@ def load_azure_conv(path: Path, copies: int = 1, seed: int = 0, limit_seconds: f
             if limit_seconds is not None and at > limit_seconds:
                 break
             rows.append((at, int(row["ContextTokens"]), max(int(row["GeneratedTokens"]), 1)))
-    return Trace(f"azure_conv_x{copies}", _superpose(rows, copies, seed))
+    return Trace(f"azure_{kind}_x{copies}", _superpose(rows, copies, seed))
 
 
 def load_mooncake(path: Path, copies: int = 1, seed: int = 0, limit_seconds: float | None = None) -> Trace:
@@ -64,6 +67,17 @@ def load_mooncake(path: Path, copies: int = 1, seed: int = 0, limit_seconds: flo
                 break
             rows.append((at, int(obj["input_length"]), max(int(obj["output_length"]), 1)))
     return Trace(f"mooncake_x{copies}", _superpose(rows, copies, seed))
+
+
+def load_mooncake_conversation(path: Path, copies: int = 1, seed: int = 0) -> Trace:
+    """Mooncake FAST'25 conversation trace (real arrivals over one hour), reduced to
+    `timestamp_ms,input_length,output_length` (bench/traces/README.md)."""
+    with path.open() as f:
+        rows = [
+            (int(row["timestamp_ms"]) / 1000.0, int(row["input_length"]), max(int(row["output_length"]), 1))
+            for row in csv.DictReader(f)
+        ]
+    return Trace(f"mooncake_conversation_x{copies}", _superpose(rows, copies, seed))
 
 
 def _superpose(rows: list[Request], copies: int, seed: int) -> list[Request]:

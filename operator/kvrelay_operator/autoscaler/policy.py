@@ -87,7 +87,7 @@ def decide(
     bounded, limited = apply_bounds(proposed, needs.up, config)
 
     decision = _decision(snapshot, metrics, load, sizing, needs, bounded, limited, now)
-    new_state = _next_state(snapshot, metrics, load, needs, roles_state, decision, metrics_since, now)
+    new_state = _next_state(snapshot, metrics, load, needs, roles_state, decision, metrics_since, now, config)
     return decision, new_state.model_copy(update={"last_load_at": last_load_at(state, metrics, now)})
 
 
@@ -231,6 +231,7 @@ def _next_state(
     decision: Decision,
     metrics_since: float,
     now: float,
+    config: PolicyConfig,
 ) -> PolicyState:
     """What the policy remembers for the next decision."""
     new_roles = {
@@ -241,6 +242,7 @@ def _next_state(
             load.capacity[role],
             now,
             None if needs.drained[role] else min(needs.steady[role], decision.role(role).replicas),
+            config.reversal_window_seconds,
         )
         for role in ROLES
     }

@@ -84,6 +84,14 @@ def stabilize(
             return _hold(current, f"{metric} above SLO", ReasonCode.SLO_VIOLATION)
         if replicas.pending > 0:
             return _hold(current, f"{replicas.pending} replica(s) still loading", ReasonCode.REPLICAS_LOADING)
+        if role_state.last_direction == "up":
+            turns = recent_reversals(role_state, config, now)
+            if turns + 2 > config.reversal_budget:
+                # This scale-down is a reversal, and a scale-up after it would be one more: a load
+                # that comes back must not take the role past its budget (no flapping, by count).
+                window = config.reversal_window_seconds
+                why = f"reversal budget ({turns} in the last {window:.0f}s, budget {config.reversal_budget})"
+                return _hold(current, why, ReasonCode.COOLDOWN)
         since_up = math.inf if role_state.last_up_at is None else now - role_state.last_up_at
         cooldown = config.scale_down_cooldown_seconds * role_state.damping
         if since_up < cooldown:
@@ -112,6 +120,11 @@ def stabilize(
     return Proposal(
         replicas=current, reason=f"steady: load needs {need_up}, have {current}", code=ReasonCode.STEADY
     )
+
+
+def recent_reversals(role_state: RoleState, config: PolicyConfig, now: float) -> int:
+    """Reversals of the role within the reversal window before `now`."""
+    return sum(1 for at in role_state.reversal_times if now - at < config.reversal_window_seconds)
 
 
 def _hold(current: int, why: str, code: ReasonCode) -> Proposal:
@@ -146,7 +159,12 @@ def release_settled_damping(
 
 
 def advance_role_state(
-    old: RoleState, direction: Direction, capacity: float, now: float, steady_need: int | None
+    old: RoleState,
+    direction: Direction,
+    capacity: float,
+    now: float,
+    steady_need: int | None,
+    reversal_window_seconds: float,
 ) -> RoleState:
     """The role's memory after this decision moved it in `direction`."""
     if direction == "none":
@@ -162,6 +180,11 @@ def advance_role_state(
         num_reversals=old.num_reversals + int(reversed_),
         damping=min(old.damping * 2, MAX_DAMPING) if regretted else old.damping,
         last_reversal_at=now if regretted else old.last_reversal_at,
+        reversal_times=tuple(
+            at
+            for at in (*old.reversal_times, *([now] if reversed_ else []))
+            if now - at < reversal_window_seconds
+        ),
         # Only a scale-up sets what the cooldown protects; a scale-down ends that.
         steady_need_at_up=steady_need if direction == "up" else None,
     )

@@ -120,6 +120,13 @@ class PolicyConfig(_Frozen):
         0.34, gt=0, le=1, description="Most of a role's replicas one decision removes (at least one)."
     )
     scale_down_step_seconds: float = Field(60.0, ge=0, description="Least time between two scale-downs.")
+    reversal_budget: int = Field(
+        2,
+        ge=0,
+        description="Most direction reversals per role within `reversal_window_seconds`: a scale-down that "
+        "turns after a scale-up waits until the window has room for it and for the scale-up that may follow.",
+    )
+    reversal_window_seconds: float = Field(3600.0, gt=0)
     damping_decay_seconds: float = Field(
         1800.0, gt=0, description="Flap damping halves after this long without a reversal."
     )
@@ -198,6 +205,9 @@ class RoleState(_Frozen):
         1.0, ge=1.0, description="Multiplies the scale-down window and cooldown; doubles per reversal."
     )
     last_reversal_at: float | None = None
+    reversal_times: tuple[float, ...] = Field(
+        (), description="When the role turned direction within the reversal window, oldest first."
+    )
     steady_need_at_up: int | None = Field(
         None,
         description="Replicas the load without its backlog needed at the last scale-up: the rest may go "

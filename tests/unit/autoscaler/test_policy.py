@@ -470,3 +470,42 @@ def test_decode_extrapolates_the_arrivals_trend_not_a_flushed_backlog() -> None:
     # ...flat arrivals: what decode makes now is the demand; the flush ends by itself.
     assert flushed.inputs["decode_forecast_tokens_per_second"] == pytest.approx(rate * OUTPUT)
     assert flushed.decode.needed < on_ramp.decode.needed
+
+
+def test_reversal_budget_bounds_turns_per_hour_whatever_the_load() -> None:
+    # Four hours of a load that rises and falls every 10 minutes: every fall invites a scale-down
+    # and every rise forces a scale-up; the budget allows one down-up pair per window, no more.
+    pools = FakePools(prefill=2, decode=2, config=make_config(max_surge_headroom=0.0))
+    turns: dict[str, list[float]] = {"prefill": [], "decode": []}
+    last: dict[str, str] = {}
+    for step in range(480):
+        decision = pools.tick(60.0 if (step // 20) % 2 == 0 else 10.0)
+        for role in ("prefill", "decode"):
+            direction = decision.role(role).direction  # type: ignore[arg-type]
+            if direction != "none":
+                if last.get(role) not in (None, direction):
+                    turns[role].append(pools.now)
+                last[role] = direction
+    window = pools.config.reversal_window_seconds
+    for role, times in turns.items():
+        assert times, f"{role} never scaled down: the test load does not exercise the budget"
+        # Any window of the budget's length holds at most `reversal_budget` reversals.
+        for at in times:
+            assert sum(1 for t in times if at <= t < at + window) <= pools.config.reversal_budget, (
+                role,
+                times,
+            )
+    # The memory is trimmed to the window at each change: it does not grow with time.
+    assert len(pools.state.prefill.reversal_times) <= pools.config.reversal_budget
+
+
+def test_a_scale_down_that_would_exceed_the_budget_holds_and_says_why() -> None:
+    pools = FakePools(prefill=2, decode=2, config=make_config(max_surge_headroom=0.0))
+    pools.tick(60.0)  # scale up
+    prefill = pools.state.prefill.model_copy(update={"reversal_times": (pools.now,)})
+    pools.state = pools.state.model_copy(update={"prefill": prefill})
+    for _ in range(30):
+        decision = pools.tick(5.0)
+        assert decision.prefill.direction != "down"
+    assert "reversal budget (1 in the last 3600s, budget 2)" in decision.prefill.reason
+    assert decision.prefill.code == "cooldown"
