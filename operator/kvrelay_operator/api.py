@@ -770,14 +770,110 @@ class RoleStatus(StatusModel):
     )
 
 
-class AutoscalerStatus(StatusModel):
-    """The autoscaler's last decision."""
+MAX_REVERSALS = 64  # the newest kept; the policy counts those of the last hour against a budget of 2
 
-    last_decision_time: str | None = Field(default=None, description="RFC 3339 time of the decision.")
+
+class AutoscalerRoleState(StatusModel):
+    """What the autoscaler remembers about one role (times: unix seconds)."""
+
+    capacity_tokens_per_second: float | None = Field(
+        default=None, gt=0, description="Learned tokens/s one replica serves (unset: the profile seed)."
+    )
+    last_change_at: float | None = Field(default=None, description="When it last changed the replicas.")
+    last_up_at: float | None = Field(default=None, description="When it last scaled up.")
+    last_direction: Literal["up", "down", "none"] = Field(default="none", description="Its last move.")
+    num_reversals: int = Field(default=0, ge=0, description="Moves that went against the one before.")
+    damping: float = Field(
+        default=1.0, ge=1.0, le=64.0, description="Flap damping: stretches the scale-down window, cooldown."
+    )
+    last_reversal_at: float | None = Field(default=None, description="When damping last doubled or decayed.")
+    reversal_times: list[float] = Field(
+        default_factory=list,
+        max_length=MAX_REVERSALS,
+        description="When it turned direction within the reversal window (the reversal budget counts these).",
+    )
+    steady_need_at_up: int | None = Field(
+        default=None, ge=0, description="Replicas the load without its backlog needed at the last scale-up."
+    )
+
+
+MAX_DEMAND_SAMPLES = 400  # the policy keeps 1,800 s of history: 361 samples at the 5 s minimum interval
+
+
+class DemandHistoryState(StatusModel):
+    """Demand seen at past decisions, one column per value: sample i was seen at start + offsetsSeconds[i]."""
+
+    model_config = cel(
+        (
+            "self.offsetsSeconds.size() == self.prefillTokensPerSecond.size() && "
+            "self.offsetsSeconds.size() == self.decodeTokensPerSecond.size()",
+            "offsetsSeconds, prefillTokensPerSecond and decodeTokensPerSecond must have the same length",
+        )
+    )
+
+    start: float = Field(description="Unix time of the first sample.")
+    offsets_seconds: list[float] = Field(
+        max_length=MAX_DEMAND_SAMPLES, description="Seconds from start to each sample."
+    )
+    prefill_tokens_per_second: list[float] = Field(
+        max_length=MAX_DEMAND_SAMPLES, description="Prompt tokens/s offered at each sample."
+    )
+    decode_tokens_per_second: list[float] = Field(
+        max_length=MAX_DEMAND_SAMPLES, description="Generated tokens/s demanded at each sample."
+    )
+
+    @model_validator(mode="after")
+    def _same_length(self) -> DemandHistoryState:
+        columns = (self.offsets_seconds, self.prefill_tokens_per_second, self.decode_tokens_per_second)
+        if len({len(column) for column in columns}) > 1:
+            raise ValueError(
+                "offsetsSeconds, prefillTokensPerSecond and decodeTokensPerSecond must have the same length"
+            )
+        return self
+
+
+class AutoscalerState(StatusModel):
+    """The autoscaler's learned state, read back by an operator that restarts or takes over the lead.
+
+    Written with the decisions (on a material change or a heartbeat), so it may be a few minutes
+    older than the running operator's memory. The start of the current run of metrics is left out on
+    purpose: after any restart, scale-down waits for a fresh window of metrics.
+    """
+
+    prefill: AutoscalerRoleState = Field(default_factory=AutoscalerRoleState, description="Prefill role.")
+    decode: AutoscalerRoleState = Field(default_factory=AutoscalerRoleState, description="Decode role.")
+    demand_history: DemandHistoryState | None = Field(
+        default=None, description="Demand over the longest window the policy looks back (surge, trend)."
+    )
+    mean_output_tokens: float | None = Field(default=None, ge=0, description="Learned tokens per request.")
+    last_metrics_at: float | None = Field(
+        default=None, description="Unix time of the last decision with usable metrics."
+    )
+    last_queued_prefill_tokens: float | None = Field(
+        default=None, ge=0, description="Prompt tokens queued then (queue growth is measured from it)."
+    )
+    last_waiting_requests: float | None = Field(default=None, ge=0, description="Requests waiting then.")
+    last_prefill_ready: int | None = Field(default=None, ge=0, description="Ready prefill replicas then.")
+    last_load_at: float | None = Field(
+        default=None, description="Unix time of the last decision that saw any load (scale to zero)."
+    )
+
+
+class AutoscalerStatus(StatusModel):
+    """The autoscaler's last decision written, and what it has learned."""
+
+    last_decision_time: str | None = Field(
+        default=None,
+        description="RFC 3339 time of the last decision written. Decisions are written when they change "
+        "something (replicas, reason code, hold, learned state) and otherwise every 5 minutes at least.",
+    )
     prefill_replicas: int | None = Field(default=None, description="Prefill replicas it decided.")
     decode_replicas: int | None = Field(default=None, description="Decode replicas it decided.")
     reason: str = Field(default="", description="Why, in words.")
     inputs: dict[str, float] = Field(default_factory=dict, description="Metric values the decision used.")
+    state: AutoscalerState | None = Field(
+        default=None, description="What it learned (capacity, damping, demand): a restart goes on from it."
+    )
 
 
 class ModelCacheStatus(StatusModel):

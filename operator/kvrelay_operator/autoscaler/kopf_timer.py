@@ -1,12 +1,15 @@
 """The autoscaler's I/O shell: a kopf timer around the pure `policy.decide`.
 
 Every `autoscaling.intervalSeconds`, per DisaggregatedModel whose mode is auto or advisory: read
-Prometheus (in a thread), take replica counts from status, decide, then publish: always
-`status.autoscaler`, the `kvrelay_autoscaler_*` metrics and an Event when something changes; in
-mode auto also `status.<role>.desiredReplicas`, which the reconciler applies
-(`handlers.on_model_event`): the operator stays the only writer of child replicas.
-The policy's state lives in the per-object memo. After a restart capacities re-learn from the
-profile, and no scale-down happens before a fresh window of metrics (the policy enforces that).
+Prometheus (in a thread), take replica counts from status, decide, then publish: always the
+`kvrelay_autoscaler_*` metrics, the decision log and an Event when something changes; in status,
+only when the decision changes something material or as a heartbeat (`heartbeat.should_write`):
+`status.autoscaler` with the learned state, and in mode auto `status.<role>.desiredReplicas`,
+which the reconciler applies (`handlers.on_model_event`): the operator stays the only writer of
+child replicas. The policy's state lives in the per-object memo and, with every status write, in
+`status.autoscaler.state`; an operator with no memo of the model (a restart, a new leader)
+continues from that (`persist.restore`), so learned capacities, damping and cooldowns survive;
+scale-down still waits for a fresh window of metrics after it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,9 @@ from prometheus_client import Counter, Gauge
 from pydantic import ValidationError
 
 from kvrelay_operator import api, replicas
+from kvrelay_operator.autoscaler import persist
 from kvrelay_operator.autoscaler.decision_log import DecisionLog
+from kvrelay_operator.autoscaler.heartbeat import Written, should_write, summarize
 from kvrelay_operator.autoscaler.policy import decide
 from kvrelay_operator.autoscaler.prometheus import PrometheusReader, QuerySpec
 from kvrelay_operator.autoscaler.types import (
@@ -121,8 +126,10 @@ def role_replicas(
     return RoleReplicas(current=current, ready=min(ready, current))
 
 
-def decision_status_patch(decision: Decision, mode: str, when: str, note: str = "") -> dict[str, Any]:
-    """The status merge patch: the decision always, desiredReplicas only in mode auto."""
+def decision_status_patch(
+    decision: Decision, mode: str, when: str, note: str = "", state: PolicyState | None = None
+) -> dict[str, Any]:
+    """The status merge patch: the decision and the learned state, desiredReplicas only in mode auto."""
     reason = decision.reason + (f" ({note})" if note else "")
     patch: dict[str, Any] = {
         "autoscaler": {
@@ -133,6 +140,9 @@ def decision_status_patch(decision: Decision, mode: str, when: str, note: str = 
             "inputs": {k: round(v, 6) for k, v in decision.inputs.items() if math.isfinite(v)},
         }
     }
+    if state is not None:
+        # Nulls included: a merge patch keeps whatever field it does not name.
+        patch["autoscaler"]["state"] = persist.to_status(state).model_dump(by_alias=True, mode="json")
     if mode == "auto" and not decision.hold:
         for role in ROLES:
             patch[role] = {"desiredReplicas": decision.role(role).replicas}
@@ -157,11 +167,12 @@ def event_message(decision: Decision, mode: str) -> str:
 class _Runtime:
     """Per-object memory between ticks."""
 
-    state: PolicyState = field(default_factory=PolicyState)
+    state: PolicyState | None = None  # None until read back from status on the first decision
     last_decision_at: float = -math.inf
     reader: PrometheusReader | None = None
     reader_key: tuple[str, QuerySpec] | None = None
     last_hold: bool | None = None
+    written: Written | None = None  # what this process last wrote to status
 
 
 def _prometheus_url(spec: api.DisaggregatedModelSpec, memo: kopf.Memo) -> str | None:
@@ -206,9 +217,10 @@ async def autoscale(
     **_: Any,
 ) -> None:
     """One autoscaling step for one DisaggregatedModel (skipped until its interval has passed)."""
+    raw_status, saved = _split_saved_state(status)
     try:
         parsed = api.DisaggregatedModelSpec.model_validate(dict(spec))
-        parsed_status = api.DisaggregatedModelStatus.model_validate(dict(status or {}))
+        parsed_status = api.DisaggregatedModelStatus.model_validate(raw_status)
     except ValidationError as exc:
         log.warning("%s/%s: autoscaler skips an invalid spec/status: %s", namespace, name, exc)
         return
@@ -217,6 +229,9 @@ async def autoscale(
     if now - runtime.last_decision_at < parsed.autoscaling.interval_seconds - 0.5:
         return
     runtime.last_decision_at = now
+    config = policy_config(parsed)
+    if runtime.state is None:
+        runtime.state = _restored_state(saved, now, config, f"{namespace}/{name}")
 
     mode = parsed.autoscaling.mode
     metrics, note = await _read_metrics(runtime, _prometheus_url(parsed, memo), query_spec(parsed, name))
@@ -225,12 +240,15 @@ async def autoscale(
         prefill=role_replicas(parsed, parsed_status, "prefill"),
         decode=role_replicas(parsed, parsed_status, "decode"),
     )
-    decision, runtime.state = decide(snapshot, runtime.state, policy_config(parsed), now)
+    decision, runtime.state = decide(snapshot, runtime.state, config, now)
     DECISION_LOG.record(f"{namespace}/{name}", snapshot, decision)
 
-    when = datetime.datetime.fromtimestamp(now, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    for key, value in decision_status_patch(decision, mode, when, note).items():
-        patch.status[key] = value
+    summary = summarize(decision, runtime.state, mode)
+    if should_write(runtime.written, summary):
+        when = datetime.datetime.fromtimestamp(now, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        for key, value in decision_status_patch(decision, mode, when, note, runtime.state).items():
+            patch.status[key] = value
+        runtime.written = summary
     model = served_model(parsed, name)
     for role in ROLES:
         DESIRED_REPLICAS.labels(model, role).set(decision.role(role).replicas)
@@ -246,6 +264,31 @@ async def autoscale(
             message=event_message(decision, mode) + (f" ({note})" if note else ""),
         )
     runtime.last_hold = decision.hold
+
+
+def _split_saved_state(status: kopf.Status | None) -> tuple[dict[str, Any], Any]:
+    """(status without autoscaler.state, that state as stored): a state this version cannot read
+    must not stop the autoscaler, only its restore."""
+    raw = dict(status or {})
+    autoscaler = dict(raw.get("autoscaler") or {})
+    saved = autoscaler.pop("state", None)
+    if "autoscaler" in raw:
+        raw["autoscaler"] = autoscaler
+    return raw, saved
+
+
+def _restored_state(saved: Any, now: float, config: PolicyConfig, obj: str) -> PolicyState:
+    """What a process with no memory of `obj` continues from: status.autoscaler.state, else nothing."""
+    if saved is None:
+        return PolicyState()
+    try:
+        state = persist.restore(api.AutoscalerState.model_validate(saved), now, config)
+    except ValidationError as exc:
+        log.warning("%s: autoscaler starts afresh, its saved state is unreadable: %s", obj, exc)
+        return PolicyState()
+    capacity = {role: state.role(role).capacity_tokens_per_second for role in ROLES}
+    log.info("%s: autoscaler continues from its saved state (learned capacity %s)", obj, capacity)
+    return state
 
 
 def _seconds(duration: str) -> float:
