@@ -17,7 +17,9 @@ LEASE_SECONDS = 3
 class OperatorProcess:
     """A `python -m kvrelay_operator.main` child process with its log in a file."""
 
-    def __init__(self, namespace: str, log: Path, lease_seconds: int = LEASE_SECONDS) -> None:
+    def __init__(
+        self, namespace: str, log: Path, lease_seconds: int = LEASE_SECONDS, env: dict[str, str] | None = None
+    ) -> None:
         self.port = free_port()
         self.metrics_port = free_port()
         self.log = log
@@ -37,7 +39,7 @@ class OperatorProcess:
             str(self.metrics_port),
         ]
         self.proc = subprocess.Popen(
-            args, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=dict(os.environ)
+            args, stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
         )
 
     def identity(self) -> str | None:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -280,3 +281,118 @@ def test_operator_scales_up_under_load_and_back_down_after_it(stack: Stack, cont
         assert ups >= 1
     assert runner.exception is None, runner.output[-3000:]
     assert "failed with an exception" not in runner.output, runner.output[-3000:]
+
+
+def test_restarted_operator_continues_from_the_learned_state(
+    stack: Stack, control_plane: Any, tmp_path: Path
+) -> None:
+    """A real operator process learns under load and is killed; a fresh process (empty memo, a new
+    leader) reads status.autoscaler.state back and decides as the old one would have."""
+    from kvrelay_operator import api
+    from kvrelay_operator.autoscaler import persist
+    from kvrelay_operator.autoscaler.decision_log import LogEntry, read_log
+    from kvrelay_operator.autoscaler.kopf_timer import policy_config
+    from operator_process import OperatorProcess
+
+    envtest, kubectl, cp = control_plane
+    namespace = f"asr-{os.getpid()}-{int(time.time()) % 100000}"
+    envtest.run_kubectl(kubectl, cp, "create", "namespace", namespace)
+
+    def saved_state() -> api.AutoscalerState | None:
+        out = envtest.run_kubectl(kubectl, cp, "get", "dm", "learn", "-n", namespace, "-o", "json")
+        state = ((json.loads(out).get("status") or {}).get("autoscaler") or {}).get("state")
+        return None if state is None else api.AutoscalerState.model_validate(state)
+
+    def entries(path: Path) -> list[LogEntry]:
+        return read_log(path) if path.exists() else []
+
+    cr = yaml.safe_load((REPO_ROOT / "examples" / "tiny.yaml").read_text())
+    cr["metadata"]["name"] = "learn"
+    cr["spec"]["model"]["servedName"] = stack.serve.model
+    cr["spec"]["monitoring"] = {"interval": f"{SCRAPE_SECONDS}s"}
+    # kwok's replicas are Ready but serve nothing: one prefill replica keeps its busy share (what
+    # prefill capacity is learned from) that of the one real worker. Decode scales 1..4.
+    cr["spec"]["prefill"].update(replicas=1, minReplicas=1, maxReplicas=1)
+    cr["spec"]["decode"].update(minReplicas=1, maxReplicas=4)
+    # Seeds well below what the CPU workers do, so what the autoscaler learns is far from them; an
+    # ITL SLO near the tiny model's 10-20 ms steps (decode learns only from ITLs near the SLO).
+    seeds = {"prefill": 1000.0, "decode": 200.0}
+    cr["spec"]["autoscaling"] = {
+        "mode": "auto", "intervalSeconds": 5, "scaleUpCooldownSeconds": 5, "scaleDownCooldownSeconds": 15,
+        "prometheusUrl": stack.prometheus_url, "slo": {"ttftSeconds": 5.0, "itlSeconds": 0.025},
+        "profile": {"prefillTokensPerSecond": seeds["prefill"], "decodeTokensPerSecond": seeds["decode"]},
+    }  # fmt: skip
+    config = policy_config(api.DisaggregatedModelSpec.model_validate(cr["spec"]))
+    env = {**os.environ, "KUBECONFIG": str(cp.kubeconfig)}
+    subprocess.run([str(kubectl), "apply", "-n", namespace, "-f", "-"], input=json.dumps(cr), text=True,
+                   check=True, capture_output=True, env=env)  # fmt: skip
+
+    log1, log2 = tmp_path / "decisions-1.jsonl", tmp_path / "decisions-2.jsonl"
+    first = OperatorProcess(namespace, tmp_path / "operator-1.log", env={"KVRELAY_DECISION_LOG": str(log1)})
+    second: OperatorProcess | None = None
+    try:
+        with Load(stack.serve):
+
+            def learned() -> api.AutoscalerState | None:
+                saved = saved_state()
+                capacity = None if saved is None else saved.prefill.capacity_tokens_per_second
+                return saved if capacity not in (None, seeds["prefill"]) else None
+
+            learned_once = envtest.wait_for(
+                learned, timeout=120, interval=0.5, what="learned capacity in status"
+            )
+            # Stop it right after a status write if one comes soon, so that what it holds in memory is
+            # what status holds (without a material change the next write is the heartbeat's).
+            with contextlib.suppress(TimeoutError):
+                envtest.wait_for(lambda: saved_state() != learned_once, timeout=20, interval=0.2,
+                                 what="the next status write")  # fmt: skip
+            first.stop()  # SIGKILL: no goodbye, as in a crash or a lost node
+            saved = saved_state()
+            assert saved is not None
+
+            # The first operator's memory after each decision, replayed from its decision log (the
+            # policy is pure, so this is exact): status holds one of them, rounded.
+            old, states = PolicyState(), []
+            for entry in entries(log1):
+                decision, old = decide(entry.snapshot, old, config, entry.decision.at)
+                assert decision == entry.decision
+                states.append(old)
+            assert len(states) >= 2 and any(persist.to_status(state) == saved for state in states)
+
+            second = OperatorProcess(namespace, tmp_path / "operator-2.log",
+                                     env={"KVRELAY_DECISION_LOG": str(log2)})  # fmt: skip
+            entry = envtest.wait_for(lambda: next(iter(entries(log2)), None), timeout=60, interval=0.5,
+                                     what="the new operator's first decision")  # fmt: skip
+        snapshot, decision, now = entry.snapshot, entry.decision, entry.decision.at
+
+        # It continued from what status held, read back at its first decision ...
+        restored, kept = persist.restore(saved, now, config), persist.from_status(saved)
+        assert (restored.prefill, restored.decode) == (kept.prefill, kept.decode)
+        assert restored.demand_history == kept.demand_history and restored.metrics_since is None
+        again, _ = decide(snapshot, restored, config, now)
+        assert again == decision
+        assert "continues from its saved state" in second.log.read_text()
+        # ... not from the profile: a fresh state decides from the seeds.
+        learned_p = decision.inputs["prefill_capacity_tokens_per_second"]
+        assert learned_p != seeds["prefill"]
+        fresh, _ = decide(snapshot, PolicyState(), config, now)
+        assert fresh.inputs["prefill_capacity_tokens_per_second"] != learned_p
+        # The old operator's last memory on the same snapshot decides the same, except that a
+        # restart may delay a scale-down (it waits for a fresh window of metrics).
+        continuing, _ = decide(snapshot, old, config, now)
+        for role in ("prefill", "decode"):
+            mine, theirs = decision.role(role), continuing.role(role)  # type: ignore[arg-type]
+            if theirs.direction == "down" and mine.direction == "none":
+                continue
+            assert (mine.replicas, mine.code) == (theirs.replicas, theirs.code), (mine.reason, theirs.reason)
+
+        # And the new operator writes its first decision with the state it now holds.
+        def rewritten() -> bool:
+            state = saved_state()
+            return state is not None and (state.last_metrics_at or 0.0) >= round(now, 3)
+
+        envtest.wait_for(rewritten, timeout=30, interval=0.5, what="the new operator's first status write")
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
