@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -95,7 +96,10 @@ def scenarios(quick: bool, only: list[str] | None) -> list[Scenario]:
 
 
 def run_trace(
-    scenario: Scenario, plot_dir: Path | None = None, reference: bool = False
+    scenario: Scenario,
+    plot_dir: Path | None = None,
+    reference: bool = False,
+    prior: dict[str, dict[str, object]] | None = None,
 ) -> list[dict[str, object]]:
     """All policies on one trace, plus ratios against the baselines of the same run; with
     ``reference``, also the clairvoyant-with-cold-start schedule and every ratio to it; with
@@ -114,20 +118,10 @@ def run_trace(
     results.append(best)
     for controller in _dynamic_controllers(scenario):
         results.append(_timed(scenario, controller, initial))
-    schedule = None
     if reference:
-        started = time.perf_counter()
-        found = search_reference(scenario)
-        schedule = found.schedule
-        line = found.result
-        line["sim_wall_seconds"] = round(time.perf_counter() - started, 2)
-        line["search_replays"] = found.replays
-        line["certified_removals"] = found.certified_removals
-        line["start_gpu_hours"] = found.start_gpu_hours
-        line["schedule"] = _run_length(schedule)
-        results.append(line)
+        results.append(_reference_line(scenario, prior))
     if plot_dir is not None:
-        _plot(scenario, results, initial, plot_dir, schedule)
+        _plot(scenario, results, plot_dir)
     _add_ratios(results)
     kv = next(r for r in results if r["policy"] == "kvrelay")
     kv["meets_issue_6_bar"] = meets_issue_6_bar(kv)
@@ -147,6 +141,45 @@ def run_trace(
     if bound is not None:
         kv["causal_bound_gpu_hours_vs_peak"] = round(bound, 3)
     return results
+
+
+def _reference_line(scenario: Scenario, prior: dict[str, dict[str, object]] | None) -> dict[str, object]:
+    """The reference's JSON line: searched, or taken from an earlier run's line for this trace
+    (`--reference-from`), replayed again and checked to give that run's figures."""
+    started = time.perf_counter()
+    earlier = (prior or {}).get(scenario.trace.name)
+    if earlier is not None:
+        schedule = _expand(earlier["schedule"], scenario)  # type: ignore[arg-type]
+        line = _timed(scenario, ScheduleController(REFERENCE, schedule), schedule[0])
+        if line["gpu_hours"] != earlier["gpu_hours"] or line["slo_attainment"] != earlier["slo_attainment"]:
+            raise SystemExit(
+                f"{scenario.trace.name}: the earlier reference replays differently: search again"
+            )
+        for key in ("search_replays", "certified_removals", "start_gpu_hours"):
+            line[key] = earlier[key]
+        line["reference_from"] = "earlier run"
+    else:
+        found = search_reference(scenario)
+        schedule = found.schedule
+        line = _timed(scenario, ScheduleController(REFERENCE, schedule), schedule[0])
+        assert line["gpu_hours"] == found.result["gpu_hours"], "the replay is deterministic"
+        line["search_replays"] = found.replays
+        line["certified_removals"] = found.certified_removals
+        line["start_gpu_hours"] = found.start_gpu_hours
+    line["sim_wall_seconds"] = round(time.perf_counter() - started, 2)
+    line["schedule"] = _run_length(schedule)
+    return line
+
+
+def _expand(changes: list[list[int]], scenario: Scenario) -> list[tuple[int, int]]:
+    """The per-minute schedule back from `_run_length`'s entries."""
+    minutes = math.ceil(scenario.trace.duration_seconds / 60.0) + 2
+    minutes = max(minutes, changes[-1][0] + 1)
+    out: list[tuple[int, int]] = []
+    for k in range(minutes):
+        current = [c for c in changes if c[0] <= k][-1]
+        out.append((current[1], current[2]))
+    return out
 
 
 def _dynamic_controllers(scenario: Scenario) -> list[object]:
@@ -197,35 +230,21 @@ def _run_length(schedule: list[tuple[int, int]]) -> list[list[int]]:
     return [[k, *s] for k, s in enumerate(schedule) if k == 0 or s != schedule[k - 1]]
 
 
-def _plot(
-    scenario: Scenario,
-    results: list[dict[str, object]],
-    initial: tuple[int, int],
-    plot_dir: Path,
-    schedule: list[tuple[int, int]] | None,
-) -> None:
-    """Replays each policy once more, recording its timeline (the statics at the sizes chosen above)."""
+# The picture shows the statics, Dynamo's default and its best mode, the SLA planner, the HPA,
+# kvrelay and the reference: eleven lines per role do not read.
+_PLOTTED = (
+    "static_peak", "sla_planner", "dynamo_throughput", "dynamo_sla_both", "hpa", "kvrelay", REFERENCE,
+)  # fmt: skip
+
+
+def _plot(scenario: Scenario, results: list[dict[str, object]], plot_dir: Path) -> None:
+    """The timelines recorded in this run's replays, one picture per trace."""
     from sim.plot import plot_trace
 
-    controllers: dict[str, tuple[object, tuple[int, int]]] = {
-        "static_peak": (
-            StaticController("static_peak", *results[0]["replicas"]),
-            tuple(results[0]["replicas"]),
-        ),  # type: ignore[misc, arg-type]
-        "static_mean": (
-            StaticController("static_mean_best_split", *results[1]["replicas"]),  # type: ignore[misc]
-            tuple(results[1]["replicas"]),  # type: ignore[arg-type]
-        ),
+    timelines = {
+        str(r["policy"]): r["_timeline"] for r in results if r["policy"] in _PLOTTED and "_timeline" in r
     }
-    for controller in _dynamic_controllers(scenario):
-        controllers[controller.name] = (controller, initial)  # type: ignore[attr-defined]
-    if schedule is not None:
-        controllers[REFERENCE] = (ScheduleController(REFERENCE, schedule), schedule[0])
-    timelines: dict[str, Timeline] = {}
-    for name, (controller, start) in controllers.items():
-        timelines[name] = Timeline()
-        run(_paced(scenario, controller), controller, start, timelines[name])  # type: ignore[arg-type]
-    path = plot_trace(plot_dir / f"{scenario.trace.name}.png", scenario.trace, timelines)
+    path = plot_trace(plot_dir / f"{scenario.trace.name}.png", scenario.trace, timelines)  # type: ignore[arg-type]
     print(f"wrote {path}", file=sys.stderr)
 
 
@@ -291,9 +310,12 @@ def _initial(trace: Trace, scenario: Scenario) -> tuple[int, int]:
 
 
 def _timed(scenario: Scenario, controller: object, initial: tuple[int, int]) -> dict[str, object]:
+    """One replay's JSON line, with its timeline under `_timeline` (dropped from the output)."""
     started = time.perf_counter()
-    result = run(_paced(scenario, controller), controller, initial)  # type: ignore[arg-type]
+    timeline = Timeline()
+    result = run(_paced(scenario, controller), controller, initial, timeline)  # type: ignore[arg-type]
     result["sim_wall_seconds"] = round(time.perf_counter() - started, 2)
+    result["_timeline"] = timeline
     return result
 
 
@@ -310,11 +332,21 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="search the clairvoyant-with-cold-start reference (default: with --full; 10-50 replays a trace)",
     )
+    parser.add_argument(
+        "--reference-from",
+        type=Path,
+        metavar="JSONL",
+        help="take each trace's reference schedule from an earlier run's output and replay it (no search)",
+    )
     args = parser.parse_args(argv)
     reference = args.full if args.reference is None else args.reference
+    prior = None
+    if args.reference_from is not None:
+        lines = [json.loads(x) for x in args.reference_from.read_text().splitlines() if x.strip()]
+        prior = {line["trace"]: line for line in lines if line["policy"] == REFERENCE}
     for scenario in scenarios(not args.full, args.trace):
-        for result in run_trace(scenario, args.plot, reference):
-            print(json.dumps(result), flush=True)
+        for result in run_trace(scenario, args.plot, reference, prior):
+            print(json.dumps({k: v for k, v in result.items() if not k.startswith("_")}), flush=True)
     return 0
 
 

@@ -187,10 +187,14 @@ def demand_trend(
 
 
 def demand_surge(history: tuple[DemandSample, ...], since: float, within_seconds: float) -> float:
-    """Largest relative rise of prefill demand within `within_seconds` seen since `since` (0 = none).
+    """Largest relative rise of prefill demand within `within_seconds` seen since `since`, less the
+    rate's own noise (0 = none).
 
     Rates over overlapping windows are compared pairwise: a sample against every later one at
     most `within_seconds` on. A reaction time is what a rise like this one would take to answer.
+    The noise is the median relative change between samples half that apart, twice: a load whose
+    rate jitters by 10% between windows (heavy-tailed prompt lengths) has not surged when its
+    highest window is 20% above its lowest, while a ramp's steps stand out of a flat median.
     """
     points = [s for s in history if s.at >= since]
     best = 0.0
@@ -202,7 +206,16 @@ def demand_surge(history: tuple[DemandSample, ...], since: float, within_seconds
             if later.at - start.at > within_seconds:
                 break
             best = max(best, later.prefill_tokens_per_second / base - 1.0)
-    return best
+    # Changes between samples half a reaction time apart, so that rates over overlapping windows
+    # do not share most of their requests (neighbours would understate the jitter).
+    changes = []
+    for i, a in enumerate(points):
+        later = next((b for b in points[i + 1 :] if b.at - a.at >= within_seconds / 2), None)
+        if later is not None and a.prefill_tokens_per_second > 0:
+            changes.append(abs(later.prefill_tokens_per_second / a.prefill_tokens_per_second - 1.0))
+    changes.sort()
+    noise = changes[len(changes) // 2] if changes else 0.0
+    return max(best - 2.0 * noise, 0.0)
 
 
 def kv_cache_replicas(

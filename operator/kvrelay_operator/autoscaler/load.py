@@ -127,7 +127,7 @@ def estimate_load(
         surge_p=surge_p,
         forecast={"prefill": forecast_p, "decode": forecast_d},
         sized={
-            "prefill": headroom_p + backlog_p / config.backlog_drain_seconds,
+            "prefill": headroom_p + _backlog_rate(backlog_p, queued_p, metrics, capacity["prefill"], config),
             "decode": forecast_d + (demand.drain_d if snapshot.decode.pending == 0 else 0.0),
         },
     )
@@ -218,6 +218,20 @@ def _projected_backlog(
     measured = metrics.queued_prefill_tokens is not None
     growth = (forecast_p - ready_capacity_p) * horizon if measured else 0.0
     return max(queued_p + growth, 0.0)
+
+
+def _backlog_rate(
+    backlog_p: float, queued_p: float, metrics: MetricsSample, capacity_p: float, config: PolicyConfig
+) -> float:
+    """Tokens/s that drain the projected backlog within `backlog_drain_seconds`, where the queue
+    can use them: one prompt is prefilled by one replica, so the waiting requests drain no faster
+    than one replica each (a single 100k-token prompt in the queue does not call for ten replicas).
+    """
+    rate = backlog_p / config.backlog_drain_seconds
+    waiting = metrics.prefill_requests_waiting
+    if waiting is not None and waiting >= 1 and queued_p > 0:  # (no count where it disagrees)
+        rate -= max(queued_p / config.backlog_drain_seconds - waiting * capacity_p, 0.0)
+    return max(rate, 0.0)
 
 
 def _trim_history(history: tuple[DemandSample, ...], since: float) -> tuple[DemandSample, ...]:

@@ -51,6 +51,9 @@ from kvrelay_operator.autoscaler.types import (
 
 # A prefill queue below this many seconds of ready capacity counts as drained.
 _DRAINED_QUEUE_SECONDS = 0.5
+# A TTFT miss adds a replica only over a queue that takes at least this share of the TTFT SLO to
+# drain at the ready pool's rate: shorter queues are not what makes the quantile miss.
+_VIOLATION_QUEUE_SHARE = 0.1
 
 
 def decide(
@@ -140,7 +143,7 @@ def _replicas_needed(
         down={role: need_down[role] if proven[role] else snapshot.role(role).current for role in ROLES},
         steady=sizing.replicas({"prefill": steady_p, "decode": load.forecast["decode"]}),
         peak=peak,
-        violated=_slo_violated(metrics, config),
+        violated=_slo_violated(metrics, config, load),
         drained={
             "prefill": load.queued_p <= load.ready_capacity_p * _DRAINED_QUEUE_SECONDS,
             "decode": not metrics.decode_requests_waiting,
@@ -300,16 +303,23 @@ def _kv_seconds(metrics: MetricsSample, config: PolicyConfig) -> float:
     return config.expected_kv_transfer_seconds
 
 
-def _slo_violated(metrics: MetricsSample, config: PolicyConfig) -> dict[Role, bool]:
-    """An SLO miss per role, counted only while its cause is still there (a backlog, or a full
-    decode pool): a quantile over the window still shows a burst that has already drained."""
+def _slo_violated(metrics: MetricsSample, config: PolicyConfig, load: Load) -> dict[Role, bool]:
+    """An SLO miss per role, counted only while its cause is still there and replicas can remove
+    it: a prefill queue that takes a real share of the TTFT SLO to drain, or a full decode pool.
+
+    A quantile over the window still shows a burst that has already drained; and a TTFT miss over
+    a short queue comes from prompts whose own prefill outlasts the SLO (Mooncake's 100k-token
+    prompts), which no added replica shortens.
+    """
+    queue_wait = load.queued_p / load.ready_capacity_p if load.ready_capacity_p > 0 else math.inf
     decode_pressed = bool(metrics.decode_requests_waiting) or (
         metrics.kv_cache_usage_ratio is not None and metrics.kv_cache_usage_ratio > config.kv_cache_target
     )
     return {
         "prefill": metrics.ttft_seconds is not None
         and metrics.ttft_seconds > config.ttft_slo_seconds
-        and (metrics.queued_prefill_tokens or 0.0) > 0,
+        and (metrics.queued_prefill_tokens or 0.0) > 0
+        and queue_wait > _VIOLATION_QUEUE_SHARE * config.ttft_slo_seconds,
         "decode": metrics.itl_seconds is not None
         and metrics.itl_seconds > config.itl_slo_seconds
         and decode_pressed,

@@ -25,6 +25,9 @@ MAX_DAMPING = 4.0
 # Replicas above the steady need released early once a backlog drained: only a real burst's
 # surplus (at least this share of the steady need, and two replicas), not queueing noise.
 _BURST_SURPLUS = 0.25
+# A scale-down that turns after a scale-up (spending the reversal budget) waits for at least this
+# share of the role's replicas to be spare.
+_REVERSAL_SURPLUS = 0.25
 # Replicas a base scale-down window must show surplus (a flap is one) for a settled load to end
 # flap damping.
 _SETTLED_SURPLUS = 2
@@ -91,6 +94,12 @@ def stabilize(
                 # that comes back must not take the role past its budget (no flapping, by count).
                 window = config.reversal_window_seconds
                 why = f"reversal budget ({turns} in the last {window:.0f}s, budget {config.reversal_budget})"
+                return _hold(current, why, ReasonCode.COOLDOWN)
+            worth = math.ceil(_REVERSAL_SURPLUS * current)
+            if current - need_down < worth:
+                # A turn spends the budget for an hour: keep it for a fall worth it, not a dip of
+                # a replica or two that a later, larger fall would then find spent.
+                why = f"{current - need_down} spare < {worth} worth a reversal"
                 return _hold(current, why, ReasonCode.COOLDOWN)
         since_up = math.inf if role_state.last_up_at is None else now - role_state.last_up_at
         cooldown = config.scale_down_cooldown_seconds * role_state.damping

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 import pytest
+from kvrelay_operator.autoscaler.load import _backlog_rate
 from kvrelay_operator.autoscaler.policy import decide, prefill_replicas_needed
 from kvrelay_operator.autoscaler.types import (
     Decision,
@@ -509,3 +510,59 @@ def test_a_scale_down_that_would_exceed_the_budget_holds_and_says_why() -> None:
         assert decision.prefill.direction != "down"
     assert "reversal budget (1 in the last 3600s, budget 2)" in decision.prefill.reason
     assert decision.prefill.code == "cooldown"
+
+
+def test_a_ttft_miss_over_a_short_queue_adds_no_replica() -> None:
+    # p99 TTFT misses, but the queue drains in 0.05 s at the pool's rate: the misses are prompts
+    # whose own prefill outlasts the SLO, which no replica shortens.
+    pools = FakePools(prefill=4, decode=4)
+    pools.tick(20.0)
+    short = pools.tick(20.0, ttft_seconds=3.0, queued_prefill_tokens=2_000.0, prefill_requests_waiting=1.0)
+    assert short.prefill.direction == "none", short.prefill.reason
+    # The same miss over a queue worth a second of the pool's capacity is a shortage: one more.
+    long = pools.tick(20.0, ttft_seconds=3.0, queued_prefill_tokens=40_000.0, prefill_requests_waiting=40.0)
+    assert long.prefill.direction == "up"
+
+
+def test_one_long_prompt_in_the_queue_drains_at_one_replica_not_ten() -> None:
+    config = make_config()
+    # 600k queued tokens, to drain in 30 s: 20k tok/s, two replicas' worth, if they are many
+    # prompts; as one prompt only one replica can work on it.
+    one = _backlog_rate(
+        600_000.0, 600_000.0, metrics_for(0.0, 10.0, prefill_requests_waiting=1.0), 10_000.0, config
+    )
+    many = _backlog_rate(
+        600_000.0, 600_000.0, metrics_for(0.0, 10.0, prefill_requests_waiting=600.0), 10_000.0, config
+    )
+    assert one == pytest.approx(10_000.0) and many == pytest.approx(20_000.0)
+    # Growth still to come (arrivals, each its own prompt) is not capped.
+    grown = _backlog_rate(
+        900_000.0, 600_000.0, metrics_for(0.0, 10.0, prefill_requests_waiting=1.0), 10_000.0, config
+    )
+    assert grown == pytest.approx(10_000.0 + 300_000.0 / config.backlog_drain_seconds)
+
+
+def test_a_jittery_load_buys_no_surge_headroom() -> None:
+    # +/-15% between windows around a flat 40k tok/s: its highest window is 30% over its lowest,
+    # but it has not surged; a +25% step out of a flat load still has.
+    jitter = FakePools(prefill=5, decode=5)
+    for k in range(30):
+        decision = jitter.tick(40.0 * (1.15 if k % 4 < 2 else 0.85))
+    assert decision.inputs["prefill_surge_ratio"] < 1.1
+
+
+def test_a_dip_of_one_replica_does_not_spend_the_reversal_budget() -> None:
+    config = make_config(max_surge_headroom=0.0)
+    pools = FakePools(prefill=8, decode=8, config=config)
+    for _ in range(12):  # the load outgrows 8 replicas: the last move is up
+        pools.tick(90.0)
+    assert pools.state.prefill.last_direction == "up"
+    high = pools.replicas("prefill").current
+    per_replica = PREFILL_CAP * config.prefill_target_utilization / PROMPT
+    for _ in range(30):  # one replica's worth lower: less than a quarter of the pool
+        decision = pools.tick(90.0 - per_replica)
+        assert decision.prefill.direction != "down", decision.prefill.reason
+    assert "worth a reversal" in decision.prefill.reason and pools.replicas("prefill").current == high
+    for _ in range(30):  # half the load: worth it
+        pools.tick(45.0)
+    assert pools.replicas("prefill").current < high
