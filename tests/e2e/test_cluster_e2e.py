@@ -5,7 +5,8 @@ agent (tests/cluster), each pod a local process in its own network namespace. Th
 runs as a pod with the chart's ServiceAccount; the tiny model's prefill and decode pods land on
 their GPU pools and run `kvrelay-worker`; the router finds them through EndpointSlices; an
 `openai` client request to the router's Service endpoint returns the tokens `kvrelay serve` returns.
-Then decode scales from 1 to 2 and the second real worker takes requests.
+Then decode scales from 1 to 2 and the second real worker takes requests, the autoscaler lowers it again
+under load, and last both pools scale to zero and back for a request the router holds (issue 18).
 """
 
 from __future__ import annotations
@@ -464,3 +465,232 @@ def test_autoscaler_lowers_decode_under_load_and_the_least_loaded_pod_goes(
     exits = re.findall(rf"container {MODEL_NS}/{victim}/\S+ exited with (-?\d+)", agent)
     assert exits == ["0"], exits
     print(json.dumps({"requests": load.done, "victim": victim, "deletion_costs": costs_seen}))
+
+
+# ---------------------------------------------------------------- scale to zero (issue 18)
+
+
+def _patch_model(cluster: Cluster, spec: dict[str, Any]) -> None:
+    cluster.k(
+        "patch", "disaggregatedmodel", MODEL, "-n", MODEL_NS, "--type=merge", "-p", json.dumps({"spec": spec})
+    )
+
+
+def _live_pods(cluster: Cluster, role: str) -> list[dict[str, Any]]:
+    return [p for p in _pods(cluster, role) if not p["metadata"].get("deletionTimestamp")]
+
+
+def _router_rolled(cluster: Cluster, old: set[str], flag: str, value: str) -> str | None:
+    """The router's base URL once its Deployment replaced the pods in `old` with one running `flag value`
+    (a router spec change rolls the router) and only that pod is its Service's endpoint."""
+    pods = _pods(cluster, "router")
+    if len(pods) != 1 or pods[0]["metadata"]["name"] in old:
+        return None
+    args = pods[0]["spec"]["containers"][0]["args"]
+    assert args[args.index(flag) + 1] == value, args
+    endpoints = _ready_endpoints(cluster, f"{MODEL}-router", "http")
+    ip = (pods[0].get("status") or {}).get("podIP")
+    return f"http://{endpoints[0]}" if len(endpoints) == 1 and endpoints[0].startswith(f"{ip}:") else None
+
+
+def _router_metric(base: str, name: str, **labels: str) -> float:
+    with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
+        return metric_value(response.read().decode(), name, model=MODEL, **labels) or 0.0
+
+
+def _decisions(cluster: Cluster, role: str, direction: str, reason: str) -> float:
+    """kvrelay_autoscaler_decisions_total from the operator pod's /metrics (every decision counts there;
+    status is written only on a change or as a heartbeat)."""
+    (pod,) = cluster.get("pods", "-n", RELEASE_NS, "-l", "app.kubernetes.io/component=operator")["items"]
+    with urllib.request.urlopen(f"http://{pod['status']['podIP']}:9090/metrics", timeout=10) as response:
+        text = response.read().decode()
+    labels = {"model": MODEL, "role": role, "direction": direction, "reason": reason}
+    return metric_value(text, "kvrelay_autoscaler_decisions_total", **labels) or 0.0
+
+
+def _ready_condition(cluster: Cluster) -> dict[str, Any]:
+    return next(c for c in _model_status(cluster).get("conditions", []) if c["type"] == "Ready")
+
+
+def _until(condition: Any, timeout: float, what: str, cluster: Cluster) -> Any:
+    """wait_for, with the model's status and the pods' logs (read at the timeout) in the failure."""
+    try:
+        return wait_for(condition, timeout=timeout, interval=0.5, what=what)
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}; status {_model_status(cluster)}{cluster.logs()}") from None
+
+
+def test_scale_to_zero_holds_a_request_until_the_autoscaler_brings_both_pools_back(
+    served: Cluster, reference: References, prometheus: str
+) -> None:
+    """Both roles at minReplicas 0 in mode auto: idle, the autoscaler takes them to zero (only the router's
+    series are left in Prometheus, and they keep the metrics fresh); an openai request is then held at the
+    router, its waiting gauge reaches Prometheus, the autoscaler scales both roles from 0 to 1, real worker
+    pods start, and the request completes with the tokens `kvrelay serve` gives."""
+    wait_for(
+        lambda: query(prometheus, f'up{{pod=~"{MODEL}-router-.*"}} == 1'), timeout=60, interval=1,
+        what=f"Prometheus scraping the router: {query(prometheus, 'up')}",
+    )  # fmt: skip
+    old_routers = {p["metadata"]["name"] for p in _pods(served, "router")}
+    _patch_model(served, {
+        "autoscaling": {
+            "mode": "auto", "prometheusUrl": prometheus, "intervalSeconds": 5,
+            "scaleUpCooldownSeconds": 0, "scaleDownCooldownSeconds": 5,
+            "slo": {"ttftSeconds": 60, "itlSeconds": 10},
+            "profile": {"prefillTokensPerSecond": 100000, "decodeTokensPerSecond": 100000},
+        },
+        "prefill": {"replicas": 1, "minReplicas": 0, "maxReplicas": 1},
+        "decode": {"replicas": 1, "minReplicas": 0, "maxReplicas": 1},
+        # Above what a worker pod here takes to start and load the tiny model.
+        "router": {"maxWaitSeconds": 240},
+    })  # fmt: skip
+    router = _until(
+        lambda: _router_rolled(served, old_routers, "--max-wait-seconds", "240"), 120,
+        "the router rolled with --max-wait-seconds 240", served,
+    )  # fmt: skip
+    went_to_zero = time.monotonic()
+
+    def at_zero() -> bool:
+        status = _model_status(served)
+        desired = [(status.get(role) or {}).get("desiredReplicas") for role in ("prefill", "decode")]
+        return desired == [0, 0] and not _live_pods(served, "prefill") and not _live_pods(served, "decode")
+
+    _until(at_zero, 240, "both pools scaled to zero by the autoscaler", served)
+    went_to_zero = time.monotonic() - went_to_zero
+    ready = _until(
+        lambda: (c := _ready_condition(served))["reason"] == "ScaledToZero" and c,
+        60,
+        "Ready: ScaledToZero",
+        served,
+    )
+    assert ready["status"] == "True", ready
+    assert "prefill and decode scaled to zero: requests wait at the router (up to 240 s)" in ready["message"]
+    with urllib.request.urlopen(f"{router}/ready", timeout=10) as response:
+        assert response.status == 200  # the router stays in its Service: it holds requests
+    # No worker series is fresh now, yet the autoscaler decides (it does not hold for want of metrics).
+    _until(
+        lambda: not query(prometheus, f'kvrelay_requests_running{{model="{MODEL}"}}'), 60,
+        "the workers' series gone stale in Prometheus", served,
+    )  # fmt: skip
+    assert "down to zero: no load for" in _model_status(served)["autoscaler"]["reason"]
+    at_zero_before = _decisions(served, "decode", "none", "idle")
+    holds_before = _decisions(served, "decode", "none", "no_metrics")
+    _until(
+        lambda: _decisions(served, "decode", "none", "idle") >= at_zero_before + 3, 60,
+        "three autoscaler decisions at zero (code idle) from the router's series alone", served,
+    )  # fmt: skip
+    assert _decisions(served, "decode", "none", "no_metrics") == holds_before
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{router}/v1", api_key="unused", timeout=300, max_retries=0)
+    answer: dict[str, Any] = {}
+
+    def ask() -> None:
+        started = time.monotonic()
+        try:
+            done = client.completions.create(
+                model=MODEL, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0
+            )
+            assert done.usage is not None
+            answer["got"] = (
+                done.choices[0].text,
+                done.usage.completion_tokens,
+                done.choices[0].finish_reason,
+            )
+        except Exception as exc:  # the test reports it
+            answer["error"] = exc
+        answer["seconds"] = time.monotonic() - started
+
+    asker = threading.Thread(target=ask, daemon=True)
+    asker.start()
+    waiting = f'kvrelay_router_requests_waiting_for_replicas{{model="{MODEL}",role="decode"}}'
+    held = _until(
+        lambda: query(prometheus, f"{waiting} > 0"), 60, f"the held request in Prometheus' {waiting}", served
+    )
+    assert float(held[0]["value"][1]) == 1.0
+    assert query(
+        prometheus, f'kvrelay_router_requests_waiting_for_replicas{{model="{MODEL}",role="prefill"}} == 1'
+    )
+    asker.join(timeout=300)
+    assert not asker.is_alive(), f"the held request never finished{served.logs()}"
+    assert "error" not in answer, f"{answer}{served.logs()}"
+    assert answer["got"] == reference.short[0]
+    status = _model_status(served)
+    assert (status["prefill"]["desiredReplicas"], status["decode"]["desiredReplicas"]) == (1, 1), status
+    for role in ("prefill", "decode"):
+        (pod,) = _live_pods(served, role)
+        assert pod["spec"]["nodeName"] == f"{role}-0"
+    events = served.get("events", "-n", MODEL_NS, "--field-selector", "reason=AutoscalerDecision")["items"]
+    ups = [e["message"] for e in events if "prefill 0->1, decode 0->1" in e["message"]]
+    assert (
+        ups and "up from zero: 1 request(s) wait at the router for a prefill and decode replica" in ups[-1]
+    ), [e["message"] for e in events]
+    assert _router_metric(router, "kvrelay_router_replica_wait_seconds_count") == 1.0
+    assert _router_metric(router, "kvrelay_router_requests_waiting_for_replicas", role="decode") == 0.0
+    print(json.dumps({"to_zero_s": round(went_to_zero, 1), "held_request_s": round(answer["seconds"], 1)}))
+
+
+def test_a_request_held_past_the_max_wait_gets_a_503_with_retry_after(served: Cluster) -> None:
+    """Decode at zero with nothing to bring it back (autoscaling off): the router holds one request for
+    maxWaitSeconds, then answers 503 `no_ready_replicas` with Retry-After; one more while it is held finds
+    the queue (maxWaitingRequests 1) full and gets its 503 at once."""
+    old_routers = {p["metadata"]["name"] for p in _pods(served, "router")}
+    _patch_model(served, {
+        "autoscaling": {"mode": "off"},
+        "prefill": {"replicas": 1, "minReplicas": 0, "maxReplicas": 1},
+        "decode": {"replicas": 0, "minReplicas": 0, "maxReplicas": 1},
+        "router": {"maxWaitSeconds": 3, "maxWaitingRequests": 1},
+    })  # fmt: skip
+    router = _until(
+        lambda: _router_rolled(served, old_routers, "--max-wait-seconds", "3"), 120,
+        "the router rolled with --max-wait-seconds 3", served,
+    )  # fmt: skip
+    _until(
+        lambda: not _live_pods(served, "decode")
+        and len(_ready_endpoints(served, f"{MODEL}-prefill", "grpc")) == 1,
+        180, "decode at zero and prefill serving", served,
+    )  # fmt: skip
+    ready = _until(
+        lambda: (c := _ready_condition(served))["reason"] == "ScaledToZero" and c,
+        60,
+        "Ready: ScaledToZero",
+        served,
+    )
+    assert ready["status"] == "True" and "decode scaled to zero" in ready["message"], ready
+
+    import httpx
+
+    body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS}
+    first: dict[str, Any] = {}
+
+    def ask() -> None:
+        started = time.monotonic()
+        first["response"] = httpx.post(f"{router}/v1/completions", json=body, timeout=60)
+        first["seconds"] = time.monotonic() - started
+
+    asker = threading.Thread(target=ask, daemon=True)
+    asker.start()
+    _until(
+        lambda: _router_metric(router, "kvrelay_router_requests_waiting_for_replicas", role="decode") == 1,
+        10, "the first request held", served,
+    )  # fmt: skip
+    started = time.monotonic()
+    full = httpx.post(f"{router}/v1/completions", json=body, timeout=60)
+    assert full.status_code == 503 and time.monotonic() - started < 2, full.text
+    assert full.headers["retry-after"] == "3"
+    assert full.json()["error"]["code"] == "no_ready_replicas"
+    assert (
+        "no ready replica of the decode role, and 1 requests already wait" in full.json()["error"]["message"]
+    )
+    asker.join(timeout=30)
+    response = first["response"]
+    assert response.status_code == 503 and 3 <= first["seconds"] < 10, (response.text, first["seconds"])
+    assert response.headers["retry-after"] == "3"
+    error = response.json()["error"]
+    assert (error["code"], error["type"]) == ("no_ready_replicas", "service_unavailable")
+    assert error["message"].startswith("no ready replica of the decode role after waiting 3 s"), error
+    refusals = "kvrelay_router_replica_wait_refusals_total"
+    assert _router_metric(router, refusals, reason="timeout") == 1.0
+    assert _router_metric(router, refusals, reason="queue_full") == 1.0
+    assert _router_metric(router, "kvrelay_router_requests_waiting_for_replicas", role="decode") == 0.0

@@ -238,3 +238,24 @@ def test_the_reader_sees_the_router_alone_as_fresh_and_reads_held_requests() -> 
     sample = to_sample({"observed_at": 1700.0, "decode_requests_waiting_for_replicas": 2.0}, 30)
     assert sample is not None and sample.waiting_for_replicas("decode") == 2.0
     assert sample.waiting_for_replicas("prefill") == 0.0
+
+
+def test_after_a_wake_the_next_sleep_waits_for_the_reversal_budget() -> None:
+    # Down, up (a reversal), down again would be the second reversal with a third (the next wake) to
+    # follow: past the budget of 2 an hour, so at most one cold start per role an hour.
+    config = zero_config()
+    clock = Clock(config, 1, 1)
+    while clock.replicas["decode"]:
+        clock.tick(idle)
+    woke_at = clock.now + INTERVAL
+    assert clock.tick(lambda now: router_only(now, 1, 1)).decode.replicas == 1
+    clock.tick(lambda now: metrics_for(now, 0.2))
+    while clock.replicas["decode"]:
+        decision = clock.tick(idle)
+        assert clock.now < woke_at + 2 * config.reversal_window_seconds
+    assert decision.decode.code == ReasonCode.IDLE
+    assert (
+        woke_at + config.reversal_window_seconds
+        <= clock.now
+        <= woke_at + config.reversal_window_seconds + WINDOW
+    )
