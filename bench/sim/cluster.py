@@ -1,6 +1,7 @@
 """Discrete-event model (simpy) of a disaggregated deployment: a prefill pool and a decode pool.
 
-Request path: arrival -> shared prefill queue -> a ready prefill replica batches prompts up to
+Request path: arrival -> (held at the router while a role has no ready replica: hold.py) -> shared
+prefill queue -> a ready prefill replica batches prompts up to
 `max_prefill_batch_tokens` -> KV relay (its time counts in TTFT, conservatively) -> shared decode
 queue -> a decode replica admits it when batch and KV memory allow -> finishes after
 `output_tokens - 1` decode steps. Replicas cost GPUs from allocation (cold start included) until
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 import simpy
 from kvrelay_operator.autoscaler.types import MetricsSample, RoleReplicas, Snapshot
 
+from sim.hold import ROLES, HoldBounds, RouterHold
 from sim.model import ReplicaModel
 
 # Decode replicas advance this many steps per event (finishes fall exactly on chunk ends).
@@ -35,6 +37,10 @@ class SimRequest:
     output_tokens: int
     first_token_at: float | None = None
     finished_at: float | None = None
+    # scale to zero: held at the router because a role had no ready replica, then dispatched or refused
+    waited_for_replicas: bool = False
+    dispatched_at: float | None = None
+    refused: str | None = None
 
     def ttft(self) -> float | None:
         """Time to first token (queue + prefill + KV relay)."""
@@ -59,6 +65,7 @@ class Replica:
     gpus: int
     draining: bool = False
     released_at: float | None = None
+    serving: bool = False  # ready and not draining: the router routes to it
     # decode only
     heap: list[tuple[int, int, SimRequest]] = field(default_factory=list)
     steps: int = 0
@@ -70,9 +77,19 @@ class Replica:
 class Cluster:
     """Both pools, their queues and the counters a Prometheus scrape would see."""
 
-    def __init__(self, env: simpy.Environment, model: ReplicaModel, prefill: int, decode: int) -> None:
+    def __init__(
+        self,
+        env: simpy.Environment,
+        model: ReplicaModel,
+        prefill: int,
+        decode: int,
+        hold: HoldBounds | None = None,
+    ) -> None:
         self.env = env
         self.model = model
+        # Ready replicas per role as the router sees them; a role at 0 makes new requests wait.
+        self.num_serving = {"prefill": 0, "decode": 0}
+        self.hold = RouterHold(env, hold or HoldBounds(), self.missing_roles, self._dispatch)  # type: ignore[arg-type]
         self.prefill_queue: deque[SimRequest] = deque()
         self.decode_queue: deque[SimRequest] = deque()
         self.replicas: dict[str, list[Replica]] = {"prefill": [], "decode": []}
@@ -118,9 +135,13 @@ class Cluster:
             victims = sorted(active, key=lambda r: (r.ready_at <= now, len(r.heap), -r.ready_at))
             for replica in victims[: len(active) - num]:
                 replica.draining = True
+                if replica.serving:
+                    replica.serving = False
+                    self.num_serving[role] -= 1
                 if replica.ready_at > now:
                     replica.released_at = now
             self._wake(role)
+            self.hold.replicas_changed()
 
     def _start(self, role: str, cold: bool) -> None:
         now = self.env.now
@@ -134,7 +155,15 @@ class Cluster:
         if delay:
             yield self.env.timeout(delay)
         if replica.released_at is None:
+            if not replica.draining:
+                replica.serving = True
+                self.num_serving[replica.role] += 1
+                self.hold.replicas_changed()
             yield from body(replica)  # type: ignore[misc]
+
+    def missing_roles(self) -> list[str]:
+        """Roles with no ready replica to route to (scaled to zero, or the only ones still loading)."""
+        return [role for role in ROLES if not self.num_serving[role]]
 
     def _wake(self, role: str) -> None:
         event = self.wakeup[role]
@@ -151,11 +180,19 @@ class Cluster:
             request = SimRequest(at, prompt, output)
             self.requests.append(request)
             self.counters["requests"] += 1
-            # Like the real prefill worker: prompt tokens count when a request is admitted.
-            self.counters["prompt_tokens"] += prompt
-            self.prefill_queue.append(request)
-            self.queued_prefill_tokens += prompt
-            self._wake("prefill")
+            if self.num_serving["prefill"] and self.num_serving["decode"]:
+                self._dispatch(request)
+            else:
+                self.hold.admit(request)  # type: ignore[arg-type]
+
+    def _dispatch(self, request: SimRequest) -> None:
+        """The router sends a request on to the prefill pool."""
+        request.dispatched_at = self.env.now
+        # Like the real prefill worker: prompt tokens count when a request is admitted.
+        self.counters["prompt_tokens"] += request.prompt_tokens
+        self.prefill_queue.append(request)
+        self.queued_prefill_tokens += request.prompt_tokens
+        self._wake("prefill")
 
     def _prefill_loop(self, replica: Replica):
         model = self.model
@@ -273,6 +310,16 @@ class Cluster:
             return None
         return sum(r.kv_used for r in ready) / (len(ready) * self.model.kv_capacity_tokens)
 
+    def exported(self, role: str, since: float) -> bool:
+        """Whether a replica of `role` was up to export its series (ready, not yet gone) at some time
+        from `since` until now: a pool at zero exports nothing, and Prometheus answers no series."""
+        now = self.env.now
+        for r in self.replicas[role]:
+            gone = now if r.released_at is None else r.released_at
+            if r.ready_at <= gone and gone >= since:  # a start cancelled while loading never served
+                return True
+        return False
+
     def gpu_seconds(self, until: float) -> float:
         """GPU-seconds held by every replica, allocation to release (or `until`)."""
         total = 0.0
@@ -337,6 +384,14 @@ class Scraper:
             mean_itl_seconds=sum(itls) / len(itls) if itls else None,
         )
         transfers = rate["kv_transfers"]
+        # Worker series exist only while a worker exports them: rates while one did within the window,
+        # gauges while one does now (prometheus.py; the policy reads a missing rate of a role with no
+        # ready replica as 0). The router's series are always there, so the sample stays fresh.
+        rates_p = cluster.exported("prefill", since)
+        rates_d = cluster.exported("decode", since)
+        gauges_p = cluster.exported("prefill", now)
+        gauges_d = cluster.exported("decode", now)
+        held = {role: cluster.hold.gauges[role].max_over(now - self.window_seconds) for role in ROLES}
         metrics = MetricsSample(
             observed_at=now,
             window_seconds=window,
@@ -344,15 +399,19 @@ class Scraper:
             itl_seconds=_quantile(itls, self.quantile),
             # The router's kvrelay_requests_total counts finished requests.
             request_rate=rate["finished"],
-            prompt_tokens_per_second=rate["prompt_tokens"],
-            generation_tokens_per_second=rate["generation_tokens"],
-            queued_prefill_tokens=float(cluster.queued_prefill_tokens),
-            prefill_requests_waiting=float(len(cluster.prefill_queue)),
-            decode_requests_waiting=float(len(cluster.decode_queue)),
-            decode_requests_running=float(sum(len(r.heap) for r in cluster.active("decode"))),
+            prompt_tokens_per_second=rate["prompt_tokens"] if rates_p else None,
+            generation_tokens_per_second=rate["generation_tokens"] if rates_d else None,
+            queued_prefill_tokens=float(cluster.queued_prefill_tokens) if gauges_p else None,
+            prefill_requests_waiting=float(len(cluster.prefill_queue)) if gauges_p else None,
+            decode_requests_waiting=float(len(cluster.decode_queue)) if gauges_d else None,
+            decode_requests_running=float(sum(len(r.heap) for r in cluster.active("decode")))
+            if gauges_d
+            else None,
             kv_cache_usage_ratio=cluster.kv_usage(),
             kv_transfer_seconds=rate["kv_transfer_seconds"] / transfers if transfers > 0 else None,
-            prefill_busy_seconds_per_second=rate["prefill_busy_seconds"],
+            prefill_busy_seconds_per_second=rate["prefill_busy_seconds"] if rates_p else None,
+            prefill_requests_waiting_for_replicas=held["prefill"],
+            decode_requests_waiting_for_replicas=held["decode"],
         )
         return Snapshot(
             metrics=metrics, prefill=cluster.role_replicas("prefill"), decode=cluster.role_replicas("decode")

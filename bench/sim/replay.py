@@ -13,6 +13,7 @@ from kvrelay_operator.autoscaler.types import PolicyConfig, RoleLimits
 
 from sim.cluster import Cluster, Scraper, SimRequest
 from sim.controllers import Controller
+from sim.hold import HoldBounds
 from sim.model import ReplicaModel
 from sim.traces import Trace
 
@@ -36,6 +37,8 @@ class Scenario:
     min_replicas: int = 1
     max_replicas: int = 64
     real: bool = False  # a recorded trace (the bar applies), not a synthetic shape
+    # The router's hold while a role has no ready replica (scale to zero).
+    hold: HoldBounds = field(default_factory=HoldBounds)
 
     def policy_config(self) -> PolicyConfig:
         """kvrelay's config as a user would write it from a profile at one generic point."""
@@ -181,6 +184,11 @@ class Timeline:
     in_slo: list[bool] = field(default_factory=list)
     ttft_ok: list[bool] = field(default_factory=list)
     itl_ok: list[bool] = field(default_factory=list)
+    # per request, for scale to zero: its TTFT (None: not served), whether it waited at the router for
+    # a ready replica, and why it was refused (None: not refused)
+    ttft: list[float | None] = field(default_factory=list)
+    waited_for_replicas: list[bool] = field(default_factory=list)
+    refused: list[str | None] = field(default_factory=list)
 
 
 def run(
@@ -188,7 +196,7 @@ def run(
 ) -> dict[str, object]:
     """Replay open-loop; return the figures of one JSON line (and fill ``timeline`` when given)."""
     env = simpy.Environment()
-    cluster = Cluster(env, scenario.model, *initial)
+    cluster = Cluster(env, scenario.model, *initial, hold=scenario.hold)
     scraper = Scraper(cluster, scenario.quantile)
     end = scenario.trace.duration_seconds + _TAIL_SECONDS
     events: dict[str, list[tuple[float, int]]] = {"prefill": [], "decode": []}
@@ -224,6 +232,9 @@ def run(
         timeline.itl_ok = [
             (t := r.itl()) is not None and t <= scenario.itl_slo_seconds for r in cluster.requests
         ]
+        timeline.ttft = [r.ttft() for r in cluster.requests]
+        timeline.waited_for_replicas = [r.waited_for_replicas for r in cluster.requests]
+        timeline.refused = [r.refused for r in cluster.requests]
     return _score(scenario, controller.name, cluster, events, end)
 
 

@@ -136,6 +136,26 @@ def _rate(t: float, rate_at: list[tuple[float, float]], sine_period: float | Non
     return rate
 
 
+def idle_bursts(
+    name: str,
+    lengths: list[tuple[int, int]],
+    burst_rate: float,
+    idle_seconds: float = 1200.0,
+    burst_seconds: float = 300.0,
+    cycles: int = 3,
+    seed: int = 0,
+) -> Trace:
+    """`cycles` times: `idle_seconds` without a single request, then `burst_seconds` of Poisson
+    arrivals at `burst_rate` (a model used now and then: what scale to zero is for)."""
+    if idle_seconds <= 0 or burst_seconds <= 0 or cycles < 1 or burst_rate <= 0:
+        raise ValueError("idle_bursts needs idle_seconds, burst_seconds, burst_rate > 0 and cycles >= 1")
+    period = idle_seconds + burst_seconds
+    rate_at: list[tuple[float, float]] = []
+    for k in range(cycles):
+        rate_at += [(k * period, 0.0), (k * period + idle_seconds, burst_rate)]
+    return synthetic(name, rate_at, cycles * period, lengths, seed)
+
+
 def synthetic_suite(
     lengths: list[tuple[int, int]], base_rate: float, quick: bool, seed: int = 0
 ) -> list[Trace]:
