@@ -51,6 +51,7 @@ from sim.traces import (  # noqa: E402
     synthetic_suite,
     traces_dir,
 )
+from sim.zero import ZERO_TRACES, scale_to_zero_line  # noqa: E402
 
 # Offered load is scaled so the 70B/TP4 pools need several replicas each (the raw Azure trace
 # fits in one prefill and one decode replica of this model).
@@ -118,6 +119,8 @@ def run_trace(
     results.append(best)
     for controller in _dynamic_controllers(scenario):
         results.append(_timed(scenario, controller, initial))
+    if scenario.trace.name in ZERO_TRACES:  # kvrelay at minReplicas 0 too (bench/sim/zero.py)
+        results.append(scale_to_zero_line(scenario, initial, results))
     if reference:
         results.append(_reference_line(scenario, prior))
     if plot_dir is not None:

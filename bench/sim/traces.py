@@ -159,7 +159,8 @@ def idle_bursts(
 def synthetic_suite(
     lengths: list[tuple[int, int]], base_rate: float, quick: bool, seed: int = 0
 ) -> list[Trace]:
-    """Staircase up/down (+25% steps), one x3 step up/down, sine, idle-then-spike.
+    """Staircase up/down (+25% steps), one x3 step up/down, sine, idle-then-spike, and idle gaps
+    with bursts (for scale to zero).
 
     `quick` keeps only the staircase. A single x3 step (and a spike out of idle) cannot be met at
     99% by any purely reactive policy while a new replica takes a minute to load; they are kept
@@ -193,4 +194,7 @@ def synthetic_suite(
         lengths,
         seed + 3,
     )
-    return [staircase, step, sine, spike]
+    # Three times: 20 minutes without a request, then 5 minutes at a fifth of the base rate, a load
+    # one replica per role nearly holds, so what scale to zero costs is the cold start, not a spike.
+    zero = idle_bursts("idle_burst_zero", lengths, 0.2 * base_rate, seed=seed + 4)
+    return [staircase, step, sine, spike, zero]
