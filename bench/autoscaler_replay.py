@@ -31,6 +31,7 @@ sys.path.insert(0, str(BENCH_DIR))
 
 from sim.controllers import HpaController, KvrelayController, SlaPlannerController, StaticController  # noqa: E402
 from sim.dynamo_planner import dynamo_controllers  # noqa: E402
+from sim.hold import HoldBounds  # noqa: E402
 from sim.model import ReplicaModel  # noqa: E402
 from sim.reference import ScheduleController, search_reference  # noqa: E402
 from sim.replay import (  # noqa: E402
@@ -71,8 +72,13 @@ def scenarios(quick: bool, only: list[str] | None) -> list[Scenario]:
     chat = {"ttft_slo_seconds": 1.5, "itl_slo_seconds": 0.030}
     # Long prompts (mean 12-15k tokens): a looser TTFT, ITL set by long-context decode.
     long_prompts = {"ttft_slo_seconds": 15.0, "itl_slo_seconds": 0.060}
+    # Where pools go to zero the router holds as the README advises: a max wait above a replica's
+    # start (cold start, a decision interval and the rate window's lag: 60 + 30 + 30 s) and room for
+    # that long of a burst's arrivals.
+    zero_hold = HoldBounds(max_waiting=1024, max_wait_seconds=150.0)
     out = [
-        Scenario(trace=t, model=model, **chat) for t in synthetic_suite(lengths, SYNTHETIC_BASE_RATE, quick)
+        Scenario(trace=t, model=model, **chat, **({"hold": zero_hold} if t.name in ZERO_TRACES else {}))
+        for t in synthetic_suite(lengths, SYNTHETIC_BASE_RATE, quick)
     ]
     if not quick:
         if base is not None:

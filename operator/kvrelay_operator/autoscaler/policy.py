@@ -246,6 +246,8 @@ def _next_state(
             now,
             None if needs.drained[role] else min(needs.steady[role], decision.role(role).replicas),
             config.reversal_window_seconds,
+            sleep_cycle=decision.role(role).previous == 0
+            or (needs.down[role] == 0 and config.limits(role).min_replicas == 0),
         )
         for role in ROLES
     }

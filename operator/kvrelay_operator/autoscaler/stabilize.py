@@ -87,7 +87,10 @@ def stabilize(
             return _hold(current, f"{metric} above SLO", ReasonCode.SLO_VIOLATION)
         if replicas.pending > 0:
             return _hold(current, f"{replicas.pending} replica(s) still loading", ReasonCode.REPLICAS_LOADING)
-        if role_state.last_direction == "up":
+        # Going to sleep (minReplicas 0, no load in the window) is governed by the idle window, not
+        # the reversal budget: a model with traffic a few times an hour sleeps between each.
+        sleeping = need_down == 0 and config.limits(role).min_replicas == 0
+        if role_state.last_direction == "up" and not sleeping:
             turns = recent_reversals(role_state, config, now)
             if turns + 2 > config.reversal_budget:
                 # This scale-down is a reversal, and a scale-up after it would be one more: a load
@@ -174,13 +177,15 @@ def advance_role_state(
     now: float,
     steady_need: int | None,
     reversal_window_seconds: float,
+    sleep_cycle: bool = False,
 ) -> RoleState:
-    """The role's memory after this decision moved it in `direction`."""
+    """The role's memory after this decision moved it in `direction` (`sleep_cycle`: a move to or
+    from zero replicas, which the reversal budget does not count)."""
     if direction == "none":
         return old.model_copy(update={"capacity_tokens_per_second": capacity})
     reversed_ = old.last_direction not in ("none", direction)
     # Going back up after a scale-down means the scale-down was premature: damp the next one.
-    regretted = reversed_ and direction == "up"
+    regretted = reversed_ and direction == "up" and not sleep_cycle  # a wake from zero is not regret
     return RoleState(
         capacity_tokens_per_second=capacity,
         last_change_at=now,
@@ -191,7 +196,7 @@ def advance_role_state(
         last_reversal_at=now if regretted else old.last_reversal_at,
         reversal_times=tuple(
             at
-            for at in (*old.reversal_times, *([now] if reversed_ else []))
+            for at in (*old.reversal_times, *([now] if reversed_ and not sleep_cycle else []))
             if now - at < reversal_window_seconds
         ),
         # Only a scale-up sets what the cooldown protects; a scale-down ends that.

@@ -240,22 +240,19 @@ def test_the_reader_sees_the_router_alone_as_fresh_and_reads_held_requests() -> 
     assert sample.waiting_for_replicas("prefill") == 0.0
 
 
-def test_after_a_wake_the_next_sleep_waits_for_the_reversal_budget() -> None:
-    # Down, up (a reversal), down again would be the second reversal with a third (the next wake) to
-    # follow: past the budget of 2 an hour, so at most one cold start per role an hour.
+def test_sleep_and_wake_cycles_are_paced_by_the_idle_window_not_the_reversal_budget() -> None:
+    # Traffic a few times an hour: the model sleeps after each burst's idle window, and the trips to
+    # and from zero neither spend the reversal budget nor damp the next sleep.
     config = zero_config()
     clock = Clock(config, 1, 1)
-    while clock.replicas["decode"]:
-        clock.tick(idle)
-    woke_at = clock.now + INTERVAL
-    assert clock.tick(lambda now: router_only(now, 1, 1)).decode.replicas == 1
-    clock.tick(lambda now: metrics_for(now, 0.2))
-    while clock.replicas["decode"]:
-        decision = clock.tick(idle)
-        assert clock.now < woke_at + 2 * config.reversal_window_seconds
-    assert decision.decode.code == ReasonCode.IDLE
-    assert (
-        woke_at + config.reversal_window_seconds
-        <= clock.now
-        <= woke_at + config.reversal_window_seconds + WINDOW
-    )
+    for _ in range(3):
+        while clock.replicas["decode"]:
+            clock.tick(idle)
+        slept_at = clock.now
+        assert clock.tick(lambda now: router_only(now, 1, 1)).decode.replicas == 1
+        clock.tick(lambda now: metrics_for(now, 0.2))
+        while clock.replicas["decode"]:
+            decision = clock.tick(idle)
+        assert decision.decode.code == ReasonCode.IDLE
+        assert clock.now - slept_at <= 3 * INTERVAL + WINDOW + 2 * INTERVAL  # one idle window, no more
+        assert clock.state.decode.reversal_times == () and clock.state.decode.damping == 1.0
