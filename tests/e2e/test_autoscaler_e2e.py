@@ -357,7 +357,8 @@ def test_restarted_operator_continues_from_the_learned_state(
                 decision, old = decide(entry.snapshot, old, config, entry.decision.at)
                 assert decision == entry.decision
                 states.append(old)
-            assert len(states) >= 2 and any(persist.to_status(state) == saved for state in states)
+            persisted = [state for state in states if persist.to_status(state) == saved]
+            assert len(states) >= 2 and persisted
 
             second = OperatorProcess(namespace, tmp_path / "operator-2.log",
                                      env={"KVRELAY_DECISION_LOG": str(log2)})  # fmt: skip
@@ -377,9 +378,10 @@ def test_restarted_operator_continues_from_the_learned_state(
         assert learned_p != seeds["prefill"]
         fresh, _ = decide(snapshot, PolicyState(), config, now)
         assert fresh.inputs["prefill_capacity_tokens_per_second"] != learned_p
-        # The old operator's last memory on the same snapshot decides the same, except that a
-        # restart may delay a scale-down (it waits for a fresh window of metrics).
-        continuing, _ = decide(snapshot, old, config, now)
+        # The old operator's memory when it wrote that state (usually its last: it was stopped right
+        # after a write) on the same snapshot decides the same, except that a restart may delay a
+        # scale-down (it waits for a fresh window of metrics).
+        continuing, _ = decide(snapshot, persisted[-1], config, now)
         for role in ("prefill", "decode"):
             mine, theirs = decision.role(role), continuing.role(role)  # type: ignore[arg-type]
             if theirs.direction == "down" and mine.direction == "none":
