@@ -38,10 +38,13 @@ Figures, printed as one JSON line:
   `autoscaler_enable_writes_per_model`, `autoscaler_models_decided` and
   `autoscaler_first_decision_s` (patch -> every model has a decision; null if not all did within
   --first-decision-timeout), then a window of `autoscaler_window_s`: the operator's writes in it
-  (by verb and resource) and per model per hour, `autoscaler_decisions_per_model_per_hour` (the
-  timer's status patches; 120 if it keeps up with a 30 s interval), Prometheus queries per
-  decision and per second, the operator's CPU seconds per model per hour and CPU share, its RSS,
-  threads, open fds and TCP connections to Prometheus by state, and a sample model's
+  (by verb and resource) and per model per hour, `autoscaler_decisions_per_model_per_hour` (from
+  the operator's own kvrelay_autoscaler_decisions_total; 120 if it keeps up with a 30 s interval),
+  `autoscaler_status_writes_per_model_per_hour` (the timer's status patches: a decision reaches
+  status only when it changes something, else as a 300 s heartbeat, so use a window of several
+  heartbeats; `autoscaler_models_deciding_in_window` counts the models that wrote one), Prometheus
+  queries per decision and per second, the operator's CPU seconds per model per hour and CPU share,
+  its RSS, threads, open fds and TCP connections to Prometheus by state, and a sample model's
   `status.autoscaler.reason`. The operator holds one Prometheus connection per autoscaled model,
   and Prometheus serves 512 at most by default (--web.max-connections): past that, reads wait
   for a connection to free up; --prometheus-max-connections raises it to measure the timer's own
@@ -370,8 +373,10 @@ class Operator:
 
     def __init__(self, cp: envtest.ControlPlane, log_path: Path, prometheus_url: str) -> None:
         self.log_path = log_path
+        self.metrics_port = free_port()
+        liveness = f"http://127.0.0.1:{free_port()}/healthz"
         args = [sys.executable, "-m", "kvrelay_operator.main", "--all-namespaces",
-                "--liveness", f"http://127.0.0.1:{free_port()}/healthz", "--metrics-port", str(free_port()),
+                "--liveness", liveness, "--metrics-port", str(self.metrics_port),
                 "--prometheus-url", prometheus_url, "--lease-namespace", "default"]  # fmt: skip
         env = {**os.environ, "KUBECONFIG": str(cp.kubeconfig)}
         env.pop("KUBERNETES_SERVICE_HOST", None)
@@ -398,6 +403,16 @@ class Operator:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def decisions(self) -> int | None:
+        """Autoscaler decisions so far, from its own kvrelay_autoscaler_decisions_total (one per
+        model per decision: the prefill role's series); None if /metrics does not answer."""
+        try:
+            text = requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=30).text
+        except requests.RequestException:
+            return None
+        pattern = r'^kvrelay_autoscaler_decisions_total\{[^}]*role="prefill"[^}]*\} (\S+)$'
+        return sum(int(float(v)) for v in re.findall(pattern, text, re.MULTILINE))
 
     def log_tail(self) -> str:
         return self.log_text()[-3000:]
@@ -668,27 +683,32 @@ def autoscaler_on(run: Run, operator: Operator, namespaces: list[str], num: int,
     log(f"autoscaler on: {json.dumps(out)}")
 
     counts = run.window()
-    queries_before = prometheus_queries(run.prometheus)
+    queries_before, decisions_before = prometheus_queries(run.prometheus), operator.decisions()
     cpu_before, start = operator.cpu_s(), time.perf_counter()
     time.sleep(window_s)
     elapsed = time.perf_counter() - start
     cpu = operator.cpu_s() - cpu_before
-    queries_after = prometheus_queries(run.prometheus)
+    queries_after, decisions_after = prometheus_queries(run.prometheus), operator.decisions()
     queries = None if queries_before is None or queries_after is None else queries_after - queries_before
     writes, reads = run.close(counts)
     stats = operator.stats()
     per_hour = 3600.0 / elapsed / num
-    decisions = writes.get("patch disaggregatedmodels/status (kopf)", 0)  # the timer's status patch
+    status_writes = writes.get("patch disaggregatedmodels/status (kopf)", 0)  # the timer's status patch
+    num_decisions = (
+        None if decisions_before is None or decisions_after is None else decisions_after - decisions_before
+    )
+    decisions_per_hour = None if num_decisions is None else round(num_decisions * per_hour, 1)
     sample = run.bench.models(namespaces[0])[0].get("status") or {}
     out.update({
         "autoscaler_window_s": round(elapsed, 1),
         "autoscaler_writes": dict(writes.most_common()),
         "autoscaler_writes_per_model_per_hour": round(non_lease(writes) * per_hour, 1),
-        "autoscaler_decisions_per_model_per_hour": round(decisions * per_hour, 1),
+        "autoscaler_decisions_per_model_per_hour": decisions_per_hour,
+        "autoscaler_status_writes_per_model_per_hour": round(status_writes * per_hour, 1),
         "autoscaler_models_deciding_in_window": len(run.audit.decided),
         "autoscaler_reads_per_model_per_hour": round(reads * per_hour, 1),
-        "autoscaler_prometheus_queries_per_decision": round(queries / decisions, 2)
-        if decisions and queries is not None else None,
+        "autoscaler_prometheus_queries_per_decision": round(queries / num_decisions, 2)
+        if num_decisions and queries is not None else None,
         "autoscaler_prometheus_queries_per_s": round(queries / elapsed, 1) if queries is not None else None,
         "autoscaler_cpu_s_per_model_per_hour": round(cpu * per_hour, 2),
         "autoscaler_operator_cpu_share": round(cpu / elapsed, 3),
