@@ -243,7 +243,8 @@ async def autoscale(
     decision, runtime.state = decide(snapshot, runtime.state, config, now)
     DECISION_LOG.record(f"{namespace}/{name}", snapshot, decision)
 
-    summary = summarize(decision, runtime.state, mode)
+    desired = {role: _desired_replicas(parsed_status, role) for role in ROLES}
+    summary = summarize(decision, runtime.state, mode, desired)
     if should_write(runtime.written, summary):
         when = datetime.datetime.fromtimestamp(now, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         for key, value in decision_status_patch(decision, mode, when, note, runtime.state).items():
@@ -264,6 +265,11 @@ async def autoscale(
             message=event_message(decision, mode) + (f" ({note})" if note else ""),
         )
     runtime.last_hold = decision.hold
+
+
+def _desired_replicas(status: api.DisaggregatedModelStatus, role: str) -> int | None:
+    role_status: api.RoleStatus | None = getattr(status, role)
+    return None if role_status is None else role_status.desired_replicas
 
 
 def _split_saved_state(status: kopf.Status | None) -> tuple[dict[str, Any], Any]:
