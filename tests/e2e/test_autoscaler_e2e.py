@@ -198,7 +198,7 @@ def control_plane() -> Iterator[Any]:
 # The SLOs the test profiles the stack at and autoscales it to (the quantile is the spec's default, 0.9,
 # as is `kvrelay profile`'s). On the tiny CPU model the ITL SLO is the one that binds: one stream sees
 # about 2 ms between tokens (up to 7 ms on a busy machine), 64 streams 12-20 ms, so the profile finds the
-# largest batch within 10 ms (16 or 32 streams, 2,000-5,000 tokens/s in our runs).
+# largest batch within 10 ms (8 to 32 streams, 2,100-5,000 tokens/s in our runs).
 TTFT_SLO_S, ITL_SLO_S = 1.0, 0.01
 # Request shape of the profile and of the load: prompts and contexts of 64 tokens, 64 tokens out.
 PROMPT_TOKENS, OUTPUT_TOKENS = 64, 64
