@@ -32,7 +32,6 @@ from typing import Any
 
 import httpx
 
-CONCURRENCY = (1, 2, 4, 8, 16, 32, 64)
 FILLER = "The quick brown fox jumps over the lazy dog near the river bank. "
 
 
@@ -124,11 +123,21 @@ async def _sized_prompt(client: Client, model: str, tokens: int) -> str:
         have = counted["usage"]["prompt_tokens"]
         if abs(have - tokens) <= max(2, tokens // 20):
             return text
+        # Scale the word count by the miss either way (doubling overshot: a prompt near the model's
+        # context came back over it, and the server's 400 ended the profile).
         words = text.split()
-        text = (
-            " ".join(words[: max(1, int(len(words) * tokens / have))]) if have > tokens else text + " " + text
-        )
+        text = " ".join(words[i % len(words)] for i in range(max(1, int(len(words) * tokens / have))))
     return text
+
+
+def concurrency_levels(highest: int) -> list[int]:
+    """1, 2, 4, ... below `highest`, then `highest` itself: the levels a role is measured at."""
+    if highest < 1:
+        raise ValueError(f"--max-concurrency must be >= 1, got {highest}")
+    levels = [1]
+    while levels[-1] * 2 < highest:
+        levels.append(levels[-1] * 2)
+    return levels if levels[-1] == highest else [*levels, highest]
 
 
 async def _level(client: Client, model: str, prompt: str, concurrency: int, requests: int, max_tokens: int):
@@ -152,12 +161,12 @@ async def profile_prefill(
     for length in lengths:
         prompt = await _sized_prompt(client, model, length)
         await _level(client, model, prompt, 1, 2, 1)  # warm-up: first-call costs stay out of the figures
-        for c in CONCURRENCY:
+        for c in concurrency_levels(args.max_concurrency):
             results, wall = await _level(client, model, prompt, c, max(args.min_requests, 2 * c), 1)
             ttft = quantile([r[0] for r in results], args.quantile)
             point = Point("prefill", length, c, length * len(results) / wall, ttft, ttft <= args.ttft_slo)
             points.append(point)
-            if not point.within_slo or c >= args.max_concurrency:
+            if not point.within_slo:
                 break
     return points
 
@@ -169,7 +178,7 @@ async def profile_decode(
     for context in contexts:
         prompt = await _sized_prompt(client, model, context)
         await _level(client, model, prompt, 1, 1, args.decode_tokens)  # warm-up
-        for b in CONCURRENCY:
+        for b in concurrency_levels(args.max_concurrency):
             results, _ = await _level(client, model, prompt, b, b, args.decode_tokens)
             itls = [r[1] for r in results if r[1] is not None]
             itl = quantile(itls, args.quantile)
@@ -177,7 +186,7 @@ async def profile_decode(
             rate = b / statistics.fmean(itls)
             point = Point("decode", context, b, rate, itl, itl <= args.itl_slo)
             points.append(point)
-            if not point.within_slo or b >= args.max_concurrency:
+            if not point.within_slo:
                 break
     return points
 
@@ -243,7 +252,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contexts", type=_lengths, default=[256, 1024], help="decode contexts, comma-separated")
     p.add_argument("--decode-tokens", type=int, default=32, help="tokens per decode stream (default 32)")
     p.add_argument("--min-requests", type=int, default=6, help="requests per prefill level at least")
-    p.add_argument("--max-concurrency", type=int, default=64, help="highest concurrency tried")
+    p.add_argument(
+        "--max-concurrency",
+        type=_positive,
+        default=64,
+        help="highest concurrency tried (1, 2, 4, ... up to it)",
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request at most")
     p.add_argument("--out", help="write the merge patch (YAML) here; the measurements go to stdout as JSON")
 
@@ -253,6 +267,13 @@ def _lengths(text: str) -> list[int]:
     if not values or min(values) < 2:
         raise argparse.ArgumentTypeError("lengths are comma-separated integers >= 2")
     return values
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def main(args: argparse.Namespace) -> int:
