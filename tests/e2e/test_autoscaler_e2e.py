@@ -443,7 +443,9 @@ def test_restarted_operator_continues_from_the_learned_state(
     first = OperatorProcess(namespace, tmp_path / "operator-1.log", env={"KVRELAY_DECISION_LOG": str(log1)})
     second: OperatorProcess | None = None
     try:
-        with Load(stack.serve):
+        # Eight clients: prefill capacity is learned from windows where the pool is at least a quarter
+        # busy; four kept the one prefill worker 22% busy on a quiet machine, and nothing was learned.
+        with Load(stack.serve, concurrency=8):
 
             def learned() -> api.AutoscalerState | None:
                 saved = saved_state()
