@@ -9,6 +9,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from kvrelay_worker.tp.options import DEFAULT_TP_PORT, TPError, TPOptions, resolve
+
 ROLES = ("prefill", "decode", "colocated", "router")
 
 
@@ -53,7 +55,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0: torch default, shared by ranks)"
+    )
+    tp = p.add_argument_group("tensor parallelism (prefill and decode roles)")
+    tp.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=1,
+        help="ranks (GPUs) per worker: one process each, rank 0 serves",
+    )
+    tp.add_argument(
+        "--tp-nodes", type=int, default=1, help="pods the worker spans (each runs TP / nodes ranks)"
+    )
+    tp.add_argument(
+        "--tp-node-rank", default="0", help="this pod's index in the group, or auto (LeaderWorkerSet)"
+    )
+    tp.add_argument(
+        "--tp-leader-addr", default="127.0.0.1", help="rank 0's address, or auto (LeaderWorkerSet)"
+    )
+    tp.add_argument(
+        "--tp-port", type=int, default=DEFAULT_TP_PORT, help="rendezvous port on rank 0 (+1: its link)"
+    )
+    tp.add_argument("--tp-rank", type=int, default=None, help=argparse.SUPPRESS)  # a started rank process
     return p
 
 
@@ -77,8 +101,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     from kvrelay_worker.engine import EngineConfig
     from kvrelay_worker.server.app import WorkerOptions, serve
 
+    placement = None
+    if args.tensor_parallel > 1:
+        if args.role == "colocated":
+            build_parser().error(
+                "the colocated role runs TP 1; serve TP > 1 with the prefill and decode roles"
+            )
+        try:
+            node_rank = "auto" if args.tp_node_rank == "auto" else int(args.tp_node_rank)
+            placement = resolve(
+                TPOptions(
+                    size=args.tensor_parallel, nodes=args.tp_nodes, node_rank=node_rank,
+                    leader_addr=args.tp_leader_addr, port=args.tp_port,
+                ),
+                os.environ,
+            )  # fmt: skip
+        except (TPError, ValueError) as exc:
+            build_parser().error(f"tensor parallelism: {exc}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    elif placement is not None:  # the pod's ranks share its cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // placement.ranks_per_node))
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -107,7 +150,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             device=device,
             dtype=args.dtype,
         ),
+        tp=placement,
     )
+    if placement is not None:
+        from kvrelay_worker.tp import group
+        from kvrelay_worker.tp.follower import run_follower
+
+        group.authkey(placement, dict(os.environ))  # made up now, so the local ranks inherit it
+        if args.tp_rank is not None:  # a rank process this pod's first process started
+            group.die_with_parent()
+            return run_follower(opts, placement, args.tp_rank, serve_http=False)
+        children = group.spawn_local_ranks(placement, argv)
+        stopping = group.watch_children(children, placement.local_ranks[1:])
+        if placement.node_rank > 0:
+            code = run_follower(opts, placement, placement.local_ranks[0], serve_http=True)
+            stopping.set()
+            return code
+        asyncio.run(serve(opts))
+        stopping.set()
+        return 0
     asyncio.run(serve(opts))
     return 0
 

@@ -21,7 +21,7 @@ from kvrelay_worker.kv import (
     merge_rank_handles,
 )
 from kvrelay_worker.kv.leases import Lease, LeaseTable
-from kvrelay_worker.kv.runs import plan_runs, readers_per_holder_rank, source_rank
+from kvrelay_worker.kv.runs import plan_runs, readers_of, source_slices
 from prometheus_client import CollectorRegistry
 
 BASE = dict(model_id="m@1", num_layers=3, block_size=4, num_kv_heads=8, head_dim=8, dtype="bfloat16")
@@ -73,8 +73,7 @@ def test_check_compatible_names_both_sides() -> None:
         check_compatible(layout(), layout(dtype="float16"))
     with pytest.raises(KVLayoutMismatch, match=r"model_id m@1 \(holder\) != m@2 \(reader\)"):
         check_compatible(layout(), layout(model_id="m@2"))
-    with pytest.raises(KVLayoutMismatch, match="tp_size 4 \\(holder\\) vs 2 \\(reader\\)"):
-        check_compatible(layout(tp_size=4), layout(tp_size=2))
+    check_compatible(layout(tp_size=4), layout(tp_size=2))  # a reader rank reads from two holder ranks
     with pytest.raises(ValueError, match="not divisible"):
         layout(tp_size=3)
 
@@ -90,7 +89,9 @@ def test_merge_rank_handles() -> None:
 
 
 @pytest.mark.parametrize("ids", ["random", "segments"])
-@pytest.mark.parametrize(("holder_tp", "reader_tp"), [(1, 1), (1, 2), (2, 2), (2, 4), (1, 8)])
+@pytest.mark.parametrize(
+    ("holder_tp", "reader_tp"), [(1, 1), (1, 2), (2, 2), (2, 4), (1, 8), (2, 1), (4, 1), (8, 2), (4, 2)]
+)
 def test_planned_runs_move_exactly_the_reader_heads(holder_tp: int, reader_tp: int, ids: str) -> None:
     full = torch.randint(-1000, 1000, (3, 2, 16, 8, 4, 8), dtype=torch.int16).view(torch.bfloat16)
     holder_l, reader_l = layout(tp_size=holder_tp), layout(tp_size=reader_tp)
@@ -99,20 +100,41 @@ def test_planned_runs_move_exactly_the_reader_heads(holder_tp: int, reader_tp: i
         src_ids, dst_ids = rng.sample(range(1, 16), 5), rng.sample(range(1, 12), 5)
     else:  # runs of consecutive ids on both sides, broken on one side or the other
         src_ids, dst_ids = [3, 4, 5, 9, 10, 11, 15], [1, 2, 3, 4, 7, 8, 11]
+    hl, rl = holder_l.num_kv_heads_local, reader_l.num_kv_heads_local
+    readers: dict[int, list[int]] = {}
     for r in range(reader_tp):
-        q, offset = source_rank(holder_l, reader_l, r)
-        hl, rl = holder_l.num_kv_heads_local, reader_l.num_kv_heads_local
-        assert q * hl + offset == r * rl
-        holder = full[:, :, :, q * hl : (q + 1) * hl].contiguous()
         reader = torch.zeros((3, 2, 12, rl, 4, 8), dtype=torch.bfloat16)
-        src_bytes, dst_bytes = holder.view(-1).view(torch.uint8), reader.view(-1).view(torch.uint8)
-        for src, dst, length in plan_runs(holder_l, 16, src_ids, reader_l, 12, r, dst_ids).tolist():
-            dst_bytes[dst : dst + length] = src_bytes[src : src + length]
+        dst_bytes = reader.view(-1).view(torch.uint8)
+        sources = source_slices(holder_l, reader_l, r)
+        assert sum(s.num_heads for s in sources) == rl  # every head of the reader rank, once
+        assert len(sources) == max(holder_tp // reader_tp, 1)
+        for s in sources:
+            readers.setdefault(s.holder_rank, []).append(r)
+            assert s.holder_rank * hl + s.holder_head == r * rl + s.reader_head
+            holder = full[:, :, :, s.holder_rank * hl : (s.holder_rank + 1) * hl].contiguous()
+            src_bytes = holder.view(-1).view(torch.uint8)
+            plan = plan_runs(holder_l, 16, src_ids, reader_l, 12, r, dst_ids, s.holder_rank)
+            for src, dst, length in plan.tolist():
+                dst_bytes[dst : dst + length] = src_bytes[src : src + length]
         expect = full[:, :, src_ids, r * rl : (r + 1) * rl]
         assert torch.equal(reader[:, :, dst_ids].view(torch.int16), expect.contiguous().view(torch.int16))
         untouched = [b for b in range(12) if b not in dst_ids]
         assert not reader[:, :, untouched].view(torch.int16).any()
-    assert readers_per_holder_rank(holder_l, reader_tp) == reader_tp // holder_tp
+    for q in range(holder_tp):  # the holder waits for exactly the readers that read from it
+        assert readers_of(holder_l, reader_l, q) == readers[q]
+
+
+def test_source_slices_pair_degrees_that_do_not_divide_each_other() -> None:
+    """6 KV heads, holder TP2 (3 each) -> reader TP3 (2 each): reader rank 1 reads from both holder ranks."""
+    holder_l, reader_l = layout(num_kv_heads=6, tp_size=2), layout(num_kv_heads=6, tp_size=3)
+    assert [
+        (s.holder_rank, s.holder_head, s.reader_head, s.num_heads)
+        for s in source_slices(holder_l, reader_l, 1)
+    ] == [
+        (0, 2, 0, 1),
+        (1, 0, 1, 1),
+    ]
+    assert readers_of(holder_l, reader_l, 0) == [0, 1] and readers_of(holder_l, reader_l, 1) == [1, 2]
 
 
 def test_contiguous_blocks_coalesce_and_bad_ids_are_refused() -> None:

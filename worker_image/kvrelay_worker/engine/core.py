@@ -32,6 +32,7 @@ from kvrelay_worker.engine.scheduler import (
 )
 from kvrelay_worker.model.llama import LlamaForCausalLM
 from kvrelay_worker.model.loader import load_model
+from kvrelay_worker.model.parallel import SINGLE, TensorParallel
 
 
 class EngineConfig(BaseModel):
@@ -87,7 +88,12 @@ class Engine:
         self.device, self.dtype = param.device, param.dtype
         self.max_model_len = min(config.max_model_len or model.max_model_len, model.max_model_len)
         self.kv_cache = allocate_kv_cache(
-            model.config, config.num_blocks, config.block_size, self.dtype, self.device
+            model.config,
+            config.num_blocks,
+            config.block_size,
+            self.dtype,
+            self.device,
+            model.num_kv_heads_local,
         )
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -106,10 +112,11 @@ class Engine:
         self.grammars = GrammarCompiler(tokenizer_json, model.config.vocab_size, self.scheduler.eos_token_ids)
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, config: EngineConfig) -> Engine:
-        """Load a checkpoint directory; EOS ids from config + generation_config; detokenizer if present."""
+    def from_dir(cls, model_dir: str | Path, config: EngineConfig, tp: TensorParallel = SINGLE) -> Engine:
+        """Load a checkpoint directory (this rank's shard with ``tp``); EOS ids from config +
+        generation_config; detokenizer if present."""
         dtype = getattr(torch, config.dtype) if config.dtype else None
-        model = load_model(model_dir, config.device, dtype, config.max_model_len)
+        model = load_model(model_dir, config.device, dtype, config.max_model_len, tp)
         eos = set(model.config.eos_token_id)
         gen_cfg = Path(model_dir) / "generation_config.json"
         if gen_cfg.is_file():

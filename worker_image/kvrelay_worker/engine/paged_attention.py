@@ -42,10 +42,17 @@ MIRROR_MAX_BYTES = 256 << 20
 
 
 def allocate_kv_cache(
-    config: LlamaConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str
+    config: LlamaConfig,
+    num_blocks: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    num_kv_heads: int | None = None,
 ) -> torch.Tensor:
-    """One contiguous tensor for the whole cache (registered once with the KV transport)."""
-    shape = (config.num_hidden_layers, 2, num_blocks, config.num_key_value_heads, block_size, config.head_dim)
+    """One contiguous tensor for the whole cache (registered once with the KV transport); a TP rank
+    holds ``num_kv_heads`` of the model's KV heads."""
+    heads = num_kv_heads or config.num_key_value_heads
+    shape = (config.num_hidden_layers, 2, num_blocks, heads, block_size, config.head_dim)
     return torch.zeros(shape, dtype=dtype, device=device)
 
 

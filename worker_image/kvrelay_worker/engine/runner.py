@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,6 +22,21 @@ from kvrelay_worker.model.llama import LlamaForCausalLM
 
 # prompt positions scored per logits slab: bounds the [rows, vocab] fp32 buffer a long prompt needs
 PROMPT_LOGITS_ROWS = 256
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """What a tensor-parallel rank needs to run one step's forward on its shard: rank 0 sends it
+    before its own forward, the other ranks replay it (``ModelRunner.replay``)."""
+
+    token_ids: list[list[int]]  # per sequence, the tokens computed this step
+    start_pos: list[int]
+    block_ids: list[list[int]]
+    decode: bool  # one token per sequence: built by the incremental decode builder
+
+
+# Called by rank 0 with each step's inputs (None: a step without sequences) before its forward.
+StepSink = Callable[[StepInputs | None], None]
 
 
 class ModelRunner:
@@ -43,6 +59,39 @@ class ModelRunner:
         # the last all-greedy decode step's sampled tokens, as a list and as the argmax tensor
         self._last_tokens: list[int] | None = None
         self._last_ids: torch.Tensor | None = None
+        self.step_sink: StepSink | None = None  # set on rank 0 of a TP group
+
+    @torch.inference_mode()
+    def replay(self, step: StepInputs | None) -> None:
+        """A non-zero TP rank: run the forward rank 0 runs for ``step`` (this rank's heads; no sampling)."""
+        if step is None:
+            self.decode.reset()
+        elif step.decode:
+            batch, pos = self.decode.build(step.start_pos, step.block_ids)
+            ids = self._tensor([t[0] for t in step.token_ids])
+            self.model(ids, pos, PagedAttention(self.kv_cache, batch, self.views))
+        else:
+            self._prefill_forward(step.token_ids, step.start_pos, step.block_ids)
+
+    def _prefill_forward(
+        self, token_ids: list[list[int]], start_pos: list[int], block_ids: list[list[int]]
+    ) -> torch.Tensor:
+        self.decode.reset()
+        input_ids, positions = [], []
+        for tokens, start in zip(token_ids, start_pos, strict=True):
+            input_ids.extend(tokens)
+            positions.extend(range(start, start + len(tokens)))
+        batch = build_paged_batch(
+            [len(t) for t in token_ids],
+            start_pos,
+            block_ids,
+            self.block_size,
+            self.kv_cache.shape[3],
+            self.device,
+        )
+        return self.model(
+            self._tensor(input_ids), self._tensor(positions), PagedAttention(self.kv_cache, batch, self.views)
+        )
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[dict[str, int], StepLogprobs | None]:
@@ -50,28 +99,20 @@ class ModelRunner:
         logprobs of the requests that asked (None when none in the step did)."""
         seqs = out.seqs
         if not seqs:
+            if self.step_sink is not None:
+                self.step_sink(None)
             self.decode.reset()
             self._last_tokens = None
             return {}, None
         if all(len(s.token_ids) == 1 for s in seqs):
             return self._execute_decode(seqs)
-        self.decode.reset()
         self._last_tokens = None
-        input_ids, positions = [], []
-        for s in seqs:
-            input_ids.extend(s.token_ids)
-            positions.extend(range(s.start_pos, s.start_pos + len(s.token_ids)))
-        batch = build_paged_batch(
-            [len(s.token_ids) for s in seqs],
-            [s.start_pos for s in seqs],
-            [s.block_ids for s in seqs],
-            self.block_size,
-            self.kv_cache.shape[3],
-            self.device,
-        )
-        ids = self._tensor(input_ids)
-        pos = self._tensor(positions)
-        hidden = self.model(ids, pos, PagedAttention(self.kv_cache, batch, self.views))
+        token_ids = [s.token_ids for s in seqs]
+        start_pos = [s.start_pos for s in seqs]
+        block_ids = [s.block_ids for s in seqs]
+        if self.step_sink is not None:
+            self.step_sink(StepInputs(token_ids, start_pos, block_ids, decode=False))
+        hidden = self._prefill_forward(token_ids, start_pos, block_ids)
         rows, sampled = [], []
         end = 0
         for s in seqs:
@@ -87,8 +128,11 @@ class ModelRunner:
 
     def _execute_decode(self, seqs: list[ScheduledSeq]) -> tuple[dict[str, int], StepLogprobs | None]:
         """One token per sequence: the step metadata comes from the incremental decode builder."""
-        batch, pos = self.decode.build([s.start_pos for s in seqs], [s.block_ids for s in seqs])
+        start_pos, block_ids = [s.start_pos for s in seqs], [s.block_ids for s in seqs]
         input_ids = [s.token_ids[0] for s in seqs]
+        if self.step_sink is not None:
+            self.step_sink(StepInputs([[t] for t in input_ids], start_pos, block_ids, decode=True))
+        batch, pos = self.decode.build(start_pos, block_ids)
         if self.decode.same_batch and input_ids == self._last_tokens:
             ids = self._last_ids  # the tokens the last step sampled, still on the device
         else:

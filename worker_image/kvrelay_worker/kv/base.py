@@ -38,7 +38,7 @@ from .handle import (
 )
 from .leases import Lease, LeaseTable, ReleaseCallback
 from .metrics import KVMetrics
-from .runs import RunPlan, plan_runs, readers_per_holder_rank, source_rank
+from .runs import RunPlan, plan_runs, readers_of, source_slices
 
 log = logging.getLogger(__name__)
 
@@ -232,15 +232,14 @@ class KVTransport(ABC):
             raise KVLayoutMismatch(f"handle layout {handle.layout} (handle) != {self.layout} (holder)")
         reader_layout = handle.layout.model_copy(update={"tp_size": reader_tp})
         check_compatible(self.layout, reader_layout)
-        if source_rank(self.layout, reader_layout, reader_rank)[0] != self.tp_rank:
+        readers = readers_of(self.layout, reader_layout, self.tp_rank)
+        if reader_rank not in readers:
             raise KVTransferError(
                 "bad_request", f"reader rank {reader_rank} does not read from holder rank {self.tp_rank}"
             )
         now = self._clock()
         hold = now + min(max(deadline_s, 0.0), MAX_CLAIM_HOLD_S) + CLAIM_MARGIN_S
-        lease = self.leases.claim(
-            handle.handle_id, reader_rank, readers_per_holder_rank(self.layout, reader_tp), now, hold
-        )
+        lease = self.leases.claim(handle.handle_id, reader_rank, len(readers), now, hold)
         if not 0 <= skip <= len(lease.block_ids):
             raise KVTransferError("bad_request", f"skip_blocks {skip} outside 0..{len(lease.block_ids)}")
         served = lease.block_ids[skip:]
@@ -300,20 +299,26 @@ class KVTransport(ABC):
                 raise KVTransferError(
                     "bad_handle", f"backend {handle.backend} (holder) != {self.backend} (reader)"
                 )
-            src_rank, _ = source_rank(handle.layout, self.layout, self.tp_rank)
-            holder = handle.rank(src_rank)
+            # Reader TP below the holder's: this rank's heads sit on several holder ranks, one claim each.
+            sources = source_slices(handle.layout, self.layout, self.tp_rank)
+            holders = [handle.rank(s.holder_rank) for s in sources]
             dst = list(dst_block_ids)
-            if not 0 <= skip_blocks <= len(holder.block_ids):
-                raise KVTransferError(
-                    "bad_request", f"skip_blocks {skip_blocks} outside 0..{len(holder.block_ids)}"
-                )
+            for holder in holders:
+                if not 0 <= skip_blocks <= len(holder.block_ids):
+                    raise KVTransferError(
+                        "bad_request", f"skip_blocks {skip_blocks} outside 0..{len(holder.block_ids)}"
+                    )
 
             def work() -> int:  # planning thousands of runs stays off the event loop too
-                runs = plan_runs(
-                    handle.layout, holder.num_blocks_total, holder.block_ids[skip_blocks:], self.layout,
-                    self.num_blocks, self.tp_rank, dst,
-                )  # fmt: skip
-                return self._fetch_blocking(Fetch(handle, holder, runs, dst, deadline, cancel, skip_blocks))
+                total = 0
+                for source, holder in zip(sources, holders, strict=True):
+                    runs = plan_runs(
+                        handle.layout, holder.num_blocks_total, holder.block_ids[skip_blocks:], self.layout,
+                        self.num_blocks, self.tp_rank, dst, source.holder_rank,
+                    )  # fmt: skip
+                    job = Fetch(handle, holder, runs, dst, deadline, cancel, skip_blocks)
+                    total += self._fetch_blocking(job)
+                return total
 
             fut = asyncio.get_running_loop().run_in_executor(self._pool, work)
             try:

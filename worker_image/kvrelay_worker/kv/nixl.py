@@ -25,6 +25,7 @@ from .base import Fetch, KVTransport
 from .control import send_frame
 from .handle import KVHandle, KVHolderRank, KVLayout, KVTransferError
 from .leases import Lease
+from .runs import slice_bytes, source_slice
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,8 @@ class NixlTransport(KVTransport):
         with self._inflight_lock:
             self._inflight[(lease.handle.handle_id, int(req["reader_rank"]))] = deadline
         # The reader plans and reads the runs itself; the holder only states how many bytes it serves.
-        nbytes = len(served) * reader_layout.block_bytes_local()
+        source = source_slice(self.layout, reader_layout, int(req["reader_rank"]), self.tp_rank)
+        nbytes = slice_bytes(self.layout, source, len(served))
         reply: dict[str, Any] = {"ok": True, "nbytes": nbytes}
         if req.get("want_metadata"):
             reply["metadata_b64"] = base64.b64encode(self._metadata).decode()

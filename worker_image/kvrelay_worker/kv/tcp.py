@@ -65,7 +65,7 @@ class TcpTransport(KVTransport):
     ) -> None:
         runs = plan_runs(
             self.layout, self.num_blocks, served, reader_layout, int(req["reader_num_blocks"]),
-            int(req["reader_rank"]), [int(b) for b in req["dst_block_ids"]],
+            int(req["reader_rank"]), [int(b) for b in req["dst_block_ids"]], self.tp_rank,
         )  # fmt: skip
         nbytes = int(runs[:, 2].sum())
         send_frame(sock, {"ok": True, "nbytes": nbytes})

@@ -14,6 +14,7 @@ from torch import nn
 
 from kvrelay_worker.model.attention import AttentionBackend
 from kvrelay_worker.model.config import LlamaConfig
+from kvrelay_worker.model.parallel import SINGLE, TensorParallel, check_divides
 from kvrelay_worker.model.rope import RotaryEmbedding, apply_rotary
 
 
@@ -47,12 +48,21 @@ def _fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor 
     return weight, bias
 
 
+def _row_parallel(x: torch.Tensor, linear: nn.Linear, tp: TensorParallel) -> torch.Tensor:
+    """A row-parallel projection: this rank's partial product, summed over ranks, then the bias once."""
+    out = tp.all_reduce(F.linear(x, linear.weight))
+    return out if linear.bias is None else out + linear.bias
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
+    """Attention over this rank's heads (all of them at TP=1)."""
+
+    def __init__(self, config: LlamaConfig, layer_idx: int, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.tp = tp
+        self.num_heads = config.num_attention_heads // tp.size
+        self.num_kv_heads = config.num_key_value_heads // tp.size
         self.head_dim = config.head_dim
         h, bias = config.hidden_size, config.attention_bias
         self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=bias)
@@ -76,13 +86,16 @@ class LlamaAttention(nn.Module):
         q, k = apply_rotary(qk, *cos_sin).split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, q_size + kv_size :].view(n, self.num_kv_heads, self.head_dim)
         out = attn(self.layer_idx, q, k, v)
-        return self.o_proj(out.reshape(n, q_size))
+        return _row_parallel(out.reshape(n, q_size), self.o_proj, self.tp)
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    """SwiGLU over this rank's share of the intermediate rows."""
+
+    def __init__(self, config: LlamaConfig, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.tp = tp
+        h, i, bias = config.hidden_size, config.intermediate_size // tp.size, config.mlp_bias
         self.gate_proj = nn.Linear(h, i, bias=bias)
         self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
@@ -94,14 +107,14 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return _row_parallel(F.silu(gate) * up, self.down_proj, self.tp)
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
+    def __init__(self, config: LlamaConfig, layer_idx: int, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, layer_idx, tp)
+        self.mlp = LlamaMLP(config, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -113,21 +126,30 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, tp: TensorParallel = SINGLE) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i, tp) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
-    """The decoder plus LM head. ``forward`` returns final hidden states [N, hidden]."""
+    """The decoder plus LM head. ``forward`` returns final hidden states [N, hidden].
 
-    def __init__(self, config: LlamaConfig, max_model_len: int | None = None) -> None:
+    With ``tp`` of size > 1 the layers hold this rank's shard (``model/parallel.py``); ``config``
+    stays the whole model's, and ``num_kv_heads_local`` is what this rank's KV cache holds.
+    """
+
+    def __init__(
+        self, config: LlamaConfig, max_model_len: int | None = None, tp: TensorParallel = SINGLE
+    ) -> None:
         super().__init__()
+        check_divides(config, tp.size)
         self.config = config
+        self.tp = tp
+        self.num_kv_heads_local = config.num_key_value_heads // tp.size
         self.max_model_len = max_model_len or config.max_position_embeddings
-        self.model = LlamaModel(config)
+        self.model = LlamaModel(config, tp)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

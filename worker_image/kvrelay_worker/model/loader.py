@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -11,6 +12,7 @@ from safetensors.torch import save_file
 
 from kvrelay_worker.model.config import ConfigError, LlamaConfig, load_config, served_length
 from kvrelay_worker.model.llama import LlamaForCausalLM
+from kvrelay_worker.model.parallel import SINGLE, TensorParallel, shard_dim, shard_range
 from kvrelay_worker.model.rope import RotaryEmbedding
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -58,16 +60,19 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     max_model_len: int | None = None,
+    tp: TensorParallel = SINGLE,
 ) -> LlamaForCausalLM:
-    """Build the model from ``config.json`` and load every tensor; refuse missing or extra tensors."""
+    """Build the model from ``config.json`` and load every tensor (this rank's shard of the split ones);
+    refuse missing or extra tensors."""
     model_dir = Path(model_dir)
     device = torch.device(device)
     config = load_config(model_dir)
     dtype = dtype or default_dtype(device)
     max_len = served_length(config, max_model_len, str(model_dir / "config.json"))
     with torch.device("meta"):
-        model = LlamaForCausalLM(config, max_len)
-    expected = {k: v for k, v in model.state_dict().items()}
+        whole = LlamaForCausalLM(config, max_len)  # the checkpoint's shapes, to check them against
+        model = LlamaForCausalLM(config, max_len, tp) if tp.size > 1 else whole
+    expected = {k: v for k, v in whole.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
 
@@ -83,8 +88,8 @@ def load_model(
                     continue
                 if name not in present:
                     raise CheckpointError(f"{path}: tensor {name!r} listed in {INDEX_FILE} but not in file")
-                state[name] = f.get_tensor(name)
-    _check_tensors(model_dir, expected, state, config)
+                state[name] = _read(f, name, tp, expected.get(name))
+    _check_tensors(model_dir, expected, state, config, tp)
 
     for name, tensor in state.items():
         state[name] = tensor.to(device=device, dtype=dtype)
@@ -96,8 +101,28 @@ def load_model(
     return model.eval()
 
 
+def _read(f: Any, name: str, tp: TensorParallel, whole: torch.Tensor | None) -> torch.Tensor:
+    """The tensor, or only this rank's shard of it (read as a slice: a rank never reads the rest).
+
+    A tensor whose shape does not match the config is read whole, for ``_check_tensors`` to report.
+    """
+    dim = shard_dim(name)
+    if tp.size == 1 or dim is None or whole is None:
+        return f.get_tensor(name)
+    piece = f.get_slice(name)
+    shape = tuple(piece.get_shape())
+    if shape != tuple(whole.shape):
+        return f.get_tensor(name)
+    start, end = shard_range(shape[dim], tp)
+    return piece[start:end] if dim == 0 else piece[:, start:end]
+
+
 def _check_tensors(
-    model_dir: Path, expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], config: LlamaConfig
+    model_dir: Path,
+    expected: dict[str, torch.Tensor],
+    state: dict[str, torch.Tensor],
+    config: LlamaConfig,
+    tp: TensorParallel = SINGLE,
 ) -> None:
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -107,7 +132,11 @@ def _check_tensors(
     if unexpected:
         problems.append(f"unexpected tensors {_short(unexpected)}")
     for name in sorted(set(expected) & set(state)):
-        if tuple(expected[name].shape) != tuple(state[name].shape):
+        want = list(expected[name].shape)
+        dim = shard_dim(name)
+        if tp.size > 1 and dim is not None:  # a shard was read: compare it with its share of the whole
+            want[dim] //= tp.size
+        if tuple(want) != tuple(state[name].shape):
             problems.append(
                 f"{name}: shape {tuple(state[name].shape)} in checkpoint, {tuple(expected[name].shape)} "
                 "from config.json"

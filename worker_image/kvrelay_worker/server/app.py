@@ -33,6 +33,7 @@ from kvrelay_worker.server.engine_loop import EngineChannel, EngineLoop
 from kvrelay_worker.server.kv_bridge import KVBridge
 from kvrelay_worker.server.metrics_http import start_http
 from kvrelay_worker.server.servicer import WorkerServicer
+from kvrelay_worker.tp.options import TPPlacement
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class WorkerOptions(BaseModel):
         DEFAULT_DRAIN_SECONDS, ge=0, description="on SIGTERM, how long to finish running work and held KV"
     )
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    tp: TPPlacement | None = Field(None, description="tensor parallelism over several rank processes")
 
     @model_validator(mode="before")
     @classmethod
@@ -72,24 +74,33 @@ class WorkerOptions(BaseModel):
         return data
 
 
-def make_transport(opts: WorkerOptions, engine: Engine) -> KVTransport | None:
-    """The KV relay endpoint over the engine's cache, or None with ``--kv-backend none``."""
-    if opts.kv_backend == "none":
-        return None
+def kv_layout(opts: WorkerOptions, engine: Engine) -> KVLayout:
+    """The worker's KV layout: the whole model's heads, split over its TP degree."""
     cfg = engine.model.config
-    layout = KVLayout(
+    return KVLayout(
         model_id=opts.served_model_name,
         num_layers=cfg.num_hidden_layers,
         block_size=engine.config.block_size,
         num_kv_heads=cfg.num_key_value_heads,
         head_dim=cfg.head_dim,
         dtype=str(engine.dtype).removeprefix("torch."),
-        tp_size=1,
+        tp_size=opts.tp.size if opts.tp is not None else 1,
     )
+
+
+def rank_kv_port(port: int, local_index: int) -> int:
+    """The KV control port of a pod's ``local_index``-th rank: ``port`` + index (0: any free port)."""
+    return port + local_index if port else 0
+
+
+def make_transport(opts: WorkerOptions, engine: Engine) -> KVTransport | None:
+    """The KV relay endpoint over the engine's cache (rank 0's shard), or None with ``--kv-backend none``."""
+    if opts.kv_backend == "none":
+        return None
     return create_transport(
         opts.kv_backend,
         engine.kv_cache,
-        layout,
+        kv_layout(opts, engine),
         host=opts.kv_host,
         port=opts.kv_port,
         advertise_host=opts.kv_advertise_host,
@@ -129,11 +140,17 @@ async def drain(servicer: WorkerServicer, transport: KVTransport | None, state: 
 async def serve(opts: WorkerOptions, engine: Engine | None = None, stop: asyncio.Event | None = None) -> None:
     """Run until SIGTERM/SIGINT (or ``stop`` is set), then drain and return; prints ``READY ...`` once
     serving."""
-    engine = engine or Engine.from_dir(opts.model, opts.engine)
     loop = asyncio.get_running_loop()
-    metrics = WorkerMetrics(opts.served_model_name, opts.role)
-    transport = make_transport(opts, engine)
     channel = EngineChannel()
+    ranks = None
+    if opts.tp is not None and opts.tp.size > 1:
+        from kvrelay_worker.tp.rank0 import start_rank0
+
+        ranks = start_rank0(opts, lambda message: loop.call_soon_threadsafe(channel.fail_all, message))
+        engine = ranks.engine
+    engine = engine or Engine.from_dir(opts.model, opts.engine)
+    metrics = WorkerMetrics(opts.served_model_name, opts.role)
+    transport = make_transport(opts, engine) if ranks is None else ranks.transport
     kv = KVBridge(
         engine,
         channel,
@@ -142,7 +159,14 @@ async def serve(opts: WorkerOptions, engine: Engine | None = None, stop: asyncio
         failure_policy=opts.kv_failure_policy,
         fetch_timeout_s=opts.kv_fetch_timeout_s,
     )
-    engine_loop = EngineLoop(engine, loop, metrics, on_kv_target=kv.on_kv_target, channel=channel)
+    engine_loop = EngineLoop(
+        engine,
+        loop,
+        metrics,
+        on_kv_target=kv.on_kv_target,
+        channel=channel,
+        on_error=ranks.engine_failed if ranks is not None else None,
+    )
     http = None
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     stop = stop or asyncio.Event()
@@ -161,6 +185,8 @@ async def serve(opts: WorkerOptions, engine: Engine | None = None, stop: asyncio
     try:
         if transport is not None:
             transport.start()
+        if ranks is not None:
+            ranks.join()  # every rank loaded, its transport started: only now is the worker whole
         servicer = WorkerServicer(opts.role, engine_loop, kv, metrics)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
         port = server.add_insecure_port(f"{opts.host}:{opts.grpc_port}")
@@ -175,6 +201,8 @@ async def serve(opts: WorkerOptions, engine: Engine | None = None, stop: asyncio
         await drain(servicer, transport, state)
         await server.stop(grace=STOP_GRACE_S)
     finally:
+        if ranks is not None:
+            ranks.stop()
         engine_loop.stop()
         if transport is not None:
             transport.close()

@@ -97,8 +97,10 @@ class EngineLoop:
         metrics: WorkerMetrics | None = None,
         on_kv_target: Callable[[KVTarget], None] | None = None,
         channel: EngineChannel | None = None,
+        on_error: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.engine = engine
+        self._on_error = on_error  # engine thread, after the clients were told (a TP worker exits)
         self.loop = loop
         self.metrics = metrics
         self._on_kv_target = on_kv_target  # event-loop thread, once per KVTarget the engine reports
@@ -135,6 +137,8 @@ class EngineLoop:
             log.exception("engine thread died")
             self.error = exc
             self.loop.call_soon_threadsafe(self.channel.fail_all, f"engine failed: {exc!r}")
+            if self._on_error is not None:
+                self._on_error(exc)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
