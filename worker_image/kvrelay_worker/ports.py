@@ -61,3 +61,24 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 def free_port(host: str = "127.0.0.1") -> int:
     """One port free on `host` now (see `free_ports`)."""
     return free_ports(1, host)[0]
+
+
+def free_port_pair(host: str = "127.0.0.1") -> int:
+    """A port p with p and p + 1 both free on `host` now (a TP rendezvous and rank 0's link)."""
+    pool = candidate_ports(ephemeral_range())
+    rng = random.Random()
+    for _ in range(MAX_ATTEMPTS):
+        port = rng.choice(pool[:-1])
+        socks = []
+        try:
+            for p in (port, port + 1):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind((host, p))
+            return port
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise OSError(f"no two consecutive free ports on {host}")

@@ -60,8 +60,8 @@ def test_twenty_random_block_sets_are_byte_exact(pool: Any, flavour: str) -> Non
     assert_read_over_pinned_transport(flavour, [reader])
 
 
-@pytest.mark.parametrize("flavour", ["nixl-cma", "tcp"])
-@pytest.mark.parametrize(("holder_tp", "reader_tp"), [(1, 2), (2, 2)])
+@pytest.mark.parametrize("flavour", ["nixl-cma", "nixl-tcp", "tcp"])
+@pytest.mark.parametrize(("holder_tp", "reader_tp"), [(1, 2), (2, 2), (2, 1), (4, 2)])
 def test_tensor_parallel_readers_get_their_head_slices(
     pool: Any, flavour: str, holder_tp: int, reader_tp: int
 ) -> None:
@@ -87,7 +87,8 @@ def test_tensor_parallel_readers_get_their_head_slices(
             reply = reader.call(op="fetch", handle=handle, dst_block_ids=dst_ids, timeout_s=20)
             assert reply["ok"], reply
             assert reply["digest"] == expected_digest(SEED, reader_tp, r, src_ids), f"rank {r} set {i}"
-    # A holder rank serving two reader ranks releases only after both are done.
+    # A holder rank serving two reader ranks releases only after both are done; with reader TP below
+    # the holder's, every holder rank is read (by one reader rank) and releases.
     for holder, done in zip(holders, before, strict=True):
         status = wait_all_released(holder, done + 4)
         assert len(status["released"]) == done + 4
