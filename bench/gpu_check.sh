@@ -5,7 +5,8 @@
 #      to carry); kvrelay vs transformers logits in bf16/fp32, greedy agreement of the paged engine
 #      (batch 16 and 1) with near-tie accounting, decode/prefill tokens/s, decode vs HBM roofline;
 #   2. the engine correctness tests (engine == full recompute, KV handoff, refusals) on CUDA in bf16;
-#   3. engine overhead and tokens/s vs a bare model forward, tiny and ~100M checkpoints.
+#   3. engine overhead and tokens/s vs a bare model forward, tiny and ~100M checkpoints;
+#   4. with two or more GPUs: TP 2 over NCCL vs TP 1 (prefill and decode step time, logit noise).
 # Each figure is one JSON line; paste the output into worker_image/README.md with the GPU's name.
 # Exit status: 2 when no CUDA device is visible, 1 when a step failed or timed out, else 0.
 #
@@ -57,6 +58,13 @@ step "engine overhead, tiny model, CUDA bf16" 45 \
     "$PY" bench/engine_overhead.py --device cuda --dtype bfloat16 --batches 1 16 64 --steps 50
 step "tokens/s vs bare model, tiny and ~100M, CUDA bf16" 60 \
     "$PY" bench/engine_throughput.py --device cuda --dtype bfloat16 --sizes tiny 100m
+GPUS=$(timeout 20 nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
+if ((GPUS >= 2)); then
+    step "tensor parallel 2 over NCCL vs TP 1, ~1B random Llama, CUDA bf16" 120 \
+        "$PY" bench/tensor_parallel.py --device cuda --size 1b --tp 2 --prompt 1024 --batch 32 --steps 30
+else
+    echo "== tensor parallel over NCCL: skipped, this machine has $GPUS GPU (TP 2 needs two)"
+fi
 
 echo "== done in $((SECONDS - START))s"
 if ((${#FAILED[@]})); then

@@ -20,6 +20,7 @@ import queue
 import random
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -267,3 +268,23 @@ def _alive(pid: int) -> bool:
         return False
     state = Path(f"/proc/{pid}/stat").read_text().split()[2] if Path(f"/proc/{pid}/stat").exists() else "X"
     return state not in ("Z", "X")
+
+
+# ---------------------------------------------------------------------------- the benchmark, smoke-run
+def test_tp_bench_reports_noise_well_under_the_near_tie_bound() -> None:
+    """bench/tensor_parallel.py runs (so it cannot rot) and measures the TP noise NEAR_TIE is set against."""
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "bench/tensor_parallel.py", "--size", "tiny", "--prompt", "48", "--batch", "2"]
+    proc = subprocess.run(
+        [*cmd, "--steps", "4", "--repeats", "1"], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert 0 <= line["max_logit_diff_vs_tp1"] < NEAR_TIE / 50
+    for pairing, moved in line["relay_bytes_per_prompt"].items():
+        # every head of every block is read once, whatever the pairing: readers and holders move the same
+        assert sum(moved["reader_rank_bytes"]) == sum(moved["holder_rank_bytes"]), pairing
+        assert sum(moved["reader_rank_bytes"]) == sum(
+            line["relay_bytes_per_prompt"]["1->1"]["reader_rank_bytes"]
+        )
+    assert line["tp2"]["decode_step_ms"] > 0 and line["tp1"]["prefill_ms"] > 0

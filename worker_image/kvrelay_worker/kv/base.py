@@ -278,8 +278,9 @@ class KVTransport(ABC):
     # ---------------------------------------------------------------- reader side
     async def fetch(
         self, handle: KVHandle, dst_block_ids: list[int], timeout_s: float, skip_blocks: int = 0
-    ) -> None:
-        """Copy the handle's blocks (this rank's head slice) into `dst_block_ids`, or raise KVTransferError.
+    ) -> int:
+        """Copy the handle's blocks (this rank's head slice) into `dst_block_ids` and return the bytes
+        moved, or raise KVTransferError.
 
         `skip_blocks`: the first blocks of the handle are not read (the reader's prefix cache holds
         them); `dst_block_ids` receives the rest, and may be empty: the claim then only tells the
@@ -338,6 +339,7 @@ class KVTransport(ABC):
             self._cancels.discard(cancel)
         self.metrics.transfer_seconds.observe(time.monotonic() - started)
         self.metrics.transfer_bytes.inc(nbytes)
+        return nbytes
 
     def claim_request(self, job: Fetch) -> dict[str, Any]:
         return {

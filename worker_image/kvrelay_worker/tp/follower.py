@@ -72,8 +72,7 @@ def run_follower(opts: WorkerOptions, placement: TPPlacement, rank: int, serve_h
         if op == "fetch":
             handle_json, dst, timeout_s, skip = args
             coro = transport.fetch(KVHandle.model_validate(handle_json), dst, timeout_s, skip)
-            asyncio.run_coroutine_threadsafe(coro, loop).result()
-            return None
+            return asyncio.run_coroutine_threadsafe(coro, loop).result()  # bytes moved, for rank 0's metric
         raise ValueError(f"unknown TP call {op!r}")
 
     steps: queue.SimpleQueue[Any] = queue.SimpleQueue()

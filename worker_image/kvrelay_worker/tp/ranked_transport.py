@@ -99,8 +99,10 @@ class RankedTransport:
     # ---------------------------------------------------------------- reader
     async def fetch(
         self, handle: KVHandle, dst_block_ids: list[int], timeout_s: float, skip_blocks: int = 0
-    ) -> None:
-        """Every rank reads its heads into ``dst_block_ids``; KVTransferError if any rank failed."""
+    ) -> int:
+        """Every rank reads its heads into ``dst_block_ids``; KVTransferError if any rank failed.
+
+        Rank 0's metrics count every rank's bytes and failures (the other ranks export none)."""
         args = (handle.model_dump(mode="json"), list(dst_block_ids), timeout_s, skip_blocks)
         remote = [asyncio.wrap_future(f) for f in self.links.call_each("fetch", args)]
         results = await asyncio.gather(
@@ -108,10 +110,14 @@ class RankedTransport:
         )
         for result in results:
             if isinstance(result, KVTransferError):
-                raise result
+                raise result  # counted by rank 0's own transport
             if isinstance(result, RemoteCallError):
-                prefix = f"{result.reason}: "
-                message = result.message.removeprefix(prefix)
+                self.metrics.failure(result.reason)
+                message = result.message.removeprefix(f"{result.reason}: ")
                 raise KVTransferError(result.reason, f"TP rank: {message}") from None
             if isinstance(result, BaseException):
+                self.metrics.failure("transfer_error")
                 raise KVTransferError("transfer_error", f"{type(result).__name__}: {result}") from result
+        remote_bytes = sum(int(r) for r in results[1:])
+        self.metrics.transfer_bytes.inc(remote_bytes)
+        return int(results[0]) + remote_bytes
