@@ -2,6 +2,7 @@
 # Builds the control plane once and caches it, keyed by version:
 #   $CACHE/controlplane/k8s-v<K8S>-etcd-v<ETCD>/{kube-apiserver,kube-controller-manager,kube-scheduler,etcd}
 #   $CACHE/controlplane/kwok-v<KWOK>/{kwok,stages.yaml}   (fake nodes/kubelets, and their lifecycle)
+#   $CACHE/controlplane/lws-v<LWS>/{lws-controller,leaderworkersets.yaml}   (LeaderWorkerSet: controller + CRD)
 # Prints only the k8s+etcd directory on stdout (usable as KUBEBUILDER_ASSETS); logs go to stderr.
 # Upstream publishes no binaries we can reach here, so we build them the way out-of-tree
 # scheduler plugins consume k8s.io/kubernetes: every staging module pinned with `replace`.
@@ -11,21 +12,41 @@ set -euo pipefail
 K8S_VERSION="${K8S_VERSION:-1.36.3}"
 ETCD_VERSION="${ETCD_VERSION:-3.6.14}"
 KWOK_VERSION="${KWOK_VERSION:-0.8.0}"
+# sigs.k8s.io/lws: the module proxy refuses @latest for it, so the version is pinned.
+LWS_VERSION="${LWS_VERSION:-0.7.0}"
 CACHE="${KVRELAY_CACHE:-$HOME/.cache/kvrelay}"
 OUT="$CACHE/controlplane/k8s-v${K8S_VERSION}-etcd-v${ETCD_VERSION}"
 KWOK_OUT="$CACHE/controlplane/kwok-v${KWOK_VERSION}"
+LWS_OUT="$CACHE/controlplane/lws-v${LWS_VERSION}"
 K8S_BINARIES=(kube-apiserver kube-controller-manager kube-scheduler)
 
 missing_k8s=()
 for bin in "${K8S_BINARIES[@]}"; do [[ -x "$OUT/$bin" ]] || missing_k8s+=("$bin"); done
-if [[ ${#missing_k8s[@]} -eq 0 && -x "$OUT/etcd" && -x "$KWOK_OUT/kwok" && -f "$KWOK_OUT/stages.yaml" ]]; then
-  echo "$OUT"
+if [[ ${#missing_k8s[@]} -eq 0 && -x "$OUT/etcd" && -x "$KWOK_OUT/kwok" && -f "$KWOK_OUT/stages.yaml"
+      && -x "$LWS_OUT/lws-controller" && -f "$LWS_OUT/leaderworkersets.yaml" ]]; then
+  if [[ ! -x "$LWS_OUT/lws-controller" || ! -f "$LWS_OUT/leaderworkersets.yaml" ]]; then
+  echo "building lws v${LWS_VERSION}" >&2
+  # A wrapper module, as for etcd: `go install ...@v` would ask the proxy for the module's version
+  # list (to check deprecation), which it refuses for lws; `go get` of the pinned version does not.
+  mkdir -p "$work/lws"; cd "$work/lws"
+  go mod init kvrelay.dev/controlplane-lws >/dev/null 2>&1
+  printf '//go:build tools\n\npackage tools\n\nimport _ "sigs.k8s.io/lws/cmd"\n' > tools.go
+  go get "sigs.k8s.io/lws/cmd@v${LWS_VERSION}" >&2
+  go mod tidy >&2 || true
+  go build -ldflags "-s -w" -o "$LWS_OUT/lws-controller.tmp" sigs.k8s.io/lws/cmd >&2
+  src="$(go mod download -json "sigs.k8s.io/lws@v${LWS_VERSION}" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
+  crd="$src/config/crd/bases/leaderworkerset.x-k8s.io_leaderworkersets.yaml"
+  [[ -f "$crd" ]] || { echo "lws v${LWS_VERSION} module has no $crd" >&2; exit 3; }
+  cp "$crd" "$LWS_OUT/leaderworkersets.yaml.tmp" && mv "$LWS_OUT/leaderworkersets.yaml.tmp" "$LWS_OUT/leaderworkersets.yaml"
+  mv "$LWS_OUT/lws-controller.tmp" "$LWS_OUT/lws-controller"
+fi
+echo "$OUT"
   exit 0
 fi
 # The official tarball installs to /usr/local/go without touching PATH.
 command -v go >/dev/null || { [[ -x /usr/local/go/bin/go ]] && export PATH="$PATH:/usr/local/go/bin"; }
 command -v go >/dev/null || { echo "go not found: cannot build the control plane" >&2; exit 3; }
-mkdir -p "$OUT" "$KWOK_OUT"
+mkdir -p "$OUT" "$KWOK_OUT" "$LWS_OUT"
 MINOR="${K8S_VERSION#*.}"; STAGING_VERSION="v0.${MINOR}"
 work="$(mktemp -d)"; trap 'rm -rf "$work"' EXIT
 export CGO_ENABLED=0 GOFLAGS=-buildvcs=false
@@ -91,5 +112,21 @@ if [[ ! -f "$KWOK_OUT/stages.yaml" ]]; then
     printf -- '---\n'; cat "$stage/$f"
   done > "$KWOK_OUT/stages.yaml.tmp"
   mv "$KWOK_OUT/stages.yaml.tmp" "$KWOK_OUT/stages.yaml"
+fi
+if [[ ! -x "$LWS_OUT/lws-controller" || ! -f "$LWS_OUT/leaderworkersets.yaml" ]]; then
+  echo "building lws v${LWS_VERSION}" >&2
+  # A wrapper module, as for etcd: `go install ...@v` would ask the proxy for the module's version
+  # list (to check deprecation), which it refuses for lws; `go get` of the pinned version does not.
+  mkdir -p "$work/lws"; cd "$work/lws"
+  go mod init kvrelay.dev/controlplane-lws >/dev/null 2>&1
+  printf '//go:build tools\n\npackage tools\n\nimport _ "sigs.k8s.io/lws/cmd"\n' > tools.go
+  go get "sigs.k8s.io/lws/cmd@v${LWS_VERSION}" >&2
+  go mod tidy >&2 || true
+  go build -ldflags "-s -w" -o "$LWS_OUT/lws-controller.tmp" sigs.k8s.io/lws/cmd >&2
+  src="$(go mod download -json "sigs.k8s.io/lws@v${LWS_VERSION}" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
+  crd="$src/config/crd/bases/leaderworkerset.x-k8s.io_leaderworkersets.yaml"
+  [[ -f "$crd" ]] || { echo "lws v${LWS_VERSION} module has no $crd" >&2; exit 3; }
+  cp "$crd" "$LWS_OUT/leaderworkersets.yaml.tmp" && mv "$LWS_OUT/leaderworkersets.yaml.tmp" "$LWS_OUT/leaderworkersets.yaml"
+  mv "$LWS_OUT/lws-controller.tmp" "$LWS_OUT/lws-controller"
 fi
 echo "$OUT"

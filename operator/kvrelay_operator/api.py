@@ -40,11 +40,16 @@ LabelKey = Annotated[str, StringConstraints(pattern=formats.LABEL_KEY, max_lengt
 LabelValue = Annotated[str, StringConstraints(pattern=formats.LABEL_VALUE, max_length=63)]
 
 
-def cel(*rules: tuple[str, str]) -> ConfigDict:
-    """Model config that puts CEL rules (rule, message) on the model's schema wherever it is used."""
-    return ConfigDict(
-        json_schema_extra={"x-kubernetes-validations": [{"rule": r, "message": m} for r, m in rules]}
-    )
+def cel(*rules: tuple[str, str] | tuple[str, str, str]) -> ConfigDict:
+    """Model config that puts CEL rules (rule, message[, messageExpression]) on the model's schema
+    wherever it is used; a messageExpression lets the API server's refusal name the values."""
+    checks: list[dict[str, str]] = []
+    for rule, message, *expression in rules:
+        check = {"rule": rule, "message": message}
+        if expression:
+            check["messageExpression"] = expression[0]
+        checks.append(check)
+    return ConfigDict(json_schema_extra={"x-kubernetes-validations": checks})
 
 
 def _is_device(resource: str) -> bool:
@@ -212,8 +217,23 @@ class EnvVar(CRModel):
     value: str = Field(default="", description="Variable value.")
 
 
+MAX_TENSOR_PARALLEL = 64
+_TP_FITS_NODES = (
+    "tensorParallel must be at most gpusPerNode (one pod) or a multiple of it (a group of "
+    "tensorParallel / gpusPerNode pods on as many nodes)"
+)
+
+
 class WorkerRoleSpec(CRModel):
     """A pool of GPU workers of one role."""
+
+    model_config = cel(
+        ("self.tensorParallel <= self.gpusPerNode || self.tensorParallel % self.gpusPerNode == 0",
+         _TP_FITS_NODES,
+         # format(), not string() and +: the API server bounds the cost of the one, not of the other.
+         f"'tensorParallel (%d) with gpusPerNode (%d): {_TP_FITS_NODES}'"
+         ".format([self.tensorParallel, self.gpusPerNode])"),
+    )  # fmt: skip
 
     replicas: int = Field(
         default=1,
@@ -225,7 +245,20 @@ class WorkerRoleSpec(CRModel):
     min_replicas: int = Field(default=1, ge=0, le=512, description="Lower bound for the autoscaler.")
     max_replicas: int = Field(default=8, ge=1, le=512, description="Upper bound for the autoscaler.")
     tensor_parallel: int = Field(
-        default=1, ge=1, le=16, description="GPUs per replica (tensor parallel degree)."
+        default=1,
+        ge=1,
+        le=MAX_TENSOR_PARALLEL,
+        description="GPUs per replica (tensor parallel degree), one worker process per GPU. Up to "
+        "gpusPerNode: one pod (a Deployment's replica). Above it: a multiple of gpusPerNode, and the role "
+        "becomes a LeaderWorkerSet whose groups of tensorParallel / gpusPerNode pods, one per node, "
+        "each hold one replica (needs LeaderWorkerSet v0.7+ installed). The worker refuses a degree "
+        "that does not divide the model's attention and KV heads.",
+    )
+    gpus_per_node: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        description="GPUs each node of this role's pool offers: a replica needing more spans nodes.",
     )
     resources: ResourceRequirements = Field(
         default_factory=ResourceRequirements, description="CPU/memory; GPUs come from tensorParallel."
@@ -268,6 +301,9 @@ class WorkerRoleSpec(CRModel):
 
     @model_validator(mode="after")
     def _bounds(self) -> WorkerRoleSpec:
+        tp, per_node = self.tensor_parallel, self.gpus_per_node
+        if tp > per_node and tp % per_node:
+            raise ValueError(f"tensorParallel ({tp}) with gpusPerNode ({per_node}): {_TP_FITS_NODES}")
         if self.min_replicas > self.max_replicas:
             raise ValueError(
                 f"minReplicas ({self.min_replicas}) must be <= maxReplicas ({self.max_replicas})"
@@ -642,11 +678,9 @@ class DisaggregatedModelSpec(CRModel):
 
     @model_validator(mode="after")
     def _cross_field(self) -> DisaggregatedModelSpec:
-        if self.kv_transfer.backend == "nixl" and self.decode.tensor_parallel < self.prefill.tensor_parallel:
-            raise ValueError(
-                f"decode.tensorParallel ({self.decode.tensor_parallel}) must be >= "
-                f"prefill.tensorParallel ({self.prefill.tensor_parallel}) with kvTransfer.backend nixl"
-            )
+        # Any prefill TP -> decode TP pairing is accepted: each decode rank reads the KV heads it needs
+        # from whichever prefill ranks hold them. Whether a degree divides the model's heads is only
+        # known from the checkpoint, so the worker checks that when it loads the model.
         budget = self.autoscaling.gpu_budget
         if budget is not None and budget < min_gpus(self):
             raise ValueError(
@@ -699,12 +733,6 @@ CEL_RULES: list[tuple[str, str, str, str | None]] = [
         "scaleUpCooldownSeconds shorter than intervalSeconds has no effect: set it to 0, to at least "
         "intervalSeconds, or leave it unset",
         ".scaleUpCooldownSeconds",
-    ),
-    (
-        "",
-        "self.kvTransfer.backend != 'nixl' || self.decode.tensorParallel >= self.prefill.tensorParallel",
-        "decode.tensorParallel must be >= prefill.tensorParallel with kvTransfer.backend nixl",
-        ".decode.tensorParallel",
     ),
     (
         "",

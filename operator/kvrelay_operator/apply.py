@@ -35,8 +35,10 @@ log = logging.getLogger(__name__)
 HASH_ANNOTATION = f"{api.GROUP}/applied-hash"
 # Kinds deleted when no longer rendered; always looked up on a resume, rendered or not. The chart
 # grants `delete` on these alone.
-# A Job of an older model cache fill and the claim of a removed cache go as well.
-PRUNED_KINDS = ("NetworkPolicy", "Job", "PersistentVolumeClaim")
+# A Job of an older model cache fill and the claim of a removed cache go as well, and a worker role's
+# Deployment or LeaderWorkerSet when tensorParallel crosses gpusPerNode and it becomes the other.
+PRUNED_KINDS = ("NetworkPolicy", "Job", "PersistentVolumeClaim", "Deployment", "LeaderWorkerSet")
+SCALED_KINDS = ("Deployment", "LeaderWorkerSet")  # replicas can drift on the live object
 LIVE_CACHE_SECONDS = 10.0  # how long one namespace-wide LIST of children answers resume lookups
 
 ModelKey = tuple[str, str]  # (namespace, model name)
@@ -88,10 +90,10 @@ def fingerprint(manifest: dict[str, Any]) -> str:
     """What decides "already applied": the content hash, plus replicas for a Deployment.
 
     Replicas count separately because they can change on the live object (kubectl scale) while
-    the annotation stays: a hand-scaled Deployment must not look up to date.
+    the annotation stays: a hand-scaled Deployment (or LeaderWorkerSet) must not look up to date.
     """
     digest = (manifest.get("metadata", {}).get("annotations") or {}).get(HASH_ANNOTATION, "")
-    if manifest["kind"] == "Deployment":
+    if manifest["kind"] in SCALED_KINDS:
         digest += f"/{(manifest.get('spec') or {}).get('replicas')}"
     return digest
 
@@ -190,7 +192,13 @@ class ChildApplier:
         by_instance: dict[str, dict[str, str]] = {}
         selector = f"{resources.LABEL_NAME}={resources.APP_NAME}"
         for kind in kinds:
-            for item in self._kube.list(CHILD_KINDS[kind], kind, namespace, selector):
+            try:
+                items = self._kube.list(CHILD_KINDS[kind], kind, namespace, selector)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                items = []  # a kind the cluster does not serve (LeaderWorkerSet without its CRD): none
+            for item in items:
                 meta = item.get("metadata") or {}
                 instance = (meta.get("labels") or {}).get(resources.LABEL_INSTANCE, "")
                 by_instance.setdefault(instance, {})[f"{kind}/{meta.get('name')}"] = fingerprint(

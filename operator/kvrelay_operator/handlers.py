@@ -37,7 +37,7 @@ from kubernetes.client.exceptions import ApiException
 from prometheus_client import Counter
 from pydantic import BaseModel, Field, ValidationError
 
-from kvrelay_operator import api, resources
+from kvrelay_operator import api, groups, resources
 from kvrelay_operator.apply import ApplyError, ChildApplier
 from kvrelay_operator.kube import PROMETHEUS_OPERATOR_GROUP_VERSION, KubeClient
 from kvrelay_operator.pod_load import DEFAULT_URL_TEMPLATE, PodLoadReader
@@ -50,6 +50,8 @@ from kvrelay_operator.status import (
     compute_status,
     condition_events,
     container_errors_by_role,
+    incomplete_groups_by_role,
+    ready_groups_by_role,
     set_condition,
     status_merge_patch,
     unschedulable_by_role,
@@ -127,6 +129,7 @@ class OperatorState:
         self.applier = ChildApplier(kube)
         self.pod_loads = PodLoadReader(config.pod_metrics_url, config.pod_metrics_timeout_seconds)
         self._monitoring: tuple[float, bool] | None = None
+        self._lws: tuple[float, bool] | None = None
 
     def pod_monitor_available(self) -> bool:
         """Whether the Prometheus Operator's API is served (cached for a few minutes)."""
@@ -134,6 +137,14 @@ class OperatorState:
         if self._monitoring is None or now - self._monitoring[0] > self.config.monitoring_check_seconds:
             self._monitoring = (now, self.kube.group_version_served(PROMETHEUS_OPERATOR_GROUP_VERSION))
         return self._monitoring[1]
+
+    def leader_worker_set_available(self) -> bool:
+        """Whether LeaderWorkerSets are served (cached like the PodMonitor check; always re-checked
+        while absent, so a model waiting for them starts soon after they are installed)."""
+        now = time.monotonic()
+        if self._lws is None or not self._lws[1] or now - self._lws[0] > self.config.monitoring_check_seconds:
+            self._lws = (now, self.kube.group_version_served(groups.API_VERSION))
+        return self._lws[1]
 
 
 def _state(memo: kopf.Memo) -> OperatorState:
@@ -166,19 +177,30 @@ def _parse(
 
 
 def _ctx(
-    state: OperatorState, name: str, namespace: str, uid: str, monitoring: bool
+    state: OperatorState, name: str, namespace: str, uid: str, monitoring: bool, lws: bool = True
 ) -> resources.RenderContext:
     return resources.RenderContext(
         name=name, namespace=namespace, uid=uid, default_image=state.config.default_image,
         pod_monitor_available=monitoring, network_policy=state.config.network_policy,
+        leader_worker_set_available=lws,
     )  # fmt: skip
 
 
 def _deployment_states(
-    deployments_index: kopf.Index, namespace: str, name: str
+    deployments_index: kopf.Index, namespace: str, name: str, lws_index: kopf.Index | None = None
 ) -> dict[str, DeploymentState]:
-    store = deployments_index.get((namespace, name), [])
+    """role -> the state of its workload: a Deployment, or a LeaderWorkerSet for a role spanning nodes."""
+    store = [*deployments_index.get((namespace, name), []), *(lws_index or {}).get((namespace, name), [])]
     return {role: DeploymentState.model_validate(state) for role, state in store}
+
+
+@kopf.index(groups.GROUP, groups.VERSION, groups.PLURAL, labels=CHILD_LABELS)
+def leader_worker_sets_by_model(namespace: str, meta: kopf.Meta, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    """(namespace, model name) -> (role, DeploymentState) of its child LeaderWorkerSets. Where the
+    cluster serves none, kopf watches nothing here and the index stays empty."""
+    state = DeploymentState.from_leader_worker_set(dict(body))
+    return {(namespace, meta["labels"][resources.LABEL_INSTANCE]): (meta["labels"][resources.LABEL_ROLE],
+                                                                     state.model_dump())}  # fmt: skip
 
 
 @kopf.index("apps", "v1", "deployments", labels=CHILD_LABELS)
@@ -200,6 +222,20 @@ _STUCK_IN_MESSAGE = re.compile(r"\d+ pods? failing: ")  # as container_errors_by
 def _container_errors(pods_by_model: kopf.Index, namespace: str, name: str) -> dict[str, str]:
     store = pods_by_model.get((namespace, name), [])
     return container_errors_by_role([PodScheduling.model_validate(pod) for pod in store])
+
+
+def _incomplete(
+    spec: api.DisaggregatedModelSpec, pods_by_model: kopf.Index, namespace: str, name: str
+) -> dict[str, str]:
+    store = pods_by_model.get((namespace, name), [])
+    return incomplete_groups_by_role(spec, [PodScheduling.model_validate(pod) for pod in store])
+
+
+def _ready_groups(
+    spec: api.DisaggregatedModelSpec, pods_by_model: kopf.Index, namespace: str, name: str
+) -> dict[str, int]:
+    store = pods_by_model.get((namespace, name), [])
+    return ready_groups_by_role(spec, [PodScheduling.model_validate(pod) for pod in store])
 
 
 @kopf.index("", "v1", "pods", labels=CHILD_LABELS)
@@ -256,6 +292,7 @@ def reconcile(
     memo: kopf.Memo,
     reason: str,
     deployments_by_model: kopf.Index,
+    leader_worker_sets_by_model: kopf.Index,
     pods_by_model: kopf.Index,
     **_: Any,
 ) -> None:
@@ -268,12 +305,13 @@ def reconcile(
         raise kopf.PermanentError(str(exc)) from exc  # this generation can never apply; a new one can
     try:
         monitoring = state.pod_monitor_available()
+        lws = not _needs_lws(parsed_spec) or state.leader_worker_set_available()
     except ApiException as exc:
-        raise _retry_soon("checking for the PodMonitor API", exc) from exc
-    ctx = _ctx(state, name, namespace, uid, monitoring)
+        raise _retry_soon("checking for the PodMonitor and LeaderWorkerSet APIs", exc) from exc
+    ctx = _ctx(state, name, namespace, uid, monitoring, lws)
     children = resources.render_children(parsed_spec, parsed_status, ctx)
     # A spec edit that lowers replicas picks its victims the way the autoscaler's scale-downs do.
-    states = _deployment_states(deployments_by_model, namespace, name)
+    states = _deployment_states(deployments_by_model, namespace, name, leader_worker_sets_by_model)
     scaled_down = _mark_spec_scale_downs(state, namespace, name, parsed_spec, parsed_status, states)
     try:
         changed = state.applier.apply_changed(namespace, name, children, fresh=reason == "create")
@@ -300,9 +338,9 @@ def reconcile(
         kopf.event(body, type="Normal", reason="Scaled", message=message[:1000])
     generation = meta.get("generation") or 0
     applied = {
-        response["metadata"]["labels"][resources.LABEL_ROLE]: DeploymentState.from_body(response)
+        response["metadata"]["labels"][resources.LABEL_ROLE]: DeploymentState.from_workload(response)
         for response in changed.values()
-        if response.get("kind") == "Deployment"
+        if response.get("kind") in ("Deployment", groups.KIND)
     }
     endpoint = resources.router_endpoint(parsed_spec, ctx)
 
@@ -311,14 +349,17 @@ def reconcile(
         # the mirror wrote meanwhile (DriftCorrected) is kept. A newer spec gets its own reconcile.
         # The Deployments as the index has them now (read again on every attempt, as the mirror does),
         # except one just applied that the index has not seen yet: then the apply response.
-        deployments = _deployment_states(deployments_by_model, namespace, name)
+        deployments = _deployment_states(deployments_by_model, namespace, name, leader_worker_sets_by_model)
         for role, response in applied.items():
             if role not in deployments or deployments[role].generation < response.generation:
                 deployments[role] = response
         return compute_status(parsed_spec, _parse_status(parent), deployments, generation, endpoint, _now(),
                               observed_generation=generation,
                               unschedulable=_unschedulable(pods_by_model, namespace, name),
-                              container_errors=_container_errors(pods_by_model, namespace, name))  # fmt: skip
+                              container_errors=_container_errors(pods_by_model, namespace, name),
+                              incomplete_groups=_incomplete(parsed_spec, pods_by_model, namespace, name),
+                              ready_groups=_ready_groups(parsed_spec, pods_by_model, namespace, name),
+                              leader_worker_set_available=lws)  # fmt: skip
 
     # Not kopf's end-of-handler patch: that one is unconditional, computed from the status this
     # handler started with, and replaces the whole conditions list.
@@ -328,6 +369,10 @@ def reconcile(
         raise _retry_soon("writing status", exc) from exc
     if not written:
         raise kopf.TemporaryError("the model's status kept changing while it was written", delay=1)
+
+
+def _needs_lws(spec: api.DisaggregatedModelSpec) -> bool:
+    return any(groups.spans_nodes(getattr(spec, role)) for role in api.WORKER_ROLES)
 
 
 def _retry_soon(what: str, exc: ApiException) -> kopf.TemporaryError:
@@ -356,16 +401,26 @@ def _owner_uid(meta: kopf.Meta) -> str | None:
     return None
 
 
-def _apply_deployment(state: OperatorState, parent: dict[str, Any], role: str) -> dict[str, Any]:
-    """Re-renders and applies one role's Deployment of a parent."""
+def _workload_kind(spec: api.DisaggregatedModelSpec, role: str) -> str:
+    """The kind a role renders as: LeaderWorkerSet for a worker role spanning nodes, else Deployment."""
+    spans = role in api.WORKER_ROLES and groups.spans_nodes(getattr(spec, role))
+    return groups.KIND if spans else "Deployment"
+
+
+def _apply_deployment(state: OperatorState, parent: dict[str, Any], role: str) -> dict[str, Any] | None:
+    """Re-renders and applies one role's workload (Deployment or LeaderWorkerSet) of a parent; None
+    when it renders none (a LeaderWorkerSet the cluster does not serve)."""
     meta = parent["metadata"]
     spec, status = _parse(parent.get("spec") or {}, parent.get("status") or {})
-    ctx = _ctx(state, meta["name"], meta["namespace"], meta["uid"], False)
+    lws = _workload_kind(spec, role) != groups.KIND or state.leader_worker_set_available()
+    ctx = _ctx(state, meta["name"], meta["namespace"], meta["uid"], False, lws)
+    kinds = ("Deployment", groups.KIND)
     wanted = next(
-        c for c in resources.render_children(spec, status, ctx)
-        if c["kind"] == "Deployment" and c["metadata"]["labels"][resources.LABEL_ROLE] == role
+        (c for c in resources.render_children(spec, status, ctx)
+         if c["kind"] in kinds and c["metadata"]["labels"][resources.LABEL_ROLE] == role),
+        None,
     )  # fmt: skip
-    return state.applier.apply_one(meta["namespace"], meta["name"], wanted)
+    return None if wanted is None else state.applier.apply_one(meta["namespace"], meta["name"], wanted)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=CHILD_LABELS)
@@ -377,10 +432,47 @@ def on_deployment_event(
     memo: kopf.Memo,
     models_by_name: kopf.Index,
     deployments_by_model: kopf.Index,
+    leader_worker_sets_by_model: kopf.Index,
     pods_by_model: kopf.Index,
     **_: Any,
 ) -> None:
     """Restores hand-edited replicas, re-creates deleted Deployments, mirrors status into the parent."""
+    _on_workload_event("Deployment", event, namespace, meta, body, memo, models_by_name,
+                       (deployments_by_model, leader_worker_sets_by_model), pods_by_model)  # fmt: skip
+
+
+@kopf.on.event(groups.GROUP, groups.VERSION, groups.PLURAL, labels=CHILD_LABELS)
+def on_leader_worker_set_event(
+    event: kopf.RawEvent,
+    namespace: str,
+    meta: kopf.Meta,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    models_by_name: kopf.Index,
+    deployments_by_model: kopf.Index,
+    leader_worker_sets_by_model: kopf.Index,
+    pods_by_model: kopf.Index,
+    **_: Any,
+) -> None:
+    """The same for a role spanning nodes: its LeaderWorkerSet's groups (watched only where served)."""
+    _on_workload_event(groups.KIND, event, namespace, meta, body, memo, models_by_name,
+                       (deployments_by_model, leader_worker_sets_by_model), pods_by_model)  # fmt: skip
+
+
+WorkloadIndexes = tuple[kopf.Index, kopf.Index]  # (deployments_by_model, leader_worker_sets_by_model)
+
+
+def _on_workload_event(
+    kind: str,
+    event: kopf.RawEvent,
+    namespace: str,
+    meta: kopf.Meta,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    models_by_name: kopf.Index,
+    workloads: WorkloadIndexes,
+    pods_by_model: kopf.Index,
+) -> None:
     state = _state(memo)
     instance, role = meta["labels"][resources.LABEL_INSTANCE], meta["labels"][resources.LABEL_ROLE]
     parent = _parent_for(models_by_name, namespace, instance, _owner_uid(meta))
@@ -390,18 +482,21 @@ def on_deployment_event(
         spec, status = _parse(parent.get("spec") or {}, parent.get("status") or {})
     except UnreadableSpec:
         return  # the reconcile reports it (SpecNotUnderstood); rendering children needs the spec
+    if _workload_kind(spec, role) != kind:
+        return  # the role is now the other kind: this one is being pruned (apply.PRUNED_KINDS)
     if event.get("type") == "DELETED":
         try:
-            _apply_deployment(state, parent, role)
+            recreated = _apply_deployment(state, parent, role)
         except ApplyError as exc:
             if not exc.namespace_terminating:
                 raise
             # The namespace is going (it takes the model with it): nothing is re-created, nothing said.
             log.info("%s/%s: namespace being deleted; %s not re-created", namespace, instance, meta["name"])
             return
-        kopf.event(
-            parent, type="Warning", reason="ChildRecreated", message=f"Deployment {meta['name']} re-created"
-        )
+        if recreated is not None:
+            kopf.event(
+                parent, type="Warning", reason="ChildRecreated", message=f"{kind} {meta['name']} re-created"
+            )
         return
     target = target_replicas(spec, status, role)  # type: ignore[arg-type]
     live = (body.get("spec") or {}).get("replicas")
@@ -411,10 +506,10 @@ def on_deployment_event(
     # reconcile (or the autoscaler) has marked the pods that should go.
     if live != target and replicas_set_by_others(body, resources.FIELD_MANAGER):
         _apply_deployment(state, parent, role)
-        message = f"Deployment {meta['name']} was scaled to {live} outside the operator; restored to {target}"
+        message = f"{kind} {meta['name']} was scaled to {live} outside the operator; restored to {target}"
         kopf.event(parent, type="Warning", reason="ReplicasRestored", message=message)
         adjust = _drift_corrected(message, _now())
-    _mirror_status(state, parent, adjust, deployments_by_model, pods_by_model)
+    _mirror_status(state, parent, adjust, workloads, pods_by_model)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
@@ -491,7 +586,7 @@ def _mirror_status(
     state: OperatorState,
     parent: dict[str, Any],
     adjust: StatusAdjustment,
-    deployments_by_model: kopf.Index,
+    workloads: WorkloadIndexes,
     pods_by_model: kopf.Index,
 ) -> None:
     """Patches the parent's status with what its children's current states say (if anything changed)."""
@@ -501,11 +596,15 @@ def _mirror_status(
     def mirrored(current: dict[str, Any]) -> api.DisaggregatedModelStatus:
         spec, status = _parse(current.get("spec") or {}, current.get("status") or {})
         ctx = _ctx(state, name, namespace, current["metadata"]["uid"], False)
+        lws = not _needs_lws(spec) or state.leader_worker_set_available()
         return compute_status(
-            spec, adjust(status), _deployment_states(deployments_by_model, namespace, name),
+            spec, adjust(status), _deployment_states(workloads[0], namespace, name, workloads[1]),
             current["metadata"].get("generation") or 0, resources.router_endpoint(spec, ctx), _now(),
             unschedulable=_unschedulable(pods_by_model, namespace, name),
             container_errors=_container_errors(pods_by_model, namespace, name),
+            incomplete_groups=_incomplete(spec, pods_by_model, namespace, name),
+            ready_groups=_ready_groups(spec, pods_by_model, namespace, name),
+            leader_worker_set_available=lws,
         )  # fmt: skip
 
     try:
@@ -636,10 +735,12 @@ def on_pod_event(
     memo: kopf.Memo,
     models_by_name: kopf.Index,
     deployments_by_model: kopf.Index,
+    leader_worker_sets_by_model: kopf.Index,
     pods_by_model: kopf.Index,
     **_: Any,
 ) -> None:
-    """Mirrors scheduling failures and stuck containers (and their end) of a model's pods into its status."""
+    """Mirrors scheduling failures, stuck containers and partly placed groups (and their end) of a
+    model's pods into its status."""
     instance = (meta.get("labels") or {}).get(resources.LABEL_INSTANCE)
     parent = next(iter(models_by_name.get((namespace, instance), [])), None)
     if parent is None or parent["metadata"].get("deletionTimestamp"):
@@ -652,9 +753,23 @@ def on_pod_event(
     said = degraded is not None and all(f"{role}: {why}" in degraded.message for role, why in stuck.items())
     # a stuck container that Degraded does not name yet, or Degraded naming one that is no longer stuck
     cleared = degraded is not None and not stuck and _STUCK_IN_MESSAGE.search(degraded.message) is not None
-    if scheduled is not None and scheduled.message == wanted and said and not cleared:
+    ready = next((c for c in status.conditions if c.type == "Ready"), None)
+    try:
+        incomplete = _incomplete(api.DisaggregatedModelSpec.model_validate(dict(parent.get("spec") or {})),
+                                 pods_by_model, namespace, instance)  # fmt: skip
+    except ValidationError:
+        incomplete = {}
+    ready_message = ready.message if ready is not None else ""
+    groups_said = all(why in ready_message for why in incomplete.values()) and (
+        bool(incomplete) == (ready is not None and ready.reason == "IncompleteGroup")
+    )
+    # A group pod's readiness always counts: the LeaderWorkerSet's own status may not move with it.
+    in_group = groups.SET_NAME_LABEL in (meta.get("labels") or {})
+    quiet = scheduled is not None and scheduled.message == wanted and said and not cleared and groups_said
+    if quiet and not in_group:
         return  # most pod events (starts, readiness) change nothing here; Deployment events cover them
-    _mirror_status(_state(memo), parent, _unchanged, deployments_by_model, pods_by_model)
+    _mirror_status(_state(memo), parent, _unchanged, (deployments_by_model, leader_worker_sets_by_model),
+                   pods_by_model)  # fmt: skip
 
 
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
@@ -665,9 +780,11 @@ def on_model_event(
     body: kopf.Body,
     memo: kopf.Memo,
     deployments_by_model: kopf.Index,
+    leader_worker_sets_by_model: kopf.Index,
     **_: Any,
 ) -> None:
-    """Applies replica targets that changed through status (the autoscaler's desiredReplicas)."""
+    """Applies replica targets that changed through status (the autoscaler's desiredReplicas) to the
+    roles' Deployments or LeaderWorkerSets (groups)."""
     if event.get("type") == "DELETED":
         with _STATUS_LOCKS_GUARD:  # nothing writes its status any more
             _STATUS_LOCKS.pop((namespace, name), None)
@@ -683,13 +800,13 @@ def on_model_event(
         spec, status = _parse(spec_dict, body.get("status") or {})
     except UnreadableSpec:
         return  # the reconcile reports it (SpecNotUnderstood)
-    states = _deployment_states(deployments_by_model, namespace, name)
+    states = _deployment_states(deployments_by_model, namespace, name, leader_worker_sets_by_model)
     for role in api.WORKER_ROLES:
         current = states.get(role)
         target = target_replicas(spec, status, role)
         if current is not None and current.spec_replicas != target:
             served, num_removed = spec.model.served_name or name, current.spec_replicas - target
-            victims = _maybe_mark_victims(state, namespace, name, served, role, num_removed)
+            victims = _maybe_mark_victims(state, namespace, name, served, role, num_removed, spec)
             _apply_deployment(state, dict(body), role)
             message = f"{role} scaled {current.spec_replicas} -> {target} (autoscaler desiredReplicas)"
             if victims:
@@ -712,14 +829,20 @@ def _mark_spec_scale_downs(
         if current is None or target >= current.spec_replicas:
             continue
         served, removed = spec.model.served_name or name, current.spec_replicas - target
-        victims = _maybe_mark_victims(state, namespace, name, served, role, removed)
+        victims = _maybe_mark_victims(state, namespace, name, served, role, removed, spec)
         least = f"; least loaded first: {', '.join(victims)}" if victims else ""
         messages.append(f"{role} scaled {current.spec_replicas} -> {target} (spec.{role}.replicas){least}")
     return messages
 
 
 def _maybe_mark_victims(
-    state: OperatorState, namespace: str, name: str, served: str, role: str, num_removed: int
+    state: OperatorState,
+    namespace: str,
+    name: str,
+    served: str,
+    role: str,
+    num_removed: int,
+    spec: api.DisaggregatedModelSpec | None = None,
 ) -> list[str]:
     """Before a scale-down, sets each of the role's pods' deletion cost (victims.py); returns the pods
     expected to go. Best effort: a failure is logged and counted, and the scale-down goes ahead.
@@ -728,6 +851,10 @@ def _maybe_mark_victims(
     ReplicaSet controller's pod informer has seen the costs when it picks.
     """
     if num_removed <= 0:
+        return []
+    if spec is not None and role in api.WORKER_ROLES and groups.spans_nodes(getattr(spec, role)):
+        # A LeaderWorkerSet removes its highest-numbered groups (StatefulSet order): the ReplicaSet
+        # controller's pod-deletion-cost does not apply, so there is nothing to mark.
         return []
     selector = ",".join(f"{k}={v}" for k, v in resources.selector_labels(name, role).items())
     try:

@@ -17,7 +17,7 @@ import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from kvrelay_operator import api
+from kvrelay_operator import api, groups
 from kvrelay_operator.resources import FIELD_MANAGER
 
 # kind -> plural, for the kinds the operator writes or reads (all namespaced).
@@ -33,6 +33,7 @@ PLURALS = {
     "PersistentVolumeClaim": "persistentvolumeclaims",
     "Job": "jobs",
     "Pod": "pods",
+    groups.KIND: groups.PLURAL,
     api.KIND: api.PLURAL,
 }
 # kind -> apiVersion of each kind of child a DisaggregatedModel has (resources.render_children).
@@ -47,6 +48,7 @@ CHILD_KINDS: dict[str, str] = {
     "NetworkPolicy": "networking.k8s.io/v1",
     "PersistentVolumeClaim": "v1",
     "Job": "batch/v1",
+    groups.KIND: groups.API_VERSION,
 }
 PROMETHEUS_OPERATOR_GROUP_VERSION = "monitoring.coreos.com/v1"
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from kvrelay_operator import api
+from kvrelay_operator import api, groups
 from kvrelay_operator.replicas import target_replicas, waiting_for_model_cache
 
 APP_NAME = "kvrelay"
@@ -91,6 +91,11 @@ class RenderContext(BaseModel):
     uid: str = Field(description="Its uid, for ownerReferences.")
     default_image: str = Field(description="Worker image when spec.image is unset.")
     pod_monitor_available: bool = Field(default=False, description="Prometheus Operator CRDs exist.")
+    leader_worker_set_available: bool = Field(
+        default=True,
+        description="The cluster serves LeaderWorkerSets; without them a role spanning nodes renders no "
+        "workload (status says why).",
+    )
     network_policy: NetworkPolicyConfig = Field(
         default_factory=NetworkPolicyConfig, description="Operator-wide inputs of the NetworkPolicies."
     )
@@ -258,8 +263,8 @@ def worker_args(
 ) -> list[str]:
     """kvrelay-worker flags for a worker role (wire contract section 5, as the entrypoint takes them).
 
-    tensorParallel only sizes the GPU request (the engine runs TP=1 today); kvTransfer.transport maps
-    to UCX_TLS.
+    tensorParallel > 1 adds the TP flags (groups.tp_args: one process per GPU, and for a role spanning
+    nodes how its ranks find each other); kvTransfer.transport maps to UCX_TLS.
     """
     kv = spec.kv_transfer
     role_spec: api.WorkerRoleSpec = getattr(spec, role)
@@ -279,7 +284,7 @@ def worker_args(
         args += ["--max-batch-tokens", str(spec.prefill.max_tokens_per_batch)]
     else:
         args += ["--max-num-seqs", str(spec.decode.max_running_sequences)]
-    return args + list(role_spec.extra_args)
+    return args + groups.tp_args(role_spec) + list(role_spec.extra_args)
 
 
 def router_args(spec: api.DisaggregatedModelSpec, ctx: RenderContext, model_path: str) -> list[str]:
@@ -343,9 +348,23 @@ def _pod_security() -> dict[str, Any]:
     }
 
 
-def _affinity(ctx: RenderContext, role: str, user: dict[str, Any] | None) -> dict[str, Any]:
-    """User affinity, plus a preferred spread of the role's replicas over nodes unless user set one."""
+def _affinity(
+    ctx: RenderContext, role: str, user: dict[str, Any] | None, one_per_node: bool = False
+) -> dict[str, Any]:
+    """User affinity, plus a preferred spread of the role's replicas over nodes unless user set one.
+
+    one_per_node (a role spanning nodes): the role's pods on distinct nodes, required, whatever the
+    user set. Each takes gpusPerNode GPUs, a whole node of the pool, so this forbids nothing the GPU
+    request allows, and keeps two ranks of a group off one node that has more GPUs than that.
+    """
     affinity = dict(user or {})
+    if one_per_node:
+        anti = dict(affinity.get("podAntiAffinity") or {})
+        required = list(anti.get("requiredDuringSchedulingIgnoredDuringExecution") or [])
+        required.append({"labelSelector": {"matchLabels": selector_labels(ctx.name, role)},
+                         "topologyKey": "kubernetes.io/hostname"})  # fmt: skip
+        affinity["podAntiAffinity"] = {**anti, "requiredDuringSchedulingIgnoredDuringExecution": required}
+        return affinity
     if "podAntiAffinity" not in affinity:
         affinity["podAntiAffinity"] = {
             "preferredDuringSchedulingIgnoredDuringExecution": [
@@ -447,21 +466,25 @@ def _worker_deployment(
     rdma = kv.backend == "nixl" and kv.transport == "rdma"
     storage = _model_volume(spec, status, ctx)
     image = spec.image or ctx.default_image
-    extra_resources = {GPU_RESOURCE: role_spec.tensor_parallel}
+    spans = groups.spans_nodes(role_spec)
+    extra_resources = {GPU_RESOURCE: groups.gpus_per_pod(role_spec)}
     if rdma:
         extra_resources[kv.rdma.resource_name] = kv.rdma.count
     mounts = [*storage.mounts, {"name": "dshm", "mountPath": "/dev/shm"}]
+    workload_name = child_name(ctx.name, role)
+    lws_env = [{"name": groups.LWS_NAME_ENV, "value": groups.set_name(workload_name)}] if spans else []
     container = {
         "name": role,
         "image": image,
         "imagePullPolicy": spec.image_pull_policy,
         "command": ["kvrelay-worker"],
         "args": worker_args(spec, ctx, role, storage.model_path),
-        "env": _env(role_spec.env, role) + _kv_env(kv),
+        "env": _env(role_spec.env, role) + _kv_env(kv) + lws_env,
         "ports": [
             {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
             {"name": "kv", "containerPort": kv.port, "protocol": "TCP"},
+            *([{"name": "tp", "containerPort": groups.TP_PORT, "protocol": "TCP"}] if spans else []),
         ],
         "resources": _resources(role_spec.resources, extra_resources),
         "volumeMounts": mounts,
@@ -471,7 +494,7 @@ def _worker_deployment(
     pod: dict[str, Any] = {
         "containers": [container],
         "securityContext": _pod_security(),
-        "affinity": _affinity(ctx, role, role_spec.affinity),
+        "affinity": _affinity(ctx, role, role_spec.affinity, one_per_node=spans),
         "topologySpreadConstraints": _topology_spread(ctx, role),
         # No preStop hook: the worker drains on SIGTERM itself. The pod leaves its EndpointSlices
         # when it gets its deletionTimestamp, and a request that still arrives meanwhile is refused
@@ -489,7 +512,8 @@ def _worker_deployment(
         pod["nodeSelector"] = dict(role_spec.node_selector)
     if role_spec.tolerations:
         pod["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in role_spec.tolerations]
-    return _deployment(ctx, role, target_replicas(spec, status, role), pod, config_hash, gpu=True)
+    deployment = _deployment(ctx, role, target_replicas(spec, status, role), pod, config_hash, gpu=True)
+    return groups.leader_worker_set(deployment, role_spec) if spans else deployment
 
 
 def _router_deployment(
@@ -537,8 +561,15 @@ def _router_deployment(
     return _deployment(ctx, "router", target_replicas(spec, status, "router"), pod, config_hash, gpu=False)
 
 
-def _worker_service(ctx: RenderContext, role: str, kv_port: int) -> dict[str, Any]:
+def _worker_service(
+    ctx: RenderContext, role: str, kv_port: int, leaders_only: bool = False
+) -> dict[str, Any]:
     # Headless: the router discovers individual workers through EndpointSlices, not a VIP.
+    selector = selector_labels(ctx.name, role)
+    if leaders_only:
+        # A group serves gRPC from its leader (rank 0) alone; LWS labels the leader template itself
+        # (no webhook needed) with worker-index "0", so the router never sees the other ranks.
+        selector[groups.WORKER_INDEX_LABEL] = "0"
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -546,7 +577,7 @@ def _worker_service(ctx: RenderContext, role: str, kv_port: int) -> dict[str, An
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": False,
-            "selector": selector_labels(ctx.name, role),
+            "selector": selector,
             "ports": [
                 {"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "protocol": "TCP"},
                 {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"},
@@ -664,12 +695,21 @@ def _network_policy(ctx: RenderContext, role: str, ingress: list[dict[str, Any]]
     }
 
 
-def _worker_network_policy(ctx: RenderContext, role: api.WorkerRole) -> dict[str, Any]:
+def _worker_network_policy(
+    spec: api.DisaggregatedModelSpec, ctx: RenderContext, role: api.WorkerRole
+) -> dict[str, Any]:
     """gRPC from the model's router; all TCP from the other worker role; metrics from the operator
-    and the monitoring peers."""
+    and the monitoring peers; for a role spanning nodes, all TCP among its own pods."""
     other = "decode" if role == "prefill" else "prefill"
     config = ctx.network_policy
-    return _network_policy(ctx, role, [
+    # The ranks of a group meet at the leader's tp port, then torch.distributed (gloo, NCCL over TCP
+    # sockets) opens connections between every pair of ranks on ports chosen at run time.
+    ranks = (
+        [{"from": [_own_pods(ctx, role)], "ports": [_tcp()]}]
+        if groups.spans_nodes(getattr(spec, role))
+        else []
+    )
+    return _network_policy(ctx, role, [*ranks,
         {"from": [_own_pods(ctx, "router")], "ports": [_tcp(GRPC_PORT)]},
         # Both ways between the model's prefill and decode pods: the decode pod dials the prefill
         # pod's KV control port (spec.kvTransfer.port), and NIXL/UCX over TCP then opens connections
@@ -695,7 +735,7 @@ def network_policies(spec: api.DisaggregatedModelSpec, ctx: RenderContext) -> li
     if not spec.network_policy.enabled:
         return []
     return [
-        *(_worker_network_policy(ctx, r) for r in api.WORKER_ROLES),
+        *(_worker_network_policy(spec, ctx, r) for r in api.WORKER_ROLES),
         _router_network_policy(spec, ctx),
     ]
 
@@ -776,8 +816,11 @@ def render_children(
     children: list[dict[str, Any]] = network_policies(spec, ctx)
     children += model_cache_children(spec, ctx)
     for role in api.WORKER_ROLES:
-        children.append(_worker_service(ctx, role, spec.kv_transfer.port))
-        children.append(_worker_deployment(spec, status, ctx, role, config_hash))
+        spans = groups.spans_nodes(getattr(spec, role))
+        children.append(_worker_service(ctx, role, spec.kv_transfer.port, leaders_only=spans))
+        if not spans or ctx.leader_worker_set_available:
+            children.append(_worker_deployment(spec, status, ctx, role, config_hash))
+        # PDB over pods: at most one pod, so one group, down at a time by voluntary disruption.
         children.append(_pdb(ctx, role))
     children += _router_rbac(ctx)
     children.append(_router_service(spec, ctx))

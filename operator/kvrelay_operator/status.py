@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from kvrelay_operator import api
+from kvrelay_operator import api, groups
 from kvrelay_operator.replicas import target_replicas, waiting_for_model_cache
 from kvrelay_operator.resources import cache_key
 
@@ -41,6 +41,20 @@ class DeploymentState(BaseModel):
             observed_generation=status.get("observedGeneration") or 0,
             conditions=list(status.get("conditions") or []),
         )
+
+    @classmethod
+    def from_leader_worker_set(cls, body: dict[str, Any]) -> DeploymentState:
+        """Reads a LeaderWorkerSet (replicas count groups, ready when all its pods are). It has no
+        status.observedGeneration: updatedReplicas alone tells a rollout in progress."""
+        state = cls.from_body(body)
+        return state.model_copy(update={"observed_generation": state.generation})
+
+    @classmethod
+    def from_workload(cls, body: dict[str, Any]) -> DeploymentState:
+        """A worker role's Deployment or LeaderWorkerSet, by its kind."""
+        if body.get("kind") == groups.KIND:
+            return cls.from_leader_worker_set(body)
+        return cls.from_body(body)
 
 
 def set_condition(
@@ -82,6 +96,9 @@ class PodScheduling(BaseModel):
     container_error: str | None = Field(
         default=None, description="The first container waiting for a STUCK_REASONS reason, with its message."
     )
+    group: str | None = Field(default=None, description="Its LeaderWorkerSet group, <lws>-<index>, if any.")
+    scheduled: bool = Field(default=False, description="Bound to a node.")
+    ready: bool = Field(default=False, description="Condition Ready is True (counted for groups only).")
 
     @classmethod
     def from_body(cls, body: dict[str, Any], role: str) -> PodScheduling:
@@ -101,7 +118,30 @@ class PodScheduling(BaseModel):
             if stuck is None and waiting.get("reason") in STUCK_REASONS:
                 detail = f": {waiting['message']}" if waiting.get("message") else ""
                 stuck = f"container {container.get('name')}: {waiting['reason']}{detail}"
-        return cls(role=role, pod=meta.get("name") or "", unschedulable=message, container_error=stuck)
+        member = groups.GroupPod.from_body(body, role)
+        return cls(role=role, pod=meta.get("name") or "", unschedulable=message, container_error=stuck,
+                   group=member.group if member else None, scheduled=member.scheduled if member else False,
+                   ready=member.ready if member else False)  # fmt: skip
+
+
+def _group_sizes(spec: api.DisaggregatedModelSpec) -> dict[str, int]:
+    return {r: groups.pods_per_replica(getattr(spec, r)) for r in api.WORKER_ROLES
+            if groups.spans_nodes(getattr(spec, r))}  # fmt: skip
+
+
+def _members(pods: list[PodScheduling]) -> list[groups.GroupPod]:
+    return [groups.GroupPod(role=p.role, group=p.group, scheduled=p.scheduled, ready=p.ready)
+            for p in pods if p.group]  # fmt: skip
+
+
+def incomplete_groups_by_role(spec: api.DisaggregatedModelSpec, pods: list[PodScheduling]) -> dict[str, str]:
+    """role -> which of its LeaderWorkerSet groups are only partly scheduled, and what would help."""
+    return groups.incomplete_groups(_members(pods), _group_sizes(spec))
+
+
+def ready_groups_by_role(spec: api.DisaggregatedModelSpec, pods: list[PodScheduling]) -> dict[str, int]:
+    """role -> its LeaderWorkerSet groups whose pods are all Ready (groups.ready_groups)."""
+    return groups.ready_groups(_members(pods), _group_sizes(spec))
 
 
 def _by_role(pods: list[PodScheduling], problem: Callable[[PodScheduling], str | None]) -> dict[str, str]:
@@ -155,14 +195,23 @@ def compute_status(
     observed_generation: int | None = None,
     unschedulable: dict[str, str] | None = None,
     container_errors: dict[str, str] | None = None,
+    incomplete_groups: dict[str, str] | None = None,
+    leader_worker_set_available: bool = True,
+    ready_groups: dict[str, int] | None = None,
 ) -> api.DisaggregatedModelStatus:
     """The status the operator wants, from the spec, current status and child Deployment states.
 
     `observed_generation` is set by the reconcile path only; the mirror path keeps the current one.
     `unschedulable` (role -> why, from unschedulable_by_role) explains replicas the scheduler cannot place;
     `container_errors` (container_errors_by_role) pods whose containers cannot start: both Degraded.
+    `incomplete_groups` (incomplete_groups_by_role): groups of a role spanning nodes that are partly
+    placed (Ready False, IncompleteGroup); without `leader_worker_set_available` such a role cannot run
+    at all (Ready False, LeaderWorkerSetMissing). `ready_groups` (ready_groups_by_role) caps such a
+    role's ready replicas: the LeaderWorkerSet's own count takes a group with a Pending pod for ready.
     """
     unschedulable = unschedulable or {}
+    incomplete = incomplete_groups or {}
+    missing_lws: list[str] = []
     new = status.model_copy(deep=True)
     new.model_cache = cache_status_for_spec(spec, status.model_cache)
     if observed_generation is not None:
@@ -172,6 +221,8 @@ def compute_status(
     for role in api.ROLES:
         target = target_replicas(spec, status, role)
         state = deployments.get(role)
+        if state is not None and ready_groups is not None and role in ready_groups:
+            state = state.model_copy(update={"ready_replicas": min(state.ready_replicas, ready_groups[role])})
         current: api.RoleStatus | None = getattr(status, role)
         role_status = api.RoleStatus(
             replicas=state.replicas if state else 0,
@@ -183,11 +234,17 @@ def compute_status(
             # decision): a value derived here from a possibly stale parent could clobber a newer one.
             role_status.desired_replicas = current.desired_replicas if current is not None else None
         setattr(new, role, role_status)
+        spans = role != "router" and groups.spans_nodes(getattr(spec, role))
         if state is None:
-            waiting.append(f"{role} Deployment missing")
+            if spans and not leader_worker_set_available:
+                missing_lws.append(f"{role} {groups.MISSING_MESSAGE}")
+            else:
+                waiting.append(f"{role} {groups.KIND if spans else 'Deployment'} missing")
             continue
         if state.ready_replicas < target:
-            why = f" ({unschedulable[role]})" if role in unschedulable else ""
+            reasons = [incomplete[role]] if role in incomplete else []
+            reasons += [unschedulable[role]] if role in unschedulable else []
+            why = f" ({'; '.join(reasons)})" if reasons else ""
             waiting.append(f"{role} {state.ready_replicas}/{target} ready{why}")
         if state.observed_generation < state.generation or state.updated_replicas < target:
             rolling.append(role)
@@ -199,7 +256,12 @@ def compute_status(
     conds = list(status.conditions)
     gen = generation  # the spec generation these conditions describe (same value on both paths)
     asleep = scaled_to_zero(spec, status)
-    if waiting:
+    if missing_lws:
+        message = "; ".join(missing_lws + waiting)
+        conds = set_condition(conds, "Ready", "False", "LeaderWorkerSetMissing", message, now, gen)
+    elif waiting and incomplete:
+        conds = set_condition(conds, "Ready", "False", "IncompleteGroup", "; ".join(waiting), now, gen)
+    elif waiting:
         conds = set_condition(conds, "Ready", "False", "WaitingForReplicas", "; ".join(waiting), now, gen)
     elif asleep:
         # Serving: a request is held at the router while the role starts again (or answered 503 at
@@ -208,7 +270,13 @@ def compute_status(
         conds = set_condition(conds, "Ready", "True", "ScaledToZero", message, now, gen)
     else:
         conds = set_condition(conds, "Ready", "True", "AllReplicasReady", "all roles ready", now, gen)
-    if rolling or waiting:
+    if missing_lws:
+        message = "; ".join(missing_lws)
+        conds = set_condition(conds, "Progressing", "False", "LeaderWorkerSetMissing", message, now, gen)
+    elif incomplete:
+        message = "; ".join(f"{role}: {why}" for role, why in incomplete.items())
+        conds = set_condition(conds, "Progressing", "True", "IncompleteGroup", message, now, gen)
+    elif rolling or waiting:
         message = f"rolling out {', '.join(rolling)}" if rolling else "; ".join(waiting)
         conds = set_condition(conds, "Progressing", "True", "RollingOut", message, now, gen)
     else:
@@ -226,7 +294,13 @@ def compute_status(
     conds = _model_cache_condition(new.model_cache, conds, now, gen)
     new.conditions = sorted(conds, key=lambda c: c.type)
     new.phase = (
-        "Degraded" if failing else "Ready" if not waiting else "Progressing" if deployments else "Pending"
+        "Degraded"
+        if failing
+        else "Ready"
+        if not (waiting or missing_lws)
+        else "Progressing"
+        if deployments
+        else "Pending"
     )
     return new
 

@@ -22,7 +22,7 @@ def test_crds_apply_and_explain(kubectl, crds) -> None:
 
     # Discovery may lag the Established condition by a moment.
     text = wait_for(lambda: explain("disaggregatedmodels.spec.prefill"), timeout=20, what="kubectl explain")
-    assert "tensorParallel" in text and "GPUs per replica (tensor parallel degree)." in text
+    assert "tensorParallel" in text and "GPUs per replica (tensor parallel degree)," in text
     assert "Replicas, unless autoscaling.mode is auto" in text
     kv = explain("dm.spec.kvTransfer.failurePolicy")
     assert "recompute the prompt on decode, or fail" in kv and "recompute" in kv

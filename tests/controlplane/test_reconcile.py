@@ -126,7 +126,10 @@ def test_valid_cr_yields_children_and_status(kubectl, namespace, operator) -> No
             status = model(kubectl, namespace, "llama-3-8b")["status"]
             conditions = {c["type"]: c for c in status["conditions"]}
             stuck = conditions["PodsScheduled"]["status"] == "False"
-            return conditions if stuck and "decode 1/4 ready" in conditions["Ready"]["message"] else None
+            # All three: the scheduler marks the replacements Unschedulable one at a time, and a status
+            # written between two of them rightly says "1 pod unschedulable" for a moment.
+            message = conditions["Ready"]["message"]
+            return conditions if stuck and "decode 1/4 ready (3 pods unschedulable" in message else None
 
         conditions = wait_for(progressing, timeout=60, what="decode pods unschedulable in status")
         assert model(kubectl, namespace, "llama-3-8b")["status"]["phase"] == "Progressing"

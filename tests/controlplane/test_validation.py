@@ -27,9 +27,10 @@ INVALID = [
      "spec.prefill.minReplicas"),
     ("replicas-over-max", {"model": MODEL, "decode": {"replicas": 9, "maxReplicas": 4}},
      "spec.decode.replicas"),
-    ("decode-tp-below-prefill",
-     {"model": MODEL, "prefill": {"tensorParallel": 4}, "decode": {"tensorParallel": 2}},
-     "spec.decode.tensorParallel"),
+    # Neither one node's worth nor a whole number of nodes: the refusal names both numbers.
+    ("tp-not-a-multiple-of-node",
+     {"model": MODEL, "prefill": {"tensorParallel": 12, "gpusPerNode": 8, "maxReplicas": 2}},
+     "tensorParallel (12) with gpusPerNode (8)"),
     ("unknown-backend", {"model": MODEL, "kvTransfer": {"backend": "ucx"}}, "spec.kvTransfer.backend"),
     ("unknown-mode", {"model": MODEL, "autoscaling": {"mode": "sometimes"}}, "spec.autoscaling.mode"),
     ("missing-model", {"prefill": {"replicas": 1}}, "spec.model"),
@@ -120,6 +121,14 @@ VALID = {
                 "autoscaling": {"intervalSeconds": 600, "scaleUpCooldownSeconds": 0,
                                 "scaleDownCooldownSeconds": 60, "prometheusUrl": "https://prom.example.com/x"}},
     "long-interval-default-cooldown": {"model": MODEL, "autoscaling": {"intervalSeconds": 3600}},
+    # Decode TP below prefill TP: each decode rank reads from several prefill ranks (issue 15).
+    "decode-tp-below-prefill": {"model": MODEL, "prefill": {"tensorParallel": 2},
+                                "decode": {"tensorParallel": 1}},
+    "prefill-tp4-decode-tp2": {"model": MODEL, "prefill": {"tensorParallel": 4},
+                               "decode": {"tensorParallel": 2}},
+    "prefill-spans-two-nodes": {"model": MODEL, "prefill": {"tensorParallel": 16, "gpusPerNode": 8},
+                                "decode": {"tensorParallel": 1}},
+    "tp-below-a-small-node": {"model": MODEL, "decode": {"tensorParallel": 3, "gpusPerNode": 4}},
 }  # fmt: skip
 
 

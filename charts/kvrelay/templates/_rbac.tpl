@@ -12,9 +12,16 @@ Children are written with server-side apply and garbage-collected through ownerR
   verbs: ["get", "patch"]
 # Children of a DisaggregatedModel: server-side apply (create + patch), list to compare hashes,
 # watch for drift. No update/delete: the garbage collector removes children via ownerReferences.
+# Worker roles are the exception: a role is a Deployment up to gpusPerNode GPUs a replica and a
+# LeaderWorkerSet above, and the one it no longer is gets deleted when tensorParallel crosses over.
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "watch", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Only read and written where LeaderWorkerSet (sigs.k8s.io/lws) is installed; the operator works
+# without it. Status is read from the objects themselves, so no leaderworkersets/status grant.
+- apiGroups: ["leaderworkerset.x-k8s.io"]
+  resources: ["leaderworkersets"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["get", "list", "watch", "create", "patch"]

@@ -160,18 +160,20 @@ KIND_TO_RESOURCE = {
     "NetworkPolicy": ("networking.k8s.io", "networkpolicies"),
     "PersistentVolumeClaim": ("", "persistentvolumeclaims"),
     "Job": ("batch", "jobs"),
+    "LeaderWorkerSet": ("leaderworkerset.x-k8s.io", "leaderworkersets"),
 }
 # Server-side apply is a patch (plus create for a new object); kopf lists and watches children.
 CHILD_VERBS = {"get", "list", "watch", "create", "patch"}
 
 
 def operator_child_kinds() -> set[str]:
-    """Kinds resources.render_children writes for the repo's example models (PodMonitor forced on), and
-    for one with spec.model.cache (its claim and fill Job)."""
+    """Kinds resources.render_children writes for the repo's example models (PodMonitor forced on), for
+    one with spec.model.cache (its claim and fill Job) and one whose prefill spans nodes (LWS)."""
     kinds: set[str] = set()
     specs = [yaml.safe_load(path.read_text())["spec"] for path in sorted((ROOT / "examples").glob("*.yaml"))]
     cached = {**specs[0], "model": {"source": "org/model", "cache": {"size": "10Gi"}}}
-    for raw in [*specs, cached]:
+    spanning = {**specs[0], "prefill": {"tensorParallel": 16, "gpusPerNode": 8}}
+    for raw in [*specs, cached, spanning]:
         spec = DisaggregatedModelSpec.model_validate(raw)
         ctx = resources.RenderContext(
             name="m", namespace="ns", uid="u", default_image="img", pod_monitor_available=True
@@ -184,7 +186,7 @@ def test_rbac_covers_every_child_the_operator_writes(render: Render) -> None:
     (cluster_role,) = by_kind(render(), "ClusterRole")
     grants = _grants(cluster_role["rules"])
     kinds = operator_child_kinds()
-    assert {"Deployment", "Service", "PodMonitor", "NetworkPolicy"} <= kinds
+    assert {"Deployment", "Service", "PodMonitor", "NetworkPolicy", "LeaderWorkerSet"} <= kinds
     for kind in sorted(kinds):
         assert kind in KIND_TO_RESOURCE, f"operator now writes {kind}: add it to the chart's ClusterRole"
         group, resource = KIND_TO_RESOURCE[kind]
@@ -219,13 +221,16 @@ def test_rbac_is_least_privilege(render: Render) -> None:
     assert ("apiextensions.k8s.io", "customresourcedefinitions", "create") not in grants
     assert not {g for g in grants if g[2] in {"escalate", "bind", "impersonate", "deletecollection"}}
     # Deletes only of the kinds the operator prunes (apply.PRUNED_KINDS): NetworkPolicies turned off, model
-    # cache Jobs replaced by newer fills, a cache claim whose cache was removed.
+    # cache Jobs replaced by newer fills, a cache claim whose cache was removed, a worker role's
+    # Deployment or LeaderWorkerSet once tensorParallel made it the other.
     pruned = {KIND_TO_RESOURCE[k] for k in apply.PRUNED_KINDS}
     assert {g for g in grants if g[2] == "delete"} == {(*r, "delete") for r in pruned}
     assert pruned == {
         ("networking.k8s.io", "networkpolicies"),
         ("", "persistentvolumeclaims"),
         ("batch", "jobs"),
+        ("apps", "deployments"),
+        ("leaderworkerset.x-k8s.io", "leaderworkersets"),
     }
     (role,) = by_kind(manifests, "Role")  # only the Lease Role when watching every namespace
     assert role["metadata"]["namespace"] == "kvrelay-system"

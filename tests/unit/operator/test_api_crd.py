@@ -38,7 +38,9 @@ def pods_where(**requirement: Any) -> dict[str, Any]:
     [
         ({"prefill": {"minReplicas": 3, "maxReplicas": 2, "replicas": 2}}, "minReplicas (3) must be <="),
         ({"decode": {"replicas": 9, "maxReplicas": 8}}, "replicas (9) must lie within"),
-        ({"prefill": {"tensorParallel": 4}, "decode": {"tensorParallel": 2}}, "decode.tensorParallel (2)"),
+        ({"prefill": {"tensorParallel": 12, "gpusPerNode": 8}}, "tensorParallel (12) with gpusPerNode (8)"),
+        ({"decode": {"tensorParallel": 65, "gpusPerNode": 64}}, "tensorParallel"),
+        ({"decode": {"gpusPerNode": 0}}, "gpusPerNode"),
         ({"autoscaling": {"ratio": {"min": 3, "max": 1}}}, "ratio.min (3.0) must be <="),
         ({"autoscaling": {"gpuBudget": 1}}, "gpuBudget (1) must cover the minimum replicas' GPUs (2)"),
         ({"kvTransfer": {"backend": "tcp", "transport": "rdma"}}, "transport rdma needs backend nixl"),
@@ -76,9 +78,18 @@ def test_network_policy_is_on_by_default_and_router_peers_read_as_networking_v1(
     assert dumped == peers
 
 
-def test_tcp_backend_allows_smaller_decode_tp() -> None:
-    s = spec(prefill={"tensorParallel": 4}, decode={"tensorParallel": 1}, kvTransfer={"backend": "tcp"})
-    assert s.decode.tensor_parallel == 1
+@pytest.mark.parametrize("backend", ["nixl", "tcp"])
+@pytest.mark.parametrize(("prefill_tp", "decode_tp"), [(2, 1), (4, 2), (16, 1), (1, 2)])
+def test_any_prefill_to_decode_tp_pairing_is_accepted(backend: str, prefill_tp: int, decode_tp: int) -> None:
+    s = spec(prefill={"tensorParallel": prefill_tp}, decode={"tensorParallel": decode_tp},
+             kvTransfer={"backend": backend})  # fmt: skip
+    assert (s.prefill.tensor_parallel, s.decode.tensor_parallel) == (prefill_tp, decode_tp)
+    assert s.prefill.gpus_per_node == 8
+
+
+@pytest.mark.parametrize(("tp", "per_node"), [(8, 8), (3, 8), (16, 8), (64, 8), (12, 4), (5, 1)])
+def test_tp_up_to_a_node_or_a_multiple_of_it_is_accepted(tp: int, per_node: int) -> None:
+    assert spec(prefill={"tensorParallel": tp, "gpusPerNode": per_node}).prefill.tensor_parallel == tp
 
 
 def test_model_is_required() -> None:
@@ -156,8 +167,12 @@ def test_every_check_is_stated_in_its_fields_description() -> None:
 def test_cel_rules_land_on_their_objects() -> None:
     props = crd.render_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     rules = {r["rule"] for r in props["x-kubernetes-validations"]}
-    assert any("decode.tensorParallel >= self.prefill.tensorParallel" in r for r in rules)
-    assert len(props["properties"]["prefill"]["x-kubernetes-validations"]) == 2
+    assert not any("decode.tensorParallel >= self.prefill.tensorParallel" in r for r in rules)
+    # The two replica-bound rules, and tensorParallel against gpusPerNode naming both values.
+    prefill_rules = props["properties"]["prefill"]["x-kubernetes-validations"]
+    assert len(prefill_rules) == 3
+    (tp_rule,) = [r for r in prefill_rules if "gpusPerNode" in r["rule"]]
+    assert "format([self.tensorParallel, self.gpusPerNode])" in tp_rule["messageExpression"]
     assert props["properties"]["autoscaling"]["properties"]["ratio"]["x-kubernetes-validations"][0][
         "rule"
     ] == ("self.min <= self.max")

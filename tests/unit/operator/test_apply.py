@@ -58,7 +58,8 @@ def children(name: str, replicas: int = 1, image: str = "img:1") -> list[dict[st
 
 
 # LISTs a resume sends per namespace: the rendered kinds here (Deployment, Service) and every pruned kind
-LISTS = 2 + len(apply.PRUNED_KINDS)
+# (Deployment is one of those too)
+LISTS = len({"Deployment", "Service"} | set(apply.PRUNED_KINDS))
 
 
 def test_hash_changes_with_content_and_fingerprint_with_replicas() -> None:
@@ -176,3 +177,32 @@ def test_deleting_a_policy_already_gone_is_fine_and_other_errors_forget() -> Non
     # Forgotten: the next attempt compares against the live children, and deletes then.
     assert applier.apply_changed("ns", "m", children("m")) == {}
     assert kube.requests == {"GET": LISTS, "DELETE": 1}
+
+
+class NoLeaderWorkerSets(RecordingKube):
+    """A cluster without the LeaderWorkerSet CRD: its collection answers 404."""
+
+    def list(self, api_version: str, kind: str, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        if kind == "LeaderWorkerSet":
+            self.requests["GET"] += 1
+            raise ApiException(status=404, reason="Not Found")
+        return super().list(api_version, kind, namespace, label_selector)
+
+
+def test_a_resume_where_leader_worker_sets_are_not_served_finds_none_of_them() -> None:
+    kube = NoLeaderWorkerSets()
+    apply.ChildApplier(kube).apply_changed("ns", "a", children("a"), fresh=True)  # type: ignore[arg-type]
+    after = apply.ChildApplier(kube)  # type: ignore[arg-type]
+    assert after.apply_changed("ns", "a", children("a")) == {}
+
+
+def test_a_role_that_becomes_a_leader_worker_set_loses_its_deployment() -> None:
+    kube = RecordingKube()
+    applier = apply.ChildApplier(kube)  # type: ignore[arg-type]
+    applier.apply_changed("ns", "a", children("a"), fresh=True)
+    deployment, service = children("a")
+    lws = {**deployment, "apiVersion": "leaderworkerset.x-k8s.io/v1", "kind": "LeaderWorkerSet",
+           "metadata": {**deployment["metadata"], "name": "a-decode-lws"}}  # fmt: skip
+    changed = applier.apply_changed("ns", "a", [service, lws])
+    assert set(changed) == {"LeaderWorkerSet/a-decode-lws"}
+    assert ("ns", "Deployment/a-decode") not in kube.objects and kube.requests["DELETE"] == 1
