@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from greedy_text_checks import Reference, check_greedy, greedy_references
 from kvrelay_worker.entrypoint import build_parser as worker_parser
 from kvrelay_worker.model_store import ensure_tiny_model
 from kvrelay_worker.processes import stop_process
@@ -162,44 +163,12 @@ def engine(stack: Stack) -> Any:
     return Engine.from_dir(stack.model_dir, EngineConfig())
 
 
-@dataclass
-class Reference:
-    tokens: list[int]
-    margins: list[float]  # top-2 logit margin at every generated step
-
-
 def _greedy_references(stack: Stack, engine: Any, prompts: list[str]) -> list[Reference]:
-    import torch
-    from kvrelay_worker.engine.sampling_params import SamplingParams
-
-    ids = [stack.tokenizer.encode(p) for p in prompts]
-    outs = engine.generate(ids, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True))
-    refs = []
-    for prompt, out in zip(ids, outs, strict=True):
-        logits = engine.model.full_forward_logits(torch.tensor([prompt + out]))[0, len(prompt) - 1 : -1]
-        top = torch.topk(logits.float(), 2, dim=-1).values
-        refs.append(Reference(out, (top[:, 0] - top[:, 1]).tolist()))
-    return refs
+    return greedy_references(engine, stack.tokenizer, prompts, MAX_TOKENS)
 
 
 def _check_greedy(tokenizer: Tokenizer, refs: list[Reference], texts: list[str]) -> list[tuple[int, int]]:
-    """Fail unless every text is the reference's or first differs at a near-tie; returns the near-ties."""
-    near_ties, bad = [], []
-    for i, (ref, text) in enumerate(zip(refs, texts, strict=True)):
-        if text == tokenizer.decode(ref.tokens):
-            continue
-        step = next(
-            (k for k in range(len(ref.tokens)) if not text.startswith(tokenizer.decode(ref.tokens[: k + 1]))),
-            None,
-        )
-        if step is not None and ref.margins[step] < NEAR_TIE:
-            near_ties.append((i, step))
-        else:
-            margin = None if step is None else ref.margins[step]
-            bad.append((i, step, margin, text, tokenizer.decode(ref.tokens)))
-    assert not bad, bad
-    assert len(near_ties) <= MAX_NEAR_TIES, near_ties
-    return near_ties
+    return check_greedy(tokenizer, refs, texts, NEAR_TIE, MAX_NEAR_TIES)
 
 
 @dataclass

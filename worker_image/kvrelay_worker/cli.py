@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .model_store import CACHE_DIR, NAMED_MODELS, is_checkpoint_dir, resolve_model
-from .ports import free_ports
+from .ports import free_port_pair, free_ports
 
 DEFAULT_MODEL = "smollm2"
 DRAIN_CUT_S = 1.0  # how long stop_workers lets a worker drain before cutting it short
@@ -89,7 +89,15 @@ def start_workers(
         counts[role] += 1
         grpc_port, metrics_port, kv_port = ports[3 * i : 3 * i + 3]
         log_path = log_dir / f"{name}.log"
-        command = worker_command(role, model, grpc_port, metrics_port, kv_port, [*extra, *args.worker_arg])
+        tp = args.prefill_tensor_parallel if role == "prefill" else args.decode_tensor_parallel
+        role_extra = list(extra)
+        if tp > 1:
+            # Rank r's KV port is --kv-port + r, which free_ports did not reserve: let each rank pick one.
+            kv_port = 0
+            role_extra += ["--tensor-parallel", str(tp), "--tp-port", str(free_port_pair())]
+        command = worker_command(
+            role, model, grpc_port, metrics_port, kv_port, [*role_extra, *args.worker_arg]
+        )
         with log_path.open("wb") as log_file:
             proc = subprocess.Popen(
                 command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
@@ -234,6 +242,8 @@ def _raise_on_sigterm(signum: int, frame: Any) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
+    if args.prefill_tensor_parallel < 1 or args.decode_tensor_parallel < 1:
+        raise SystemExit("kvrelay serve: --prefill-tensor-parallel and --decode-tensor-parallel must be >= 1")
     if args.prefill < 1 or args.decode < 1:
         _log("--prefill and --decode must each be at least 1")
         return 2
@@ -298,6 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--prefill", type=int, default=1, help="prefill worker processes")
     s.add_argument("--decode", type=int, default=1, help="decode worker processes")
+    s.add_argument(
+        "--prefill-tensor-parallel", type=int, default=1, help="ranks per prefill worker (one process each)"
+    )
+    s.add_argument(
+        "--decode-tensor-parallel", type=int, default=1, help="ranks per decode worker (one process each)"
+    )
     s.add_argument("--host", default="127.0.0.1", help="router listen address")
     s.add_argument("--port", type=int, default=8000, help="router port (0: any free port)")
     s.add_argument("--max-model-len", type=int, help="context length (default: the checkpoint's)")

@@ -29,7 +29,7 @@ from kvrelay_worker.server.drain import (
     Outcome,
     Remaining,
 )
-from kvrelay_worker.server.engine_loop import EngineChannel, EngineLoop
+from kvrelay_worker.server.engine_loop import EngineChannel, EngineLoop, WorkerGone
 from kvrelay_worker.server.kv_bridge import KVBridge
 from kvrelay_worker.server.metrics_http import start_http
 from kvrelay_worker.server.servicer import WorkerServicer
@@ -142,11 +142,25 @@ async def serve(opts: WorkerOptions, engine: Engine | None = None, stop: asyncio
     serving."""
     loop = asyncio.get_running_loop()
     channel = EngineChannel()
+    servicers: list[WorkerServicer] = []
+
+    def end_as_lost(message: str) -> None:
+        """Any thread: end every request as a dead worker's would end (UNAVAILABLE: the router resumes it)."""
+
+        def end() -> None:
+            if servicers:
+                servicers[0].ready = False
+                servicers[0].end_streams(message, cut_off=True)
+            else:
+                channel.fail_all(message, WorkerGone)
+
+        loop.call_soon_threadsafe(end)
+
     ranks = None
     if opts.tp is not None and opts.tp.size > 1:
         from kvrelay_worker.tp.rank0 import start_rank0
 
-        ranks = start_rank0(opts, lambda message: loop.call_soon_threadsafe(channel.fail_all, message))
+        ranks = start_rank0(opts, end_as_lost)
         engine = ranks.engine
     engine = engine or Engine.from_dir(opts.model, opts.engine)
     metrics = WorkerMetrics(opts.served_model_name, opts.role)
@@ -188,6 +202,7 @@ async def serve(opts: WorkerOptions, engine: Engine | None = None, stop: asyncio
         if ranks is not None:
             ranks.join()  # every rank loaded, its transport started: only now is the worker whole
         servicer = WorkerServicer(opts.role, engine_loop, kv, metrics)
+        servicers.append(servicer)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
         port = server.add_insecure_port(f"{opts.host}:{opts.grpc_port}")
         if opts.metrics_port:

@@ -100,7 +100,8 @@ class EngineLoop:
         on_error: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.engine = engine
-        self._on_error = on_error  # engine thread, after the clients were told (a TP worker exits)
+        # engine thread, instead of failing every request in-band: a TP worker ends them as a lost worker
+        self._on_error = on_error
         self.loop = loop
         self.metrics = metrics
         self._on_kv_target = on_kv_target  # event-loop thread, once per KVTarget the engine reports
@@ -136,9 +137,10 @@ class EngineLoop:
         except BaseException as exc:  # a dead engine must not leave clients waiting forever
             log.exception("engine thread died")
             self.error = exc
-            self.loop.call_soon_threadsafe(self.channel.fail_all, f"engine failed: {exc!r}")
-            if self._on_error is not None:
+            if self._on_error is not None:  # it ends the requests its own way
                 self._on_error(exc)
+            else:
+                self.loop.call_soon_threadsafe(self.channel.fail_all, f"engine failed: {exc!r}")
 
     def _loop(self) -> None:
         while not self._stop.is_set():

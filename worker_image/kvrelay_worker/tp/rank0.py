@@ -25,11 +25,11 @@ JOIN_TIMEOUT_S = 1800.0  # the other ranks load their shards meanwhile
 class Rank0:
     """What ``serve`` needs from rank 0: the engine, the transport, and the group's lifecycle."""
 
-    def __init__(self, opts: WorkerOptions, fail_all: Callable[[str], None]) -> None:
+    def __init__(self, opts: WorkerOptions, end_requests: Callable[[str], None]) -> None:
         placement = opts.tp
         assert placement is not None
         self.placement = placement
-        self._fail_all = fail_all
+        self._end_requests = end_requests  # ends every open request as a lost worker's (any thread)
         self._stopping = False
         device = group.rank_device(opts.engine.device, placement, 0)
         tp = group.init_group(placement, 0, device)
@@ -63,18 +63,19 @@ class Rank0:
 
     def engine_failed(self, exc: BaseException) -> None:
         """The engine thread died (e.g. an all-reduce whose peer is gone): a TP worker cannot go on."""
-        group.exit_now(1, f"TP rank 0's engine failed ({exc!r})")
+        message = f"TP rank 0's engine failed ({exc!r})"
+        group.exit_now(1, message, before=lambda: self._end_requests(message))
 
     def _lost(self, rank: int, why: str) -> None:
         if self._stopping:
             return
         message = f"TP rank {rank} of this worker was lost ({why})"
-        group.exit_now(1, message, before=lambda: self._fail_all(message))
+        group.exit_now(1, message, before=lambda: self._end_requests(message))
 
     def _event(self, rank: int, kind: str, value: Any) -> None:
         if self.transport is not None:
             self.transport.on_event(rank, kind, value)
 
 
-def start_rank0(opts: WorkerOptions, fail_all: Callable[[str], None]) -> Rank0:
-    return Rank0(opts, fail_all)
+def start_rank0(opts: WorkerOptions, end_requests: Callable[[str], None]) -> Rank0:
+    return Rank0(opts, end_requests)
