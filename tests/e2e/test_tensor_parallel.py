@@ -31,7 +31,14 @@ import tritonclient.grpc as grpcclient
 from kvrelay_worker.engine import Engine, EngineConfig, SamplingParams
 from kvrelay_worker.model.tiny import make_tiny_model
 from kvrelay_worker.ports import free_port_pair
-from worker_fixtures import WorkerProcess, decode_inputs, prefill_inputs, run_workers
+from worker_fixtures import (
+    WorkerProcess,
+    child_pids,
+    decode_inputs,
+    prefill_inputs,
+    process_alive,
+    run_workers,
+)
 
 NEAR_TIE = 2e-3  # 100x the measured TP noise; a broken shard moves logits by 1e-1 and more
 MAX_NEAR_TIES = 2
@@ -221,9 +228,6 @@ def test_tp_degree_that_does_not_divide_the_heads_is_refused(smollm2_dir: Path) 
 
 
 # ---------------------------------------------------------------------------- a lost rank
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
 
 
 @pytest.mark.parametrize("victim", ["rank1", "rank0"])
@@ -234,7 +238,7 @@ def test_a_lost_rank_ends_the_worker(tiny: Path, victim: str) -> None:
     prompt = random_prompts(1, 500, seed=7)[0]
     with run_workers([("decode", tiny, tp_args(2))], kv_backend="none", ready_timeout_s=240) as (worker,):
         rank0 = worker.proc.pid
-        (rank1,) = _children(rank0)
+        (rank1,) = child_pids(rank0)
         client = grpcclient.InferenceServerClient(worker.grpc_address)
         results: queue.Queue = queue.Queue()
         client.start_stream(callback=lambda result, error: results.put((result, error)))
@@ -254,20 +258,11 @@ def test_a_lost_rank_ends_the_worker(tiny: Path, victim: str) -> None:
             code = worker.proc.wait(timeout=deadline_s)
             assert code != 0
             survivor = rank0 if victim == "rank1" else rank1
-            while _alive(survivor):
+            while process_alive(survivor):
                 assert time.monotonic() - killed < deadline_s, f"pid {survivor} outlived its worker"
                 time.sleep(0.1)
         finally:
             client.stop_stream()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    state = Path(f"/proc/{pid}/stat").read_text().split()[2] if Path(f"/proc/{pid}/stat").exists() else "X"
-    return state not in ("Z", "X")
 
 
 # ---------------------------------------------------------------------------- the benchmark, smoke-run

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from kvrelay_worker.engine.core import Engine, EngineConfig
 from kvrelay_worker.model_store import ensure_tiny_model
 from kvrelay_worker.tokenizer import Tokenizer
 from serve_helpers import WORKER_RE, ServeProcess, run_serve
-from worker_fixtures import metric_value
+from worker_fixtures import child_pids, metric_value, process_alive
 
 pytestmark = pytest.mark.e2e
 
@@ -103,35 +102,22 @@ async def test_a_tp2_decode_worker_losing_a_rank_is_resumed_elsewhere(tiny, tmp_
     with run_serve(args, tmp_path / "logs") as serve:
         ranks = _rank_processes(serve)
         decode_pid = next(pid for name, (pid, _) in serve.workers.items() if name.startswith("decode"))
-        (rank1,) = _children(decode_pid)
+        (rank1,) = child_pids(decode_pid)
         before = _router_metric(serve, "kvrelay_router_migrations_total", reason="worker_lost")
         outcomes = await _streams(serve, PROMPTS, during=lambda: os.kill(rank1, signal.SIGKILL))
         assert [error for _, error in outcomes] == [None] * len(PROMPTS)
         check_greedy(tokenizer, refs, [text for text, _ in outcomes], NEAR_TIE, MAX_NEAR_TIES)
         assert _router_metric(serve, "kvrelay_router_migrations_total", reason="worker_lost") > before
         deadline = time.monotonic() + 20
-        while _alive(decode_pid):  # rank 0 of the broken worker exits too
+        while process_alive(decode_pid):  # rank 0 of the broken worker exits too
             assert time.monotonic() < deadline, "rank 0 outlived its lost rank by 20 s"
             time.sleep(0.1)
     _assert_gone(ranks)
 
 
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
-
-
-def _alive(pid: int) -> bool:
-    stat = Path(f"/proc/{pid}/stat")
-    try:
-        return stat.read_text().split()[2] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
 def _rank_processes(serve: ServeProcess) -> list[int]:
     """The rank processes (other than rank 0) of every worker `kvrelay serve` started."""
-    return [child for pid, _ in serve.workers.values() for child in _children(pid)]
+    return [child for pid, _ in serve.workers.values() for child in child_pids(pid)]
 
 
 def _metrics_ports(serve: ServeProcess, role: str) -> list[int]:
@@ -141,6 +127,6 @@ def _metrics_ports(serve: ServeProcess, role: str) -> list[int]:
 def _assert_gone(pids: list[int]) -> None:
     """Rank processes die with their rank 0 (PR_SET_PDEATHSIG) or on its stop: none is left behind."""
     deadline = time.monotonic() + 10
-    while alive := [pid for pid in pids if _alive(pid)]:
+    while alive := [pid for pid in pids if process_alive(pid)]:
         assert time.monotonic() < deadline, f"rank processes left behind: {alive}"
         time.sleep(0.1)
