@@ -192,6 +192,9 @@ ALLOWED = [
     ("patch", "podmonitors.monitoring.coreos.com", MODEL_NS),
     ("patch", "networkpolicies.networking.k8s.io", MODEL_NS),
     ("delete", "networkpolicies.networking.k8s.io", MODEL_NS),  # spec.networkPolicy.enabled=false
+    # A worker role is a Deployment or, above gpusPerNode GPUs a replica, a LeaderWorkerSet; the one it
+    # no longer is gets deleted when tensorParallel crosses over.
+    ("delete", "deployments.apps", MODEL_NS),
     ("create", "events", MODEL_NS),
     ("list", "customresourcedefinitions.apiextensions.k8s.io", None),
     ("watch", "endpointslices.discovery.k8s.io", MODEL_NS),
@@ -208,7 +211,7 @@ REFUSED = [
     ("update", f"leases.coordination.k8s.io/{SA}", MODEL_NS),
     ("update", "leases.coordination.k8s.io/someone-else", RELEASE_NS),
     ("delete", "customresourcedefinitions.apiextensions.k8s.io", None),
-    ("delete", "deployments.apps", MODEL_NS),
+    ("deletecollection", "deployments.apps", MODEL_NS),
     ("deletecollection", "networkpolicies.networking.k8s.io", MODEL_NS),
 ]
 
@@ -218,6 +221,26 @@ def _can_i(helm_cluster: Cluster, verb: str, resource: str, namespace: str | Non
     done = helm_cluster.as_operator("auth", "can-i", verb, resource, *scope, check=False)
     assert done.stdout.strip() in {"yes", "no"}, done.stderr
     return done.stdout.strip() == "yes"
+
+
+def _review(helm_cluster: Cluster, verb: str, group: str, resource: str, subresource: str = "") -> bool:
+    """A SelfSubjectAccessReview as the operator: unlike `kubectl auth can-i`, it needs no discovery of
+    the resource, so it answers for kinds this cluster does not serve (LeaderWorkerSet)."""
+    attributes = {"verb": verb, "group": group, "resource": resource, "namespace": MODEL_NS}
+    if subresource:
+        attributes["subresource"] = subresource
+    review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+              "spec": {"resourceAttributes": attributes}}  # fmt: skip
+    done = helm_cluster.as_operator("create", "-f", "-", "-o", "json", stdin=json.dumps(review))
+    return bool(json.loads(done.stdout)["status"].get("allowed"))
+
+
+def test_service_account_may_manage_leader_worker_sets_and_nothing_more(helm_cluster: Cluster) -> None:
+    group = "leaderworkerset.x-k8s.io"
+    for verb in ("get", "list", "watch", "create", "patch", "delete"):
+        assert _review(helm_cluster, verb, group, "leaderworkersets"), f"{SA_USER} cannot {verb} LWS"
+    assert not _review(helm_cluster, "deletecollection", group, "leaderworkersets")
+    assert not _review(helm_cluster, "patch", group, "leaderworkersets", "status")
 
 
 @pytest.mark.parametrize(("verb", "resource", "namespace"), ALLOWED)

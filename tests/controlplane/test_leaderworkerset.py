@@ -255,3 +255,26 @@ def test_tp4_prefill_and_tp2_decode_are_deployments_that_schedule(kubectl, names
         (pod,) = pods_of(kubectl, namespace, f"app.kubernetes.io/instance=pair,kvrelay.dev/role={role}")
         node = get_json(kubectl, "node", pod["spec"]["nodeName"])
         assert node["metadata"]["labels"][POOL_LABEL] == pool
+
+
+def test_autoscaler_desired_replicas_scale_the_groups(lws, kubectl, kube, namespace, operator) -> None:
+    """The autoscaler's hook (status.<role>.desiredReplicas, clamped to bounds) moves a LeaderWorkerSet's
+    groups as it moves a Deployment's pods; no LWS pod-deletion-cost victims are marked."""
+    # A pool with no nodes: the groups stay unplaced (nothing incomplete, no GPUs held).
+    prefill = {**placed("lws-nowhere", 16), "replicas": 1, "minReplicas": 1, "maxReplicas": 3}
+    manifest = json.loads(model("auto", prefill, DECODE_TP1))
+    manifest["spec"]["autoscaling"] = {"mode": "auto", "intervalSeconds": 3600}
+    kubectl("apply", "-n", namespace, "-f", "-", stdin=json.dumps(manifest), check=True)
+    wait_for(lambda: lws_replicas(kubectl, namespace, "auto-prefill-lws") == 1, timeout=30, what="1 group")
+    wait_for(lambda: (get_json(kubectl, "dm", "auto", "-n", namespace).get("status") or {}).get("autoscaler"),
+             timeout=30, what="the autoscaler's first decision (a hold: no Prometheus here)")  # fmt: skip
+    kube.patch_status(namespace, "auto", {"prefill": {"desiredReplicas": 2}})
+    wait_for(lambda: lws_replicas(kubectl, namespace, "auto-prefill-lws") == 2, timeout=30, what="2 groups")
+    kube.patch_status(namespace, "auto", {"prefill": {"desiredReplicas": 7}})
+    wait_for(lambda: lws_replicas(kubectl, namespace, "auto-prefill-lws") == 3, timeout=30,
+             what="groups clamped to maxReplicas 3")  # fmt: skip
+    kube.patch_status(namespace, "auto", {"prefill": {"desiredReplicas": 1}})
+    wait_for(lambda: lws_replicas(kubectl, namespace, "auto-prefill-lws") == 1, timeout=30, what="back to 1")
+    pods = pods_of(kubectl, namespace, "app.kubernetes.io/instance=auto,kvrelay.dev/role=prefill")
+    assert not any("controller.kubernetes.io/pod-deletion-cost" in (p["metadata"].get("annotations") or {})
+                   for p in pods)  # fmt: skip
