@@ -10,6 +10,7 @@ the others install it and start the controller for the rest of the session.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -278,3 +279,35 @@ def test_autoscaler_desired_replicas_scale_the_groups(lws, kubectl, kube, namesp
     pods = pods_of(kubectl, namespace, "app.kubernetes.io/instance=auto,kvrelay.dev/role=prefill")
     assert not any("controller.kubernetes.io/pod-deletion-cost" in (p["metadata"].get("annotations") or {})
                    for p in pods)  # fmt: skip
+
+
+def test_a_role_crossing_gpus_per_node_changes_kind_and_the_old_one_goes(
+    lws, kubectl, namespace, operator
+) -> None:
+    kubectl("apply", "-n", namespace, "-f", "-", stdin=model("grow", placed("lws-nowhere", 8), DECODE_TP1),
+            check=True)  # fmt: skip
+    wait_for(
+        lambda: "grow-prefill" in deployments_in(kubectl, namespace), timeout=30, what="TP8: a Deployment"
+    )
+    kubectl("patch", "dm", "grow", "-n", namespace, "--type=merge",
+            "-p", '{"spec":{"prefill":{"tensorParallel":16}}}', check=True)  # fmt: skip
+    wait_for(
+        lambda: lws_replicas(kubectl, namespace, "grow-prefill-lws") == 1, timeout=30, what="TP16: an LWS"
+    )
+    wait_for(lambda: "grow-prefill" not in deployments_in(kubectl, namespace), timeout=30,
+             what="the TP8 Deployment deleted")  # fmt: skip
+    # Deleted on purpose: not re-created as drift, and no event says it was.
+    time.sleep(3)
+    assert "grow-prefill" not in deployments_in(kubectl, namespace)
+    events = get_json(kubectl, "events", "-n", namespace, "--field-selector", "reason=ChildRecreated")[
+        "items"
+    ]
+    assert events == []
+    # And back: the LWS goes, the Deployment returns.
+    kubectl("patch", "dm", "grow", "-n", namespace, "--type=merge",
+            "-p", '{"spec":{"prefill":{"tensorParallel":4}}}', check=True)  # fmt: skip
+    wait_for(
+        lambda: "grow-prefill" in deployments_in(kubectl, namespace), timeout=30, what="TP4: a Deployment"
+    )
+    wait_for(lambda: not get_json(kubectl, "leaderworkersets", "-n", namespace)["items"], timeout=30,
+             what="the LWS deleted")  # fmt: skip
