@@ -39,6 +39,11 @@ WORKER_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/worker-index"
 NAME_SUFFIX = "-lws"
 TP_PORT = 29500  # torch.distributed's customary rendezvous port, on the leader
 LWS_NAME_ENV = "KVRELAY_LWS_NAME"
+# The shared key of a group's rank links (worker_image/kvrelay_worker/tp/group.py AUTHKEY_ENV): within
+# one pod the worker makes one up, across pods every rank must hold the same, from the model's Secret.
+TP_SECRET_ENV = "KVRELAY_TP_SECRET"
+TP_SECRET_KEY = "secret"
+TP_SECRET_SUFFIX = "-tp-link"
 MISSING_MESSAGE = (
     "needs a LeaderWorkerSet (tensorParallel above gpusPerNode) but the cluster does not serve "
     f"{API_VERSION}: install LeaderWorkerSet v0.7 or newer (sigs.k8s.io/lws), or lower tensorParallel "
@@ -68,6 +73,21 @@ def gpus_per_pod(role: api.WorkerRoleSpec) -> int:
 def set_name(workload_name: str) -> str:
     """The LeaderWorkerSet's name (and its headless Service's, and its pods' prefix)."""
     return f"{workload_name}{NAME_SUFFIX}"
+
+
+def tp_secret_name(model_name: str, uid: str) -> str:
+    """The model's TP link Secret: <model>-tp-link-<first 8 of its uid>.
+
+    The uid part keeps a model re-created under the same name from taking over its predecessor's
+    Secret, which the garbage collector deletes a moment later (the create of the new one would
+    have found it, 409, and kept it). At most 55 + 9 + 8 characters, well within 253."""
+    return f"{model_name}{TP_SECRET_SUFFIX}-{uid[:8]}"
+
+
+def tp_secret_env(model_name: str, uid: str) -> dict[str, Any]:
+    """The env entry that hands every pod of a group the model's shared TP link key."""
+    ref = {"name": tp_secret_name(model_name, uid), "key": TP_SECRET_KEY}
+    return {"name": TP_SECRET_ENV, "valueFrom": {"secretKeyRef": ref}}
 
 
 def tp_args(role: api.WorkerRoleSpec) -> list[str]:

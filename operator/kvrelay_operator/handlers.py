@@ -27,6 +27,7 @@ import logging
 import os
 import random
 import re
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -314,6 +315,7 @@ def reconcile(
     states = _deployment_states(deployments_by_model, namespace, name, leader_worker_sets_by_model)
     scaled_down = _mark_spec_scale_downs(state, namespace, name, parsed_spec, parsed_status, states)
     try:
+        _maybe_create_tp_secret(state, parsed_spec, ctx)  # before the pods that read it
         changed = state.applier.apply_changed(namespace, name, children, fresh=reason == "create")
     except ApplyError as exc:
         if exc.namespace_terminating:
@@ -369,6 +371,23 @@ def reconcile(
         raise _retry_soon("writing status", exc) from exc
     if not written:
         raise kopf.TemporaryError("the model's status kept changing while it was written", delay=1)
+
+
+def _maybe_create_tp_secret(
+    state: OperatorState, spec: api.DisaggregatedModelSpec, ctx: resources.RenderContext
+) -> None:
+    """Creates the model's TP link Secret where a role spans nodes (resources.tp_link_secret); one that
+    exists (409) is kept as it is, never read or rewritten. Other failures raise ApplyError."""
+    manifest = resources.tp_link_secret(spec, ctx, secrets.token_hex(32))
+    if manifest is None:
+        return
+    try:
+        state.kube.create(manifest, ctx.namespace)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise ApplyError.from_api(exc) from exc
+        return
+    log.info("%s/%s: created Secret %s", ctx.namespace, ctx.name, manifest["metadata"]["name"])
 
 
 def _needs_lws(spec: api.DisaggregatedModelSpec) -> bool:

@@ -33,6 +33,7 @@ PLURALS = {
     "PersistentVolumeClaim": "persistentvolumeclaims",
     "Job": "jobs",
     "Pod": "pods",
+    "Secret": "secrets",  # created only, never read (handlers._maybe_create_tp_secret)
     groups.KIND: groups.PLURAL,
     api.KIND: api.PLURAL,
 }
@@ -126,7 +127,8 @@ class KubeClient:
         return self._call("DELETE", path, {"propagationPolicy": "Background"})
 
     def create(self, manifest: dict[str, Any], namespace: str) -> dict[str, Any]:
-        """POST a new object (tests and benchmarks create DisaggregatedModels this way)."""
+        """POST a new object: a model's TP link Secret (created once, never applied); tests and benchmarks
+        create DisaggregatedModels this way."""
         return self._call(
             "POST", collection_path(manifest["apiVersion"], manifest["kind"], namespace), body=manifest
         )

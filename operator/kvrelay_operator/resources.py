@@ -472,7 +472,10 @@ def _worker_deployment(
         extra_resources[kv.rdma.resource_name] = kv.rdma.count
     mounts = [*storage.mounts, {"name": "dshm", "mountPath": "/dev/shm"}]
     workload_name = child_name(ctx.name, role)
-    lws_env = [{"name": groups.LWS_NAME_ENV, "value": groups.set_name(workload_name)}] if spans else []
+    lws_env = [
+        {"name": groups.LWS_NAME_ENV, "value": groups.set_name(workload_name)},
+        groups.tp_secret_env(ctx.name, ctx.uid),  # leader and workers share the one pod template
+    ] if spans else []  # fmt: skip
     container = {
         "name": role,
         "image": image,
@@ -805,6 +808,22 @@ def model_cache_children(spec: api.DisaggregatedModelSpec, ctx: RenderContext) -
         "spec": {"backoffLimit": 4, "template": template},
     }
     return [claim, job]
+
+
+def tp_link_secret(spec: api.DisaggregatedModelSpec, ctx: RenderContext, token: str) -> dict[str, Any] | None:
+    """The Secret holding the shared key of the model's multi-pod TP groups, or None when no worker
+    role spans nodes. Created once, never applied: a new key per reconcile would cut running groups'
+    links (handlers.reconcile creates it and keeps one that exists); immutable, so nothing rewrites it."""
+    if not any(groups.spans_nodes(getattr(spec, role)) for role in api.WORKER_ROLES):
+        return None
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _meta(ctx, groups.tp_secret_name(ctx.name, ctx.uid), None),
+        "type": "Opaque",
+        "immutable": True,
+        "stringData": {groups.TP_SECRET_KEY: token},
+    }
 
 
 def render_children(

@@ -196,6 +196,7 @@ ALLOWED = [
     # no longer is gets deleted when tensorParallel crosses over.
     ("delete", "deployments.apps", MODEL_NS),
     ("create", "events", MODEL_NS),
+    ("create", "secrets", MODEL_NS),  # a model's TP link key, created once and never read
     ("list", "customresourcedefinitions.apiextensions.k8s.io", None),
     ("watch", "endpointslices.discovery.k8s.io", MODEL_NS),
     ("watch", "pods", MODEL_NS),
@@ -204,6 +205,11 @@ ALLOWED = [
 ]
 REFUSED = [
     ("get", "secrets", MODEL_NS),
+    ("list", "secrets", MODEL_NS),
+    ("watch", "secrets", MODEL_NS),
+    ("patch", "secrets", MODEL_NS),
+    ("update", "secrets", MODEL_NS),
+    ("delete", "secrets", MODEL_NS),
     ("delete", "disaggregatedmodels.kvrelay.dev", MODEL_NS),
     ("create", "clusterroles.rbac.authorization.k8s.io", None),
     ("create", "pods", MODEL_NS),
@@ -241,6 +247,14 @@ def test_service_account_may_manage_leader_worker_sets_and_nothing_more(helm_clu
         assert _review(helm_cluster, verb, group, "leaderworkersets"), f"{SA_USER} cannot {verb} LWS"
     assert not _review(helm_cluster, "deletecollection", group, "leaderworkersets")
     assert not _review(helm_cluster, "patch", group, "leaderworkersets", "status")
+
+
+def test_service_account_may_create_secrets_and_never_read_them(helm_cluster: Cluster) -> None:
+    """The TP link Secret is created once and kept: create is all the operator needs, and it must not
+    read what other Secrets a model's namespace holds."""
+    assert _review(helm_cluster, "create", "", "secrets"), f"{SA_USER} cannot create secrets"
+    for verb in ("get", "list", "watch", "patch", "update", "delete", "deletecollection"):
+        assert not _review(helm_cluster, verb, "", "secrets"), f"{SA_USER} should not {verb} secrets"
 
 
 @pytest.mark.parametrize(("verb", "resource", "namespace"), ALLOWED)
@@ -298,6 +312,15 @@ def test_operator_writes_succeed_as_the_service_account(helm_cluster: Cluster) -
     assert after["status"]["phase"] == "Progressing"
     owned = json.loads(helm_cluster.admin("get", "deployments", "-n", MODEL_NS, "-o", "json").stdout)["items"]
     assert {d["metadata"]["ownerReferences"][0]["uid"] for d in owned} == {live["metadata"]["uid"]}
+    # The TP link Secret a model spanning nodes gets, created as the operator creates it (a POST).
+    spanning = spec.model_copy(update={"prefill": spec.prefill.model_copy(
+        update={"tensor_parallel": 16, "gpus_per_node": 8})})  # fmt: skip
+    secret = resources.tp_link_secret(spanning, ctx, "0" * 64)
+    assert secret is not None
+    helm_cluster.as_operator("create", "-f", "-", "-o", "name", stdin=json.dumps(secret))
+    stored = json.loads(helm_cluster.admin("get", "secret", "-n", MODEL_NS, secret["metadata"]["name"],
+                                           "-o", "json").stdout)  # fmt: skip
+    assert stored["metadata"]["ownerReferences"][0]["uid"] == live["metadata"]["uid"]
     # The same ServiceAccount is refused what it should never do.
     refused = helm_cluster.as_operator("get", "secrets", "-n", MODEL_NS, check=False)
     assert refused.returncode != 0 and "forbidden" in refused.stderr.lower()

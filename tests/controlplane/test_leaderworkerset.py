@@ -9,6 +9,8 @@ the others install it and start the controller for the rest of the session.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import time
 from collections.abc import Iterator
@@ -120,6 +122,18 @@ def env_of(pod: dict[str, Any]) -> dict[str, str]:
     return {e["name"]: e.get("value", "") for e in pod["spec"]["containers"][0].get("env") or []}
 
 
+def tp_secret(kubectl, namespace: str, model_name: str) -> dict[str, Any] | None:
+    """The model's TP link Secret (<model>-tp-link-<uid prefix>), or None while there is none."""
+    uid = get_json(kubectl, "dm", model_name, "-n", namespace)["metadata"]["uid"]
+    found = get_json(kubectl, "secrets", "-n", namespace)["items"]
+    return next((x for x in found if x["metadata"]["name"] == f"{model_name}-tp-link-{uid[:8]}"), None)
+
+
+def digest(secret: dict[str, Any]) -> str:
+    """A fingerprint of the Secret's data, so that no assertion message prints the key itself."""
+    return hashlib.sha256(json.dumps(secret["data"], sort_keys=True).encode()).hexdigest()
+
+
 def test_a_tp16_role_is_one_group_of_two_pods_on_two_nodes(
     lws, cluster, kubectl, namespace, operator
 ) -> None:
@@ -164,6 +178,21 @@ def test_a_tp16_role_is_one_group_of_two_pods_on_two_nodes(
             and pod["spec"]["hostname"] == pod["metadata"]["name"]
         )
         assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    # Every rank's link proves the same key: one Secret of the model's, read by leader and worker.
+    secret = tp_secret(kubectl, namespace, "wide")
+    assert secret is not None, "no TP link Secret"
+    uid = get_json(kubectl, "dm", "wide", "-n", namespace)["metadata"]["uid"]
+    (owner,) = secret["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["uid"], owner["controller"]) == ("DisaggregatedModel", uid, True)
+    assert secret["type"] == "Opaque" and secret.get("immutable") is True
+    assert len(bytes.fromhex(base64.b64decode(secret["data"]["secret"]).decode())) == 32
+    for pod in (leader, worker):
+        (tp_env,) = [e for e in pod["spec"]["containers"][0]["env"] if e["name"] == "KVRELAY_TP_SECRET"]
+        assert tp_env == {"name": "KVRELAY_TP_SECRET", "valueFrom": {"secretKeyRef": {
+            "name": secret["metadata"]["name"], "key": "secret"}}}, pod["metadata"]["name"]  # fmt: skip
+    # Decode runs one pod a replica: its worker makes its own key, no Secret is referenced.
+    decode_env = deployments["wide-decode"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert not any(e["name"] == "KVRELAY_TP_SECRET" for e in decode_env)
     # The worker resolves its place from these pods as the API server has them: with the webhook's
     # LWS_* env, and from POD_NAME alone (the operator's fallback contract) to the same answer.
     for pod, rank in ((leader, 0), (worker, 1)):
@@ -206,6 +235,10 @@ def test_a_tp16_role_is_one_group_of_two_pods_on_two_nodes(
     kubectl("patch", "dm", "wide", "-n", namespace, "--type=merge",
             "-p", '{"spec":{"prefill":{"replicas":2}}}', check=True)  # fmt: skip
     wait_for(lambda: lws_replicas(kubectl, namespace, "wide-prefill-lws") == 2, timeout=30, what="2 groups")
+    # That spec edit was reconciled (the LWS has 2 groups): the key is the one the first group holds.
+    again = tp_secret(kubectl, namespace, "wide")
+    assert again is not None and again["metadata"]["uid"] == secret["metadata"]["uid"]
+    assert digest(again) == digest(secret), "the TP link key changed under a running group"
 
 
 def test_with_one_node_free_the_group_stays_incomplete_and_status_says_so(
@@ -289,6 +322,7 @@ def test_a_role_crossing_gpus_per_node_changes_kind_and_the_old_one_goes(
     wait_for(
         lambda: "grow-prefill" in deployments_in(kubectl, namespace), timeout=30, what="TP8: a Deployment"
     )
+    assert tp_secret(kubectl, namespace, "grow") is None, "TP8 fits a node: no TP link Secret"
     kubectl("patch", "dm", "grow", "-n", namespace, "--type=merge",
             "-p", '{"spec":{"prefill":{"tensorParallel":16}}}', check=True)  # fmt: skip
     wait_for(
@@ -296,6 +330,7 @@ def test_a_role_crossing_gpus_per_node_changes_kind_and_the_old_one_goes(
     )
     wait_for(lambda: "grow-prefill" not in deployments_in(kubectl, namespace), timeout=30,
              what="the TP8 Deployment deleted")  # fmt: skip
+    assert tp_secret(kubectl, namespace, "grow") is not None, "TP16 spans nodes: a TP link Secret"
     # Deleted on purpose: not re-created as drift, and no event says it was.
     time.sleep(3)
     assert "grow-prefill" not in deployments_in(kubectl, namespace)

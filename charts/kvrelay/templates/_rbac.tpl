@@ -60,6 +60,11 @@ Children are written with server-side apply and garbage-collected through ownerR
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch"{{ if .Values.rbac.podDeletionCost }}, "patch"{{ end }}]
+# A model whose tensor-parallel groups span pods gets one Secret, the key its ranks' links share
+# (handlers._maybe_create_tp_secret). Created once and never read back, updated or listed: create only.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["create"]
 # kopf reports handler progress and errors as events on the resource.
 - apiGroups: [""]
   resources: ["events"]

@@ -192,8 +192,9 @@ def test_rbac_covers_every_child_the_operator_writes(render: Render) -> None:
         group, resource = KIND_TO_RESOURCE[kind]
         missing = {v for v in CHILD_VERBS if (group, resource, v) not in grants}
         assert not missing, f"ClusterRole lacks {sorted(missing)} on {group or 'core'}/{resource}"
-    # Grants for children no longer written would be excess privilege.
-    written = {KIND_TO_RESOURCE[k] for k in kinds}
+    # Grants for children no longer written would be excess privilege. The TP link Secret is not a
+    # rendered child (created once, never applied) but is written too.
+    written = {KIND_TO_RESOURCE[k] for k in kinds} | {("", "secrets")}
     child_grants = {(g, r) for g, r, v in grants if v == "create"} - {
         ("", "events"),
         ("events.k8s.io", "events"),
@@ -213,9 +214,12 @@ def test_rbac_is_least_privilege(render: Render) -> None:
     # deletion cost, which the chart's ValidatingAdmissionPolicy enforces (tested below).
     assert {g[2] for g in grants if g[1] == "pods"} == {"get", "list", "watch", "patch"}
     assert len(by_kind(manifests, "ValidatingAdmissionPolicy")) == 1
-    # Never: wildcards, secrets, pod writes or exec, cluster-wide RBAC, escalation, deleting the CR or CRDs.
+    # Secrets: create only (the TP link key of a model whose groups span pods); never read, so a
+    # compromised operator cannot read the namespace's secrets.
+    assert {g for g in grants if "secrets" in g[1]} == {("", "secrets", "create")}
+    # Never: wildcards, pod writes or exec, cluster-wide RBAC, escalation, deleting the CR or CRDs.
     assert not {g for g in grants if "*" in g}
-    forbidden = {"secrets", "pods/exec", "pods/eviction", "clusterroles", "clusterrolebindings", "nodes"}
+    forbidden = {"pods/exec", "pods/eviction", "clusterroles", "clusterrolebindings", "nodes"}
     assert not {g for g in grants if g[1] in forbidden}
     assert ("kvrelay.dev", "disaggregatedmodels", "delete") not in grants
     assert ("apiextensions.k8s.io", "customresourcedefinitions", "create") not in grants

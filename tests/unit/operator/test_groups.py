@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import itertools
+import re
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
-from kvrelay_operator import api, groups, resources, status
+from kubernetes.client.exceptions import ApiException
+from kvrelay_operator import api, formats, groups, handlers, resources, status
+from kvrelay_operator.apply import ApplyError
 from kvrelay_operator.resources import RenderContext
 
 CTX = RenderContext(name="m", namespace="ns", uid="uid-1", default_image="reg/kvrelay:1")
@@ -124,6 +128,96 @@ def test_pod_template_is_a_valid_core_v1_pod() -> None:
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x", **template["metadata"]},
            "spec": template["spec"]}  # fmt: skip
     kubernetes_validate.validate(pod, kubernetes_validate.latest_version(), strict=True)
+
+
+TP_SECRET_ENV = {"name": "KVRELAY_TP_SECRET",
+                 "valueFrom": {"secretKeyRef": {"name": "m-tp-link-uid-1", "key": "secret"}}}  # fmt: skip
+
+
+def test_every_pod_of_a_group_reads_the_link_key_from_the_models_secret() -> None:
+    children = render(spec(prefill=SPANNING, decode={"tensorParallel": 2}))
+    template = children[(groups.KIND, "m-prefill-lws")]["spec"]["leaderWorkerTemplate"]
+    for which in ("leaderTemplate", "workerTemplate"):
+        (c,) = template[which]["spec"]["containers"]
+        assert TP_SECRET_ENV in c["env"], which
+    # One pod's ranks share a key the worker makes up itself: no Secret for a Deployment's pods.
+    for name in ("m-decode", "m-router"):
+        (c,) = children[("Deployment", name)]["spec"]["template"]["spec"]["containers"]
+        assert not any(e["name"] == "KVRELAY_TP_SECRET" for e in c.get("env") or []), name
+
+
+def test_the_env_name_is_the_one_the_worker_reads() -> None:
+    group_py = Path(__file__).resolve().parents[3] / "worker_image" / "kvrelay_worker" / "tp" / "group.py"
+    assert f'AUTHKEY_ENV = "{groups.TP_SECRET_ENV}"' in group_py.read_text()
+
+
+@pytest.mark.parametrize(
+    ("prefill", "decode", "wanted"),
+    [
+        ({"tensorParallel": 8}, {"tensorParallel": 2}, False),  # a node's worth: one pod each
+        (SPANNING, {"tensorParallel": 1}, True),
+        ({"tensorParallel": 1}, {"tensorParallel": 8, "gpusPerNode": 4}, True),
+    ],
+)
+def test_the_link_secret_is_wanted_only_where_a_role_spans_nodes(
+    prefill: dict[str, Any], decode: dict[str, Any], wanted: bool
+) -> None:
+    secret = resources.tp_link_secret(spec(prefill=prefill, decode=decode), CTX, "ab" * 32)
+    assert (secret is not None) == wanted
+
+
+def test_the_link_secret_manifest() -> None:
+    secret = resources.tp_link_secret(spec(prefill=SPANNING), CTX, "ab" * 32)
+    assert secret is not None
+    assert secret["metadata"]["name"] == TP_SECRET_ENV["valueFrom"]["secretKeyRef"]["name"]
+    assert (secret["type"], secret["immutable"]) == ("Opaque", True)
+    assert secret["stringData"] == {"secret": "ab" * 32}
+    assert secret["metadata"]["labels"] == resources.labels("m")
+    (owner,) = secret["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == ("DisaggregatedModel", "m",
+                                                                               "uid-1", True)  # fmt: skip
+    kubernetes_validate.validate(secret, kubernetes_validate.latest_version(), strict=True)
+    # The longest model name the CRD admits still gives a valid Secret name (a DNS-1123 subdomain).
+    longest = "a" * formats.MAX_NAME_LENGTH
+    name = groups.tp_secret_name(longest, "0f8b7c2e-1111-2222-3333-444455556666")
+    assert name == f"{longest}-tp-link-0f8b7c2e" and len(name) <= 253
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*", name)
+
+
+class CreateOnlyKube:
+    """Answers POSTs as a real API server would for a Secret that may already exist."""
+
+    def __init__(self, status: int | None) -> None:
+        self.status = status
+        self.created: list[dict[str, Any]] = []
+
+    def create(self, manifest: dict[str, Any], namespace: str) -> dict[str, Any]:
+        self.created.append(manifest)
+        if self.status is not None:
+            raise ApiException(status=self.status, reason="x")
+        return manifest
+
+
+class FakeState:
+    def __init__(self, kube: CreateOnlyKube) -> None:
+        self.kube = kube
+
+
+@pytest.mark.parametrize("answer", [None, 409])
+def test_the_secret_is_created_and_one_that_exists_is_kept(answer: int | None) -> None:
+    kube = CreateOnlyKube(answer)
+    handlers._maybe_create_tp_secret(FakeState(kube), spec(prefill=SPANNING), CTX)  # type: ignore[arg-type]
+    (sent,) = kube.created
+    assert sent["kind"] == "Secret" and re.fullmatch(r"[0-9a-f]{64}", sent["stringData"]["secret"])
+
+
+def test_no_secret_without_a_spanning_role_and_a_refused_one_is_an_apply_error() -> None:
+    kube = CreateOnlyKube(None)
+    handlers._maybe_create_tp_secret(FakeState(kube), spec(prefill={"tensorParallel": 8}), CTX)  # type: ignore[arg-type]
+    assert kube.created == []
+    with pytest.raises(ApplyError) as raised:
+        handlers._maybe_create_tp_secret(FakeState(CreateOnlyKube(422)), spec(prefill=SPANNING), CTX)  # type: ignore[arg-type]
+    assert raised.value.refused
 
 
 def group_pod(role: str, name: str, node: str | None, lws: str = "m-prefill-lws") -> status.PodScheduling:
