@@ -19,7 +19,6 @@ Traces come from `$KVRELAY_TRACES_DIR` or `../shared/traces` (see its README for
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -204,12 +203,6 @@ def _dynamic_controllers(scenario: Scenario) -> list[object]:
     ]
 
 
-def _paced(scenario: Scenario, controller: object) -> Scenario:
-    """The scenario at the controller's own decision interval (Dynamo's load loop decides every 5 s)."""
-    interval = getattr(controller, "interval_seconds", None)
-    return dataclasses.replace(scenario, interval_seconds=interval) if interval else scenario
-
-
 def _add_ratios(results: list[dict[str, object]]) -> None:
     """GPU-hours against the static peak, the SLA planner and (when computed) the reference; and each
     policy's Pareto position: the policies better on both in-SLO share and GPU-hours."""
@@ -322,7 +315,7 @@ def _timed(scenario: Scenario, controller: object, initial: tuple[int, int]) -> 
     """One replay's JSON line, with its timeline under `_timeline` (dropped from the output)."""
     started = time.perf_counter()
     timeline = Timeline()
-    result = run(_paced(scenario, controller), controller, initial, timeline)  # type: ignore[arg-type]
+    result = run(scenario, controller, initial, timeline)  # type: ignore[arg-type]
     result["sim_wall_seconds"] = round(time.perf_counter() - started, 2)
     result["_timeline"] = timeline
     return result

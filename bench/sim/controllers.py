@@ -33,6 +33,7 @@ class KvrelayController:
 
     def __init__(self, config: PolicyConfig) -> None:
         self.config = config
+        self.interval_seconds = config.interval_seconds  # the replay decides at the policy's own pace
         self.state = PolicyState()
         self.decisions: list[Decision] = []
 

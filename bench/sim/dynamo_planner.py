@@ -29,9 +29,8 @@ Where each default comes from (ai-dynamo/dynamo, files read at the commits named
   planner sweep-configuration provider fills in when it picks `load` (prefill 1 / 0 queued tokens,
   decode 90% / 70% KV use), the one set Dynamo itself ships.
 
-Dynamo's load loop decides every 5 s; `replay.run` decides every `scenario.interval_seconds` (30 s),
-so `run_dynamo` replays on the controller's own `interval_seconds` (at 30 s ticks the controllers
-still work, deciding every tick).
+Dynamo's load loop decides every 5 s: `replay.run` replays a controller at its own `interval_seconds`
+(at 30 s ticks the controllers still work, deciding every tick).
 
 Deliberate departures: `max_gpu_budget` = 8 would cap a TP4 70B deployment at one prefill and one
 decode replica, so every mode gets the scenario's replica bounds like the other baselines; and the
@@ -40,7 +39,6 @@ decode replica, so every mode gets the scenario's replica bounds like the other 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -400,6 +398,5 @@ def dynamo_controllers(scenario: Scenario, with_combined: bool = False) -> dict[
 
 
 def run_dynamo(scenario: Scenario, controller: Controller, initial: tuple[int, int]) -> dict[str, object]:
-    """`replay.run` on the controller's own decision interval (Dynamo's load loop runs every 5 s)."""
-    interval = getattr(controller, "interval_seconds", scenario.interval_seconds)
-    return run(dataclasses.replace(scenario, interval_seconds=interval), controller, initial)
+    """`replay.run` (on the controller's own decision interval: Dynamo's load loop runs every 5 s)."""
+    return run(scenario, controller, initial)

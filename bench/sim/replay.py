@@ -8,8 +8,9 @@ import math
 from dataclasses import dataclass, field
 
 import simpy
+from kvrelay_operator.api import AutoscalingSpec
 from kvrelay_operator.autoscaler.policy import decode_replicas_needed, prefill_replicas_needed
-from kvrelay_operator.autoscaler.types import PolicyConfig, RoleLimits
+from kvrelay_operator.autoscaler.types import PolicyConfig, RoleLimits, interval_windows
 
 from sim.cluster import Cluster, Scraper, SimRequest
 from sim.controllers import Controller
@@ -17,6 +18,7 @@ from sim.hold import HoldBounds
 from sim.model import ReplicaModel
 from sim.traces import Trace
 
+_DEFAULTS = AutoscalingSpec()  # what a DisaggregatedModel gets without autoscaling settings
 _TAIL_SECONDS = 120.0
 REVERSAL_WINDOW_SECONDS = 3600.0
 _VIOLATION_BIN_SECONDS = 10.0
@@ -55,8 +57,11 @@ class Scenario:
             quantile=self.quantile,
             prefill=limits,
             decode=limits,
-            interval_seconds=self.interval_seconds,
             replica_startup_seconds=model.cold_start_seconds,
+            # the CRD's defaults as the operator maps them (kopf_timer.policy_config)
+            **interval_windows(float(_DEFAULTS.interval_seconds)),
+            scale_up_cooldown_seconds=float(_DEFAULTS.scale_up_cooldown()),
+            scale_down_cooldown_seconds=float(_DEFAULTS.scale_down_cooldown_seconds),
             prefill_tokens_per_second=model.prefill_tokens_per_second(_PROFILE_PROMPT_TOKENS),
             decode_tokens_per_second=max(
                 model.decode_tokens_per_second_at_itl(self.itl_slo_seconds, context), 1.0
@@ -194,7 +199,11 @@ class Timeline:
 def run(
     scenario: Scenario, controller: Controller, initial: tuple[int, int], timeline: Timeline | None = None
 ) -> dict[str, object]:
-    """Replay open-loop; return the figures of one JSON line (and fill ``timeline`` when given)."""
+    """Replay open-loop; return the figures of one JSON line (and fill ``timeline`` when given).
+
+    The controller decides every ``scenario.interval_seconds``, or at its own ``interval_seconds``
+    where it has one (kvrelay's policy, HPA's sync period, Dynamo's 5 s load loop)."""
+    interval = getattr(controller, "interval_seconds", None) or scenario.interval_seconds
     env = simpy.Environment()
     cluster = Cluster(env, scenario.model, *initial, hold=scenario.hold)
     scraper = Scraper(cluster, scenario.quantile)
@@ -210,7 +219,7 @@ def run(
     def control():
         record()
         while True:
-            yield env.timeout(scenario.interval_seconds)
+            yield env.timeout(interval)
             snapshot = scraper.snapshot()
             wanted = controller.decide(snapshot, env.now, scraper.frontend)
             for role, num in zip(("prefill", "decode"), wanted, strict=True):

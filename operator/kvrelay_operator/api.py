@@ -518,7 +518,7 @@ class AutoscalingSpec(CRModel):
         default=None,
         ge=0,
         le=86400,
-        description="Wait after a scale up before the next one; unset: 60 s, or intervalSeconds if longer. "
+        description="Wait after a scale up before the next one; unset: 30 s, or intervalSeconds if longer. "
         "0, or at least intervalSeconds: a decision is made only every intervalSeconds, so a shorter wait "
         "would have no effect.",
     )
@@ -549,10 +549,11 @@ class AutoscalingSpec(CRModel):
         return self
 
     def scale_up_cooldown(self) -> int:
-        """The scale-up cooldown in effect: the one set, else 60 s or one interval if longer."""
+        """The scale-up cooldown in effect: the one set, else 30 s or one interval if longer (loading
+        replicas are counted as coming, so a second step up within a start asks only for what is new)."""
         if self.scale_up_cooldown_seconds is not None:
             return self.scale_up_cooldown_seconds
-        return max(60, self.interval_seconds)
+        return max(30, self.interval_seconds)
 
 
 class MonitoringSpec(CRModel):

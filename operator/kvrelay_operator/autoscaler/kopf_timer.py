@@ -44,6 +44,7 @@ from kvrelay_operator.autoscaler.types import (
     RoleLimits,
     RoleReplicas,
     Snapshot,
+    interval_windows,
 )
 
 log = logging.getLogger(__name__)
@@ -92,12 +93,9 @@ def policy_config(spec: api.DisaggregatedModelSpec) -> PolicyConfig:
         ratio_min=auto.ratio.min,
         ratio_max=auto.ratio.max,
         gpu_budget=auto.gpu_budget,
-        interval_seconds=float(auto.interval_seconds),
+        **interval_windows(float(auto.interval_seconds)),
         scale_up_cooldown_seconds=float(auto.scale_up_cooldown()),
         scale_down_cooldown_seconds=float(auto.scale_down_cooldown_seconds),
-        # Scale-down evidence spans six decisions (180 s at the default 30 s interval).
-        scale_down_window_seconds=6.0 * auto.interval_seconds,
-        scale_down_step_seconds=2.0 * auto.interval_seconds,
         prefill_tokens_per_second=auto.profile.prefill_tokens_per_second
         or defaults["prefill_tokens_per_second"].default,
         decode_tokens_per_second=auto.profile.decode_tokens_per_second

@@ -102,7 +102,7 @@ class PolicyConfig(_Frozen):
     ratio_min: float | None = Field(None, gt=0, description="Lowest prefill:decode replica ratio.")
     ratio_max: float | None = Field(None, gt=0, description="Highest prefill:decode replica ratio.")
     gpu_budget: int | None = Field(None, ge=1, description="Most GPUs both pools may hold together.")
-    interval_seconds: float = Field(30.0, gt=0)
+    interval_seconds: float = Field(30.0, gt=0, description="Seconds between decisions.")
     scale_up_cooldown_seconds: float = Field(30.0, ge=0)
     scale_down_cooldown_seconds: float = Field(
         300.0, ge=0, description="No scale-down of a role this soon after it scaled up (no flapping)."
@@ -183,6 +183,16 @@ class PolicyConfig(_Frozen):
             if floor > self.gpu_budget:
                 raise ValueError(f"gpu_budget {self.gpu_budget} < {floor} GPUs the role minimums need")
         return self
+
+
+def interval_windows(interval_seconds: float) -> dict[str, float]:
+    """The windows that scale with the decision interval: scale-down evidence spans six decisions,
+    and two decisions pass between scale-downs (180 s and 60 s at the default 30 s interval)."""
+    return {
+        "interval_seconds": interval_seconds,
+        "scale_down_window_seconds": 6.0 * interval_seconds,
+        "scale_down_step_seconds": 2.0 * interval_seconds,
+    }
 
 
 class DemandSample(_Frozen):

@@ -55,7 +55,7 @@ def test_policy_config_maps_every_spec_field() -> None:
     )
     assert (config.ratio_min, config.ratio_max, config.gpu_budget) == (0.25, 2.0, 20)
     assert config.interval_seconds == 10 and config.scale_down_window_seconds == 60
-    assert config.scale_up_cooldown_seconds == 60 and config.scale_down_cooldown_seconds == 300
+    assert config.scale_up_cooldown_seconds == 30 and config.scale_down_cooldown_seconds == 300
     # Profile seeds what is given; the other role keeps the policy's default.
     assert config.prefill_tokens_per_second == 7000
     assert config.decode_tokens_per_second == 2000

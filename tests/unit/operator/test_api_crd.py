@@ -210,8 +210,8 @@ def test_examples_validate(example: Path) -> None:
 
 @pytest.mark.parametrize(
     ("autoscaling", "cooldown"),
-    [({}, 60), ({"intervalSeconds": 600}, 600), ({"scaleUpCooldownSeconds": 0}, 0),
-     ({"intervalSeconds": 60, "scaleUpCooldownSeconds": 90}, 90)],
+    [({}, 30), ({"intervalSeconds": 45}, 45), ({"intervalSeconds": 600}, 600),
+     ({"scaleUpCooldownSeconds": 0}, 0), ({"intervalSeconds": 60, "scaleUpCooldownSeconds": 90}, 90)],
 )  # fmt: skip
 def test_an_unset_scale_up_cooldown_spans_one_interval(autoscaling: dict[str, Any], cooldown: int) -> None:
     assert spec(autoscaling=autoscaling).autoscaling.scale_up_cooldown() == cooldown
