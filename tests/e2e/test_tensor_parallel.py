@@ -283,3 +283,48 @@ def test_tp_bench_reports_noise_well_under_the_near_tie_bound() -> None:
             line["relay_bytes_per_prompt"]["1->1"]["reader_rank_bytes"]
         )
     assert line["tp2"]["decode_step_ms"] > 0 and line["tp1"]["prefill_ms"] > 0
+
+
+# ---------------------------------------------------------------------------- a group over two "pods"
+def test_a_tp2_worker_spanning_two_pods_matches_tp1(tiny: Path, tiny_reference) -> None:
+    """The LeaderWorkerSet shape on one host: pod 0 (rank 0, gRPC) and pod 1 (rank 1 only, /ready on its
+    metrics port) started apart, meeting at the leader's address with the shared KVRELAY_TP_SECRET."""
+    import urllib.request
+
+    from kvrelay_worker.ports import free_port
+    from worker_fixtures import worker_command
+
+    engine, prompts, expected = tiny_reference
+    port, metrics = free_port_pair(), free_port()
+    group = ("--tensor-parallel", "2", "--tp-nodes", "2", "--tp-port", str(port), *BLOCKS)
+    env = {**os.environ, "KVRELAY_TP_SECRET": "test-group-key", "OMP_NUM_THREADS": "1"}
+    pod1 = subprocess.Popen(
+        worker_command("decode", tiny, *group, "--tp-node-rank", "1", "--tp-leader-addr", "127.0.0.1",
+                       "--metrics-port", str(metrics), "--kv-backend", "tcp", "--threads", "1"),
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        os.environ["KVRELAY_TP_SECRET"] = "test-group-key"  # pod 0, started by run_workers, shares it
+        with run_workers([("decode", tiny, (*group, "--tp-node-rank", "0"))], ready_timeout_s=240) as (pod0,):
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/ready", timeout=10) as resp:
+                assert resp.status == 200  # the non-leader pod's readiness probe
+            firsts = [(want[0], b"") for want in expected]
+            got = decode(pod0.grpc_address, prompts, firsts, relay=False)
+            assert_token_exact(engine, prompts, expected, got)
+        assert pod1.wait(timeout=30) == 0  # rank 0 drained and told it to stop
+    finally:
+        os.environ.pop("KVRELAY_TP_SECRET", None)
+        if pod1.poll() is None:
+            pod1.kill()
+        pod1.wait()
+
+
+def test_a_group_spanning_pods_refuses_to_start_without_the_shared_key(tiny: Path) -> None:
+    from worker_fixtures import worker_command
+
+    env = {k: v for k, v in os.environ.items() if k != "KVRELAY_TP_SECRET"}
+    cmd = worker_command("decode", tiny, "--tensor-parallel", "2", "--tp-nodes", "2", "--tp-node-rank", "1",
+                         "--kv-backend", "none", "--metrics-port", "0")  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "needs KVRELAY_TP_SECRET" in proc.stderr  # argparse's usage error
+    assert "Traceback" not in proc.stderr

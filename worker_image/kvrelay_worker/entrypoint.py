@@ -156,7 +156,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from kvrelay_worker.tp import group
         from kvrelay_worker.tp.follower import run_follower
 
-        group.authkey(placement, dict(os.environ))  # made up now, so the local ranks inherit it
+        try:
+            group.authkey(placement, dict(os.environ))  # made up now, so the local ranks inherit it
+        except TPError as exc:
+            build_parser().error(f"tensor parallelism: {exc}")
         if args.tp_rank is not None:  # a rank process this pod's first process started
             group.die_with_parent()
             return run_follower(opts, placement, args.tp_rank, serve_http=False)
