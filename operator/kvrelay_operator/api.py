@@ -808,6 +808,13 @@ class AutoscalerRoleState(StatusModel):
     capacity_tokens_per_second: float | None = Field(
         default=None, gt=0, description="Learned tokens/s one replica serves (unset: the profile seed)."
     )
+    capacity_basis: str | None = Field(
+        default=None,
+        max_length=64,
+        pattern=r"^[0-9a-f]*$",
+        description="Fingerprint of the model, tensorParallel, batch limits and profile the capacity was "
+        "learned under; a spec that changes any of them starts again from the profile seed.",
+    )
     last_change_at: float | None = Field(default=None, description="When it last changed the replicas.")
     last_up_at: float | None = Field(default=None, description="When it last scaled up.")
     last_direction: Literal["up", "down", "none"] = Field(default="none", description="Its last move.")

@@ -46,7 +46,7 @@ def summarize(
     for role in ROLES:
         moved, remembered = decision.role(role), state.role(role)
         outcome += [moved.replicas, moved.code.value, remembered.last_direction]
-        outcome += [remembered.damping, remembered.num_reversals]
+        outcome += [remembered.damping, remembered.num_reversals, remembered.capacity_basis]
     learned = tuple(state.role(role).capacity_tokens_per_second for role in ROLES)
     return Written(
         at=decision.at, outcome=tuple(outcome), learned=(*learned, state.mean_output_tokens), applied=applied

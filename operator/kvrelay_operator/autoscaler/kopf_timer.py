@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import hashlib
+import json
 import logging
 import math
 import os
@@ -84,11 +86,13 @@ def policy_config(spec: api.DisaggregatedModelSpec) -> PolicyConfig:
             min_replicas=spec.prefill.min_replicas,
             max_replicas=spec.prefill.max_replicas,
             gpus_per_replica=spec.prefill.tensor_parallel,
+            capacity_basis=capacity_basis(spec, "prefill"),
         ),
         decode=RoleLimits(
             min_replicas=spec.decode.min_replicas,
             max_replicas=spec.decode.max_replicas,
             gpus_per_replica=spec.decode.tensor_parallel,
+            capacity_basis=capacity_basis(spec, "decode"),
         ),
         ratio_min=auto.ratio.min,
         ratio_max=auto.ratio.max,
@@ -101,6 +105,24 @@ def policy_config(spec: api.DisaggregatedModelSpec) -> PolicyConfig:
         decode_tokens_per_second=auto.profile.decode_tokens_per_second
         or defaults["decode_tokens_per_second"].default,
     )
+
+
+def capacity_basis(spec: api.DisaggregatedModelSpec, role: str) -> str:
+    """Fingerprint of what one replica of `role` can serve: the checkpoint, dtype and context, the image,
+    the role's tensorParallel, node pool, resources, batch limit and extra flags, and its profile seed.
+    Replicas, bounds and SLOs are left out: they change what is asked of a replica, not what it does."""
+    role_spec: api.WorkerRoleSpec = getattr(spec, role)
+    profile = spec.autoscaling.profile
+    basis = {
+        "model": spec.model.model_dump(mode="json", include={"source", "revision", "dtype", "max_model_len"}),
+        "image": spec.image,
+        "role": role_spec.model_dump(
+            mode="json", exclude={"replicas", "min_replicas", "max_replicas", "drain_seconds"}
+        ),
+        "seed": profile.prefill_tokens_per_second if role == "prefill" else profile.decode_tokens_per_second,
+    }
+    blob = json.dumps(basis, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def query_spec(spec: api.DisaggregatedModelSpec, name: str) -> QuerySpec:

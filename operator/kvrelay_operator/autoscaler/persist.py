@@ -104,6 +104,7 @@ def restore(saved: api.AutoscalerState, now: float, config: PolicyConfig) -> Pol
 def _role_to_status(role: RoleState) -> api.AutoscalerRoleState:
     return api.AutoscalerRoleState(
         capacity_tokens_per_second=_maybe(_value, role.capacity_tokens_per_second),
+        capacity_basis=role.capacity_basis,
         last_change_at=_maybe(_time, role.last_change_at),
         last_up_at=_maybe(_time, role.last_up_at),
         last_direction=role.last_direction,
@@ -118,6 +119,7 @@ def _role_to_status(role: RoleState) -> api.AutoscalerRoleState:
 def _role_from_status(saved: api.AutoscalerRoleState) -> RoleState:
     return RoleState(
         capacity_tokens_per_second=saved.capacity_tokens_per_second,
+        capacity_basis=saved.capacity_basis,
         last_change_at=saved.last_change_at,
         last_up_at=saved.last_up_at,
         last_direction=saved.last_direction,

@@ -60,6 +60,7 @@ def decide(
     snapshot: Snapshot, state: PolicyState, config: PolicyConfig, now: float
 ) -> tuple[Decision, PolicyState]:
     """Decide desired prefill and decode replicas from one metrics snapshot (phases: module docstring)."""
+    state = rebase_capacity(state, config)
     snapshot = with_zero_pools(snapshot)
     metrics = snapshot.metrics
     problem = _metrics_problem(metrics, config, now)
@@ -92,6 +93,23 @@ def decide(
     decision = _decision(snapshot, metrics, load, sizing, needs, bounded, limited, now)
     new_state = _next_state(snapshot, metrics, load, needs, roles_state, decision, metrics_since, now, config)
     return decision, new_state.model_copy(update={"last_load_at": last_load_at(state, metrics, now)})
+
+
+def rebase_capacity(state: PolicyState, config: PolicyConfig) -> PolicyState:
+    """Forget a role's learned capacity once what a replica is changed under it (tensorParallel, the
+    model, its batch limits, a new profile): the profile seed is then a better guess than a capacity
+    learned on other hardware or another model. A state from before bases were kept adopts the current
+    one and keeps what it learned."""
+    roles = {}
+    for role in ROLES:
+        old, basis = state.role(role), config.limits(role).capacity_basis
+        if not basis or old.capacity_basis == basis:  # no basis given (a bare PolicyConfig): nothing to track
+            continue
+        forget = old.capacity_basis is not None
+        roles[role] = old.model_copy(
+            update={"capacity_basis": basis, **({"capacity_tokens_per_second": None} if forget else {})}
+        )
+    return state.model_copy(update=roles) if roles else state
 
 
 @dataclasses.dataclass(frozen=True)

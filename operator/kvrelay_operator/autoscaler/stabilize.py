@@ -188,6 +188,7 @@ def advance_role_state(
     regretted = reversed_ and direction == "up" and not sleep_cycle  # a wake from zero is not regret
     return RoleState(
         capacity_tokens_per_second=capacity,
+        capacity_basis=old.capacity_basis,
         last_change_at=now,
         last_up_at=now if direction == "up" else old.last_up_at,
         last_direction=direction,

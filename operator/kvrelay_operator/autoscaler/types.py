@@ -81,6 +81,12 @@ class RoleLimits(_Frozen):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(16, ge=1)
     gpus_per_replica: int = Field(1, ge=1)
+    capacity_basis: str = Field(
+        "",
+        max_length=64,
+        description="Fingerprint of what a replica's capacity depends on (model, tensorParallel, batch "
+        "limits, profile); a learned capacity is forgotten when it changes.",
+    )
 
     @model_validator(mode="after")
     def _min_le_max(self) -> RoleLimits:
@@ -207,6 +213,9 @@ class RoleState(_Frozen):
     """What the policy remembers about one role between decisions."""
 
     capacity_tokens_per_second: float | None = Field(None, description="Learned per-replica capacity.")
+    capacity_basis: str | None = Field(
+        None, description="The RoleLimits.capacity_basis it was learned under."
+    )
     last_change_at: float | None = None
     last_up_at: float | None = None
     last_direction: Direction = "none"
