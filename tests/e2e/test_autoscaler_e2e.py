@@ -32,7 +32,7 @@ import openai
 import pytest
 import yaml
 from kvrelay_operator.autoscaler.policy import decide
-from kvrelay_operator.autoscaler.prometheus import PrometheusReader, QuerySpec
+from kvrelay_operator.autoscaler.prometheus import PrometheusReader, QuerySpec, parse_batch, parse_scalar
 from kvrelay_operator.autoscaler.types import PolicyConfig, PolicyState, RoleReplicas, Snapshot
 from prometheus_fixtures import free_port, query, run_prometheus
 from serve_helpers import WORKER_RE, ServeProcess, StreamLoad, run_profile, run_serve, streams_needed
@@ -117,6 +117,13 @@ def test_reader_turns_live_series_into_a_snapshot_the_policy_acts_on(stack: Stac
     with Load(stack.serve) as load:
         time.sleep(WINDOW_SECONDS + 3 * SCRAPE_SECONDS)
         sample = reader.read()
+        # The one batched query answers exactly what one query per field does, at the same instant.
+        at = {"time": f"{time.time():.3f}"}
+        batched = parse_batch(reader._client.custom_query(reader.query, params=at), reader.queries)
+        one_by_one = {
+            n: parse_scalar(reader._client.custom_query(q, params=at)) for n, q in reader.queries.items()
+        }
+        assert batched == one_by_one and batched["prompt_tokens_per_second"]
     assert load.done >= 4
     assert sample is not None
     assert abs(time.time() - sample.observed_at) < 10  # fresh: the newest worker scrape

@@ -7,7 +7,7 @@ Query building and result parsing are pure; only `PrometheusReader.read` does I/
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -83,6 +83,34 @@ def build_queries(spec: QuerySpec) -> dict[str, str]:
     }
 
 
+# The label that tells the fields of one batched query's answer apart.
+FIELD_LABEL = "kvrelay_field"
+
+
+def batch_query(queries: Mapping[str, str]) -> str:
+    """One PromQL query answering every field: each aggregated to one series, labelled with its field
+    name, and joined with `or` (distinct label sets, so every series is kept). One request per model
+    and decision instead of one per field."""
+    return " or ".join(
+        f'label_replace({q}, "{FIELD_LABEL}", "{name}", "", "")' for name, q in queries.items()
+    )
+
+
+def parse_batch(result: Any, fields: Iterable[str]) -> dict[str, float | None]:
+    """Each field's value from a `batch_query` answer; None where its series is absent, NaN or infinite."""
+    values: dict[str, float | None] = dict.fromkeys(fields)
+    if not isinstance(result, list):
+        return values
+    for series in result:
+        try:
+            name = series["metric"][FIELD_LABEL]
+        except (KeyError, TypeError):
+            continue
+        if name in values:
+            values[name] = parse_scalar([series])
+    return values
+
+
 def parse_scalar(result: Any) -> float | None:
     """One value from an instant-vector answer; None when empty, NaN or infinite."""
     if not isinstance(result, list) or not result:
@@ -111,13 +139,11 @@ class PrometheusReader:
 
         self.spec = spec
         self.queries = build_queries(spec)
+        self.query = batch_query(self.queries)
         self._client = PrometheusConnect(url=url, disable_ssl=True)
         self._timeout = timeout_seconds
 
     def read(self) -> MetricsSample | None:
-        """Run every query; an unreachable Prometheus raises, an absent series reads as None."""
-        values = {
-            name: parse_scalar(self._client.custom_query(query, params={"timeout": f"{int(self._timeout)}s"}))
-            for name, query in self.queries.items()
-        }
-        return to_sample(values, float(self.spec.window_seconds))
+        """Run the batched query; an unreachable Prometheus raises, an absent series reads as None."""
+        result = self._client.custom_query(self.query, params={"timeout": f"{int(self._timeout)}s"})
+        return to_sample(parse_batch(result, self.queries), float(self.spec.window_seconds))

@@ -11,7 +11,15 @@ from kvrelay_operator import api
 from kvrelay_operator.autoscaler import kopf_timer
 from kvrelay_operator.autoscaler.decision_log import DecisionLog, read_log, replay
 from kvrelay_operator.autoscaler.policy import decide
-from kvrelay_operator.autoscaler.prometheus import QuerySpec, build_queries, parse_scalar, to_sample
+from kvrelay_operator.autoscaler.prometheus import (
+    FIELD_LABEL,
+    QuerySpec,
+    batch_query,
+    build_queries,
+    parse_batch,
+    parse_scalar,
+    to_sample,
+)
 from kvrelay_operator.autoscaler.types import (
     Decision,
     MetricsSample,
@@ -153,6 +161,23 @@ def test_queries_use_only_contract_names_and_the_model_label() -> None:
 )
 def test_parse_scalar(result: object, value: float | None) -> None:
     assert parse_scalar(result) == value
+
+
+def test_one_batched_query_answers_every_field() -> None:
+    queries = build_queries(QuerySpec(model="m"))
+    batched = batch_query(queries)
+    assert batched.count(" or label_replace(") == len(queries) - 1
+    assert all(f'"{FIELD_LABEL}", "{name}"' in batched for name in queries)
+    answer = [
+        {"metric": {FIELD_LABEL: "ttft_seconds"}, "value": [1.0, "0.25"]},
+        {"metric": {FIELD_LABEL: "itl_seconds"}, "value": [1.0, "NaN"]},
+        {"metric": {FIELD_LABEL: "not_a_field"}, "value": [1.0, "3"]},
+        {"metric": {}, "value": [1.0, "4"]},
+    ]
+    values = parse_batch(answer, queries)
+    assert set(values) == set(queries)
+    assert values["ttft_seconds"] == 0.25 and values["itl_seconds"] is None and values["request_rate"] is None
+    assert parse_batch({"unexpected": True}, queries) == dict.fromkeys(queries)
 
 
 def test_to_sample_is_none_without_any_worker_series_and_clamps_negatives() -> None:
