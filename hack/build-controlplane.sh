@@ -24,23 +24,7 @@ missing_k8s=()
 for bin in "${K8S_BINARIES[@]}"; do [[ -x "$OUT/$bin" ]] || missing_k8s+=("$bin"); done
 if [[ ${#missing_k8s[@]} -eq 0 && -x "$OUT/etcd" && -x "$KWOK_OUT/kwok" && -f "$KWOK_OUT/stages.yaml"
       && -x "$LWS_OUT/lws-controller" && -f "$LWS_OUT/leaderworkersets.yaml" ]]; then
-  if [[ ! -x "$LWS_OUT/lws-controller" || ! -f "$LWS_OUT/leaderworkersets.yaml" ]]; then
-  echo "building lws v${LWS_VERSION}" >&2
-  # A wrapper module, as for etcd: `go install ...@v` would ask the proxy for the module's version
-  # list (to check deprecation), which it refuses for lws; `go get` of the pinned version does not.
-  mkdir -p "$work/lws"; cd "$work/lws"
-  go mod init kvrelay.dev/controlplane-lws >/dev/null 2>&1
-  printf '//go:build tools\n\npackage tools\n\nimport _ "sigs.k8s.io/lws/cmd"\n' > tools.go
-  go get "sigs.k8s.io/lws/cmd@v${LWS_VERSION}" >&2
-  go mod tidy >&2 || true
-  go build -ldflags "-s -w" -o "$LWS_OUT/lws-controller.tmp" sigs.k8s.io/lws/cmd >&2
-  src="$(go mod download -json "sigs.k8s.io/lws@v${LWS_VERSION}" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')"
-  crd="$src/config/crd/bases/leaderworkerset.x-k8s.io_leaderworkersets.yaml"
-  [[ -f "$crd" ]] || { echo "lws v${LWS_VERSION} module has no $crd" >&2; exit 3; }
-  cp "$crd" "$LWS_OUT/leaderworkersets.yaml.tmp" && mv "$LWS_OUT/leaderworkersets.yaml.tmp" "$LWS_OUT/leaderworkersets.yaml"
-  mv "$LWS_OUT/lws-controller.tmp" "$LWS_OUT/lws-controller"
-fi
-echo "$OUT"
+  echo "$OUT"
   exit 0
 fi
 # The official tarball installs to /usr/local/go without touching PATH.
