@@ -50,6 +50,8 @@ def _fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor 
 
 def _row_parallel(x: torch.Tensor, linear: nn.Linear, tp: TensorParallel) -> torch.Tensor:
     """A row-parallel projection: this rank's partial product, summed over ranks, then the bias once."""
+    if tp.size == 1:  # one fused kernel, as without tensor parallelism
+        return F.linear(x, linear.weight, linear.bias)
     out = tp.all_reduce(F.linear(x, linear.weight))
     return out if linear.bias is None else out + linear.bias
 

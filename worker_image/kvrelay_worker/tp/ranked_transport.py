@@ -68,14 +68,21 @@ class RankedTransport:
         with self._lock:
             self._pending[handle_id] = _Pending(len(self.links.ranks) + 1, list(block_ids), on_release)
         futures = self.links.call_each("publish", (request_id, list(block_ids), num_tokens, handle_id))
-        parts = [
-            self.local.publish(
-                request_id, block_ids, num_tokens, lambda _ids: self.released(handle_id), handle_id=handle_id
-            )
-        ]
         try:
+            parts = [
+                self.local.publish(
+                    request_id,
+                    block_ids,
+                    num_tokens,
+                    lambda _ids: self.released(handle_id),
+                    handle_id=handle_id,
+                )
+            ]
             parts += [KVHandle.model_validate(f.result(PUBLISH_TIMEOUT_S)) for f in futures]
         except Exception as exc:
+            # The caller frees the blocks now; the ranks' leases that did start end on their own.
+            with self._lock:
+                self._pending.pop(handle_id, None)
             raise KVTransferError("publish_failed", f"a TP rank could not publish: {exc}") from exc
         return merge_rank_handles(parts, self.local._secret)
 
