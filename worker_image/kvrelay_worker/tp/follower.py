@@ -26,7 +26,6 @@ from kvrelay_worker.tp.options import TPPlacement
 
 log = logging.getLogger(__name__)
 
-JOIN_TIMEOUT_S = 1800.0  # rank 0 may still be loading a large checkpoint
 _STOP = object()
 
 
@@ -45,7 +44,10 @@ def run_follower(opts: WorkerOptions, placement: TPPlacement, rank: int, serve_h
     )  # fmt: skip
     runner = ModelRunner(model, kv_cache, opts.engine.block_size)
     link = LeaderLink(
-        placement.leader_addr, placement.port + 1, group.authkey(placement, dict(os.environ)), JOIN_TIMEOUT_S
+        placement.leader_addr,
+        placement.port + 1,
+        group.authkey(placement, dict(os.environ)),
+        group.JOIN_TIMEOUT_S,
     )
     init: dict[str, Any] = link.init
     transport = (

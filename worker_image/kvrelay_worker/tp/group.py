@@ -30,6 +30,8 @@ AUTHKEY_ENV = "KVRELAY_TP_SECRET"
 # An all-reduce waits this long for a peer before failing. Ranks run every step together, so a
 # wait this long means a peer hangs; a lost peer is usually seen sooner by the link's heartbeat.
 COLLECTIVE_TIMEOUT = timedelta(seconds=120)
+# How long ranks wait for each other to join: every rank loads its shard meanwhile (a large checkpoint).
+JOIN_TIMEOUT_S = 1800.0
 EXIT_GRACE_S = 1.0  # for the streams ended just before to reach their clients
 LINK_FIRST_S = 2.0  # a dead local rank: let the link's handler end the requests before this exits
 

@@ -19,8 +19,6 @@ from kvrelay_worker.tp.ranked_transport import RankedTransport
 
 log = logging.getLogger(__name__)
 
-JOIN_TIMEOUT_S = 1800.0  # the other ranks load their shards meanwhile
-
 
 class Rank0:
     """What ``serve`` needs from rank 0: the engine, the transport, and the group's lifecycle."""
@@ -53,7 +51,7 @@ class Rank0:
 
     def join(self) -> None:
         """Wait for every other rank; from now on each step goes to them first."""
-        self.links.accept(self._init, JOIN_TIMEOUT_S)
+        self.links.accept(self._init, group.JOIN_TIMEOUT_S)
         self.engine.runner.step_sink = self.links.send_step
         log.info("all %d TP ranks joined", self.placement.size)
 
