@@ -32,7 +32,7 @@ from sim.controllers import HpaController, KvrelayController, SlaPlannerControll
 from sim.dynamo_planner import dynamo_controllers  # noqa: E402
 from sim.hold import HoldBounds  # noqa: E402
 from sim.model import ReplicaModel  # noqa: E402
-from sim.reference import ScheduleController, search_reference  # noqa: E402
+from sim.reference import ReferenceResult, ScheduleController, improve_with_seeds, search_reference  # noqa: E402
 from sim.replay import (  # noqa: E402
     Scenario,
     Timeline,
@@ -90,9 +90,8 @@ def scenarios(quick: bool, only: list[str] | None) -> list[Scenario]:
         # Azure's code service (bursty, prefill-heavy: 2k-token prompts, 28 tokens out) and
         # Mooncake's conversation workload (real arrivals, 12k-token prompts).
         code = BENCH_DIR / "traces" / "AzureLLMInferenceTrace_code.csv"
-        out.append(
-            Scenario(trace=load_azure_conv(code, copies=AZURE_COPIES, kind="code"), model=model, **chat)
-        )
+        trace = load_azure_conv(code, copies=AZURE_COPIES, kind="code")
+        out.append(Scenario(trace=trace, model=model, real=True, **chat))
         conversation = BENCH_DIR / "traces" / "mooncake_conversation_trace.csv"
         trace = load_mooncake_conversation(conversation)
         out.append(Scenario(trace=trace, model=model, real=True, **long_prompts))
@@ -106,6 +105,7 @@ def run_trace(
     plot_dir: Path | None = None,
     reference: bool = False,
     prior: dict[str, dict[str, object]] | None = None,
+    seeds: dict[str, list[list[list[int]]]] | None = None,
 ) -> list[dict[str, object]]:
     """All policies on one trace, plus ratios against the baselines of the same run; with
     ``reference``, also the clairvoyant-with-cold-start schedule and every ratio to it; with
@@ -127,7 +127,7 @@ def run_trace(
     if scenario.trace.name in ZERO_TRACES:  # kvrelay at minReplicas 0 too (bench/sim/zero.py)
         results.append(scale_to_zero_line(scenario, initial, results))
     if reference:
-        results.append(_reference_line(scenario, prior))
+        results.append(_reference_line(scenario, prior, seeds))
     if plot_dir is not None:
         _plot(scenario, results, plot_dir)
     _add_ratios(results)
@@ -151,9 +151,14 @@ def run_trace(
     return results
 
 
-def _reference_line(scenario: Scenario, prior: dict[str, dict[str, object]] | None) -> dict[str, object]:
+def _reference_line(
+    scenario: Scenario,
+    prior: dict[str, dict[str, object]] | None,
+    seeds: dict[str, list[list[list[int]]]] | None = None,
+) -> dict[str, object]:
     """The reference's JSON line: searched, or taken from an earlier run's line for this trace
-    (`--reference-from`), replayed again and checked to give that run's figures."""
+    (`--reference-from`), replayed again and checked to give that run's figures; then improved from
+    any seed (`--reference-seeds`) that passes cheaper."""
     started = time.perf_counter()
     earlier = (prior or {}).get(scenario.trace.name)
     if earlier is not None:
@@ -174,6 +179,18 @@ def _reference_line(scenario: Scenario, prior: dict[str, dict[str, object]] | No
         line["search_replays"] = found.replays
         line["certified_removals"] = found.certified_removals
         line["start_gpu_hours"] = found.start_gpu_hours
+    trace_seeds = [_expand(seed, scenario) for seed in (seeds or {}).get(scenario.trace.name, [])]
+    if trace_seeds:
+        found = ReferenceResult(
+            schedule, line, 0, int(line["certified_removals"]), float(line["start_gpu_hours"])
+        )  # type: ignore[arg-type]
+        better = improve_with_seeds(scenario, found, trace_seeds)
+        line["seed_replays"] = better.replays
+        if better.schedule != schedule:
+            schedule = better.schedule
+            kept = {k: line[k] for k in ("search_replays", "start_gpu_hours", "seed_replays")}
+            line = _timed(scenario, ScheduleController(REFERENCE, schedule), schedule[0])
+            line |= kept | {"certified_removals": better.certified_removals, "seeded": True}
     line["sim_wall_seconds"] = round(time.perf_counter() - started, 2)
     line["schedule"] = _run_length(schedule)
     return line
@@ -340,14 +357,26 @@ def main(argv: list[str] | None = None) -> int:
         metavar="JSONL",
         help="take each trace's reference schedule from an earlier run's output and replay it (no search)",
     )
+    parser.add_argument(
+        "--reference-seeds",
+        type=Path,
+        metavar="JSONL",
+        help="bench/reactive_bound.py output: its passing schedules seed the reference (cheaper ones win)",
+    )
     args = parser.parse_args(argv)
     reference = args.full if args.reference is None else args.reference
     prior = None
     if args.reference_from is not None:
         lines = [json.loads(x) for x in args.reference_from.read_text().splitlines() if x.strip()]
         prior = {line["trace"]: line for line in lines if line["policy"] == REFERENCE}
+    seeds: dict[str, list[list[list[int]]]] = {}
+    if args.reference_seeds is not None:
+        for text in args.reference_seeds.read_text().splitlines():
+            line = json.loads(text) if text.strip() else {}
+            if line.get("passes") and line.get("schedule"):
+                seeds.setdefault(line["trace"], []).append(line["schedule"])
     for scenario in scenarios(not args.full, args.trace):
-        for result in run_trace(scenario, args.plot, reference, prior):
+        for result in run_trace(scenario, args.plot, reference, prior, seeds):
             print(json.dumps({k: v for k, v in result.items() if not k.startswith("_")}), flush=True)
     return 0
 

@@ -44,7 +44,7 @@ MINUTE = 60.0
 TARGET = 0.99
 REVERSALS_PER_HOUR = 2
 _MAX_REPAIRS = 60
-_TAIL_MINUTES = 2  # the replay runs 120 s past the last arrival
+TAIL_MINUTES = 2  # the replay runs 120 s past the last arrival
 
 Schedule = list[tuple[int, int]]
 
@@ -116,7 +116,7 @@ def _within_bar(counts: Sequence[int]) -> bool:
 
 def initial_schedule(scenario: Scenario) -> Schedule:
     """Each minute's need asked for one cold start ahead, covered under the reversal limit."""
-    needs = minute_sizes(scenario) + [(scenario.min_replicas, scenario.min_replicas)] * _TAIL_MINUTES
+    needs = minute_sizes(scenario) + [(scenario.min_replicas, scenario.min_replicas)] * TAIL_MINUTES
     ahead = [
         tuple(max(needs[k][role], needs[min(k + 1, len(needs) - 1)][role]) for role in (0, 1))
         for k in range(len(needs))
@@ -132,8 +132,14 @@ def initial_schedule(scenario: Scenario) -> Schedule:
     return list(zip(out[0], out[1], strict=True))
 
 
-def search_reference(scenario: Scenario, log: Callable[[str], None] = lambda _: None) -> ReferenceResult:
-    """The smallest schedule this search finds that replays at >= 99% within the reversal limit."""
+def search_reference(
+    scenario: Scenario, log: Callable[[str], None] = lambda _: None, seeds: Sequence[Schedule] = ()
+) -> ReferenceResult:
+    """The smallest schedule this search finds that replays at >= 99% within the reversal limit.
+
+    `seeds` are further passing schedules found elsewhere (the reactive family's, bench/sim/reactive.py):
+    each admissible one that is cheaper than the search's result is descended and certified in turn,
+    so the reference is never dearer than a schedule the bench has seen pass."""
     replays = 0
 
     def replay(schedule: Schedule) -> tuple[dict[str, object], Timeline]:
@@ -157,46 +163,98 @@ def search_reference(scenario: Scenario, log: Callable[[str], None] = lambda _: 
     if not _passes(result):
         raise RuntimeError(f"{scenario.trace.name}: no schedule found within {_MAX_REPAIRS} repairs")
 
-    def admissible(candidate: Schedule, role: int) -> bool:
-        counts = [s[role] for s in candidate]
-        return min(counts) >= scenario.min_replicas and _within_bar(counts)
+    def admissible(candidate: Schedule) -> bool:
+        return all(
+            min(counts) >= scenario.min_replicas and _within_bar(counts)
+            for counts in ([s[role] for s in candidate] for role in (0, 1))
+        )
+
+    schedule, result, certified = _descend(schedule, result, lambda c: replay(c)[0], admissible, log)
+    found = ReferenceResult(schedule, result, replays, certified, start_hours)
+    better = improve_with_seeds(scenario, found, seeds, log)
+    better.replays += replays
+    return better
+
+
+def improve_with_seeds(
+    scenario: Scenario,
+    found: ReferenceResult,
+    seeds: Sequence[Schedule],
+    log: Callable[[str], None] = lambda _: None,
+) -> ReferenceResult:
+    """`found`, or a cheaper schedule descended and certified from a seed that passes and keeps the
+    bar (a seed is cut or extended to the reference's length). `replays` counts this call's only."""
+    replays = 0
+
+    def replay(schedule: Schedule) -> dict[str, object]:
+        nonlocal replays
+        replays += 1
+        return run(scenario, ScheduleController("clairvoyant_cold_start", schedule), schedule[0])
+
+    def admissible(candidate: Schedule) -> bool:
+        return all(
+            min(counts) >= scenario.min_replicas and _within_bar(counts)
+            for counts in ([s[role] for s in candidate] for role in (0, 1))
+        )
+
+    best = found
+    for seed in seeds:
+        length = len(best.schedule)
+        seed = list(seed)[:length] + [best.schedule[-1]] * max(length - len(seed), 0)
+        if not admissible(seed):
+            continue
+        trial = replay(seed)
+        if not _passes(trial) or float(trial["gpu_hours"]) >= float(best.result["gpu_hours"]):  # type: ignore[arg-type]
+            continue
+        log(f"a seed passes at {trial['gpu_hours']} GPU-h: descending from it")
+        schedule, result, certified = _descend(seed, trial, replay, admissible, log)
+        if float(result["gpu_hours"]) < float(best.result["gpu_hours"]):  # type: ignore[arg-type]
+            best = ReferenceResult(schedule, result, 0, certified, found.start_gpu_hours)
+    return dataclasses.replace(best, replays=replays)
+
+
+def _descend(
+    schedule: Schedule,
+    result: dict[str, object],
+    replay: Callable[[Schedule], dict[str, object]],
+    admissible: Callable[[Schedule], bool],
+    log: Callable[[str], None],
+) -> tuple[Schedule, dict[str, object], int]:
+    """Steps 3 and 4: lower runs, then single replica-minutes, while the replay passes; then certify
+    that every admissible single removal fails. Returns the schedule, its line, the removals checked."""
+    failed: list[Schedule] = []
 
     def try_moves(moves: list[Schedule]) -> bool:
         nonlocal schedule, result
-        taken = False
         for candidate in moves:
             if not _cheaper_than_all_failed(candidate, failed):
                 continue
-            trial, _ = replay(candidate)
+            trial = replay(candidate)
             if _passes(trial):
-                schedule, result, taken = candidate, trial, True
+                schedule, result = candidate, trial
                 log(f"took a removal: {trial['gpu_hours']} GPU-h, {trial['slo_attainment']}")
                 return True
             failed.append(candidate)
-        return taken
+        return False
 
-    failed: list[Schedule] = []
     # Whole runs first (many replica-minutes per replay), then single replica-minutes.
-    while try_moves([c for c, role in _run_lowerings(schedule) if admissible(c, role)]):
+    while try_moves([c for c, _ in _run_lowerings(schedule) if admissible(c)]):
         pass
-    certified = 0
     while True:
-        singles = [c for c, role in _single_removals(schedule) if admissible(c, role)]
+        singles = [c for c, _ in _single_removals(schedule) if admissible(c)]
         if try_moves(singles):
             continue
         # Certificate: each admissible removal from the final schedule was replayed and failed.
         failed_set = {tuple(f) for f in failed}
         for candidate in singles:
             if tuple(candidate) not in failed_set:
-                trial, _ = replay(candidate)
+                trial = replay(candidate)
                 if _passes(trial):  # the replay is not monotone in capacity: take it, go on
                     schedule, result = candidate, trial
                     break
                 failed.append(candidate)
         else:
-            certified = len(singles)
-            break
-    return ReferenceResult(schedule, result, replays, certified, start_hours)
+            return schedule, result, len(singles)
 
 
 def _passes(result: dict[str, object]) -> bool:
