@@ -9,6 +9,7 @@ import math
 from collections import deque
 from typing import Protocol
 
+from kvrelay_operator.autoscaler.early import CHECK_SECONDS, checks_between, prefill_overrun, take_early
 from kvrelay_operator.autoscaler.policy import decide
 from kvrelay_operator.autoscaler.types import Decision, PolicyConfig, PolicyState, Snapshot
 
@@ -27,19 +28,36 @@ class Controller(Protocol):
 
 
 class KvrelayController:
-    """The real `policy.decide`, state threaded through like the operator does."""
+    """The real `policy.decide`, state threaded through like the operator does: a decision every
+    interval, and early checks between them (`autoscaler/early.py`) as the operator's timer runs them."""
 
     name = "kvrelay"
 
     def __init__(self, config: PolicyConfig) -> None:
         self.config = config
-        self.interval_seconds = config.interval_seconds  # the replay decides at the policy's own pace
+        # The replay calls back at this pace: the policy's interval, or the early checks' between them.
+        self.interval_seconds = CHECK_SECONDS if checks_between(config) else config.interval_seconds
+        self._next_decision = config.interval_seconds
         self.state = PolicyState()
         self.decisions: list[Decision] = []
 
     def decide(self, snapshot: Snapshot, now: float, frontend: FrontendStats) -> tuple[int, int]:
-        """Run the pure policy once (contract metrics only; `frontend` is unused)."""
-        decision, self.state = decide(snapshot, self.state, self.config, now)
+        """Run the pure policy when a decision is due, or early on a prefill overrun (contract metrics
+        only; `frontend` is unused)."""
+        if now + 1e-6 >= self._next_decision:
+            while self._next_decision <= now + 1e-6:
+                self._next_decision += self.config.interval_seconds
+            decision, self.state = decide(snapshot, self.state, self.config, now)
+            self.decisions.append(decision)
+            return decision.prefill.replicas, decision.decode.replicas
+        unchanged = snapshot.prefill.current, snapshot.decode.current
+        queued = snapshot.metrics.queued_prefill_tokens if snapshot.metrics else None
+        if prefill_overrun(queued, snapshot.prefill, self.state, self.config) is None:
+            return unchanged
+        decision, state = decide(snapshot, self.state, self.config, now)
+        if not take_early(decision):
+            return unchanged
+        self.state = state
         self.decisions.append(decision)
         return decision.prefill.replicas, decision.decode.replicas
 

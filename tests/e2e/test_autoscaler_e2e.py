@@ -124,6 +124,9 @@ def test_reader_turns_live_series_into_a_snapshot_the_policy_acts_on(stack: Stac
             n: parse_scalar(reader._client.custom_query(q, params=at)) for n, q in reader.queries.items()
         }
         assert batched == one_by_one and batched["prompt_tokens_per_second"]
+        # The early check's single gauge (autoscaler/early.py) reads from the same live series.
+        queued = reader.read_queued_prefill_tokens()
+        assert queued is not None and queued >= 0
     assert load.done >= 4
     assert sample is not None
     assert abs(time.time() - sample.observed_at) < 10  # fresh: the newest worker scrape
@@ -145,7 +148,8 @@ def test_reader_turns_live_series_into_a_snapshot_the_policy_acts_on(stack: Stac
 
 
 def test_reader_reports_absent_model_and_unreachable_prometheus(stack: Stack) -> None:
-    assert PrometheusReader(stack.prometheus_url, QuerySpec(model="no-such-model")).read() is None
+    absent = PrometheusReader(stack.prometheus_url, QuerySpec(model="no-such-model"))
+    assert absent.read() is None and absent.read_queued_prefill_tokens() is None
     with pytest.raises(Exception, match=r"(?i)connect|refused|max retries"):
         PrometheusReader(f"http://127.0.0.1:{free_port()}", QuerySpec(model=stack.serve.model)).read()
 

@@ -1,7 +1,9 @@
 """The autoscaler's I/O shell: a kopf timer around the pure `policy.decide`.
 
 Every `autoscaling.intervalSeconds`, per DisaggregatedModel whose mode is auto or advisory: read
-Prometheus (in a thread), take replica counts from status, decide, then publish: always the
+Prometheus (in a thread), take replica counts from status, decide, then publish (and every
+`early.CHECK_SECONDS` between decisions, one gauge: a prefill queue already past the TTFT SLO is
+decided on at once, `early.py`): always the
 `kvrelay_autoscaler_*` metrics, the decision log and an Event when something changes; in status,
 only when the decision changes something material or as a heartbeat (`heartbeat.should_write`):
 `status.autoscaler` with the learned state, and in mode auto `status.<role>.desiredReplicas`,
@@ -34,6 +36,7 @@ from pydantic import ValidationError
 from kvrelay_operator import api, replicas
 from kvrelay_operator.autoscaler import persist
 from kvrelay_operator.autoscaler.decision_log import DecisionLog
+from kvrelay_operator.autoscaler.early import CHECK_SECONDS, checks_between, prefill_overrun, take_early
 from kvrelay_operator.autoscaler.heartbeat import Written, should_write, summarize
 from kvrelay_operator.autoscaler.policy import decide
 from kvrelay_operator.autoscaler.prometheus import PrometheusReader, QuerySpec
@@ -189,6 +192,7 @@ class _Runtime:
 
     state: PolicyState | None = None  # None until read back from status on the first decision
     last_decision_at: float = -math.inf
+    last_check_at: float = -math.inf  # the last read of Prometheus, a decision or an early check
     reader: PrometheusReader | None = None
     reader_key: tuple[str, QuerySpec] | None = None
     last_hold: bool | None = None
@@ -203,17 +207,33 @@ def _prometheus_url(spec: api.DisaggregatedModelSpec, memo: kopf.Memo) -> str | 
     return configured or os.environ.get("KVRELAY_PROMETHEUS_URL") or None
 
 
+async def _read_queue(runtime: _Runtime, url: str | None, qspec: QuerySpec) -> float | None:
+    """The queued prompt tokens alone (the early check), or None when they cannot be read."""
+    if url is None:
+        return None
+    reader = _reader(runtime, url, qspec)
+    try:
+        return await asyncio.to_thread(reader.read_queued_prefill_tokens)
+    except Exception:  # the next decision reads, and says, what is wrong
+        return None
+
+
+def _reader(runtime: _Runtime, url: str, qspec: QuerySpec) -> PrometheusReader:
+    key = (url, qspec)
+    if runtime.reader is None or runtime.reader_key != key:
+        runtime.reader, runtime.reader_key = PrometheusReader(url, qspec), key
+    return runtime.reader
+
+
 async def _read_metrics(
     runtime: _Runtime, url: str | None, qspec: QuerySpec
 ) -> tuple[MetricsSample | None, str]:
     """The sample, or None and why (no URL, Prometheus unreachable, no series)."""
     if url is None:
         return None, "no Prometheus URL: set spec.autoscaling.prometheusUrl or --prometheus-url"
-    key = (url, qspec)
-    if runtime.reader is None or runtime.reader_key != key:
-        runtime.reader, runtime.reader_key = PrometheusReader(url, qspec), key
+    reader = _reader(runtime, url, qspec)
     try:
-        sample = await asyncio.to_thread(runtime.reader.read)
+        sample = await asyncio.to_thread(reader.read)
     except Exception as exc:  # network, HTTP and PromQL errors all mean "hold"
         return None, f"Prometheus query failed: {type(exc).__name__}: {exc}"[:300]
     return sample, "" if sample is not None else f"no worker series for model {qspec.model!r}"
@@ -246,21 +266,37 @@ async def autoscale(
         return
     runtime: _Runtime = memo.setdefault(_MEMO_KEY, _Runtime())
     now = time.time()
-    if now - runtime.last_decision_at < parsed.autoscaling.interval_seconds - 0.5:
-        return
-    runtime.last_decision_at = now
     config = policy_config(parsed)
+    step = next_step(runtime, config, now)
+    if step is None:
+        return
+    runtime.last_check_at = now
+    if step == "decide":
+        runtime.last_decision_at = now
     if runtime.state is None:
         runtime.state = _restored_state(saved, now, config, f"{namespace}/{name}")
 
     mode = parsed.autoscaling.mode
-    metrics, note = await _read_metrics(runtime, _prometheus_url(parsed, memo), query_spec(parsed, name))
+    url, qspec = _prometheus_url(parsed, memo), query_spec(parsed, name)
+    prefill = role_replicas(parsed, parsed_status, "prefill")
+    overrun = None
+    if step == "check":
+        # Between decisions: one gauge; the rest only for a prefill queue past the TTFT SLO (early.py).
+        overrun = prefill_overrun(await _read_queue(runtime, url, qspec), prefill, runtime.state, config)
+        if overrun is None:
+            return
+    metrics, note = await _read_metrics(runtime, url, qspec)
     snapshot = Snapshot(
-        metrics=metrics,
-        prefill=role_replicas(parsed, parsed_status, "prefill"),
-        decode=role_replicas(parsed, parsed_status, "decode"),
+        metrics=metrics, prefill=prefill, decode=role_replicas(parsed, parsed_status, "decode")
     )
-    decision, runtime.state = decide(snapshot, runtime.state, config, now)
+    if overrun is not None:
+        decision, state = decide(snapshot, runtime.state, config, now)
+        if not take_early(decision):
+            return
+        runtime.state = state
+        note = f"early: the prefill queue waits {overrun:.1f}s > TTFT SLO {config.ttft_slo_seconds:g}s"
+    else:
+        decision, runtime.state = decide(snapshot, runtime.state, config, now)
     DECISION_LOG.record(f"{namespace}/{name}", snapshot, decision)
 
     desired = {role: _desired_replicas(parsed_status, role) for role in ROLES}
@@ -285,6 +321,20 @@ async def autoscale(
             message=event_message(decision, mode) + (f" ({note})" if note else ""),
         )
     runtime.last_hold = decision.hold
+
+
+def next_step(runtime: _Runtime, config: PolicyConfig, now: float) -> str | None:
+    """What this tick does for one object: "decide" once its interval has passed, "check" for a
+    prefill overrun every `early.CHECK_SECONDS` between decisions, or None."""
+    if now - runtime.last_decision_at >= config.interval_seconds - 0.5:
+        return "decide"
+    if (
+        runtime.state is not None
+        and checks_between(config)
+        and now - runtime.last_check_at >= CHECK_SECONDS - 0.5
+    ):
+        return "check"
+    return None
 
 
 def _desired_replicas(status: api.DisaggregatedModelStatus, role: str) -> int | None:

@@ -143,6 +143,13 @@ class PrometheusReader:
         self._client = PrometheusConnect(url=url, disable_ssl=True)
         self._timeout = timeout_seconds
 
+    def read_queued_prefill_tokens(self) -> float | None:
+        """The one gauge the early check needs (autoscaler/early.py): a single-series query, not the batch."""
+        result = self._client.custom_query(
+            self.queries["queued_prefill_tokens"], params={"timeout": f"{int(self._timeout)}s"}
+        )
+        return parse_scalar(result)
+
     def read(self) -> MetricsSample | None:
         """Run the batched query; an unreachable Prometheus raises, an absent series reads as None."""
         result = self._client.custom_query(self.query, params={"timeout": f"{int(self._timeout)}s"})
