@@ -513,7 +513,13 @@ class AutoscalingSpec(CRModel):
     gpu_budget: int | None = Field(
         default=None, ge=1, le=100000, description="Most GPUs prefill and decode may use together."
     )
-    interval_seconds: int = Field(default=30, ge=5, le=3600, description="Seconds between decisions.")
+    interval_seconds: int = Field(
+        default=30,
+        ge=5,
+        le=3600,
+        description="Seconds between decisions. Between them the prefill queue is read every 10 s, and a "
+        "queue the ready pool would drain no sooner than the TTFT SLO adds prefill replicas at once.",
+    )
     scale_up_cooldown_seconds: int | None = Field(
         default=None,
         ge=0,
