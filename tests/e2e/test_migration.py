@@ -44,10 +44,19 @@ pytestmark = pytest.mark.e2e
 NEAR_TIE = 1e-4
 MAX_NEAR_TIES = 2  # of 32 streams
 MAX_TOKENS = 320
+# Fewer streams than 32 run faster (8 x 320 tokens in about 0.5 s on a quiet machine): the seeded and
+# structured ones run longer, so that the kill (one poll of a few ms after its condition holds) lands far
+# from their end even when a loaded machine stalls the test for a while.
+LONG_MAX_TOKENS = 1000
 ERROR_BOUND_S = 10.0  # both decode workers gone: every stream has its error event this soon after the kill
 PROMPTS = [f"Numbers such as {i} appear in logs, question {i * 7}" for i in range(32)]
 # What a worker started without these flags uses (`kvrelay serve` and Stack.ensure pass none of them).
 WORKER_DEFAULTS = worker_parser()
+# The router's gRPC channel to a dead worker's address reconnects with exponential backoff, capped at
+# gRPC's default 120 s (+/-20% jitter): a worker restarted on that address is taken back at the channel's
+# next attempt, 25 s after the respawn was ready when the old one had been gone 47 s (measured), longer
+# when a loaded machine makes the respawn slow.
+REJOIN_S = 150.0
 EXIT_SLACK_S = 5.0  # a drained worker's teardown and interpreter exit, on a loaded 2-core machine
 # Per live worker, what must read 0 once no stream runs: blocks in use (a prefill worker's leased KV
 # included), blocks held under a lease, and the requests that could still own blocks.
@@ -67,6 +76,13 @@ class Stack:
     workers: dict[str, tuple[int, str, int]] = field(default_factory=dict)  # name -> pid, grpc, metrics
     respawned: list[WorkerProcess] = field(default_factory=list)
     calm: tuple[list[Reference], list[Outcome]] | None = None  # _calm_run's, computed once
+    # One client for the router's /health and /metrics: httpx.get builds a client (and its TLS context)
+    # per call, 70-130 ms under 32 streams against 2-8 ms on a kept connection (measured), and the kill
+    # condition is polled. Idle connections expire before uvicorn's 5 s keep-alive closes them (a request
+    # sent on one the server is closing fails).
+    http: httpx.Client = field(
+        default_factory=lambda: httpx.Client(timeout=10, limits=httpx.Limits(keepalive_expiry=1.0))
+    )
 
     @classmethod
     def of(cls, serve: ServeProcess) -> Stack:
@@ -81,11 +97,14 @@ class Stack:
     def root(self) -> str:
         return self.serve.base_url.removesuffix("/v1")
 
+    def close(self) -> None:
+        self.http.close()
+
     def health(self) -> dict[str, Any]:
-        return httpx.get(self.root + "/health", timeout=10).json()
+        return self.http.get(self.root + "/health").json()
 
     def router_metric(self, name: str, **labels: str) -> float:
-        text = httpx.get(self.root + "/metrics", timeout=10).text
+        text = self.http.get(self.root + "/metrics").text
         return metric_value(text, name, model=self.serve.model, **labels) or 0.0
 
     def first_tokens(self) -> float:
@@ -104,18 +123,35 @@ class Stack:
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         os.kill(self.workers[name][0], sig)
 
-    def busiest_decode(self) -> tuple[str, int]:
-        """The decode worker running the most of this router's streams, and how many it runs."""
-        running = {a: w["running"] for a, w in self.health()["workers"]["decode"].items()}
-        name = max(
-            (n for n in self.workers if n.startswith("decode")), key=lambda n: running[self.workers[n][1]]
-        )
-        assert running[self.workers[name][1]] > 0, running
-        return name, running[self.workers[name][1]]
+    def decode_progress(self) -> dict[str, tuple[int, float]]:
+        """Per decode worker, from its own /metrics: the requests in its running batch and the tokens it
+        generated so far.
 
-    def kill_busiest_decode(self) -> str:
-        """SIGKILL the decode worker running the most of this router's streams; returns its name."""
-        name, _ = self.busiest_decode()
+        The worker's view, not the router's: the router counts a stream on a worker from its call until it
+        relayed the stream's last token, so its /health also counts streams still waiting there for their
+        KV, or already done there (seen: 16 and 16 in the router, 0 and 9 in the workers' batches; and
+        once a kill of the router's busiest worker resumed no stream)."""
+        progress = {}
+        for name, (_, _, port) in self.workers.items():
+            if name.startswith("decode"):
+                text = self.http.get(f"http://127.0.0.1:{port}/metrics").text
+                running, generated = (
+                    metric_value(text, series, model=self.serve.model) or 0.0
+                    for series in ("kvrelay_requests_running", "kvrelay_generation_tokens_total")
+                )
+                progress[name] = (int(running), generated)
+        return progress
+
+    @staticmethod
+    def busiest_decode(running: dict[str, int]) -> tuple[str, int]:
+        """The decode worker running the most streams in `running` (by name), and how many."""
+        name = max(running, key=lambda n: running[n])
+        assert running[name] > 0, f"no stream ran on a decode worker: {running}"
+        return name, running[name]
+
+    def kill_busiest_decode(self, running: dict[str, int]) -> str:
+        """SIGKILL the decode worker running the most streams in `running`; returns its name."""
+        name, _ = self.busiest_decode(running)
         self.kill(name)
         return name
 
@@ -137,7 +173,7 @@ class Stack:
         self._wait_healthy(name, role, address)
 
     def _wait_healthy(self, name: str, role: str, address: str) -> None:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + REJOIN_S
         while not self.health()["workers"][role][address]["healthy"]:
             assert time.monotonic() < deadline, f"the router did not take {name} back"
             time.sleep(0.1)
@@ -151,6 +187,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         try:
             yield s
         finally:
+            s.close()
             for worker in s.respawned:
                 worker.stop()
     assert serve.leftovers == []
@@ -182,18 +219,22 @@ class Outcome:
 async def _streams(
     stack: Stack,
     prompts: list[str],
-    kill: Callable[[], None] | None = None,
+    kill: Callable[[dict[str, int]], None] | None = None,
     tokens_each: int = 6,
     params: list[dict[str, Any]] | None = None,
     kill_when: Callable[[], bool] | None = None,
+    max_tokens: int = MAX_TOKENS,
+    all_running: bool = False,
 ) -> tuple[list[Outcome], float]:
-    """Run the prompts as concurrent streams; `kill` runs once every stream has its first token and the
-    router relayed `tokens_each` tokens per stream on average (or once `kill_when()` says so).
+    """Run the prompts as concurrent streams; `kill(running)` runs once every stream has its first token,
+    the decode workers generated `tokens_each` tokens per stream on average and some decode worker still
+    runs streams, all of them with `all_running` (or once `kill_when()` says so). `running` is each decode
+    worker's running batch (`Stack.decode_progress`) read just before the kill (empty with `kill_when`).
 
     Tokens, not text chunks: the detokenizer holds back text while the bytes so far are not valid UTF-8,
     which a random-weight model sampling at temperature 1 can keep up for many tokens.
 
-    Returns the outcomes and the kill time (monotonic); asserts streams were still running then.
+    Returns the outcomes and the kill time (monotonic).
     """
     client = openai.AsyncOpenAI(base_url=stack.serve.base_url, api_key="none", max_retries=0, timeout=120)
 
@@ -204,7 +245,7 @@ async def _streams(
         body = {"ignore_eos": True, **extra.pop("extra_body", {})}
         try:
             stream = await client.completions.create(
-                model=stack.serve.model, prompt=prompts[i], max_tokens=MAX_TOKENS, stream=True,
+                model=stack.serve.model, prompt=prompts[i], max_tokens=max_tokens, stream=True,
                 **{"temperature": 0, **extra}, extra_body=body,
             )  # fmt: skip
             async for chunk in stream:
@@ -215,28 +256,55 @@ async def _streams(
         return Outcome("".join(parts), finish, None, time.monotonic())
 
     n = len(prompts)
-    first, tokens = stack.first_tokens(), stack.router_metric("kvrelay_generation_tokens_total")
+    first = stack.first_tokens()
+    # Not with kill_when: those callers pause the decode workers, whose /metrics would not answer.
+    generated = sum(g for _, g in stack.decode_progress().values()) if kill and not kill_when else 0.0
+    seen: dict[str, Any] = {}  # what the last poll saw, for the failure messages
 
-    def mid_stream() -> bool:
-        return stack.first_tokens() >= first + n and (
-            stack.router_metric("kvrelay_generation_tokens_total") >= tokens + n * tokens_each
-        )
+    def in_flight() -> dict[str, int] | None:
+        """What `kill` gets once the condition holds (each decode worker's running batch), else None."""
+        if kill_when is not None:
+            return {} if kill_when() else None
+        seen["first_tokens"] = stack.first_tokens() - first
+        if seen["first_tokens"] < n:
+            return None
+        # Read last and acted on at once: the kill lands on the streams this says are running. Some may
+        # have ended already (they do not start in step); the others still run.
+        progress = stack.decode_progress()
+        seen["tokens"] = sum(g for _, g in progress.values()) - generated
+        seen["running"] = {name: r for name, (r, _) in progress.items()}
+        runs = sum(seen["running"].values())
+        if seen["tokens"] < n * tokens_each or not (runs == n or (runs and not all_running)):
+            return None
+        return seen["running"]
+
+    def try_kill() -> float | None:
+        """Run `kill` if the condition holds now and return when; None if it does not hold yet."""
+        running = in_flight()
+        if running is None:
+            return None
+        assert kill is not None
+        kill(running)
+        return time.monotonic()
 
     killed_at = 0.0
     tasks = [asyncio.create_task(one(i)) for i in range(n)]
     try:
         if kill is not None:
             deadline = time.monotonic() + 120
-            while not (kill_when or mid_stream)():
-                done = [t.result() for t in tasks if t.done()]
-                assert time.monotonic() < deadline and not done, done
+            # Polled in a thread, so that the event loop goes on sending the requests and reading the streams
+            # (a poll on the loop would block it for its HTTP reads).
+            while (at := await asyncio.to_thread(try_kill)) is None:
+                ended = {i: t.result() for i, t in enumerate(tasks) if t.done()}
+                failed = {i: o for i, o in ended.items() if o.error is not None}
+                assert not failed, f"streams failed before the kill: {failed}"
+                assert not (all_running and ended), (
+                    f"streams ended before all {n} ran at once: {ended}, {seen}"
+                )
+                assert len(ended) < n, f"every stream ended before the kill condition held: {seen}"
+                assert time.monotonic() < deadline, f"no kill within 120 s: {seen}"
                 await asyncio.sleep(0.01)
-            running = sum(not t.done() for t in tasks)
-            kill()
-            killed_at = time.monotonic()
-            # On a fast, quiet machine a stream that got ahead may finish during the last poll;
-            # the callers assert that streams were resumed (the migration counter) and exact.
-            assert running > 0, "no stream was mid-stream at the kill"
+            killed_at = at
         return list(await asyncio.wait_for(asyncio.gather(*tasks), 300)), killed_at
     finally:
         for task in tasks:
@@ -342,8 +410,8 @@ async def test_decode_worker_sigterm_under_32_streams(stack: Stack, engine: Any)
     log_from = len(stack.serve.output)  # serve reports each of its children's exit once: only look after
     victim: dict[str, Any] = {}
 
-    def sigterm() -> None:
-        name, streams = stack.busiest_decode()
+    def sigterm(running: dict[str, int]) -> None:
+        name, streams = stack.busiest_decode(running)
         pid = stack.workers[name][0]
         stack.kill(name, signal.SIGTERM)
         victim.update(name=name, pid=pid, streams=streams, watch=_ExitWatch(pid, exit_bound_s))
@@ -390,7 +458,9 @@ async def test_decode_worker_killed_under_32_streams(stack: Stack, engine: Any) 
     before = stack.router_metric("kvrelay_router_migrations_total", reason="worker_lost")
     started = time.monotonic()
     victim: list[str] = []
-    killed, _ = await _streams(stack, PROMPTS, kill=lambda: victim.append(stack.kill_busiest_decode()))
+    killed, _ = await _streams(
+        stack, PROMPTS, kill=lambda running: victim.append(stack.kill_busiest_decode(running))
+    )
     elapsed = time.monotonic() - started
     assert [o.error for o in killed] == [None] * 32
     assert all(o.finish == "length" for o in killed)
@@ -425,18 +495,19 @@ async def test_seeded_sampling_across_a_migration(
     stack.ensure("decode-1")
     prompts = PROMPTS[:8]
     params = [{"temperature": 1.0, "seed": 1000 + i, **penalties} for i in range(8)]
-    calm, _ = await _streams(stack, prompts, params=params)
+    calm, _ = await _streams(stack, prompts, params=params, max_tokens=LONG_MAX_TOKENS)
     before = stack.router_metric("kvrelay_router_migrations_total", reason="worker_lost")
     victim: list[str] = []
     killed, _ = await _streams(
-        stack, prompts, kill=lambda: victim.append(stack.kill_busiest_decode()), params=params
-    )
+        stack, prompts, kill=lambda running: victim.append(stack.kill_busiest_decode(running)),
+        params=params, max_tokens=LONG_MAX_TOKENS,
+    )  # fmt: skip
     assert [o.error for o in killed] == [None] * 8
     assert stack.router_metric("kvrelay_router_migrations_total", reason="worker_lost") > before
     assert [o.text for o in killed] == [o.text for o in calm]
     # ... and both equal the single-process engine's seeded draws (a seed is a seed, wherever it runs).
     ids = [stack.tokenizer.encode(p) for p in prompts]
-    seeded = [SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, **p) for p in params]
+    seeded = [SamplingParams(max_tokens=LONG_MAX_TOKENS, ignore_eos=True, **p) for p in params]
     assert [stack.tokenizer.decode(t) for t in engine.generate(ids, seeded)] == [o.text for o in calm]
     stack.ensure(victim[0])
 
@@ -450,14 +521,15 @@ async def test_structured_output_across_a_migration(stack: Stack, engine: Any) -
 
     stack.ensure("decode-0")
     stack.ensure("decode-1")
-    regex = "([a-z]{2,8} ){60}[a-z]{1,8}[.]"  # long enough to be mid-stream at the kill, then EOS
+    # Long enough to be mid-stream at the kill (about 400 tokens), then EOS well before LONG_MAX_TOKENS.
+    regex = "([a-z]{2,8} ){200}[a-z]{1,8}[.]"
     prompts = PROMPTS[:6]
     params = [
         {"temperature": 1.0, "seed": 500 + i, "presence_penalty": 0.5,
          "extra_body": {"ignore_eos": False, "structured_outputs": {"regex": regex}}}
         for i in range(6)
     ]  # fmt: skip
-    calm, _ = await _streams(stack, prompts, params=params)
+    calm, _ = await _streams(stack, prompts, params=params, max_tokens=LONG_MAX_TOKENS)
     assert all(re.fullmatch(regex, o.text) for o in calm), [
         (o.text, o.finish) for o in calm if not re.fullmatch(regex, o.text)
     ]
@@ -465,13 +537,14 @@ async def test_structured_output_across_a_migration(stack: Stack, engine: Any) -
     before = stack.router_metric("kvrelay_router_migrations_total", reason="worker_lost")
     victim: list[str] = []
     killed, _ = await _streams(
-        stack, prompts, kill=lambda: victim.append(stack.kill_busiest_decode()), params=params
-    )
+        stack, prompts, kill=lambda running: victim.append(stack.kill_busiest_decode(running)),
+        params=params, max_tokens=LONG_MAX_TOKENS,
+    )  # fmt: skip
     assert [o.error for o in killed] == [None] * 6
     assert stack.router_metric("kvrelay_router_migrations_total", reason="worker_lost") > before
     assert [o.text for o in killed] == [o.text for o in calm]
     grammar = structured_outputs_grammar({"regex": regex})
-    same = {"max_tokens": MAX_TOKENS, "temperature": 1.0, "presence_penalty": 0.5, "grammar": grammar}
+    same = {"max_tokens": LONG_MAX_TOKENS, "temperature": 1.0, "presence_penalty": 0.5, "grammar": grammar}
     seeded = [SamplingParams(seed=500 + i, **same) for i in range(6)]
     ids = [stack.tokenizer.encode(p) for p in prompts]
     outs = engine.generate(ids, seeded)
@@ -596,7 +669,7 @@ async def test_prefill_killed_holding_unclaimed_kv(stack: Stack, engine: Any) ->
         stack.kill(name, signal.SIGSTOP)
     try:
         # Keep the pause under the router's 2 s readiness timeout, or it would mark both decode workers down.
-        def kill_prefill() -> None:
+        def kill_prefill(_: dict[str, int]) -> None:
             stack.kill("prefill-0")
             time.sleep(0.3)
             for name in ("decode-0", "decode-1"):
@@ -623,11 +696,15 @@ async def test_both_decode_workers_lost_then_one_back(stack: Stack) -> None:
     stack.ensure("decode-0")
     stack.ensure("decode-1")
 
-    def kill_both() -> None:
+    def kill_both(_: dict[str, int]) -> None:
         stack.kill("decode-0")
         stack.kill("decode-1")
 
-    outcomes, killed_at = await _streams(stack, PROMPTS[:8], kill=kill_both)
+    # Every stream must still run at the kill: each must end with the error. No reference to compute,
+    # so the longest streams the tiny model takes.
+    outcomes, killed_at = await _streams(
+        stack, PROMPTS[:8], kill=kill_both, max_tokens=1900, all_running=True
+    )
     for o in outcomes:
         assert o.error is not None and "no ready decode worker to resume" in o.error, o
         assert o.ended_at - killed_at < ERROR_BOUND_S
@@ -665,7 +742,7 @@ async def test_prefill_killed_holding_unclaimed_kv_with_policy_fail(tmp_path: Pa
         before = s.first_tokens()
         s.kill("decode-0", signal.SIGSTOP)
 
-        def kill_prefill() -> None:
+        def kill_prefill(_: dict[str, int]) -> None:
             s.kill("prefill-0")
             time.sleep(0.3)
             s.kill("decode-0", signal.SIGCONT)
@@ -676,6 +753,7 @@ async def test_prefill_killed_holding_unclaimed_kv_with_policy_fail(tmp_path: Pa
             )
         finally:
             s.kill("decode-0", signal.SIGCONT)
+            s.close()
     failed = [o for o in outcomes if o.error is not None]
     assert 0 < len(failed) < 8, outcomes  # prefill-0 held some of the KV, prefill-1 the rest
     for o in failed:
