@@ -23,6 +23,29 @@ _DOWN_CODES = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "Status
 _DOWN_GRPC = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
 
 
+# gRPC's reconnect backoff grows to 120 s by default: a worker restarted on the same address (kvrelay
+# serve, a pod that keeps its IP) can sit unused that long after it is ready (a probe saw 25 s after a
+# 47 s outage). Two seconds bounds it; the other options are tritonclient's defaults, which
+# `channel_args` replaces whole.
+_MAX_RECONNECT_BACKOFF_MS = 2000
+_MAX_MESSAGE_BYTES = 2**31 - 1
+
+
+def channel_args() -> list[tuple[str, int]]:
+    """The options of every channel to a worker: tritonclient's, with reconnect backoff capped."""
+    keepalive = grpcclient.KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        ("grpc.initial_reconnect_backoff_ms", min(1000, _MAX_RECONNECT_BACKOFF_MS)),
+        ("grpc.max_reconnect_backoff_ms", _MAX_RECONNECT_BACKOFF_MS),
+    ]
+
+
 def _draining(message: str) -> bool:
     """A draining worker refuses new work and ends late streams with messages starting `draining`."""
     return "draining" in message.lower()
@@ -116,7 +139,7 @@ class WorkerClient:
 
     def __init__(self, address: str) -> None:
         self.address = address
-        self._client = grpcaio.InferenceServerClient(address)
+        self._client = grpcaio.InferenceServerClient(address, channel_args=channel_args())
 
     async def close(self) -> None:
         await self._client.close()
