@@ -36,8 +36,9 @@ class KvrelayController:
     def __init__(self, config: PolicyConfig) -> None:
         self.config = config
         # The replay calls back at this pace: the policy's interval, or the early checks' between them.
-        self.interval_seconds = CHECK_SECONDS if checks_between(config) else config.interval_seconds
-        self._next_decision = config.interval_seconds
+        interval = config.interval_seconds
+        self.interval_seconds = CHECK_SECONDS if checks_between(interval) else interval
+        self._next_decision = interval
         self.state = PolicyState()
         self.decisions: list[Decision] = []
 

@@ -164,10 +164,7 @@ def search_reference(
         raise RuntimeError(f"{scenario.trace.name}: no schedule found within {_MAX_REPAIRS} repairs")
 
     def admissible(candidate: Schedule) -> bool:
-        return all(
-            min(counts) >= scenario.min_replicas and _within_bar(counts)
-            for counts in ([s[role] for s in candidate] for role in (0, 1))
-        )
+        return _admissible(candidate, scenario)
 
     schedule, result, certified = _descend(schedule, result, lambda c: replay(c)[0], admissible, log)
     found = ReferenceResult(schedule, result, replays, certified, start_hours)
@@ -192,10 +189,7 @@ def improve_with_seeds(
         return run(scenario, ScheduleController("clairvoyant_cold_start", schedule), schedule[0])
 
     def admissible(candidate: Schedule) -> bool:
-        return all(
-            min(counts) >= scenario.min_replicas and _within_bar(counts)
-            for counts in ([s[role] for s in candidate] for role in (0, 1))
-        )
+        return _admissible(candidate, scenario)
 
     best = found
     for seed in seeds:
@@ -255,6 +249,14 @@ def _descend(
                 failed.append(candidate)
         else:
             return schedule, result, len(singles)
+
+
+def _admissible(candidate: Schedule, scenario: Scenario) -> bool:
+    """Every role at or above its minimum and within the reversal bar."""
+    return all(
+        min(counts) >= scenario.min_replicas and _within_bar(counts)
+        for counts in ([s[role] for s in candidate] for role in (0, 1))
+    )
 
 
 def _passes(result: dict[str, object]) -> bool:

@@ -19,9 +19,9 @@ from kvrelay_operator.autoscaler.types import Decision, PolicyConfig, PolicyStat
 CHECK_SECONDS = 10.0
 
 
-def checks_between(config: PolicyConfig) -> bool:
+def checks_between(interval_seconds: float) -> bool:
     """Whether early checks run at all: only where decisions are further apart than a check."""
-    return config.interval_seconds > CHECK_SECONDS
+    return interval_seconds > CHECK_SECONDS
 
 
 def prefill_overrun(

@@ -266,10 +266,10 @@ async def autoscale(
         return
     runtime: _Runtime = memo.setdefault(_MEMO_KEY, _Runtime())
     now = time.time()
-    config = policy_config(parsed)
-    step = next_step(runtime, config, now)
+    step = next_step(runtime, float(parsed.autoscaling.interval_seconds), now)
     if step is None:
         return
+    config = policy_config(parsed)
     runtime.last_check_at = now
     if step == "decide":
         runtime.last_decision_at = now
@@ -323,14 +323,14 @@ async def autoscale(
     runtime.last_hold = decision.hold
 
 
-def next_step(runtime: _Runtime, config: PolicyConfig, now: float) -> str | None:
+def next_step(runtime: _Runtime, interval_seconds: float, now: float) -> str | None:
     """What this tick does for one object: "decide" once its interval has passed, "check" for a
     prefill overrun every `early.CHECK_SECONDS` between decisions, or None."""
-    if now - runtime.last_decision_at >= config.interval_seconds - 0.5:
+    if now - runtime.last_decision_at >= interval_seconds - 0.5:
         return "decide"
     if (
         runtime.state is not None
-        and checks_between(config)
+        and checks_between(interval_seconds)
         and now - runtime.last_check_at >= CHECK_SECONDS - 0.5
     ):
         return "check"

@@ -64,21 +64,20 @@ def test_an_overrun_decision_adds_prefill_and_is_taken() -> None:
 def test_the_timer_checks_every_ten_seconds_between_decisions() -> None:
     config = make_config()
     runtime = kopf_timer._Runtime()
-    assert kopf_timer.next_step(runtime, config, 0.0) == "decide"
+    assert kopf_timer.next_step(runtime, config.interval_seconds, 0.0) == "decide"
     runtime.last_decision_at = runtime.last_check_at = 0.0
     runtime.state = PolicyState()
     steps = {}
     for t in (5.0, 10.0, 15.0, 20.0, 25.0, 30.0):
-        steps[t] = kopf_timer.next_step(runtime, config, t)
+        steps[t] = kopf_timer.next_step(runtime, config.interval_seconds, t)
         if steps[t] is not None:
             runtime.last_check_at = t
     assert steps == {5.0: None, 10.0: "check", 15.0: None, 20.0: "check", 25.0: None, 30.0: "decide"}
     # No state yet (nothing decided), or decisions as often as checks: no early checks.
-    assert kopf_timer.next_step(kopf_timer._Runtime(last_decision_at=0.0), config, 10.0) is None
-    fast = make_config(interval_seconds=CHECK_SECONDS)
+    assert kopf_timer.next_step(kopf_timer._Runtime(last_decision_at=0.0), INTERVAL, 10.0) is None
     runtime = kopf_timer._Runtime(state=PolicyState(), last_decision_at=0.0, last_check_at=0.0)
-    assert kopf_timer.next_step(runtime, fast, 5.0) is None
-    assert kopf_timer.next_step(runtime, fast, 10.0) == "decide"
+    assert kopf_timer.next_step(runtime, CHECK_SECONDS, 5.0) is None
+    assert kopf_timer.next_step(runtime, CHECK_SECONDS, 10.0) == "decide"
     assert math.isinf(kopf_timer._Runtime().last_check_at)
 
 
