@@ -9,7 +9,7 @@ import math
 from collections import deque
 from typing import Protocol
 
-from kvrelay_operator.autoscaler.early import CHECK_SECONDS, checks_between, prefill_overrun, take_early
+from kvrelay_operator.autoscaler.early import CHECK_SECONDS, checks_between, decide_early, prefill_overrun
 from kvrelay_operator.autoscaler.policy import decide
 from kvrelay_operator.autoscaler.types import Decision, PolicyConfig, PolicyState, Snapshot
 
@@ -55,10 +55,10 @@ class KvrelayController:
         queued = snapshot.metrics.queued_prefill_tokens if snapshot.metrics else None
         if prefill_overrun(queued, snapshot.prefill, self.state, self.config) is None:
             return unchanged
-        decision, state = decide(snapshot, self.state, self.config, now)
-        if not take_early(decision):
+        early = decide_early(snapshot, self.state, self.config, now)
+        if early is None:
             return unchanged
-        self.state = state
+        decision, self.state = early
         self.decisions.append(decision)
         return decision.prefill.replicas, decision.decode.replicas
 

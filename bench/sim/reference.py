@@ -22,6 +22,7 @@ same. The search (`search_reference`):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from collections import Counter
@@ -163,8 +164,7 @@ def search_reference(
     if not _passes(result):
         raise RuntimeError(f"{scenario.trace.name}: no schedule found within {_MAX_REPAIRS} repairs")
 
-    def admissible(candidate: Schedule) -> bool:
-        return _admissible(candidate, scenario)
+    admissible = functools.partial(_admissible, scenario=scenario)
 
     schedule, result, certified = _descend(schedule, result, lambda c: replay(c)[0], admissible, log)
     found = ReferenceResult(schedule, result, replays, certified, start_hours)
@@ -188,8 +188,7 @@ def improve_with_seeds(
         replays += 1
         return run(scenario, ScheduleController("clairvoyant_cold_start", schedule), schedule[0])
 
-    def admissible(candidate: Schedule) -> bool:
-        return _admissible(candidate, scenario)
+    admissible = functools.partial(_admissible, scenario=scenario)
 
     best = found
     for seed in seeds:

@@ -36,7 +36,7 @@ from pydantic import ValidationError
 from kvrelay_operator import api, replicas
 from kvrelay_operator.autoscaler import persist
 from kvrelay_operator.autoscaler.decision_log import DecisionLog
-from kvrelay_operator.autoscaler.early import CHECK_SECONDS, checks_between, prefill_overrun, take_early
+from kvrelay_operator.autoscaler.early import CHECK_SECONDS, checks_between, decide_early, prefill_overrun
 from kvrelay_operator.autoscaler.heartbeat import Written, should_write, summarize
 from kvrelay_operator.autoscaler.policy import decide
 from kvrelay_operator.autoscaler.prometheus import PrometheusReader, QuerySpec
@@ -290,10 +290,10 @@ async def autoscale(
         metrics=metrics, prefill=prefill, decode=role_replicas(parsed, parsed_status, "decode")
     )
     if overrun is not None:
-        decision, state = decide(snapshot, runtime.state, config, now)
-        if not take_early(decision):
+        early = decide_early(snapshot, runtime.state, config, now)
+        if early is None:
             return
-        runtime.state = state
+        decision, runtime.state = early
         note = f"early: the prefill queue waits {overrun:.1f}s > TTFT SLO {config.ttft_slo_seconds:g}s"
     else:
         decision, runtime.state = decide(snapshot, runtime.state, config, now)
