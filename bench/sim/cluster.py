@@ -397,6 +397,7 @@ class Scraper:
             window_seconds=window,
             ttft_seconds=_quantile(ttfts, self.quantile),
             itl_seconds=_quantile(itls, self.quantile),
+            mean_itl_seconds=sum(itls) / len(itls) if itls else None,
             # The router's kvrelay_requests_total counts finished requests.
             request_rate=rate["finished"],
             prompt_tokens_per_second=rate["prompt_tokens"] if rates_p else None,

@@ -135,6 +135,8 @@ def test_reader_turns_live_series_into_a_snapshot_the_policy_acts_on(stack: Stac
     assert sample.request_rate and sample.request_rate > 0
     assert sample.ttft_seconds is not None and 0 < sample.ttft_seconds < 60
     assert sample.itl_seconds is not None and 0 < sample.itl_seconds < 10
+    # The mean (histogram _sum / _count) that decode capacity is learned from.
+    assert sample.mean_itl_seconds is not None and 0 < sample.mean_itl_seconds < 10
     assert sample.queued_prefill_tokens is not None and sample.kv_cache_usage_ratio is not None
     config = PolicyConfig(ttft_slo_seconds=5.0, itl_slo_seconds=1.0, prefill_tokens_per_second=1.0,
                           decode_tokens_per_second=1.0)  # fmt: skip

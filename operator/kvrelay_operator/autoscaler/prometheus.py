@@ -65,6 +65,10 @@ def build_queries(spec: QuerySpec) -> dict[str, str]:
         ),
         "ttft_seconds": quantile("kvrelay_time_to_first_token_seconds"),
         "itl_seconds": quantile("kvrelay_inter_token_latency_seconds"),
+        "mean_itl_seconds": (
+            f"sum(rate(kvrelay_inter_token_latency_seconds_sum{{{m}}}[{w}]))"
+            f" / sum(rate(kvrelay_inter_token_latency_seconds_count{{{m}}}[{w}]))"
+        ),
         "request_rate": rate("kvrelay_requests_total"),
         "prompt_tokens_per_second": rate("kvrelay_prompt_tokens_total", "prefill"),
         "generation_tokens_per_second": rate("kvrelay_generation_tokens_total", "decode"),

@@ -26,6 +26,9 @@ class MetricsSample(_Frozen):
     window_seconds: float = Field(60.0, gt=0, description="Rate/quantile window the values cover.")
     ttft_seconds: float | None = Field(None, ge=0, description="TTFT at the SLO quantile (router).")
     itl_seconds: float | None = Field(None, ge=0, description="Inter-token latency at the SLO quantile.")
+    mean_itl_seconds: float | None = Field(
+        None, ge=0, description="Mean inter-token latency over the window (decode capacity learns from it)."
+    )
     request_rate: float | None = Field(None, ge=0, description="Requests per second accepted by the router.")
     prompt_tokens_per_second: float | None = Field(None, ge=0, description="Prompt tokens/s prefilled.")
     generation_tokens_per_second: float | None = Field(None, ge=0, description="Tokens/s generated.")
