@@ -91,10 +91,8 @@ def test_text_continues_across_a_resume_like_an_uninterrupted_run(tokenizer: Tok
     assert state.final_reason() == "stop"
 
 
-def _unavailable(details: str) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(
-        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details
-    )
+def _unavailable(details: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
 
 
 def test_failures_are_classified_by_what_the_worker_said() -> None:
@@ -104,6 +102,12 @@ def test_failures_are_classified_by_what_the_worker_said() -> None:
     assert (drained.worker_down, drained.reason) == (True, "draining")
     refused = in_band_failure("w", "draining: not admitting new requests")
     assert (refused.worker_down, refused.reason) == (True, "draining")
+    # grpc aio's lost status (a stream its worker ended while the client side was open) is a lost worker;
+    # a worker's own INTERNAL, with its message, is the request's error.
+    broken = _from_grpc(_unavailable("Internal error from Core", grpc.StatusCode.INTERNAL), "decode on w")
+    assert (broken.worker_down, broken.reason) == (True, "worker_lost")
+    crashed = _from_grpc(_unavailable("Exception iterating responses: boom", grpc.StatusCode.INTERNAL), "w")
+    assert (crashed.worker_down, crashed.reason) == (False, None)
     bad = in_band_failure("w", "KV transfer failed: holder unreachable")
     assert (bad.worker_down, bad.reason) == (False, None)
     stalled = WorkerFailed("decode on w: no token for 5 s", False, "stalled")

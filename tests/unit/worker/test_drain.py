@@ -97,18 +97,23 @@ async def test_draining_servicer_refuses_with_unavailable_and_reports_not_ready(
     with pytest.raises(_Aborted) as refused:
         await servicer.ModelInfer(request, _Context())
     assert (refused.value.code, refused.value.details) == (grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
-    with pytest.raises(_Aborted) as refused:
-        await anext(servicer.ModelStreamInfer(_no_requests(), _Context()))
-    assert (refused.value.code, refused.value.details) == (grpc.StatusCode.UNAVAILABLE, DRAINING_MESSAGE)
+    # A stream opened during the drain stays open and refuses its request in-band (a status ending the
+    # call while the client writes can be lost on the client).
+    stream = servicer.ModelStreamInfer(
+        _one_request(pb.ModelInferRequest(model_name="kvrelay_prefill", id="s")), _Context()
+    )
+    refusal = await anext(stream)
+    assert (refusal.error_message, refusal.infer_response.id) == (DRAINING_MESSAGE, "s")
+    await stream.aclose()
     assert not (await servicer.ServerReady(pb.ServerReadyRequest(), None)).ready
     assert not (await servicer.ModelReady(pb.ModelReadyRequest(name="kvrelay_prefill"), None)).ready
     assert (await servicer.ServerLive(pb.ServerLiveRequest(), None)).live
     assert servicer.active == 0
 
 
-async def _no_requests():
-    await asyncio.Event().wait()
-    yield  # pragma: no cover
+async def _one_request(request: pb.ModelInferRequest):
+    yield request
+    await asyncio.Event().wait()  # the client keeps its half open, as the router does
 
 
 async def test_end_streams_ends_open_streams_and_at_the_deadline_the_requests() -> None:

@@ -21,6 +21,10 @@ from kvrelay_worker.router.logprobs import TokenLogprob
 _DOWN_CODES = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED"}
 # A server-side CANCELLED is a worker stopping (our own cancellation raises CancelledError instead).
 _DOWN_GRPC = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+# What grpc aio reports when the call broke under an operation of the client's (a worker ending a
+# bidirectional stream while the client side is still open): the server's own status is lost. A
+# worker's own INTERNAL carries its message instead. Seen when a draining decode worker ended streams.
+_CORE_LOST_STATUS = "Internal error from Core"
 
 
 # gRPC's reconnect backoff grows to 120 s by default: a worker restarted on the same address (kvrelay
@@ -58,7 +62,8 @@ def _from_triton(exc: InferenceServerException, what: str) -> WorkerFailed:
 
 def _from_grpc(exc: grpc.aio.AioRpcError, what: str) -> WorkerFailed:
     details = exc.details() or ""
-    down = exc.code() in _DOWN_GRPC or _draining(details)
+    lost = exc.code() == grpc.StatusCode.INTERNAL and details == _CORE_LOST_STATUS
+    down = exc.code() in _DOWN_GRPC or lost or _draining(details)
     reason = "draining" if _draining(details) else None
     return WorkerFailed(f"{what}: {exc.code().name} {details}", down, reason)
 

@@ -243,9 +243,13 @@ class WorkerServicer(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(DRAIN_STATUS, str(exc))
 
     async def ModelStreamInfer(self, request_iterator, context):
-        """Many requests per stream; one writer (this generator) drains a bounded queue."""
-        if self.draining:  # a new stream carries only new requests: refuse it whole
-            await context.abort(DRAIN_STATUS, DRAINING_MESSAGE)
+        """Many requests per stream; one writer (this generator) drains a bounded queue.
+
+        While draining, each request is refused in-band, a stream opened during the drain too: ending
+        a bidirectional call with a status while the client is still writing loses that status on the
+        client (grpc reports INTERNAL "Internal error from Core"), and the router would not know that
+        the worker is draining.
+        """
         out: asyncio.Queue[pb.ModelStreamInferResponse | _StreamEnd | None] = asyncio.Queue(
             maxsize=STREAM_QUEUE_SIZE
         )
