@@ -229,7 +229,7 @@ def _decision(
         "decode_ready": float(snapshot.decode.ready),
         "decode_pending": float(snapshot.decode.pending),
     }
-    for name in ("ttft_seconds", "itl_seconds", "kv_cache_usage_ratio", "request_rate"):
+    for name in ("ttft_seconds", "itl_seconds", "mean_itl_seconds", "kv_cache_usage_ratio", "request_rate"):
         value = getattr(metrics, name)
         if value is not None:
             inputs[name] = value
