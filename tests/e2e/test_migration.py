@@ -158,10 +158,15 @@ class Stack:
     def ensure(self, name: str) -> float | None:
         """Start a fresh worker on `name`'s address unless it is alive and healthy in the router; returns
         the seconds the router took to take a fresh one back once it was ready (None: none started)."""
-        pid, address, _ = self.workers[name]
+        pid, address, metrics_port = self.workers[name]
         role = name.split("-")[0]
-        if pid_alive(pid):  # e.g. paused a moment ago: the router's readiness checks take it back
-            self._wait_healthy(name, role, address)
+        if pid_alive(pid) and self._draining(metrics_port):
+            # Left draining by a test that failed before it saw the worker out: it will not come back.
+            os.kill(pid, signal.SIGKILL)
+            while pid_alive(pid):
+                time.sleep(0.05)
+        # e.g. paused a moment ago: the router's readiness checks take it back (unless it exits meanwhile)
+        if pid_alive(pid) and self._wait_healthy(name, role, address, while_alive=pid):
             return None
         port = address.rsplit(":", 1)[1]
         worker, ready = spawn_worker(
@@ -175,11 +180,22 @@ class Stack:
         self._wait_healthy(name, role, address)
         return time.monotonic() - ready_at
 
-    def _wait_healthy(self, name: str, role: str, address: str) -> None:
+    def _draining(self, metrics_port: int) -> bool:
+        try:  # a paused worker does not answer: not draining
+            response = self.http.get(f"http://127.0.0.1:{metrics_port}/ready", timeout=2)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 503 and "draining" in response.text
+
+    def _wait_healthy(self, name: str, role: str, address: str, while_alive: int | None = None) -> bool:
+        """Until the router counts `name` healthy (True), or process `while_alive` is gone (False)."""
         deadline = time.monotonic() + REJOIN_S
         while not self.health()["workers"][role][address]["healthy"]:
+            if while_alive is not None and not pid_alive(while_alive):
+                return False
             assert time.monotonic() < deadline, f"the router did not take {name} back"
             time.sleep(0.1)
+        return True
 
 
 @pytest.fixture(scope="module")
