@@ -17,7 +17,7 @@ from kvrelay_operator.autoscaler.estimators import (
     estimate_demand,
     learn_capacity,
 )
-from kvrelay_operator.autoscaler.stabilize import MAX_DAMPING
+from kvrelay_operator.autoscaler.stabilize import MAX_DAMPING, up_locks_in
 from kvrelay_operator.autoscaler.types import (
     ROLES,
     DemandSample,
@@ -105,8 +105,11 @@ def estimate_load(
     # A saturated pool's estimate already holds the queue's growth: no trend on top of it.
     gain_p = 0.0 if saturated_p else min(max(trend["prefill"], 0.0) * lead, _MAX_TREND_GAIN * demand.steady_p)
     forecast_p = demand.steady_p + gain_p
-    # Headroom is capacity held, not load expected: the backlog projection keeps the forecast.
-    headroom_p = max(forecast_p, offered_p * surge_p)
+    # Headroom is capacity held, not load expected: the backlog projection keeps the forecast. A
+    # replica added where the reversal budget then forbids turning down is held for up to an hour:
+    # buy it for the load, not for a surge that may not come.
+    locked = up_locks_in(prefill_state, config, now)
+    headroom_p = forecast_p if locked else max(forecast_p, offered_p * surge_p)
     forecast_d = demand.steady_d + min(max(trend["decode"], 0.0) * lead, _MAX_TREND_GAIN * demand.steady_d)
     backlog_p = _projected_backlog(
         snapshot, prefill_state, config, now, metrics, forecast_p, ready_capacity_p, queued_p

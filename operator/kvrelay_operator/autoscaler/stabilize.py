@@ -134,6 +134,13 @@ def stabilize(
     )
 
 
+def up_locks_in(role_state: RoleState, config: PolicyConfig, now: float) -> bool:
+    """Whether replicas added now could not be removed before reversals leave the window: a scale-up
+    (itself a reversal after a scale-down) after which a turn down would not fit the budget."""
+    turns = recent_reversals(role_state, config, now) + int(role_state.last_direction == "down")
+    return turns + 2 > config.reversal_budget
+
+
 def recent_reversals(role_state: RoleState, config: PolicyConfig, now: float) -> int:
     """Reversals of the role within the reversal window before `now`."""
     return sum(1 for at in role_state.reversal_times if now - at < config.reversal_window_seconds)
