@@ -92,7 +92,7 @@ def stabilize(
         sleeping = need_down == 0 and config.limits(role).min_replicas == 0
         if role_state.last_direction == "up" and not sleeping:
             turns = recent_reversals(role_state, config, now)
-            if turns + 2 > config.reversal_budget:
+            if not _room_to_turn_down(turns, config):
                 # This scale-down is a reversal, and a scale-up after it would be one more: a load
                 # that comes back must not take the role past its budget (no flapping, by count).
                 window = config.reversal_window_seconds
@@ -138,7 +138,12 @@ def up_locks_in(role_state: RoleState, config: PolicyConfig, now: float) -> bool
     """Whether replicas added now could not be removed before reversals leave the window: a scale-up
     (itself a reversal after a scale-down) after which a turn down would not fit the budget."""
     turns = recent_reversals(role_state, config, now) + int(role_state.last_direction == "down")
-    return turns + 2 > config.reversal_budget
+    return not _room_to_turn_down(turns, config)
+
+
+def _room_to_turn_down(turns: int, config: PolicyConfig) -> bool:
+    """After `turns` reversals this hour, whether a turn down and the turn up that may follow fit."""
+    return turns + 2 <= config.reversal_budget
 
 
 def recent_reversals(role_state: RoleState, config: PolicyConfig, now: float) -> int:
