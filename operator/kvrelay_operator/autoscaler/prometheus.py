@@ -45,6 +45,9 @@ def build_queries(spec: QuerySpec) -> dict[str, str]:
     def quantile(name: str) -> str:
         return f"histogram_quantile({q}, sum by (le) (rate({name}_bucket{{{m}}}[{w}])))"
 
+    def mean(name: str) -> str:  # a histogram's mean over the window: rate of its sum over rate of its count
+        return f"sum(rate({name}_sum{{{m}}}[{w}])) / sum(rate({name}_count{{{m}}}[{w}]))"
+
     def rate(name: str, role: str | None = None) -> str:
         role_matcher = f',role="{role}"' if role else ""
         return f"sum(rate({name}{{{m}{role_matcher}}}[{w}]))"
@@ -65,10 +68,7 @@ def build_queries(spec: QuerySpec) -> dict[str, str]:
         ),
         "ttft_seconds": quantile("kvrelay_time_to_first_token_seconds"),
         "itl_seconds": quantile("kvrelay_inter_token_latency_seconds"),
-        "mean_itl_seconds": (
-            f"sum(rate(kvrelay_inter_token_latency_seconds_sum{{{m}}}[{w}]))"
-            f" / sum(rate(kvrelay_inter_token_latency_seconds_count{{{m}}}[{w}]))"
-        ),
+        "mean_itl_seconds": mean("kvrelay_inter_token_latency_seconds"),
         "request_rate": rate("kvrelay_requests_total"),
         "prompt_tokens_per_second": rate("kvrelay_prompt_tokens_total", "prefill"),
         "generation_tokens_per_second": rate("kvrelay_generation_tokens_total", "decode"),
@@ -77,10 +77,7 @@ def build_queries(spec: QuerySpec) -> dict[str, str]:
         "decode_requests_waiting": gauge("kvrelay_requests_waiting", "decode"),
         "decode_requests_running": gauge("kvrelay_requests_running", "decode"),
         "kv_cache_usage_ratio": gauge("kvrelay_kv_cache_usage_ratio", "decode", "avg"),
-        "kv_transfer_seconds": (
-            f"sum(rate(kvrelay_kv_transfer_seconds_sum{{{m}}}[{w}]))"
-            f" / sum(rate(kvrelay_kv_transfer_seconds_count{{{m}}}[{w}]))"
-        ),
+        "kv_transfer_seconds": mean("kvrelay_kv_transfer_seconds"),
         "prefill_busy_seconds_per_second": rate("kvrelay_prefill_seconds_sum", "prefill"),
         "prefill_requests_waiting_for_replicas": held("prefill"),
         "decode_requests_waiting_for_replicas": held("decode"),
