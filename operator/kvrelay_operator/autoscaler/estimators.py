@@ -98,8 +98,7 @@ class Demand:
     growth_p: float
     saturated_p: bool
     steady_d: float
-    drain_p: float
-    drain_d: float
+    drain_d: float  # tokens/s that serve the requests waiting for a decode slot within a start
     waiting_requests: float
     mean_output_tokens: float | None
     inputs: dict[str, float]
@@ -149,8 +148,7 @@ def estimate_demand(metrics: MetricsSample, state: PolicyState, config: PolicyCo
         saturated_p=saturated_p,
         growth_p=growth_q,
         steady_d=served_d + growth_w * per_request,
-        drain_p=queued / config.replica_startup_seconds,
-        drain_d=waiting * per_request / config.replica_startup_seconds,
+        drain_d=(metrics.decode_requests_waiting or 0.0) * per_request / config.replica_startup_seconds,
         waiting_requests=waiting,
         mean_output_tokens=mean_output,
         inputs=inputs,

@@ -16,6 +16,7 @@ from kvrelay_operator.autoscaler.estimators import (
     demand_trend,
     estimate_demand,
     learn_capacity,
+    mean_prompt_tokens,
 )
 from kvrelay_operator.autoscaler.stabilize import MAX_DAMPING, up_locks_in
 from kvrelay_operator.autoscaler.types import (
@@ -55,6 +56,7 @@ class Load:
     falling: dict[Role, bool]
     surge_p: float  # prefill headroom factor for a surge like a recent one
     forecast: dict[Role, float]  # demand a start from now
+    flush_d: float  # decode tokens/s the prefill backlog brings when new prefill replicas flush it
     sized: dict[Role, float]  # what scale-up sizes for: forecast, surge headroom, backlog drain
 
     def scale_down_peak(self, window: dict[Role, float], now: float) -> dict[Role, float]:
@@ -114,6 +116,7 @@ def estimate_load(
     backlog_p = _projected_backlog(
         snapshot, prefill_state, config, now, metrics, forecast_p, ready_capacity_p, queued_p
     )
+    flush_d = _flush_rate(backlog_p, demand, metrics, config)
     return Load(
         demand=demand,
         capacity=capacity,
@@ -129,9 +132,10 @@ def estimate_load(
         falling=falling,
         surge_p=surge_p,
         forecast={"prefill": forecast_p, "decode": forecast_d},
+        flush_d=flush_d,
         sized={
             "prefill": headroom_p + _backlog_rate(backlog_p, queued_p, metrics, capacity["prefill"], config),
-            "decode": forecast_d + (demand.drain_d if snapshot.decode.pending == 0 else 0.0),
+            "decode": forecast_d + demand.drain_d + flush_d,
         },
     )
 
@@ -235,6 +239,19 @@ def _backlog_rate(
     if waiting is not None and waiting >= 1 and queued_p > 0:  # (no count where it disagrees)
         rate -= max(queued_p / config.backlog_drain_seconds - waiting * capacity_p, 0.0)
     return max(rate, 0.0)
+
+
+def _flush_rate(backlog_p: float, demand: Demand, metrics: MetricsSample, config: PolicyConfig) -> float:
+    """Decode tokens/s the prefill backlog brings when it is flushed.
+
+    Scale-up sizes prefill to drain the backlog projected to when new replicas serve within
+    `backlog_drain_seconds`, so decode receives those requests at that pace, on top of the load: on
+    a x3 step, sizing decode for the load alone left the flush to 3 replicas, which missed ITL for
+    90 s. A backlog the ready prefill pool clears before then reaches decode before replicas asked
+    for now could serve it, and adds nothing.
+    """
+    requests = backlog_p / mean_prompt_tokens(metrics)
+    return requests * (demand.mean_output_tokens or 0.0) / config.backlog_drain_seconds
 
 
 def _trim_history(history: tuple[DemandSample, ...], since: float) -> tuple[DemandSample, ...]:
