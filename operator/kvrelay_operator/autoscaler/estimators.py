@@ -246,3 +246,18 @@ def mean_prompt_tokens(metrics: MetricsSample) -> float:
     if metrics.request_rate and metrics.prompt_tokens_per_second:
         return max(metrics.prompt_tokens_per_second / metrics.request_rate, 1.0)
     return _DEFAULT_PROMPT_TOKENS
+
+
+def kv_transfer_seconds(metrics: MetricsSample, config: PolicyConfig) -> float:
+    """KV transfer time as measured, else as configured."""
+    if metrics.kv_transfer_seconds is not None:
+        return metrics.kv_transfer_seconds
+    return config.expected_kv_transfer_seconds
+
+
+def ttft_wait_budget(
+    config: PolicyConfig, mean_prompt: float, capacity_tokens_per_second: float, kv_seconds: float
+) -> float:
+    """Seconds of the TTFT SLO a request may wait for a prefill replica: TTFT = queue wait + its own
+    prefill + KV transfer, so the wait may use what the other two leave (<= 0: the SLO is unreachable)."""
+    return config.ttft_slo_seconds - mean_prompt / capacity_tokens_per_second - kv_seconds

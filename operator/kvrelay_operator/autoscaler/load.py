@@ -15,9 +15,12 @@ from kvrelay_operator.autoscaler.estimators import (
     demand_surge,
     demand_trend,
     estimate_demand,
+    kv_transfer_seconds,
     learn_capacity,
     mean_prompt_tokens,
+    ttft_wait_budget,
 )
+from kvrelay_operator.autoscaler.queueing import wait_quantile
 from kvrelay_operator.autoscaler.stabilize import MAX_DAMPING, up_locks_in
 from kvrelay_operator.autoscaler.types import (
     ROLES,
@@ -82,7 +85,10 @@ def estimate_load(
     queued_p = metrics.queued_prefill_tokens or 0.0
     offered_p = demand.steady_p
     ready_capacity_p = snapshot.prefill.ready * capacity["prefill"]
-    demand, saturated_p = _saturated_demand(demand, snapshot, state, config, capacity, queued_p)
+    # A replica asked for now serves after a start and up to an interval; rates over a window lag
+    # the load by half of it.
+    lead = config.replica_startup_seconds + config.interval_seconds + metrics.window_seconds / 2
+    demand, saturated_p = _saturated_demand(demand, snapshot, state, config, capacity, metrics, lead)
     # History (scale-down window, trend) keeps the offered rate: the saturated estimate above
     # overstates while replicas that just became ready are counted as if they served all along.
     sample = DemandSample(
@@ -90,9 +96,6 @@ def estimate_load(
     )
     longest = max(config.scale_down_window_seconds * MAX_DAMPING, config.surge_window_seconds)
     history = (*_trim_history(state.demand_history, now - longest), sample)
-    # A replica asked for now serves after a start and up to an interval; rates over a window lag
-    # the load by half of it.
-    lead = config.replica_startup_seconds + config.interval_seconds + metrics.window_seconds / 2
     level: dict[Role, float] = {"prefill": offered_p, "decode": demand.steady_d}
     trend = _clear_trend(history, now, config, level)
     # Prefill headroom for a surge like the largest one seen recently within a reaction time:
@@ -146,18 +149,39 @@ def _saturated_demand(
     state: PolicyState,
     config: PolicyConfig,
     capacity: dict[Role, float],
-    queued_p: float,
+    metrics: MetricsSample,
+    lead: float,
 ) -> tuple[Demand, bool]:
     """Demand with a saturated prefill pool's step seen at once, and whether it is saturated.
 
     A queue worth more than the TTFT SLO of the pool's work (or a good part of an interval) means
-    it ran flat out and misses TTFT. A saturated pool serves its capacity and the queue grows by
-    the rest: this sees a step now, where the admitted-tokens rate averages it over a window.
+    it ran flat out. A saturated pool serves its capacity and the queue grows by the rest: this
+    sees a step now, where the admitted-tokens rate averages it over a window. It counts only
+    where the queue breaks the SLO: grown at its rate until replicas asked for now serve, drained
+    at the ready pool's rate, and added to the quantile wait of the load on that pool (the
+    queueing model), it outlasts what TTFT leaves for waiting. On a 15 s SLO a few long prompts
+    in the queue are no step (Mooncake conversation: 9 replicas bought, and kept by the reversal
+    budget, where 6-7 held the load).
     """
+    queued_p = metrics.queued_prefill_tokens or 0.0
     ready_capacity_p = snapshot.prefill.ready * capacity["prefill"]
     queue_limit = min(config.interval_seconds * _SATURATED_SHARE, config.ttft_slo_seconds)
     if not (demand.saturated_p or queued_p > ready_capacity_p * queue_limit):
         return demand, False
+    if ready_capacity_p > 0:
+        mean_prompt = mean_prompt_tokens(metrics)
+        budget = ttft_wait_budget(
+            config, mean_prompt, capacity["prefill"], kv_transfer_seconds(metrics, config)
+        )
+        backlog_wait = (queued_p + max(demand.growth_p, 0.0) * lead) / ready_capacity_p
+        load_wait = wait_quantile(
+            snapshot.prefill.ready,
+            demand.steady_p / mean_prompt,
+            capacity["prefill"] / mean_prompt,
+            config.quantile,
+        )
+        if backlog_wait + load_wait <= budget:
+            return demand, False
     # Replicas that became ready since the last decision did not serve through the interval.
     served_by = min(snapshot.prefill.ready, state.last_prefill_ready or snapshot.prefill.ready)
     now_p = served_by * capacity["prefill"] + max(demand.growth_p, 0.0)

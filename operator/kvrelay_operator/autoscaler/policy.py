@@ -23,7 +23,12 @@ import dataclasses
 import math
 
 from kvrelay_operator.autoscaler.bounds import apply_bounds, within_limits
-from kvrelay_operator.autoscaler.estimators import kv_cache_replicas, mean_prompt_tokens
+from kvrelay_operator.autoscaler.estimators import (
+    kv_cache_replicas,
+    kv_transfer_seconds,
+    mean_prompt_tokens,
+    ttft_wait_budget,
+)
 from kvrelay_operator.autoscaler.load import Load, estimate_load
 from kvrelay_operator.autoscaler.queueing import servers_for_wait
 from kvrelay_operator.autoscaler.scale_to_zero import last_load_at, to_and_from_zero, with_zero_pools
@@ -76,7 +81,12 @@ def decide(
     load = estimate_load(snapshot, metrics, state, roles_state["prefill"], config, now)
     # needs
     sizing = _Sizing(
-        snapshot, metrics, config, load.capacity, mean_prompt_tokens(metrics), _kv_seconds(metrics, config)
+        snapshot,
+        metrics,
+        config,
+        load.capacity,
+        mean_prompt_tokens(metrics),
+        kv_transfer_seconds(metrics, config),
     )
     roles_state = _release_settled_damping(roles_state, snapshot, load, sizing, config, now)
     needs = _replicas_needed(snapshot, metrics, load, sizing, roles_state, config, now, metrics_since)
@@ -317,13 +327,6 @@ class _Sizing:
         return self.replicas(peak, c.scale_down_margin, kv_target=c.kv_cache_target * 0.9)
 
 
-def _kv_seconds(metrics: MetricsSample, config: PolicyConfig) -> float:
-    """KV transfer time as measured, else as configured."""
-    if metrics.kv_transfer_seconds is not None:
-        return metrics.kv_transfer_seconds
-    return config.expected_kv_transfer_seconds
-
-
 def _slo_violated(metrics: MetricsSample, config: PolicyConfig, load: Load) -> dict[Role, bool]:
     """An SLO miss per role, counted only while its cause is still there and replicas can remove
     it: a prefill queue that takes a real share of the TTFT SLO to drain, or a full decode pool.
@@ -355,15 +358,16 @@ def prefill_replicas_needed(
     config: PolicyConfig,
     max_utilization: float,
 ) -> int:
-    """Prefill replicas whose queueing delay at the SLO quantile fits the TTFT budget left.
-
-    TTFT = queue wait + own prefill + KV transfer, so the wait may use what the other two leave.
-    When nothing is left, fall back to plain throughput at `max_utilization` (SLO unreachable).
+    """Prefill replicas whose queueing delay at the SLO quantile fits the TTFT wait budget
+    (`estimators.ttft_wait_budget`). When nothing is left, fall back to plain throughput at
+    `max_utilization` (SLO unreachable).
     """
     if demand_tokens_per_second <= 0:
         return 0
     service_seconds = mean_prompt_tokens / capacity_tokens_per_second
-    wait_budget = config.ttft_slo_seconds - service_seconds - kv_transfer_seconds
+    wait_budget = ttft_wait_budget(
+        config, mean_prompt_tokens, capacity_tokens_per_second, kv_transfer_seconds
+    )
     arrival_rate = demand_tokens_per_second / mean_prompt_tokens
     service_rate = 1.0 / service_seconds
     if wait_budget <= 0:
