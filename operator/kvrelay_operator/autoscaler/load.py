@@ -119,7 +119,7 @@ def estimate_load(
     backlog_p = _projected_backlog(
         snapshot, prefill_state, config, now, metrics, forecast_p, ready_capacity_p, queued_p
     )
-    flush_d = _flush_rate(backlog_p, demand, metrics, config)
+    flush_d = _flush_rate(backlog_p, demand, metrics, config, capacity["prefill"], forecast_p)
     return Load(
         demand=demand,
         capacity=capacity,
@@ -265,17 +265,26 @@ def _backlog_rate(
     return max(rate, 0.0)
 
 
-def _flush_rate(backlog_p: float, demand: Demand, metrics: MetricsSample, config: PolicyConfig) -> float:
+def _flush_rate(
+    backlog_p: float,
+    demand: Demand,
+    metrics: MetricsSample,
+    config: PolicyConfig,
+    capacity_p: float,
+    forecast_p: float,
+) -> float:
     """Decode tokens/s the prefill backlog brings when it is flushed.
 
     Scale-up sizes prefill to drain the backlog projected to when new replicas serve within
     `backlog_drain_seconds`, so decode receives those requests at that pace, on top of the load: on
     a x3 step, sizing decode for the load alone left the flush to 3 replicas, which missed ITL for
-    90 s. A backlog the ready prefill pool clears before then reaches decode before replicas asked
-    for now could serve it, and adds nothing.
+    90 s. No faster than the largest prefill pool allowed drains it beside the load; a backlog the
+    ready prefill pool clears before then reaches decode before replicas asked for now could serve
+    it, and adds nothing.
     """
-    requests = backlog_p / mean_prompt_tokens(metrics)
-    return requests * (demand.mean_output_tokens or 0.0) / config.backlog_drain_seconds
+    largest_pool = config.prefill.max_replicas * capacity_p
+    prompt_tokens = min(backlog_p / config.backlog_drain_seconds, max(largest_pool - forecast_p, 0.0))
+    return prompt_tokens / mean_prompt_tokens(metrics) * (demand.mean_output_tokens or 0.0)
 
 
 def _trim_history(history: tuple[DemandSample, ...], since: float) -> tuple[DemandSample, ...]:

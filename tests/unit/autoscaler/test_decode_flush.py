@@ -103,3 +103,14 @@ def test_no_flush_before_the_output_length_is_known() -> None:
     assert snapshot.metrics is not None
     load = estimate_load(snapshot, snapshot.metrics, state, state.prefill, config, NOW)
     assert load.flush_d == 0.0
+
+
+def test_the_flush_comes_no_faster_than_the_largest_prefill_pool_drains_it() -> None:
+    # At most 6 prefill replicas: 60k tokens/s, 48k of them for the load, 12k left for the backlog.
+    config = _config().model_copy(update={"prefill": RoleLimits(max_replicas=6)})
+    snapshot = _snapshot(prompt_rate=48_000.0, queued=3_000_000.0, prefill_ready=4)
+    state = _state(queued=2_800_000.0)
+    assert snapshot.metrics is not None
+    load = estimate_load(snapshot, snapshot.metrics, state, state.prefill, config, NOW)
+    assert load.flush_d == pytest.approx((6 * PREFILL_CAP - load.forecast["prefill"]) / PROMPT * OUTPUT)
+    assert load.flush_d < 3_000_000.0 / PROMPT * OUTPUT / config.backlog_drain_seconds / 5  # unbounded: 8x
