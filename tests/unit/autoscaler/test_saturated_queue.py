@@ -4,7 +4,7 @@ queue breaks the TTFT SLO, not wherever a few long prompts wait."""
 from __future__ import annotations
 
 import pytest
-from kvrelay_operator.autoscaler.load import estimate_load
+from kvrelay_operator.autoscaler.load import Load, estimate_load
 from kvrelay_operator.autoscaler.types import (
     MetricsSample,
     PolicyConfig,
@@ -20,7 +20,7 @@ PREFILL_CAP = 10_000.0
 READY = 7
 
 
-def _load(ttft_slo: float, queued: float, last_queued: float, prompt_rate: float = 40_000.0):
+def _load(ttft_slo: float, queued: float, last_queued: float, prompt_rate: float = 40_000.0) -> Load:
     config = PolicyConfig(
         ttft_slo_seconds=ttft_slo,
         itl_slo_seconds=0.06,
