@@ -78,7 +78,7 @@ def decide(
     roles_state = {role: decay_damping(state.role(role), config, now) for role in ROLES}
 
     # demand
-    load = estimate_load(snapshot, metrics, state, roles_state["prefill"], config, now)
+    load = estimate_load(snapshot, metrics, state, roles_state, config, now)
     # needs
     sizing = _Sizing(
         snapshot,

@@ -11,8 +11,10 @@ from kvrelay_operator.autoscaler.types import (
     MetricsSample,
     PolicyConfig,
     PolicyState,
+    Role,
     RoleLimits,
     RoleReplicas,
+    RoleState,
     Snapshot,
 )
 
@@ -21,6 +23,10 @@ PROMPT = 1_000.0  # tokens per request
 OUTPUT = 200.0  # generated tokens per request
 PREFILL_CAP = 10_000.0
 DECODE_CAP = 2_000.0
+
+
+def _roles(state: PolicyState) -> dict[Role, RoleState]:
+    return {"prefill": state.prefill, "decode": state.decode}
 
 
 def _config() -> PolicyConfig:
@@ -71,7 +77,7 @@ def test_a_step_sizes_decode_for_the_backlog_it_will_receive() -> None:
     snapshot = _snapshot(prompt_rate=120_000.0, queued=300_000.0, prefill_ready=4)
     state = _state(queued=100_000.0)
     assert snapshot.metrics is not None
-    load = estimate_load(snapshot, snapshot.metrics, state, state.prefill, config, NOW)
+    load = estimate_load(snapshot, snapshot.metrics, state, _roles(state), config, NOW)
     # At least today's queue, and more: it grows by demand - ready capacity over a start.
     floor = 300_000.0 / PROMPT * OUTPUT / config.backlog_drain_seconds
     assert load.flush_d > floor
@@ -88,7 +94,7 @@ def test_a_backlog_the_ready_pool_clears_first_adds_no_decode() -> None:
     snapshot = _snapshot(prompt_rate=20_000.0, queued=50_000.0, prefill_ready=8)
     state = _state(queued=0.0)
     assert snapshot.metrics is not None
-    load = estimate_load(snapshot, snapshot.metrics, state, state.prefill, config, NOW)
+    load = estimate_load(snapshot, snapshot.metrics, state, _roles(state), config, NOW)
     assert load.flush_d == 0.0
     assert load.sized["decode"] == pytest.approx(load.forecast["decode"])
 
@@ -101,7 +107,7 @@ def test_no_flush_before_the_output_length_is_known() -> None:
         update={"metrics": snapshot.metrics.model_copy(update={"generation_tokens_per_second": 0.0})}  # type: ignore[union-attr]
     )
     assert snapshot.metrics is not None
-    load = estimate_load(snapshot, snapshot.metrics, state, state.prefill, config, NOW)
+    load = estimate_load(snapshot, snapshot.metrics, state, _roles(state), config, NOW)
     assert load.flush_d == 0.0
 
 
@@ -111,6 +117,27 @@ def test_the_flush_comes_no_faster_than_the_largest_prefill_pool_drains_it() -> 
     snapshot = _snapshot(prompt_rate=48_000.0, queued=3_000_000.0, prefill_ready=4)
     state = _state(queued=2_800_000.0)
     assert snapshot.metrics is not None
-    load = estimate_load(snapshot, snapshot.metrics, state, state.prefill, config, NOW)
+    load = estimate_load(snapshot, snapshot.metrics, state, _roles(state), config, NOW)
     assert load.flush_d == pytest.approx((6 * PREFILL_CAP - load.forecast["prefill"]) / PROMPT * OUTPUT)
     assert load.flush_d < 3_000_000.0 / PROMPT * OUTPUT / config.backlog_drain_seconds / 5  # unbounded: 8x
+
+
+def test_a_decode_scale_up_the_reversal_budget_would_lock_in_buys_no_flush() -> None:
+    # Decode turned down a minute ago after one turn this hour: a scale-up now is the hour's second
+    # turn, its replicas would stay up to an hour, and the flush is over within a drain.
+    config = _config()
+    snapshot = _snapshot(prompt_rate=120_000.0, queued=300_000.0, prefill_ready=4)
+    free = _state(queued=100_000.0)
+    locked = free.model_copy(
+        update={
+            "decode": RoleState(
+                last_direction="down", reversal_times=(NOW - 60.0,), last_change_at=NOW - 60.0
+            )
+        }
+    )
+    assert snapshot.metrics is not None
+    load_free = estimate_load(snapshot, snapshot.metrics, free, _roles(free), config, NOW)
+    load_locked = estimate_load(snapshot, snapshot.metrics, locked, _roles(locked), config, NOW)
+    assert load_free.flush_d > 0.0
+    assert load_locked.flush_d == 0.0
+    assert load_locked.sized["decode"] == pytest.approx(load_locked.forecast["decode"])

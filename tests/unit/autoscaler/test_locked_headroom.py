@@ -82,7 +82,9 @@ def _sized_prefill(prefill_state: RoleState) -> tuple[float, float, float]:
         metrics=metrics, prefill=RoleReplicas(current=8, ready=8), decode=RoleReplicas(current=2, ready=2)
     )
     state = PolicyState(prefill=prefill_state, demand_history=history, last_metrics_at=NOW - 30.0)
-    load = estimate_load(snapshot, metrics, state, prefill_state, config, NOW)
+    load = estimate_load(
+        snapshot, metrics, state, {"prefill": prefill_state, "decode": state.decode}, config, NOW
+    )
     return load.sized["prefill"], load.forecast["prefill"], load.surge_p
 
 
