@@ -5,13 +5,12 @@ from __future__ import annotations
 import math
 
 import pytest
-from kvrelay_operator.autoscaler.load import estimate_load
+from kvrelay_operator.autoscaler.load import Load, estimate_load
 from kvrelay_operator.autoscaler.policy import decide
 from kvrelay_operator.autoscaler.types import (
     MetricsSample,
     PolicyConfig,
     PolicyState,
-    Role,
     RoleLimits,
     RoleReplicas,
     RoleState,
@@ -23,10 +22,6 @@ PROMPT = 1_000.0  # tokens per request
 OUTPUT = 200.0  # generated tokens per request
 PREFILL_CAP = 10_000.0
 DECODE_CAP = 2_000.0
-
-
-def _roles(state: PolicyState) -> dict[Role, RoleState]:
-    return {"prefill": state.prefill, "decode": state.decode}
 
 
 def _config() -> PolicyConfig:
@@ -71,13 +66,18 @@ def _state(queued: float) -> PolicyState:
     )
 
 
+def _load(snapshot: Snapshot, state: PolicyState, config: PolicyConfig) -> Load:
+    assert snapshot.metrics is not None
+    roles = {"prefill": state.prefill, "decode": state.decode}
+    return estimate_load(snapshot, snapshot.metrics, state, roles, config, NOW)
+
+
 def test_a_step_sizes_decode_for_the_backlog_it_will_receive() -> None:
     # Demand tripled over 4 ready prefill replicas: the queue grows until new replicas serve.
     config = _config()
     snapshot = _snapshot(prompt_rate=120_000.0, queued=300_000.0, prefill_ready=4)
     state = _state(queued=100_000.0)
-    assert snapshot.metrics is not None
-    load = estimate_load(snapshot, snapshot.metrics, state, _roles(state), config, NOW)
+    load = _load(snapshot, state, config)
     # At least today's queue, and more: it grows by demand - ready capacity over a start.
     floor = 300_000.0 / PROMPT * OUTPUT / config.backlog_drain_seconds
     assert load.flush_d > floor
@@ -93,8 +93,7 @@ def test_a_backlog_the_ready_pool_clears_first_adds_no_decode() -> None:
     config = _config()
     snapshot = _snapshot(prompt_rate=20_000.0, queued=50_000.0, prefill_ready=8)
     state = _state(queued=0.0)
-    assert snapshot.metrics is not None
-    load = estimate_load(snapshot, snapshot.metrics, state, _roles(state), config, NOW)
+    load = _load(snapshot, state, config)
     assert load.flush_d == 0.0
     assert load.sized["decode"] == pytest.approx(load.forecast["decode"])
 
@@ -106,8 +105,7 @@ def test_no_flush_before_the_output_length_is_known() -> None:
     snapshot = snapshot.model_copy(
         update={"metrics": snapshot.metrics.model_copy(update={"generation_tokens_per_second": 0.0})}  # type: ignore[union-attr]
     )
-    assert snapshot.metrics is not None
-    load = estimate_load(snapshot, snapshot.metrics, state, _roles(state), config, NOW)
+    load = _load(snapshot, state, config)
     assert load.flush_d == 0.0
 
 
@@ -116,8 +114,7 @@ def test_the_flush_comes_no_faster_than_the_largest_prefill_pool_drains_it() -> 
     config = _config().model_copy(update={"prefill": RoleLimits(max_replicas=6)})
     snapshot = _snapshot(prompt_rate=48_000.0, queued=3_000_000.0, prefill_ready=4)
     state = _state(queued=2_800_000.0)
-    assert snapshot.metrics is not None
-    load = estimate_load(snapshot, snapshot.metrics, state, _roles(state), config, NOW)
+    load = _load(snapshot, state, config)
     assert load.flush_d == pytest.approx((6 * PREFILL_CAP - load.forecast["prefill"]) / PROMPT * OUTPUT)
     assert load.flush_d < 3_000_000.0 / PROMPT * OUTPUT / config.backlog_drain_seconds / 5  # unbounded: 8x
 
@@ -135,9 +132,7 @@ def test_a_decode_scale_up_the_reversal_budget_would_lock_in_buys_no_flush() -> 
             )
         }
     )
-    assert snapshot.metrics is not None
-    load_free = estimate_load(snapshot, snapshot.metrics, free, _roles(free), config, NOW)
-    load_locked = estimate_load(snapshot, snapshot.metrics, locked, _roles(locked), config, NOW)
+    load_free, load_locked = _load(snapshot, free, config), _load(snapshot, locked, config)
     assert load_free.flush_d > 0.0
     assert load_locked.flush_d == 0.0
     assert load_locked.sized["decode"] == pytest.approx(load_locked.forecast["decode"])

@@ -9,10 +9,8 @@ from kvrelay_operator.autoscaler.types import (
     MetricsSample,
     PolicyConfig,
     PolicyState,
-    Role,
     RoleLimits,
     RoleReplicas,
-    RoleState,
     Snapshot,
 )
 
@@ -20,10 +18,6 @@ NOW = 10_000.0
 PROMPT = 12_000.0  # long prompts: one queued is far above the 4,096 tokens that mean "never idled"
 PREFILL_CAP = 10_000.0
 READY = 7
-
-
-def _roles(state: PolicyState) -> dict[Role, RoleState]:
-    return {"prefill": state.prefill, "decode": state.decode}
 
 
 def _load(ttft_slo: float, queued: float, last_queued: float, prompt_rate: float = 40_000.0) -> Load:
@@ -56,7 +50,9 @@ def _load(ttft_slo: float, queued: float, last_queued: float, prompt_rate: float
     state = PolicyState(
         last_metrics_at=NOW - 30.0, last_queued_prefill_tokens=last_queued, last_prefill_ready=READY
     )
-    return estimate_load(snapshot, metrics, state, _roles(state), config, NOW)
+    return estimate_load(
+        snapshot, metrics, state, {"prefill": state.prefill, "decode": state.decode}, config, NOW
+    )
 
 
 def test_long_prompts_queued_under_a_loose_ttft_slo_are_no_step() -> None:
