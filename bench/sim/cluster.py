@@ -105,6 +105,7 @@ class Cluster:
             "kv_transfers": 0.0,
         }
         self.ttft_log: list[tuple[float, float]] = []
+        self.queue_log: list[tuple[float, float]] = []
         self.itl_log: list[tuple[float, float]] = []
         self.requests: list[SimRequest] = []
         self.done: list[SimRequest] = []
@@ -220,6 +221,7 @@ class Cluster:
                 self.counters["kv_transfer_seconds"] += transfer
                 self.counters["kv_transfers"] += 1
                 request.first_token_at = now + transfer
+                self.queue_log.append((now, now - seconds - request.dispatched_at))
                 self.ttft_log.append((now, request.first_token_at - request.arrival))
                 if request.output_tokens <= 1:
                     request.finished_at = request.first_token_at
@@ -350,8 +352,8 @@ class Scraper:
         self.quantile = quantile
         # Like rate(x[60s]) and histogram_quantile over 60 s: a sliding window, not the interval.
         self.window_seconds = window_seconds
-        self._history: deque[tuple[float, dict[str, float], int, int]] = deque(
-            [(cluster.env.now, dict(cluster.counters), 0, 0)]
+        self._history: deque[tuple[float, dict[str, float], int, int, int]] = deque(
+            [(cluster.env.now, dict(cluster.counters), 0, 0, 0)]
         )
         self._request_index = 0
         self._done_index = 0
@@ -364,12 +366,15 @@ class Scraper:
         now = cluster.env.now
         while len(self._history) > 1 and self._history[1][0] <= now - self.window_seconds:
             self._history.popleft()
-        since, counters, ttft_index, itl_index = self._history[0]
+        since, counters, ttft_index, itl_index, queue_index = self._history[0]
         window = max(now - since, 1e-9)
         rate = {k: (v - counters[k]) / window for k, v in cluster.counters.items()}
         ttfts = [v for _, v in cluster.ttft_log[ttft_index:]]
         itls = [v for _, v in cluster.itl_log[itl_index:]]
-        self._history.append((now, dict(cluster.counters), len(cluster.ttft_log), len(cluster.itl_log)))
+        queues = [v for _, v in cluster.queue_log[queue_index:]]
+        self._history.append(
+            (now, dict(cluster.counters), len(cluster.ttft_log), len(cluster.itl_log), len(cluster.queue_log))
+        )
         arrived = cluster.requests[self._request_index :]
         self._request_index = len(cluster.requests)
         done = cluster.done[self._done_index :]
@@ -411,6 +416,7 @@ class Scraper:
             kv_cache_usage_ratio=cluster.kv_usage(),
             kv_transfer_seconds=rate["kv_transfer_seconds"] / transfers if transfers > 0 else None,
             prefill_busy_seconds_per_second=rate["prefill_busy_seconds"] if rates_p else None,
+            prefill_queue_seconds=_quantile(queues, self.quantile) if rates_p else None,
             prefill_requests_waiting_for_replicas=held["prefill"],
             decode_requests_waiting_for_replicas=held["decode"],
         )

@@ -240,7 +240,14 @@ def _decision(
         "decode_ready": float(snapshot.decode.ready),
         "decode_pending": float(snapshot.decode.pending),
     }
-    for name in ("ttft_seconds", "itl_seconds", "mean_itl_seconds", "kv_cache_usage_ratio", "request_rate"):
+    for name in (
+        "ttft_seconds",
+        "prefill_queue_seconds",
+        "itl_seconds",
+        "mean_itl_seconds",
+        "kv_cache_usage_ratio",
+        "request_rate",
+    ):
         value = getattr(metrics, name)
         if value is not None:
             inputs[name] = value
@@ -333,9 +340,11 @@ def _slo_violated(metrics: MetricsSample, config: PolicyConfig, load: Load) -> d
 
     A quantile over the window still shows a burst that has already drained; and a TTFT miss over
     a short queue comes from prompts whose own prefill outlasts the SLO (Mooncake's 100k-token
-    prompts), which no added replica shortens.
+    prompts), which no added replica shortens. So does a miss that the TTFT quantile less the
+    prefill queue wait's quantile still shows: what is left is prefill and transfer time.
     """
     queue_wait = load.queued_p / load.ready_capacity_p if load.ready_capacity_p > 0 else math.inf
+    queue_quantile = metrics.prefill_queue_seconds
     decode_pressed = bool(metrics.decode_requests_waiting) or (
         metrics.kv_cache_usage_ratio is not None and metrics.kv_cache_usage_ratio > config.kv_cache_target
     )
@@ -343,7 +352,8 @@ def _slo_violated(metrics: MetricsSample, config: PolicyConfig, load: Load) -> d
         "prefill": metrics.ttft_seconds is not None
         and metrics.ttft_seconds > config.ttft_slo_seconds
         and (metrics.queued_prefill_tokens or 0.0) > 0
-        and queue_wait > _VIOLATION_QUEUE_SHARE * config.ttft_slo_seconds,
+        and queue_wait > _VIOLATION_QUEUE_SHARE * config.ttft_slo_seconds
+        and (queue_quantile is None or metrics.ttft_seconds - queue_quantile <= config.ttft_slo_seconds),
         "decode": metrics.itl_seconds is not None
         and metrics.itl_seconds > config.itl_slo_seconds
         and decode_pressed,

@@ -42,8 +42,9 @@ def build_queries(spec: QuerySpec) -> dict[str, str]:
     w = f"{spec.window_seconds}s"
     q = spec.quantile
 
-    def quantile(name: str) -> str:
-        return f"histogram_quantile({q}, sum by (le) (rate({name}_bucket{{{m}}}[{w}])))"
+    def quantile(name: str, role: str | None = None) -> str:
+        role_matcher = f',role="{role}"' if role else ""
+        return f"histogram_quantile({q}, sum by (le) (rate({name}_bucket{{{m}{role_matcher}}}[{w}])))"
 
     def mean(name: str) -> str:  # a histogram's mean over the window: rate of its sum over rate of its count
         return f"sum(rate({name}_sum{{{m}}}[{w}])) / sum(rate({name}_count{{{m}}}[{w}]))"
@@ -79,6 +80,7 @@ def build_queries(spec: QuerySpec) -> dict[str, str]:
         "kv_cache_usage_ratio": gauge("kvrelay_kv_cache_usage_ratio", "decode", "avg"),
         "kv_transfer_seconds": mean("kvrelay_kv_transfer_seconds"),
         "prefill_busy_seconds_per_second": rate("kvrelay_prefill_seconds_sum", "prefill"),
+        "prefill_queue_seconds": quantile("kvrelay_request_queue_seconds", "prefill"),
         "prefill_requests_waiting_for_replicas": held("prefill"),
         "decode_requests_waiting_for_replicas": held("decode"),
     }

@@ -38,6 +38,9 @@ class MetricsSample(_Frozen):
     decode_requests_running: float | None = Field(None, ge=0)
     kv_cache_usage_ratio: float | None = Field(None, ge=0, description="Mean KV-cache use of decode workers.")
     kv_transfer_seconds: float | None = Field(None, ge=0, description="Mean KV transfer time per request.")
+    prefill_queue_seconds: float | None = Field(
+        None, ge=0, description="Prefill wait from arrival to first scheduled step at the SLO quantile."
+    )
     prefill_busy_seconds_per_second: float | None = Field(
         None, ge=0, description="rate(prefill_seconds_sum) summed over the prefill pool (busy replicas)."
     )
