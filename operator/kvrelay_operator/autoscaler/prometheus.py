@@ -42,24 +42,25 @@ def build_queries(spec: QuerySpec) -> dict[str, str]:
     w = f"{spec.window_seconds}s"
     q = spec.quantile
 
+    def select(role: str | None) -> str:  # the label matchers: the model's, and the role's if given
+        return f'{m},role="{role}"' if role else m
+
     def quantile(name: str, role: str | None = None) -> str:
-        role_matcher = f',role="{role}"' if role else ""
-        return f"histogram_quantile({q}, sum by (le) (rate({name}_bucket{{{m}{role_matcher}}}[{w}])))"
+        return f"histogram_quantile({q}, sum by (le) (rate({name}_bucket{{{select(role)}}}[{w}])))"
 
     def mean(name: str) -> str:  # a histogram's mean over the window: rate of its sum over rate of its count
         return f"sum(rate({name}_sum{{{m}}}[{w}])) / sum(rate({name}_count{{{m}}}[{w}]))"
 
     def rate(name: str, role: str | None = None) -> str:
-        role_matcher = f',role="{role}"' if role else ""
-        return f"sum(rate({name}{{{m}{role_matcher}}}[{w}]))"
+        return f"sum(rate({name}{{{select(role)}}}[{w}]))"
 
     def gauge(name: str, role: str, agg: str = "sum") -> str:
-        return f'{agg}({name}{{{m},role="{role}"}})'
+        return f"{agg}({name}{{{select(role)}}})"
 
     def held(role: str) -> str:
         # The most held in the window, summed over routers: a request held between two decisions
         # (refused at its timeout, or served once a replica came) still counts as load.
-        return f'sum(max_over_time(kvrelay_router_requests_waiting_for_replicas{{{m},role="{role}"}}[{w}]))'
+        return f"sum(max_over_time(kvrelay_router_requests_waiting_for_replicas{{{select(role)}}}[{w}]))"
 
     return {
         # `or` keeps both sides' series (after timestamp() drops the names, a duplicate label set
