@@ -720,6 +720,8 @@ def _write_status_locked(
             version = parent["metadata"].get("resourceVersion")
             written = state.kube.patch_status(namespace, name, diff, version)
         except ApiException as exc:
+            if exc.status == 404:
+                return _model_gone(namespace, name)
             if exc.status == 409:
                 # Several writers (the reconcile, the mirror of each child's events, the autoscaler) may
                 # race on one model: a short random pause lets one of them finish instead of all retrying
@@ -737,6 +739,8 @@ def _write_status_locked(
             try:
                 parent = state.kube.get_model(namespace, name)
             except ApiException as read_error:
+                if read_error.status == 404:
+                    return _model_gone(namespace, name)
                 if read_error.status not in (0, 500, 502, 503, 504):
                     raise
             continue
@@ -745,6 +749,14 @@ def _write_status_locked(
             kopf.event(parent, type=event_type, reason=reason, message=message[:1000])
         return True
     return False
+
+
+def _model_gone(namespace: str, name: str) -> bool:
+    """The model was deleted after the event behind this write (a child's event during its cascade
+    deletion): there is no status left to write, which is not a handler failure."""
+    log.info("%s/%s: deleted before its status was written; nothing to write", namespace, name)
+    _LAST_WRITTEN.pop((namespace, name), None)
+    return True
 
 
 @kopf.on.event("", "v1", "pods", labels=CHILD_LABELS)

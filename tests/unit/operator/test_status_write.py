@@ -1,6 +1,6 @@
 """handlers._write_status: a conflict re-reads and recomputes; no answer or a server error (an API server or
 etcd restarting) is retried a bounded number of times, since kopf does not retry an event handler; a
-request error is raised at once."""
+model deleted before the write leaves nothing to write; a request error is raised at once."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ class FlakyKube:
             "status": {},
         }
         self.patches: list[dict[str, Any]] = []
+        self.deleted = False
 
     def patch_status(
         self, namespace: str, name: str, patch: dict[str, Any], version: str | None
@@ -34,6 +35,8 @@ class FlakyKube:
         return self.model
 
     def get_model(self, namespace: str, name: str) -> dict[str, Any]:
+        if self.deleted:
+            raise ApiException(status=404, reason="Not Found")
         return self.model
 
 
@@ -70,3 +73,15 @@ def test_attempts_are_bounded() -> None:
     kube = FlakyKube([0] * 20)
     assert handlers._write_status(State(kube), dict(kube.model), _ready, attempts=4) is False  # type: ignore[arg-type]
     assert len(kube.failures) == 16
+
+
+@pytest.mark.parametrize("failures", [[404], [409, 404]])
+def test_a_model_deleted_before_the_write_leaves_nothing_to_write(failures: list[int]) -> None:
+    # A child's event during the model's cascade deletion: the patch (or the re-read after a
+    # conflict) finds the model gone, which must not fail the handler.
+    kube = FlakyKube(failures)
+    kube.deleted = 404 in failures[1:]
+    handlers._LAST_WRITTEN[("ns", "m")] = dict(kube.model)
+    assert handlers._write_status(State(kube), dict(kube.model), _ready) is True  # type: ignore[arg-type]
+    assert kube.patches == []
+    assert ("ns", "m") not in handlers._LAST_WRITTEN
