@@ -26,6 +26,9 @@ from sim.model import ReplicaModel
 
 # Decode replicas advance this many steps per event (finishes fall exactly on chunk ends).
 _DECODE_CHUNK_STEPS = 4
+# The workers' scrape interval (`spec.monitoring.interval`'s default): a gauge read over the window is
+# its samples, four of them in the 60 s window (`kopf_timer.query_spec` keeps at least four).
+SCRAPE_SECONDS = 15.0
 
 
 @dataclass(slots=True)
@@ -110,9 +113,12 @@ class Cluster:
         self.requests: list[SimRequest] = []
         self.done: list[SimRequest] = []
         self._seq = itertools.count()
+        # Each ready decode replica's KV-cache use at every scrape: (time, replica, use).
+        self.kv_scrapes: deque[tuple[float, int, float]] = deque()
         for role, num in (("prefill", prefill), ("decode", decode)):
             for _ in range(num):
                 self._start(role, cold=False)
+        env.process(self._scrape_kv_usage())
 
     # -- scaling ---------------------------------------------------------------------------
     def active(self, role: str) -> list[Replica]:
@@ -312,6 +318,29 @@ class Cluster:
             return None
         return sum(r.kv_used for r in ready) / (len(ready) * self.model.kv_capacity_tokens)
 
+    def _scrape_kv_usage(self):
+        """Prometheus scrapes each decode worker's KV-cache gauge every `SCRAPE_SECONDS`."""
+        while True:
+            now = self.env.now
+            for r in self.active("decode"):
+                if r.ready_at <= now:
+                    self.kv_scrapes.append((now, id(r), r.kv_used / self.model.kv_capacity_tokens))
+            yield self.env.timeout(SCRAPE_SECONDS)
+
+    def kv_usage_over(self, since: float) -> tuple[float | None, float | None]:
+        """Each decode replica's mean and highest KV-cache use scraped after `since`, averaged over
+        replicas (`avg(avg_over_time(..))`, `avg(max_over_time(..))`); older scrapes are dropped."""
+        while self.kv_scrapes and self.kv_scrapes[0][0] <= since:
+            self.kv_scrapes.popleft()
+        per_replica: dict[int, list[float]] = {}
+        for _, replica, use in self.kv_scrapes:
+            per_replica.setdefault(replica, []).append(use)
+        if not per_replica:
+            return None, None
+        means = [sum(uses) / len(uses) for uses in per_replica.values()]
+        peaks = [max(uses) for uses in per_replica.values()]
+        return sum(means) / len(means), sum(peaks) / len(peaks)
+
     def exported(self, role: str, since: float) -> bool:
         """Whether a replica of `role` was up to export its series (ready, not yet gone) at some time
         from `since` until now: a pool at zero exports nothing, and Prometheus answers no series."""
@@ -397,6 +426,7 @@ class Scraper:
         gauges_p = cluster.exported("prefill", now)
         gauges_d = cluster.exported("decode", now)
         held = {role: cluster.hold.gauges[role].max_over(now - self.window_seconds) for role in ROLES}
+        kv_mean, kv_peak = cluster.kv_usage_over(now - self.window_seconds)
         metrics = MetricsSample(
             observed_at=now,
             window_seconds=window,
@@ -414,6 +444,8 @@ class Scraper:
             if gauges_d
             else None,
             kv_cache_usage_ratio=cluster.kv_usage(),
+            kv_cache_usage_mean_ratio=kv_mean,
+            kv_cache_usage_peak_ratio=kv_peak,
             kv_transfer_seconds=rate["kv_transfer_seconds"] / transfers if transfers > 0 else None,
             prefill_busy_seconds_per_second=rate["prefill_busy_seconds"] if rates_p else None,
             prefill_queue_seconds=_quantile(queues, self.quantile) if rates_p else None,

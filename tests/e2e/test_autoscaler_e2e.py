@@ -140,6 +140,9 @@ def test_reader_turns_live_series_into_a_snapshot_the_policy_acts_on(stack: Stac
     assert sample.queued_prefill_tokens is not None and sample.kv_cache_usage_ratio is not None
     # The prefill workers' queue wait, which tells a TTFT miss replicas can shorten from one they cannot.
     assert sample.prefill_queue_seconds is not None and 0 <= sample.prefill_queue_seconds < 60
+    # The decode workers' KV-cache use over the window: its mean sizes scale-up, its peak scale-down.
+    mean_use, peak_use = sample.kv_cache_usage_mean_ratio, sample.kv_cache_usage_peak_ratio
+    assert mean_use is not None and peak_use is not None and 0 <= mean_use <= peak_use <= 1
     config = PolicyConfig(ttft_slo_seconds=5.0, itl_slo_seconds=1.0, prefill_tokens_per_second=1.0,
                           decode_tokens_per_second=1.0)  # fmt: skip
     one = RoleReplicas(current=1, ready=1)

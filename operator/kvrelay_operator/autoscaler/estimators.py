@@ -224,15 +224,26 @@ def demand_surge(history: tuple[DemandSample, ...], since: float, within_seconds
 
 
 def kv_cache_replicas(
-    metrics: MetricsSample, snapshot: Snapshot, config: PolicyConfig, target: float | None = None
+    metrics: MetricsSample,
+    snapshot: Snapshot,
+    config: PolicyConfig,
+    target: float | None = None,
+    peak: bool = False,
 ) -> int:
     """Decode replicas whose KV cache holds the running and the waiting sequences at the target use.
 
     Long contexts make decode memory-bound before it is bandwidth-bound: requests then wait for
     KV space, and tokens/s never shows the shortfall. Each running sequence holds usage * ready /
     running of a replica's cache; waiting ones will need as much.
+
+    Scale-up reads the window's mean use (`peak` False): one scrape that caught a 100k-token prompt's
+    cache is not a need that lasts (Mooncake conversation bought a third decode replica on one such
+    scrape, and the reversal budget kept it for 50 minutes). The N-1 check of scale-down (`peak`
+    True) reads the window's highest use: fewer replicas must hold that too. Without those series,
+    the use now.
     """
-    usage = metrics.kv_cache_usage_ratio
+    windowed = metrics.kv_cache_usage_peak_ratio if peak else metrics.kv_cache_usage_mean_ratio
+    usage = metrics.kv_cache_usage_ratio if windowed is None else windowed
     if usage is None or snapshot.decode.ready == 0:
         return 0
     running = metrics.decode_requests_running or 0.0

@@ -246,6 +246,8 @@ def _decision(
         "itl_seconds",
         "mean_itl_seconds",
         "kv_cache_usage_ratio",
+        "kv_cache_usage_mean_ratio",
+        "kv_cache_usage_peak_ratio",
         "request_rate",
     ):
         value = getattr(metrics, name)
@@ -312,9 +314,14 @@ class _Sizing:
     kv_seconds: float
 
     def replicas(
-        self, demand: dict[Role, float], margin: float = 1.0, kv_target: float | None = None
+        self,
+        demand: dict[Role, float],
+        margin: float = 1.0,
+        kv_target: float | None = None,
+        kv_peak: bool = False,
     ) -> dict[Role, int]:
-        """Replicas per role for `demand` tokens/s at the target utilizations times `margin`."""
+        """Replicas per role for `demand` tokens/s at the target utilizations times `margin`, and for
+        the KV cache's use (the window's peak use where `kv_peak`, else its mean)."""
         c = self.config
         prefill = prefill_replicas_needed(
             demand["prefill"], self.capacity["prefill"], self.mean_prompt, self.kv_seconds, c,
@@ -325,13 +332,13 @@ class _Sizing:
         )
         return {
             "prefill": prefill,
-            "decode": max(decode, kv_cache_replicas(self.metrics, self.snapshot, c, kv_target)),
+            "decode": max(decode, kv_cache_replicas(self.metrics, self.snapshot, c, kv_target, kv_peak)),
         }
 
     def replicas_down(self, peak: dict[Role, float]) -> dict[Role, int]:
         """Replicas that hold `peak` at the scale-down margin (the N-1 check)."""
         c = self.config
-        return self.replicas(peak, c.scale_down_margin, kv_target=c.kv_cache_target * 0.9)
+        return self.replicas(peak, c.scale_down_margin, kv_target=c.kv_cache_target * 0.9, kv_peak=True)
 
 
 def _slo_violated(metrics: MetricsSample, config: PolicyConfig, load: Load) -> dict[Role, bool]:

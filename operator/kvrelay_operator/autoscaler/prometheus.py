@@ -57,6 +57,9 @@ def build_queries(spec: QuerySpec) -> dict[str, str]:
     def gauge(name: str, role: str, agg: str = "sum") -> str:
         return f"{agg}({name}{{{select(role)}}})"
 
+    def over_window(name: str, role: str, fn: str) -> str:  # each series' fn over the window, averaged
+        return f"avg({fn}({name}{{{select(role)}}}[{w}]))"
+
     def held(role: str) -> str:
         # The most held in the window, summed over routers: a request held between two decisions
         # (refused at its timeout, or served once a replica came) still counts as load.
@@ -79,6 +82,8 @@ def build_queries(spec: QuerySpec) -> dict[str, str]:
         "decode_requests_waiting": gauge("kvrelay_requests_waiting", "decode"),
         "decode_requests_running": gauge("kvrelay_requests_running", "decode"),
         "kv_cache_usage_ratio": gauge("kvrelay_kv_cache_usage_ratio", "decode", "avg"),
+        "kv_cache_usage_mean_ratio": over_window("kvrelay_kv_cache_usage_ratio", "decode", "avg_over_time"),
+        "kv_cache_usage_peak_ratio": over_window("kvrelay_kv_cache_usage_ratio", "decode", "max_over_time"),
         "kv_transfer_seconds": mean("kvrelay_kv_transfer_seconds"),
         "prefill_busy_seconds_per_second": rate("kvrelay_prefill_seconds_sum", "prefill"),
         "prefill_queue_seconds": quantile("kvrelay_request_queue_seconds", "prefill"),

@@ -37,6 +37,12 @@ class MetricsSample(_Frozen):
     decode_requests_waiting: float | None = Field(None, ge=0)
     decode_requests_running: float | None = Field(None, ge=0)
     kv_cache_usage_ratio: float | None = Field(None, ge=0, description="Mean KV-cache use of decode workers.")
+    kv_cache_usage_mean_ratio: float | None = Field(
+        None, ge=0, description="Each decode worker's mean KV-cache use over the window, averaged."
+    )
+    kv_cache_usage_peak_ratio: float | None = Field(
+        None, ge=0, description="Each decode worker's highest KV-cache use in the window, averaged."
+    )
     kv_transfer_seconds: float | None = Field(None, ge=0, description="Mean KV transfer time per request.")
     prefill_queue_seconds: float | None = Field(
         None, ge=0, description="Prefill wait from arrival to first scheduled step at the SLO quantile."
