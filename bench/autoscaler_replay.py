@@ -9,11 +9,15 @@ default (and with `--quick`, for CI) only the synthetic staircase is replayed (~
 replays every trace (~5-10 min of CPU).
 
     python bench/autoscaler_replay.py [--quick | --full] [--trace NAME ...] [--plot DIR]
+    python bench/autoscaler_replay.py --trace-file FILE [--copies N] [--minutes M] [--reference]
 
 `--plot DIR` also writes DIR/<trace>.png per trace: offered load, replicas per role for kvrelay and
 each baseline, and the rolling in-SLO share, on one time axis.
 
 Traces come from `$KVRELAY_TRACES_DIR` or `../shared/traces` (see its README for sources).
+`--trace-file` replays any trace in a format the field publishes instead (Azure, Mooncake, BurstGPT:
+`sim/trace_file.py`), judged as a recorded trace, with SLOs from `--ttft-slo`/`--itl-slo` or, by
+default, those of the built-in traces with prompts of its mean length.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from sim.replay import (  # noqa: E402
     run,
     static_sizes,
 )
+from sim.trace_file import TraceFileError, load_trace_file  # noqa: E402
 from sim.traces import (  # noqa: E402
     Trace,
     load_azure_conv,
@@ -58,6 +63,15 @@ from sim.zero import ZERO_TRACES, scale_to_zero_line  # noqa: E402
 AZURE_COPIES = 10
 REFERENCE = "clairvoyant_cold_start"
 SYNTHETIC_BASE_RATE = 25.0
+# The built-in traces' SLOs: chat-length prompts, and long ones (mean 12-15k tokens), whose TTFT is
+# looser and whose ITL long-context decode sets.
+CHAT_SLOS = {"ttft_slo_seconds": 1.5, "itl_slo_seconds": 0.030}
+LONG_PROMPT_SLOS = {"ttft_slo_seconds": 15.0, "itl_slo_seconds": 0.060}
+# A trace file whose prompts average this many tokens is judged by the long-prompt SLOs by default.
+LONG_PROMPT_TOKENS = 8_000
+# A trace file longer than this is replayed only up to `--minutes` (every policy replays it, and a
+# day of a busy trace is hours of CPU).
+MAX_FILE_HOURS = 6.0
 
 
 def scenarios(quick: bool, only: list[str] | None) -> list[Scenario]:
@@ -68,9 +82,7 @@ def scenarios(quick: bool, only: list[str] | None) -> list[Scenario]:
     # Synthetic traces reuse the real Azure conversation lengths (sampled) when the file is there.
     base = load_azure_conv(azure_path) if azure_path.exists() else None
     lengths = [(p, o) for _, p, o in base.requests] if base else [(1024, 200)]
-    chat = {"ttft_slo_seconds": 1.5, "itl_slo_seconds": 0.030}
-    # Long prompts (mean 12-15k tokens): a looser TTFT, ITL set by long-context decode.
-    long_prompts = {"ttft_slo_seconds": 15.0, "itl_slo_seconds": 0.060}
+    chat, long_prompts = CHAT_SLOS, LONG_PROMPT_SLOS
     # Where pools go to zero the router holds as the README advises: a max wait above a replica's
     # start (cold start, a decision interval and the rate window's lag: 60 + 30 + 30 s) and room for
     # that long of a burst's arrivals.
@@ -98,6 +110,29 @@ def scenarios(quick: bool, only: list[str] | None) -> list[Scenario]:
     if only:
         out = [s for s in out if any(name in s.trace.name for name in only)]
     return out
+
+
+def file_scenario(
+    path: Path, copies: int, minutes: float | None, ttft_slo: float | None, itl_slo: float | None
+) -> tuple[Scenario, dict[str, object]]:
+    """A trace file as a recorded trace, and what each of its lines says about how it was read."""
+    if minutes is not None and minutes <= 0:
+        raise TraceFileError(f"--minutes must be > 0, got {minutes:g}")
+    read = load_trace_file(path, copies, limit_seconds=None if minutes is None else minutes * 60.0)
+    trace = read.trace
+    hours = trace.duration_seconds / 3600.0
+    if minutes is None and hours > MAX_FILE_HOURS:
+        raise TraceFileError(f"{path} spans {hours:.1f} h: replay a part of it with --minutes M")
+    mean_prompt = sum(p for _, p, _ in trace.requests) / len(trace.requests)
+    slos = dict(LONG_PROMPT_SLOS if mean_prompt >= LONG_PROMPT_TOKENS else CHAT_SLOS)
+    if ttft_slo is not None:
+        slos["ttft_slo_seconds"] = ttft_slo
+    if itl_slo is not None:
+        slos["itl_slo_seconds"] = itl_slo
+    scenario = Scenario(trace=trace, model=ReplicaModel(), real=True, **slos)
+    about = {"trace_file": str(path), "trace_format": read.format, "copies": copies}
+    about |= {"rows_without_prompt": read.rows_without_prompt, "mean_prompt_tokens": round(mean_prompt)}
+    return scenario, about | slos
 
 
 def run_trace(
@@ -346,6 +381,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace", action="append", help="only traces whose name contains this")
     parser.add_argument("--plot", type=Path, metavar="DIR", help="also write one PNG per trace into DIR")
     parser.add_argument(
+        "--trace-file",
+        type=Path,
+        action="append",
+        metavar="FILE",
+        help="replay this trace instead (Azure CSV, Mooncake JSONL, BurstGPT CSV: sim/trace_file.py)",
+    )
+    parser.add_argument("--copies", type=int, default=1, help="--trace-file: superpose N jittered copies")
+    parser.add_argument("--minutes", type=float, help="--trace-file: only its first M minutes")
+    parser.add_argument("--ttft-slo", type=float, metavar="S", help="--trace-file: TTFT SLO (seconds)")
+    parser.add_argument("--itl-slo", type=float, metavar="S", help="--trace-file: ITL SLO (seconds)")
+    parser.add_argument(
         "--reference",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -375,9 +421,19 @@ def main(argv: list[str] | None = None) -> int:
             line = json.loads(text) if text.strip() else {}
             if line.get("passes") and line.get("schedule"):
                 seeds.setdefault(line["trace"], []).append(line["schedule"])
-    for scenario in scenarios(not args.full, args.trace):
+    runs: list[tuple[Scenario, dict[str, object]]] = []
+    if args.trace_file:
+        for path in args.trace_file:
+            try:
+                runs.append(file_scenario(path, args.copies, args.minutes, args.ttft_slo, args.itl_slo))
+            except (OSError, TraceFileError) as e:
+                parser.error(str(e))
+    else:
+        runs = [(scenario, {}) for scenario in scenarios(not args.full, args.trace)]
+    for scenario, about in runs:
         for result in run_trace(scenario, args.plot, reference, prior, seeds):
-            print(json.dumps({k: v for k, v in result.items() if not k.startswith("_")}), flush=True)
+            line = {k: v for k, v in result.items() if not k.startswith("_")} | about
+            print(json.dumps(line), flush=True)
     return 0
 
 

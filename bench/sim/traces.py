@@ -53,7 +53,7 @@ def load_azure_conv(
             if limit_seconds is not None and at > limit_seconds:
                 break
             rows.append((at, int(row["ContextTokens"]), max(int(row["GeneratedTokens"]), 1)))
-    return Trace(f"azure_{kind}_x{copies}", _superpose(rows, copies, seed))
+    return Trace(f"azure_{kind}_x{copies}", superpose(rows, copies, seed))
 
 
 def load_mooncake(path: Path, copies: int = 1, seed: int = 0, limit_seconds: float | None = None) -> Trace:
@@ -66,7 +66,7 @@ def load_mooncake(path: Path, copies: int = 1, seed: int = 0, limit_seconds: flo
             if limit_seconds is not None and at > limit_seconds:
                 break
             rows.append((at, int(obj["input_length"]), max(int(obj["output_length"]), 1)))
-    return Trace(f"mooncake_x{copies}", _superpose(rows, copies, seed))
+    return Trace(f"mooncake_x{copies}", superpose(rows, copies, seed))
 
 
 def load_mooncake_conversation(path: Path, copies: int = 1, seed: int = 0) -> Trace:
@@ -77,10 +77,10 @@ def load_mooncake_conversation(path: Path, copies: int = 1, seed: int = 0) -> Tr
             (int(row["timestamp_ms"]) / 1000.0, int(row["input_length"]), max(int(row["output_length"]), 1))
             for row in csv.DictReader(f)
         ]
-    return Trace(f"mooncake_conversation_x{copies}", _superpose(rows, copies, seed))
+    return Trace(f"mooncake_conversation_x{copies}", superpose(rows, copies, seed))
 
 
-def _superpose(rows: list[Request], copies: int, seed: int) -> list[Request]:
+def superpose(rows: list[Request], copies: int, seed: int) -> list[Request]:
     """Scale the rate by `copies` keeping the minute-scale shape (the slow ramp).
 
     Each extra copy moves every request by an independent U(-30 s, 30 s) shift: copies of one
