@@ -39,9 +39,21 @@ class ServeProcess:
     workers: dict[str, tuple[int, str]] = field(default_factory=dict)  # name -> (pid, grpc address)
     output: list[str] = field(default_factory=list)
     leftovers: list[int] = field(default_factory=list)  # worker pids still alive after serve exited
+    log_dir: Path | None = None  # the workers' logs (`--log-dir`)
 
     def pid_of_address(self, address: str) -> int:
         return next(pid for pid, addr in self.workers.values() if addr == address)
+
+    def worker_report(self, lines: int = 15) -> str:
+        """Each worker: alive or not, and its log's last lines (for a failure message: pytest removes
+        old temporary directories, so a CI failure keeps only what it printed)."""
+        out = []
+        for name, (pid, address) in sorted(self.workers.items()):
+            state = "alive" if pid_alive(pid) else "gone"
+            log = self.log_dir / f"{name}.log" if self.log_dir else None
+            tail = log.read_text(errors="replace").splitlines()[-lines:] if log and log.exists() else []
+            out.append(f"--- {name} pid {pid} at {address}: {state}\n" + "\n".join(tail))
+        return "\n".join(out)
 
 
 def pid_alive(pid: int) -> bool:
@@ -60,7 +72,7 @@ def run_serve(args: list[str], log_dir: Path) -> Iterator[ServeProcess]:
     """Start `kvrelay serve --port 0 ...`, wait for its URL line, and on exit SIGTERM it and check cleanup."""
     command = [*KVRELAY_CLI, "serve", "--port", "0", "--log-dir", str(log_dir), *args]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-    serve = ServeProcess(proc)
+    serve = ServeProcess(proc, log_dir=log_dir)
     lines: queue.Queue[str | None] = queue.Queue()
 
     def pump() -> None:

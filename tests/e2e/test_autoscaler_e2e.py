@@ -50,6 +50,7 @@ class Load:
     def __init__(self, serve: ServeProcess, concurrency: int = 4) -> None:
         self.client = openai.OpenAI(base_url=serve.base_url, api_key="none", max_retries=0, timeout=120)
         self.model = serve.model
+        self.serve = serve
         self.stop = threading.Event()
         self.done = 0
         self.errors: list[BaseException] = []
@@ -82,7 +83,7 @@ class Load:
         self.stop.set()
         for t in self.threads:
             t.join(timeout=120)
-        assert not self.errors, self.errors[:3]
+        assert not self.errors, f"{self.errors[:3]}\n{self.serve.worker_report()}"
 
 
 @dataclass
