@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -129,9 +130,12 @@ def _row(
     def number(column: str) -> float:
         value = record.get(column)
         try:
-            return float(value)  # type: ignore[arg-type]
+            parsed = float(value)  # type: ignore[arg-type]
         except (TypeError, ValueError):
-            raise TraceFileError(f"{path}:{line}: {column}={value!r} is not a number") from None
+            parsed = math.nan
+        if not math.isfinite(parsed):
+            raise TraceFileError(f"{path}:{line}: {column}={value!r} is not a number")
+        return parsed
 
     arrival: datetime | float
     if fmt.units_per_second is None:

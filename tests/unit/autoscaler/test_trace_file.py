@@ -87,6 +87,11 @@ def test_minutes_keep_the_start_of_the_trace(tmp_path: Path) -> None:
         ),
         ("arrival_seconds,prompt_tokens,output_tokens\n0,10,-5\n", ":2: a negative token count"),
         (
+            "arrival_seconds,prompt_tokens,output_tokens\nnan,10,5\n",
+            ":2: arrival_seconds='nan' is not a number",
+        ),
+        ("arrival_seconds,prompt_tokens,output_tokens\n0,inf,5\n", ":2: prompt_tokens='inf' is not a number"),
+        (
             "TIMESTAMP,ContextTokens,GeneratedTokens\nyesterday,10,5\n",
             ":2: TIMESTAMP='yesterday' is not a date-time",
         ),
