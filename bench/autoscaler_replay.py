@@ -47,15 +47,14 @@ from sim.replay import (  # noqa: E402
     run,
     static_sizes,
 )
-from sim.trace_file import TraceFileError, load_trace_file  # noqa: E402
-from sim.traces import (  # noqa: E402
-    Trace,
+from sim.trace_file import (  # noqa: E402
+    TraceFileError,
     load_azure_conv,
     load_mooncake,
     load_mooncake_conversation,
-    synthetic_suite,
-    traces_dir,
+    load_trace_file,
 )
+from sim.traces import Trace, synthetic_suite, traces_dir  # noqa: E402
 from sim.zero import ZERO_TRACES, scale_to_zero_line  # noqa: E402
 
 # Offered load is scaled so the 70B/TP4 pools need several replicas each (the raw Azure trace

@@ -29,7 +29,8 @@ from autoscaler_replay import AZURE_COPIES, _initial, _smallest_static_peak  # n
 from sim.controllers import KvrelayController  # noqa: E402
 from sim.model import ReplicaModel  # noqa: E402
 from sim.replay import Scenario, run, static_sizes  # noqa: E402
-from sim.traces import load_azure_conv, traces_dir  # noqa: E402
+from sim.trace_file import load_azure_conv  # noqa: E402
+from sim.traces import traces_dir  # noqa: E402
 
 # The replay's chat SLOs (autoscaler_replay.scenarios): both Azure traces are replayed with them.
 CHAT_SLOS = {"ttft_slo_seconds": 1.5, "itl_slo_seconds": 0.030}

@@ -73,10 +73,11 @@ class TraceFile:
 
 
 def load_trace_file(
-    path: Path, copies: int = 1, seed: int = 0, limit_seconds: float | None = None
+    path: Path, copies: int = 1, seed: int = 0, limit_seconds: float | None = None, name: str | None = None
 ) -> TraceFile:
     """The trace in `path`: its first `limit_seconds` from its first row, `copies` jittered copies
-    superposed. Rows without a prompt token are counted, not replayed (BurstGPT has some)."""
+    superposed, named `name` (default: the file's stem and the copies). Rows without a prompt token
+    are counted, not replayed (BurstGPT has some)."""
     if copies < 1:
         raise TraceFileError(f"copies must be >= 1, got {copies}")
     fmt: TraceFormat | None = None
@@ -98,8 +99,26 @@ def load_trace_file(
         raise TraceFileError(f"{path}: no requests to replay ({skipped} rows without a prompt token)")
     start = min(at for at, _, _ in requests)
     shifted = sorted((at - start, p, o) for at, p, o in requests)
-    stem = path.name.split(".")[0]
-    return TraceFile(Trace(f"{stem}_x{copies}", superpose(shifted, copies, seed)), fmt.name, skipped)
+    name = name or f"{path.name.split('.')[0]}_x{copies}"
+    return TraceFile(Trace(name, superpose(shifted, copies, seed)), fmt.name, skipped)
+
+
+def load_azure_conv(
+    path: Path, copies: int = 1, seed: int = 0, limit_seconds: float | None = None, kind: str = "conv"
+) -> Trace:
+    """Azure LLM inference trace 2023 (`kind` conv or code), as the built-in replay names it."""
+    return load_trace_file(path, copies, seed, limit_seconds, name=f"azure_{kind}_x{copies}").trace
+
+
+def load_mooncake(path: Path, copies: int = 1, seed: int = 0) -> Trace:
+    """Mooncake FAST'25 synthetic trace, as the built-in replay names it."""
+    return load_trace_file(path, copies, seed, name=f"mooncake_x{copies}").trace
+
+
+def load_mooncake_conversation(path: Path, copies: int = 1, seed: int = 0) -> Trace:
+    """Mooncake FAST'25 conversation trace, reduced to `timestamp_ms,input_length,output_length`
+    (bench/traces/README.md), as the built-in replay names it."""
+    return load_trace_file(path, copies, seed, name=f"mooncake_conversation_x{copies}").trace
 
 
 def _records(path: Path) -> Iterator[tuple[int, Mapping[str, object]]]:

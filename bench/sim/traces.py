@@ -1,16 +1,14 @@
-"""Request traces: the public files in ../shared/traces and synthetic bursts built on them.
+"""Request traces: synthetic shapes (steps, a sine, bursts) with lengths drawn from a public trace,
+and copies of a trace superposed. Trace files are read by `trace_file.py`.
 
 A trace is a list of `(arrival_seconds, prompt_tokens, output_tokens)` sorted by arrival.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -36,48 +34,6 @@ def traces_dir(repo_root: Path) -> Path:
     """`KVRELAY_TRACES_DIR`, else `../shared/traces` next to the repository."""
     env = os.environ.get("KVRELAY_TRACES_DIR")
     return Path(env) if env else (repo_root / ".." / "shared" / "traces").resolve()
-
-
-def load_azure_conv(
-    path: Path, copies: int = 1, seed: int = 0, limit_seconds: float | None = None, kind: str = "conv"
-) -> Trace:
-    """Azure LLM inference trace 2023 (`kind` conv or code: same columns); `copies` superposes
-    jittered copies."""
-    rows: list[Request] = []
-    start: datetime | None = None
-    with path.open() as f:
-        for row in csv.DictReader(f):
-            stamp = datetime.fromisoformat(row["TIMESTAMP"][:26])
-            start = start or stamp
-            at = (stamp - start).total_seconds()
-            if limit_seconds is not None and at > limit_seconds:
-                break
-            rows.append((at, int(row["ContextTokens"]), max(int(row["GeneratedTokens"]), 1)))
-    return Trace(f"azure_{kind}_x{copies}", superpose(rows, copies, seed))
-
-
-def load_mooncake(path: Path, copies: int = 1, seed: int = 0, limit_seconds: float | None = None) -> Trace:
-    """Mooncake FAST'25 synthetic trace (timestamps in ms)."""
-    rows: list[Request] = []
-    with path.open() as f:
-        for line in f:
-            obj = json.loads(line)
-            at = obj["timestamp"] / 1000.0
-            if limit_seconds is not None and at > limit_seconds:
-                break
-            rows.append((at, int(obj["input_length"]), max(int(obj["output_length"]), 1)))
-    return Trace(f"mooncake_x{copies}", superpose(rows, copies, seed))
-
-
-def load_mooncake_conversation(path: Path, copies: int = 1, seed: int = 0) -> Trace:
-    """Mooncake FAST'25 conversation trace (real arrivals over one hour), reduced to
-    `timestamp_ms,input_length,output_length` (bench/traces/README.md)."""
-    with path.open() as f:
-        rows = [
-            (int(row["timestamp_ms"]) / 1000.0, int(row["input_length"]), max(int(row["output_length"]), 1))
-            for row in csv.DictReader(f)
-        ]
-    return Trace(f"mooncake_conversation_x{copies}", superpose(rows, copies, seed))
 
 
 def superpose(rows: list[Request], copies: int, seed: int) -> list[Request]:

@@ -8,14 +8,14 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO_ROOT / "bench"))
 
-from sim.trace_file import TraceFileError, load_trace_file  # noqa: E402
-from sim.traces import load_azure_conv, load_mooncake_conversation  # noqa: E402
+from sim.trace_file import TraceFileError, load_azure_conv, load_mooncake_conversation, load_trace_file  # noqa: E402
 
 AZURE_2023 = """TIMESTAMP,ContextTokens,GeneratedTokens
 2023-11-16 18:15:50.9951690,396,109
@@ -61,15 +61,23 @@ def test_each_published_format_reads_as_requests(
     assert [(round(at, 6), p, o) for at, p, o in read.trace.requests] == requests
 
 
-def test_the_reader_gives_the_built_in_loaders_requests_exactly() -> None:
-    traces = REPO_ROOT / "bench" / "traces"
-    code = traces / "AzureLLMInferenceTrace_code.csv"
-    assert (
-        load_trace_file(code, copies=10).trace.requests
-        == load_azure_conv(code, copies=10, kind="code").requests
-    )
-    conversation = traces / "mooncake_conversation_trace.csv"
-    assert load_trace_file(conversation).trace.requests == load_mooncake_conversation(conversation).requests
+@pytest.mark.parametrize(
+    ("load", "name", "count", "prompt", "output", "last"),
+    [
+        # Figures of the loaders the replay used before this reader (results-full.jsonl's traces).
+        (lambda p: load_azure_conv(p / "AzureLLMInferenceTrace_code.csv", kind="code"), "azure_code_x1",
+         8819, 18_059_974, 245_896, 3435.948056),
+        (lambda p: load_mooncake_conversation(p / "mooncake_conversation_trace.csv"),
+         "mooncake_conversation_x1", 12031, 144_793_823, 4_122_048, 3536.999),
+    ],
+)  # fmt: skip
+def test_the_recorded_traces_read_as_the_replay_has_always_read_them(
+    load: Any, name: str, count: int, prompt: int, output: int, last: float
+) -> None:
+    trace = load(REPO_ROOT / "bench" / "traces")
+    assert trace.name == name and len(trace.requests) == count
+    assert sum(r[1] for r in trace.requests) == prompt and sum(r[2] for r in trace.requests) == output
+    assert trace.requests[0][0] == 0.0 and trace.requests[-1][0] == pytest.approx(last, abs=1e-6)
 
 
 def test_minutes_keep_the_start_of_the_trace(tmp_path: Path) -> None:
