@@ -57,13 +57,13 @@ def build_queries(spec: QuerySpec) -> dict[str, str]:
     def gauge(name: str, role: str, agg: str = "sum") -> str:
         return f"{agg}({name}{{{select(role)}}})"
 
-    def over_window(name: str, role: str, fn: str) -> str:  # each series' fn over the window, averaged
-        return f"avg({fn}({name}{{{select(role)}}}[{w}]))"
+    def over_window(name: str, role: str, fn: str, agg: str = "avg") -> str:  # agg of each series fn over w
+        return f"{agg}({fn}({name}{{{select(role)}}}[{w}]))"
 
     def held(role: str) -> str:
         # The most held in the window, summed over routers: a request held between two decisions
         # (refused at its timeout, or served once a replica came) still counts as load.
-        return f"sum(max_over_time(kvrelay_router_requests_waiting_for_replicas{{{select(role)}}}[{w}]))"
+        return over_window("kvrelay_router_requests_waiting_for_replicas", role, "max_over_time", "sum")
 
     return {
         # `or` keeps both sides' series (after timestamp() drops the names, a duplicate label set
