@@ -57,6 +57,8 @@ WORKER_DEFAULTS = worker_parser()
 # 25 s after it was ready, the old one gone 47 s). The router checks health every 1 s.
 REJOIN_S = 30.0
 OUTAGE_S = 30.0
+# A frozen decode worker's last tokens reach the router within this (a local gRPC stream).
+FROZEN_SETTLE_S = 0.5
 EXIT_SLACK_S = 5.0  # a drained worker's teardown and interpreter exit, on a loaded 2-core machine
 # Per live worker, what must read 0 once no stream runs: blocks in use (a prefill worker's leased KV
 # included), blocks held under a lease, and the requests that could still own blocks.
@@ -150,10 +152,23 @@ class Stack:
         return name, running[name]
 
     def kill_busiest_decode(self, running: dict[str, int]) -> str:
-        """SIGKILL the decode worker running the most streams in `running`; returns its name."""
-        name, _ = self.busiest_decode(running)
-        self.kill(name)
-        return name
+        """SIGKILL the decode worker running the most streams in `running`; returns its name.
+
+        Frozen first, and killed only while the router still relays a stream from it: between the read
+        of `running` and the kill a loaded machine can let the worker finish its last streams, and a kill
+        that lands on none tests nothing (seen once: no stream resumed). Otherwise it goes on and the
+        busiest worker is read again."""
+        deadline = time.monotonic() + 30
+        while True:
+            name, _ = self.busiest_decode(running)
+            self.kill(name, signal.SIGSTOP)
+            time.sleep(FROZEN_SETTLE_S)  # what it sent before it froze reaches the router meanwhile
+            if self.health()["workers"]["decode"][self.workers[name][1]]["running"] > 0:
+                self.kill(name)
+                return name
+            self.kill(name, signal.SIGCONT)
+            assert time.monotonic() < deadline, f"no decode worker kept a stream to kill: {running}"
+            running = {worker: r for worker, (r, _) in self.decode_progress().items()}
 
     def ensure(self, name: str) -> float | None:
         """Start a fresh worker on `name`'s address unless it is alive and healthy in the router; returns
