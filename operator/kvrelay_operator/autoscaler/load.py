@@ -9,6 +9,7 @@ serve. The needs phase sizes replicas from the `Load` this returns.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from kvrelay_operator.autoscaler.estimators import (
     Demand,
@@ -60,6 +61,7 @@ class Load:
     surge_p: float  # prefill headroom factor for a surge like a recent one
     forecast: dict[Role, float]  # demand a start from now
     flush_d: float  # decode tokens/s the prefill backlog brings when new prefill replicas flush it
+    absorbed_p: float  # prompt tokens of the projected backlog that may wait within the TTFT SLO
     sized: dict[Role, float]  # what scale-up sizes for: forecast, surge headroom, backlog drain
 
     def scale_down_peak(self, window: dict[Role, float], now: float) -> dict[Role, float]:
@@ -120,6 +122,9 @@ def estimate_load(
     backlog_p = _projected_backlog(
         snapshot, prefill_state, config, now, metrics, forecast_p, ready_capacity_p, queued_p
     )
+    # What a pool sized for the load holds queued within the TTFT SLO may wait; only the rest drains.
+    absorbed_p = min(absorbed_backlog(headroom_p, capacity["prefill"], metrics, config), backlog_p)
+    backlog_p -= absorbed_p
     # The flush is over within a drain: a decode scale-up for it that the budget would lock in is not
     # worth an hour (on Azure code's bursts, 0.5% of the GPU-hours at the median of six draws).
     flush_d = 0.0
@@ -141,6 +146,7 @@ def estimate_load(
         surge_p=surge_p,
         forecast={"prefill": forecast_p, "decode": forecast_d},
         flush_d=flush_d,
+        absorbed_p=absorbed_p,
         sized={
             "prefill": headroom_p + _backlog_rate(backlog_p, queued_p, metrics, capacity["prefill"], config),
             "decode": forecast_d + demand.drain_d + flush_d,
@@ -239,8 +245,9 @@ def _projected_backlog(
 ) -> float:
     """Prefill backlog (tokens) as it will be when the capacity asked for now serves.
 
-    The queue keeps growing by (demand - ready capacity) until then, and all of it must drain
-    within `backlog_drain_seconds`: one step to the target instead of +N per interval. Replicas
+    The queue keeps growing by (demand - ready capacity) until then, and what the TTFT SLO cannot let
+    wait (`absorbed_backlog`) must drain within `backlog_drain_seconds`: one step to the target
+    instead of +N per interval. Replicas
     already loading arrive earlier (at most a start after the last scale-up), so while some load
     the projection stops at their arrival: asking again for what they were sized for is how
     decisions pile up. The trend still counts: on a ramp some replica is always loading. Only
@@ -254,6 +261,25 @@ def _projected_backlog(
     measured = metrics.queued_prefill_tokens is not None
     growth = (forecast_p - ready_capacity_p) * horizon if measured else 0.0
     return max(queued_p + growth, 0.0)
+
+
+def absorbed_backlog(
+    demand_p: float, capacity_p: float, metrics: MetricsSample, config: PolicyConfig
+) -> float:
+    """Queued prompt tokens a prefill pool sized for `demand_p` holds without missing TTFT.
+
+    A queue of Q tokens in front of a pool serving C tokens/s makes the next request wait Q / C; the
+    wait may use what the TTFT wait budget leaves over the queueing model's quantile wait of the
+    load itself. On a 15 s SLO that is seconds of the pool's work (a backlog queues instead of
+    buying replicas to drain it in `backlog_drain_seconds`); on a 1.5 s SLO near a full pool, little.
+    """
+    if demand_p <= 0 or capacity_p <= 0:
+        return 0.0
+    mean_prompt = mean_prompt_tokens(metrics)
+    budget = ttft_wait_budget(config, mean_prompt, capacity_p, kv_transfer_seconds(metrics, config))
+    servers = math.ceil(demand_p / (capacity_p * config.prefill_target_utilization) - 1e-9)
+    load_wait = wait_quantile(servers, demand_p / mean_prompt, capacity_p / mean_prompt, config.quantile)
+    return max(budget - load_wait, 0.0) * servers * capacity_p
 
 
 def _backlog_rate(

@@ -227,6 +227,7 @@ def _decision(
         "prefill_surge_ratio": load.surge_p,
         "decode_forecast_tokens_per_second": load.forecast["decode"],
         "decode_flush_tokens_per_second": load.flush_d,
+        "prefill_backlog_held_tokens": load.absorbed_p,
         "prefill_demand_tokens_per_second": load.sized["prefill"],
         "decode_demand_tokens_per_second": load.sized["decode"],
         "prefill_window_peak_tokens_per_second": needs.peak["prefill"],

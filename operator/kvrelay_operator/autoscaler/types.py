@@ -132,7 +132,10 @@ class PolicyConfig(_Frozen):
     backlog_drain_seconds: float = Field(
         30.0,
         gt=0,
-        description="A prefill backlog, projected to when new replicas serve, is sized to drain this fast.",
+        description=(
+            "The part of the prefill backlog (projected to when new replicas serve) that the TTFT SLO "
+            "cannot let wait is sized to drain this fast."
+        ),
     )
     max_step_down_fraction: float = Field(
         0.34, gt=0, le=1, description="Most of a role's replicas one decision removes (at least one)."
