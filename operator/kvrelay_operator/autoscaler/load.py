@@ -247,11 +247,10 @@ def _projected_backlog(
 
     The queue keeps growing by (demand - ready capacity) until then, and what the TTFT SLO cannot let
     wait (`absorbed_backlog`) must drain within `backlog_drain_seconds`: one step to the target
-    instead of +N per interval. Replicas
-    already loading arrive earlier (at most a start after the last scale-up), so while some load
-    the projection stops at their arrival: asking again for what they were sized for is how
-    decisions pile up. The trend still counts: on a ramp some replica is always loading. Only
-    where the queue is measured (without that gauge: what is known, no growth).
+    instead of +N per interval. Replicas already loading arrive earlier (at most a start after the
+    last scale-up), so while some load the projection stops at their arrival: asking again for what
+    they were sized for is how decisions pile up. The trend still counts: on a ramp some replica is
+    always loading. Only where the queue is measured (without that gauge: what is known, no growth).
     """
     startup = config.replica_startup_seconds
     horizon = startup
