@@ -180,18 +180,9 @@ def _saturated_demand(
     if not (demand.saturated_p or queued_p > ready_capacity_p * queue_limit):
         return demand, False
     if ready_capacity_p > 0:
-        mean_prompt = mean_prompt_tokens(metrics)
-        budget = ttft_wait_budget(
-            config, mean_prompt, capacity["prefill"], kv_transfer_seconds(metrics, config)
-        )
         backlog_wait = (queued_p + max(demand.growth_p, 0.0) * lead) / ready_capacity_p
-        load_wait = wait_quantile(
-            snapshot.prefill.ready,
-            demand.steady_p / mean_prompt,
-            capacity["prefill"] / mean_prompt,
-            config.quantile,
-        )
-        if backlog_wait + load_wait <= budget:
+        ready_p = snapshot.prefill.ready
+        if backlog_wait <= queue_wait_slack(ready_p, demand.steady_p, capacity["prefill"], metrics, config):
             return demand, False
     # Replicas that became ready since the last decision did not serve through the interval.
     served_by = min(snapshot.prefill.ready, state.last_prefill_ready or snapshot.prefill.ready)
@@ -274,11 +265,18 @@ def absorbed_backlog(
     """
     if demand_p <= 0 or capacity_p <= 0:
         return 0.0
+    servers = math.ceil(demand_p / (capacity_p * config.prefill_target_utilization) - 1e-9)
+    return max(queue_wait_slack(servers, demand_p, capacity_p, metrics, config), 0.0) * servers * capacity_p
+
+
+def queue_wait_slack(
+    servers: int, demand_p: float, capacity_p: float, metrics: MetricsSample, config: PolicyConfig
+) -> float:
+    """Seconds a queued backlog may add to a request's wait on `servers` prefill replicas: the TTFT
+    wait budget less the queueing model's quantile wait of `demand_p` itself (-inf when overloaded)."""
     mean_prompt = mean_prompt_tokens(metrics)
     budget = ttft_wait_budget(config, mean_prompt, capacity_p, kv_transfer_seconds(metrics, config))
-    servers = math.ceil(demand_p / (capacity_p * config.prefill_target_utilization) - 1e-9)
-    load_wait = wait_quantile(servers, demand_p / mean_prompt, capacity_p / mean_prompt, config.quantile)
-    return max(budget - load_wait, 0.0) * servers * capacity_p
+    return budget - wait_quantile(servers, demand_p / mean_prompt, capacity_p / mean_prompt, config.quantile)
 
 
 def _backlog_rate(
