@@ -3,61 +3,25 @@ only what the pool sized for the load cannot hold within the SLO is sized to dra
 
 from __future__ import annotations
 
+import prefill_pool
 import pytest
-from kvrelay_operator.autoscaler.load import Load, absorbed_backlog, estimate_load
-from kvrelay_operator.autoscaler.types import (
-    MetricsSample,
-    PolicyConfig,
-    PolicyState,
-    RoleLimits,
-    RoleReplicas,
-    Snapshot,
-)
+from kvrelay_operator.autoscaler.load import Load, absorbed_backlog
+from kvrelay_operator.autoscaler.types import MetricsSample
 
-NOW = 10_000.0
-PREFILL_CAP = 10_000.0
+PREFILL_CAP = prefill_pool.PREFILL_CAP
 READY = 6
 RATE = 62_000.0  # prompt tokens/s: a little over the 60k the 6 ready replicas serve
 
 
-def _config(ttft_slo: float) -> PolicyConfig:
-    return PolicyConfig(
-        ttft_slo_seconds=ttft_slo,
-        itl_slo_seconds=0.06,
-        prefill=RoleLimits(max_replicas=64),
-        decode=RoleLimits(max_replicas=64),
-        prefill_tokens_per_second=PREFILL_CAP,
-        decode_tokens_per_second=2_000.0,
-        learn_capacity=False,
-    )
-
-
-def _metrics(ttft_slo: float, prompt: float, queued: float, rate: float = RATE) -> MetricsSample:
-    return MetricsSample(
-        observed_at=NOW,
-        window_seconds=60.0,
-        ttft_seconds=ttft_slo * 0.8,
-        itl_seconds=0.03,
-        request_rate=rate / prompt,
-        prompt_tokens_per_second=rate,
-        generation_tokens_per_second=1_000.0,
-        queued_prefill_tokens=queued,
-        prefill_requests_waiting=queued / prompt,
-        decode_requests_waiting=0.0,
-    )
+def _metrics(ttft_slo: float, prompt: float, queued: float) -> MetricsSample:
+    return prefill_pool.metrics(ttft_slo * 0.8, prompt, RATE, queued)
 
 
 def _load(ttft_slo: float, prompt: float, queued: float) -> Load:
-    metrics = _metrics(ttft_slo, prompt, queued)
-    snapshot = Snapshot(
-        metrics=metrics,
-        prefill=RoleReplicas(current=READY, ready=READY),
-        decode=RoleReplicas(current=2, ready=2),
-    )
     # The previous decision saw no queue: this one has just formed.
-    state = PolicyState(last_metrics_at=NOW - 30.0, last_queued_prefill_tokens=0.0, last_prefill_ready=READY)
-    roles = {"prefill": state.prefill, "decode": state.decode}
-    return estimate_load(snapshot, metrics, state, roles, _config(ttft_slo), NOW)
+    return prefill_pool.load(
+        prefill_pool.config(ttft_slo), _metrics(ttft_slo, prompt, queued), READY, last_queued=0.0
+    )
 
 
 def test_a_backlog_a_loose_ttft_slo_lets_wait_buys_no_replica() -> None:
@@ -77,14 +41,14 @@ def test_the_same_backlog_under_a_tight_ttft_slo_still_drains() -> None:
 
 
 def test_absorbed_backlog_is_the_ttft_budget_left_over_the_loads_own_wait() -> None:
-    loose = _config(15.0)
+    loose = prefill_pool.config(15.0)
     metrics = _metrics(15.0, 12_000.0, 0.0)
     absorbed = absorbed_backlog(RATE, PREFILL_CAP, metrics, loose)
     pool = 7 * PREFILL_CAP  # 62k tokens/s at 95% per replica
     # Seconds of the pool's work: above zero, below the 13.8 s budget (15 s less a 1.2 s prefill).
     assert 3.0 < absorbed / pool < 13.8
-    assert absorbed_backlog(RATE, PREFILL_CAP, metrics, _config(20.0)) > absorbed
+    assert absorbed_backlog(RATE, PREFILL_CAP, metrics, prefill_pool.config(20.0)) > absorbed
     assert absorbed_backlog(0.0, PREFILL_CAP, metrics, loose) == 0.0
     # 2k-token prompts (0.2 s each) on a 0.4 s SLO: the load's own p99 wait uses the whole budget.
-    tight = _config(0.4)
+    tight = prefill_pool.config(0.4)
     assert absorbed_backlog(RATE, PREFILL_CAP, _metrics(0.4, 2_000.0, 0.0), tight) == 0.0

@@ -3,56 +3,18 @@ queue breaks the TTFT SLO, not wherever a few long prompts wait."""
 
 from __future__ import annotations
 
+import prefill_pool
 import pytest
-from kvrelay_operator.autoscaler.load import Load, estimate_load
-from kvrelay_operator.autoscaler.types import (
-    MetricsSample,
-    PolicyConfig,
-    PolicyState,
-    RoleLimits,
-    RoleReplicas,
-    Snapshot,
-)
+from kvrelay_operator.autoscaler.load import Load
 
-NOW = 10_000.0
 PROMPT = 12_000.0  # long prompts: one queued is far above the 4,096 tokens that mean "never idled"
-PREFILL_CAP = 10_000.0
+PREFILL_CAP = prefill_pool.PREFILL_CAP
 READY = 7
 
 
 def _load(ttft_slo: float, queued: float, last_queued: float, prompt_rate: float = 40_000.0) -> Load:
-    config = PolicyConfig(
-        ttft_slo_seconds=ttft_slo,
-        itl_slo_seconds=0.06,
-        prefill=RoleLimits(max_replicas=64),
-        decode=RoleLimits(max_replicas=64),
-        prefill_tokens_per_second=PREFILL_CAP,
-        decode_tokens_per_second=2_000.0,
-        learn_capacity=False,
-    )
-    metrics = MetricsSample(
-        observed_at=NOW,
-        window_seconds=60.0,
-        ttft_seconds=ttft_slo * 0.8,
-        itl_seconds=0.03,
-        request_rate=prompt_rate / PROMPT,
-        prompt_tokens_per_second=prompt_rate,
-        generation_tokens_per_second=1_000.0,
-        queued_prefill_tokens=queued,
-        prefill_requests_waiting=queued / PROMPT,
-        decode_requests_waiting=0.0,
-    )
-    snapshot = Snapshot(
-        metrics=metrics,
-        prefill=RoleReplicas(current=READY, ready=READY),
-        decode=RoleReplicas(current=2, ready=2),
-    )
-    state = PolicyState(
-        last_metrics_at=NOW - 30.0, last_queued_prefill_tokens=last_queued, last_prefill_ready=READY
-    )
-    return estimate_load(
-        snapshot, metrics, state, {"prefill": state.prefill, "decode": state.decode}, config, NOW
-    )
+    window = prefill_pool.metrics(ttft_slo * 0.8, PROMPT, prompt_rate, queued)
+    return prefill_pool.load(prefill_pool.config(ttft_slo), window, READY, last_queued)
 
 
 def test_long_prompts_queued_under_a_loose_ttft_slo_are_no_step() -> None:

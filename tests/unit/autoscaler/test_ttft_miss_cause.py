@@ -4,61 +4,25 @@ prompts), which no added replica shortens."""
 
 from __future__ import annotations
 
+import prefill_pool
 from kvrelay_operator.autoscaler.policy import decide
 from kvrelay_operator.autoscaler.prometheus import QuerySpec, build_queries
-from kvrelay_operator.autoscaler.types import (
-    Decision,
-    MetricsSample,
-    PolicyConfig,
-    PolicyState,
-    ReasonCode,
-    RoleLimits,
-    RoleReplicas,
-    Snapshot,
-)
+from kvrelay_operator.autoscaler.types import Decision, ReasonCode
 
-NOW = 10_000.0
 PROMPT = 12_000.0
-PREFILL_CAP = 10_000.0
 READY = 6
 TTFT_SLO = 15.0
 
 
 def _decide(ttft: float, queue_quantile: float | None) -> Decision:
     """Six prefill replicas at 60% load, 100k tokens queued (1.7 s of work, above a tenth of the SLO)."""
-    config = PolicyConfig(
-        ttft_slo_seconds=TTFT_SLO,
-        itl_slo_seconds=0.06,
-        prefill=RoleLimits(max_replicas=64),
-        decode=RoleLimits(max_replicas=64),
-        prefill_tokens_per_second=PREFILL_CAP,
-        decode_tokens_per_second=2_000.0,
-        learn_capacity=False,
-    )
-    rate = 0.6 * READY * PREFILL_CAP
-    metrics = MetricsSample(
-        observed_at=NOW,
-        window_seconds=60.0,
-        ttft_seconds=ttft,
-        itl_seconds=0.03,
-        request_rate=rate / PROMPT,
-        prompt_tokens_per_second=rate,
-        generation_tokens_per_second=1_000.0,
-        queued_prefill_tokens=100_000.0,
-        prefill_requests_waiting=100_000.0 / PROMPT,
-        decode_requests_waiting=0.0,
-        prefill_queue_seconds=queue_quantile,
-    )
-    snapshot = Snapshot(
-        metrics=metrics,
-        prefill=RoleReplicas(current=READY, ready=READY),
-        decode=RoleReplicas(current=2, ready=2),
-    )
+    rate = 0.6 * READY * prefill_pool.PREFILL_CAP
+    window = prefill_pool.metrics(ttft, PROMPT, rate, 100_000.0, prefill_queue_seconds=queue_quantile)
     # Quiet for long enough that no cooldown holds either way.
-    state = PolicyState(
-        last_metrics_at=NOW - 30.0, last_queued_prefill_tokens=100_000.0, last_prefill_ready=READY
+    state = prefill_pool.state(100_000.0, READY)
+    decision, _ = decide(
+        prefill_pool.snapshot(window, READY), state, prefill_pool.config(TTFT_SLO), prefill_pool.NOW
     )
-    decision, _ = decide(snapshot, state, config, NOW)
     return decision
 
 
