@@ -56,6 +56,25 @@ class ServeProcess:
         return "\n".join(out)
 
 
+# A frozen decode worker's last tokens reach the router within this (a local gRPC stream).
+FROZEN_SETTLE_S = 0.5
+
+
+def freeze_while_relaying(router_url: str, pid: int, address: str) -> bool:
+    """SIGSTOP decode worker `pid` (at `address`); True, left frozen, if the router still relays a stream
+    from it once what it sent before has arrived, else resumed and False.
+
+    For a kill under live streams: between choosing a worker and killing it, a loaded machine can let it
+    finish its last streams, and a kill that lands on none tests nothing (CI saw that twice)."""
+    os.kill(pid, signal.SIGSTOP)
+    time.sleep(FROZEN_SETTLE_S)
+    health = httpx.get(router_url.removesuffix("/v1") + "/health", timeout=10).json()
+    if health["workers"]["decode"][address]["running"] > 0:
+        return True
+    os.kill(pid, signal.SIGCONT)
+    return False
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

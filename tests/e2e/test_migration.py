@@ -36,7 +36,7 @@ from kvrelay_worker.entrypoint import build_parser as worker_parser
 from kvrelay_worker.model_store import ensure_tiny_model
 from kvrelay_worker.processes import stop_process
 from kvrelay_worker.tokenizer import Tokenizer
-from serve_helpers import WORKER_RE, ServeProcess, pid_alive, run_serve
+from serve_helpers import WORKER_RE, ServeProcess, freeze_while_relaying, pid_alive, run_serve
 from worker_fixtures import WorkerProcess, metric_value, spawn_worker
 
 pytestmark = pytest.mark.e2e
@@ -57,8 +57,6 @@ WORKER_DEFAULTS = worker_parser()
 # 25 s after it was ready, the old one gone 47 s). The router checks health every 1 s.
 REJOIN_S = 30.0
 OUTAGE_S = 30.0
-# A frozen decode worker's last tokens reach the router within this (a local gRPC stream).
-FROZEN_SETTLE_S = 0.5
 EXIT_SLACK_S = 5.0  # a drained worker's teardown and interpreter exit, on a loaded 2-core machine
 # Per live worker, what must read 0 once no stream runs: blocks in use (a prefill worker's leased KV
 # included), blocks held under a lease, and the requests that could still own blocks.
@@ -161,12 +159,10 @@ class Stack:
         deadline = time.monotonic() + 30
         while True:
             name, _ = self.busiest_decode(running)
-            self.kill(name, signal.SIGSTOP)
-            time.sleep(FROZEN_SETTLE_S)  # what it sent before it froze reaches the router meanwhile
-            if self.health()["workers"]["decode"][self.workers[name][1]]["running"] > 0:
+            pid, address, _ = self.workers[name]
+            if freeze_while_relaying(self.serve.base_url, pid, address):
                 self.kill(name)
                 return name
-            self.kill(name, signal.SIGCONT)
             assert time.monotonic() < deadline, f"no decode worker kept a stream to kill: {running}"
             running = {worker: r for worker, (r, _) in self.decode_progress().items()}
 

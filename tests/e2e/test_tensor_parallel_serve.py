@@ -24,7 +24,7 @@ from greedy_text_checks import check_greedy, greedy_references
 from kvrelay_worker.engine.core import Engine, EngineConfig
 from kvrelay_worker.model_store import ensure_tiny_model
 from kvrelay_worker.tokenizer import Tokenizer
-from serve_helpers import WORKER_RE, ServeProcess, run_serve
+from serve_helpers import WORKER_RE, ServeProcess, freeze_while_relaying, run_serve
 from worker_fixtures import child_pids, metric_value, process_alive
 
 pytestmark = pytest.mark.e2e
@@ -101,10 +101,12 @@ async def test_a_tp2_decode_worker_losing_a_rank_is_resumed_elsewhere(tiny, tmp_
     args = ["--model", str(model), "--kv-backend", "nixl", "--decode", "2", "--decode-tensor-parallel", "2"]
     with run_serve(args, tmp_path / "logs") as serve:
         ranks = _rank_processes(serve)
-        decode_pid = next(pid for name, (pid, _) in serve.workers.items() if name.startswith("decode"))
-        (rank1,) = child_pids(decode_pid)
         before = _router_metric(serve, "kvrelay_router_migrations_total", reason="worker_lost")
-        outcomes = await _streams(serve, PROMPTS, during=lambda: os.kill(rank1, signal.SIGKILL))
+        victim: list[int] = []
+        outcomes = await _streams(
+            serve, PROMPTS, during=lambda: victim.append(_kill_a_rank_of_a_busy_decode(serve))
+        )
+        decode_pid = victim[0]
         assert [error for _, error in outcomes] == [None] * len(PROMPTS)
         check_greedy(tokenizer, refs, [text for text, _ in outcomes], NEAR_TIE, MAX_NEAR_TIES)
         assert _router_metric(serve, "kvrelay_router_migrations_total", reason="worker_lost") > before
@@ -113,6 +115,22 @@ async def test_a_tp2_decode_worker_losing_a_rank_is_resumed_elsewhere(tiny, tmp_
             assert time.monotonic() < deadline, "rank 0 outlived its lost rank by 20 s"
             time.sleep(0.1)
     _assert_gone(ranks)
+
+
+def _kill_a_rank_of_a_busy_decode(serve: ServeProcess) -> int:
+    """SIGKILL rank 1 of a decode worker the router still relays a stream from; returns its rank 0's pid.
+
+    Rank 0 is frozen meanwhile (no stream it holds can finish), then resumed to find its rank lost."""
+    decode = [(pid, address) for name, (pid, address) in serve.workers.items() if name.startswith("decode")]
+    deadline = time.monotonic() + 30
+    while True:
+        for pid, address in decode:
+            if freeze_while_relaying(serve.base_url, pid, address):
+                (rank1,) = child_pids(pid)
+                os.kill(rank1, signal.SIGKILL)
+                os.kill(pid, signal.SIGCONT)
+                return pid
+        assert time.monotonic() < deadline, "no decode worker kept a stream to kill a rank under"
 
 
 def _rank_processes(serve: ServeProcess) -> list[int]:
